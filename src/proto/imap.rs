@@ -1,0 +1,1 @@
+//! IMAP: client-facing pre-auth session and upstream login dialogue.
