@@ -1,11 +1,38 @@
 //! mailbridge: a local proxy that lets password-only mail clients use
 //! OAuth2-only mailboxes.
 //!
-//! A client logs in with a plain password over IMAP (later POP3 and SMTP);
-//! mailbridge maps the login to an account with a sealed OAuth2 grant, gets
-//! an access token, logs in upstream with XOAUTH2 or OAUTHBEARER and then
-//! relays the session's bytes untouched.
+//! A client logs in with a plain password over IMAP; mailbridge maps the
+//! login to an account with a sealed OAuth2 grant, gets an access token,
+//! logs in upstream with XOAUTH2 or OAUTHBEARER and then relays the
+//! session's bytes untouched.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file, validated with line numbers.
+//! - [`provider`]: presets (Microsoft, Google, custom).
+//! - [`sasl`]: PLAIN decoding, XOAUTH2 / OAUTHBEARER encoding, failure
+//!   challenges.
+//! - [`proto`]: sans-I/O protocol cores (client-facing pre-auth session and
+//!   upstream login dialogue); they never touch a socket.
+//! - [`store`]: the `TokenStore` trait, its sled backend, sealing.
+//! - [`vault`]: local password checks, backoff, the fast verifier cache.
+//! - [`oauth`]: the token source (cache, single-flight refresh, rotation).
+//! - [`login`]: the login path from credentials to a logged-in upstream.
+//! - [`net`]: listeners, TLS, the connection driver, the upstream
+//!   connector, the relay; it never parses a protocol.
+//! - [`server`]: binds and runs it all; used by `main` and the tests.
+//! - [`sandbox`]: strict fake OAuth2 provider and mail servers for tests and
+//!   `mailbridge demo`.
+//! - [`cli`]: the command line (main.rs only calls it).
 #![forbid(unsafe_code)]
 
+pub mod config;
+pub mod login;
+pub mod net;
+pub mod oauth;
 pub mod proto;
+pub mod provider;
 pub mod sasl;
+pub mod server;
+pub mod cli;
+pub mod demo;

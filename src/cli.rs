@@ -1,0 +1,328 @@
+//! The command line: `run`, `check-config`, `account import|list|remove`
+//! and `demo`. Errors are reported with anyhow here, at the edge.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::config::Settings;
+use crate::store::seal::GrantData;
+use crate::store::{AccountMeta, SledStore, TokenStore};
+
+/// Let password-only mail clients use OAuth2 mailboxes.
+#[derive(Parser, Debug)]
+#[command(name = "mailbridge", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Debug)]
+struct ConfigArgs {
+    /// The configuration file.
+    #[arg(long, short, default_value = "/etc/mailbridge/config.toml", env = "MAILBRIDGE_CONFIG")]
+    config: PathBuf,
+    /// Where grants are stored (overrides `state_dir` in the config;
+    /// default: $STATE_DIRECTORY, else ~/.local/share/mailbridge).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the configured listeners until SIGINT or SIGTERM.
+    Run(ConfigArgs),
+    /// Check the configuration file and exit.
+    CheckConfig(ConfigArgs),
+    /// Manage stored grants.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Run a self-contained demo: a sandbox OAuth2 provider, a sandbox IMAP
+    /// server and mailbridge in front of it, all on loopback.
+    Demo {
+        /// Port for mailbridge's IMAP listener on 127.0.0.1 (0: any free port).
+        #[arg(long, default_value_t = 1143)]
+        imap_port: u16,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AccountCommand {
+    /// Seal an existing refresh token for an account configured in the
+    /// config file, under a local password.
+    Import {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The login name, as configured in an [[account]] table.
+        user: String,
+        /// Read the refresh token from the first line of standard input.
+        #[arg(long, required = true)]
+        refresh_token_stdin: bool,
+        /// Read the local password from the next line of standard input
+        /// instead of prompting.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Replace a grant already stored for this account.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// List stored grants: provider, access-token expiry, last login, last error.
+    List {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Delete an account's stored grant.
+    Remove {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The login name.
+        user: String,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mailbridge: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailbridge: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MAILBRIDGE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Under systemd the journal adds its own timestamps.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().with_ansi(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(args: &ConfigArgs) -> anyhow::Result<Settings> {
+    let mut settings = Settings::load(&args.config)?;
+    if let Some(dir) = &args.state_dir {
+        settings.server.state_dir = Some(dir.clone());
+    }
+    Ok(settings)
+}
+
+fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TokenStore>> {
+    let dir = settings.server.state_dir();
+    let store = SledStore::open(&dir).with_context(|| format!("opening the token store in {}", dir.display()))?;
+    Ok(Arc::new(store))
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run(args) => {
+            let settings = load(&args)?;
+            crate::server::run(settings, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::CheckConfig(args) => {
+            let s = load(&args)?;
+            println!(
+                "{}: OK ({} listener(s), {} provider(s), {} account(s))",
+                args.config.display(),
+                s.listeners.len(),
+                s.providers.len(),
+                s.accounts.len()
+            );
+            Ok(())
+        }
+        Command::Account(cmd) => account(cmd).await,
+        Command::Demo { imap_port } => crate::demo::run(imap_port, shutdown_signal()).await,
+    }
+}
+
+async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
+    match cmd {
+        AccountCommand::Import {
+            config,
+            user,
+            refresh_token_stdin: _,
+            password_stdin,
+            replace,
+        } => {
+            let settings = load(&config)?;
+            let Some(account) = settings.account_for(&user) else {
+                bail!("`{user}` matches no [[account]] in {}; add one first", config.display());
+            };
+            let stdin = std::io::stdin();
+            let mut lines = stdin.lock().lines();
+            let token = lines
+                .next()
+                .transpose()?
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty())
+                .context("expected the refresh token on the first line of standard input")?;
+            let password = if password_stdin {
+                let p = lines
+                    .next()
+                    .transpose()?
+                    .map(|l| l.trim_end_matches(['\r', '\n']).to_string())
+                    .filter(|l| !l.is_empty())
+                    .context("expected the local password on the second line of standard input")?;
+                SecretString::from(p)
+            } else {
+                prompt_new_password()?
+            };
+            drop(lines);
+            let store = open_store(&settings)?;
+            let vault = crate::server::vault_for(&settings, store);
+            let meta = AccountMeta {
+                provider: account.provider.clone(),
+                upstream_user: account.upstream_user.clone(),
+                created_at: unix_now(),
+                ..AccountMeta::default()
+            };
+            let grant = GrantData {
+                refresh_token: Some(SecretString::from(token)),
+                obtained_at: unix_now(),
+            };
+            vault.create(&account.name, &password, grant, meta, replace).await?;
+            println!(
+                "sealed the grant for `{}` (provider `{}`, upstream login `{}`)",
+                account.name, account.provider, account.upstream_user
+            );
+            Ok(())
+        }
+        AccountCommand::List { config } => {
+            let settings = load(&config)?;
+            let store = open_store(&settings)?;
+            let accounts = store.accounts()?;
+            if accounts.is_empty() {
+                println!("no stored grants in {}", settings.server.state_dir().display());
+                return Ok(());
+            }
+            println!(
+                "{:<32} {:<12} {:<22} {:<22} LAST ERROR",
+                "ACCOUNT", "PROVIDER", "TOKEN EXPIRES", "LAST LOGIN"
+            );
+            for name in accounts {
+                let m = store.load_meta(&name)?.unwrap_or_default();
+                println!(
+                    "{:<32} {:<12} {:<22} {:<22} {}",
+                    name,
+                    m.provider,
+                    m.access_expires_at.map(fmt_time).unwrap_or_else(|| "-".into()),
+                    m.last_login_at.map(fmt_time).unwrap_or_else(|| "never".into()),
+                    m.last_error.unwrap_or_else(|| "-".into())
+                );
+            }
+            Ok(())
+        }
+        AccountCommand::Remove { config, user } => {
+            let settings = load(&config)?;
+            let store = open_store(&settings)?;
+            let key = settings
+                .account_for(&user)
+                .map(|a| a.name)
+                .unwrap_or_else(|| user.to_lowercase());
+            if store.remove(&key)? {
+                println!("removed the grant of `{key}`");
+                Ok(())
+            } else {
+                bail!("no grant stored for `{key}`")
+            }
+        }
+    }
+}
+
+fn prompt_new_password() -> anyhow::Result<SecretString> {
+    if !std::io::stdin().is_terminal() && !std::io::stderr().is_terminal() {
+        bail!("no terminal to ask for the local password; pass --password-stdin and give it on the second line");
+    }
+    let first = rpassword::prompt_password("local password for this account: ")?;
+    if first.is_empty() {
+        bail!("the password must not be empty");
+    }
+    let second = rpassword::prompt_password("again: ")?;
+    if first != second {
+        bail!("the passwords differ");
+    }
+    let p = SecretString::from(first);
+    debug_assert!(!p.expose_secret().is_empty());
+    Ok(p)
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// UTC date and time of a Unix timestamp, `YYYY-MM-DD HH:MM:SS`.
+fn fmt_time(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_utc_times() {
+        assert_eq!(super::fmt_time(0), "1970-01-01 00:00:00");
+        assert_eq!(super::fmt_time(1_700_000_000), "2023-11-14 22:13:20");
+    }
+}

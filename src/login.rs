@@ -1,0 +1,216 @@
+//! The login path: credentials -> account -> vault -> token source ->
+//! upstream login. Every failure becomes a [`LoginFailure`] with one line a
+//! person can act on; no secret goes into it.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustls::ClientConfig;
+
+use crate::config::{Protocol, Settings};
+use crate::net::tls::{self, TlsError};
+use crate::net::upstream::{self, UpstreamConn, UpstreamFailure};
+use crate::oauth::{TokenError, TokenSource};
+use crate::proto::{self, FailureKind, LoginFailure, LoginRequest, UpstreamLogin};
+use crate::vault::{Vault, VaultError};
+
+/// Everything a login needs, shared by all connections.
+pub struct Gateway {
+    settings: Arc<Settings>,
+    vault: Arc<Vault>,
+    tokens: TokenSource,
+    /// Upstream TLS config per provider (its CA file, or the platform's).
+    upstream_tls: HashMap<String, Arc<ClientConfig>>,
+}
+
+impl Gateway {
+    /// Builds the gateway; fails if a provider's CA file is unusable.
+    pub fn new(settings: Arc<Settings>, vault: Arc<Vault>, tokens: TokenSource) -> Result<Gateway, TlsError> {
+        let mut upstream_tls = HashMap::new();
+        let mut platform: Option<Arc<ClientConfig>> = None;
+        for (name, p) in &settings.providers {
+            let config = match &p.ca_file {
+                Some(ca) => tls::client_config(Some(ca))?,
+                None => match &platform {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = tls::client_config(None)?;
+                        platform = Some(c.clone());
+                        c
+                    }
+                },
+            };
+            upstream_tls.insert(name.clone(), config);
+        }
+        Ok(Gateway {
+            settings,
+            vault,
+            tokens,
+            upstream_tls,
+        })
+    }
+
+    /// The vault, for the CLI and tests.
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.vault
+    }
+
+    /// Logs in upstream for a client's login request.
+    pub async fn login(
+        &self,
+        protocol: Protocol,
+        request: LoginRequest,
+        peer: IpAddr,
+    ) -> Result<UpstreamConn, LoginFailure> {
+        let user = request.credentials.user.as_str();
+        let Some(account) = self.settings.account_for(user) else {
+            return Err(failure(
+                FailureKind::BadCredentials,
+                format!("mailbridge has no account for `{}`; check the user name", printable(user)),
+            ));
+        };
+        let provider = self
+            .settings
+            .providers
+            .get(&account.provider)
+            .ok_or_else(|| failure(FailureKind::Unavailable, "the account's provider is not configured".into()))?;
+        let endpoint = match protocol {
+            Protocol::Imap => provider.imap.as_ref(),
+        }
+        .ok_or_else(|| {
+            failure(
+                FailureKind::Unavailable,
+                format!("provider `{}` has no {} server configured", provider.name, protocol.name()),
+            )
+        })?;
+
+        let unlocked = self
+            .vault
+            .unlock(&account.name, &request.credentials.password, peer)
+            .await
+            .map_err(|e| vault_failure(&account.name, e))?;
+
+        let session = upstream_session(protocol, endpoint, request.client_info);
+        let tls = self
+            .upstream_tls
+            .get(&provider.name)
+            .cloned()
+            .ok_or_else(|| failure(FailureKind::Unavailable, "no TLS configuration for the provider".into()))?;
+        let result = upstream::login(
+            endpoint,
+            tls,
+            self.settings.server.connect_timeout(),
+            session,
+            &self.tokens,
+            provider,
+            &unlocked,
+            &account.upstream_user,
+        )
+        .await;
+        match result {
+            Ok(conn) => {
+                let now = unix_now();
+                let _ = self.vault.update_meta(&account.name, |m| {
+                    m.last_login_at = Some(now);
+                    m.last_error = None;
+                });
+                Ok(conn)
+            }
+            Err(e) => {
+                let f = upstream_failure(&account.name, e);
+                let reason = f.reason.clone();
+                let _ = self.vault.update_meta(&account.name, |m| m.last_error = Some(reason));
+                tracing::warn!(account = %account.name, reason = %f.reason, "upstream login failed");
+                Err(f)
+            }
+        }
+    }
+}
+
+fn upstream_session(
+    protocol: Protocol,
+    endpoint: &crate::provider::ServerEndpoint,
+    client_info: Option<String>,
+) -> Box<dyn UpstreamLogin> {
+    match protocol {
+        Protocol::Imap => Box::new(proto::imap::ImapUpstreamLogin::new(proto::imap::UpstreamOptions {
+            starttls: endpoint.tls == crate::config::UpstreamTls::Starttls,
+            preference: endpoint.mechanisms.clone(),
+            client_id: client_info,
+            ..Default::default()
+        })),
+    }
+}
+
+fn failure(kind: FailureKind, reason: String) -> LoginFailure {
+    LoginFailure { kind, reason }
+}
+
+fn vault_failure(account: &str, e: VaultError) -> LoginFailure {
+    match e {
+        VaultError::WrongPassword => failure(
+            FailureKind::BadCredentials,
+            format!("wrong password for `{account}` (the password set in mailbridge for this account)"),
+        ),
+        VaultError::Backoff { retry_after } => failure(
+            FailureKind::Throttled,
+            format!(
+                "too many failed logins; try again in {} s",
+                retry_after.as_secs().max(1)
+            ),
+        ),
+        VaultError::NoGrant { .. } => failure(
+            FailureKind::Rejected,
+            format!("`{account}` has no stored authorization yet; run `mailbridge account import {account}`"),
+        ),
+        other => {
+            tracing::error!(account = %account, error = %other, "token store failure");
+            failure(FailureKind::Unavailable, format!("mailbridge cannot read its token store: {other}"))
+        }
+    }
+}
+
+fn upstream_failure(account: &str, e: UpstreamFailure) -> LoginFailure {
+    match e {
+        UpstreamFailure::Token(t) => token_failure(account, t),
+        UpstreamFailure::Rejected { server, rejection } => failure(
+            FailureKind::Rejected,
+            format!(
+                "{server} refused the access token ({}); check the account's permissions or re-authorize it",
+                crate::oauth::one_line(&rejection.server_text)
+            ),
+        ),
+        other => failure(FailureKind::Unavailable, crate::oauth::one_line(&other.to_string())),
+    }
+}
+
+fn token_failure(account: &str, e: TokenError) -> LoginFailure {
+    let kind = if e.is_temporary() {
+        FailureKind::Unavailable
+    } else {
+        FailureKind::Rejected
+    };
+    let mut reason = e.to_string();
+    if let TokenError::Refused { code, .. } = &e {
+        if code == "invalid_grant" {
+            reason.push_str(&format!(
+                "; the authorization was revoked or expired: re-authorize with `mailbridge account import {account}`"
+            ));
+        }
+    }
+    failure(kind, crate::oauth::one_line(&reason))
+}
+
+/// A user name as it may appear in a reply: printable, bounded.
+fn printable(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(100).collect()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

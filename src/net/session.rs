@@ -1,0 +1,153 @@
+//! The client connection driver: runs a protocol's sans-I/O pre-auth
+//! session over a socket, hands login requests to the login path, and
+//! switches to relaying once the upstream accepted the login.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::relay::relay;
+use super::stream::Stream;
+use super::upstream::UpstreamConn;
+use crate::proto::{ClientSession, ClientStep, LoginFailure, LoginRequest};
+
+/// Per-connection settings the driver needs.
+pub struct DriverSettings {
+    /// For STARTTLS, when the listener offers it.
+    pub tls: Option<Arc<ServerConfig>>,
+    /// Pre-auth silence allowed.
+    pub preauth_timeout: Duration,
+    /// Relay silence allowed.
+    pub relay_idle_timeout: Duration,
+    /// Longest a login (token refresh and upstream dialogue) may take.
+    pub login_timeout: Duration,
+}
+
+/// Serves one client connection to its end. `login` performs a login
+/// request and yields a logged-in upstream connection or a failure.
+pub async fn drive<L, F>(
+    mut stream: Stream,
+    peer: SocketAddr,
+    mut session: Box<dyn ClientSession>,
+    settings: &DriverSettings,
+    login: L,
+) where
+    L: Fn(LoginRequest) -> F,
+    F: Future<Output = Result<UpstreamConn, LoginFailure>>,
+{
+    let Some((mut client, mut upstream)) = preauth(&mut stream, &mut session, settings, login).await else {
+        return;
+    };
+    // `stream` was moved into `client` by preauth's success path.
+    let started = std::time::Instant::now();
+    match relay(&mut client, &mut upstream, settings.relay_idle_timeout).await {
+        Ok(stats) => tracing::info!(
+            %peer,
+            to_upstream = stats.to_upstream,
+            to_client = stats.to_client,
+            idle_timeout = stats.idle_timeout,
+            secs = started.elapsed().as_secs(),
+            "session ended"
+        ),
+        Err(e) => tracing::info!(%peer, error = %e, "session ended with an error"),
+    }
+    let _ = client.shutdown().await;
+    let _ = upstream.shutdown().await;
+}
+
+async fn send(stream: &mut Stream, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// The pre-auth phase. Returns the client and upstream streams on a
+/// successful login, `None` when the connection ended.
+async fn preauth<L, F>(
+    stream: &mut Stream,
+    session: &mut Box<dyn ClientSession>,
+    settings: &DriverSettings,
+    login: L,
+) -> Option<(Stream, Stream)>
+where
+    L: Fn(LoginRequest) -> F,
+    F: Future<Output = Result<UpstreamConn, LoginFailure>>,
+{
+    let greeting = session.greeting();
+    send(stream, &greeting).await.ok()?;
+    let mut buf = [0u8; 4096];
+    loop {
+        match session.next_step() {
+            ClientStep::NeedInput => {
+                let n = match tokio::time::timeout(settings.preauth_timeout, stream.read(&mut buf)).await {
+                    Err(_) => {
+                        let _ = send(stream, &session.timeout_message()).await;
+                        let _ = stream.shutdown().await;
+                        tracing::debug!("pre-auth idle timeout");
+                        return None;
+                    }
+                    Ok(Ok(0)) | Ok(Err(_)) => return None,
+                    Ok(Ok(n)) => n,
+                };
+                session.feed(&buf[..n]);
+            }
+            ClientStep::Send(bytes) => send(stream, &bytes).await.ok()?,
+            ClientStep::StartTls(bytes) => {
+                send(stream, &bytes).await.ok()?;
+                let config = settings.tls.clone()?;
+                let plain = std::mem::replace(stream, Stream::Gone);
+                match tokio::time::timeout(settings.preauth_timeout, plain.accept_tls(config)).await {
+                    Ok(Ok(tls)) => *stream = tls,
+                    Ok(Err(e)) => {
+                        tracing::info!(error = %e, "client TLS handshake failed");
+                        return None;
+                    }
+                    Err(_) => return None,
+                }
+                session.tls_started();
+            }
+            ClientStep::Login(request) => {
+                let user = request.credentials.user.clone();
+                let outcome = match tokio::time::timeout(settings.login_timeout, login(request)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(LoginFailure {
+                        kind: crate::proto::FailureKind::Unavailable,
+                        reason: format!(
+                            "login did not complete within {} s; try again",
+                            settings.login_timeout.as_secs()
+                        ),
+                    }),
+                };
+                match outcome {
+                    Ok(UpstreamConn { stream: mut upstream, success }) => {
+                        let reply = session.login_succeeded(&success);
+                        send(stream, &reply).await.ok()?;
+                        if !success.leftover.is_empty() {
+                            send(stream, &success.leftover).await.ok()?;
+                        }
+                        let pending = session.take_pending();
+                        if !pending.is_empty() {
+                            send(&mut upstream, &pending).await.ok()?;
+                        }
+                        tracing::info!(user = %user, "logged in; relaying");
+                        let client = std::mem::replace(stream, Stream::Gone);
+                        return Some((client, upstream));
+                    }
+                    Err(failure) => {
+                        tracing::info!(user = %user, kind = ?failure.kind, reason = %failure.reason, "login refused");
+                        let reply = session.login_failed(&failure);
+                        send(stream, &reply).await.ok()?;
+                    }
+                }
+            }
+            ClientStep::Close(bytes) => {
+                let _ = send(stream, &bytes).await;
+                let _ = stream.shutdown().await;
+                return None;
+            }
+        }
+    }
+}

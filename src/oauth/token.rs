@@ -1,0 +1,315 @@
+//! The token source: cached access tokens and single-flight refresh.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use oauth2::basic::{BasicClient, BasicErrorResponse};
+use oauth2::{AuthType, ClientId, ClientSecret, RefreshToken, RequestTokenError, Scope, TokenResponse, TokenUrl};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::MIN_TOKEN_LIFETIME;
+use crate::provider::Provider;
+use crate::vault::{Unlocked, Vault, VaultError};
+
+/// Assumed lifetime when a token response has no `expires_in`.
+const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// An access token with its expiry.
+#[derive(Clone)]
+pub struct AccessToken {
+    /// The bearer token. Never logged.
+    pub secret: SecretString,
+    /// When it stops working, by the provider's `expires_in`.
+    pub expires_at: Instant,
+    /// Distinguishes tokens of one account, so a caller can say "this one
+    /// was refused, give me a newer one".
+    pub generation: u64,
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("expires_in", &self.expires_at.saturating_duration_since(Instant::now()))
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why no access token could be had. Messages are for people and carry no
+/// secret.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    /// The provider refused the refresh (e.g. `invalid_grant`).
+    #[error("the provider refused the grant: {code}{}{}", if .description.is_empty() { "" } else { ": " }, .description)]
+    Refused {
+        /// The OAuth2 `error` code.
+        code: String,
+        /// The provider's `error_description` (one line), maybe empty.
+        description: String,
+    },
+    /// The token endpoint could not be reached.
+    #[error("cannot reach the token endpoint of provider `{provider}`: {reason}")]
+    Unreachable {
+        /// The provider name.
+        provider: String,
+        /// Why, without URLs' query strings or bodies.
+        reason: String,
+    },
+    /// The token endpoint answered something that is not a token response.
+    #[error("the token endpoint of provider `{provider}` sent an unreadable answer")]
+    BadResponse {
+        /// The provider name.
+        provider: String,
+    },
+    /// The stored grant has no refresh token.
+    #[error("the stored grant has no refresh token; re-authorize the account")]
+    NoRefreshToken,
+    /// The provider's configuration is unusable (e.g. bad URL).
+    #[error("provider `{provider}`: {reason}")]
+    Config {
+        /// The provider name.
+        provider: String,
+        /// Why.
+        reason: String,
+    },
+    /// The rotated refresh token could not be saved; the new access token is
+    /// not used.
+    #[error("cannot save the rotated refresh token: {0}")]
+    Store(String),
+}
+
+impl TokenError {
+    /// True when retrying later may help (network, provider trouble).
+    pub fn is_temporary(&self) -> bool {
+        match self {
+            TokenError::Unreachable { .. } | TokenError::BadResponse { .. } | TokenError::Store(_) => true,
+            TokenError::Refused { code, .. } => code == "temporarily_unavailable" || code == "server_error",
+            TokenError::NoRefreshToken | TokenError::Config { .. } => false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    cached: Mutex<Option<AccessToken>>,
+    /// The outcome of the last refresh that failed, with the refresh count
+    /// at the time: callers that queued behind a failed refresh get its
+    /// error instead of each asking the provider again.
+    failed: Mutex<Option<(u64, TokenError)>>,
+    /// How many refreshes have finished.
+    refreshes: AtomicU64,
+    /// Held while refreshing: concurrent logins of one account wait here and
+    /// then find the fresh token in `cached`.
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+/// Hands out access tokens for unlocked accounts.
+pub struct TokenSource {
+    http: reqwest::Client,
+    vault: Arc<Vault>,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    generation: AtomicU64,
+}
+
+impl TokenSource {
+    /// A token source that refreshes through `http` and saves rotated
+    /// refresh tokens through `vault`.
+    pub fn new(http: reqwest::Client, vault: Arc<Vault>) -> TokenSource {
+        TokenSource {
+            http,
+            vault,
+            slots: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(1),
+        }
+    }
+
+    /// An HTTP client fit for token endpoints: no redirects (a redirected
+    /// token request could leak the grant), bounded time.
+    pub fn http_client() -> reqwest::Client {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("mailbridge/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default()
+    }
+
+    fn slot(&self, account: &str) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(account.to_string()).or_default().clone()
+    }
+
+    /// Forgets the cached access token of an account (e.g. after the
+    /// account was removed or re-authorized).
+    pub fn forget(&self, account: &str) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.remove(account);
+    }
+
+    /// An access token for the account: the cached one while it has at
+    /// least ten minutes left and is not `refused`, else a refreshed one.
+    /// Concurrent callers for one account share a single refresh.
+    pub async fn token(
+        &self,
+        provider: &Provider,
+        unlocked: &Unlocked,
+        refused: Option<&AccessToken>,
+    ) -> Result<AccessToken, TokenError> {
+        let slot = self.slot(unlocked.account());
+        let usable = |slot: &Slot| -> Option<AccessToken> {
+            let cached = slot.cached.lock().unwrap_or_else(|p| p.into_inner());
+            let t = cached.as_ref()?;
+            let fresh = t.expires_at.saturating_duration_since(Instant::now()) >= MIN_TOKEN_LIFETIME;
+            let not_refused = refused.is_none_or(|r| r.generation != t.generation);
+            (fresh && not_refused).then(|| t.clone())
+        };
+        if let Some(t) = usable(&slot) {
+            return Ok(t);
+        }
+        let seen = slot.refreshes.load(Ordering::Acquire);
+        let _flight = slot.refreshing.lock().await;
+        // Whoever held the lock before us may have refreshed already.
+        if let Some(t) = usable(&slot) {
+            return Ok(t);
+        }
+        if slot.refreshes.load(Ordering::Acquire) != seen {
+            let failed = slot.failed.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, e)) = failed.as_ref().filter(|(n, _)| *n > seen) {
+                return Err(e.clone());
+            }
+        }
+        let token = self.refresh(provider, unlocked).await;
+        let n = slot.refreshes.fetch_add(1, Ordering::AcqRel) + 1;
+        *slot.failed.lock().unwrap_or_else(|p| p.into_inner()) =
+            token.as_ref().err().map(|e| (n, e.clone()));
+        match &token {
+            Ok(t) => {
+                *slot.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.clone());
+                let expires = unix_now() + t.expires_at.saturating_duration_since(Instant::now()).as_secs();
+                let _ = self.vault.update_meta(unlocked.account(), |m| {
+                    m.access_expires_at = Some(expires);
+                    m.last_error = None;
+                });
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let _ = self
+                    .vault
+                    .update_meta(unlocked.account(), |m| m.last_error = Some(msg));
+            }
+        }
+        token
+    }
+
+    async fn refresh(&self, provider: &Provider, unlocked: &Unlocked) -> Result<AccessToken, TokenError> {
+        let refresh_token = unlocked.refresh_token().ok_or(TokenError::NoRefreshToken)?;
+        let token_url = TokenUrl::new(provider.token_url.clone()).map_err(|e| TokenError::Config {
+            provider: provider.name.clone(),
+            reason: format!("token_url: {e}"),
+        })?;
+        let mut client = BasicClient::new(ClientId::new(provider.client_id.clone()))
+            .set_token_uri(token_url)
+            // Client id (and secret) in the form body: accepted by Microsoft,
+            // Google and generic servers alike.
+            .set_auth_type(AuthType::RequestBody);
+        if let Some(secret) = &provider.client_secret {
+            client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_string()));
+        }
+        let rt = RefreshToken::new(refresh_token.expose_secret().to_string());
+        let started = Instant::now();
+        tracing::debug!(provider = %provider.name, "refreshing access token");
+        let response = client
+            .exchange_refresh_token(&rt)
+            .add_scopes(provider.scopes.iter().map(|s| Scope::new(s.clone())))
+            .request_async(&self.http)
+            .await
+            .map_err(|e| token_error(provider, e))?;
+
+        // Persist a rotated refresh token before the access token is used:
+        // if we crashed after using it, the stored one might already be dead.
+        if let Some(new_rt) = response.refresh_token() {
+            if new_rt.secret() != refresh_token.expose_secret() {
+                self.vault
+                    .store_rotated(unlocked, SecretString::from(new_rt.secret().clone()))
+                    .await
+                    .map_err(|e: VaultError| TokenError::Store(e.to_string()))?;
+                tracing::debug!(provider = %provider.name, "rotated refresh token saved");
+            }
+        }
+        let lifetime = response.expires_in().unwrap_or(DEFAULT_LIFETIME);
+        if lifetime < MIN_TOKEN_LIFETIME {
+            tracing::warn!(
+                provider = %provider.name,
+                lifetime_secs = lifetime.as_secs(),
+                "the provider issues access tokens with less than 10 minutes of life"
+            );
+        }
+        tracing::info!(
+            provider = %provider.name,
+            lifetime_secs = lifetime.as_secs(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "access token refreshed"
+        );
+        Ok(AccessToken {
+            secret: SecretString::from(response.access_token().secret().clone()),
+            expires_at: started + lifetime,
+            generation: self.generation.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+}
+
+fn token_error<E: std::error::Error + 'static>(
+    provider: &Provider,
+    e: RequestTokenError<E, BasicErrorResponse>,
+) -> TokenError {
+    match e {
+        RequestTokenError::ServerResponse(r) => TokenError::Refused {
+            code: r.error().as_ref().to_string(),
+            description: one_line(r.error_description().map(String::as_str).unwrap_or("")),
+        },
+        RequestTokenError::Request(err) => TokenError::Unreachable {
+            provider: provider.name.clone(),
+            reason: error_chain(&err),
+        },
+        // The body is not echoed: it may hold tokens.
+        RequestTokenError::Parse(..) | RequestTokenError::Other(_) => TokenError::BadResponse {
+            provider: provider.name.clone(),
+        },
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let part = c.to_string();
+        if !s.contains(&part) {
+            s.push_str(": ");
+            s.push_str(&part);
+        }
+        cur = c.source();
+    }
+    one_line(&s)
+}
+
+/// Collapses whitespace and caps the length, for protocol reply lines.
+pub fn one_line(s: &str) -> String {
+    let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() > 300 {
+        let mut t: String = flat.chars().take(297).collect();
+        t.push_str("...");
+        t
+    } else {
+        flat
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

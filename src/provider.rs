@@ -1,0 +1,350 @@
+//! Provider presets: token endpoints, scopes and mail servers for the
+//! providers people use, so a config needs little more than a client id.
+//!
+//! A preset fills in defaults; every value in `[providers.NAME]` overrides
+//! them. `custom` has no defaults.
+
+use std::path::PathBuf;
+
+use secrecy::SecretString;
+
+use crate::config::{ProviderConfig, ServerEndpointConfig, UpstreamTls};
+use crate::sasl::Mechanism;
+
+/// A provider after presets and overrides were applied.
+#[derive(Debug, Clone)]
+pub struct Provider {
+    /// The name of its `[providers.NAME]` table.
+    pub name: String,
+    /// The preset it came from.
+    pub preset: Preset,
+    /// OAuth2 client id.
+    pub client_id: String,
+    /// OAuth2 client secret, if any. Never logged.
+    pub client_secret: Option<SecretString>,
+    /// Token endpoint.
+    pub token_url: String,
+    /// Authorization endpoint, if known.
+    pub authorize_url: Option<String>,
+    /// Scopes to request, in order.
+    pub scopes: Vec<String>,
+    /// CA certificates to trust for the mail servers instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// The IMAP server, if this provider has one.
+    pub imap: Option<ServerEndpoint>,
+}
+
+/// A mail server to log in to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerEndpoint {
+    /// Host name, also the TLS server name.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Implicit TLS or STARTTLS.
+    pub tls: UpstreamTls,
+    /// Bearer mechanisms in order of preference.
+    pub mechanisms: Vec<Mechanism>,
+}
+
+/// The known presets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// Microsoft 365 / Outlook.com (Entra ID v2 endpoints).
+    Microsoft,
+    /// Gmail and Google Workspace.
+    Google,
+    /// Everything given in the config.
+    Custom,
+}
+
+/// A provider table that does not make a usable provider.
+#[derive(Debug)]
+pub struct ProviderError {
+    /// The offending field, relative to the provider table.
+    pub field: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+fn err(field: &str, message: impl Into<String>) -> ProviderError {
+    ProviderError {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Microsoft's delegated scopes for IMAP, POP and SMTP, resource-prefixed
+/// and Outlook resource first, so Entra ID issues an Outlook token (see
+/// PROVIDERS.md on scope order).
+pub const MICROSOFT_SCOPES: [&str; 4] = [
+    "https://outlook.office.com/IMAP.AccessAsUser.All",
+    "https://outlook.office.com/POP.AccessAsUser.All",
+    "https://outlook.office.com/SMTP.Send",
+    "offline_access",
+];
+
+/// Google's one mail scope.
+pub const GOOGLE_SCOPE: &str = "https://mail.google.com/";
+
+struct Defaults {
+    token_url: Option<String>,
+    authorize_url: Option<String>,
+    scopes: Vec<String>,
+    imap: Option<ServerEndpoint>,
+}
+
+fn preset_defaults(preset: Preset, tenant: &str) -> Defaults {
+    match preset {
+        Preset::Microsoft => Defaults {
+            token_url: Some(format!(
+                "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
+            )),
+            authorize_url: Some(format!(
+                "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize"
+            )),
+            scopes: MICROSOFT_SCOPES.iter().map(|s| s.to_string()).collect(),
+            imap: Some(ServerEndpoint {
+                host: "outlook.office365.com".into(),
+                port: 993,
+                tls: UpstreamTls::Implicit,
+                // Microsoft 365 documents XOAUTH2 only.
+                mechanisms: vec![Mechanism::Xoauth2],
+            }),
+        },
+        Preset::Google => Defaults {
+            token_url: Some("https://oauth2.googleapis.com/token".into()),
+            authorize_url: Some("https://accounts.google.com/o/oauth2/v2/auth".into()),
+            scopes: vec![GOOGLE_SCOPE.into()],
+            imap: Some(ServerEndpoint {
+                host: "imap.gmail.com".into(),
+                port: 993,
+                tls: UpstreamTls::Implicit,
+                mechanisms: vec![Mechanism::Xoauth2, Mechanism::Oauthbearer],
+            }),
+        },
+        Preset::Custom => Defaults {
+            token_url: None,
+            authorize_url: None,
+            scopes: Vec::new(),
+            imap: None,
+        },
+    }
+}
+
+fn merge_endpoint(
+    field: &str,
+    base: Option<ServerEndpoint>,
+    over: Option<&ServerEndpointConfig>,
+    default_port: u16,
+) -> Result<Option<ServerEndpoint>, ProviderError> {
+    let Some(over) = over else {
+        return Ok(base);
+    };
+    let host = over
+        .host
+        .clone()
+        .or_else(|| base.as_ref().map(|b| b.host.clone()))
+        .ok_or_else(|| err(&format!("{field}.host"), "the mail server's host name is required"))?;
+    if host.is_empty() {
+        return Err(err(&format!("{field}.host"), "the host name is empty"));
+    }
+    let tls = over
+        .tls
+        .or(base.as_ref().map(|b| b.tls))
+        .unwrap_or(UpstreamTls::Implicit);
+    let port = over
+        .port
+        .or(base.as_ref().map(|b| b.port))
+        .unwrap_or(default_port);
+    let mechanisms = over
+        .mechanisms
+        .clone()
+        .or_else(|| base.as_ref().map(|b| b.mechanisms.clone()))
+        .unwrap_or_else(crate::config::default_mechanisms);
+    if mechanisms.is_empty() {
+        return Err(err(
+            &format!("{field}.mechanisms"),
+            "list at least one of \"xoauth2\", \"oauthbearer\"",
+        ));
+    }
+    Ok(Some(ServerEndpoint {
+        host,
+        port,
+        tls,
+        mechanisms,
+    }))
+}
+
+/// Applies the preset and overrides of one provider table.
+pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError> {
+    let preset = match c.preset.as_str() {
+        "microsoft" => Preset::Microsoft,
+        "google" => Preset::Google,
+        "custom" => Preset::Custom,
+        other => {
+            return Err(err(
+                "preset",
+                format!("unknown preset `{other}`; use \"microsoft\", \"google\" or \"custom\""),
+            ));
+        }
+    };
+    if c.tenant.is_some() && preset != Preset::Microsoft {
+        return Err(err("tenant", "tenant only applies to preset = \"microsoft\""));
+    }
+    let tenant = c.tenant.as_deref().unwrap_or("common");
+    if tenant.is_empty() || !tenant.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '.') {
+        return Err(err(
+            "tenant",
+            "use common, organizations, consumers, a tenant id or a tenant domain",
+        ));
+    }
+    let d = preset_defaults(preset, tenant);
+
+    let client_id = c
+        .client_id
+        .clone()
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| err("client_id", "the OAuth2 client (application) id is required"))?;
+    let client_secret = match (&c.client_secret, &c.client_secret_file) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "client_secret",
+                "set client_secret or client_secret_file, not both",
+            ));
+        }
+        (Some(s), None) => Some(SecretString::from(s.clone())),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                err(
+                    "client_secret_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            let first = text.lines().next().unwrap_or("").trim().to_string();
+            if first.is_empty() {
+                return Err(err("client_secret_file", format!("{} is empty", path.display())));
+            }
+            Some(SecretString::from(first))
+        }
+        (None, None) => None,
+    };
+    if preset == Preset::Google && client_secret.is_none() {
+        return Err(err(
+            "client_secret",
+            "Google requires the client secret of your Desktop app client (client_secret or client_secret_file)",
+        ));
+    }
+    let token_url = c
+        .token_url
+        .clone()
+        .or(d.token_url)
+        .ok_or_else(|| err("token_url", "the token endpoint URL is required for preset = \"custom\""))?;
+    check_url("token_url", &token_url)?;
+    let authorize_url = c.authorize_url.clone().or(d.authorize_url);
+    if let Some(u) = &authorize_url {
+        check_url("authorize_url", u)?;
+    }
+    let scopes = c.scopes.clone().unwrap_or(d.scopes);
+    let imap = merge_endpoint("imap", d.imap, c.imap.as_ref(), 993)?;
+    if let Some(ca) = &c.ca_file {
+        if !ca.is_file() {
+            return Err(err("ca_file", format!("{} is not a readable file", ca.display())));
+        }
+    }
+    Ok(Provider {
+        name: name.to_string(),
+        preset,
+        client_id,
+        client_secret,
+        token_url,
+        authorize_url,
+        scopes,
+        ca_file: c.ca_file.clone(),
+        imap,
+    })
+}
+
+fn check_url(field: &str, url: &str) -> Result<(), ProviderError> {
+    let https = url.starts_with("https://");
+    // Plain http is only for a provider on this machine (tests, the demo).
+    let loopback_http = url.starts_with("http://127.")
+        || url.starts_with("http://[::1]")
+        || url.starts_with("http://localhost");
+    if https || loopback_http {
+        Ok(())
+    } else {
+        Err(err(
+            field,
+            format!("`{url}` must be an https:// URL (http:// only on loopback)"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(preset: &str) -> ProviderConfig {
+        ProviderConfig {
+            preset: preset.into(),
+            tenant: None,
+            client_id: Some("id".into()),
+            client_secret: None,
+            client_secret_file: None,
+            token_url: None,
+            authorize_url: None,
+            scopes: None,
+            ca_file: None,
+            imap: None,
+        }
+    }
+
+    #[test]
+    fn microsoft_preset_uses_outlook_scopes_first() {
+        let mut c = cfg("microsoft");
+        c.tenant = Some("organizations".into());
+        let p = resolve("m", &c).unwrap();
+        assert_eq!(
+            p.token_url,
+            "https://login.microsoftonline.com/organizations/oauth2/v2.0/token"
+        );
+        assert_eq!(p.scopes[0], "https://outlook.office.com/IMAP.AccessAsUser.All");
+        assert_eq!(p.scopes.last().unwrap(), "offline_access");
+        let imap = p.imap.unwrap();
+        assert_eq!((imap.host.as_str(), imap.port), ("outlook.office365.com", 993));
+        assert_eq!(imap.mechanisms, vec![Mechanism::Xoauth2]);
+    }
+
+    #[test]
+    fn google_needs_a_secret() {
+        let e = resolve("g", &cfg("google")).unwrap_err();
+        assert_eq!(e.field, "client_secret");
+    }
+
+    #[test]
+    fn custom_needs_endpoints_and_overrides_apply() {
+        let e = resolve("c", &cfg("custom")).unwrap_err();
+        assert_eq!(e.field, "token_url");
+        let mut c = cfg("custom");
+        c.token_url = Some("http://127.0.0.1:9/token".into());
+        c.imap = Some(ServerEndpointConfig {
+            host: Some("127.0.0.1".into()),
+            port: Some(1993),
+            tls: Some(UpstreamTls::Starttls),
+            mechanisms: Some(vec![Mechanism::Oauthbearer]),
+        });
+        let p = resolve("c", &c).unwrap();
+        let imap = p.imap.unwrap();
+        assert_eq!(imap.port, 1993);
+        assert_eq!(imap.tls, UpstreamTls::Starttls);
+        assert_eq!(imap.mechanisms, vec![Mechanism::Oauthbearer]);
+    }
+
+    #[test]
+    fn plain_http_token_url_off_loopback_is_refused() {
+        let mut c = cfg("custom");
+        c.token_url = Some("http://idp.example/token".into());
+        assert_eq!(resolve("c", &c).unwrap_err().field, "token_url");
+    }
+}

@@ -1,0 +1,345 @@
+//! Shared end-to-end harness: a sandbox provider and IMAP server, mailbridge
+//! in front of them on loopback, and a raw line-level IMAP client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailbridge::config::Settings;
+use mailbridge::sandbox::{ImapServer, ImapServerOptions, Provider, ProviderOptions, SandboxTls, TestPki};
+use mailbridge::server::Server;
+use mailbridge::store::seal::GrantData;
+use mailbridge::store::{AccountMeta, SledStore, TokenStore};
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use secrecy::SecretString;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+pub const USER: &str = "alice@example.com";
+pub const PASSWORD: &str = "correct horse \"battery\" \\staple";
+/// Bound on every network wait in the tests.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Options {
+    pub listener_tls: &'static str,
+    pub upstream: ImapServerOptions,
+    pub provider: ProviderOptions,
+    pub server_extra: String,
+    pub mechanisms: Option<&'static str>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            listener_tls: "none",
+            upstream: ImapServerOptions::default(),
+            provider: ProviderOptions::default(),
+            server_extra: String::new(),
+            mechanisms: None,
+        }
+    }
+}
+
+pub struct Harness {
+    pub provider: Provider,
+    pub imap: ImapServer,
+    pub pki: TestPki,
+    pub addr: SocketAddr,
+    pub store: Arc<dyn TokenStore>,
+    pub dir: PathBuf,
+    pub refresh_token: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("mailbridge-test-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl Harness {
+    pub async fn start(opts: Options) -> Harness {
+        let pki = TestPki::generate();
+        let provider = Provider::start(opts.provider).await.unwrap();
+        let imap = ImapServer::start(opts.upstream.clone(), provider.validator(), &pki)
+            .await
+            .unwrap();
+        let dir = temp_dir("e2e");
+        let ca = dir.join("ca.pem");
+        let cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        std::fs::write(&ca, &pki.ca_pem).unwrap();
+        std::fs::write(&cert, &pki.cert_pem).unwrap();
+        std::fs::write(&key, &pki.key_pem).unwrap();
+        let upstream_tls = match opts.upstream.tls {
+            SandboxTls::StartTls => "starttls",
+            _ => "implicit",
+        };
+        let listener_cert = if opts.listener_tls == "none" {
+            String::new()
+        } else {
+            format!("cert_file = \"{}\"\nkey_file = \"{}\"\n", cert.display(), key.display())
+        };
+        let mechanisms = opts
+            .mechanisms
+            .map(|m| format!(", mechanisms = {m}"))
+            .unwrap_or_default();
+        let config = format!(
+            r#"
+[server]
+kdf_memory_kib = 256
+kdf_iterations = 1
+backoff_base_ms = 300
+backoff_max_secs = 2
+{extra}
+
+[[listener]]
+protocol = "imap"
+bind = "127.0.0.1:0"
+tls = "{ltls}"
+{listener_cert}
+
+[providers.sandbox]
+preset = "custom"
+client_id = "mailbridge-test"
+token_url = "{token_url}"
+ca_file = "{ca}"
+imap = {{ host = "localhost", port = {port}, tls = "{upstream_tls}"{mechanisms} }}
+
+[[account]]
+user = "{USER}"
+provider = "sandbox"
+"#,
+            extra = opts.server_extra,
+            ltls = opts.listener_tls,
+            token_url = provider.token_url(),
+            ca = ca.display(),
+            port = imap.addr().port(),
+        );
+        let settings = Settings::parse(&config, "test config").unwrap();
+        let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(&dir.join("state")).unwrap());
+        let refresh_token = provider.issue_refresh_token(USER, "mail");
+        let vault = mailbridge::server::vault_for(&settings, store.clone());
+        vault
+            .create(
+                USER,
+                &SecretString::from(PASSWORD.to_string()),
+                GrantData {
+                    refresh_token: Some(SecretString::from(refresh_token.clone())),
+                    obtained_at: 0,
+                },
+                AccountMeta {
+                    provider: "sandbox".into(),
+                    upstream_user: USER.into(),
+                    ..AccountMeta::default()
+                },
+                false,
+            )
+            .await
+            .unwrap();
+        drop(vault);
+        let server = Server::bind(settings, store.clone()).await.unwrap();
+        let addr = server.local_addrs()[0];
+        let (stop, rx) = oneshot::channel();
+        let task = tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        Harness {
+            provider,
+            imap,
+            pki,
+            addr,
+            store,
+            dir,
+            refresh_token,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// A plain-text client of mailbridge, greeting already read.
+    pub async fn client(&self) -> Client {
+        let mut c = Client::plain(self.addr).await;
+        let g = c.line().await;
+        assert!(g.starts_with("* OK"), "greeting: {g}");
+        c
+    }
+
+    pub fn client_tls_config(&self) -> Arc<rustls::ClientConfig> {
+        client_tls(&self.pki.ca_pem)
+    }
+
+    /// Logs in with LOGIN and returns the tagged reply.
+    pub async fn login(&self, password: &str) -> (Client, String) {
+        let mut c = self.client().await;
+        let reply = c.cmd("a1", &format!("LOGIN {USER} {}", quote(password))).await;
+        (c, reply.last().cloned().unwrap_or_default())
+    }
+
+    pub fn sealed_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.store.load_grant(USER).unwrap().expect("grant present")).unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(WAIT, t).await;
+        }
+        self.imap.shutdown();
+        self.provider.shutdown();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+pub fn client_tls(ca_pem: &str) -> Arc<rustls::ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A raw IMAP client: lines and literals, with bounded waits.
+pub struct Client {
+    io: BufReader<Box<dyn Io>>,
+}
+
+impl Client {
+    pub async fn plain(addr: SocketAddr) -> Client {
+        let tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr)).await.unwrap().unwrap();
+        Client {
+            io: BufReader::new(Box::new(tcp)),
+        }
+    }
+
+    pub async fn tls(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Client {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        Client {
+            io: BufReader::new(Box::new(tls)),
+        }
+    }
+
+    /// Connects, reads the greeting, runs STARTTLS, and continues in TLS.
+    pub async fn starttls(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Client {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let greeting = read_line_unbuffered(&mut tcp).await;
+        assert!(greeting.contains("STARTTLS"), "{greeting}");
+        tcp.write_all(b"s1 STARTTLS\r\n").await.unwrap();
+        let ok = read_line_unbuffered(&mut tcp).await;
+        assert!(ok.starts_with("s1 OK"), "{ok}");
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        Client {
+            io: BufReader::new(Box::new(tls)),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        let w = self.io.get_mut();
+        w.write_all(bytes).await.unwrap();
+        w.flush().await.unwrap();
+    }
+
+    /// One line without CRLF; "" on EOF.
+    pub async fn line(&mut self) -> String {
+        let mut buf = Vec::new();
+        tokio::time::timeout(WAIT, self.io.read_until(b'\n', &mut buf))
+            .await
+            .expect("timed out waiting for a line")
+            .unwrap();
+        String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string()
+    }
+
+    pub async fn exact(&mut self, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        tokio::time::timeout(WAIT, self.io.read_exact(&mut buf))
+            .await
+            .expect("timed out reading bytes")
+            .unwrap();
+        buf
+    }
+
+    /// Sends `tag command` and collects lines up to the tagged reply.
+    pub async fn cmd(&mut self, tag: &str, command: &str) -> Vec<String> {
+        self.send(format!("{tag} {command}\r\n").as_bytes()).await;
+        self.until_tagged(tag).await
+    }
+
+    pub async fn until_tagged(&mut self, tag: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        for _ in 0..10_000 {
+            let l = self.line().await;
+            if l.is_empty() {
+                lines.push("<EOF>".into());
+                return lines;
+            }
+            let done = l.starts_with(&format!("{tag} "));
+            lines.push(l);
+            if done {
+                return lines;
+            }
+        }
+        panic!("no tagged reply for {tag}");
+    }
+
+    /// `FETCH n BODY[]` after SELECT: returns the literal's bytes.
+    pub async fn fetch_body(&mut self, tag: &str, n: u32) -> Vec<u8> {
+        self.send(format!("{tag} FETCH {n} BODY[]\r\n").as_bytes()).await;
+        let head = self.line().await;
+        let open = head.rfind('{').unwrap_or_else(|| panic!("no literal in {head}"));
+        let len: usize = head[open + 1..head.len() - 1].parse().unwrap();
+        let body = self.exact(len).await;
+        let rest = self.until_tagged(tag).await;
+        assert!(rest.last().unwrap().starts_with(&format!("{tag} OK")), "{rest:?}");
+        body
+    }
+}
+
+async fn read_line_unbuffered(tcp: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut b)).await.unwrap().unwrap();
+        if n == 0 {
+            break;
+        }
+        out.push(b[0]);
+        if b[0] == b'\n' {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).trim_end().to_string()
+}
+
+pub const MESSAGE: &[u8] = b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n";
