@@ -9,3 +9,5 @@
 
 pub mod proto;
 pub mod sasl;
+pub mod store;
+pub mod vault;
