@@ -558,7 +558,7 @@ impl Vault {
 
     fn verifier(&self, account: &str, password: &SecretString) -> [u8; 32] {
         let mut h = Sha256::new();
-        h.update(&*self.pepper);
+        h.update(self.pepper.as_slice());
         h.update(account.as_bytes());
         h.update([0u8]);
         h.update(password.expose_secret().as_bytes());
