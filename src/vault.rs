@@ -697,8 +697,8 @@ mod tests {
 
     fn tiny_backoff() -> BackoffPolicy {
         BackoffPolicy {
-            base: Duration::from_millis(100),
-            max: Duration::from_secs(1),
+            base: Duration::from_millis(200),
+            max: Duration::from_secs(2),
         }
     }
 
@@ -836,13 +836,13 @@ mod tests {
         let runs = v.kdf_runs();
         match v.unlock("alice", &pw("pw"), P1).await {
             Err(VaultError::Backoff { retry_after }) => {
-                assert!(retry_after <= Duration::from_millis(100))
+                assert!(retry_after <= Duration::from_millis(200))
             }
             other => panic!("expected backoff, got {other:?}"),
         }
         assert_eq!(v.kdf_runs(), runs);
 
-        tokio::time::sleep(Duration::from_millis(120)).await;
+        tokio::time::sleep(Duration::from_millis(220)).await;
         assert!(matches!(
             v.unlock("alice", &pw("y"), P1).await,
             Err(VaultError::WrongPassword)
@@ -850,12 +850,12 @@ mod tests {
         // Second consecutive failure: the window doubled.
         match v.unlock("alice", &pw("pw"), P1).await {
             Err(VaultError::Backoff { retry_after }) => {
-                assert!(retry_after > Duration::from_millis(100), "{retry_after:?}")
+                assert!(retry_after > Duration::from_millis(200), "{retry_after:?}")
             }
             other => panic!("expected backoff, got {other:?}"),
         }
 
-        tokio::time::sleep(Duration::from_millis(220)).await;
+        tokio::time::sleep(Duration::from_millis(420)).await;
         v.unlock("alice", &pw("pw"), P1)
             .await
             .expect("right password after the window");
@@ -866,7 +866,7 @@ mod tests {
         ));
         match v.unlock("alice", &pw("pw"), P1).await {
             Err(VaultError::Backoff { retry_after }) => {
-                assert!(retry_after <= Duration::from_millis(100), "{retry_after:?}")
+                assert!(retry_after <= Duration::from_millis(200), "{retry_after:?}")
             }
             other => panic!("expected backoff, got {other:?}"),
         }
