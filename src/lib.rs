@@ -36,3 +36,5 @@ pub mod sasl;
 pub mod server;
 pub mod cli;
 pub mod demo;
+pub mod store;
+pub mod vault;

@@ -1,0 +1,241 @@
+//! Token store: where each account's sealed OAuth2 grant and its (non-secret)
+//! metadata live between runs.
+//!
+//! The [`TokenStore`] trait is what the rest of mailbridge codes against;
+//! [`SledStore`] is the on-disk backend and the only place that names sled.
+//! Nothing a store holds is a token in clear: grants arrive here already
+//! sealed by [`seal`] (Argon2id key derivation + XChaCha20-Poly1305).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub mod seal;
+pub mod sled_store;
+
+pub use sled_store::SledStore;
+
+/// Argon2id cost parameters, stored with every sealed record so that the
+/// defaults can be raised later without breaking existing records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KdfParams {
+    /// Memory cost in KiB.
+    pub m_cost_kib: u32,
+    /// Number of passes.
+    pub t_cost: u32,
+    /// Degree of parallelism.
+    pub p_cost: u32,
+}
+
+impl Default for KdfParams {
+    /// The OWASP minimum for Argon2id: 19 MiB, two passes, one lane.
+    fn default() -> Self {
+        KdfParams {
+            m_cost_kib: 19 * 1024,
+            t_cost: 2,
+            p_cost: 1,
+        }
+    }
+}
+
+impl KdfParams {
+    /// Small and fast parameters for tests and the demo. Never use these for
+    /// real grants.
+    pub fn for_tests() -> Self {
+        KdfParams {
+            m_cost_kib: 256,
+            t_cost: 1,
+            p_cost: 1,
+        }
+    }
+}
+
+/// One account's grant, sealed. Safe to store: without the local password
+/// (or service key) it reveals nothing but its length.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SealedGrant {
+    /// Record format version ([`seal::FORMAT`]).
+    pub format: u32,
+    /// The Argon2id parameters the key was derived with.
+    pub kdf: KdfParams,
+    /// The per-account random salt.
+    pub salt: Vec<u8>,
+    /// The 24-byte XChaCha20 nonce.
+    pub nonce: Vec<u8>,
+    /// Ciphertext with the Poly1305 tag appended.
+    pub ciphertext: Vec<u8>,
+}
+
+impl fmt::Debug for SealedGrant {
+    /// Shows the shape only: the ciphertext is not secret, but keeping it
+    /// out of logs keeps it out of reach of an offline password guesser.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SealedGrant")
+            .field("format", &self.format)
+            .field("kdf", &self.kdf)
+            .field("salt_len", &self.salt.len())
+            .field("nonce_len", &self.nonce.len())
+            .field("ciphertext_len", &self.ciphertext.len())
+            .finish()
+    }
+}
+
+/// What is known about an account apart from its grant. Not secret: shown
+/// by `mailbridge account list`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct AccountMeta {
+    /// Provider preset name, e.g. "microsoft".
+    pub provider: String,
+    /// The login name used upstream.
+    pub upstream_user: String,
+    /// When the account was added (unix seconds).
+    pub created_at: u64,
+    /// When the current access token expires (unix seconds), if known.
+    pub access_expires_at: Option<u64>,
+    /// Last successful upstream login (unix seconds).
+    pub last_login_at: Option<u64>,
+    /// The last error seen for this account, as shown to a person.
+    pub last_error: Option<String>,
+}
+
+/// Persistent storage for sealed grants and account metadata.
+pub trait TokenStore: Send + Sync + 'static {
+    /// The sealed grant of `account`, if there is one.
+    fn load_grant(&self, account: &str) -> Result<Option<SealedGrant>, StoreError>;
+    /// Store `grant` for `account`, replacing any previous one. Durable
+    /// (flushed to disk) when it returns.
+    fn save_grant(&self, account: &str, grant: &SealedGrant) -> Result<(), StoreError>;
+    /// The metadata of `account`, if there is any.
+    fn load_meta(&self, account: &str) -> Result<Option<AccountMeta>, StoreError>;
+    /// Store the metadata of `account`.
+    fn save_meta(&self, account: &str, meta: &AccountMeta) -> Result<(), StoreError>;
+    /// Remove the grant and the metadata of `account`. True if there was
+    /// either. Durable when it returns.
+    fn remove(&self, account: &str) -> Result<bool, StoreError>;
+    /// Every account with a grant or metadata, sorted.
+    fn accounts(&self) -> Result<Vec<String>, StoreError>;
+}
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be opened or created.
+    #[error(
+        "cannot open the token store at {}: {reason}; check that the directory is writable by this user or choose another with --state-dir",
+        path.display()
+    )]
+    Open {
+        /// The state directory.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Another process (or another store in this process) holds the lock.
+    #[error(
+        "another mailbridge process is using the store at {}; stop it first",
+        path.display()
+    )]
+    Locked {
+        /// The state directory.
+        path: PathBuf,
+    },
+    /// A file system operation on the state directory failed.
+    #[error(
+        "I/O error on the token store at {}: {source}; check free space and permissions",
+        path.display()
+    )]
+    Io {
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The storage backend failed while reading or writing.
+    #[error(
+        "the token store at {} failed: {reason}; check free space and permissions",
+        path.display()
+    )]
+    Backend {
+        /// The state directory (empty for a temporary store).
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A stored record could not be decoded.
+    #[error(
+        "the stored record for account {account} is unreadable ({reason}); remove it with `mailbridge account remove {account}` and add the account again"
+    )]
+    Corrupt {
+        /// The account whose record is damaged.
+        account: String,
+        /// What is wrong with it (never the record's content).
+        reason: String,
+    },
+}
+
+/// The default state directory: `$STATE_DIRECTORY` (its first entry, as
+/// systemd may list several separated by colons), else the XDG data
+/// directory's `mailbridge`, else `./mailbridge-state`.
+pub fn default_state_dir() -> PathBuf {
+    state_dir_from(
+        std::env::var_os("STATE_DIRECTORY").as_deref(),
+        dirs::data_dir().as_deref(),
+    )
+}
+
+fn state_dir_from(state_directory: Option<&std::ffi::OsStr>, data_dir: Option<&Path>) -> PathBuf {
+    if let Some(first) = state_directory
+        .and_then(|v| v.to_str())
+        .and_then(|v| v.split(':').find(|s| !s.is_empty()))
+    {
+        return PathBuf::from(first);
+    }
+    match data_dir {
+        Some(d) => d.join("mailbridge"),
+        None => PathBuf::from("./mailbridge-state"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn state_dir_prefers_systemd_first_entry() {
+        let d = state_dir_from(Some(OsStr::new("/var/lib/a:/var/lib/b")), None);
+        assert_eq!(d, PathBuf::from("/var/lib/a"));
+        let d = state_dir_from(
+            Some(OsStr::new("")),
+            Some(Path::new("/home/u/.local/share")),
+        );
+        assert_eq!(d, PathBuf::from("/home/u/.local/share/mailbridge"));
+        let d = state_dir_from(None, None);
+        assert_eq!(d, PathBuf::from("./mailbridge-state"));
+    }
+
+    #[test]
+    fn meta_tolerates_missing_and_extra_fields() {
+        let m: AccountMeta = serde_json::from_str(r#"{"provider":"google","future":1}"#)
+            .expect("meta with missing fields parses");
+        assert_eq!(m.provider, "google");
+        assert_eq!(m.created_at, 0);
+    }
+
+    #[test]
+    fn sealed_grant_debug_hides_bytes() {
+        let g = SealedGrant {
+            format: 1,
+            kdf: KdfParams::for_tests(),
+            salt: vec![7; 16],
+            nonce: vec![8; 24],
+            ciphertext: vec![9; 40],
+        };
+        let s = format!("{g:?}");
+        assert!(s.contains("ciphertext_len: 40"));
+        assert!(!s.contains("9, 9"));
+    }
+}

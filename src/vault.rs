@@ -1,0 +1,1115 @@
+//! The vault: turns a local password into an unlocked OAuth2 grant.
+//!
+//! - The password derives (Argon2id) the key that opens the account's
+//!   sealed grant. The KDF is paid once per process per (account,
+//!   password): afterwards a fast in-memory verifier (SHA-256 under a
+//!   per-process random pepper, compared in constant time) recognises the
+//!   same password for the same stored record.
+//! - A wrong password is refused and never deletes or alters the grant.
+//!   Failures back off per account and per peer address: after the n-th
+//!   consecutive failure, attempts are refused for `base * 2^(n-1)` (capped
+//!   at `max`); a success resets both counters.
+//! - Every login that unlocked an account shares one current grant
+//!   ([`Unlocked`]), so a refresh token rotated by one session is what the
+//!   next refresh uses. A rotated token is sealed and flushed to the store
+//!   before [`Vault::store_rotated`] returns.
+//!
+//! Operations on one account are serialised by a per-account async mutex.
+//! The final "save, then update memory" step of each write runs on a
+//! blocking thread that owns the mutex guard, so a cancelled caller cannot
+//! leave the store and the in-memory state disagreeing.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::RngCore;
+use rand::rngs::OsRng;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::OwnedMutexGuard;
+use zeroize::Zeroizing;
+
+use crate::store::seal::{self, GrantData, SealError, SealKey};
+use crate::store::{AccountMeta, KdfParams, SealedGrant, StoreError, TokenStore};
+
+/// How long failed logins lock out further attempts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackoffPolicy {
+    /// Lockout after the first failure.
+    pub base: Duration,
+    /// Longest lockout.
+    pub max: Duration,
+}
+
+impl Default for BackoffPolicy {
+    /// One second, doubling up to five minutes.
+    fn default() -> Self {
+        BackoffPolicy {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl BackoffPolicy {
+    /// The lockout after `failures` consecutive failures (0 for none).
+    pub fn delay(&self, failures: u32) -> Duration {
+        if failures == 0 {
+            return Duration::ZERO;
+        }
+        let factor = 1u32.checked_shl(failures - 1).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// Why the vault refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    /// No sealed grant is stored for the account.
+    #[error("no grant stored for account {account}: run `mailbridge account import {account}`")]
+    NoGrant {
+        /// The account.
+        account: String,
+    },
+    /// The local password does not open the grant.
+    #[error(
+        "wrong password: use the local mailbridge password for this account, not the mailbox password"
+    )]
+    WrongPassword,
+    /// Too many recent failures for this account or from this address.
+    #[error("too many failed logins; try again in {} s", ceil_secs(retry_after))]
+    Backoff {
+        /// When the next attempt will be considered.
+        retry_after: Duration,
+    },
+    /// `create` without `replace` on an account that has a grant.
+    #[error(
+        "account {account} already has a grant: use `mailbridge account reauthorize {account}` to replace it, or remove it first"
+    )]
+    Exists {
+        /// The account.
+        account: String,
+    },
+    /// The stored grant was replaced outside this vault while it was in
+    /// use, under a key this session does not have.
+    #[error("the grant for account {account} was changed while in use; log in again")]
+    Changed {
+        /// The account.
+        account: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Sealing or opening failed for a reason other than a wrong password.
+    #[error(transparent)]
+    Seal(#[from] SealError),
+}
+
+fn ceil_secs(d: &Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// The state of an unlocked account, shared by every [`Unlocked`] for it.
+struct Current {
+    grant: GrantData,
+    key: SealKey,
+    salt: Vec<u8>,
+    kdf: KdfParams,
+    /// Identifies the stored record this state matches (with `salt`).
+    nonce: Vec<u8>,
+}
+
+impl Current {
+    fn matches(&self, record: &SealedGrant) -> bool {
+        self.salt == record.salt && self.nonce == record.nonce && self.kdf == record.kdf
+    }
+}
+
+struct Shared {
+    account: String,
+    current: RwLock<Current>,
+}
+
+impl Shared {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Current> {
+        self.current.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn replace(&self, new: Current) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = new;
+    }
+}
+
+/// An unlocked account. Cheap to clone; all clones, and every login that
+/// unlocked the same account through the same [`Vault`], share one current
+/// grant.
+#[derive(Clone)]
+pub struct Unlocked {
+    shared: Arc<Shared>,
+}
+
+impl Unlocked {
+    /// The account name.
+    pub fn account(&self) -> &str {
+        &self.shared.account
+    }
+
+    /// The current refresh token (the latest rotation).
+    pub fn refresh_token(&self) -> Option<SecretString> {
+        self.shared.read().grant.refresh_token.clone()
+    }
+
+    /// When the current grant or its last rotation was obtained (unix
+    /// seconds).
+    pub fn obtained_at(&self) -> u64 {
+        self.shared.read().grant.obtained_at
+    }
+}
+
+impl fmt::Debug for Unlocked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Unlocked")
+            .field("account", &self.shared.account)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Per-account in-memory state, behind the per-account async mutex.
+#[derive(Default)]
+struct Slot {
+    /// Verifier of the last password that opened the record in `shared`.
+    verifier: Option<[u8; 32]>,
+    shared: Option<Arc<Shared>>,
+}
+
+impl Slot {
+    /// The shared state if `verifier` is the cached one and `record` is the
+    /// record it was cached for.
+    fn cached(&self, verifier: &[u8; 32], record: &SealedGrant) -> Option<Arc<Shared>> {
+        let cached = self.verifier.as_ref()?;
+        let shared = self.shared.as_ref()?;
+        let same_password: bool = cached.ct_eq(verifier).into();
+        (same_password && shared.read().matches(record)).then(|| shared.clone())
+    }
+
+    /// Make `current` the account's state, updating the shared state in
+    /// place so that existing [`Unlocked`] values see it.
+    fn install(&mut self, account: &str, current: Current) -> Arc<Shared> {
+        match &self.shared {
+            Some(shared) => {
+                shared.replace(current);
+                shared.clone()
+            }
+            None => {
+                let shared = Arc::new(Shared {
+                    account: account.to_owned(),
+                    current: RwLock::new(current),
+                });
+                self.shared = Some(shared.clone());
+                shared
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Failures {
+    count: u32,
+    until: Instant,
+}
+
+/// Consecutive failures per key, bounded in size.
+struct FailureMap<K> {
+    map: HashMap<K, Failures>,
+    max_entries: usize,
+}
+
+impl<K: Hash + Eq + Clone> FailureMap<K> {
+    fn new(max_entries: usize) -> Self {
+        FailureMap {
+            map: HashMap::new(),
+            max_entries,
+        }
+    }
+
+    fn remaining(&self, key: &K, now: Instant) -> Option<Duration> {
+        self.map
+            .get(key)
+            .map(|f| f.until.saturating_duration_since(now))
+            .filter(|d| !d.is_zero())
+    }
+
+    /// Record a failure; returns the new count.
+    fn fail(&mut self, key: &K, now: Instant, policy: &BackoffPolicy) -> u32 {
+        if !self.map.contains_key(key) && self.map.len() >= self.max_entries {
+            self.map.retain(|_, f| f.until > now);
+            if self.map.len() >= self.max_entries {
+                // Still full of live entries: drop the one that ends first.
+                let first = self
+                    .map
+                    .iter()
+                    .min_by_key(|(_, f)| f.until)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = first {
+                    self.map.remove(&k);
+                }
+            }
+        }
+        let entry = self.map.entry(key.clone()).or_insert(Failures {
+            count: 0,
+            until: now,
+        });
+        entry.count = entry.count.saturating_add(1);
+        entry.until = now + policy.delay(entry.count);
+        entry.count
+    }
+
+    fn reset(&mut self, key: &K) {
+        self.map.remove(key);
+    }
+}
+
+struct BackoffTable {
+    accounts: FailureMap<String>,
+    peers: FailureMap<IpAddr>,
+}
+
+/// Bound on each backoff map.
+const MAX_BACKOFF_ENTRIES: usize = 10_000;
+
+/// Unlocks, creates and updates sealed grants. One per process.
+pub struct Vault {
+    store: Arc<dyn TokenStore>,
+    kdf: KdfParams,
+    backoff: BackoffPolicy,
+    pepper: Zeroizing<[u8; 32]>,
+    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+    failures: Mutex<BackoffTable>,
+    meta_lock: Mutex<()>,
+    kdf_runs: AtomicU64,
+}
+
+impl fmt::Debug for Vault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vault")
+            .field("kdf", &self.kdf)
+            .field("backoff", &self.backoff)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn task_stopped(what: &str) -> StoreError {
+    StoreError::Backend {
+        path: PathBuf::new(),
+        reason: format!("the {what} task stopped unexpectedly"),
+    }
+}
+
+impl Vault {
+    /// A vault over `store`. New grants are sealed with `kdf`; failures back
+    /// off according to `backoff`.
+    pub fn new(store: Arc<dyn TokenStore>, kdf: KdfParams, backoff: BackoffPolicy) -> Vault {
+        let mut pepper = Zeroizing::new([0u8; 32]);
+        OsRng.fill_bytes(&mut *pepper);
+        Vault {
+            store,
+            kdf,
+            backoff,
+            pepper,
+            slots: Mutex::new(HashMap::new()),
+            failures: Mutex::new(BackoffTable {
+                accounts: FailureMap::new(MAX_BACKOFF_ENTRIES),
+                peers: FailureMap::new(MAX_BACKOFF_ENTRIES),
+            }),
+            meta_lock: Mutex::new(()),
+            kdf_runs: AtomicU64::new(0),
+        }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn TokenStore> {
+        &self.store
+    }
+
+    /// How many key derivations this vault has run (for tests).
+    #[doc(hidden)]
+    pub fn kdf_runs(&self) -> u64 {
+        self.kdf_runs.load(Ordering::Relaxed)
+    }
+
+    /// Check the local password and return the unlocked grant.
+    ///
+    /// Refused with [`VaultError::Backoff`] while the account or the peer is
+    /// locked out (the password is not even checked). A password already
+    /// seen for the same stored record is recognised without a KDF.
+    pub async fn unlock(
+        &self,
+        account: &str,
+        password: &SecretString,
+        peer: IpAddr,
+    ) -> Result<Unlocked, VaultError> {
+        self.check_backoff(account, peer)?;
+        // Only accounts with a record get a slot: unknown names cost nothing.
+        if self.store.load_grant(account)?.is_none() {
+            return Err(no_grant(account));
+        }
+        let slot = self.slot(account);
+        let mut slot = slot.lock_owned().await;
+        // Attempts that queued behind a failure are refused too.
+        self.check_backoff(account, peer)?;
+        let record = self
+            .store
+            .load_grant(account)?
+            .ok_or_else(|| no_grant(account))?;
+
+        let verifier = self.verifier(account, password);
+        if let Some(shared) = slot.cached(&verifier, &record) {
+            self.succeeded(account, peer);
+            return Ok(Unlocked { shared });
+        }
+
+        let key = self.derive(password, &record.salt, record.kdf).await?;
+        match seal::open(account, &key, &record) {
+            Ok(grant) => {
+                self.succeeded(account, peer);
+                let shared = slot.install(
+                    account,
+                    Current {
+                        grant,
+                        key,
+                        salt: record.salt,
+                        kdf: record.kdf,
+                        nonce: record.nonce,
+                    },
+                );
+                slot.verifier = Some(verifier);
+                tracing::debug!(account, "grant unlocked");
+                Ok(Unlocked { shared })
+            }
+            Err(SealError::WrongKey) => {
+                let (by_account, by_peer) = self.failed(account, peer);
+                tracing::warn!(
+                    account,
+                    %peer,
+                    account_failures = by_account,
+                    peer_failures = by_peer,
+                    "wrong local password"
+                );
+                Err(VaultError::WrongPassword)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Seal a new grant (import / add). Replaces an existing grant for the
+    /// account only if `replace` is true, else [`VaultError::Exists`].
+    /// Sessions that already unlocked the account see the new grant.
+    pub async fn create(
+        &self,
+        account: &str,
+        password: &SecretString,
+        grant: GrantData,
+        mut meta: AccountMeta,
+        replace: bool,
+    ) -> Result<(), VaultError> {
+        let slot = self.slot(account).lock_owned().await;
+        if !replace && self.store.load_grant(account)?.is_some() {
+            return Err(VaultError::Exists {
+                account: account.to_owned(),
+            });
+        }
+        let salt = seal::new_salt();
+        let key = self.derive(password, &salt, self.kdf).await?;
+        let sealed = seal::seal(account, &key, salt, self.kdf, &grant)?;
+        let verifier = self.verifier(account, password);
+        self.commit(slot, account, sealed, grant, key, Some(verifier), None)
+            .await?;
+        if meta.created_at == 0 {
+            meta.created_at = now_unix();
+        }
+        self.store.save_meta(account, &meta)?;
+        tracing::info!(account, replaced = replace, "grant sealed and saved");
+        Ok(())
+    }
+
+    /// The refresh token rotated: reseal under the same key (new nonce),
+    /// save durably, then update the shared in-memory grant. Returns only
+    /// after the store flushed.
+    pub async fn store_rotated(
+        &self,
+        unlocked: &Unlocked,
+        new_refresh_token: SecretString,
+    ) -> Result<(), VaultError> {
+        let account = unlocked.account();
+        let slot = self.slot(account).lock_owned().await;
+        let (key, salt, kdf, known) = {
+            let c = unlocked.shared.read();
+            let record_id = (c.salt.clone(), c.nonce.clone());
+            (c.key.clone(), c.salt.clone(), c.kdf, record_id)
+        };
+        let record = self
+            .store
+            .load_grant(account)?
+            .ok_or_else(|| no_grant(account))?;
+        if (&record.salt, &record.nonce) != (&known.0, &known.1) {
+            // Written since this session's state was loaded (e.g. a save
+            // whose caller was cancelled). Go on only if our key still
+            // opens it: otherwise the account was re-keyed elsewhere.
+            match seal::open(account, &key, &record) {
+                Ok(_) => {}
+                Err(SealError::WrongKey) => {
+                    return Err(VaultError::Changed {
+                        account: account.to_owned(),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let grant = GrantData {
+            refresh_token: Some(new_refresh_token),
+            obtained_at: now_unix(),
+        };
+        let sealed = seal::seal(account, &key, salt, kdf, &grant)?;
+        self.commit(
+            slot,
+            account,
+            sealed,
+            grant,
+            key,
+            None,
+            Some(unlocked.shared.clone()),
+        )
+        .await?;
+        tracing::info!(account, "rotated refresh token sealed and saved");
+        Ok(())
+    }
+
+    /// Re-seal under a new password (new salt, this vault's KDF
+    /// parameters). The old password is required.
+    pub async fn change_password(
+        &self,
+        account: &str,
+        old: &SecretString,
+        new: &SecretString,
+    ) -> Result<(), VaultError> {
+        if self.store.load_grant(account)?.is_none() {
+            return Err(no_grant(account));
+        }
+        let slot = self.slot(account).lock_owned().await;
+        let record = self
+            .store
+            .load_grant(account)?
+            .ok_or_else(|| no_grant(account))?;
+        let grant = match slot.cached(&self.verifier(account, old), &record) {
+            Some(shared) => shared.read().grant.clone(),
+            None => {
+                let old_key = self.derive(old, &record.salt, record.kdf).await?;
+                match seal::open(account, &old_key, &record) {
+                    Ok(grant) => grant,
+                    Err(SealError::WrongKey) => return Err(VaultError::WrongPassword),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        let salt = seal::new_salt();
+        let key = self.derive(new, &salt, self.kdf).await?;
+        let sealed = seal::seal(account, &key, salt, self.kdf, &grant)?;
+        let verifier = self.verifier(account, new);
+        self.commit(slot, account, sealed, grant, key, Some(verifier), None)
+            .await?;
+        tracing::info!(account, "local password changed");
+        Ok(())
+    }
+
+    /// Read-modify-write of the account's metadata (starting from the
+    /// default if there is none).
+    pub fn update_meta(
+        &self,
+        account: &str,
+        f: impl FnOnce(&mut AccountMeta),
+    ) -> Result<(), VaultError> {
+        let _guard = self
+            .meta_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut meta = self.store.load_meta(account)?.unwrap_or_default();
+        f(&mut meta);
+        self.store.save_meta(account, &meta)?;
+        Ok(())
+    }
+
+    fn slot(&self, account: &str) -> Arc<tokio::sync::Mutex<Slot>> {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        slots.entry(account.to_owned()).or_default().clone()
+    }
+
+    fn verifier(&self, account: &str, password: &SecretString) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.pepper.as_slice());
+        h.update(account.as_bytes());
+        h.update([0u8]);
+        h.update(password.expose_secret().as_bytes());
+        h.finalize().into()
+    }
+
+    async fn derive(
+        &self,
+        password: &SecretString,
+        salt: &[u8],
+        kdf: KdfParams,
+    ) -> Result<SealKey, VaultError> {
+        self.kdf_runs.fetch_add(1, Ordering::Relaxed);
+        let password = password.clone();
+        let salt = salt.to_vec();
+        let key = tokio::task::spawn_blocking(move || seal::derive_key(&password, &salt, kdf))
+            .await
+            .map_err(|_| SealError::Kdf {
+                reason: "the key derivation task stopped unexpectedly".into(),
+            })??;
+        Ok(key)
+    }
+
+    /// Save `sealed` durably, then make it the account's in-memory state
+    /// (and `also`'s, if that is a different shared state). Runs on a
+    /// blocking thread that owns the account's guard, so it completes even
+    /// if the caller is cancelled.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit(
+        &self,
+        mut slot: OwnedMutexGuard<Slot>,
+        account: &str,
+        sealed: SealedGrant,
+        grant: GrantData,
+        key: SealKey,
+        verifier: Option<[u8; 32]>,
+        also: Option<Arc<Shared>>,
+    ) -> Result<(), VaultError> {
+        let store = self.store.clone();
+        let account = account.to_owned();
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            store.save_grant(&account, &sealed)?;
+            let current = |grant: GrantData, key: SealKey| Current {
+                grant,
+                key,
+                salt: sealed.salt.clone(),
+                kdf: sealed.kdf,
+                nonce: sealed.nonce.clone(),
+            };
+            let installed = slot.install(&account, current(grant.clone(), key.clone()));
+            if let Some(also) = also.filter(|a| !Arc::ptr_eq(a, &installed)) {
+                also.replace(current(grant, key));
+            }
+            if let Some(v) = verifier {
+                slot.verifier = Some(v);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|_| task_stopped("store write"))??;
+        Ok(())
+    }
+
+    fn check_backoff(&self, account: &str, peer: IpAddr) -> Result<(), VaultError> {
+        let now = Instant::now();
+        let table = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let wait = table
+            .accounts
+            .remaining(&account.to_owned(), now)
+            .max(table.peers.remaining(&peer, now));
+        match wait {
+            Some(retry_after) => {
+                tracing::info!(account, %peer, ?retry_after, "login refused: backing off");
+                Err(VaultError::Backoff { retry_after })
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn failed(&self, account: &str, peer: IpAddr) -> (u32, u32) {
+        let now = Instant::now();
+        let mut table = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let a = table.accounts.fail(&account.to_owned(), now, &self.backoff);
+        let p = table.peers.fail(&peer, now, &self.backoff);
+        (a, p)
+    }
+
+    fn succeeded(&self, account: &str, peer: IpAddr) {
+        let mut table = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        table.accounts.reset(&account.to_owned());
+        table.peers.reset(&peer);
+    }
+}
+
+fn no_grant(account: &str) -> VaultError {
+    VaultError::NoGrant {
+        account: account.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+    use crate::store::sled_store::tests::TempDir;
+    use std::path::Path;
+
+    const P1: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+    const P2: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
+
+    fn pw(s: &str) -> SecretString {
+        SecretString::from(s)
+    }
+
+    fn grant(token: &str) -> GrantData {
+        GrantData {
+            refresh_token: Some(pw(token)),
+            obtained_at: 1,
+        }
+    }
+
+    fn token(u: &Unlocked) -> String {
+        u.refresh_token()
+            .map(|t| t.expose_secret().to_owned())
+            .unwrap_or_default()
+    }
+
+    fn vault_on(store: Arc<dyn TokenStore>, backoff: BackoffPolicy) -> Vault {
+        Vault::new(store, KdfParams::for_tests(), backoff)
+    }
+
+    fn temp_vault() -> Vault {
+        let store = SledStore::open_temporary().expect("temporary store");
+        vault_on(Arc::new(store), BackoffPolicy::default())
+    }
+
+    fn tiny_backoff() -> BackoffPolicy {
+        BackoffPolicy {
+            base: Duration::from_millis(200),
+            max: Duration::from_secs(2),
+        }
+    }
+
+    async fn add(v: &Vault, account: &str, password: &str, rt: &str) {
+        v.create(
+            account,
+            &pw(password),
+            grant(rt),
+            AccountMeta::default(),
+            false,
+        )
+        .await
+        .expect("create");
+    }
+
+    #[test]
+    fn backoff_delay_doubles_and_caps() {
+        let p = BackoffPolicy::default();
+        assert_eq!(p.delay(0), Duration::ZERO);
+        assert_eq!(p.delay(1), Duration::from_secs(1));
+        assert_eq!(p.delay(2), Duration::from_secs(2));
+        assert_eq!(p.delay(5), Duration::from_secs(16));
+        assert_eq!(p.delay(9), Duration::from_secs(256));
+        assert_eq!(p.delay(10), Duration::from_secs(300));
+        assert_eq!(p.delay(u32::MAX), Duration::from_secs(300));
+    }
+
+    #[tokio::test]
+    async fn unlock_right_and_wrong() {
+        let v = temp_vault();
+        add(&v, "alice", "pw", "rt-1").await;
+        let u = v.unlock("alice", &pw("pw"), P1).await.expect("unlock");
+        assert_eq!(u.account(), "alice");
+        assert_eq!(token(&u), "rt-1");
+        assert_eq!(format!("{u:?}"), "Unlocked { account: \"alice\", .. }");
+        let err = v.unlock("alice", &pw("nope"), P2).await.expect_err("wrong");
+        assert!(matches!(err, VaultError::WrongPassword), "{err}");
+        let err = v.unlock("bob", &pw("pw"), P1).await.expect_err("none");
+        assert!(matches!(err, VaultError::NoGrant { .. }));
+        assert!(
+            err.to_string().contains("mailbridge account import bob"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn second_unlock_skips_the_kdf() {
+        let store: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary().expect("store"));
+        let admin = vault_on(store.clone(), BackoffPolicy::default());
+        add(&admin, "alice", "pw", "rt").await;
+
+        let v = vault_on(store, BackoffPolicy::default());
+        assert_eq!(v.kdf_runs(), 0);
+        let a = v.unlock("alice", &pw("pw"), P1).await.expect("first");
+        assert_eq!(v.kdf_runs(), 1);
+        let b = v.unlock("alice", &pw("pw"), P2).await.expect("second");
+        assert_eq!(v.kdf_runs(), 1, "second unlock must not run the KDF");
+        assert!(Arc::ptr_eq(&a.shared, &b.shared));
+        // A different (wrong) password is checked the slow way.
+        assert!(v.unlock("alice", &pw("other"), P1).await.is_err());
+        assert_eq!(v.kdf_runs(), 2);
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_logins_run_one_kdf() {
+        let store: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary().expect("store"));
+        add(
+            &vault_on(store.clone(), BackoffPolicy::default()),
+            "a",
+            "pw",
+            "rt",
+        )
+        .await;
+        let v = Arc::new(vault_on(store, BackoffPolicy::default()));
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let v = v.clone();
+            tasks.push(tokio::spawn(async move {
+                v.unlock("a", &pw("pw"), P1).await.map(|u| token(&u))
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.expect("join").expect("unlock"), "rt");
+        }
+        assert_eq!(v.kdf_runs(), 1);
+    }
+
+    #[tokio::test]
+    async fn wrong_password_leaves_record_untouched() {
+        let tmp = TempDir::new("vault-wrong");
+        let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(tmp.path()).expect("open"));
+        let v = vault_on(
+            store.clone(),
+            BackoffPolicy {
+                base: Duration::ZERO,
+                max: Duration::ZERO,
+            },
+        );
+        add(&v, "alice", "pw", "rt").await;
+        let before = store.load_grant("alice").expect("load").expect("some");
+        let before_json = serde_json::to_vec(&before).expect("json");
+        for guess in ["a", "b", "pw ", ""] {
+            let err = v.unlock("alice", &pw(guess), P1).await.expect_err("wrong");
+            assert!(matches!(err, VaultError::WrongPassword), "{err}");
+            assert!(
+                v.change_password("alice", &pw(guess), &pw("new"))
+                    .await
+                    .is_err()
+            );
+        }
+        let after = store
+            .load_grant("alice")
+            .expect("load")
+            .expect("still there");
+        assert_eq!(serde_json::to_vec(&after).expect("json"), before_json);
+        assert_eq!(
+            token(&v.unlock("alice", &pw("pw"), P1).await.expect("ok")),
+            "rt"
+        );
+    }
+
+    #[tokio::test]
+    async fn backoff_grows_refuses_and_resets() {
+        let v = vault_on(
+            Arc::new(SledStore::open_temporary().expect("store")),
+            tiny_backoff(),
+        );
+        add(&v, "alice", "pw", "rt").await;
+
+        assert!(matches!(
+            v.unlock("alice", &pw("x"), P1).await,
+            Err(VaultError::WrongPassword)
+        ));
+        // Within the window even the right password is refused, unchecked.
+        let runs = v.kdf_runs();
+        match v.unlock("alice", &pw("pw"), P1).await {
+            Err(VaultError::Backoff { retry_after }) => {
+                assert!(retry_after <= Duration::from_millis(200))
+            }
+            other => panic!("expected backoff, got {other:?}"),
+        }
+        assert_eq!(v.kdf_runs(), runs);
+
+        tokio::time::sleep(Duration::from_millis(220)).await;
+        assert!(matches!(
+            v.unlock("alice", &pw("y"), P1).await,
+            Err(VaultError::WrongPassword)
+        ));
+        // Second consecutive failure: the window doubled.
+        match v.unlock("alice", &pw("pw"), P1).await {
+            Err(VaultError::Backoff { retry_after }) => {
+                assert!(retry_after > Duration::from_millis(200), "{retry_after:?}")
+            }
+            other => panic!("expected backoff, got {other:?}"),
+        }
+
+        tokio::time::sleep(Duration::from_millis(420)).await;
+        v.unlock("alice", &pw("pw"), P1)
+            .await
+            .expect("right password after the window");
+        // Success reset the counters: the next failure gets the base window.
+        assert!(matches!(
+            v.unlock("alice", &pw("z"), P1).await,
+            Err(VaultError::WrongPassword)
+        ));
+        match v.unlock("alice", &pw("pw"), P1).await {
+            Err(VaultError::Backoff { retry_after }) => {
+                assert!(retry_after <= Duration::from_millis(200), "{retry_after:?}")
+            }
+            other => panic!("expected backoff, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn peer_backoff_applies_across_accounts() {
+        let v = vault_on(
+            Arc::new(SledStore::open_temporary().expect("store")),
+            BackoffPolicy {
+                base: Duration::from_secs(60),
+                max: Duration::from_secs(60),
+            },
+        );
+        add(&v, "alice", "pa", "ra").await;
+        add(&v, "bob", "pb", "rb").await;
+        assert!(matches!(
+            v.unlock("alice", &pw("guess"), P1).await,
+            Err(VaultError::WrongPassword)
+        ));
+        // Same peer, other account: refused.
+        let err = v
+            .unlock("bob", &pw("pb"), P1)
+            .await
+            .expect_err("peer backoff");
+        assert!(matches!(err, VaultError::Backoff { .. }), "{err}");
+        assert!(err.to_string().contains("try again in 60 s"), "{err}");
+        // Other peer, other account: fine. Other peer, same account: refused.
+        v.unlock("bob", &pw("pb"), P2).await.expect("other peer");
+        assert!(matches!(
+            v.unlock("alice", &pw("pa"), P2).await,
+            Err(VaultError::Backoff { .. })
+        ));
+    }
+
+    #[test]
+    fn failure_maps_stay_bounded() {
+        let policy = BackoffPolicy {
+            base: Duration::from_secs(10),
+            max: Duration::from_secs(10),
+        };
+        let mut m: FailureMap<IpAddr> = FailureMap::new(100);
+        let start = Instant::now();
+        for i in 0..1000u32 {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            m.fail(&ip, start, &policy);
+            assert!(m.map.len() <= 100);
+        }
+        // Expired entries are dropped first.
+        let later = start + Duration::from_secs(11);
+        m.fail(&P1, later, &policy);
+        assert_eq!(m.map.len(), 1);
+    }
+
+    fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("readdir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                files_under(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+
+    /// Drop-then-reopen: sled may release its file lock a moment after the
+    /// last handle is dropped.
+    fn reopen(dir: &Path) -> SledStore {
+        for _ in 0..50 {
+            match SledStore::open(dir) {
+                Ok(s) => return s,
+                Err(StoreError::Locked { .. }) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => panic!("reopen: {e}"),
+            }
+        }
+        panic!("store still locked");
+    }
+
+    #[tokio::test]
+    async fn rotation_persists_and_is_shared() {
+        let tmp = TempDir::new("vault-rotate");
+        const FIRST: &str = "RT-FIRST-4f1c9a7e-do-not-store-in-clear";
+        const SECOND: &str = "RT-SECOND-8b2d3c6f-do-not-store-in-clear";
+        {
+            let store = Arc::new(SledStore::open(tmp.path()).expect("open"));
+            let v = vault_on(store, BackoffPolicy::default());
+            add(&v, "alice", "pw", FIRST).await;
+            let u1 = v.unlock("alice", &pw("pw"), P1).await.expect("unlock");
+            let u2 = u1.clone();
+            let u3 = v
+                .unlock("alice", &pw("pw"), P2)
+                .await
+                .expect("unlock again");
+            v.store_rotated(&u1, pw(SECOND)).await.expect("rotate");
+            assert_eq!(token(&u1), SECOND);
+            assert_eq!(token(&u2), SECOND);
+            assert_eq!(token(&u3), SECOND);
+            // The cache still recognises the password after a rotation.
+            let runs = v.kdf_runs();
+            let u4 = v
+                .unlock("alice", &pw("pw"), P1)
+                .await
+                .expect("unlock after rotate");
+            assert_eq!(token(&u4), SECOND);
+            assert_eq!(v.kdf_runs(), runs);
+        }
+        // No refresh token, old or new, appears in clear in any file.
+        let mut files = Vec::new();
+        files_under(tmp.path(), &mut files);
+        assert!(!files.is_empty());
+        for f in &files {
+            let bytes = std::fs::read(f).expect("read");
+            for needle in [FIRST, SECOND] {
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                    "{} contains a refresh token",
+                    f.display()
+                );
+            }
+        }
+        // A new process sees the rotated token.
+        let v = vault_on(Arc::new(reopen(tmp.path())), BackoffPolicy::default());
+        let u = v
+            .unlock("alice", &pw("pw"), P1)
+            .await
+            .expect("unlock after reopen");
+        assert_eq!(token(&u), SECOND);
+    }
+
+    #[tokio::test]
+    async fn change_password_rekeys() {
+        let store: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary().expect("store"));
+        let v = vault_on(
+            store.clone(),
+            BackoffPolicy {
+                base: Duration::ZERO,
+                max: Duration::ZERO,
+            },
+        );
+        add(&v, "alice", "old", "rt").await;
+        let u = v.unlock("alice", &pw("old"), P1).await.expect("unlock");
+        let err = v
+            .change_password("alice", &pw("bad"), &pw("new"))
+            .await
+            .expect_err("old password required");
+        assert!(matches!(err, VaultError::WrongPassword));
+        let salt_before = store.load_grant("alice").expect("load").expect("some").salt;
+        v.change_password("alice", &pw("old"), &pw("new"))
+            .await
+            .expect("change");
+        let record = store.load_grant("alice").expect("load").expect("some");
+        assert_ne!(record.salt, salt_before);
+        assert!(matches!(
+            v.unlock("alice", &pw("old"), P1).await,
+            Err(VaultError::WrongPassword)
+        ));
+        assert_eq!(
+            token(&v.unlock("alice", &pw("new"), P1).await.expect("new")),
+            "rt"
+        );
+        // An Unlocked from before the change can still rotate: it reseals
+        // under the new key.
+        v.store_rotated(&u, pw("rt-2")).await.expect("rotate");
+        let fresh = vault_on(store, BackoffPolicy::default());
+        assert_eq!(
+            token(&fresh.unlock("alice", &pw("new"), P1).await.expect("unlock")),
+            "rt-2"
+        );
+    }
+
+    #[tokio::test]
+    async fn create_refuses_to_overwrite_unless_asked() {
+        let v = temp_vault();
+        add(&v, "alice", "pw", "rt-1").await;
+        let u = v.unlock("alice", &pw("pw"), P1).await.expect("unlock");
+        let err = v
+            .create(
+                "alice",
+                &pw("pw2"),
+                grant("rt-2"),
+                AccountMeta::default(),
+                false,
+            )
+            .await
+            .expect_err("exists");
+        assert!(matches!(err, VaultError::Exists { .. }), "{err}");
+        assert_eq!(token(&u), "rt-1");
+        v.create(
+            "alice",
+            &pw("pw2"),
+            grant("rt-2"),
+            AccountMeta::default(),
+            true,
+        )
+        .await
+        .expect("replace");
+        // Sessions follow the replacement.
+        assert_eq!(token(&u), "rt-2");
+        assert_eq!(
+            token(&v.unlock("alice", &pw("pw2"), P1).await.expect("unlock")),
+            "rt-2"
+        );
+        let meta = v.store().load_meta("alice").expect("meta").expect("some");
+        assert!(meta.created_at > 0);
+    }
+
+    #[tokio::test]
+    async fn rotation_after_outside_rekey_is_refused() {
+        let store: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary().expect("store"));
+        let v = vault_on(store.clone(), BackoffPolicy::default());
+        add(&v, "alice", "pw", "rt").await;
+        let u = v.unlock("alice", &pw("pw"), P1).await.expect("unlock");
+        // Another vault on the same store re-keys the account.
+        let other = vault_on(store.clone(), BackoffPolicy::default());
+        other
+            .change_password("alice", &pw("pw"), &pw("new"))
+            .await
+            .expect("change");
+        let before = store.load_grant("alice").expect("load");
+        let err = v.store_rotated(&u, pw("rt-2")).await.expect_err("changed");
+        assert!(matches!(err, VaultError::Changed { .. }), "{err}");
+        assert_eq!(store.load_grant("alice").expect("load"), before);
+    }
+
+    #[tokio::test]
+    async fn update_meta_read_modify_write() {
+        let v = temp_vault();
+        v.update_meta("alice", |m| m.last_login_at = Some(5))
+            .expect("update");
+        v.update_meta("alice", |m| m.last_error = Some("x".into()))
+            .expect("update");
+        let m = v.store().load_meta("alice").expect("load").expect("some");
+        assert_eq!(m.last_login_at, Some(5));
+        assert_eq!(m.last_error.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn errors_carry_no_secrets() {
+        let e = VaultError::WrongPassword;
+        assert!(!format!("{e} {e:?}").is_empty());
+        let e = VaultError::Backoff {
+            retry_after: Duration::from_millis(1500),
+        };
+        assert_eq!(e.to_string(), "too many failed logins; try again in 2 s");
+    }
+}
