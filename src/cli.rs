@@ -166,7 +166,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
         } => {
             let settings = load(&config)?;
             let Some(account) = settings.account_for(&user) else {
-                bail!("`{user}` matches no [[account]] in {}; add one first", config.display());
+                bail!("`{user}` matches no [[account]] in {}; add one first", config.config.display());
             };
             let stdin = std::io::stdin();
             let mut lines = stdin.lock().lines();
