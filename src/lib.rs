@@ -8,4 +8,5 @@
 #![forbid(unsafe_code)]
 
 pub mod proto;
+pub mod sandbox;
 pub mod sasl;

@@ -1,0 +1,4 @@
+//! stub
+#[derive(Clone)]
+pub struct ImapServer;
+pub struct ImapServerOptions;
