@@ -80,15 +80,14 @@ impl TestPki {
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
         let cert = CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).expect("leaf PEM");
         let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).expect("key PEM");
-        let config =
-            rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default protocol versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .expect("leaf certificate and key match");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .expect("leaf certificate and key match");
         Arc::new(config)
     }
 

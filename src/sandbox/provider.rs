@@ -431,13 +431,15 @@ impl Params {
 
     /// A parameter; an empty value counts as absent (RFC 6749 section 3.1).
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str).filter(|v| !v.is_empty())
+        self.0
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 
     fn require(&self, key: &str) -> Result<&str, OAuthError> {
-        self.get(key).ok_or_else(|| {
-            OAuthError::new("invalid_request", format!("missing parameter {key}"))
-        })
+        self.get(key)
+            .ok_or_else(|| OAuthError::new("invalid_request", format!("missing parameter {key}")))
     }
 }
 

@@ -521,7 +521,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Read::Answered => continue,
             Read::Close => return Ok(Outcome::Closed),
         };
-        let command = match parse_command(&parts) {
+        let command = match parse_command(parts) {
             Ok(c) => c,
             Err(e) => {
                 let tag = e.tag.as_deref().unwrap_or("*");
@@ -529,7 +529,6 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 continue;
             }
         };
-        drop(parts);
         match execute(shared, &mut conn, session, command).await? {
             Next::Continue => {}
             Next::Close => return Ok(Outcome::Closed),
@@ -642,7 +641,9 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin>(
     let user = session.user.clone().unwrap_or_default();
     let reply = match name {
         "STARTTLS" | "LOGIN" | "AUTHENTICATE" => format!("{tag} BAD Already authenticated"),
-        "NAMESPACE" => format!("* NAMESPACE ((\"\" \"/\")) NIL NIL\r\n{tag} OK NAMESPACE completed"),
+        "NAMESPACE" => {
+            format!("* NAMESPACE ((\"\" \"/\")) NIL NIL\r\n{tag} OK NAMESPACE completed")
+        }
         "IDLE" => {
             conn.send_line("+ idling").await?;
             match conn.read_line().await? {
@@ -678,7 +679,7 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin>(
             format!("{tag} OK {name} completed")
         }
         "CHECK" => format!("{tag} OK CHECK completed"),
-        "APPEND" => append(shared, session, &user, &cmd),
+        "APPEND" => append(shared, session, &user, cmd),
         "FETCH" => fetch(shared, conn, session, &user, &cmd, &cmd.args, false).await?,
         "UID" => match cmd.args.split_first() {
             Some((Token::Atom(sub), rest)) if sub.eq_ignore_ascii_case("FETCH") => {
@@ -708,7 +709,11 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     let (mechanism, initial) = match cmd.args.as_slice() {
         [Token::Atom(m)] => (m, None),
         [Token::Atom(m), Token::Atom(ir)] => (m, Some(ir.clone())),
-        _ => return Ok(format!("{tag} BAD Expected AUTHENTICATE mechanism [initial-response]")),
+        _ => {
+            return Ok(format!(
+                "{tag} BAD Expected AUTHENTICATE mechanism [initial-response]"
+            ));
+        }
     };
     let mechanism = shared
         .opts
@@ -753,7 +758,10 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(login) => login,
         Err(e) => {
             shared.auth_failures.fetch_add(1, Ordering::SeqCst);
-            return Ok(format!("{tag} NO [AUTHENTICATIONFAILED] Malformed {}: {e}", mechanism.name()));
+            return Ok(format!(
+                "{tag} NO [AUTHENTICATIONFAILED] Malformed {}: {e}",
+                mechanism.name()
+            ));
         }
     };
     match shared.validator.validate(&login.token, &login.user) {
@@ -859,22 +867,22 @@ fn select(shared: &Shared, session: &mut Session, user: &str, cmd: &Command) -> 
     )
 }
 
-fn append(shared: &Shared, session: &Session, user: &str, cmd: &Command) -> String {
+fn append(shared: &Shared, session: &Session, user: &str, cmd: Command) -> String {
     let tag = &cmd.tag;
     let bad = || format!("{tag} BAD Expected APPEND mailbox [(flags)] [\"date\"] literal");
-    let mut args = cmd.args.iter().peekable();
-    let Some(mailbox) = args.next().and_then(Token::astring) else {
+    let mut args = cmd.args.into_iter().peekable();
+    let Some(mailbox) = args.next().as_ref().and_then(Token::astring) else {
         return bad();
     };
     let mailbox = normalize_mailbox(&mailbox);
     let mut flags = Vec::new();
-    if args.peek() == Some(&&Token::Open) {
+    if args.peek() == Some(&Token::Open) {
         args.next();
         loop {
             match args.next() {
                 Some(Token::Close) => break,
                 Some(Token::Atom(flag)) if flag.starts_with('\\') || !flag.contains('\\') => {
-                    flags.push(flag.clone());
+                    flags.push(flag);
                 }
                 _ => return bad(),
             }
@@ -887,11 +895,13 @@ fn append(shared: &Shared, session: &Session, user: &str, cmd: &Command) -> Stri
     let (Some(Token::Literal(data)), None) = (args.next(), args.next()) else {
         return bad();
     };
-    let (uid, exists) = shared
-        .store()
-        .append(user, &mailbox, flags, data.clone());
+    let (uid, exists) = shared.store().append(user, &mailbox, flags, data.clone());
     let mut reply = String::new();
-    if session.selected.as_ref().is_some_and(|(m, _)| *m == mailbox) {
+    if session
+        .selected
+        .as_ref()
+        .is_some_and(|(m, _)| *m == mailbox)
+    {
         reply.push_str(&format!("* {exists} EXISTS\r\n"));
     }
     reply.push_str(&format!("{tag} OK [APPENDUID 1 {uid}] APPEND completed"));
@@ -963,7 +973,9 @@ async fn fetch<S: AsyncRead + AsyncWrite + Unpin>(
             }
             let name = match item {
                 FetchItem::Flags => {
-                    out.extend_from_slice(format!("FLAGS ({})", message.flags.join(" ")).as_bytes());
+                    out.extend_from_slice(
+                        format!("FLAGS ({})", message.flags.join(" ")).as_bytes(),
+                    );
                     continue;
                 }
                 FetchItem::Uid => {

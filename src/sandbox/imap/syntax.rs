@@ -51,9 +51,12 @@ pub fn trim_eol(line: &[u8]) -> &[u8] {
 pub fn peek_tag(line: &[u8]) -> Option<&str> {
     let end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
     let tag = &line[..end];
-    (!tag.is_empty() && tag.iter().all(|&b| is_atom_char(b) && b != b'+' || b == b']'))
-        .then(|| std::str::from_utf8(tag).ok())
-        .flatten()
+    (!tag.is_empty()
+        && tag
+            .iter()
+            .all(|&b| is_atom_char(b) && b != b'+' || b == b']'))
+    .then(|| std::str::from_utf8(tag).ok())
+    .flatten()
 }
 
 fn is_atom_char(b: u8) -> bool {
@@ -129,7 +132,10 @@ impl fmt::Display for SyntaxError {
 }
 
 /// Splits a command into tag, name and argument tokens.
-pub fn parse_command(parts: &[Part]) -> Result<Command, SyntaxError> {
+///
+/// Takes the parts by value so literal data (up to hundreds of megabytes)
+/// moves into the tokens instead of being copied.
+pub fn parse_command(parts: Vec<Part>) -> Result<Command, SyntaxError> {
     let Some(Part::Text(first)) = parts.first() else {
         return Err(SyntaxError {
             tag: None,
@@ -161,17 +167,23 @@ pub fn parse_command(parts: &[Part]) -> Result<Command, SyntaxError> {
     }
     let mut args = Vec::new();
     tokenize_into(after_name, &mut args).map_err(err)?;
-    for part in &parts[1..] {
+    let tag = tag.to_string();
+    let name = String::from_utf8_lossy(name).to_ascii_uppercase();
+    let raw_args = String::from_utf8_lossy(after_name).into_owned();
+    for part in parts.into_iter().skip(1) {
         match part {
-            Part::Literal(bytes) => args.push(Token::Literal(bytes.clone())),
-            Part::Text(text) => tokenize_into(text, &mut args).map_err(err)?,
+            Part::Literal(bytes) => args.push(Token::Literal(bytes)),
+            Part::Text(text) => tokenize_into(&text, &mut args).map_err(|message| SyntaxError {
+                tag: Some(tag.clone()),
+                message,
+            })?,
         }
     }
     Ok(Command {
-        tag: tag.to_string(),
-        name: String::from_utf8_lossy(name).to_ascii_uppercase(),
+        tag,
+        name,
         args,
-        raw_args: String::from_utf8_lossy(after_name).into_owned(),
+        raw_args,
     })
 }
 
@@ -401,9 +413,7 @@ pub fn parse_xoauth2(payload: &[u8]) -> Result<BearerLogin, String> {
     let mut user = None;
     let mut auth = None;
     for pair in body.split('\x01') {
-        let (key, value) = pair
-            .split_once('=')
-            .ok_or("XOAUTH2 field without '='")?;
+        let (key, value) = pair.split_once('=').ok_or("XOAUTH2 field without '='")?;
         let slot = match key {
             "user" => &mut user,
             "auth" => &mut auth,
@@ -413,7 +423,9 @@ pub fn parse_xoauth2(payload: &[u8]) -> Result<BearerLogin, String> {
             return Err(format!("XOAUTH2 field {key} given twice"));
         }
     }
-    let user = user.filter(|u| !u.is_empty()).ok_or("XOAUTH2 without user=")?;
+    let user = user
+        .filter(|u| !u.is_empty())
+        .ok_or("XOAUTH2 without user=")?;
     let token = bearer_value(auth.ok_or("XOAUTH2 without auth=")?)?;
     Ok(BearerLogin {
         user: user.to_string(),
@@ -517,18 +529,30 @@ mod tests {
     use super::*;
 
     fn cmd(line: &str) -> Result<Command, SyntaxError> {
-        parse_command(&[Part::Text(line.as_bytes().to_vec())])
+        parse_command(vec![Part::Text(line.as_bytes().to_vec())])
     }
 
     #[test]
     fn literal_headers() {
         assert_eq!(
             literal_suffix(b"a APPEND INBOX {12}"),
-            Some((15, LiteralHeader { size: 12, non_sync: false }))
+            Some((
+                15,
+                LiteralHeader {
+                    size: 12,
+                    non_sync: false
+                }
+            ))
         );
         assert_eq!(
             literal_suffix(b"a APPEND INBOX (\\Seen) {3+}"),
-            Some((23, LiteralHeader { size: 3, non_sync: true }))
+            Some((
+                23,
+                LiteralHeader {
+                    size: 3,
+                    non_sync: true
+                }
+            ))
         );
         assert_eq!(literal_suffix(b"a APPEND INBOX {}"), None);
         assert_eq!(literal_suffix(b"a APPEND INBOX {1a}"), None);
@@ -564,7 +588,7 @@ mod tests {
         assert_eq!(cmd("+x NOOP").unwrap_err().tag, None);
         assert_eq!(cmd("a").unwrap_err().tag.as_deref(), Some("a"));
         assert!(cmd("a NOOP \"open").is_err());
-        let c = parse_command(&[
+        let c = parse_command(vec![
             Part::Text(b"a APPEND INBOX (\\Seen) ".to_vec()),
             Part::Literal(b"hi\r\n".to_vec()),
             Part::Text(Vec::new()),

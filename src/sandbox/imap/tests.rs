@@ -177,19 +177,23 @@ async fn xoauth2_with_initial_response_over_implicit_tls() {
     let r = c.cmd("b", "LIST \"\" \"*\"").await;
     assert!(last(&r).starts_with("b BAD"));
     let r = c
-        .cmd("c", &format!("AUTHENTICATE XOAUTH2 {}", xoauth2(USER, &sb.token())))
+        .cmd(
+            "c",
+            &format!("AUTHENTICATE XOAUTH2 {}", xoauth2(USER, &sb.token())),
+        )
         .await;
     assert_eq!(
         r,
-        vec![
-            "c OK [CAPABILITY IMAP4rev1 IDLE NAMESPACE UIDPLUS LITERAL+ ID MOVE] Authenticated"
-        ]
+        vec!["c OK [CAPABILITY IMAP4rev1 IDLE NAMESPACE UIDPLUS LITERAL+ ID MOVE] Authenticated"]
     );
     assert_eq!(sb.server.logins(), 1);
     let r = c.cmd("d", "AUTHENTICATE XOAUTH2 abc").await;
     assert!(last(&r).starts_with("d BAD"));
     let r = c.cmd("e", "LOGOUT").await;
-    assert_eq!(r, vec!["* BYE Sandbox IMAP logging out", "e OK LOGOUT completed"]);
+    assert_eq!(
+        r,
+        vec!["* BYE Sandbox IMAP logging out", "e OK LOGOUT completed"]
+    );
     assert!(c.closed().await);
 }
 
@@ -212,7 +216,10 @@ async fn xoauth2_without_sasl_ir() {
     );
     let token = sb.token();
     let r = c
-        .cmd("b", &format!("AUTHENTICATE XOAUTH2 {}", xoauth2(USER, &token)))
+        .cmd(
+            "b",
+            &format!("AUTHENTICATE XOAUTH2 {}", xoauth2(USER, &token)),
+        )
         .await;
     assert!(last(&r).starts_with("b BAD"), "{r:?}");
     // Cancel, then do it properly.
@@ -241,17 +248,26 @@ async fn oauthbearer_failure_challenge_then_success() {
     let mut c = sb.plain().await;
     c.line().await;
     // A bad token: challenge, AQ==, NO.
-    c.send(&format!("a AUTHENTICATE OAUTHBEARER {}", oauthbearer(USER, "not-a-live-token-at-all")))
-        .await;
+    c.send(&format!(
+        "a AUTHENTICATE OAUTHBEARER {}",
+        oauthbearer(USER, "not-a-live-token-at-all")
+    ))
+    .await;
     let challenge = decode_challenge(&c.line().await);
     assert_eq!(challenge["status"], "401");
     assert_eq!(challenge["schemes"], "bearer");
     assert!(challenge["scope"].is_string());
     c.send("AQ==").await;
-    assert_eq!(c.line().await, "a NO [AUTHENTICATIONFAILED] Invalid credentials");
+    assert_eq!(
+        c.line().await,
+        "a NO [AUTHENTICATIONFAILED] Invalid credentials"
+    );
     // The wrong answer to the challenge: BAD.
-    c.send(&format!("b AUTHENTICATE OAUTHBEARER {}", oauthbearer(USER, "nope-nope-nope-nope-nope")))
-        .await;
+    c.send(&format!(
+        "b AUTHENTICATE OAUTHBEARER {}",
+        oauthbearer(USER, "nope-nope-nope-nope-nope")
+    ))
+    .await;
     decode_challenge(&c.line().await);
     c.send("").await;
     assert!(c.line().await.starts_with("b BAD"));
@@ -259,8 +275,11 @@ async fn oauthbearer_failure_challenge_then_success() {
     let bobs = sb
         .provider
         .issue_access_token("bob@example.com", "mail", Duration::from_secs(60));
-    c.send(&format!("c AUTHENTICATE OAUTHBEARER {}", oauthbearer(USER, &bobs)))
-        .await;
+    c.send(&format!(
+        "c AUTHENTICATE OAUTHBEARER {}",
+        oauthbearer(USER, &bobs)
+    ))
+    .await;
     assert_eq!(decode_challenge(&c.line().await)["status"], "400");
     c.send("AQ==").await;
     assert!(c.line().await.starts_with("c NO [AUTHENTICATIONFAILED]"));
@@ -288,14 +307,22 @@ async fn xoauth2_failure_challenge_needs_empty_line() {
         .await;
     assert_eq!(decode_challenge(&c.line().await)["status"], "401");
     c.send("").await;
-    assert_eq!(c.line().await, "a NO [AUTHENTICATIONFAILED] Invalid credentials");
+    assert_eq!(
+        c.line().await,
+        "a NO [AUTHENTICATIONFAILED] Invalid credentials"
+    );
     c.send(&format!("b AUTHENTICATE XOAUTH2 {}", xoauth2(USER, &token)))
         .await;
     decode_challenge(&c.line().await);
     c.send("AQ==").await;
     assert!(c.line().await.starts_with("b BAD"));
     // Malformed payloads and bad base64.
-    let r = c.cmd("c", &format!("AUTHENTICATE XOAUTH2 {}", STANDARD.encode("user=x"))).await;
+    let r = c
+        .cmd(
+            "c",
+            &format!("AUTHENTICATE XOAUTH2 {}", STANDARD.encode("user=x")),
+        )
+        .await;
     assert!(last(&r).starts_with("c NO"), "{r:?}");
     let r = c.cmd("d", "AUTHENTICATE XOAUTH2 !!!").await;
     assert!(last(&r).starts_with("d BAD"), "{r:?}");
@@ -316,7 +343,13 @@ async fn mechanism_not_enabled() {
     let greeting = c.line().await;
     assert!(greeting.contains("AUTH=XOAUTH2") && !greeting.contains("AUTH=OAUTHBEARER"));
     let r = c
-        .cmd("a", &format!("AUTHENTICATE OAUTHBEARER {}", oauthbearer(USER, &sb.token())))
+        .cmd(
+            "a",
+            &format!(
+                "AUTHENTICATE OAUTHBEARER {}",
+                oauthbearer(USER, &sb.token())
+            ),
+        )
         .await;
     assert!(last(&r).starts_with("a NO"), "{r:?}");
     let r = c.cmd("b", "AUTHENTICATE PLAIN AGFsaWNlAHB3").await;
@@ -335,7 +368,10 @@ async fn starttls_then_authenticate() {
     assert!(greeting.contains(" STARTTLS "), "{greeting}");
     let token = sb.token();
     let r = c
-        .cmd("a", &format!("AUTHENTICATE XOAUTH2 {}", xoauth2(USER, &token)))
+        .cmd(
+            "a",
+            &format!("AUTHENTICATE XOAUTH2 {}", xoauth2(USER, &token)),
+        )
         .await;
     assert!(last(&r).starts_with("a NO [PRIVACYREQUIRED]"), "{r:?}");
     let r = c.cmd("b", "LOGIN alice secret").await;
@@ -352,7 +388,10 @@ async fn starttls_then_authenticate() {
     let r = c.cmd("e", "STARTTLS").await;
     assert!(last(&r).starts_with("e BAD"));
     let r = c
-        .cmd("f", &format!("AUTHENTICATE XOAUTH2 {}", xoauth2(USER, &token)))
+        .cmd(
+            "f",
+            &format!("AUTHENTICATE XOAUTH2 {}", xoauth2(USER, &token)),
+        )
         .await;
     assert!(last(&r).starts_with("f OK"), "{r:?}");
 }
@@ -378,12 +417,18 @@ async fn append_then_fetch_is_byte_exact() {
     let sb = sandbox(ImapServerOptions::default()).await;
     let mut c = sb.tls().await;
     c.line().await;
-    c.cmd("a", &format!("AUTHENTICATE XOAUTH2 {}", xoauth2(USER, &sb.token())))
-        .await;
+    c.cmd(
+        "a",
+        &format!("AUTHENTICATE XOAUTH2 {}", xoauth2(USER, &sb.token())),
+    )
+    .await;
     let small = b"Subject: hi\r\n\r\nbody {5}\r\n".to_vec();
     // Synchronizing literal: wait for the continuation.
-    c.send(&format!("b APPEND INBOX (\\Seen) \"01-Jan-2024 10:00:00 +0000\" {{{}}}", small.len()))
-        .await;
+    c.send(&format!(
+        "b APPEND INBOX (\\Seen) \"01-Jan-2024 10:00:00 +0000\" {{{}}}",
+        small.len()
+    ))
+    .await;
     assert!(c.line().await.starts_with("+ "));
     c.send_raw(&small).await;
     c.send("").await;
@@ -411,12 +456,16 @@ async fn append_then_fetch_is_byte_exact() {
     assert!(r.contains(&"* 2 EXISTS".to_string()), "{r:?}");
     assert!(r.contains(&"* OK [UIDNEXT 3] Predicted next UID".to_string()));
     assert_eq!(last(&r), "e OK [READ-WRITE] SELECT completed");
-    c.send("f FETCH 1:* (UID FLAGS RFC822.SIZE BODY.PEEK[])").await;
+    c.send("f FETCH 1:* (UID FLAGS RFC822.SIZE BODY.PEEK[])")
+        .await;
     let (lines, literals) = c.fetch("f").await;
     assert_eq!(literals, vec![small.clone(), b"third\r\n".to_vec()]);
     assert_eq!(
         lines[0],
-        format!("* 1 FETCH (UID 1 FLAGS (\\Seen) RFC822.SIZE {0} BODY[] {{{0}}}", small.len())
+        format!(
+            "* 1 FETCH (UID 1 FLAGS (\\Seen) RFC822.SIZE {0} BODY[] {{{0}}}",
+            small.len()
+        )
     );
     assert_eq!(lines[1], ")");
     assert_eq!(last(&lines), "f OK FETCH completed");
@@ -446,16 +495,24 @@ async fn idle_id_namespace_and_errors() {
     .await;
     let mut c = sb.plain().await;
     c.line().await;
-    let r = c.cmd("a", "ID (\"name\" \"mailbridge\" \"version\" \"1\")").await;
-    assert_eq!(r, vec!["* ID (\"name\" \"sandbox-imap\")", "a OK ID completed"]);
+    let r = c
+        .cmd("a", "ID (\"name\" \"mailbridge\" \"version\" \"1\")")
+        .await;
+    assert_eq!(
+        r,
+        vec!["* ID (\"name\" \"sandbox-imap\")", "a OK ID completed"]
+    );
     assert_eq!(
         sb.server.last_client_id().as_deref(),
         Some("(\"name\" \"mailbridge\" \"version\" \"1\")")
     );
     let r = c.cmd("b", "SELECT INBOX").await;
     assert!(last(&r).starts_with("b BAD"));
-    c.cmd("c", &format!("AUTHENTICATE XOAUTH2 {}", xoauth2(USER, &sb.token())))
-        .await;
+    c.cmd(
+        "c",
+        &format!("AUTHENTICATE XOAUTH2 {}", xoauth2(USER, &sb.token())),
+    )
+    .await;
     c.send("d IDLE").await;
     assert_eq!(c.line().await, "+ idling");
     tokio::time::sleep(Duration::from_millis(20)).await;

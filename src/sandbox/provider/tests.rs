@@ -180,7 +180,10 @@ async fn client_credentials_and_client_auth() {
     })
     .await
     .unwrap();
-    let cc = [("grant_type", "client_credentials"), ("scope", "x/.default")];
+    let cc = [
+        ("grant_type", "client_credentials"),
+        ("scope", "x/.default"),
+    ];
     // Basic (with characters that must be form-encoded).
     let (status, body, _) =
         post_token(&provider, &cc, Some(("mailbridge-test", "s3cr%3Aet%26"))).await;
@@ -216,17 +219,27 @@ async fn client_credentials_and_client_auth() {
         None,
     )
     .await;
-    assert_eq!((status, body["error"].as_str()), (401, Some("invalid_client")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_client"))
+    );
     let (status, _, _) = post_token(&provider, &cc, Some(("someone-else", "s3cr%3Aet%26"))).await;
     assert_eq!(status, 401);
     // A used grant type we do not know.
     let (status, body, _) = post_token(
         &provider,
-        &[("grant_type", "password"), ("username", "u"), ("password", "p")],
+        &[
+            ("grant_type", "password"),
+            ("username", "u"),
+            ("password", "p"),
+        ],
         Some(("mailbridge-test", "s3cr%3Aet%26")),
     )
     .await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("unsupported_grant_type")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("unsupported_grant_type"))
+    );
     // Missing parameters.
     let (status, body, _) = post_token(
         &provider,
@@ -234,7 +247,10 @@ async fn client_credentials_and_client_auth() {
         Some(("mailbridge-test", "s3cr%3Aet%26")),
     )
     .await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_request")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
 }
 
 #[tokio::test]
@@ -320,10 +336,16 @@ async fn authorization_code_with_pkce() {
     };
     // Wrong verifier, wrong redirect_uri: refused.
     let (status, body, _) = exchange("w".repeat(43), redirect_uri).await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_grant")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
     assert!(!body.to_string().contains(&code));
     let (status, body, _) = exchange(verifier.clone(), "http://127.0.0.1:4567/other").await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_grant")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
     // The right one works once.
     let (status, body, _) = exchange(verifier.clone(), redirect_uri).await;
     assert_eq!(status, 200, "{body}");
@@ -340,7 +362,10 @@ async fn authorization_code_with_pkce() {
     let (status, body, _) = exchange(verifier, redirect_uri).await;
     assert_eq!(status, 400);
     assert_eq!(body["error"], "invalid_grant");
-    assert_eq!(body["error_description"], "authorization code already redeemed");
+    assert_eq!(
+        body["error_description"],
+        "authorization code already redeemed"
+    );
 }
 
 #[tokio::test]
@@ -414,7 +439,10 @@ async fn rejects_json_body_and_duplicates() {
         None,
     )
     .await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("invalid_request")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
 }
 
 #[tokio::test]
