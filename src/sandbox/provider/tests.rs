@@ -452,3 +452,100 @@ async fn shutdown_stops_serving() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(http().get(provider.base_url()).send().await.is_err());
 }
+
+/// The `oauth2` crate (which the proxy uses) against the provider: HTTP
+/// Basic client authentication with characters that need encoding.
+#[tokio::test]
+async fn oauth2_crate_refresh_and_client_credentials() {
+    use oauth2::basic::BasicClient;
+    use oauth2::{ClientId, ClientSecret, RefreshToken, Scope, TokenResponse, TokenUrl};
+
+    let provider = Provider::start(ProviderOptions {
+        client_secret: Some("p@ss:w+rd/=".to_string()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = BasicClient::new(ClientId::new("mailbridge-test".to_string()))
+        .set_client_secret(ClientSecret::new("p@ss:w+rd/=".to_string()))
+        .set_token_uri(TokenUrl::new(provider.token_url()).unwrap());
+    let rt = provider.issue_refresh_token("a@example.com", "mail offline_access");
+    let token = client
+        .exchange_refresh_token(&RefreshToken::new(rt.clone()))
+        .request_async(&http())
+        .await
+        .expect("refresh through the oauth2 crate");
+    provider
+        .validator()
+        .validate(token.access_token().secret(), "a@example.com")
+        .unwrap();
+    assert_ne!(token.refresh_token().unwrap().secret(), &rt);
+    assert_eq!(token.expires_in(), Some(Duration::from_secs(3600)));
+    let err = client
+        .exchange_refresh_token(&RefreshToken::new(rt))
+        .request_async(&http())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("invalid_grant"), "{err}");
+    let token = client
+        .exchange_client_credentials()
+        .add_scope(Scope::new("mail/.default".to_string()))
+        .request_async(&http())
+        .await
+        .expect("client credentials through the oauth2 crate");
+    provider
+        .validator()
+        .validate(token.access_token().secret(), "anyone@example.com")
+        .unwrap();
+}
+
+/// Authorization code + PKCE with the `oauth2` crate as a public client.
+#[tokio::test]
+async fn oauth2_crate_authorization_code_public_client() {
+    use oauth2::basic::BasicClient;
+    use oauth2::{
+        AuthUrl, AuthorizationCode, ClientId, CsrfToken, PkceCodeChallenge, RedirectUrl, Scope,
+        TokenResponse, TokenUrl,
+    };
+
+    let provider = Provider::start(ProviderOptions::default()).await.unwrap();
+    let client = BasicClient::new(ClientId::new("mailbridge-test".to_string()))
+        .set_auth_uri(AuthUrl::new(provider.authorize_url()).unwrap())
+        .set_token_uri(TokenUrl::new(provider.token_url()).unwrap())
+        .set_redirect_uri(RedirectUrl::new("http://127.0.0.1:9/callback".to_string()).unwrap());
+    let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+    let (url, csrf) = client
+        .authorize_url(CsrfToken::new_random)
+        .add_scope(Scope::new("mail".to_string()))
+        .add_extra_param("login_hint", "dave@example.com")
+        .set_pkce_challenge(challenge)
+        .url();
+    let resp = http().get(url.as_str()).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 302);
+    let location = resp.headers()[header::LOCATION]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let query = location.split_once('?').unwrap().1;
+    let mut code = None;
+    let mut state = None;
+    for pair in query.split('&') {
+        match pair.split_once('=').unwrap() {
+            ("code", v) => code = Some(form_decode(v).unwrap()),
+            ("state", v) => state = Some(form_decode(v).unwrap()),
+            _ => {}
+        }
+    }
+    assert_eq!(state.as_deref(), Some(csrf.secret().as_str()));
+    let token = client
+        .exchange_code(AuthorizationCode::new(code.unwrap()))
+        .set_pkce_verifier(verifier)
+        .request_async(&http())
+        .await
+        .expect("code exchange through the oauth2 crate");
+    provider
+        .validator()
+        .validate(token.access_token().secret(), "dave@example.com")
+        .unwrap();
+    assert!(token.refresh_token().is_some());
+}
