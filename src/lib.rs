@@ -26,15 +26,16 @@
 //! - [`cli`]: the command line (main.rs only calls it).
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod login;
 pub mod net;
 pub mod oauth;
 pub mod proto;
 pub mod provider;
+pub mod sandbox;
 pub mod sasl;
 pub mod server;
-pub mod cli;
-pub mod demo;
 pub mod store;
 pub mod vault;

@@ -1,0 +1,36 @@
+//! The sandbox: a strict fake OAuth2 provider and a strict fake IMAP server
+//! that only accepts live bearer tokens. The end-to-end tests, the benchmark
+//! and `mailbridge demo` run mailbridge against these instead of Gmail or
+//! Microsoft 365.
+//!
+//! Everything listens on 127.0.0.1 with an ephemeral port and lives in
+//! memory. The servers are deliberately strict where real providers are
+//! (PKCE S256 only, single-use codes, rotating refresh tokens, the SASL
+//! failure challenge that must be answered) so that a proxy passing these
+//! tests does not depend on leniency the real world does not offer.
+//!
+//! Layout:
+//! - [`pki`]: a throw-away CA and a `localhost` certificate for TLS.
+//! - [`provider`]: the OAuth2 authorization server (axum) and the
+//!   [`TokenValidator`] the mail servers use to check bearer tokens.
+//! - [`imap`]: the IMAP server; command and SASL parsing live in
+//!   `imap::syntax`, apart from the socket loop.
+
+pub mod imap;
+pub mod pki;
+pub mod provider;
+
+pub use imap::{ImapServer, ImapServerOptions};
+pub use pki::TestPki;
+pub use provider::{Provider, ProviderOptions, TokenRejection, TokenValidator};
+
+/// How a sandbox mail server does TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SandboxTls {
+    /// Cleartext only; authentication is allowed without TLS.
+    Plain,
+    /// Cleartext greeting, STARTTLS required before authentication.
+    StartTls,
+    /// TLS from the first byte.
+    Implicit,
+}
