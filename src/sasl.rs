@@ -321,9 +321,8 @@ mod tests {
 
     #[test]
     fn failure_challenges() {
-        let b64 = STANDARD.encode(
-            br#"{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}"#,
-        );
+        let b64 = STANDARD
+            .encode(br#"{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}"#);
         let c = parse_failure_challenge(b64.as_bytes()).unwrap();
         assert_eq!(c.status.as_deref(), Some("401"));
         assert_eq!(c.schemes.as_deref(), Some("bearer"));
@@ -338,12 +337,24 @@ mod tests {
         let b64 = STANDARD.encode(
             br#"{"status":"invalid_token","openid-configuration":"https://x/.well-known"}"#,
         );
-        assert!(parse_failure_challenge(b64.as_bytes()).unwrap().suggests_retry());
+        assert!(
+            parse_failure_challenge(b64.as_bytes())
+                .unwrap()
+                .suggests_retry()
+        );
 
         let b64 = STANDARD.encode(br#"{"status":"403","scope":"x"}"#);
-        assert!(!parse_failure_challenge(b64.as_bytes()).unwrap().suggests_retry());
+        assert!(
+            !parse_failure_challenge(b64.as_bytes())
+                .unwrap()
+                .suggests_retry()
+        );
         let b64 = STANDARD.encode(br#"{}"#);
-        assert!(!parse_failure_challenge(b64.as_bytes()).unwrap().suggests_retry());
+        assert!(
+            !parse_failure_challenge(b64.as_bytes())
+                .unwrap()
+                .suggests_retry()
+        );
 
         assert_eq!(parse_failure_challenge(b""), None);
         assert_eq!(parse_failure_challenge(b"not base64!"), None);
@@ -388,7 +399,11 @@ mod tests {
             let pw: String = (0..1 + rng.next() % 12)
                 .map(|_| char::from(0x20 + (rng.next() % 95) as u8))
                 .collect();
-            let authz = if rng.next() % 2 == 0 { "" } else { user.as_str() };
+            let authz = if rng.next() % 2 == 0 {
+                ""
+            } else {
+                user.as_str()
+            };
             let msg = format!("{authz}\0{user}\0{pw}");
             let b64 = STANDARD.encode(msg.as_bytes());
             let c = decode_plain(&decode_base64(b64.as_bytes()).unwrap()).unwrap();
