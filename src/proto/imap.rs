@@ -413,6 +413,13 @@ impl ClientState {
 /// over `max_literal`: `{n}` gets `TAG BAD Literal too large` and no `+`;
 /// `{n+}` gets the same reply, then exactly n bytes and the rest of that
 /// command are skipped, so the session stays in step with the client.
+///
+/// Memory: the message being assembled never exceeds `max_line +
+/// max_literal`; unframed input is whatever the driver fed and has not yet
+/// drained with `next_step` (one read buffer when the driver alternates
+/// `feed` and `next_step` until `NeedInput`). While a login is pending the
+/// session does not consume input: a driver that keeps reading then holds
+/// the client's pipelined bytes for `take_pending`.
 pub struct ImapClientSession {
     opts: ClientOptions,
     framer: Framer,
