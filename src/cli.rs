@@ -26,7 +26,12 @@ struct Cli {
 #[derive(clap::Args, Debug)]
 struct ConfigArgs {
     /// The configuration file.
-    #[arg(long, short, default_value = "/etc/mailbridge/config.toml", env = "MAILBRIDGE_CONFIG")]
+    #[arg(
+        long,
+        short,
+        default_value = "/etc/mailbridge/config.toml",
+        env = "MAILBRIDGE_CONFIG"
+    )]
     config: PathBuf,
     /// Where grants are stored (overrides `state_dir` in the config;
     /// default: $STATE_DIRECTORY, else ~/.local/share/mailbridge).
@@ -90,7 +95,10 @@ enum AccountCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("mailbridge: cannot start the async runtime: {e}");
@@ -108,8 +116,11 @@ pub fn main() -> ExitCode {
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("MAILBRIDGE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_env("MAILBRIDGE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // Under systemd the journal adds its own timestamps.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().with_ansi(false).init();
@@ -128,7 +139,8 @@ fn load(args: &ConfigArgs) -> anyhow::Result<Settings> {
 
 fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TokenStore>> {
     let dir = settings.server.state_dir();
-    let store = SledStore::open(&dir).with_context(|| format!("opening the token store in {}", dir.display()))?;
+    let store = SledStore::open(&dir)
+        .with_context(|| format!("opening the token store in {}", dir.display()))?;
     Ok(Arc::new(store))
 }
 
@@ -166,7 +178,10 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
         } => {
             let settings = load(&config)?;
             let Some(account) = settings.account_for(&user) else {
-                bail!("`{user}` matches no [[account]] in {}; add one first", config.config.display());
+                bail!(
+                    "`{user}` matches no [[account]] in {}; add one first",
+                    config.config.display()
+                );
             };
             let stdin = std::io::stdin();
             let mut lines = stdin.lock().lines();
@@ -200,7 +215,9 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
                 refresh_token: Some(SecretString::from(token)),
                 obtained_at: unix_now(),
             };
-            vault.create(&account.name, &password, grant, meta, replace).await?;
+            vault
+                .create(&account.name, &password, grant, meta, replace)
+                .await?;
             println!(
                 "sealed the grant for `{}` (provider `{}`, upstream login `{}`)",
                 account.name, account.provider, account.upstream_user
@@ -212,7 +229,10 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
             let store = open_store(&settings)?;
             let accounts = store.accounts()?;
             if accounts.is_empty() {
-                println!("no stored grants in {}", settings.server.state_dir().display());
+                println!(
+                    "no stored grants in {}",
+                    settings.server.state_dir().display()
+                );
                 return Ok(());
             }
             println!(
@@ -225,8 +245,12 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
                     "{:<32} {:<12} {:<22} {:<22} {}",
                     name,
                     m.provider,
-                    m.access_expires_at.map(fmt_time).unwrap_or_else(|| "-".into()),
-                    m.last_login_at.map(fmt_time).unwrap_or_else(|| "never".into()),
+                    m.access_expires_at
+                        .map(fmt_time)
+                        .unwrap_or_else(|| "-".into()),
+                    m.last_login_at
+                        .map(fmt_time)
+                        .unwrap_or_else(|| "never".into()),
                     m.last_error.unwrap_or_else(|| "-".into())
                 );
             }
@@ -251,7 +275,9 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
 
 fn prompt_new_password() -> anyhow::Result<SecretString> {
     if !std::io::stdin().is_terminal() && !std::io::stderr().is_terminal() {
-        bail!("no terminal to ask for the local password; pass --password-stdin and give it on the second line");
+        bail!(
+            "no terminal to ask for the local password; pass --password-stdin and give it on the second line"
+        );
     }
     let first = rpassword::prompt_password("local password for this account: ")?;
     if first.is_empty() {

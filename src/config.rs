@@ -438,8 +438,13 @@ impl Settings {
 
         let mut providers = BTreeMap::new();
         for (name, p) in &raw.providers {
-            let resolved = provider::resolve(name, p.get_ref())
-                .map_err(|e| invalid(p.span(), &format!("providers.{name}.{}", e.field), e.message))?;
+            let resolved = provider::resolve(name, p.get_ref()).map_err(|e| {
+                invalid(
+                    p.span(),
+                    &format!("providers.{name}.{}", e.field),
+                    e.message,
+                )
+            })?;
             providers.insert(name.clone(), resolved);
         }
 
@@ -455,7 +460,11 @@ impl Settings {
                     format!(
                         "no provider named `{}` (configured: {})",
                         c.provider,
-                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
                     ),
                 ));
             }
@@ -486,14 +495,19 @@ impl Settings {
                 return Err(invalid(
                     span,
                     "account.user",
-                    format!("`{user}`: `*` is only allowed as a whole local part, as in `*@example.com`"),
+                    format!(
+                        "`{user}`: `*` is only allowed as a whole local part, as in `*@example.com`"
+                    ),
                 ));
             }
             if providers
                 .get(&c.provider)
                 .map(|p| p.imap.is_none())
                 .unwrap_or(true)
-                && raw.listeners.iter().any(|l| l.get_ref().protocol == Protocol::Imap)
+                && raw
+                    .listeners
+                    .iter()
+                    .any(|l| l.get_ref().protocol == Protocol::Imap)
             {
                 return Err(invalid(
                     span,
@@ -528,7 +542,11 @@ impl Settings {
         if login.is_empty() {
             return None;
         }
-        if let Some(a) = self.accounts.iter().find(|a| a.user.eq_ignore_ascii_case(login)) {
+        if let Some(a) = self
+            .accounts
+            .iter()
+            .find(|a| a.user.eq_ignore_ascii_case(login))
+        {
             return Some(Account {
                 name: a.user.to_lowercase(),
                 provider: a.provider.clone(),
@@ -557,7 +575,11 @@ impl Settings {
 /// 1-based line number of a byte offset.
 fn line_of(text: &str, offset: usize) -> usize {
     let offset = offset.min(text.len());
-    text.as_bytes()[..offset].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..offset]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 pub(crate) use defaults::mechanisms as default_mechanisms;
@@ -609,7 +631,10 @@ provider = "corp"
 
     #[test]
     fn unknown_field_is_refused_with_its_line() {
-        let text = MINIMAL.replace("bind = \"127.0.0.1:1143\"", "bind = \"127.0.0.1:1143\"\nport = 3");
+        let text = MINIMAL.replace(
+            "bind = \"127.0.0.1:1143\"",
+            "bind = \"127.0.0.1:1143\"\nport = 3",
+        );
         let e = Settings::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(e.contains("line 5"), "{e}");
         assert!(e.contains("port"), "{e}");
@@ -624,9 +649,15 @@ provider = "corp"
 
     #[test]
     fn unknown_provider_is_refused() {
-        let text = MINIMAL.replace("provider = \"corp\"\nupstream_user", "provider = \"nope\"\nupstream_user");
+        let text = MINIMAL.replace(
+            "provider = \"corp\"\nupstream_user",
+            "provider = \"nope\"\nupstream_user",
+        );
         let e = Settings::parse(&text, "t.toml").unwrap_err().to_string();
-        assert!(e.contains("no provider named `nope`") && e.contains("line 10"), "{e}");
+        assert!(
+            e.contains("no provider named `nope`") && e.contains("line 10"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -27,7 +27,11 @@ pub struct Gateway {
 
 impl Gateway {
     /// Builds the gateway; fails if a provider's CA file is unusable.
-    pub fn new(settings: Arc<Settings>, vault: Arc<Vault>, tokens: TokenSource) -> Result<Gateway, TlsError> {
+    pub fn new(
+        settings: Arc<Settings>,
+        vault: Arc<Vault>,
+        tokens: TokenSource,
+    ) -> Result<Gateway, TlsError> {
         let mut upstream_tls = HashMap::new();
         let mut platform: Option<Arc<ClientConfig>> = None;
         for (name, p) in &settings.providers {
@@ -68,21 +72,33 @@ impl Gateway {
         let Some(account) = self.settings.account_for(user) else {
             return Err(failure(
                 FailureKind::BadCredentials,
-                format!("mailbridge has no account for `{}`; check the user name", printable(user)),
+                format!(
+                    "mailbridge has no account for `{}`; check the user name",
+                    printable(user)
+                ),
             ));
         };
         let provider = self
             .settings
             .providers
             .get(&account.provider)
-            .ok_or_else(|| failure(FailureKind::Unavailable, "the account's provider is not configured".into()))?;
+            .ok_or_else(|| {
+                failure(
+                    FailureKind::Unavailable,
+                    "the account's provider is not configured".into(),
+                )
+            })?;
         let endpoint = match protocol {
             Protocol::Imap => provider.imap.as_ref(),
         }
         .ok_or_else(|| {
             failure(
                 FailureKind::Unavailable,
-                format!("provider `{}` has no {} server configured", provider.name, protocol.name()),
+                format!(
+                    "provider `{}` has no {} server configured",
+                    provider.name,
+                    protocol.name()
+                ),
             )
         })?;
 
@@ -97,16 +113,23 @@ impl Gateway {
             .upstream_tls
             .get(&provider.name)
             .cloned()
-            .ok_or_else(|| failure(FailureKind::Unavailable, "no TLS configuration for the provider".into()))?;
+            .ok_or_else(|| {
+                failure(
+                    FailureKind::Unavailable,
+                    "no TLS configuration for the provider".into(),
+                )
+            })?;
         let result = upstream::login(
             endpoint,
             tls,
             self.settings.server.connect_timeout(),
             session,
-            &self.tokens,
-            provider,
-            &unlocked,
-            &account.upstream_user,
+            upstream::TokenAccess {
+                source: &self.tokens,
+                provider,
+                unlocked: &unlocked,
+                upstream_user: &account.upstream_user,
+            },
         )
         .await;
         match result {
@@ -121,7 +144,9 @@ impl Gateway {
             Err(e) => {
                 let f = upstream_failure(&account.name, e);
                 let reason = f.reason.clone();
-                let _ = self.vault.update_meta(&account.name, |m| m.last_error = Some(reason));
+                let _ = self
+                    .vault
+                    .update_meta(&account.name, |m| m.last_error = Some(reason));
                 tracing::warn!(account = %account.name, reason = %f.reason, "upstream login failed");
                 Err(f)
             }
@@ -135,12 +160,14 @@ fn upstream_session(
     client_info: Option<String>,
 ) -> Box<dyn UpstreamLogin> {
     match protocol {
-        Protocol::Imap => Box::new(proto::imap::ImapUpstreamLogin::new(proto::imap::UpstreamOptions {
-            starttls: endpoint.tls == crate::config::UpstreamTls::Starttls,
-            preference: endpoint.mechanisms.clone(),
-            client_id: client_info,
-            ..Default::default()
-        })),
+        Protocol::Imap => Box::new(proto::imap::ImapUpstreamLogin::new(
+            proto::imap::UpstreamOptions {
+                starttls: endpoint.tls == crate::config::UpstreamTls::Starttls,
+                preference: endpoint.mechanisms.clone(),
+                client_id: client_info,
+                ..Default::default()
+            },
+        )),
     }
 }
 
@@ -152,7 +179,9 @@ fn vault_failure(account: &str, e: VaultError) -> LoginFailure {
     match e {
         VaultError::WrongPassword => failure(
             FailureKind::BadCredentials,
-            format!("wrong password for `{account}` (the password set in mailbridge for this account)"),
+            format!(
+                "wrong password for `{account}` (the password set in mailbridge for this account)"
+            ),
         ),
         VaultError::Backoff { retry_after } => failure(
             FailureKind::Throttled,
@@ -163,11 +192,16 @@ fn vault_failure(account: &str, e: VaultError) -> LoginFailure {
         ),
         VaultError::NoGrant { .. } => failure(
             FailureKind::Rejected,
-            format!("`{account}` has no stored authorization yet; run `mailbridge account import {account}`"),
+            format!(
+                "`{account}` has no stored authorization yet; run `mailbridge account import {account}`"
+            ),
         ),
         other => {
             tracing::error!(account = %account, error = %other, "token store failure");
-            failure(FailureKind::Unavailable, format!("mailbridge cannot read its token store: {other}"))
+            failure(
+                FailureKind::Unavailable,
+                format!("mailbridge cannot read its token store: {other}"),
+            )
         }
     }
 }
@@ -182,7 +216,10 @@ fn upstream_failure(account: &str, e: UpstreamFailure) -> LoginFailure {
                 crate::oauth::one_line(&rejection.server_text)
             ),
         ),
-        other => failure(FailureKind::Unavailable, crate::oauth::one_line(&other.to_string())),
+        other => failure(
+            FailureKind::Unavailable,
+            crate::oauth::one_line(&other.to_string()),
+        ),
     }
 }
 

@@ -145,7 +145,12 @@ fn merge_endpoint(
         .host
         .clone()
         .or_else(|| base.as_ref().map(|b| b.host.clone()))
-        .ok_or_else(|| err(&format!("{field}.host"), "the mail server's host name is required"))?;
+        .ok_or_else(|| {
+            err(
+                &format!("{field}.host"),
+                "the mail server's host name is required",
+            )
+        })?;
     if host.is_empty() {
         return Err(err(&format!("{field}.host"), "the host name is empty"));
     }
@@ -190,10 +195,17 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
         }
     };
     if c.tenant.is_some() && preset != Preset::Microsoft {
-        return Err(err("tenant", "tenant only applies to preset = \"microsoft\""));
+        return Err(err(
+            "tenant",
+            "tenant only applies to preset = \"microsoft\"",
+        ));
     }
     let tenant = c.tenant.as_deref().unwrap_or("common");
-    if tenant.is_empty() || !tenant.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '.') {
+    if tenant.is_empty()
+        || !tenant
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '.')
+    {
         return Err(err(
             "tenant",
             "use common, organizations, consumers, a tenant id or a tenant domain",
@@ -205,7 +217,12 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
         .client_id
         .clone()
         .filter(|s| !s.trim().is_empty())
-        .ok_or_else(|| err("client_id", "the OAuth2 client (application) id is required"))?;
+        .ok_or_else(|| {
+            err(
+                "client_id",
+                "the OAuth2 client (application) id is required",
+            )
+        })?;
     let client_secret = match (&c.client_secret, &c.client_secret_file) {
         (Some(_), Some(_)) => {
             return Err(err(
@@ -223,7 +240,10 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
             })?;
             let first = text.lines().next().unwrap_or("").trim().to_string();
             if first.is_empty() {
-                return Err(err("client_secret_file", format!("{} is empty", path.display())));
+                return Err(err(
+                    "client_secret_file",
+                    format!("{} is empty", path.display()),
+                ));
             }
             Some(SecretString::from(first))
         }
@@ -235,11 +255,12 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
             "Google requires the client secret of your Desktop app client (client_secret or client_secret_file)",
         ));
     }
-    let token_url = c
-        .token_url
-        .clone()
-        .or(d.token_url)
-        .ok_or_else(|| err("token_url", "the token endpoint URL is required for preset = \"custom\""))?;
+    let token_url = c.token_url.clone().or(d.token_url).ok_or_else(|| {
+        err(
+            "token_url",
+            "the token endpoint URL is required for preset = \"custom\"",
+        )
+    })?;
     check_url("token_url", &token_url)?;
     let authorize_url = c.authorize_url.clone().or(d.authorize_url);
     if let Some(u) = &authorize_url {
@@ -249,7 +270,10 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
     let imap = merge_endpoint("imap", d.imap, c.imap.as_ref(), 993)?;
     if let Some(ca) = &c.ca_file {
         if !ca.is_file() {
-            return Err(err("ca_file", format!("{} is not a readable file", ca.display())));
+            return Err(err(
+                "ca_file",
+                format!("{} is not a readable file", ca.display()),
+            ));
         }
     }
     Ok(Provider {
@@ -309,10 +333,16 @@ mod tests {
             p.token_url,
             "https://login.microsoftonline.com/organizations/oauth2/v2.0/token"
         );
-        assert_eq!(p.scopes[0], "https://outlook.office.com/IMAP.AccessAsUser.All");
+        assert_eq!(
+            p.scopes[0],
+            "https://outlook.office.com/IMAP.AccessAsUser.All"
+        );
         assert_eq!(p.scopes.last().unwrap(), "offline_access");
         let imap = p.imap.unwrap();
-        assert_eq!((imap.host.as_str(), imap.port), ("outlook.office365.com", 993));
+        assert_eq!(
+            (imap.host.as_str(), imap.port),
+            ("outlook.office365.com", 993)
+        );
         assert_eq!(imap.mechanisms, vec![Mechanism::Xoauth2]);
     }
 

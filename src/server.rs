@@ -72,7 +72,10 @@ pub fn vault_for(settings: &Settings, store: Arc<dyn TokenStore>) -> Vault {
 
 impl Server {
     /// Binds every listener and prepares the login path over `store`.
-    pub async fn bind(settings: Settings, store: Arc<dyn TokenStore>) -> Result<Server, ServerError> {
+    pub async fn bind(
+        settings: Settings,
+        store: Arc<dyn TokenStore>,
+    ) -> Result<Server, ServerError> {
         let settings = Arc::new(settings);
         let vault = Arc::new(vault_for(&settings, store));
         let tokens = TokenSource::new(TokenSource::http_client(), vault.clone());
@@ -85,11 +88,13 @@ impl Server {
                 (_, Some((cert, key))) => Some(tls::server_config_from_files(cert, key)?),
                 (_, None) => Some(tls::self_signed_server_config()?),
             };
-            let tcp = TcpListener::bind(l.bind).await.map_err(|source| ServerError::Bind {
-                addr: l.bind,
-                protocol: l.protocol.name(),
-                source,
-            })?;
+            let tcp = TcpListener::bind(l.bind)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: l.bind,
+                    protocol: l.protocol.name(),
+                    source,
+                })?;
             let driver = DriverSettings {
                 tls,
                 preauth_timeout: settings.server.preauth_timeout(),
@@ -136,12 +141,18 @@ impl Server {
             let gateway = self.gateway.clone();
             let limit = limit.clone();
             let stop = stop_rx.clone();
-            tasks.push(tokio::spawn(accept_loop(tcp, limit, stop, move |tcp, peer| {
-                let rt = rt.clone();
-                let gateway = gateway.clone();
-                let span = tracing::info_span!("conn", %peer, protocol = rt.config.protocol.name());
-                async move { serve(rt, gateway, tcp, peer).await }.instrument(span)
-            })));
+            tasks.push(tokio::spawn(accept_loop(
+                tcp,
+                limit,
+                stop,
+                move |tcp, peer| {
+                    let rt = rt.clone();
+                    let gateway = gateway.clone();
+                    let span =
+                        tracing::info_span!("conn", %peer, protocol = rt.config.protocol.name());
+                    async move { serve(rt, gateway, tcp, peer).await }.instrument(span)
+                },
+            )));
         }
         shutdown.await;
         tracing::info!("shutting down: no new connections");
@@ -152,11 +163,18 @@ impl Server {
     }
 }
 
-async fn serve(rt: Arc<ListenerRuntime>, gateway: Arc<Gateway>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+async fn serve(
+    rt: Arc<ListenerRuntime>,
+    gateway: Arc<Gateway>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
     tracing::debug!("connected");
     let mut stream = Stream::Plain(tcp);
     if rt.config.tls == ListenerTls::Implicit {
-        let Some(config) = rt.driver.tls.clone() else { return };
+        let Some(config) = rt.driver.tls.clone() else {
+            return;
+        };
         match tokio::time::timeout(rt.driver.preauth_timeout, stream.accept_tls(config)).await {
             Ok(Ok(s)) => stream = s,
             Ok(Err(e)) => {
@@ -175,20 +193,29 @@ async fn serve(rt: Arc<ListenerRuntime>, gateway: Arc<Gateway>, tcp: tokio::net:
     drive(stream, peer, session, &rt.driver, login).await;
 }
 
-fn client_session(l: &Listener, tls: Option<&Arc<ServerConfig>>, tls_active: bool) -> Box<dyn ClientSession> {
+fn client_session(
+    l: &Listener,
+    tls: Option<&Arc<ServerConfig>>,
+    tls_active: bool,
+) -> Box<dyn ClientSession> {
     match l.protocol {
-        Protocol::Imap => Box::new(proto::imap::ImapClientSession::new(proto::imap::ClientOptions {
-            starttls_offered: l.tls == ListenerTls::Starttls && tls.is_some(),
-            tls_active,
-            plaintext_login_allowed: l.plaintext_login_allowed(),
-            ..Default::default()
-        })),
+        Protocol::Imap => Box::new(proto::imap::ImapClientSession::new(
+            proto::imap::ClientOptions {
+                starttls_offered: l.tls == ListenerTls::Starttls && tls.is_some(),
+                tls_active,
+                plaintext_login_allowed: l.plaintext_login_allowed(),
+                ..Default::default()
+            },
+        )),
     }
 }
 
 /// Opens the store in the configured state directory and serves until
 /// `shutdown` completes.
-pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let dir = settings.server.state_dir();
     let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(&dir)?);
     tracing::info!(state_dir = %dir.display(), "token store opened");

@@ -41,7 +41,8 @@ async fn login_with_atom_and_literals() {
     h.imap.append(USER, "INBOX", MESSAGE.to_vec());
     // Atom user, synchronizing literal password: we must see the `+`.
     let mut c = h.client().await;
-    c.send(format!("a1 LOGIN {USER} {{{}}}\r\n", PASSWORD.len()).as_bytes()).await;
+    c.send(format!("a1 LOGIN {USER} {{{}}}\r\n", PASSWORD.len()).as_bytes())
+        .await;
     let cont = c.line().await;
     assert!(cont.starts_with('+'), "{cont}");
     c.send(format!("{PASSWORD}\r\n").as_bytes()).await;
@@ -51,8 +52,15 @@ async fn login_with_atom_and_literals() {
 
     // Non-synchronizing literals for both: no continuation, one write.
     let mut c = h.client().await;
-    c.send(format!("a2 LOGIN {{{}+}}\r\n{USER} {{{}+}}\r\n{PASSWORD}\r\n", USER.len(), PASSWORD.len()).as_bytes())
-        .await;
+    c.send(
+        format!(
+            "a2 LOGIN {{{}+}}\r\n{USER} {{{}+}}\r\n{PASSWORD}\r\n",
+            USER.len(),
+            PASSWORD.len()
+        )
+        .as_bytes(),
+    )
+    .await;
     let r = c.until_tagged("a2").await;
     assert_eq!(r.len(), 1, "no continuation for LITERAL+: {r:?}");
     assert!(r[0].starts_with("a2 OK"), "{r:?}");
@@ -96,14 +104,25 @@ async fn wrong_password_is_refused_backs_off_and_keeps_the_grant() {
     let (mut c, no) = h.login("not the password").await;
     assert!(no.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{no}");
     assert!(no.contains("wrong password"), "{no}");
-    assert_eq!(h.sealed_bytes(), before, "a wrong password must not alter the grant");
+    assert_eq!(
+        h.sealed_bytes(),
+        before,
+        "a wrong password must not alter the grant"
+    );
     // Immediately again, even with the right password: backoff.
-    let r = c.cmd("a2", &format!("LOGIN {USER} {}", quote(PASSWORD))).await;
+    let r = c
+        .cmd("a2", &format!("LOGIN {USER} {}", quote(PASSWORD)))
+        .await;
     let last = r.last().unwrap();
-    assert!(last.starts_with("a2 NO [UNAVAILABLE]") && last.contains("try again"), "{r:?}");
+    assert!(
+        last.starts_with("a2 NO [UNAVAILABLE]") && last.contains("try again"),
+        "{r:?}"
+    );
     // The connection is still usable and the right password works later.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let r = c.cmd("a3", &format!("LOGIN {USER} {}", quote(PASSWORD))).await;
+    let r = c
+        .cmd("a3", &format!("LOGIN {USER} {}", quote(PASSWORD)))
+        .await;
     assert!(r.last().unwrap().starts_with("a3 OK"), "{r:?}");
     assert_eq!(h.provider.refresh_requests(), 1);
     h.stop().await;
@@ -115,7 +134,10 @@ async fn unknown_user_is_refused_clearly() {
     let mut c = h.client().await;
     let r = c.cmd("a1", "LOGIN nobody@example.com secret").await;
     let last = r.last().unwrap();
-    assert!(last.starts_with("a1 NO [AUTHENTICATIONFAILED]") && last.contains("no account"), "{last}");
+    assert!(
+        last.starts_with("a1 NO [AUTHENTICATIONFAILED]") && last.contains("no account"),
+        "{last}"
+    );
     h.stop().await;
 }
 
@@ -126,7 +148,11 @@ async fn cached_token_is_reused_and_short_lived_one_refreshed() {
         let (_c, ok) = h.login(PASSWORD).await;
         assert!(ok.starts_with("a1 OK"), "{ok}");
     }
-    assert_eq!(h.provider.refresh_requests(), 1, "a token with an hour left is reused");
+    assert_eq!(
+        h.provider.refresh_requests(),
+        1,
+        "a token with an hour left is reused"
+    );
     h.stop().await;
 
     // Tokens that live one second: the second login finds it expired.
@@ -146,7 +172,11 @@ async fn cached_token_is_reused_and_short_lived_one_refreshed() {
     assert!(ok.starts_with("a1 OK"), "{ok}");
     select_and_check(&mut c, &h).await;
     assert_eq!(h.provider.refresh_requests(), 2);
-    assert_eq!(h.imap.auth_failures(), 0, "never hands upstream an expired token");
+    assert_eq!(
+        h.imap.auth_failures(),
+        0,
+        "never hands upstream an expired token"
+    );
     h.stop().await;
 }
 
@@ -159,7 +189,11 @@ async fn revoked_grant_gives_a_clear_no_and_keeps_the_grant() {
     assert!(no.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{no}");
     assert!(no.contains("invalid_grant"), "{no}");
     assert!(no.contains("mailbridge account import"), "{no}");
-    assert_eq!(h.sealed_bytes(), before, "a refused refresh keeps the stored grant");
+    assert_eq!(
+        h.sealed_bytes(),
+        before,
+        "a refused refresh keeps the stored grant"
+    );
     h.stop().await;
 }
 
@@ -202,7 +236,10 @@ async fn continuation_form_when_upstream_lacks_sasl_ir() {
     .await;
     h.imap.append(USER, "INBOX", MESSAGE.to_vec());
     let (mut c, ok) = h.login(PASSWORD).await;
-    assert!(ok.starts_with("a1 OK [CAPABILITY"), "capabilities fetched after login: {ok}");
+    assert!(
+        ok.starts_with("a1 OK [CAPABILITY"),
+        "capabilities fetched after login: {ok}"
+    );
     select_and_check(&mut c, &h).await;
     h.stop().await;
 }
@@ -233,9 +270,17 @@ async fn tls_on_both_sides_in_every_combination() {
             c
         };
         let caps = c.cmd("c1", "CAPABILITY").await;
-        assert!(!caps[0].contains("STARTTLS") && !caps[0].contains("LOGINDISABLED"), "{caps:?}");
-        let r = c.cmd("a1", &format!("LOGIN {USER} {}", quote(PASSWORD))).await;
-        assert!(r.last().unwrap().starts_with("a1 OK"), "{listener}/{upstream:?}: {r:?}");
+        assert!(
+            !caps[0].contains("STARTTLS") && !caps[0].contains("LOGINDISABLED"),
+            "{caps:?}"
+        );
+        let r = c
+            .cmd("a1", &format!("LOGIN {USER} {}", quote(PASSWORD)))
+            .await;
+        assert!(
+            r.last().unwrap().starts_with("a1 OK"),
+            "{listener}/{upstream:?}: {r:?}"
+        );
         select_and_check(&mut c, &h).await;
         h.stop().await;
     }
@@ -277,7 +322,9 @@ async fn fifty_concurrent_logins_share_one_refresh() {
         tasks.push(tokio::spawn(async move {
             let mut c = Client::plain(addr).await;
             c.line().await;
-            let r = c.cmd("a1", &format!("LOGIN {USER} {}", quote(PASSWORD))).await;
+            let r = c
+                .cmd("a1", &format!("LOGIN {USER} {}", quote(PASSWORD)))
+                .await;
             r.last().cloned().unwrap_or_default()
         }));
     }
@@ -285,7 +332,11 @@ async fn fifty_concurrent_logins_share_one_refresh() {
         let ok = t.await.unwrap();
         assert!(ok.starts_with("a1 OK"), "{ok}");
     }
-    assert_eq!(h.provider.token_requests(), 1, "exactly one token request for 50 logins");
+    assert_eq!(
+        h.provider.token_requests(),
+        1,
+        "exactly one token request for 50 logins"
+    );
     assert_eq!(h.imap.logins(), 50);
     h.stop().await;
 }
@@ -296,15 +347,24 @@ async fn pipelined_commands_after_login_arrive_in_order_and_id_is_forwarded() {
     let mut c = h.client().await;
     let r = c.cmd("i1", "ID (\"name\" \"pipeline-test\")").await;
     assert!(r.last().unwrap().starts_with("i1 OK"), "{r:?}");
-    c.send(format!("a1 LOGIN {USER} {}\r\ns1 SELECT INBOX\r\nn1 NOOP\r\n", quote(PASSWORD)).as_bytes())
-        .await;
+    c.send(
+        format!(
+            "a1 LOGIN {USER} {}\r\ns1 SELECT INBOX\r\nn1 NOOP\r\n",
+            quote(PASSWORD)
+        )
+        .as_bytes(),
+    )
+    .await;
     let r = c.until_tagged("a1").await;
     assert!(r.last().unwrap().starts_with("a1 OK"), "{r:?}");
     let r = c.until_tagged("s1").await;
     assert!(r.last().unwrap().starts_with("s1 OK"), "{r:?}");
     let r = c.until_tagged("n1").await;
     assert!(r.last().unwrap().starts_with("n1 OK"), "{r:?}");
-    assert_eq!(h.imap.last_client_id().as_deref(), Some("(\"name\" \"pipeline-test\")"));
+    assert_eq!(
+        h.imap.last_client_id().as_deref(),
+        Some("(\"name\" \"pipeline-test\")")
+    );
     h.stop().await;
 }
 
@@ -317,7 +377,10 @@ async fn preauth_commands_limits_and_idle_timeout() {
     .await;
     let mut c = h.client().await;
     let r = c.cmd("x1", "SELECT INBOX").await;
-    assert!(r.last().unwrap().starts_with("x1 BAD") || r.last().unwrap().starts_with("x1 NO"), "{r:?}");
+    assert!(
+        r.last().unwrap().starts_with("x1 BAD") || r.last().unwrap().starts_with("x1 NO"),
+        "{r:?}"
+    );
     // A 100 KiB line: refused, connection still usable.
     let mut long = b"x2 LOGIN ".to_vec();
     long.extend(std::iter::repeat_n(b'a', 100 * 1024));

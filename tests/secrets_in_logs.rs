@@ -51,11 +51,22 @@ async fn no_secret_reaches_the_logs() {
     assert!(no.contains("invalid_grant"), "{no}");
 
     let tokens = h.provider.issued_tokens();
-    assert!(tokens.len() >= 4, "expected several issued tokens, got {}", tokens.len());
+    assert!(
+        tokens.len() >= 4,
+        "expected several issued tokens, got {}",
+        tokens.len()
+    );
     let logs = String::from_utf8_lossy(&capture.0.lock().unwrap()).to_string();
-    assert!(logs.contains("access token refreshed"), "trace capture works");
+    assert!(
+        logs.contains("access token refreshed"),
+        "trace capture works"
+    );
     let b64 = base64::engine::general_purpose::STANDARD;
-    let mut secrets: Vec<String> = vec![PASSWORD.into(), "wrong-password-123".into(), h.refresh_token.clone()];
+    let mut secrets: Vec<String> = vec![
+        PASSWORD.into(),
+        "wrong-password-123".into(),
+        h.refresh_token.clone(),
+    ];
     secrets.push(b64.encode(format!("\0{USER}\0{PASSWORD}")));
     for t in &tokens {
         secrets.push(t.clone());

@@ -39,7 +39,11 @@ impl<S> Watched<'_, S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut *this.inner).poll_read(cx, buf);
@@ -51,7 +55,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         Pin::new(&mut *this.inner).poll_write(cx, buf)
     }
@@ -135,7 +143,9 @@ mod tests {
     async fn idle_timeout_closes() {
         let (_client_far, mut client_near) = tokio::io::duplex(64);
         let (mut up_near, _up_far) = tokio::io::duplex(64);
-        let stats = relay(&mut client_near, &mut up_near, Duration::from_secs(30)).await.unwrap();
+        let stats = relay(&mut client_near, &mut up_near, Duration::from_secs(30))
+            .await
+            .unwrap();
         assert!(stats.idle_timeout);
     }
 }

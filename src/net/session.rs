@@ -39,7 +39,9 @@ pub async fn drive<L, F>(
     L: Fn(LoginRequest) -> F,
     F: Future<Output = Result<UpstreamConn, LoginFailure>>,
 {
-    let Some((mut client, mut upstream)) = preauth(&mut stream, &mut session, settings, login).await else {
+    let Some((mut client, mut upstream)) =
+        preauth(&mut stream, &mut session, settings, login).await
+    else {
         return;
     };
     // `stream` was moved into `client` by preauth's success path.
@@ -82,7 +84,9 @@ where
     loop {
         match session.next_step() {
             ClientStep::NeedInput => {
-                let n = match tokio::time::timeout(settings.preauth_timeout, stream.read(&mut buf)).await {
+                let n = match tokio::time::timeout(settings.preauth_timeout, stream.read(&mut buf))
+                    .await
+                {
                     Err(_) => {
                         let _ = send(stream, &session.timeout_message()).await;
                         let _ = stream.shutdown().await;
@@ -99,7 +103,8 @@ where
                 send(stream, &bytes).await.ok()?;
                 let config = settings.tls.clone()?;
                 let plain = std::mem::replace(stream, Stream::Gone);
-                match tokio::time::timeout(settings.preauth_timeout, plain.accept_tls(config)).await {
+                match tokio::time::timeout(settings.preauth_timeout, plain.accept_tls(config)).await
+                {
                     Ok(Ok(tls)) => *stream = tls,
                     Ok(Err(e)) => {
                         tracing::info!(error = %e, "client TLS handshake failed");
@@ -111,18 +116,22 @@ where
             }
             ClientStep::Login(request) => {
                 let user = request.credentials.user.clone();
-                let outcome = match tokio::time::timeout(settings.login_timeout, login(request)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(LoginFailure {
-                        kind: crate::proto::FailureKind::Unavailable,
-                        reason: format!(
-                            "login did not complete within {} s; try again",
-                            settings.login_timeout.as_secs()
-                        ),
-                    }),
-                };
+                let outcome =
+                    match tokio::time::timeout(settings.login_timeout, login(request)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(LoginFailure {
+                            kind: crate::proto::FailureKind::Unavailable,
+                            reason: format!(
+                                "login did not complete within {} s; try again",
+                                settings.login_timeout.as_secs()
+                            ),
+                        }),
+                    };
                 match outcome {
-                    Ok(UpstreamConn { stream: mut upstream, success }) => {
+                    Ok(UpstreamConn {
+                        stream: mut upstream,
+                        success,
+                    }) => {
                         let reply = session.login_succeeded(&success);
                         send(stream, &reply).await.ok()?;
                         if !success.leftover.is_empty() {

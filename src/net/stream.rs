@@ -40,8 +40,12 @@ impl Stream {
     /// Runs the client side of a TLS handshake on a plain stream; the
     /// server's certificate is checked for `host`.
     pub async fn connect_tls(self, config: Arc<ClientConfig>, host: &str) -> io::Result<Stream> {
-        let name = ServerName::try_from(host.to_string())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("`{host}` is not a valid server name")))?;
+        let name = ServerName::try_from(host.to_string()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("`{host}` is not a valid server name"),
+            )
+        })?;
         match self {
             Stream::Plain(tcp) => {
                 let tls = TlsConnector::from(config).connect(name, tcp).await?;
@@ -58,11 +62,18 @@ impl Stream {
 }
 
 fn gone() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "stream used during a TLS handshake")
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "stream used during a TLS handshake",
+    )
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -73,7 +84,11 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),

@@ -63,9 +63,15 @@ pub fn server_config_from_files(cert: &Path, key: &Path) -> Result<Arc<ServerCon
 /// A local server config with a freshly generated self-signed certificate
 /// for localhost, 127.0.0.1 and ::1 (clients must accept it once).
 pub fn self_signed_server_config() -> Result<Arc<ServerConfig>, TlsError> {
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-    let ck = rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
-    let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(|e| TlsError::Generate(e.to_string()))?;
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let ck =
+        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+    let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der())
+        .map_err(|e| TlsError::Generate(e.to_string()))?;
     server_config(vec![ck.cert.der().clone()], key)
 }
 
@@ -83,7 +89,8 @@ fn server_config(
 /// The upstream client config: the CA file's certificates as the only
 /// roots when given, else the platform verifier. Verification is never off.
 pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
-    let builder = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder =
+        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let config = match ca_file {
         Some(path) => {
             let mut roots = RootCertStore::empty();

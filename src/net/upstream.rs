@@ -67,7 +67,19 @@ pub enum UpstreamFailure {
     Token(#[from] TokenError),
 }
 
-/// Connects to `endpoint` and logs in with tokens from `tokens`. A
+/// Where access tokens for one login come from.
+pub struct TokenAccess<'a> {
+    /// The token cache and refresher.
+    pub source: &'a TokenSource,
+    /// The account's provider.
+    pub provider: &'a Provider,
+    /// The unlocked grant.
+    pub unlocked: &'a Unlocked,
+    /// The upstream login name.
+    pub upstream_user: &'a str,
+}
+
+/// Connects to `endpoint` and logs in with tokens from `access`. A
 /// rejection whose challenge asks for it (status 400/401) gets one retry
 /// with a freshly refreshed token on the same connection.
 pub async fn login(
@@ -75,10 +87,7 @@ pub async fn login(
     tls: Arc<ClientConfig>,
     connect_timeout: Duration,
     mut session: Box<dyn UpstreamLogin>,
-    tokens: &TokenSource,
-    provider: &Provider,
-    unlocked: &Unlocked,
-    upstream_user: &str,
+    access: TokenAccess<'_>,
 ) -> Result<UpstreamConn, UpstreamFailure> {
     let server = format!("{}:{}", endpoint.host, endpoint.port);
     let connect_err = |reason: String| UpstreamFailure::Connect {
@@ -106,16 +115,21 @@ pub async fn login(
     let mut current: Option<AccessToken> = None;
     let mut retried = false;
     loop {
-        let step = session.next_step().map_err(|source| UpstreamFailure::Protocol {
-            server: server.clone(),
-            source,
-        })?;
+        let step = session
+            .next_step()
+            .map_err(|source| UpstreamFailure::Protocol {
+                server: server.clone(),
+                source,
+            })?;
         match step {
             UpstreamStep::NeedInput => {
-                let n = stream.read(&mut buf).await.map_err(|e| UpstreamFailure::Closed {
-                    server: server.clone(),
-                    reason: Some(e.to_string()),
-                })?;
+                let n = stream
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| UpstreamFailure::Closed {
+                        server: server.clone(),
+                        reason: Some(e.to_string()),
+                    })?;
                 if n == 0 {
                     return Err(UpstreamFailure::Closed {
                         server: server.clone(),
@@ -128,18 +142,26 @@ pub async fn login(
                 write(&mut stream, &bytes, &server).await?;
             }
             UpstreamStep::StartTls => {
-                stream = tokio::time::timeout(connect_timeout, stream.connect_tls(tls.clone(), &endpoint.host))
-                    .await
-                    .map_err(|_| connect_err("STARTTLS handshake timed out".into()))?
-                    .map_err(|e| connect_err(format!("STARTTLS: {e}")))?;
+                stream = tokio::time::timeout(
+                    connect_timeout,
+                    stream.connect_tls(tls.clone(), &endpoint.host),
+                )
+                .await
+                .map_err(|_| connect_err("STARTTLS handshake timed out".into()))?
+                .map_err(|e| connect_err(format!("STARTTLS: {e}")))?;
                 session.tls_started();
             }
             UpstreamStep::NeedToken => {
                 let refused = if retried { current.as_ref() } else { None };
-                let token = tokens.token(provider, unlocked, refused).await?;
+                let token = access
+                    .source
+                    .token(access.provider, access.unlocked, refused)
+                    .await?;
                 session.provide_token(&BearerToken {
-                    user: upstream_user.to_string(),
-                    token: SecretString::from(secrecy::ExposeSecret::expose_secret(&token.secret).to_string()),
+                    user: access.upstream_user.to_string(),
+                    token: SecretString::from(
+                        secrecy::ExposeSecret::expose_secret(&token.secret).to_string(),
+                    ),
                     host: endpoint.host.clone(),
                     port: endpoint.port,
                 });

@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use oauth2::basic::{BasicClient, BasicErrorResponse};
-use oauth2::{AuthType, ClientId, ClientSecret, RefreshToken, RequestTokenError, Scope, TokenResponse, TokenUrl};
+use oauth2::{
+    AuthType, ClientId, ClientSecret, RefreshToken, RequestTokenError, Scope, TokenResponse,
+    TokenUrl,
+};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::MIN_TOKEN_LIFETIME;
@@ -31,7 +34,10 @@ pub struct AccessToken {
 impl std::fmt::Debug for AccessToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AccessToken")
-            .field("expires_in", &self.expires_at.saturating_duration_since(Instant::now()))
+            .field(
+                "expires_in",
+                &self.expires_at.saturating_duration_since(Instant::now()),
+            )
             .field("generation", &self.generation)
             .finish_non_exhaustive()
     }
@@ -84,8 +90,12 @@ impl TokenError {
     /// True when retrying later may help (network, provider trouble).
     pub fn is_temporary(&self) -> bool {
         match self {
-            TokenError::Unreachable { .. } | TokenError::BadResponse { .. } | TokenError::Store(_) => true,
-            TokenError::Refused { code, .. } => code == "temporarily_unavailable" || code == "server_error",
+            TokenError::Unreachable { .. }
+            | TokenError::BadResponse { .. }
+            | TokenError::Store(_) => true,
+            TokenError::Refused { code, .. } => {
+                code == "temporarily_unavailable" || code == "server_error"
+            }
             TokenError::NoRefreshToken | TokenError::Config { .. } => false,
         }
     }
@@ -162,7 +172,8 @@ impl TokenSource {
         let usable = |slot: &Slot| -> Option<AccessToken> {
             let cached = slot.cached.lock().unwrap_or_else(|p| p.into_inner());
             let t = cached.as_ref()?;
-            let fresh = t.expires_at.saturating_duration_since(Instant::now()) >= MIN_TOKEN_LIFETIME;
+            let fresh =
+                t.expires_at.saturating_duration_since(Instant::now()) >= MIN_TOKEN_LIFETIME;
             let not_refused = refused.is_none_or(|r| r.generation != t.generation);
             (fresh && not_refused).then(|| t.clone())
         };
@@ -188,7 +199,10 @@ impl TokenSource {
         match &token {
             Ok(t) => {
                 *slot.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.clone());
-                let expires = unix_now() + t.expires_at.saturating_duration_since(Instant::now()).as_secs();
+                let expires = unix_now()
+                    + t.expires_at
+                        .saturating_duration_since(Instant::now())
+                        .as_secs();
                 let _ = self.vault.update_meta(unlocked.account(), |m| {
                     m.access_expires_at = Some(expires);
                     m.last_error = None;
@@ -204,19 +218,25 @@ impl TokenSource {
         token
     }
 
-    async fn refresh(&self, provider: &Provider, unlocked: &Unlocked) -> Result<AccessToken, TokenError> {
+    async fn refresh(
+        &self,
+        provider: &Provider,
+        unlocked: &Unlocked,
+    ) -> Result<AccessToken, TokenError> {
         let refresh_token = unlocked.refresh_token().ok_or(TokenError::NoRefreshToken)?;
-        let token_url = TokenUrl::new(provider.token_url.clone()).map_err(|e| TokenError::Config {
-            provider: provider.name.clone(),
-            reason: format!("token_url: {e}"),
-        })?;
+        let token_url =
+            TokenUrl::new(provider.token_url.clone()).map_err(|e| TokenError::Config {
+                provider: provider.name.clone(),
+                reason: format!("token_url: {e}"),
+            })?;
         let mut client = BasicClient::new(ClientId::new(provider.client_id.clone()))
             .set_token_uri(token_url)
             // Client id (and secret) in the form body: accepted by Microsoft,
             // Google and generic servers alike.
             .set_auth_type(AuthType::RequestBody);
         if let Some(secret) = &provider.client_secret {
-            client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_string()));
+            client =
+                client.set_client_secret(ClientSecret::new(secret.expose_secret().to_string()));
         }
         let rt = RefreshToken::new(refresh_token.expose_secret().to_string());
         let started = Instant::now();

@@ -214,6 +214,12 @@ impl Provider {
             .new_access_token(Some(user), scope, Instant::now() + lifetime)
     }
 
+    /// Every refresh and access token issued so far (tests search logs and
+    /// stores for them).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.shared.book().issued.clone()
+    }
+
     /// Every refresh and access token of `user` stops working.
     pub fn revoke_user(&self, user: &str) {
         let mut book = self.shared.book();
@@ -293,11 +299,14 @@ struct TokenBook {
     refresh: HashMap<String, Grant>,
     access: HashMap<String, AccessGrant>,
     codes: HashMap<String, CodeGrant>,
+    /// Every token ever issued, so tests can search logs for them.
+    issued: Vec<String>,
 }
 
 impl TokenBook {
     fn new_refresh_token(&mut self, user: &str, scope: &str) -> String {
         let token = random_token();
+        self.issued.push(token.clone());
         self.refresh.insert(
             token.clone(),
             Grant {
@@ -314,6 +323,7 @@ impl TokenBook {
             self.access.retain(|_, g| g.expires > now);
         }
         let token = random_token();
+        self.issued.push(token.clone());
         self.access.insert(
             token.clone(),
             AccessGrant {

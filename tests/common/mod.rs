@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailbridge::config::Settings;
-use mailbridge::sandbox::{ImapServer, ImapServerOptions, Provider, ProviderOptions, SandboxTls, TestPki};
+use mailbridge::sandbox::{
+    ImapServer, ImapServerOptions, Provider, ProviderOptions, SandboxTls, TestPki,
+};
 use mailbridge::server::Server;
 use mailbridge::store::seal::GrantData;
 use mailbridge::store::{AccountMeta, SledStore, TokenStore};
@@ -61,7 +63,8 @@ static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 
 pub fn temp_dir(tag: &str) -> PathBuf {
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("mailbridge-test-{tag}-{}-{n}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("mailbridge-test-{tag}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -88,7 +91,11 @@ impl Harness {
         let listener_cert = if opts.listener_tls == "none" {
             String::new()
         } else {
-            format!("cert_file = \"{}\"\nkey_file = \"{}\"\n", cert.display(), key.display())
+            format!(
+                "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+                cert.display(),
+                key.display()
+            )
         };
         let mechanisms = opts
             .mechanisms
@@ -182,7 +189,9 @@ provider = "sandbox"
     /// Logs in with LOGIN and returns the tagged reply.
     pub async fn login(&self, password: &str) -> (Client, String) {
         let mut c = self.client().await;
-        let reply = c.cmd("a1", &format!("LOGIN {USER} {}", quote(password))).await;
+        let reply = c
+            .cmd("a1", &format!("LOGIN {USER} {}", quote(password)))
+            .await;
         (c, reply.last().cloned().unwrap_or_default())
     }
 
@@ -213,11 +222,13 @@ pub fn client_tls(ca_pem: &str) -> Arc<rustls::ClientConfig> {
         roots.add(c.unwrap()).unwrap();
     }
     Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
     )
 }
 
@@ -231,7 +242,10 @@ pub struct Client {
 
 impl Client {
     pub async fn plain(addr: SocketAddr) -> Client {
-        let tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr)).await.unwrap().unwrap();
+        let tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .unwrap()
+            .unwrap();
         Client {
             io: BufReader::new(Box::new(tcp)),
         }
@@ -278,7 +292,9 @@ impl Client {
             .await
             .expect("timed out waiting for a line")
             .unwrap();
-        String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string()
+        String::from_utf8_lossy(&buf)
+            .trim_end_matches(['\r', '\n'])
+            .to_string()
     }
 
     pub async fn exact(&mut self, n: usize) -> Vec<u8> {
@@ -315,13 +331,19 @@ impl Client {
 
     /// `FETCH n BODY[]` after SELECT: returns the literal's bytes.
     pub async fn fetch_body(&mut self, tag: &str, n: u32) -> Vec<u8> {
-        self.send(format!("{tag} FETCH {n} BODY[]\r\n").as_bytes()).await;
+        self.send(format!("{tag} FETCH {n} BODY[]\r\n").as_bytes())
+            .await;
         let head = self.line().await;
-        let open = head.rfind('{').unwrap_or_else(|| panic!("no literal in {head}"));
+        let open = head
+            .rfind('{')
+            .unwrap_or_else(|| panic!("no literal in {head}"));
         let len: usize = head[open + 1..head.len() - 1].parse().unwrap();
         let body = self.exact(len).await;
         let rest = self.until_tagged(tag).await;
-        assert!(rest.last().unwrap().starts_with(&format!("{tag} OK")), "{rest:?}");
+        assert!(
+            rest.last().unwrap().starts_with(&format!("{tag} OK")),
+            "{rest:?}"
+        );
         body
     }
 }
@@ -330,7 +352,10 @@ async fn read_line_unbuffered(tcp: &mut TcpStream) -> String {
     let mut out = Vec::new();
     let mut b = [0u8; 1];
     loop {
-        let n = tokio::time::timeout(WAIT, tcp.read(&mut b)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
         if n == 0 {
             break;
         }
