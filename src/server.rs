@@ -190,7 +190,7 @@ async fn serve(
         let gateway = gateway.clone();
         async move { gateway.login(protocol, request, peer.ip()).await }
     };
-    drive(stream, peer, session, &rt.driver, login).await;
+    drive(stream, session, &rt.driver, login).await;
 }
 
 fn client_session(

@@ -29,6 +29,8 @@ struct Watched<'a, S> {
     inner: &'a mut S,
     start: Instant,
     last: &'a AtomicU64,
+    /// Bytes read from `inner`.
+    read: u64,
 }
 
 impl<S> Watched<'_, S> {
@@ -47,7 +49,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut *this.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.read += n as u64;
             this.touch();
         }
         r
@@ -84,28 +88,41 @@ where
         inner: client,
         start,
         last: &last,
+        read: 0,
     };
     let mut u = Watched {
         inner: upstream,
         start,
         last: &last,
+        read: 0,
     };
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, BUFFER, BUFFER);
-    tokio::pin!(copy);
-    loop {
-        let deadline = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
-        tokio::select! {
-            r = &mut copy => {
-                let (to_upstream, to_client) = r?;
-                return Ok(RelayStats { to_upstream, to_client, idle_timeout: false });
-            }
-            _ = tokio::time::sleep_until(deadline) => {
-                let now_deadline = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
-                if now_deadline <= Instant::now() {
-                    return Ok(RelayStats { idle_timeout: true, ..RelayStats::default() });
+    let outcome = {
+        let copy = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, BUFFER, BUFFER);
+        tokio::pin!(copy);
+        loop {
+            let deadline = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+            tokio::select! {
+                r = &mut copy => break r.map(|_| false),
+                _ = tokio::time::sleep_until(deadline) => {
+                    let now_deadline = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+                    if now_deadline <= Instant::now() {
+                        break Ok(true);
+                    }
                 }
             }
         }
+    };
+    let stats = |idle_timeout| RelayStats {
+        to_upstream: c.read,
+        to_client: u.read,
+        idle_timeout,
+    };
+    match outcome {
+        Ok(idle_timeout) => Ok(stats(idle_timeout)),
+        // A peer that closes without TLS close_notify after its last word
+        // (common after LOGOUT) ends the session like a clean close.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(stats(false)),
+        Err(e) => Err(e),
     }
 }
 

@@ -3,7 +3,6 @@
 //! switches to relaying once the upstream accepted the login.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +30,6 @@ pub struct DriverSettings {
 /// request and yields a logged-in upstream connection or a failure.
 pub async fn drive<L, F>(
     mut stream: Stream,
-    peer: SocketAddr,
     mut session: Box<dyn ClientSession>,
     settings: &DriverSettings,
     login: L,
@@ -48,14 +46,13 @@ pub async fn drive<L, F>(
     let started = std::time::Instant::now();
     match relay(&mut client, &mut upstream, settings.relay_idle_timeout).await {
         Ok(stats) => tracing::info!(
-            %peer,
             to_upstream = stats.to_upstream,
             to_client = stats.to_client,
             idle_timeout = stats.idle_timeout,
             secs = started.elapsed().as_secs(),
             "session ended"
         ),
-        Err(e) => tracing::info!(%peer, error = %e, "session ended with an error"),
+        Err(e) => tracing::info!(error = %e, "session ended with an error"),
     }
     let _ = client.shutdown().await;
     let _ = upstream.shutdown().await;

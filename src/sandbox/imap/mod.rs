@@ -531,7 +531,11 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         };
         match execute(shared, &mut conn, session, command).await? {
             Next::Continue => {}
-            Next::Close => return Ok(Outcome::Closed),
+            Next::Close => {
+                // Like a real server: TLS close_notify, then FIN.
+                let _ = conn.io.get_mut().shutdown().await;
+                return Ok(Outcome::Closed);
+            }
             // Dropping the BufReader drops whatever plaintext the client
             // pipelined after STARTTLS: it must not count as sent over TLS.
             Next::StartTls => return Ok(Outcome::StartTls(conn.io.into_inner())),
