@@ -172,7 +172,11 @@ fn upstream_session(
 }
 
 fn failure(kind: FailureKind, reason: String) -> LoginFailure {
-    LoginFailure { kind, reason }
+    LoginFailure {
+        kind,
+        reason,
+        upstream_reply: None,
+    }
 }
 
 fn vault_failure(account: &str, e: VaultError) -> LoginFailure {
@@ -209,13 +213,14 @@ fn vault_failure(account: &str, e: VaultError) -> LoginFailure {
 fn upstream_failure(account: &str, e: UpstreamFailure) -> LoginFailure {
     match e {
         UpstreamFailure::Token(t) => token_failure(account, t),
-        UpstreamFailure::Rejected { server, rejection } => failure(
-            FailureKind::Rejected,
-            format!(
+        UpstreamFailure::Rejected { server, rejection } => LoginFailure {
+            kind: FailureKind::Rejected,
+            reason: format!(
                 "{server} refused the access token ({}); check the account's permissions or re-authorize it",
                 crate::oauth::one_line(&rejection.server_text)
             ),
-        ),
+            upstream_reply: Some(crate::oauth::one_line(&rejection.server_text)),
+        },
         other => failure(
             FailureKind::Unavailable,
             crate::oauth::one_line(&other.to_string()),

@@ -122,6 +122,7 @@ where
                                 "login did not complete within {} s; try again",
                                 settings.login_timeout.as_secs()
                             ),
+                            upstream_reply: None,
                         }),
                     };
                 match outcome {

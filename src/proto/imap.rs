@@ -1911,6 +1911,7 @@ mod tests {
         let reply = sess.login_failed(&LoginFailure {
             kind: FailureKind::BadCredentials,
             reason: "Wrong password\r\nx9 OK injected".into(),
+            upstream_reply: None,
         });
         assert_eq!(
             s(&reply),
@@ -1921,6 +1922,7 @@ mod tests {
         let reply = sess.login_failed(&LoginFailure {
             kind: FailureKind::Throttled,
             reason: "Too many failures; try again in 60 s".into(),
+            upstream_reply: None,
         });
         assert_eq!(
             s(&reply),
@@ -1930,19 +1932,22 @@ mod tests {
         let reply = sess.login_failed(&LoginFailure {
             kind: FailureKind::Rejected,
             reason: String::new(),
+            upstream_reply: None,
         });
         assert_eq!(s(&reply), "a3 NO [AUTHENTICATIONFAILED] Login failed\r\n");
         drive(&mut sess, b"a4 LOGIN u p\r\n", usize::MAX);
         let reply = sess.login_failed(&LoginFailure {
             kind: FailureKind::Unavailable,
             reason: "Server unreachable".into(),
+            upstream_reply: None,
         });
         assert_eq!(s(&reply), "a4 NO [UNAVAILABLE] Server unreachable\r\n");
         // Not pending: nothing to say.
         assert!(
             sess.login_failed(&LoginFailure {
                 kind: FailureKind::Rejected,
-                reason: "x".into()
+                reason: "x".into(),
+                upstream_reply: None,
             })
             .is_empty()
         );

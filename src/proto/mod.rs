@@ -6,6 +6,8 @@
 //! dialogue (mailbridge logging in to the real server with a bearer token).
 
 pub mod imap;
+pub mod pop3;
+pub mod smtp;
 
 use crate::sasl::{BearerToken, Credentials, FailureChallenge};
 
@@ -59,6 +61,11 @@ pub struct LoginFailure {
     pub kind: FailureKind,
     /// One line, no CR/LF, no secrets.
     pub reason: String,
+    /// The upstream server's own final refusal, when it refused the login
+    /// (e.g. `535 5.7.139 Authentication unsuccessful, ...` or
+    /// `NO [AUTHENTICATIONFAILED] ...`). Protocols whose replies carry codes
+    /// (SMTP) reuse its code and text; `reason` then explains it.
+    pub upstream_reply: Option<String>,
 }
 
 /// The client-facing pre-auth half of a protocol.

@@ -1,0 +1,1 @@
+//! POP3: client-facing pre-auth session and upstream login dialogue.

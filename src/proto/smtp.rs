@@ -1,0 +1,1 @@
+//! SMTP: client-facing pre-auth session and upstream login dialogue.
