@@ -101,9 +101,9 @@ provider = "sandbox"
          sandbox OAuth2 provider: {}\n\
          sandbox IMAP server:     {} (implicit TLS, bearer tokens only)\n\
          mailbridge IMAP:         {addr} (plain password logins)\n\n\
-         List the mailboxes, logging in with a password:\n  \
-         curl -v 'imap://{addr}/' --user '{DEMO_USER}:{DEMO_PASSWORD}'\n\n\
-         Fetch the first message of INBOX:\n  \
+         List INBOX, logging in with a password:\n  \
+         curl 'imap://{addr}/INBOX' -X 'FETCH 1:* (UID FLAGS RFC822.SIZE)' --user '{DEMO_USER}:{DEMO_PASSWORD}'\n\n\
+         Fetch the first message of INBOX (add -v to watch the IMAP dialogue):\n  \
          curl 'imap://{addr}/INBOX;UID=1' --user '{DEMO_USER}:{DEMO_PASSWORD}'\n\n\
          Or point any IMAP client at {addr} (no TLS) with that user and password.\n\
          Press Ctrl-C to stop.\n",

@@ -1,0 +1,303 @@
+//! The `mailbridge` binary end to end: check-config, account import, run
+//! (a real process serving a real login), account list and remove.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use mailbridge::sandbox::{ImapServer, ImapServerOptions, Provider, ProviderOptions, TestPki};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mailbridge");
+
+fn mailbridge(args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("NO_COLOR", "1")
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_accepts_the_example_and_names_the_bad_line() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
+    let (ok, out, err) = mailbridge(&["check-config", "--config", example], "");
+    assert!(ok, "{err}");
+    assert!(out.contains("OK"), "{out}");
+
+    let dir = temp_dir("cli-bad");
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[listener]]\nprotocol = \"imap\"\nbind = \"127.0.0.1:1143\"\ntsl = \"none\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = mailbridge(&["check-config", "--config", bad.to_str().unwrap()], "");
+    assert!(!ok);
+    assert!(err.contains("line 4") && err.contains("tsl"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_run_login_list_remove() {
+    let pki = TestPki::generate();
+    let provider = Provider::start(ProviderOptions::default()).await.unwrap();
+    let imap = ImapServer::start(ImapServerOptions::default(), provider.validator(), &pki)
+        .await
+        .unwrap();
+    imap.append(USER, "INBOX", MESSAGE.to_vec());
+    let dir = temp_dir("cli");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let config = dir.join("mailbridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+state_dir = "{state}"
+kdf_memory_kib = 1024
+kdf_iterations = 1
+
+[[listener]]
+protocol = "imap"
+bind = "127.0.0.1:{port}"
+
+[providers.sandbox]
+preset = "custom"
+client_id = "mailbridge-test"
+token_url = "{token_url}"
+ca_file = "{ca}"
+imap = {{ host = "localhost", port = {imap_port}, tls = "implicit" }}
+
+[[account]]
+user = "{USER}"
+provider = "sandbox"
+"#,
+            state = dir.join("state").display(),
+            token_url = provider.token_url(),
+            ca = ca.display(),
+            imap_port = imap.addr().port(),
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    let refresh = provider.issue_refresh_token(USER, "mail");
+
+    let (ok, out, err) = mailbridge(
+        &[
+            "account",
+            "import",
+            USER,
+            "--config",
+            cfg,
+            "--refresh-token-stdin",
+            "--password-stdin",
+        ],
+        &format!("{refresh}\n{PASSWORD}\n"),
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("sealed the grant"), "{out}");
+    // Importing again without --replace is refused; the grant stays.
+    let (ok, _, err) = mailbridge(
+        &[
+            "account",
+            "import",
+            USER,
+            "--config",
+            cfg,
+            "--refresh-token-stdin",
+            "--password-stdin",
+        ],
+        "other-token\nother-password\n",
+    );
+    assert!(!ok && err.contains(USER), "{err}");
+
+    let (ok, out, _) = mailbridge(&["account", "list", "--config", cfg], "");
+    assert!(ok && out.contains(USER) && out.contains("never"), "{out}");
+
+    let mut server = Command::new(BIN)
+        .args(["run", "--config", cfg])
+        .env("MAILBRIDGE_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain the logs as they come, or the pipe fills and the server blocks.
+    let mut stderr = server.stderr.take().unwrap();
+    let log_reader = std::thread::spawn(move || {
+        let mut logs = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut logs);
+        logs
+    });
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut up = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "mailbridge run did not start listening");
+
+    // The store is in use: a second process says so instead of failing obscurely.
+    let (ok, _, err) = mailbridge(&["account", "list", "--config", cfg], "");
+    assert!(!ok && err.contains("another mailbridge process"), "{err}");
+
+    let mut c = Client::plain(addr).await;
+    assert!(c.line().await.starts_with("* OK"));
+    let r = c
+        .cmd("a1", &format!("LOGIN {USER} {}", quote(PASSWORD)))
+        .await;
+    assert!(r.last().unwrap().starts_with("a1 OK"), "{r:?}");
+    c.cmd("s1", "SELECT INBOX").await;
+    assert_eq!(c.fetch_body("f1", 1).await, MESSAGE);
+    c.cmd("z", "LOGOUT").await;
+
+    // SIGTERM: a clean exit.
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut status = None;
+    for _ in 0..200 {
+        if let Some(s) = server.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = status.unwrap_or_else(|| {
+        let _ = server.kill();
+        panic!("mailbridge run did not stop on SIGTERM")
+    });
+    assert!(status.success(), "{status:?}");
+    let logs = log_reader.join().unwrap();
+    assert!(logs.contains("logged in; relaying"), "{logs}");
+    for secret in [PASSWORD.to_string(), refresh.clone()]
+        .into_iter()
+        .chain(provider.issued_tokens())
+    {
+        assert!(!logs.contains(&secret), "a secret appeared in the run logs");
+    }
+
+    let (ok, out, _) = mailbridge(&["account", "list", "--config", cfg], "");
+    assert!(
+        ok && out.contains(USER) && !out.contains("never"),
+        "last login shown: {out}"
+    );
+
+    let (ok, out, err) = mailbridge(&["account", "remove", USER, "--config", cfg], "");
+    assert!(ok && out.contains("removed"), "{out}{err}");
+    let (ok, out, _) = mailbridge(&["account", "list", "--config", cfg], "");
+    assert!(ok && out.contains("no stored grants"), "{out}");
+
+    imap.shutdown();
+    provider.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn demo_serves_a_password_login() {
+    let mut demo = Command::new(BIN)
+        .args(["demo", "--imap-port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(demo.stdout.take().unwrap());
+    let mut addr = None;
+    let mut printed = String::new();
+    for _ in 0..100 {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() == 0 {
+            break;
+        }
+        printed.push_str(&line);
+        if let Some(rest) = line.trim().strip_prefix("mailbridge IMAP:") {
+            addr = rest
+                .split_whitespace()
+                .next()
+                .map(|a| a.parse::<std::net::SocketAddr>().unwrap());
+        }
+        if line.contains("Ctrl-C") {
+            break;
+        }
+    }
+    let addr = addr.unwrap_or_else(|| panic!("no address in the demo's output: {printed}"));
+    assert!(printed.contains("curl 'imap://"), "{printed}");
+    let mut c = Client::plain(addr).await;
+    assert!(c.line().await.starts_with("* OK"));
+    let r = c
+        .cmd(
+            "a1",
+            &format!(
+                "LOGIN {} {}",
+                mailbridge::demo::DEMO_USER,
+                mailbridge::demo::DEMO_PASSWORD
+            ),
+        )
+        .await;
+    assert!(r.last().unwrap().starts_with("a1 OK"), "{r:?}");
+    c.cmd("s1", "SELECT INBOX").await;
+    let body = c.fetch_body("f1", 1).await;
+    assert!(String::from_utf8_lossy(&body).contains("Hello through mailbridge"));
+    // The printed curl command works as printed, where curl is installed.
+    if Command::new("curl").arg("--version").output().is_ok() {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                &format!("imap://{addr}/INBOX"),
+                "-X",
+                "FETCH 1:* (UID FLAGS RFC822.SIZE)",
+            ])
+            .args([
+                "--user",
+                &format!(
+                    "{}:{}",
+                    mailbridge::demo::DEMO_USER,
+                    mailbridge::demo::DEMO_PASSWORD
+                ),
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("1 FETCH"), "{text}");
+    }
+    let _ = Command::new("kill")
+        .args(["-INT", &demo.id().to_string()])
+        .status();
+    for _ in 0..100 {
+        if demo.try_wait().unwrap().is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = demo.kill();
+    panic!("the demo did not stop on Ctrl-C");
+}
