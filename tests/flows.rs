@@ -158,11 +158,8 @@ async fn loopback_flow_times_out_clearly() {
         fn open_browser(&self, _: &str) -> bool {
             false
         }
-        fn read_line(
-            &self,
-            _: &str,
-        ) -> impl std::future::Future<Output = std::io::Result<String>> + Send {
-            async { Ok(String::new()) }
+        async fn read_line(&self, _: &str) -> std::io::Result<String> {
+            Ok(String::new())
         }
         fn show_device_code(&self, _: &str, _: &str, _: Option<&str>) {}
     }
