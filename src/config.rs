@@ -58,13 +58,19 @@ pub enum ConfigError {
 pub enum Protocol {
     /// IMAP4rev1.
     Imap,
+    /// POP3.
+    Pop3,
+    /// SMTP submission.
+    Smtp,
 }
 
 impl Protocol {
-    /// Lower-case name, for logs.
+    /// Lower-case name, for logs and config keys.
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Imap => "imap",
+            Protocol::Pop3 => "pop3",
+            Protocol::Smtp => "smtp",
         }
     }
 }
@@ -130,6 +136,9 @@ pub struct ServerConfig {
     /// How grants are sealed.
     #[serde(default)]
     pub key_mode: KeyMode,
+    /// The name mailbridge gives in SMTP greetings.
+    #[serde(default = "defaults::hostname")]
+    pub hostname: String,
     /// Connections served at once, over all listeners; more wait in the
     /// kernel's accept queue.
     #[serde(default = "defaults::max_connections")]
@@ -168,6 +177,7 @@ impl Default for ServerConfig {
         ServerConfig {
             state_dir: None,
             key_mode: KeyMode::default(),
+            hostname: defaults::hostname(),
             max_connections: defaults::max_connections(),
             preauth_timeout_secs: defaults::preauth_timeout(),
             relay_idle_timeout_secs: defaults::relay_idle_timeout(),
@@ -207,6 +217,9 @@ impl ServerConfig {
 }
 
 mod defaults {
+    pub fn hostname() -> String {
+        "localhost".into()
+    }
     pub fn max_connections() -> usize {
         1000
     }
@@ -246,7 +259,7 @@ mod defaults {
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
-    /// `imap`.
+    /// `imap`, `pop3` or `smtp`.
     pub protocol: Protocol,
     /// `IP:port` to listen on, e.g. `127.0.0.1:1143` or `[::1]:1143`.
     pub bind: String,
@@ -291,6 +304,10 @@ pub struct ProviderConfig {
     pub ca_file: Option<PathBuf>,
     /// The IMAP server.
     pub imap: Option<ServerEndpointConfig>,
+    /// The POP3 server.
+    pub pop3: Option<ServerEndpointConfig>,
+    /// The SMTP submission server.
+    pub smtp: Option<ServerEndpointConfig>,
 }
 
 /// A mail server of a provider.
@@ -306,6 +323,9 @@ pub struct ServerEndpointConfig {
     /// Bearer mechanisms in order of preference; the first one the server
     /// advertises is used.
     pub mechanisms: Option<Vec<Mechanism>>,
+    /// SMTP only: the name mailbridge gives in its EHLO; default: the name
+    /// the client gave in its own EHLO.
+    pub ehlo_name: Option<String>,
 }
 
 /// `[[account]]`: a local login mapped to an upstream identity.

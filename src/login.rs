@@ -88,10 +88,7 @@ impl Gateway {
                     "the account's provider is not configured".into(),
                 )
             })?;
-        let endpoint = match protocol {
-            Protocol::Imap => provider.imap.as_ref(),
-        }
-        .ok_or_else(|| {
+        let endpoint = provider.endpoint(protocol).ok_or_else(|| {
             failure(
                 FailureKind::Unavailable,
                 format!(

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use secrecy::SecretString;
 
-use crate::config::{ProviderConfig, ServerEndpointConfig, UpstreamTls};
+use crate::config::{Protocol, ProviderConfig, ServerEndpointConfig, UpstreamTls};
 use crate::sasl::Mechanism;
 
 /// A provider after presets and overrides were applied.
@@ -32,6 +32,21 @@ pub struct Provider {
     pub ca_file: Option<PathBuf>,
     /// The IMAP server, if this provider has one.
     pub imap: Option<ServerEndpoint>,
+    /// The POP3 server, if this provider has one.
+    pub pop3: Option<ServerEndpoint>,
+    /// The SMTP submission server, if this provider has one.
+    pub smtp: Option<ServerEndpoint>,
+}
+
+impl Provider {
+    /// The server for a protocol, if configured.
+    pub fn endpoint(&self, protocol: Protocol) -> Option<&ServerEndpoint> {
+        match protocol {
+            Protocol::Imap => self.imap.as_ref(),
+            Protocol::Pop3 => self.pop3.as_ref(),
+            Protocol::Smtp => self.smtp.as_ref(),
+        }
+    }
 }
 
 /// A mail server to log in to.
@@ -45,6 +60,8 @@ pub struct ServerEndpoint {
     pub tls: UpstreamTls,
     /// Bearer mechanisms in order of preference.
     pub mechanisms: Vec<Mechanism>,
+    /// SMTP: the EHLO name to use upstream (None: the client's).
+    pub ehlo_name: Option<String>,
 }
 
 /// The known presets.
@@ -84,6 +101,8 @@ pub const MICROSOFT_SCOPES: [&str; 4] = [
     "offline_access",
 ];
 
+const BOTH: &[Mechanism] = &[Mechanism::Xoauth2, Mechanism::Oauthbearer];
+
 /// Google's one mail scope.
 pub const GOOGLE_SCOPE: &str = "https://mail.google.com/";
 
@@ -92,6 +111,23 @@ struct Defaults {
     authorize_url: Option<String>,
     scopes: Vec<String>,
     imap: Option<ServerEndpoint>,
+    pop3: Option<ServerEndpoint>,
+    smtp: Option<ServerEndpoint>,
+}
+
+fn server(
+    host: &str,
+    port: u16,
+    tls: UpstreamTls,
+    mechanisms: &[Mechanism],
+) -> Option<ServerEndpoint> {
+    Some(ServerEndpoint {
+        host: host.into(),
+        port,
+        tls,
+        mechanisms: mechanisms.to_vec(),
+        ehlo_name: None,
+    })
 }
 
 fn preset_defaults(preset: Preset, tenant: &str) -> Defaults {
@@ -104,30 +140,41 @@ fn preset_defaults(preset: Preset, tenant: &str) -> Defaults {
                 "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize"
             )),
             scopes: MICROSOFT_SCOPES.iter().map(|s| s.to_string()).collect(),
-            imap: Some(ServerEndpoint {
-                host: "outlook.office365.com".into(),
-                port: 993,
-                tls: UpstreamTls::Implicit,
-                // Microsoft 365 documents XOAUTH2 only.
-                mechanisms: vec![Mechanism::Xoauth2],
-            }),
+            // Microsoft 365 documents XOAUTH2 only.
+            imap: server(
+                "outlook.office365.com",
+                993,
+                UpstreamTls::Implicit,
+                &[Mechanism::Xoauth2],
+            ),
+            pop3: server(
+                "outlook.office365.com",
+                995,
+                UpstreamTls::Implicit,
+                &[Mechanism::Xoauth2],
+            ),
+            smtp: server(
+                "smtp.office365.com",
+                587,
+                UpstreamTls::Starttls,
+                &[Mechanism::Xoauth2],
+            ),
         },
         Preset::Google => Defaults {
             token_url: Some("https://oauth2.googleapis.com/token".into()),
             authorize_url: Some("https://accounts.google.com/o/oauth2/v2/auth".into()),
             scopes: vec![GOOGLE_SCOPE.into()],
-            imap: Some(ServerEndpoint {
-                host: "imap.gmail.com".into(),
-                port: 993,
-                tls: UpstreamTls::Implicit,
-                mechanisms: vec![Mechanism::Xoauth2, Mechanism::Oauthbearer],
-            }),
+            imap: server("imap.gmail.com", 993, UpstreamTls::Implicit, BOTH),
+            pop3: server("pop.gmail.com", 995, UpstreamTls::Implicit, BOTH),
+            smtp: server("smtp.gmail.com", 465, UpstreamTls::Implicit, BOTH),
         },
         Preset::Custom => Defaults {
             token_url: None,
             authorize_url: None,
             scopes: Vec::new(),
             imap: None,
+            pop3: None,
+            smtp: None,
         },
     }
 }
@@ -138,6 +185,24 @@ fn merge_endpoint(
     over: Option<&ServerEndpointConfig>,
     default_port: u16,
 ) -> Result<Option<ServerEndpoint>, ProviderError> {
+    if let Some(name) = over.and_then(|o| o.ehlo_name.as_deref()) {
+        if field != "smtp" {
+            return Err(err(
+                &format!("{field}.ehlo_name"),
+                "ehlo_name only applies to [providers.NAME.smtp]",
+            ));
+        }
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-[]:".contains(c))
+        {
+            return Err(err(
+                &format!("{field}.ehlo_name"),
+                "use a host name or an address literal such as [192.0.2.1]",
+            ));
+        }
+    }
     let Some(over) = over else {
         return Ok(base);
     };
@@ -173,11 +238,16 @@ fn merge_endpoint(
             "list at least one of \"xoauth2\", \"oauthbearer\"",
         ));
     }
+    let ehlo_name = over
+        .ehlo_name
+        .clone()
+        .or_else(|| base.as_ref().and_then(|b| b.ehlo_name.clone()));
     Ok(Some(ServerEndpoint {
         host,
         port,
         tls,
         mechanisms,
+        ehlo_name,
     }))
 }
 
@@ -268,6 +338,8 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
     }
     let scopes = c.scopes.clone().unwrap_or(d.scopes);
     let imap = merge_endpoint("imap", d.imap, c.imap.as_ref(), 993)?;
+    let pop3 = merge_endpoint("pop3", d.pop3, c.pop3.as_ref(), 995)?;
+    let smtp = merge_endpoint("smtp", d.smtp, c.smtp.as_ref(), 465)?;
     if let Some(ca) = &c.ca_file {
         if !ca.is_file() {
             return Err(err(
@@ -286,6 +358,8 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
         scopes,
         ca_file: c.ca_file.clone(),
         imap,
+        pop3,
+        smtp,
     })
 }
 
@@ -321,6 +395,8 @@ mod tests {
             scopes: None,
             ca_file: None,
             imap: None,
+            pop3: None,
+            smtp: None,
         }
     }
 
@@ -363,6 +439,7 @@ mod tests {
             port: Some(1993),
             tls: Some(UpstreamTls::Starttls),
             mechanisms: Some(vec![Mechanism::Oauthbearer]),
+            ehlo_name: None,
         });
         let p = resolve("c", &c).unwrap();
         let imap = p.imap.unwrap();

@@ -46,6 +46,8 @@ pub enum ServerError {
 struct ListenerRuntime {
     config: Listener,
     driver: DriverSettings,
+    /// Our name in SMTP greetings.
+    hostname: String,
 }
 
 /// A bound, not yet running server.
@@ -106,6 +108,7 @@ impl Server {
                 Arc::new(ListenerRuntime {
                     config: l.clone(),
                     driver,
+                    hostname: settings.server.hostname.clone(),
                 }),
             ));
         }
@@ -184,7 +187,12 @@ async fn serve(
             Err(_) => return,
         }
     }
-    let session = client_session(&rt.config, rt.driver.tls.as_ref(), stream.is_tls());
+    let session = client_session(
+        &rt.config,
+        &rt.hostname,
+        rt.driver.tls.as_ref(),
+        stream.is_tls(),
+    );
     let protocol = rt.config.protocol;
     let login = |request| {
         let gateway = gateway.clone();

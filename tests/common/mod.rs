@@ -30,6 +30,8 @@ pub const WAIT: Duration = Duration::from_secs(20);
 pub struct Options {
     pub listener_tls: &'static str,
     pub upstream: ImapServerOptions,
+    pub smtp: SmtpServerOptions,
+    pub pop3: Pop3ServerOptions,
     pub provider: ProviderOptions,
     pub server_extra: String,
     pub mechanisms: Option<&'static str>,
@@ -40,6 +42,8 @@ impl Default for Options {
         Options {
             listener_tls: "none",
             upstream: ImapServerOptions::default(),
+            smtp: SmtpServerOptions::default(),
+            pop3: Pop3ServerOptions::default(),
             provider: ProviderOptions::default(),
             server_extra: String::new(),
             mechanisms: None,
@@ -50,8 +54,15 @@ impl Default for Options {
 pub struct Harness {
     pub provider: Provider,
     pub imap: ImapServer,
+    pub smtp: SmtpServer,
+    pub pop3: Pop3Server,
     pub pki: TestPki,
+    /// mailbridge's IMAP listener.
     pub addr: SocketAddr,
+    /// mailbridge's POP3 listener.
+    pub pop3_addr: SocketAddr,
+    /// mailbridge's SMTP listener.
+    pub smtp_addr: SocketAddr,
     pub store: Arc<dyn TokenStore>,
     pub dir: PathBuf,
     pub refresh_token: String,
@@ -77,6 +88,8 @@ impl Harness {
         let imap = ImapServer::start(opts.upstream.clone(), provider.validator(), &pki)
             .await
             .unwrap();
+        let smtp = SmtpServer::start(opts.smtp.clone(), provider.validator(), &pki).await.unwrap();
+        let pop3 = Pop3Server::start(opts.pop3.clone(), provider.validator(), &pki).await.unwrap();
         let dir = temp_dir("e2e");
         let ca = dir.join("ca.pem");
         let cert = dir.join("cert.pem");
@@ -84,7 +97,7 @@ impl Harness {
         std::fs::write(&ca, &pki.ca_pem).unwrap();
         std::fs::write(&cert, &pki.cert_pem).unwrap();
         std::fs::write(&key, &pki.key_pem).unwrap();
-        let upstream_tls = match opts.upstream.tls {
+        let tls_name = |t: SandboxTls| match t {
             SandboxTls::StartTls => "starttls",
             _ => "implicit",
         };
@@ -116,12 +129,26 @@ bind = "127.0.0.1:0"
 tls = "{ltls}"
 {listener_cert}
 
+[[listener]]
+protocol = "pop3"
+bind = "127.0.0.1:0"
+tls = "{ltls}"
+{listener_cert}
+
+[[listener]]
+protocol = "smtp"
+bind = "127.0.0.1:0"
+tls = "{ltls}"
+{listener_cert}
+
 [providers.sandbox]
 preset = "custom"
 client_id = "mailbridge-test"
 token_url = "{token_url}"
 ca_file = "{ca}"
-imap = {{ host = "localhost", port = {port}, tls = "{upstream_tls}"{mechanisms} }}
+imap = {{ host = "localhost", port = {port}, tls = "{imap_tls}"{mechanisms} }}
+pop3 = {{ host = "localhost", port = {pop3_port}, tls = "{pop3_tls}"{mechanisms} }}
+smtp = {{ host = "localhost", port = {smtp_port}, tls = "{smtp_tls}"{mechanisms} }}
 
 [[account]]
 user = "{USER}"
@@ -132,6 +159,11 @@ provider = "sandbox"
             token_url = provider.token_url(),
             ca = ca.display(),
             port = imap.addr().port(),
+            pop3_port = pop3.addr().port(),
+            smtp_port = smtp.addr().port(),
+            imap_tls = tls_name(opts.upstream.tls),
+            pop3_tls = tls_name(opts.pop3.tls),
+            smtp_tls = tls_name(opts.smtp.tls),
         );
         let settings = Settings::parse(&config, "test config").unwrap();
         let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(&dir.join("state")).unwrap());
@@ -156,7 +188,7 @@ provider = "sandbox"
             .unwrap();
         drop(vault);
         let server = Server::bind(settings, store.clone()).await.unwrap();
-        let addr = server.local_addrs()[0];
+        let addrs = server.local_addrs();
         let (stop, rx) = oneshot::channel();
         let task = tokio::spawn(server.run(async {
             let _ = rx.await;
@@ -164,8 +196,12 @@ provider = "sandbox"
         Harness {
             provider,
             imap,
+            smtp,
+            pop3,
             pki,
-            addr,
+            addr: addrs[0],
+            pop3_addr: addrs[1],
+            smtp_addr: addrs[2],
             store,
             dir,
             refresh_token,
@@ -207,6 +243,8 @@ provider = "sandbox"
             let _ = tokio::time::timeout(WAIT, t).await;
         }
         self.imap.shutdown();
+        self.smtp.shutdown();
+        self.pop3.shutdown();
         self.provider.shutdown();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -262,14 +300,37 @@ impl Client {
         }
     }
 
-    /// Connects, reads the greeting, runs STARTTLS, and continues in TLS.
+    /// Connects, reads the greeting, runs IMAP STARTTLS, and continues in TLS.
     pub async fn starttls(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Client {
+        Client::upgrade(addr, config, &[], b"s1 STARTTLS\r\n", "s1 OK").await
+    }
+
+    /// Connects and reads the greeting; for each `(command, last)` in
+    /// `before` (e.g. an SMTP EHLO) sends it and reads lines up to one that
+    /// starts with `last`; then sends `command`, expects a reply starting
+    /// with `ok`, and continues in TLS.
+    pub async fn upgrade(
+        addr: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+        before: &[(&[u8], &str)],
+        command: &[u8],
+        ok: &str,
+    ) -> Client {
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         let greeting = read_line_unbuffered(&mut tcp).await;
-        assert!(greeting.contains("STARTTLS"), "{greeting}");
-        tcp.write_all(b"s1 STARTTLS\r\n").await.unwrap();
-        let ok = read_line_unbuffered(&mut tcp).await;
-        assert!(ok.starts_with("s1 OK"), "{ok}");
+        assert!(!greeting.is_empty(), "no greeting");
+        for (cmd, last) in before {
+            tcp.write_all(cmd).await.unwrap();
+            for _ in 0..100 {
+                let l = read_line_unbuffered(&mut tcp).await;
+                if l.starts_with(last) || l.is_empty() {
+                    break;
+                }
+            }
+        }
+        tcp.write_all(command).await.unwrap();
+        let reply = read_line_unbuffered(&mut tcp).await;
+        assert!(reply.starts_with(ok), "{reply}");
         let tls = tokio_rustls::TlsConnector::from(config)
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
@@ -283,6 +344,44 @@ impl Client {
         let w = self.io.get_mut();
         w.write_all(bytes).await.unwrap();
         w.flush().await.unwrap();
+    }
+
+    /// An SMTP reply: lines up to the one with a space after the code.
+    pub async fn smtp_reply(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for _ in 0..1000 {
+            let l = self.line().await;
+            let done = l.len() < 4 || l.as_bytes()[3] == b' ';
+            lines.push(l);
+            if done {
+                break;
+            }
+        }
+        lines
+    }
+
+    /// Sends an SMTP command line and returns the last reply line.
+    pub async fn smtp(&mut self, command: &str) -> String {
+        self.send(format!("{command}\r\n").as_bytes()).await;
+        self.smtp_reply().await.pop().unwrap_or_default()
+    }
+
+    /// A POP3 multi-line body up to the lone dot, dot-unstuffed, CRLF kept.
+    pub async fn pop3_multiline(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let mut buf = Vec::new();
+            tokio::time::timeout(WAIT, self.io.read_until(b'\n', &mut buf))
+                .await
+                .expect("timed out reading a POP3 body")
+                .unwrap();
+            assert!(!buf.is_empty(), "EOF inside a POP3 body");
+            if buf == b".\r\n" {
+                return out;
+            }
+            let line = if buf.starts_with(b"..") { &buf[1..] } else { &buf[..] };
+            out.extend_from_slice(line);
+        }
     }
 
     /// One line without CRLF; "" on EOF.
