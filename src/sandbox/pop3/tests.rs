@@ -475,3 +475,108 @@ async fn overlong_line_closes_and_shutdown_stops() {
     sb.server.shutdown();
     assert!(c.closed().await);
 }
+
+/// How a login drive over one stream ended.
+enum Driven {
+    Done(crate::proto::UpstreamSuccess),
+    StartTls,
+}
+
+/// Runs mailbridge's upstream login dialogue over `stream`, handing out
+/// `tokens` in order and retrying when the server suggests it.
+async fn drive_login<S: AsyncRead + AsyncWrite + Unpin>(
+    u: &mut crate::proto::pop3::Pop3UpstreamLogin,
+    stream: &mut S,
+    tokens: &mut Vec<String>,
+    rejections: &mut Vec<crate::proto::Rejection>,
+) -> Driven {
+    use tokio::io::AsyncReadExt;
+
+    use crate::proto::{UpstreamLogin, UpstreamStep};
+    use crate::sasl::BearerToken;
+    let mut buf = vec![0; 4096];
+    loop {
+        match u.next_step().expect("login dialogue") {
+            UpstreamStep::NeedInput => {
+                let n = tokio::time::timeout(STEP, stream.read(&mut buf))
+                    .await
+                    .expect("server answered in time")
+                    .expect("read");
+                assert!(n > 0, "server closed during login");
+                u.feed(&buf[..n]);
+            }
+            UpstreamStep::Send(bytes) => {
+                stream.write_all(&bytes).await.unwrap();
+                stream.flush().await.unwrap();
+            }
+            UpstreamStep::StartTls => return Driven::StartTls,
+            UpstreamStep::NeedToken => u.provide_token(&BearerToken {
+                user: USER.into(),
+                token: secrecy::SecretString::from(tokens.remove(0)),
+                host: "localhost".into(),
+                port: 110,
+            }),
+            UpstreamStep::Rejected(r) => {
+                let retry = r.retry_suggested;
+                rejections.push(r);
+                assert!(retry, "rejected without a retry suggestion");
+                u.retry();
+            }
+            UpstreamStep::Authenticated(ok) => return Driven::Done(ok),
+        }
+    }
+}
+
+#[tokio::test]
+async fn upstream_login_dialogue_against_the_sandbox() {
+    use crate::proto::pop3::{Pop3UpstreamLogin, UpstreamOptions};
+    let sb = sandbox(Pop3ServerOptions {
+        tls: SandboxTls::StartTls,
+        ..Default::default()
+    })
+    .await;
+    sb.server.append(USER, b"Subject: x\r\n\r\ny\r\n".to_vec());
+    for (mech, ir) in [(Mechanism::Xoauth2, false), (Mechanism::Oauthbearer, true)] {
+        let mut u = Pop3UpstreamLogin::new(UpstreamOptions {
+            starttls: true,
+            preference: vec![mech],
+            initial_response: ir,
+            ..UpstreamOptions::default()
+        });
+        let mut tokens = vec!["stale-token".to_string(), sb.token()];
+        let mut rejections = Vec::new();
+        let mut tcp = TcpStream::connect(sb.server.addr()).await.unwrap();
+        let driven = drive_login(&mut u, &mut tcp, &mut tokens, &mut rejections).await;
+        assert!(matches!(driven, Driven::StartTls));
+        let mut tls = tls_connect(&sb.pki, tcp).await;
+        crate::proto::UpstreamLogin::tls_started(&mut u);
+        let Driven::Done(ok) = drive_login(&mut u, &mut tls, &mut tokens, &mut rejections).await
+        else {
+            panic!("a second STLS");
+        };
+        assert!(
+            ok.capabilities
+                .contains(&"SASL XOAUTH2 OAUTHBEARER".to_string())
+        );
+        assert!(!ok.capabilities.contains(&"STLS".to_string()));
+        assert!(ok.leftover.is_empty());
+        assert_eq!(rejections.len(), 1);
+        assert_eq!(
+            rejections[0].server_text,
+            "-ERR [AUTH] Authentication failed"
+        );
+        assert_eq!(
+            rejections[0]
+                .challenge
+                .as_ref()
+                .and_then(|c| c.status.as_deref()),
+            Some("401")
+        );
+        // Relaying from here: the session is a plain POP3 session.
+        let mut c = Client::new(tls);
+        assert_eq!(c.cmd("STAT").await, "+OK 1 17");
+        assert_eq!(c.cmd("QUIT").await, "+OK Sandbox POP3 signing off");
+    }
+    assert_eq!(sb.server.logins(), 2);
+    assert_eq!(sb.server.auth_failures(), 2);
+}
