@@ -15,14 +15,18 @@
 //!   [`TokenValidator`] the mail servers use to check bearer tokens.
 //! - [`imap`]: the IMAP server; command and SASL parsing live in
 //!   `imap::syntax`, apart from the socket loop.
+//! - [`smtp`]: the SMTP submission server; command parsing and the DATA
+//!   reader live in `smtp::syntax`.
 
 pub mod imap;
 pub mod pki;
 pub mod provider;
+pub mod smtp;
 
 pub use imap::{ImapServer, ImapServerOptions};
 pub use pki::TestPki;
 pub use provider::{Provider, ProviderOptions, TokenRejection, TokenValidator};
+pub use smtp::{ReceivedMessage, SmtpServer, SmtpServerOptions};
 
 /// How a sandbox mail server does TLS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
