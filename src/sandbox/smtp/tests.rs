@@ -514,3 +514,172 @@ async fn shutdown_closes_sessions() {
     sb.server.shutdown();
     assert!(c.closed().await);
 }
+
+// ---------------------------------------------------------------------------
+// mailbridge's upstream login dialogue against this server.
+
+mod upstream {
+    use secrecy::SecretString;
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+    use crate::proto::smtp::{SmtpUpstreamLogin, UpstreamOptions, explain};
+    use crate::proto::{UpstreamLogin, UpstreamStep};
+    use crate::sasl::BearerToken;
+
+    #[derive(Debug)]
+    enum End {
+        StartTls,
+        Authenticated(Vec<String>),
+        Rejected(String, bool),
+        Error(String),
+    }
+
+    /// Runs the dialogue over one stream until it needs TLS or ends; a
+    /// rejection that suggests a retry is retried while tokens remain.
+    async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+        u: &mut SmtpUpstreamLogin,
+        io: &mut S,
+        tokens: &mut Vec<String>,
+    ) -> End {
+        let mut buf = vec![0; 4096];
+        loop {
+            match u.next_step() {
+                Ok(UpstreamStep::NeedInput) => {
+                    let n = tokio::time::timeout(STEP, io.read(&mut buf))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    assert!(n > 0, "server closed");
+                    u.feed(&buf[..n]);
+                }
+                Ok(UpstreamStep::Send(bytes)) => {
+                    io.write_all(&bytes).await.unwrap();
+                    io.flush().await.unwrap();
+                }
+                Ok(UpstreamStep::StartTls) => return End::StartTls,
+                Ok(UpstreamStep::NeedToken) => {
+                    let token = tokens.remove(0);
+                    u.provide_token(&BearerToken {
+                        user: USER.to_owned(),
+                        token: SecretString::from(token),
+                        host: "localhost".to_owned(),
+                        port: 587,
+                    });
+                }
+                Ok(UpstreamStep::Authenticated(ok)) => return End::Authenticated(ok.capabilities),
+                Ok(UpstreamStep::Rejected(r)) => {
+                    if r.retry_suggested && !tokens.is_empty() {
+                        u.retry();
+                        continue;
+                    }
+                    return End::Rejected(r.server_text, r.retry_suggested);
+                }
+                Err(e) => return End::Error(e.to_string()),
+            }
+        }
+    }
+
+    async fn login(sb: &Sandbox, opts: UpstreamOptions, mut tokens: Vec<String>) -> End {
+        let mut tcp = TcpStream::connect(sb.server.addr()).await.unwrap();
+        let mut u = SmtpUpstreamLogin::new(opts);
+        match drive(&mut u, &mut tcp, &mut tokens).await {
+            End::StartTls => {}
+            end => return end,
+        }
+        u.tls_started();
+        let mut tls = tls_connect(&sb.pki, tcp).await;
+        drive(&mut u, &mut tls, &mut tokens).await
+    }
+
+    fn starttls(name: &str) -> UpstreamOptions {
+        UpstreamOptions {
+            starttls: true,
+            ehlo_name: Some(name.to_owned()),
+            ..UpstreamOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn starttls_login_with_stale_then_fresh_token() {
+        let sb = sandbox(SmtpServerOptions::default()).await;
+        let end = login(
+            &sb,
+            starttls("scanner.lan"),
+            vec!["stale".into(), sb.token()],
+        )
+        .await;
+        match end {
+            End::Authenticated(caps) => {
+                assert!(
+                    caps.contains(&"AUTH XOAUTH2 OAUTHBEARER".to_owned()),
+                    "{caps:?}"
+                );
+                assert!(!caps.contains(&"STARTTLS".to_owned()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(sb.server.logins(), 1);
+        assert_eq!(sb.server.auth_failures(), 1);
+        assert_eq!(sb.server.last_ehlo().as_deref(), Some("scanner.lan"));
+    }
+
+    #[tokio::test]
+    async fn oauthbearer_two_step_fallback_and_refusal() {
+        let sb = sandbox(SmtpServerOptions {
+            tls: SandboxTls::Implicit,
+            require_two_step: true,
+            mechanisms: vec![Mechanism::Oauthbearer],
+            ..SmtpServerOptions::default()
+        })
+        .await;
+        let tcp = TcpStream::connect(sb.server.addr()).await.unwrap();
+        let mut tls = tls_connect(&sb.pki, tcp).await;
+        let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+        let end = drive(&mut u, &mut tls, &mut vec![sb.token()]).await;
+        assert!(matches!(end, End::Authenticated(_)), "{end:?}");
+        // A bad token with no second chance: the challenge is answered and
+        // the final refusal reported.
+        let tcp = TcpStream::connect(sb.server.addr()).await.unwrap();
+        let mut tls = tls_connect(&sb.pki, tcp).await;
+        let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+        match drive(&mut u, &mut tls, &mut vec!["bad".into()]).await {
+            End::Rejected(text, retry) => {
+                assert_eq!(text, "535 5.7.8 Username and Password not accepted");
+                assert!(retry);
+                assert!(explain(&text).is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn microsoft_smtp_auth_disabled() {
+        let reply = "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.";
+        let sb = sandbox(SmtpServerOptions {
+            mechanisms: vec![Mechanism::Xoauth2],
+            auth_failure_reply: Some(reply.to_owned()),
+            ..SmtpServerOptions::default()
+        })
+        .await;
+        match login(&sb, starttls("c"), vec![sb.token(), sb.token()]).await {
+            End::Rejected(text, retry) => {
+                assert_eq!(text, reply);
+                assert!(!retry);
+                assert!(explain(&text).is_some_and(|e| e.contains("Set-CASMailbox")));
+            }
+            other => panic!("{other:?}"),
+        }
+        // No STARTTLS offered when the dialogue requires it.
+        let sb = sandbox(SmtpServerOptions {
+            tls: SandboxTls::Plain,
+            ..SmtpServerOptions::default()
+        })
+        .await;
+        let end = login(&sb, starttls("c"), vec![sb.token()]).await;
+        assert!(
+            matches!(&end, End::Error(e) if e.contains("STARTTLS")),
+            "{end:?}"
+        );
+    }
+}
