@@ -485,9 +485,11 @@ impl Provider {
         self.shared.book().pending_device_codes(Instant::now())
     }
 
-    /// The next `count` device code polls that are not otherwise refused
-    /// get `slow_down` (and grow that device code's interval by 5 s), even
-    /// when [`ProviderOptions::device_interval`] is zero.
+    /// The next `count` polls of a live device code (known, this client's,
+    /// unexpired, unspent) get `slow_down`, whatever its state, and grow
+    /// that device code's interval by 5 s, even when
+    /// [`ProviderOptions::device_interval`] is zero. Replaces any count
+    /// still outstanding.
     pub fn force_slow_down(&self, count: u32) {
         self.shared.book().forced_slow_downs = count;
     }

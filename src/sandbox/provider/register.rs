@@ -147,7 +147,8 @@ fn register(
         )));
     }
     let code_grant = grant_types.iter().any(|g| g == "authorization_code");
-    if code_grant != !response_types.is_empty() {
+    let code_response = response_types.iter().any(|r| r == "code");
+    if code_grant != code_response {
         return Err(metadata_error(
             "grant_types and response_types disagree: authorization_code goes with code",
         ));
