@@ -606,6 +606,9 @@ impl Settings {
                     GrantKind::ServiceAccount if p.service_account_key_file.is_none() => Some(
                         "grant = \"service_account\" needs service_account_key_file on the provider",
                     ),
+                    GrantKind::ServiceAccount if p.scopes.is_empty() => Some(
+                        "grant = \"service_account\" needs scopes on the provider (Google: https://mail.google.com/)",
+                    ),
                     _ => None,
                 };
                 if let Some(m) = missing {

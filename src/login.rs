@@ -124,8 +124,8 @@ impl Gateway {
             upstream::TokenAccess {
                 source: &self.tokens,
                 provider,
+                account: &account,
                 unlocked: &unlocked,
-                upstream_user: &account.upstream_user,
             },
         )
         .await;

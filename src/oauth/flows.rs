@@ -139,6 +139,9 @@ pub struct BrowserOptions {
     pub timeout: Duration,
     /// Do not try to open a browser (the URL is printed either way).
     pub no_browser: bool,
+    /// Extra authorization-request parameters a provider needs (Google:
+    /// `access_type=offline` and `prompt=consent` for a refresh token).
+    pub extra_params: Vec<(String, String)>,
 }
 
 type Client = oauth2::Client<

@@ -98,6 +98,9 @@ pub struct AccountMeta {
     pub last_login_at: Option<u64>,
     /// The last error seen for this account, as shown to a person.
     pub last_error: Option<String>,
+    /// How the grant was obtained (`authorization_code`, `device_code`,
+    /// `client_credentials`, `service_account`, `password`, `import`).
+    pub flow: Option<String>,
 }
 
 /// Persistent storage for sealed grants and account metadata.
