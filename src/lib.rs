@@ -26,10 +26,13 @@
 //! - [`server`]: binds and runs it all; used by `main` and the tests.
 //! - [`sandbox`]: strict fake OAuth2 provider and mail servers for tests and
 //!   `mailbridge demo`.
+//! - [`bench`]: clients, scenarios and the report of the benchmark
+//!   (`cargo bench --bench proxy`).
 //! - [`cli`]: the command line (main.rs only calls it).
 #![forbid(unsafe_code)]
 
 pub mod authorize;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod demo;

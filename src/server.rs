@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::ServerConfig;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
 use tracing::Instrument;
 
@@ -57,6 +57,27 @@ pub struct Server {
     max_connections: usize,
 }
 
+/// Connections the kernel may hold for a listener before mailbridge
+/// accepts them (it caps this at `net.core.somaxconn`, 4096 by default).
+/// A small queue loses connections in a burst: with SYN cookies the client
+/// believes it is connected, the final ACK is dropped on a full queue, and
+/// an IMAP or SMTP client then waits forever for a greeting.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`] (and
+/// `SO_REUSEADDR`, as `TcpListener::bind` sets it).
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// The vault for a configuration's `[server]` settings.
 pub fn vault_for(settings: &Settings, store: Arc<dyn TokenStore>) -> Vault {
     let s = &settings.server;
@@ -90,13 +111,11 @@ impl Server {
                 (_, Some((cert, key))) => Some(tls::server_config_from_files(cert, key)?),
                 (_, None) => Some(tls::self_signed_server_config()?),
             };
-            let tcp = TcpListener::bind(l.bind)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: l.bind,
-                    protocol: l.protocol.name(),
-                    source,
-                })?;
+            let tcp = listen(l.bind).map_err(|source| ServerError::Bind {
+                addr: l.bind,
+                protocol: l.protocol.name(),
+                source,
+            })?;
             let driver = DriverSettings {
                 tls,
                 preauth_timeout: settings.server.preauth_timeout(),
@@ -144,7 +163,10 @@ impl Server {
             let gateway = self.gateway.clone();
             let limit = limit.clone();
             let stop = stop_rx.clone();
-            tasks.push(tokio::spawn(accept_loop(
+            // Unconstrained: a burst of connections is accepted in one go
+            // instead of 128 at a time between every session's turn, so the
+            // kernel's accept queue does not overflow (see `listen`).
+            tasks.push(tokio::spawn(tokio::task::unconstrained(accept_loop(
                 tcp,
                 limit,
                 stop,
@@ -155,7 +177,7 @@ impl Server {
                         tracing::info_span!("conn", %peer, protocol = rt.config.protocol.name());
                     async move { serve(rt, gateway, tcp, peer).await }.instrument(span)
                 },
-            )));
+            ))));
         }
         shutdown.await;
         tracing::info!("shutting down: no new connections");
@@ -244,10 +266,150 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    raise_open_files_limit(open_files_wanted(settings.server.max_connections));
     let dir = settings.server.state_dir();
     let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(&dir)?);
     tracing::info!(state_dir = %dir.display(), "token store opened");
     let server = Server::bind(settings, store).await?;
     server.run(shutdown).await;
     Ok(())
+}
+
+/// Open files a server with `max_connections` may need: two per session
+/// (the client's socket and the upstream's) and a margin for listeners,
+/// the store, logs and token requests.
+pub fn open_files_wanted(max_connections: usize) -> u64 {
+    (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(256)
+}
+
+/// The open-files limit before and after [`raise_open_files_limit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenFiles {
+    /// The soft limit found.
+    pub before: u64,
+    /// The soft limit now in force.
+    pub now: u64,
+    /// What was asked for.
+    pub wanted: u64,
+}
+
+/// The `(soft, hard)` limits to set, if any change: the soft limit goes up
+/// to the hard one (the process only uses epoll, so a high limit costs
+/// nothing), and the hard one up to `wanted` when it is lower (allowed for
+/// root or with `CAP_SYS_RESOURCE`), never past the kernel's `ceiling`
+/// (`/proc/sys/fs/nr_open`). Nothing is ever lowered.
+pub fn nofile_plan(soft: u64, hard: u64, ceiling: u64, wanted: u64) -> Option<(u64, u64)> {
+    let hard_new = if hard < wanted {
+        wanted.min(ceiling).max(hard)
+    } else {
+        hard
+    };
+    let soft_new = hard_new.min(ceiling).max(soft);
+    (soft_new != soft || hard_new != hard).then_some((soft_new, hard_new))
+}
+
+/// Raises this process's open-files limit as far as it can towards
+/// `wanted` (see [`nofile_plan`]) and warns, with what to do, when it stays
+/// below. Used by `mailbridge run`, and by the benchmark for itself.
+#[cfg(unix)]
+pub fn raise_open_files_limit(wanted: u64) -> OpenFiles {
+    use rlimit::Resource;
+    let Ok((soft, hard)) = Resource::NOFILE.get() else {
+        return OpenFiles {
+            before: 0,
+            now: 0,
+            wanted,
+        };
+    };
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20);
+    let mut now = soft;
+    if let Some((s, h)) = nofile_plan(soft, hard, ceiling, wanted) {
+        if Resource::NOFILE.set(s, h).is_ok() {
+            now = s;
+        } else if let Some((s, h)) = nofile_plan(soft, hard, ceiling, 0) {
+            // Not allowed to raise the hard limit: up to it, then.
+            if Resource::NOFILE.set(s, h).is_ok() {
+                now = s;
+            }
+        }
+    }
+    if now != soft {
+        tracing::info!(from = soft, to = now, "raised the open-files limit");
+    }
+    if now < wanted {
+        tracing::warn!(
+            limit = now,
+            wanted,
+            "the open-files limit is below what max_connections needs (two per session); \
+             raise it (systemd: LimitNOFILE={wanted}; shell: ulimit -n {wanted}) \
+             or lower max_connections"
+        );
+    }
+    OpenFiles {
+        before: soft,
+        now,
+        wanted,
+    }
+}
+
+/// Not Unix: nothing to raise.
+#[cfg(not(unix))]
+pub fn raise_open_files_limit(wanted: u64) -> OpenFiles {
+    OpenFiles {
+        before: wanted,
+        now: wanted,
+        wanted,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nofile_plan_raises_soft_to_hard() {
+        assert_eq!(nofile_plan(1024, 4096, 1 << 20, 2256), Some((4096, 4096)));
+        assert_eq!(nofile_plan(4096, 4096, 1 << 20, 2256), None);
+    }
+
+    #[test]
+    fn nofile_plan_raises_hard_when_too_low() {
+        // 10,000 sessions on a machine whose hard limit is 20,000.
+        let wanted = open_files_wanted(10_000);
+        assert_eq!(wanted, 20_256);
+        assert_eq!(
+            nofile_plan(1024, 20_000, 1 << 20, wanted),
+            Some((20_256, 20_256))
+        );
+        // Never past the kernel's ceiling, never lowered.
+        assert_eq!(
+            nofile_plan(1024, 20_000, 20_100, wanted),
+            Some((20_100, 20_100))
+        );
+        assert_eq!(
+            nofile_plan(50_000, 60_000, 1 << 20, wanted),
+            Some((60_000, 60_000))
+        );
+        assert_eq!(nofile_plan(60_000, 60_000, 1 << 20, wanted), None);
+    }
+
+    #[test]
+    fn nofile_plan_with_an_infinite_hard_limit() {
+        assert_eq!(
+            nofile_plan(1024, u64::MAX, 1 << 20, 2256),
+            Some((1 << 20, u64::MAX))
+        );
+    }
+
+    #[test]
+    fn raising_never_lowers_the_limit() {
+        let r = raise_open_files_limit(64);
+        assert!(r.now >= r.before);
+        assert!(r.now >= 64);
+    }
 }

@@ -42,3 +42,10 @@ pub enum SandboxTls {
     /// TLS from the first byte.
     Implicit,
 }
+
+/// A listener on 127.0.0.1 with an ephemeral port and the same large accept
+/// queue as mailbridge's (the benchmark opens 10,000 sessions at once). Its
+/// accept loop runs unconstrained for the same reason.
+pub(crate) fn listen_loopback() -> std::io::Result<tokio::net::TcpListener> {
+    crate::server::listen(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+}

@@ -138,7 +138,7 @@ impl ImapServer {
         validator: TokenValidator,
         pki: &TestPki,
     ) -> io::Result<ImapServer> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let listener = super::listen_loopback()?;
         let addr = listener.local_addr()?;
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -152,7 +152,10 @@ impl ImapServer {
             last_client_id: Mutex::new(None),
             shutdown,
         });
-        tokio::spawn(accept_loop(shared.clone(), listener));
+        tokio::spawn(tokio::task::unconstrained(accept_loop(
+            shared.clone(),
+            listener,
+        )));
         Ok(ImapServer { shared })
     }
 

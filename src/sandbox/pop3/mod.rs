@@ -124,7 +124,7 @@ impl Pop3Server {
         validator: TokenValidator,
         pki: &TestPki,
     ) -> io::Result<Pop3Server> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let listener = super::listen_loopback()?;
         let addr = listener.local_addr()?;
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -137,7 +137,10 @@ impl Pop3Server {
             auth_failures: AtomicU64::new(0),
             shutdown,
         });
-        tokio::spawn(accept_loop(shared.clone(), listener));
+        tokio::spawn(tokio::task::unconstrained(accept_loop(
+            shared.clone(),
+            listener,
+        )));
         Ok(Pop3Server { shared })
     }
 

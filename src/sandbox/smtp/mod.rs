@@ -144,7 +144,7 @@ impl SmtpServer {
         validator: TokenValidator,
         pki: &TestPki,
     ) -> io::Result<SmtpServer> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let listener = super::listen_loopback()?;
         let addr = listener.local_addr()?;
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -158,7 +158,10 @@ impl SmtpServer {
             last_ehlo: Mutex::new(None),
             shutdown,
         });
-        tokio::spawn(accept_loop(shared.clone(), listener));
+        tokio::spawn(tokio::task::unconstrained(accept_loop(
+            shared.clone(),
+            listener,
+        )));
         Ok(SmtpServer { shared })
     }
 
@@ -170,6 +173,17 @@ impl SmtpServer {
     /// Every message accepted so far, in order.
     pub fn messages(&self) -> Vec<ReceivedMessage> {
         lock(&self.shared.messages).clone()
+    }
+
+    /// How many messages were accepted and are still kept.
+    pub fn message_count(&self) -> usize {
+        lock(&self.shared.messages).len()
+    }
+
+    /// Forgets the messages accepted so far (the benchmark sends hundreds
+    /// of megabytes over a run).
+    pub fn clear_messages(&self) {
+        *lock(&self.shared.messages) = Vec::new();
     }
 
     /// Successful authentications.

@@ -411,6 +411,10 @@ async fn pipelined_transaction_with_dot_unstuffing() {
             }
         ]
     );
+    assert_eq!(sb.server.message_count(), 2);
+    sb.server.clear_messages();
+    assert_eq!(sb.server.message_count(), 0);
+    assert!(sb.server.messages().is_empty());
 }
 
 #[tokio::test]

@@ -1,0 +1,764 @@
+//! The mailbridge benchmark: every figure through mailbridge and, in the
+//! same run, with the same client straight to the upstream.
+//!
+//!     cargo bench --bench proxy              # the full run, a few minutes
+//!     cargo bench --bench proxy -- --quick   # smaller counts, to try it
+//!
+//! It starts the sandbox OAuth2 provider and the sandbox IMAP (implicit
+//! TLS) and SMTP (STARTTLS) servers in this process, seals two grants with
+//! `mailbridge account import`, and runs `mailbridge run` as a separate
+//! process so that its memory is its own. Clients talk to mailbridge in
+//! plain text on loopback and mailbridge talks TLS upstream; the direct
+//! client talks TLS and XOAUTH2 itself. The table goes to standard output
+//! and to `target/mailbridge-bench.md` (or `--out FILE`). See
+//! docs/PERFORMANCE.md for what each figure means.
+
+mod process;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use mailbridge::bench::report::{Row, Target, markdown};
+use mailbridge::bench::stats::{median, millis, percentile};
+use mailbridge::bench::{Route, scenario};
+use mailbridge::sandbox::{
+    ImapServer, ImapServerOptions, Provider, ProviderOptions, SmtpServer, SmtpServerOptions,
+    TestPki,
+};
+use rustls_pki_types::ServerName;
+
+use process::{Mailbridge, free_port, import};
+
+const ALICE: &str = "alice@example.com";
+/// The account of the refresh scenario, so revoking its tokens leaves the
+/// other scenarios alone.
+const BOB: &str = "bob@example.com";
+const PASSWORD: &str = "bench local password";
+const CLIENT_ID: &str = "mailbridge-bench";
+
+/// What to run.
+struct Plan {
+    quick: bool,
+    out: Option<PathBuf>,
+    logins: usize,
+    login_block: usize,
+    mailbox_messages: usize,
+    message_size: usize,
+    fetch_rounds: usize,
+    smtp_messages: usize,
+    smtp_size: usize,
+    smtp_rounds: usize,
+    sessions: Vec<usize>,
+    refresh_logins: usize,
+    refresh_rounds: usize,
+    /// Scenarios to run (all when empty).
+    only: Vec<String>,
+    /// Keep the temporary directory (config, store, mailbridge's log).
+    keep: bool,
+}
+
+impl Plan {
+    fn full() -> Plan {
+        Plan {
+            quick: false,
+            out: None,
+            logins: 500,
+            login_block: 25,
+            mailbox_messages: 50,
+            message_size: 1024 * 1024,
+            fetch_rounds: 7,
+            smtp_messages: 200,
+            smtp_size: 100 * 1024,
+            smtp_rounds: 5,
+            sessions: vec![1_000, 10_000],
+            refresh_logins: 50,
+            refresh_rounds: 5,
+            only: Vec::new(),
+            keep: false,
+        }
+    }
+
+    fn quick() -> Plan {
+        Plan {
+            quick: true,
+            logins: 100,
+            mailbox_messages: 10,
+            fetch_rounds: 3,
+            smtp_messages: 40,
+            smtp_rounds: 3,
+            sessions: vec![1_000],
+            refresh_rounds: 2,
+            ..Plan::full()
+        }
+    }
+}
+
+const USAGE: &str = "usage: cargo bench --bench proxy [-- [--quick] [--out FILE] \
+                     [--sessions N,N] [--only login,fetch,smtp,refresh,idle] [--keep]]";
+const SCENARIOS: [&str; 5] = ["login", "fetch", "smtp", "refresh", "idle"];
+
+fn parse_args() -> Result<Option<Plan>, String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` passes --bench; `cargo test --benches` does not, and
+    // then there is nothing to do.
+    if !args.iter().any(|a| a == "--bench") {
+        return Ok(None);
+    }
+    let mut plan = if args.iter().any(|a| a == "--quick") {
+        Plan::quick()
+    } else {
+        Plan::full()
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--bench" | "--quick" => {}
+            "--keep" => plan.keep = true,
+            "--only" => {
+                plan.only = it
+                    .next()
+                    .ok_or(USAGE)?
+                    .split(',')
+                    .map(str::to_string)
+                    .collect();
+                if let Some(bad) = plan.only.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
+                    return Err(format!("unknown scenario {bad}\n{USAGE}"));
+                }
+            }
+            "--out" => plan.out = Some(it.next().ok_or(USAGE)?.into()),
+            "--sessions" => {
+                plan.sessions = it
+                    .next()
+                    .ok_or(USAGE)?
+                    .split(',')
+                    .map(|n| n.trim().parse().map_err(|_| USAGE.to_string()))
+                    .collect::<Result<_, _>>()?;
+            }
+            // Filters cargo may pass along; this benchmark has no filters.
+            _ if !a.starts_with("--") => {}
+            _ => return Err(format!("unknown option {a}\n{USAGE}")),
+        }
+    }
+    Ok(Some(plan))
+}
+
+fn main() -> ExitCode {
+    let plan = match parse_args() {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            println!("mailbridge benchmark: run it with `cargo bench --bench proxy`");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(plan)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("benchmark failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Everything the scenarios share.
+struct Env {
+    provider: Provider,
+    imap: ImapServer,
+    smtp: SmtpServer,
+    direct_imap: Route,
+    direct_smtp: Route,
+    proxy_imap: Route,
+    proxy_smtp: Route,
+    /// Bob's routes and refresh token (for the direct client's refresh).
+    bob_direct: Route,
+    bob_proxy: Route,
+    bob_refresh: String,
+    http: reqwest::Client,
+    notes: Vec<String>,
+}
+
+fn say(what: &str) {
+    eprintln!("[{}] {what}", time_of_day());
+}
+
+fn time_of_day() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "{:02}:{:02}:{:02}",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+async fn run(plan: Plan) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let pki = TestPki::generate();
+    let provider = Provider::start(ProviderOptions {
+        client_id: CLIENT_ID.into(),
+        ..ProviderOptions::default()
+    })
+    .await?;
+    let imap = ImapServer::start(ImapServerOptions::default(), provider.validator(), &pki).await?;
+    let smtp = SmtpServer::start(SmtpServerOptions::default(), provider.validator(), &pki).await?;
+
+    let dir = std::env::temp_dir().join(format!("mailbridge-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem)?;
+    let mb_imap: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mb_smtp: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let max_sessions = plan.sessions.iter().copied().max().unwrap_or(0);
+    let config = format!(
+        r#"# Generated by the mailbridge benchmark.
+[server]
+state_dir = "{state}"
+max_connections = {max_connections}
+preauth_timeout_secs = 300
+login_timeout_secs = 300
+connect_timeout_secs = 120
+
+[[listener]]
+protocol = "imap"
+bind = "{mb_imap}"
+
+[[listener]]
+protocol = "smtp"
+bind = "{mb_smtp}"
+
+[providers.sandbox]
+preset = "custom"
+client_id = "{CLIENT_ID}"
+token_url = "{token_url}"
+ca_file = "{ca}"
+imap = {{ host = "127.0.0.1", port = {imap_port}, tls = "implicit" }}
+smtp = {{ host = "127.0.0.1", port = {smtp_port}, tls = "starttls" }}
+
+[[account]]
+user = "{ALICE}"
+provider = "sandbox"
+
+[[account]]
+user = "{BOB}"
+provider = "sandbox"
+"#,
+        state = dir.join("state").display(),
+        max_connections = (max_sessions + 1000).max(1000),
+        token_url = provider.token_url(),
+        ca = ca.display(),
+        imap_port = imap.addr().port(),
+        smtp_port = smtp.addr().port(),
+    );
+    let config_path = dir.join("mailbridge.toml");
+    std::fs::write(&config_path, config)?;
+    say("sealing the grants with `mailbridge account import`");
+    import(
+        &config_path,
+        ALICE,
+        &provider.issue_refresh_token(ALICE, "mail"),
+        PASSWORD,
+    )?;
+    import(
+        &config_path,
+        BOB,
+        &provider.issue_refresh_token(BOB, "mail"),
+        PASSWORD,
+    )?;
+    let log = dir.join("mailbridge.log");
+    say("starting `mailbridge run`");
+    let mut mb = Mailbridge::start(&config_path, &log, mb_imap, mb_smtp).await?;
+
+    // mailbridge was started with this process's limits; now raise ours:
+    // each session here holds a client socket and a sandbox server socket.
+    let mut notes = Vec::new();
+    let wanted = (max_sessions as u64) * 2 + 1024;
+    let limit = mailbridge::server::raise_open_files_limit(wanted);
+    let mut plan = plan;
+    if limit.now < wanted {
+        let fit = (limit.now.saturating_sub(1024) / 2) as usize;
+        let msg = format!(
+            "the open-files limit is {} but {} sessions need {wanted}: run as root, or \
+             raise the hard limit first (`ulimit -Hn {wanted}; ulimit -n {wanted}`); \
+             session counts above {fit} were lowered to {fit}",
+            limit.now, max_sessions
+        );
+        say(&msg);
+        notes.push(msg);
+        for n in &mut plan.sessions {
+            *n = (*n).min(fit);
+        }
+    }
+
+    let tls = pki.client_config();
+    let name = ServerName::try_from("127.0.0.1".to_string())?;
+    let direct = |addr, user: &str| Route::Direct {
+        addr,
+        tls: tls.clone(),
+        name: name.clone(),
+        user: user.to_string(),
+        token: provider.issue_access_token(user, "mail", Duration::from_secs(4 * 3600)),
+    };
+    let proxy = |addr, user: &str| Route::Proxy {
+        addr,
+        user: user.to_string(),
+        password: PASSWORD.to_string(),
+    };
+    let mut env = Env {
+        direct_imap: direct(imap.addr(), ALICE),
+        direct_smtp: direct(smtp.addr(), ALICE),
+        proxy_imap: proxy(mb_imap, ALICE),
+        proxy_smtp: proxy(mb_smtp, ALICE),
+        bob_direct: direct(imap.addr(), BOB),
+        bob_proxy: proxy(mb_imap, BOB),
+        bob_refresh: provider.issue_refresh_token(BOB, "mail"),
+        http: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?,
+        provider,
+        imap,
+        smtp,
+        notes,
+    };
+
+    // Warm up: the first login pays Argon2 and a token refresh.
+    say("warming up");
+    for _ in 0..20 {
+        scenario::login_once(&env.proxy_imap).await?;
+        scenario::login_once(&env.direct_imap).await?;
+    }
+    scenario::login_once(&env.bob_proxy).await?;
+
+    let mut rows = Vec::new();
+    let wants = |s: &str| plan.only.is_empty() || plan.only.iter().any(|o| o == s);
+    if wants("login") {
+        rows.extend(logins(&env, &plan).await?);
+    }
+    if wants("fetch") {
+        rows.extend(fetch(&env, &plan).await?);
+    }
+    if wants("smtp") {
+        rows.extend(smtp_rows(&env, &plan).await?);
+    }
+    if wants("refresh") {
+        rows.extend(refresh(&mut env, &plan).await?);
+    }
+    if wants("idle") {
+        for &n in &plan.sessions.clone() {
+            mb = mb.restart().await?;
+            rows.extend(idle_sessions(&mut env, &mb, n).await?);
+        }
+    }
+    let mb_limit = mb.open_files_limit();
+    mb.stop().await?;
+    env.imap.shutdown();
+    env.smtp.shutdown();
+    env.provider.shutdown();
+
+    let table = markdown(&rows);
+    let mut report = format!(
+        "mailbridge benchmark, {} run ({}), {} s on {} CPU(s), {}.\n\n{table}\n",
+        if plan.quick { "quick" } else { "full" },
+        time_of_day_utc_date(),
+        started.elapsed().as_secs(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel(),
+    );
+    env.notes.push(format!(
+        "open-files limit: this process {} (wanted {wanted}); mailbridge {} \
+         (it raised its own at start from {})",
+        limit.now,
+        mb_limit.map_or("?".into(), |l| l.to_string()),
+        limit.before,
+    ));
+    for n in &env.notes {
+        report.push_str(&format!("- {n}\n"));
+    }
+    println!("\n{report}");
+    let out = plan.out.clone().unwrap_or_else(default_out);
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&out, &report).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("written to {}", out.display());
+    if plan.keep {
+        eprintln!("kept {} (config, store, mailbridge.log)", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+/// `target/mailbridge-bench.md`: the benchmark runs from
+/// `target/release/deps/`.
+fn default_out() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("mailbridge-bench.md")
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| format!("Linux {}", s.trim()))
+        .unwrap_or_else(|_| std::env::consts::OS.to_string())
+}
+
+fn time_of_day_utc_date() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let t = time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02} {}:{:02} UTC",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute()
+    )
+}
+
+async fn logins(env: &Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
+    say(&format!(
+        "login latency: {} sequential logins each way, interleaved",
+        plan.logins
+    ));
+    let (p, d) = scenario::login_latency(
+        &env.proxy_imap,
+        &env.direct_imap,
+        plan.logins,
+        plan.login_block,
+    )
+    .await?;
+    let (p, d) = (millis(&p), millis(&d));
+    Ok(vec![
+        Row {
+            what: format!(
+                "IMAP connect + login + logout, median of {} (ms)",
+                plan.logins
+            ),
+            proxy: median(&p),
+            direct: median(&d),
+            decimals: 3,
+            target: Target::AtMost(1.2),
+        },
+        Row {
+            what: format!("IMAP connect + login + logout, p95 of {} (ms)", plan.logins),
+            proxy: percentile(&p, 95.0),
+            direct: percentile(&d, 95.0),
+            decimals: 3,
+            target: Target::AtMost(1.2),
+        },
+    ])
+}
+
+async fn fetch(env: &Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
+    let total = plan.mailbox_messages * plan.message_size;
+    say(&format!(
+        "FETCH: {} messages of {} KiB, {} rounds each way",
+        plan.mailbox_messages,
+        plan.message_size / 1024,
+        plan.fetch_rounds
+    ));
+    let message = mailbridge::bench::client::message_wire(plan.message_size, "a@x", "b@x");
+    let body = message[..message.len() - 3].to_vec();
+    for _ in 0..plan.mailbox_messages {
+        env.imap.append(ALICE, "INBOX", body.clone());
+    }
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..plan.fetch_rounds {
+        for i in 0..2 {
+            let which = (i + round) % 2;
+            let route = if which == 0 {
+                &env.proxy_imap
+            } else {
+                &env.direct_imap
+            };
+            let (elapsed, got) = scenario::fetch(route, "1:*").await?;
+            if got.bytes != total as u64 || got.messages as usize != plan.mailbox_messages {
+                bail!(
+                    "FETCH through {} returned {} messages, {} bytes",
+                    route.label(),
+                    got.messages,
+                    got.bytes
+                );
+            }
+            rates[which].push(total as f64 / elapsed.as_secs_f64() / 1e6);
+        }
+    }
+    Ok(vec![Row {
+        what: format!(
+            "IMAP FETCH of a {} MB mailbox, median of {} (MB/s)",
+            total / 1_000_000,
+            plan.fetch_rounds
+        ),
+        proxy: median(&rates[0]),
+        direct: median(&rates[1]),
+        decimals: 1,
+        target: Target::AtLeast(0.9),
+    }])
+}
+
+async fn smtp_rows(env: &Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
+    let wire = Arc::new(mailbridge::bench::client::message_wire(
+        plan.smtp_size,
+        "bench@example.com",
+        "rcpt@example.com",
+    ));
+    let mut rows = Vec::new();
+    for sessions in [1, 20] {
+        say(&format!(
+            "SMTP: {} messages of {} KiB over {sessions} session(s), {} rounds each way",
+            plan.smtp_messages,
+            plan.smtp_size / 1024,
+            plan.smtp_rounds
+        ));
+        let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..plan.smtp_rounds {
+            for i in 0..2 {
+                let which = (i + round) % 2;
+                let route = if which == 0 {
+                    &env.proxy_smtp
+                } else {
+                    &env.direct_smtp
+                };
+                env.smtp.clear_messages();
+                let elapsed =
+                    scenario::smtp(route, sessions, plan.smtp_messages, wire.clone()).await?;
+                let got = env.smtp.message_count();
+                if got != plan.smtp_messages {
+                    bail!("SMTP through {}: {got} messages arrived", route.label());
+                }
+                rates[which].push(plan.smtp_messages as f64 / elapsed.as_secs_f64());
+            }
+        }
+        env.smtp.clear_messages();
+        rows.push(Row {
+            what: format!(
+                "SMTP {} x {} KiB over {sessions} session{}, median of {} (messages/s)",
+                plan.smtp_messages,
+                plan.smtp_size / 1024,
+                if sessions == 1 { "" } else { "s" },
+                plan.smtp_rounds
+            ),
+            proxy: median(&rates[0]),
+            direct: median(&rates[1]),
+            decimals: 1,
+            target: Target::AtLeast(0.9),
+        });
+    }
+    Ok(rows)
+}
+
+/// The direct client's own refresh: one POST to the token endpoint.
+async fn direct_refresh(env: &mut Env) -> anyhow::Result<String> {
+    let body = format!(
+        "grant_type=refresh_token&refresh_token={}&client_id={}",
+        form_escape(&env.bob_refresh),
+        form_escape(CLIENT_ID)
+    );
+    let resp = env
+        .http
+        .post(env.provider.token_url())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await?;
+    let status = resp.status();
+    let json: serde_json::Value = resp.json().await?;
+    if !status.is_success() {
+        bail!("direct refresh refused: {json}");
+    }
+    if let Some(rt) = json["refresh_token"].as_str() {
+        env.bob_refresh = rt.to_string();
+    }
+    json["access_token"]
+        .as_str()
+        .map(str::to_string)
+        .context("no access_token in the token response")
+}
+
+fn form_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn refresh(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
+    let n = plan.refresh_logins;
+    say(&format!(
+        "token refresh: {n} concurrent logins, {} rounds each way",
+        plan.refresh_rounds
+    ));
+    let mut cached: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut refreshed: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut refreshes: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..plan.refresh_rounds {
+        // Cached token, both ways.
+        let t = scenario::concurrent_logins(&env.bob_proxy, n).await?;
+        cached[0].push(t.as_secs_f64() * 1000.0);
+        let t = scenario::concurrent_logins(&env.bob_direct, n).await?;
+        cached[1].push(t.as_secs_f64() * 1000.0);
+
+        // mailbridge: make its cached token one with under ten minutes
+        // left, so the next login must refresh.
+        env.provider
+            .set_access_token_lifetime(Duration::from_secs(601));
+        env.provider.revoke_access_tokens(BOB);
+        scenario::login_once(&env.bob_proxy).await?;
+        env.provider
+            .set_access_token_lifetime(Duration::from_secs(3600));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let before = env.provider.refresh_requests();
+        let t = scenario::concurrent_logins(&env.bob_proxy, n).await?;
+        refreshed[0].push(t.as_secs_f64() * 1000.0);
+        refreshes[0].push(env.provider.refresh_requests() - before);
+
+        // Direct: the client refreshes once itself, then logs in n times.
+        let before = env.provider.refresh_requests();
+        let started = Instant::now();
+        let token = direct_refresh(env).await?;
+        env.bob_direct = env.bob_direct.with_token(&token);
+        scenario::concurrent_logins(&env.bob_direct, n).await?;
+        refreshed[1].push(started.elapsed().as_secs_f64() * 1000.0);
+        refreshes[1].push(env.provider.refresh_requests() - before);
+    }
+    let one_each = refreshes.iter().flatten().all(|&r| r == 1);
+    let max_refreshes = |i: usize| refreshes[i].iter().copied().max().map(|m| m as f64);
+    Ok(vec![
+        Row {
+            what: format!("{n} concurrent logins, cached token, median wall (ms)"),
+            proxy: median(&cached[0]),
+            direct: median(&cached[1]),
+            decimals: 2,
+            target: Target::None,
+        },
+        Row {
+            what: format!("{n} concurrent logins sharing one token refresh, median wall (ms)"),
+            proxy: median(&refreshed[0]),
+            direct: median(&refreshed[1]),
+            decimals: 2,
+            target: Target::None,
+        },
+        Row {
+            what: format!("token refreshes per burst of {n} (most seen)"),
+            proxy: max_refreshes(0),
+            direct: max_refreshes(1),
+            decimals: 0,
+            target: Target::Check("exactly 1", one_each),
+        },
+    ])
+}
+
+async fn idle_sessions(env: &mut Env, mb: &Mailbridge, n: usize) -> anyhow::Result<Vec<Row>> {
+    say(&format!("idle sessions: {n} at once through mailbridge"));
+    // A fresh process: warm it (Argon2, token), then let it settle.
+    scenario::login_once(&env.proxy_imap).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let files = mb.open_files();
+    let rss_before = mb.rss_kib()?;
+    let burst = scenario::burst(&env.proxy_imap, n).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_login = mb.rss_kib()?;
+    let opened = burst.sessions.len();
+    let proxy_time = burst.elapsed;
+    if let Some(e) = &burst.first_error {
+        env.notes.push(format!(
+            "{n} sessions through mailbridge: {} failed, first: {e}",
+            burst.failed
+        ));
+    }
+    let alive = scenario::noop_all(burst.sessions).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_noop = mb.rss_kib()?;
+    let proxy_alive = alive.len();
+    drop(alive);
+    if !mb.settle(files + 16, Duration::from_secs(60)).await {
+        env.notes.push(format!(
+            "{n} sessions: mailbridge still had {} files open a minute after the clients left",
+            mb.open_files()
+        ));
+    }
+
+    say(&format!("idle sessions: {n} at once, direct"));
+    let burst = scenario::burst(&env.direct_imap, n).await;
+    let direct_opened = burst.sessions.len();
+    let direct_time = burst.elapsed;
+    if let Some(e) = &burst.first_error {
+        env.notes.push(format!(
+            "{n} direct sessions: {} failed, first: {e}",
+            burst.failed
+        ));
+    }
+    let alive = scenario::noop_all(burst.sessions).await;
+    let direct_alive = alive.len();
+    drop(alive);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let per = |after: u64| (after.saturating_sub(rss_before)) as f64 / opened.max(1) as f64;
+    let rss_target = if n >= 10_000 {
+        Target::Check("<= 64 KiB", per(rss_login) <= 64.0 && per(rss_noop) <= 64.0)
+    } else {
+        Target::None
+    };
+    env.notes.push(format!(
+        "{n} sessions: mailbridge RSS {rss_before} KiB before, {rss_login} KiB with all \
+         logged in, {rss_noop} KiB after a NOOP on each; {proxy_alive} (mailbridge) and \
+         {direct_alive} (direct) answered that NOOP"
+    ));
+    Ok(vec![
+        Row {
+            what: format!("{n} idle IMAP sessions opened at once: logged in"),
+            proxy: Some(opened as f64),
+            direct: Some(direct_opened as f64),
+            decimals: 0,
+            target: if n >= 10_000 {
+                Target::Check("all", opened == n && proxy_alive == n)
+            } else {
+                Target::None
+            },
+        },
+        Row {
+            what: format!("{n} idle IMAP sessions: time to open all (s)"),
+            proxy: Some(proxy_time.as_secs_f64()),
+            direct: Some(direct_time.as_secs_f64()),
+            decimals: 2,
+            target: Target::None,
+        },
+        Row {
+            what: format!("{n} idle IMAP sessions: mailbridge RSS per session (KiB)"),
+            proxy: Some(per(rss_login)),
+            direct: None,
+            decimals: 1,
+            target: rss_target,
+        },
+        Row {
+            what: format!("{n} idle IMAP sessions, after one NOOP each: RSS per session (KiB)"),
+            proxy: Some(per(rss_noop)),
+            direct: None,
+            decimals: 1,
+            target: rss_target,
+        },
+    ])
+}

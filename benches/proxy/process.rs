@@ -1,0 +1,181 @@
+//! mailbridge as a process of its own: the generated config, the sealed
+//! grants (through `mailbridge account import`), `mailbridge run`, its
+//! memory and open files, and stopping it.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The binary cargo built for this benchmark.
+pub const BIN: &str = env!("CARGO_BIN_EXE_mailbridge");
+
+/// A running `mailbridge run`.
+pub struct Mailbridge {
+    child: Child,
+    config: PathBuf,
+    log: PathBuf,
+    /// Its IMAP listener.
+    pub imap: SocketAddr,
+    /// Its SMTP listener.
+    pub smtp: SocketAddr,
+}
+
+/// A free loopback port (bound and released; good enough on a quiet box).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Seals `refresh_token` for `user` under `password` with the real CLI.
+pub fn import(
+    config: &Path,
+    user: &str,
+    refresh_token: &str,
+    password: &str,
+) -> anyhow::Result<()> {
+    let mut child = Command::new(BIN)
+        .args(["account", "import", user, "--config"])
+        .arg(config)
+        .args(["--refresh-token-stdin", "--password-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {BIN}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(format!("{refresh_token}\n{password}\n").as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "mailbridge account import failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+impl Mailbridge {
+    /// Starts `mailbridge run --config config`, logging to `log`, and waits
+    /// until its IMAP listener answers.
+    pub async fn start(
+        config: &Path,
+        log: &Path,
+        imap: SocketAddr,
+        smtp: SocketAddr,
+    ) -> anyhow::Result<Mailbridge> {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let child = Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {BIN}"))?;
+        let mut mb = Mailbridge {
+            child,
+            config: config.to_path_buf(),
+            log: log.to_path_buf(),
+            imap,
+            smtp,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if tokio::net::TcpStream::connect(imap).await.is_ok() {
+                return Ok(mb);
+            }
+            if let Some(status) = mb.child.try_wait()? {
+                bail!(
+                    "mailbridge run exited ({status}); its log is {}",
+                    mb.log.display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("mailbridge run did not listen on {imap} within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory, KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        Ok(mailbridge::bench::procfs::rss_kib(self.pid())?)
+    }
+
+    /// Open file descriptors.
+    pub fn open_files(&self) -> usize {
+        mailbridge::bench::procfs::open_files(self.pid()).unwrap_or(0)
+    }
+
+    /// The soft open-files limit the process runs with.
+    pub fn open_files_limit(&self) -> Option<u64> {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.pid())).ok()?;
+        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+        line["Max open files".len()..]
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// Waits until at most `files` descriptors are open (sessions closed).
+    pub async fn settle(&self, files: usize, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.open_files() <= files {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// SIGTERM, then SIGKILL after 10 s.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// A fresh process on the same config and store.
+    pub async fn restart(self) -> anyhow::Result<Mailbridge> {
+        let (config, log, imap, smtp) =
+            (self.config.clone(), self.log.clone(), self.imap, self.smtp);
+        self.stop().await?;
+        Mailbridge::start(&config, &log, imap, smtp).await
+    }
+}
+
+impl Drop for Mailbridge {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! A process's resident memory and open files, read from `/proc` (Linux).
+
+use std::io;
+
+/// `VmRSS` of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    vm_rss(&status).ok_or_else(|| io::Error::other("no VmRSS line in /proc/PID/status"))
+}
+
+/// The `VmRSS:` value of a `/proc/PID/status` text, in KiB.
+pub fn vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut words = line["VmRSS:".len()..].split_whitespace();
+    let value: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") | None => Some(value),
+        Some(_) => None,
+    }
+}
+
+/// How many file descriptors process `pid` has open.
+pub fn open_files(pid: u32) -> io::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_vm_rss() {
+        let status = "Name:\tmailbridge\nVmPeak:\t  999 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
+        assert_eq!(vm_rss(status), Some(12345));
+        assert_eq!(vm_rss("Name: x\n"), None);
+    }
+
+    #[test]
+    fn reads_our_own_process() {
+        let pid = std::process::id();
+        assert!(rss_kib(pid).unwrap() > 0);
+        assert!(open_files(pid).unwrap() >= 3);
+    }
+}
