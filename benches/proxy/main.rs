@@ -4,12 +4,14 @@
 //!     cargo bench --bench proxy              # the full run, a few minutes
 //!     cargo bench --bench proxy -- --quick   # smaller counts, to try it
 //!
-//! It starts the sandbox OAuth2 provider and the sandbox IMAP (implicit
-//! TLS) and SMTP (STARTTLS) servers in this process, seals two grants with
-//! `mailbridge account import`, and runs `mailbridge run` as a separate
-//! process so that its memory is its own. Clients talk to mailbridge in
-//! plain text on loopback and mailbridge talks TLS upstream; the direct
-//! client talks TLS and XOAUTH2 itself. The table goes to standard output
+//! Three processes, as in real use: this one runs the sandbox OAuth2
+//! provider and the sandbox IMAP (implicit TLS) and SMTP (STARTTLS)
+//! servers; `mailbridge run` runs apart, so its memory is its own (its
+//! grants sealed beforehand with `mailbridge account import`); and the
+//! clients run in a third process (this executable with
+//! `--client-worker`). Clients talk to mailbridge in plain text on loopback
+//! and mailbridge talks TLS upstream; the direct client talks TLS and
+//! XOAUTH2 itself. The table goes to standard output
 //! and to `target/mailbridge-bench.md` (or `--out FILE`). See
 //! docs/PERFORMANCE.md for what each figure means.
 
@@ -18,20 +20,18 @@ mod process;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use mailbridge::bench::report::{Row, Target, markdown};
-use mailbridge::bench::stats::{median, millis, percentile};
-use mailbridge::bench::{Route, scenario};
+use mailbridge::bench::stats::{median, percentile};
+use mailbridge::bench::worker::{Job, Reply, RouteSpec};
 use mailbridge::sandbox::{
     ImapServer, ImapServerOptions, Provider, ProviderOptions, SmtpServer, SmtpServerOptions,
     TestPki,
 };
-use rustls_pki_types::ServerName;
 
-use process::{Mailbridge, free_port, import};
+use process::{Clients, Mailbridge, free_port, import};
 
 const ALICE: &str = "alice@example.com";
 /// The account of the refresh scenario, so revoking its tokens leaves the
@@ -147,6 +147,9 @@ fn parse_args() -> Result<Option<Plan>, String> {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--client-worker") {
+        return client_worker();
+    }
     let plan = match parse_args() {
         Ok(Some(p)) => p,
         Ok(None) => {
@@ -171,21 +174,62 @@ fn main() -> ExitCode {
     }
 }
 
+/// The client process: jobs on standard input, replies on standard output.
+fn client_worker() -> ExitCode {
+    mailbridge::server::raise_open_files_limit(u64::MAX);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let served = runtime.block_on(mailbridge::bench::worker::serve(
+        tokio::io::BufReader::new(tokio::io::stdin()),
+        tokio::io::stdout(),
+    ));
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("client process: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Everything the scenarios share.
 struct Env {
     provider: Provider,
     imap: ImapServer,
     smtp: SmtpServer,
-    direct_imap: Route,
-    direct_smtp: Route,
-    proxy_imap: Route,
-    proxy_smtp: Route,
+    clients: Clients,
+    direct_imap: RouteSpec,
+    direct_smtp: RouteSpec,
+    proxy_imap: RouteSpec,
+    proxy_smtp: RouteSpec,
     /// Bob's routes and refresh token (for the direct client's refresh).
-    bob_direct: Route,
-    bob_proxy: Route,
+    bob_direct: RouteSpec,
+    bob_proxy: RouteSpec,
     bob_refresh: String,
-    http: reqwest::Client,
     notes: Vec<String>,
+}
+
+impl Env {
+    fn call(&mut self, job: Job) -> anyhow::Result<Reply> {
+        self.clients.call(&job)
+    }
+
+    fn elapsed(&mut self, job: Job) -> anyhow::Result<Duration> {
+        match self.call(job)? {
+            Reply::Elapsed { elapsed_us } => Ok(Duration::from_micros(elapsed_us)),
+            other => bail!("unexpected reply {other:?}"),
+        }
+    }
+
+    fn login(&mut self, route: &RouteSpec) -> anyhow::Result<()> {
+        self.elapsed(Job::ConcurrentLogins {
+            route: route.clone(),
+            n: 1,
+        })
+        .map(drop)
+    }
 }
 
 fn say(what: &str) {
@@ -282,18 +326,19 @@ provider = "sandbox"
     say("starting `mailbridge run`");
     let mut mb = Mailbridge::start(&config_path, &log, mb_imap, mb_smtp).await?;
 
-    // mailbridge was started with this process's limits; now raise ours:
-    // each session here holds a client socket and a sandbox server socket.
+    // mailbridge was started with this process's limits and raises its
+    // own; so does the client process. This one holds the sandbox servers'
+    // end of every session.
     let mut notes = Vec::new();
-    let wanted = (max_sessions as u64) * 2 + 1024;
+    let wanted = max_sessions as u64 + 1024;
     let limit = mailbridge::server::raise_open_files_limit(wanted);
     let mut plan = plan;
     if limit.now < wanted {
-        let fit = (limit.now.saturating_sub(1024) / 2) as usize;
+        let fit = limit.now.saturating_sub(1024) as usize;
         let msg = format!(
-            "the open-files limit is {} but {} sessions need {wanted}: run as root, or \
-             raise the hard limit first (`ulimit -Hn {wanted}; ulimit -n {wanted}`); \
-             session counts above {fit} were lowered to {fit}",
+            "the open-files limit is {} but {} sessions need {wanted}: raise it first \
+             (`ulimit -n {wanted}`, as root `ulimit -Hn {wanted}` before); session counts \
+             above {fit} were lowered to {fit}",
             limit.now, max_sessions
         );
         say(&msg);
@@ -303,20 +348,19 @@ provider = "sandbox"
         }
     }
 
-    let tls = pki.client_config();
-    let name = ServerName::try_from("127.0.0.1".to_string())?;
-    let direct = |addr, user: &str| Route::Direct {
+    let direct = |addr, user: &str| RouteSpec::Direct {
         addr,
-        tls: tls.clone(),
-        name: name.clone(),
+        ca_pem: pki.ca_pem.clone(),
+        name: "127.0.0.1".into(),
         user: user.to_string(),
         token: provider.issue_access_token(user, "mail", Duration::from_secs(4 * 3600)),
     };
-    let proxy = |addr, user: &str| Route::Proxy {
+    let proxy = |addr, user: &str| RouteSpec::Proxy {
         addr,
         user: user.to_string(),
         password: PASSWORD.to_string(),
     };
+    let clients = Clients::start()?;
     let mut env = Env {
         direct_imap: direct(imap.addr(), ALICE),
         direct_smtp: direct(smtp.addr(), ALICE),
@@ -325,9 +369,7 @@ provider = "sandbox"
         bob_direct: direct(imap.addr(), BOB),
         bob_proxy: proxy(mb_imap, BOB),
         bob_refresh: provider.issue_refresh_token(BOB, "mail"),
-        http: reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?,
+        clients,
         provider,
         imap,
         smtp,
@@ -336,22 +378,26 @@ provider = "sandbox"
 
     // Warm up: the first login pays Argon2 and a token refresh.
     say("warming up");
-    for _ in 0..20 {
-        scenario::login_once(&env.proxy_imap).await?;
-        scenario::login_once(&env.direct_imap).await?;
-    }
-    scenario::login_once(&env.bob_proxy).await?;
+    let (p, d) = (env.proxy_imap.clone(), env.direct_imap.clone());
+    env.call(Job::LoginLatency {
+        a: p,
+        b: d,
+        total: 20,
+        block: 5,
+    })?;
+    let bob = env.bob_proxy.clone();
+    env.login(&bob)?;
 
     let mut rows = Vec::new();
     let wants = |s: &str| plan.only.is_empty() || plan.only.iter().any(|o| o == s);
     if wants("login") {
-        rows.extend(logins(&env, &plan).await?);
+        rows.extend(logins(&mut env, &plan)?);
     }
     if wants("fetch") {
-        rows.extend(fetch(&env, &plan).await?);
+        rows.extend(fetch(&mut env, &plan)?);
     }
     if wants("smtp") {
-        rows.extend(smtp_rows(&env, &plan).await?);
+        rows.extend(smtp_rows(&mut env, &plan)?);
     }
     if wants("refresh") {
         rows.extend(refresh(&mut env, &plan).await?);
@@ -378,11 +424,12 @@ provider = "sandbox"
         kernel(),
     );
     env.notes.push(format!(
-        "open-files limit: this process {} (wanted {wanted}); mailbridge {} \
-         (it raised its own at start from {})",
-        limit.now,
+        "open-files limits: mailbridge {} (started with {}, raises its own at start), \
+         sandbox process {}, client process {}",
         mb_limit.map_or("?".into(), |l| l.to_string()),
         limit.before,
+        limit.now,
+        process::open_files_limit(env.clients.pid()).map_or("?".into(), |l| l.to_string()),
     ));
     for n in &env.notes {
         report.push_str(&format!("- {n}\n"));
@@ -434,19 +481,22 @@ fn time_of_day_utc_date() -> String {
     )
 }
 
-async fn logins(env: &Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
+fn logins(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
     say(&format!(
         "login latency: {} sequential logins each way, interleaved",
         plan.logins
     ));
-    let (p, d) = scenario::login_latency(
-        &env.proxy_imap,
-        &env.direct_imap,
-        plan.logins,
-        plan.login_block,
-    )
-    .await?;
-    let (p, d) = (millis(&p), millis(&d));
+    let job = Job::LoginLatency {
+        a: env.proxy_imap.clone(),
+        b: env.direct_imap.clone(),
+        total: plan.logins,
+        block: plan.login_block,
+    };
+    let Reply::Timings { a, b } = env.call(job)? else {
+        bail!("unexpected reply to LoginLatency");
+    };
+    let ms = |v: Vec<u64>| -> Vec<f64> { v.into_iter().map(|u| u as f64 / 1000.0).collect() };
+    let (p, d) = (ms(a), ms(b));
     Ok(vec![
         Row {
             what: format!(
@@ -468,7 +518,7 @@ async fn logins(env: &Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
     ])
 }
 
-async fn fetch(env: &Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
+fn fetch(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
     let total = plan.mailbox_messages * plan.message_size;
     say(&format!(
         "FETCH: {} messages of {} KiB, {} rounds each way",
@@ -486,20 +536,26 @@ async fn fetch(env: &Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
         for i in 0..2 {
             let which = (i + round) % 2;
             let route = if which == 0 {
-                &env.proxy_imap
+                env.proxy_imap.clone()
             } else {
-                &env.direct_imap
+                env.direct_imap.clone()
             };
-            let (elapsed, got) = scenario::fetch(route, "1:*").await?;
-            if got.bytes != total as u64 || got.messages as usize != plan.mailbox_messages {
-                bail!(
-                    "FETCH through {} returned {} messages, {} bytes",
-                    route.label(),
-                    got.messages,
-                    got.bytes
-                );
+            let reply = env.call(Job::Fetch {
+                route,
+                set: "1:*".into(),
+            })?;
+            let Reply::Fetched {
+                elapsed_us,
+                messages,
+                bytes,
+            } = reply
+            else {
+                bail!("unexpected reply to Fetch");
+            };
+            if bytes != total as u64 || messages as usize != plan.mailbox_messages {
+                bail!("FETCH ({which}) returned {messages} messages, {bytes} bytes");
             }
-            rates[which].push(total as f64 / elapsed.as_secs_f64() / 1e6);
+            rates[which].push(total as f64 / (elapsed_us as f64 / 1e6) / 1e6);
         }
     }
     Ok(vec![Row {
@@ -515,12 +571,7 @@ async fn fetch(env: &Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
     }])
 }
 
-async fn smtp_rows(env: &Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
-    let wire = Arc::new(mailbridge::bench::client::message_wire(
-        plan.smtp_size,
-        "bench@example.com",
-        "rcpt@example.com",
-    ));
+fn smtp_rows(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     for sessions in [1, 20] {
         say(&format!(
@@ -534,16 +585,20 @@ async fn smtp_rows(env: &Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
             for i in 0..2 {
                 let which = (i + round) % 2;
                 let route = if which == 0 {
-                    &env.proxy_smtp
+                    env.proxy_smtp.clone()
                 } else {
-                    &env.direct_smtp
+                    env.direct_smtp.clone()
                 };
                 env.smtp.clear_messages();
-                let elapsed =
-                    scenario::smtp(route, sessions, plan.smtp_messages, wire.clone()).await?;
+                let elapsed = env.elapsed(Job::Smtp {
+                    route,
+                    sessions,
+                    messages: plan.smtp_messages,
+                    size: plan.smtp_size,
+                })?;
                 let got = env.smtp.message_count();
                 if got != plan.smtp_messages {
-                    bail!("SMTP through {}: {got} messages arrived", route.label());
+                    bail!("SMTP ({which}): {got} messages arrived");
                 }
                 rates[which].push(plan.smtp_messages as f64 / elapsed.as_secs_f64());
             }
@@ -566,45 +621,6 @@ async fn smtp_rows(env: &Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// The direct client's own refresh: one POST to the token endpoint.
-async fn direct_refresh(env: &mut Env) -> anyhow::Result<String> {
-    let body = format!(
-        "grant_type=refresh_token&refresh_token={}&client_id={}",
-        form_escape(&env.bob_refresh),
-        form_escape(CLIENT_ID)
-    );
-    let resp = env
-        .http
-        .post(env.provider.token_url())
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(body)
-        .send()
-        .await?;
-    let status = resp.status();
-    let json: serde_json::Value = resp.json().await?;
-    if !status.is_success() {
-        bail!("direct refresh refused: {json}");
-    }
-    if let Some(rt) = json["refresh_token"].as_str() {
-        env.bob_refresh = rt.to_string();
-    }
-    json["access_token"]
-        .as_str()
-        .map(str::to_string)
-        .context("no access_token in the token response")
-}
-
-fn form_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 async fn refresh(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
     let n = plan.refresh_logins;
     say(&format!(
@@ -614,34 +630,66 @@ async fn refresh(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
     let mut cached: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut refreshed: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut refreshes: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let (bob_proxy, bob_direct) = (env.bob_proxy.clone(), env.bob_direct.clone());
     for _ in 0..plan.refresh_rounds {
-        // Cached token, both ways.
-        let t = scenario::concurrent_logins(&env.bob_proxy, n).await?;
-        cached[0].push(t.as_secs_f64() * 1000.0);
-        let t = scenario::concurrent_logins(&env.bob_direct, n).await?;
-        cached[1].push(t.as_secs_f64() * 1000.0);
+        // Cached token, both ways (the direct client's token is fresh).
+        let direct_now = match &bob_direct {
+            RouteSpec::Direct { .. } => with_token(
+                &bob_direct,
+                &env.provider
+                    .issue_access_token(BOB, "mail", Duration::from_secs(3600)),
+            ),
+            other => other.clone(),
+        };
+        let t = env.elapsed(Job::ConcurrentLogins {
+            route: bob_proxy.clone(),
+            n,
+        })?;
+        cached[0].push(ms(t));
+        let t = env.elapsed(Job::ConcurrentLogins {
+            route: direct_now,
+            n,
+        })?;
+        cached[1].push(ms(t));
 
         // mailbridge: make its cached token one with under ten minutes
         // left, so the next login must refresh.
         env.provider
             .set_access_token_lifetime(Duration::from_secs(601));
         env.provider.revoke_access_tokens(BOB);
-        scenario::login_once(&env.bob_proxy).await?;
+        env.login(&bob_proxy)?;
         env.provider
             .set_access_token_lifetime(Duration::from_secs(3600));
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let before = env.provider.refresh_requests();
-        let t = scenario::concurrent_logins(&env.bob_proxy, n).await?;
-        refreshed[0].push(t.as_secs_f64() * 1000.0);
+        let t = env.elapsed(Job::ConcurrentLogins {
+            route: bob_proxy.clone(),
+            n,
+        })?;
+        refreshed[0].push(ms(t));
         refreshes[0].push(env.provider.refresh_requests() - before);
 
         // Direct: the client refreshes once itself, then logs in n times.
         let before = env.provider.refresh_requests();
-        let started = Instant::now();
-        let token = direct_refresh(env).await?;
-        env.bob_direct = env.bob_direct.with_token(&token);
-        scenario::concurrent_logins(&env.bob_direct, n).await?;
-        refreshed[1].push(started.elapsed().as_secs_f64() * 1000.0);
+        let reply = env.call(Job::RefreshThenLogins {
+            token_url: env.provider.token_url(),
+            client_id: CLIENT_ID.into(),
+            refresh_token: env.bob_refresh.clone(),
+            route: bob_direct.clone(),
+            n,
+        })?;
+        let Reply::Refreshed {
+            elapsed_us,
+            refresh_token,
+        } = reply
+        else {
+            bail!("unexpected reply to RefreshThenLogins");
+        };
+        if let Some(rt) = refresh_token {
+            env.bob_refresh = rt;
+        }
+        refreshed[1].push(elapsed_us as f64 / 1000.0);
         refreshes[1].push(env.provider.refresh_requests() - before);
     }
     let one_each = refreshes.iter().flatten().all(|&r| r == 1);
@@ -671,29 +719,64 @@ async fn refresh(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
     ])
 }
 
+fn with_token(route: &RouteSpec, new: &str) -> RouteSpec {
+    let mut r = route.clone();
+    if let RouteSpec::Direct { token, .. } = &mut r {
+        *token = new.to_string();
+    }
+    r
+}
+
+/// Opens `n` sessions at once in the client process and keeps them.
+fn burst(
+    env: &mut Env,
+    route: &RouteSpec,
+    n: usize,
+    who: &str,
+) -> anyhow::Result<(usize, Duration)> {
+    let reply = env.call(Job::Burst {
+        route: route.clone(),
+        n,
+    })?;
+    let Reply::Burst {
+        ok,
+        failed,
+        elapsed_us,
+        first_error,
+    } = reply
+    else {
+        bail!("unexpected reply to Burst");
+    };
+    if let Some(e) = first_error {
+        env.notes.push(format!(
+            "{n} sessions {who}: {failed} failed, the first: {e}"
+        ));
+    }
+    Ok((ok, Duration::from_micros(elapsed_us)))
+}
+
+fn open_sessions(reply: Reply) -> anyhow::Result<usize> {
+    match reply {
+        Reply::Open { sessions } => Ok(sessions),
+        other => bail!("unexpected reply {other:?}"),
+    }
+}
+
 async fn idle_sessions(env: &mut Env, mb: &Mailbridge, n: usize) -> anyhow::Result<Vec<Row>> {
     say(&format!("idle sessions: {n} at once through mailbridge"));
     // A fresh process: warm it (Argon2, token), then let it settle.
-    scenario::login_once(&env.proxy_imap).await?;
+    let proxy = env.proxy_imap.clone();
+    env.login(&proxy)?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let files = mb.open_files();
     let rss_before = mb.rss_kib()?;
-    let burst = scenario::burst(&env.proxy_imap, n).await;
+    let (opened, proxy_time) = burst(env, &proxy, n, "through mailbridge")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_login = mb.rss_kib()?;
-    let opened = burst.sessions.len();
-    let proxy_time = burst.elapsed;
-    if let Some(e) = &burst.first_error {
-        env.notes.push(format!(
-            "{n} sessions through mailbridge: {} failed, first: {e}",
-            burst.failed
-        ));
-    }
-    let alive = scenario::noop_all(burst.sessions).await;
+    let proxy_alive = open_sessions(env.call(Job::NoopAll)?)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_noop = mb.rss_kib()?;
-    let proxy_alive = alive.len();
-    drop(alive);
+    open_sessions(env.call(Job::CloseAll)?)?;
     if !mb.settle(files + 16, Duration::from_secs(60)).await {
         env.notes.push(format!(
             "{n} sessions: mailbridge still had {} files open a minute after the clients left",
@@ -702,18 +785,10 @@ async fn idle_sessions(env: &mut Env, mb: &Mailbridge, n: usize) -> anyhow::Resu
     }
 
     say(&format!("idle sessions: {n} at once, direct"));
-    let burst = scenario::burst(&env.direct_imap, n).await;
-    let direct_opened = burst.sessions.len();
-    let direct_time = burst.elapsed;
-    if let Some(e) = &burst.first_error {
-        env.notes.push(format!(
-            "{n} direct sessions: {} failed, first: {e}",
-            burst.failed
-        ));
-    }
-    let alive = scenario::noop_all(burst.sessions).await;
-    let direct_alive = alive.len();
-    drop(alive);
+    let direct = env.direct_imap.clone();
+    let (direct_opened, direct_time) = burst(env, &direct, n, "direct")?;
+    let direct_alive = open_sessions(env.call(Job::NoopAll)?)?;
+    open_sessions(env.call(Job::CloseAll)?)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let per = |after: u64| (after.saturating_sub(rss_before)) as f64 / opened.max(1) as f64;

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use mailbridge::bench::worker::{Job, Reply};
 
 /// The binary cargo built for this benchmark.
 pub const BIN: &str = env!("CARGO_BIN_EXE_mailbridge");
@@ -22,6 +23,17 @@ pub struct Mailbridge {
     pub imap: SocketAddr,
     /// Its SMTP listener.
     pub smtp: SocketAddr,
+}
+
+/// The soft open-files limit of process `pid`.
+pub fn open_files_limit(pid: u32) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// A free loopback port (bound and released; good enough on a quiet box).
@@ -124,13 +136,7 @@ impl Mailbridge {
 
     /// The soft open-files limit the process runs with.
     pub fn open_files_limit(&self) -> Option<u64> {
-        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.pid())).ok()?;
-        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-        line["Max open files".len()..]
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
+        open_files_limit(self.pid())
     }
 
     /// Waits until at most `files` descriptors are open (sessions closed).
@@ -177,5 +183,66 @@ impl Drop for Mailbridge {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// The client process: this benchmark's own executable with
+/// `--client-worker`, driven with JSON lines (see `mailbridge::bench::worker`).
+pub struct Clients {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Clients {
+    /// Starts the worker.
+    pub fn start() -> anyhow::Result<Clients> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .arg("--client-worker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the client process")?;
+        let stdin = child.stdin.take().context("worker stdin")?;
+        let stdout = std::io::BufReader::new(child.stdout.take().context("worker stdout")?);
+        Ok(Clients {
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Runs one job and waits for its reply. The wait blocks this thread
+    /// only: the sandbox servers keep running on the others.
+    pub fn call(&mut self, job: &Job) -> anyhow::Result<Reply> {
+        use std::io::BufRead;
+        tokio::task::block_in_place(|| {
+            let mut line = serde_json::to_string(job)?;
+            line.push('\n');
+            self.stdin.write_all(line.as_bytes())?;
+            self.stdin.flush()?;
+            let mut answer = String::new();
+            if self.stdout.read_line(&mut answer)? == 0 {
+                bail!("the client process exited");
+            }
+            match serde_json::from_str(&answer)? {
+                Reply::Failed { error } => bail!("client process: {error}"),
+                reply => Ok(reply),
+            }
+        })
+    }
+}
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

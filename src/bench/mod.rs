@@ -15,11 +15,13 @@
 //! - [`stats`]: medians and percentiles.
 //! - [`report`]: the Markdown table.
 //! - [`procfs`]: a process's resident memory and open files, from `/proc`.
+//! - [`worker`]: the client process the runner drives with JSON lines.
 
 pub mod client;
 pub mod procfs;
 pub mod report;
 pub mod scenario;
 pub mod stats;
+pub mod worker;
 
 pub use client::{Imap, Route, Smtp};

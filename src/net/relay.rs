@@ -1,17 +1,24 @@
 //! The relay: after login, bytes are copied both ways untouched until either
 //! side closes or the session is idle too long. No parsing happens here.
+//!
+//! An idle session holds no copy buffer. Each direction takes a buffer from
+//! a small per-thread pool only to attempt a read, gives it back at once
+//! when the read would block, and otherwise keeps it just until the data is
+//! fully written. Ten thousand idle IMAP sessions thus cost their sockets,
+//! TLS state and task, not 2 x 16 KiB of buffers each; a busy session gets
+//! a large buffer, so bulk transfers take few system calls.
 
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// Copy buffer per direction: one TLS record.
-const BUFFER: usize = 16 * 1024;
+/// Copy buffer size: four TLS records.
+pub const BUFFER: usize = 64 * 1024;
 
 /// What a relayed session moved.
 #[derive(Debug, Default, Clone, Copy)]
@@ -24,54 +31,147 @@ pub struct RelayStats {
     pub idle_timeout: bool,
 }
 
-/// Records when data last moved, for the idle timeout.
-struct Watched<'a, S> {
-    inner: &'a mut S,
-    start: Instant,
-    last: &'a AtomicU64,
-    /// Bytes read from `inner`.
-    read: u64,
-}
+/// Copy buffers shared by the sessions that run on one thread.
+mod pool {
+    use std::cell::RefCell;
 
-impl<S> Watched<'_, S> {
-    fn touch(&self) {
-        self.last
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    use super::BUFFER;
+
+    /// Free buffers kept per thread; more are freed.
+    const KEEP: usize = 16;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+        /// Buffers taken minus buffers given on this thread (tests).
+        #[cfg(test)]
+        static LENT: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A buffer of [`BUFFER`] bytes.
+    pub fn take() -> Box<[u8]> {
+        #[cfg(test)]
+        LENT.with(|l| l.set(l.get() + 1));
+        FREE.try_with(|f| f.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| vec![0; BUFFER].into_boxed_slice())
+    }
+
+    /// Returns a buffer for reuse.
+    pub fn give(buf: Box<[u8]>) {
+        #[cfg(test)]
+        LENT.with(|l| l.set(l.get() - 1));
+        let _ = FREE.try_with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < KEEP {
+                f.push(buf);
+            }
+        });
+    }
+
+    /// Buffers taken and not given back on this thread (tests).
+    #[cfg(test)]
+    pub fn lent() -> isize {
+        LENT.with(std::cell::Cell::get)
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut *this.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            this.read += n as u64;
-            this.touch();
+/// One direction of the relay.
+#[derive(Default)]
+struct Half {
+    /// Read but not yet written: `buf[pos..len]`.
+    buf: Option<Box<[u8]>>,
+    pos: usize,
+    len: usize,
+    /// Written since the last flush.
+    unflushed: bool,
+    /// The reader reached end of stream.
+    eof: bool,
+    /// The writer was shut down after EOF: this direction is finished.
+    done: bool,
+    /// Bytes read.
+    bytes: u64,
+}
+
+impl Drop for Half {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            pool::give(buf);
         }
-        r
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
+impl Half {
+    /// Moves bytes from `r` to `w` until `r` would block, then flushes.
+    /// `Ready(Ok)` once `r` ended and `w` is shut down. Sets `active` when
+    /// bytes were read.
+    fn poll_copy<R, W>(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        Pin::new(&mut *this.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+        r: &mut R,
+        w: &mut W,
+        active: &mut bool,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if let Some(buf) = &self.buf {
+                while self.pos < self.len {
+                    let n = ready!(Pin::new(&mut *w).poll_write(cx, &buf[self.pos..self.len]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    self.pos += n;
+                    self.unflushed = true;
+                }
+                if let Some(buf) = self.buf.take() {
+                    pool::give(buf);
+                }
+            }
+            if self.eof {
+                if self.unflushed {
+                    ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                    self.unflushed = false;
+                }
+                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = pool::take();
+            let mut rb = ReadBuf::new(&mut buf);
+            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                Poll::Pending => {
+                    pool::give(buf);
+                    if self.unflushed {
+                        ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => {
+                    pool::give(buf);
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        pool::give(buf);
+                        self.eof = true;
+                    } else {
+                        self.buf = Some(buf);
+                        self.pos = 0;
+                        self.len = n;
+                        self.bytes += n as u64;
+                        *active = true;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -79,42 +179,39 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
 /// nothing moved for `idle`. Half-closes are passed on.
 pub async fn relay<C, U>(client: &mut C, upstream: &mut U, idle: Duration) -> io::Result<RelayStats>
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    U: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let start = Instant::now();
-    let last = AtomicU64::new(0);
-    let mut c = Watched {
-        inner: client,
-        start,
-        last: &last,
-        read: 0,
-    };
-    let mut u = Watched {
-        inner: upstream,
-        start,
-        last: &last,
-        read: 0,
-    };
-    let outcome = {
-        let copy = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, BUFFER, BUFFER);
-        tokio::pin!(copy);
-        loop {
-            let deadline = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
-            tokio::select! {
-                r = &mut copy => break r.map(|_| false),
-                _ = tokio::time::sleep_until(deadline) => {
-                    let now_deadline = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
-                    if now_deadline <= Instant::now() {
-                        break Ok(true);
-                    }
-                }
-            }
+    let mut up = Half::default();
+    let mut down = Half::default();
+    let mut last = Instant::now();
+    // One timer for the whole session: when it fires it is moved to the
+    // last activity plus `idle`, so traffic never touches it.
+    let sleep = tokio::time::sleep_until(last + idle);
+    tokio::pin!(sleep);
+    let outcome = poll_fn(|cx| {
+        let mut active = false;
+        let a = up.poll_copy(cx, client, upstream, &mut active)?;
+        let b = down.poll_copy(cx, upstream, client, &mut active)?;
+        if active {
+            last = Instant::now();
         }
-    };
+        if a.is_ready() && b.is_ready() {
+            return Poll::Ready(Ok::<bool, io::Error>(false));
+        }
+        while sleep.as_mut().poll(cx).is_ready() {
+            let deadline = last + idle;
+            if deadline <= Instant::now() {
+                return Poll::Ready(Ok(true));
+            }
+            sleep.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await;
     let stats = |idle_timeout| RelayStats {
-        to_upstream: c.read,
-        to_client: u.read,
+        to_upstream: up.bytes,
+        to_client: down.bytes,
         idle_timeout,
     };
     match outcome {
@@ -164,5 +261,90 @@ mod tests {
             .await
             .unwrap();
         assert!(stats.idle_timeout);
+    }
+
+    #[tokio::test]
+    async fn idle_session_holds_no_buffer() {
+        // current_thread runtime: the relay runs on this thread.
+        let (mut client_far, mut client_near) = tokio::io::duplex(1024);
+        let (mut up_near, mut up_far) = tokio::io::duplex(1024);
+        let task = tokio::spawn(async move {
+            relay(&mut client_near, &mut up_near, Duration::from_secs(60)).await
+        });
+        for _ in 0..3 {
+            client_far.write_all(b"a1 NOOP\r\n").await.unwrap();
+            let mut buf = [0u8; 9];
+            up_far.read_exact(&mut buf).await.unwrap();
+            up_far.write_all(b"a1 OK\r\n").await.unwrap();
+            let mut buf = [0u8; 7];
+            client_far.read_exact(&mut buf).await.unwrap();
+            // Let the relay go back to waiting.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(pool::lent(), 0, "an idle relay holds a buffer");
+        }
+        drop(client_far);
+        drop(up_far);
+        task.await.unwrap().unwrap();
+        assert_eq!(pool::lent(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bulk_both_ways_through_slow_pipes() {
+        // Small pipes: writes block while a buffer is held.
+        let (client_far, mut client_near) = tokio::io::duplex(100);
+        let (mut up_near, up_far) = tokio::io::duplex(333);
+        let task = tokio::spawn(async move {
+            relay(&mut client_near, &mut up_near, Duration::from_secs(60)).await
+        });
+        let data = |seed: u8| -> Vec<u8> {
+            (0..300_000u32)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                .collect()
+        };
+        let (up_data, down_data) = (data(1), data(7));
+        let pump = |mut io: tokio::io::DuplexStream, out: Vec<u8>| {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let send = async {
+                    w.write_all(&out).await.unwrap();
+                    w.shutdown().await.unwrap();
+                };
+                let mut got = Vec::new();
+                let recv = r.read_to_end(&mut got);
+                let (_, n) = tokio::join!(send, recv);
+                n.unwrap();
+                got
+            })
+        };
+        let at_up = pump(up_far, down_data.clone());
+        let at_client = pump(client_far, up_data.clone());
+        assert_eq!(at_up.await.unwrap(), up_data);
+        assert_eq!(at_client.await.unwrap(), down_data);
+        let stats = task.await.unwrap().unwrap();
+        assert_eq!((stats.to_upstream, stats.to_client), (300_000, 300_000));
+        assert!(!stats.idle_timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn traffic_postpones_the_idle_timeout() {
+        let (mut client_far, mut client_near) = tokio::io::duplex(64);
+        let (mut up_near, mut up_far) = tokio::io::duplex(64);
+        let started = Instant::now();
+        let task = tokio::spawn(async move {
+            relay(&mut client_near, &mut up_near, Duration::from_secs(30)).await
+        });
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        client_far.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        up_far.read_exact(&mut b).await.unwrap();
+        let stats = task.await.unwrap().unwrap();
+        assert!(stats.idle_timeout);
+        let after = started.elapsed();
+        assert!(
+            after >= Duration::from_secs(50) && after < Duration::from_secs(51),
+            "{after:?}"
+        );
     }
 }

@@ -30,15 +30,16 @@ pub struct DriverSettings {
 /// request and yields a logged-in upstream connection or a failure.
 pub async fn drive<L, F>(
     mut stream: Stream,
-    mut session: Box<dyn ClientSession>,
+    session: Box<dyn ClientSession>,
     settings: &DriverSettings,
     login: L,
 ) where
     L: Fn(LoginRequest) -> F,
     F: Future<Output = Result<UpstreamConn, LoginFailure>>,
 {
-    let Some((mut client, mut upstream)) =
-        preauth(&mut stream, &mut session, settings, login).await
+    // The pre-auth session and read buffer live in `preauth` and are gone
+    // once it returns: a relaying session keeps only its two streams.
+    let Some((mut client, mut upstream)) = preauth(&mut stream, session, settings, login).await
     else {
         return;
     };
@@ -67,7 +68,7 @@ async fn send(stream: &mut Stream, bytes: &[u8]) -> std::io::Result<()> {
 /// successful login, `None` when the connection ended.
 async fn preauth<L, F>(
     stream: &mut Stream,
-    session: &mut Box<dyn ClientSession>,
+    mut session: Box<dyn ClientSession>,
     settings: &DriverSettings,
     login: L,
 ) -> Option<(Stream, Stream)>
@@ -77,7 +78,8 @@ where
 {
     let greeting = session.greeting();
     send(stream, &greeting).await.ok()?;
-    let mut buf = [0u8; 4096];
+    // On the heap, not in the task: the task outlives the pre-auth phase.
+    let mut buf = vec![0u8; 4096];
     loop {
         match session.next_step() {
             ClientStep::NeedInput => {
