@@ -31,8 +31,9 @@ pub struct RelayStats {
     pub idle_timeout: bool,
 }
 
-/// Copy buffers shared by the sessions that run on one thread.
-mod pool {
+/// Copy buffers shared by the sessions that run on one thread (the relay
+/// and [`super::stream::ReadAhead`] use them).
+pub(crate) mod pool {
     use std::cell::RefCell;
 
     use super::BUFFER;
@@ -85,6 +86,10 @@ struct Half {
     len: usize,
     /// Written since the last flush.
     unflushed: bool,
+    /// An error met while gathering more input, reported once the bytes
+    /// read before it are written (a TLS peer that closes without
+    /// close_notify right after its last words).
+    error: Option<io::Error>,
     /// The reader reached end of stream.
     eof: bool,
     /// The writer was shut down after EOF: this direction is finished.
@@ -133,6 +138,9 @@ impl Half {
                     pool::give(buf);
                 }
             }
+            if let Some(e) = self.error.take() {
+                return Poll::Ready(Err(e));
+            }
             if self.eof {
                 if self.unflushed {
                     ready!(Pin::new(&mut *w).poll_flush(cx))?;
@@ -158,17 +166,33 @@ impl Half {
                     return Poll::Ready(Err(e));
                 }
                 Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
+                    let mut n = rb.filled().len();
                     if n == 0 {
                         pool::give(buf);
                         self.eof = true;
-                    } else {
-                        self.buf = Some(buf);
-                        self.pos = 0;
-                        self.len = n;
-                        self.bytes += n as u64;
-                        *active = true;
+                        continue;
                     }
+                    // Gather what is already there (a TLS stream yields
+                    // one record per read) so it goes out in one write.
+                    while rb.remaining() > 0 {
+                        match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                            Poll::Ready(Ok(())) if rb.filled().len() > n => n = rb.filled().len(),
+                            Poll::Ready(Ok(())) => {
+                                self.eof = true;
+                                break;
+                            }
+                            Poll::Ready(Err(e)) => {
+                                self.error = Some(e);
+                                break;
+                            }
+                            Poll::Pending => break,
+                        }
+                    }
+                    self.buf = Some(buf);
+                    self.pos = 0;
+                    self.len = n;
+                    self.bytes += n as u64;
+                    *active = true;
                 }
             }
         }
