@@ -31,7 +31,7 @@ use mailbridge::sandbox::{
     TestPki,
 };
 
-use process::{Clients, Mailbridge, free_port, import};
+use process::{Clients, Forwarder, Mailbridge, free_port, import};
 
 const ALICE: &str = "alice@example.com";
 /// The account of the refresh scenario, so revoking its tokens leaves the
@@ -147,8 +147,10 @@ fn parse_args() -> Result<Option<Plan>, String> {
 }
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("--client-worker") {
-        return client_worker();
+    match std::env::args().nth(1).as_deref() {
+        Some("--client-worker") => return client_worker(),
+        Some("--forwarder") => return process::forwarder(std::env::args().nth(2)),
+        _ => {}
     }
     let plan = match parse_args() {
         Ok(Some(p)) => p,
@@ -208,6 +210,9 @@ struct Env {
     bob_direct: RouteSpec,
     bob_proxy: RouteSpec,
     bob_refresh: String,
+    /// The direct routes through a bare TCP forwarder (the floor table).
+    fwd_imap: Option<RouteSpec>,
+    fwd_smtp: Option<RouteSpec>,
     notes: Vec<String>,
 }
 
@@ -361,7 +366,11 @@ provider = "sandbox"
         password: PASSWORD.to_string(),
     };
     let clients = Clients::start()?;
+    let fwd_imap = Forwarder::start(imap.addr())?;
+    let fwd_smtp = Forwarder::start(smtp.addr())?;
     let mut env = Env {
+        fwd_imap: Some(direct(fwd_imap.addr, ALICE)),
+        fwd_smtp: Some(direct(fwd_smtp.addr, ALICE)),
         direct_imap: direct(imap.addr(), ALICE),
         direct_smtp: direct(smtp.addr(), ALICE),
         proxy_imap: proxy(mb_imap, ALICE),
@@ -390,14 +399,73 @@ provider = "sandbox"
 
     let mut rows = Vec::new();
     let wants = |s: &str| plan.only.is_empty() || plan.only.iter().any(|o| o == s);
+    let cpu = |mb: &Mailbridge| mailbridge::bench::procfs::cpu_time(mb.pid()).unwrap_or_default();
+    let mut floor = Vec::new();
     if wants("login") {
-        rows.extend(logins(&mut env, &plan)?);
+        say(&format!(
+            "login latency: {} sequential logins each way, interleaved",
+            plan.logins
+        ));
+        let (p, d) = (env.proxy_imap.clone(), env.direct_imap.clone());
+        let before = cpu(&mb);
+        let s = login_samples(&mut env, &p, &d, &plan)?;
+        let used = cpu(&mb) - before;
+        env.notes.push(format!(
+            "mailbridge CPU time per login: {:.0} us (user + system, all threads)",
+            used.as_secs_f64() * 1e6 / plan.logins as f64
+        ));
+        rows.extend(login_rows(&plan, &s));
+        if let Some(fwd) = &env.fwd_imap {
+            let (f, d) = (fwd.clone(), env.direct_imap.clone());
+            floor.extend(login_rows(&plan, &login_samples(&mut env, &f, &d, &plan)?));
+        }
     }
     if wants("fetch") {
-        rows.extend(fetch(&mut env, &plan)?);
+        say(&format!(
+            "FETCH: {} messages of {} KiB, {} rounds each way",
+            plan.mailbox_messages,
+            plan.message_size / 1024,
+            plan.fetch_rounds
+        ));
+        fill_mailbox(&env, &plan);
+        let (p, d) = (env.proxy_imap.clone(), env.direct_imap.clone());
+        let before = cpu(&mb);
+        let s = fetch_samples(&mut env, &p, &d, &plan)?;
+        let used = cpu(&mb) - before;
+        let mb_moved = (plan.fetch_rounds * plan.mailbox_messages * plan.message_size) as f64 / 1e6;
+        env.notes.push(format!(
+            "mailbridge CPU time per MB fetched: {:.2} ms",
+            used.as_secs_f64() * 1e3 / mb_moved
+        ));
+        rows.push(fetch_row(&plan, &s));
+        if let Some(fwd) = &env.fwd_imap {
+            let (f, d) = (fwd.clone(), env.direct_imap.clone());
+            floor.push(fetch_row(&plan, &fetch_samples(&mut env, &f, &d, &plan)?));
+        }
     }
     if wants("smtp") {
-        rows.extend(smtp_rows(&mut env, &plan)?);
+        for sessions in [1, 20] {
+            say(&format!(
+                "SMTP: {} messages of {} KiB over {sessions} session(s), {} rounds each way",
+                plan.smtp_messages,
+                plan.smtp_size / 1024,
+                plan.smtp_rounds
+            ));
+            let (p, d) = (env.proxy_smtp.clone(), env.direct_smtp.clone());
+            let before = cpu(&mb);
+            let s = smtp_samples(&mut env, &p, &d, sessions, &plan)?;
+            let used = cpu(&mb) - before;
+            env.notes.push(format!(
+                "mailbridge CPU time per SMTP message ({sessions} session(s)): {:.0} us",
+                used.as_secs_f64() * 1e6 / (plan.smtp_rounds * plan.smtp_messages) as f64
+            ));
+            rows.push(smtp_row(&plan, sessions, &s));
+            if let Some(fwd) = &env.fwd_smtp {
+                let (f, d) = (fwd.clone(), env.direct_smtp.clone());
+                let s = smtp_samples(&mut env, &f, &d, sessions, &plan)?;
+                floor.push(smtp_row(&plan, sessions, &s));
+            }
+        }
     }
     if wants("refresh") {
         rows.extend(refresh(&mut env, &plan).await?);
@@ -414,7 +482,16 @@ provider = "sandbox"
     env.smtp.shutdown();
     env.provider.shutdown();
 
-    let table = markdown(&rows);
+    drop((fwd_imap, fwd_smtp));
+    let mut table = markdown(&rows);
+    if !floor.is_empty() {
+        table.push_str(
+            "\nThe floor: the same direct client through a bare TCP forwarder process \
+             (no TLS termination, no login, just one more hop), against direct:\n\n",
+        );
+        table
+            .push_str(&markdown(&untargeted(floor)).replace("| mailbridge |", "| via forwarder |"));
+    }
     let mut report = format!(
         "mailbridge benchmark, {} run ({}), {} s on {} CPU(s), {}.\n\n{table}\n",
         if plan.quick { "quick" } else { "full" },
@@ -481,14 +558,16 @@ fn time_of_day_utc_date() -> String {
     )
 }
 
-fn logins(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
-    say(&format!(
-        "login latency: {} sequential logins each way, interleaved",
-        plan.logins
-    ));
+/// Sequential login timings (ms) over `a` and `b`, interleaved.
+fn login_samples(
+    env: &mut Env,
+    a: &RouteSpec,
+    b: &RouteSpec,
+    plan: &Plan,
+) -> anyhow::Result<[Vec<f64>; 2]> {
     let job = Job::LoginLatency {
-        a: env.proxy_imap.clone(),
-        b: env.direct_imap.clone(),
+        a: a.clone(),
+        b: b.clone(),
         total: plan.logins,
         block: plan.login_block,
     };
@@ -496,50 +575,52 @@ fn logins(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
         bail!("unexpected reply to LoginLatency");
     };
     let ms = |v: Vec<u64>| -> Vec<f64> { v.into_iter().map(|u| u as f64 / 1000.0).collect() };
-    let (p, d) = (ms(a), ms(b));
-    Ok(vec![
+    Ok([ms(a), ms(b)])
+}
+
+fn login_rows(plan: &Plan, s: &[Vec<f64>; 2]) -> Vec<Row> {
+    vec![
         Row {
             what: format!(
                 "IMAP connect + login + logout, median of {} (ms)",
                 plan.logins
             ),
-            proxy: median(&p),
-            direct: median(&d),
+            proxy: median(&s[0]),
+            direct: median(&s[1]),
             decimals: 3,
             target: Target::AtMost(1.2),
         },
         Row {
             what: format!("IMAP connect + login + logout, p95 of {} (ms)", plan.logins),
-            proxy: percentile(&p, 95.0),
-            direct: percentile(&d, 95.0),
+            proxy: percentile(&s[0], 95.0),
+            direct: percentile(&s[1], 95.0),
             decimals: 3,
             target: Target::AtMost(1.2),
         },
-    ])
+    ]
 }
 
-fn fetch(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
-    let total = plan.mailbox_messages * plan.message_size;
-    say(&format!(
-        "FETCH: {} messages of {} KiB, {} rounds each way",
-        plan.mailbox_messages,
-        plan.message_size / 1024,
-        plan.fetch_rounds
-    ));
+fn fill_mailbox(env: &Env, plan: &Plan) {
     let message = mailbridge::bench::client::message_wire(plan.message_size, "a@x", "b@x");
     let body = message[..message.len() - 3].to_vec();
     for _ in 0..plan.mailbox_messages {
         env.imap.append(ALICE, "INBOX", body.clone());
     }
+}
+
+/// FETCH rates (MB/s) over `a` and `b`, alternating which goes first.
+fn fetch_samples(
+    env: &mut Env,
+    a: &RouteSpec,
+    b: &RouteSpec,
+    plan: &Plan,
+) -> anyhow::Result<[Vec<f64>; 2]> {
+    let total = plan.mailbox_messages * plan.message_size;
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for round in 0..plan.fetch_rounds {
         for i in 0..2 {
             let which = (i + round) % 2;
-            let route = if which == 0 {
-                env.proxy_imap.clone()
-            } else {
-                env.direct_imap.clone()
-            };
+            let route = if which == 0 { a.clone() } else { b.clone() };
             let reply = env.call(Job::Fetch {
                 route,
                 set: "1:*".into(),
@@ -558,67 +639,79 @@ fn fetch(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
             rates[which].push(total as f64 / (elapsed_us as f64 / 1e6) / 1e6);
         }
     }
-    Ok(vec![Row {
-        what: format!(
-            "IMAP FETCH of a {} MB mailbox, median of {} (MB/s)",
-            total / 1_000_000,
-            plan.fetch_rounds
-        ),
-        proxy: median(&rates[0]),
-        direct: median(&rates[1]),
-        decimals: 1,
-        target: Target::AtLeast(0.9),
-    }])
+    Ok(rates)
 }
 
-fn smtp_rows(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
-    let mut rows = Vec::new();
-    for sessions in [1, 20] {
-        say(&format!(
-            "SMTP: {} messages of {} KiB over {sessions} session(s), {} rounds each way",
+fn fetch_row(plan: &Plan, s: &[Vec<f64>; 2]) -> Row {
+    Row {
+        what: format!(
+            "IMAP FETCH of a {} MB mailbox, median of {} (MB/s)",
+            plan.mailbox_messages * plan.message_size / 1_000_000,
+            plan.fetch_rounds
+        ),
+        proxy: median(&s[0]),
+        direct: median(&s[1]),
+        decimals: 1,
+        target: Target::AtLeast(0.9),
+    }
+}
+
+/// SMTP rates (messages/s) over `a` and `b`, alternating which goes first.
+fn smtp_samples(
+    env: &mut Env,
+    a: &RouteSpec,
+    b: &RouteSpec,
+    sessions: usize,
+    plan: &Plan,
+) -> anyhow::Result<[Vec<f64>; 2]> {
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..plan.smtp_rounds {
+        for i in 0..2 {
+            let which = (i + round) % 2;
+            let route = if which == 0 { a.clone() } else { b.clone() };
+            env.smtp.clear_messages();
+            let elapsed = env.elapsed(Job::Smtp {
+                route,
+                sessions,
+                messages: plan.smtp_messages,
+                size: plan.smtp_size,
+            })?;
+            let got = env.smtp.message_count();
+            if got != plan.smtp_messages {
+                bail!("SMTP ({which}): {got} messages arrived");
+            }
+            rates[which].push(plan.smtp_messages as f64 / elapsed.as_secs_f64());
+        }
+    }
+    env.smtp.clear_messages();
+    Ok(rates)
+}
+
+fn smtp_row(plan: &Plan, sessions: usize, s: &[Vec<f64>; 2]) -> Row {
+    Row {
+        what: format!(
+            "SMTP {} x {} KiB over {sessions} session{}, median of {} (messages/s)",
             plan.smtp_messages,
             plan.smtp_size / 1024,
+            if sessions == 1 { "" } else { "s" },
             plan.smtp_rounds
-        ));
-        let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-        for round in 0..plan.smtp_rounds {
-            for i in 0..2 {
-                let which = (i + round) % 2;
-                let route = if which == 0 {
-                    env.proxy_smtp.clone()
-                } else {
-                    env.direct_smtp.clone()
-                };
-                env.smtp.clear_messages();
-                let elapsed = env.elapsed(Job::Smtp {
-                    route,
-                    sessions,
-                    messages: plan.smtp_messages,
-                    size: plan.smtp_size,
-                })?;
-                let got = env.smtp.message_count();
-                if got != plan.smtp_messages {
-                    bail!("SMTP ({which}): {got} messages arrived");
-                }
-                rates[which].push(plan.smtp_messages as f64 / elapsed.as_secs_f64());
-            }
-        }
-        env.smtp.clear_messages();
-        rows.push(Row {
-            what: format!(
-                "SMTP {} x {} KiB over {sessions} session{}, median of {} (messages/s)",
-                plan.smtp_messages,
-                plan.smtp_size / 1024,
-                if sessions == 1 { "" } else { "s" },
-                plan.smtp_rounds
-            ),
-            proxy: median(&rates[0]),
-            direct: median(&rates[1]),
-            decimals: 1,
-            target: Target::AtLeast(0.9),
-        });
+        ),
+        proxy: median(&s[0]),
+        direct: median(&s[1]),
+        decimals: 1,
+        target: Target::AtLeast(0.9),
     }
-    Ok(rows)
+}
+
+/// The same rows with a route other than mailbridge in the first column
+/// and no targets (the floor table).
+fn untargeted(rows: Vec<Row>) -> Vec<Row> {
+    rows.into_iter()
+        .map(|r| Row {
+            target: Target::None,
+            ..r
+        })
+        .collect()
 }
 
 async fn refresh(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {

@@ -246,3 +246,95 @@ impl Drop for Clients {
         let _ = self.child.wait();
     }
 }
+
+/// A bare TCP forwarder in a process of its own (this executable with
+/// `--forwarder HOST:PORT`): the cost of one more hop and nothing else.
+pub struct Forwarder {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Forwarder {
+    /// Starts a forwarder to `target` and reads its port.
+    pub fn start(target: SocketAddr) -> anyhow::Result<Forwarder> {
+        use std::io::BufRead;
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--forwarder")
+            .arg(target.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the forwarder")?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().context("forwarder stdout")?)
+            .read_line(&mut line)?;
+        let addr = line.trim().parse().context("the forwarder's address")?;
+        Ok(Forwarder { child, addr })
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The forwarder process: prints its address, then copies every
+/// connection to `target` and back until standard input closes.
+pub fn forwarder(target: Option<String>) -> std::process::ExitCode {
+    let Some(target) = target.and_then(|t| t.parse::<SocketAddr>().ok()) else {
+        eprintln!("usage: --forwarder HOST:PORT");
+        return std::process::ExitCode::FAILURE;
+    };
+    mailbridge::server::raise_open_files_limit(u64::MAX);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        let listener = match mailbridge::server::listen("127.0.0.1:0".parse().expect("addr")) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("forwarder: {e}");
+                return;
+            }
+        };
+        if let Ok(addr) = listener.local_addr() {
+            println!("{addr}");
+        }
+        // Ends when the benchmark closes our standard input (or dies).
+        let stop = tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        });
+        let serve = async {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = upstream.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional_with_sizes(
+                        &mut client,
+                        &mut upstream,
+                        64 * 1024,
+                        64 * 1024,
+                    )
+                    .await;
+                });
+            }
+        };
+        tokio::select! {
+            _ = stop => {}
+            () = serve => {}
+        }
+    });
+    std::process::ExitCode::SUCCESS
+}
