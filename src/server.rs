@@ -406,6 +406,33 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn listen_queues_a_burst_until_accepted() {
+        // 600 clients connect before the server accepts anything: with the
+        // old 128-deep queue most would wait for SYN retries (or, with SYN
+        // cookies, believe they were connected when they were not).
+        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut connects = tokio::task::JoinSet::new();
+        for _ in 0..600 {
+            connects.spawn(tokio::net::TcpStream::connect(addr));
+        }
+        let mut clients = Vec::new();
+        let all = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(c) = connects.join_next().await {
+                clients.push(c.unwrap().unwrap());
+            }
+        })
+        .await;
+        assert!(all.is_ok(), "only {} connects completed", clients.len());
+        for _ in 0..600 {
+            tokio::time::timeout(Duration::from_secs(5), listener.accept())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+
     #[test]
     fn raising_never_lowers_the_limit() {
         let r = raise_open_files_limit(64);

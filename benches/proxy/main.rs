@@ -70,10 +70,10 @@ impl Plan {
             login_block: 25,
             mailbox_messages: 50,
             message_size: 1024 * 1024,
-            fetch_rounds: 7,
+            fetch_rounds: 9,
             smtp_messages: 200,
             smtp_size: 100 * 1024,
-            smtp_rounds: 5,
+            smtp_rounds: 7,
             sessions: vec![1_000, 10_000],
             refresh_logins: 50,
             refresh_rounds: 5,
@@ -415,6 +415,22 @@ provider = "sandbox"
             used.as_secs_f64() * 1e6 / plan.logins as f64
         ));
         rows.extend(login_rows(&plan, &s));
+        // For scale: what the same login costs the direct client itself.
+        let client_pid = env.clients.pid();
+        let before = mailbridge::bench::procfs::cpu_time(client_pid).unwrap_or_default();
+        let n = (plan.logins / 2).max(1);
+        env.call(Job::LoginLatency {
+            a: d.clone(),
+            b: d.clone(),
+            total: n,
+            block: n,
+        })?;
+        let used = mailbridge::bench::procfs::cpu_time(client_pid).unwrap_or_default() - before;
+        env.notes.push(format!(
+            "for scale, the direct client's CPU time per login (TLS handshake, XOAUTH2, \
+             LOGOUT): {:.0} us",
+            used.as_secs_f64() * 1e6 / (2 * n) as f64
+        ));
         if let Some(fwd) = &env.fwd_imap {
             let (f, d) = (fwd.clone(), env.direct_imap.clone());
             floor.extend(login_rows(&plan, &login_samples(&mut env, &f, &d, &plan)?));

@@ -371,4 +371,53 @@ mod tests {
             "{after:?}"
         );
     }
+
+    /// Yields its chunks, then fails as a TLS peer does that closes
+    /// without close_notify; writes go nowhere.
+    struct Abrupt(Vec<&'static [u8]>);
+
+    impl AsyncRead for Abrupt {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            if this.0.is_empty() {
+                return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
+            buf.put_slice(this.0.remove(0));
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Abrupt {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn last_words_before_an_abrupt_close_reach_the_client() {
+        let (mut client_far, mut client_near) = tokio::io::duplex(1024);
+        let mut upstream = Abrupt(vec![b"* BYE bye\r\n", b"z OK LOGOUT done\r\n"]);
+        let stats = relay(&mut client_near, &mut upstream, Duration::from_secs(5))
+            .await
+            .unwrap();
+        drop(client_near);
+        let mut got = Vec::new();
+        client_far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"* BYE bye\r\nz OK LOGOUT done\r\n");
+        assert_eq!(stats.to_client, got.len() as u64);
+    }
 }

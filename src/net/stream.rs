@@ -189,6 +189,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if out.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         if this.buf.is_none() {
             if out.remaining() >= BUFFER {
                 return Pin::new(&mut this.inner).poll_read(cx, out);
