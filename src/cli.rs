@@ -48,12 +48,18 @@ enum Command {
     /// Manage stored grants.
     #[command(subcommand)]
     Account(AccountCommand),
-    /// Run a self-contained demo: a sandbox OAuth2 provider, a sandbox IMAP
-    /// server and mailbridge in front of it, all on loopback.
+    /// Run a self-contained demo: a sandbox OAuth2 provider, sandbox IMAP,
+    /// POP3 and SMTP servers and mailbridge in front of them, all on loopback.
     Demo {
         /// Port for mailbridge's IMAP listener on 127.0.0.1 (0: any free port).
         #[arg(long, default_value_t = 1143)]
         imap_port: u16,
+        /// Port for mailbridge's POP3 listener on 127.0.0.1 (0: any free port).
+        #[arg(long, default_value_t = 1110)]
+        pop3_port: u16,
+        /// Port for mailbridge's SMTP listener on 127.0.0.1 (0: any free port).
+        #[arg(long, default_value_t = 1587)]
+        smtp_port: u16,
     },
 }
 
@@ -163,7 +169,18 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Account(cmd) => account(cmd).await,
-        Command::Demo { imap_port } => crate::demo::run(imap_port, shutdown_signal()).await,
+        Command::Demo {
+            imap_port,
+            pop3_port,
+            smtp_port,
+        } => {
+            let ports = crate::demo::DemoPorts {
+                imap: imap_port,
+                pop3: pop3_port,
+                smtp: smtp_port,
+            };
+            crate::demo::run(ports, shutdown_signal()).await
+        }
     }
 }
 

@@ -297,6 +297,20 @@ pub struct ProviderConfig {
     pub token_url: Option<String>,
     /// Authorization endpoint URL.
     pub authorize_url: Option<String>,
+    /// Device authorization endpoint URL (RFC 8628), for `account add --device`.
+    pub device_url: Option<String>,
+    /// Redirect URI registered for the client, for the browser flows
+    /// (default: `http://127.0.0.1:<random port>/` for the loopback flow,
+    /// `http://localhost/` for `--no-browser`).
+    pub redirect_uri: Option<String>,
+    /// Client credentials only: PEM certificate registered for the app,
+    /// used instead of a secret (with `client_key_file`).
+    pub client_certificate_file: Option<PathBuf>,
+    /// Client credentials only: the certificate's PKCS#8 PEM private key.
+    pub client_key_file: Option<PathBuf>,
+    /// Service accounts only: the JSON key file of a Google service account
+    /// with domain-wide delegation.
+    pub service_account_key_file: Option<PathBuf>,
     /// Scopes to request, in order.
     pub scopes: Option<Vec<String>>,
     /// PEM file of CA certificates to trust for this provider's mail servers
@@ -340,6 +354,46 @@ pub struct AccountConfig {
     /// The upstream login name, if it differs from `user` (not allowed for
     /// a catch-all, where it is always the login name).
     pub upstream_user: Option<String>,
+    /// How the account's tokens are obtained.
+    #[serde(default)]
+    pub grant: GrantKind,
+}
+
+/// How an account's access tokens are obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantKind {
+    /// A user's delegated grant: a refresh token obtained in a browser (or
+    /// with a device code) and sealed in the store.
+    #[default]
+    AuthorizationCode,
+    /// App-only access (Microsoft IMAP.AccessAsApp and friends): tokens from
+    /// the client secret or certificate; nothing but the local password's
+    /// check is stored.
+    ClientCredentials,
+    /// A Google service account with domain-wide delegation acting for the
+    /// mailbox (JWT bearer grant).
+    ServiceAccount,
+    /// The resource owner password grant, where the provider allows it: the
+    /// upstream password is given once to obtain a refresh token.
+    Password,
+}
+
+impl GrantKind {
+    /// Name as written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            GrantKind::AuthorizationCode => "authorization_code",
+            GrantKind::ClientCredentials => "client_credentials",
+            GrantKind::ServiceAccount => "service_account",
+            GrantKind::Password => "password",
+        }
+    }
+
+    /// Whether the grant lives in a stored refresh token.
+    pub fn has_refresh_token(self) -> bool {
+        matches!(self, GrantKind::AuthorizationCode | GrantKind::Password)
+    }
 }
 
 /// A resolved account: which provider and upstream identity a login uses.
@@ -352,6 +406,8 @@ pub struct Account {
     pub provider: String,
     /// The upstream login name.
     pub upstream_user: String,
+    /// How its tokens are obtained.
+    pub grant: GrantKind,
 }
 
 /// A validated configuration, ready to run.
@@ -538,6 +594,24 @@ impl Settings {
                     ),
                 ));
             }
+            if let Some(p) = providers.get(&c.provider) {
+                let missing = match c.grant {
+                    GrantKind::ClientCredentials
+                        if p.client_secret.is_none() && p.client_certificate.is_none() =>
+                    {
+                        Some(
+                            "grant = \"client_credentials\" needs client_secret (or client_certificate_file and client_key_file) on the provider",
+                        )
+                    }
+                    GrantKind::ServiceAccount if p.service_account_key_file.is_none() => Some(
+                        "grant = \"service_account\" needs service_account_key_file on the provider",
+                    ),
+                    _ => None,
+                };
+                if let Some(m) = missing {
+                    return Err(invalid(span, "account.grant", m.to_string()));
+                }
+            }
             if !seen.insert(user.to_lowercase()) {
                 return Err(invalid(
                     span,
@@ -571,6 +645,7 @@ impl Settings {
                 name: a.user.to_lowercase(),
                 provider: a.provider.clone(),
                 upstream_user: a.upstream_user.clone().unwrap_or_else(|| a.user.clone()),
+                grant: a.grant,
             });
         }
         let (local, domain) = login.rsplit_once('@')?;
@@ -588,6 +663,7 @@ impl Settings {
                 name: login.to_lowercase(),
                 provider: a.provider.clone(),
                 upstream_user: login.to_string(),
+                grant: a.grant,
             })
     }
 }

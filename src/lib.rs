@@ -18,6 +18,7 @@
 //! - [`vault`]: local password checks, backoff, the fast verifier cache.
 //! - [`oauth`]: the token source (cache, single-flight refresh, rotation).
 //! - [`login`]: the login path from credentials to a logged-in upstream.
+//! - [`diagnose`]: explanations for known upstream refusals.
 //! - [`net`]: listeners, TLS, the connection driver, the upstream
 //!   connector, the relay; it never parses a protocol.
 //! - [`server`]: binds and runs it all; used by `main` and the tests.
@@ -29,6 +30,7 @@
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod diagnose;
 pub mod login;
 pub mod net;
 pub mod oauth;

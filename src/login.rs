@@ -139,7 +139,7 @@ impl Gateway {
                 Ok(conn)
             }
             Err(e) => {
-                let f = upstream_failure(&account.name, e);
+                let f = upstream_failure(protocol, &account.name, e);
                 let reason = f.reason.clone();
                 let _ = self
                     .vault
@@ -156,12 +156,30 @@ fn upstream_session(
     endpoint: &crate::provider::ServerEndpoint,
     client_info: Option<String>,
 ) -> Box<dyn UpstreamLogin> {
+    let starttls = endpoint.tls == crate::config::UpstreamTls::Starttls;
+    let preference = endpoint.mechanisms.clone();
     match protocol {
         Protocol::Imap => Box::new(proto::imap::ImapUpstreamLogin::new(
             proto::imap::UpstreamOptions {
-                starttls: endpoint.tls == crate::config::UpstreamTls::Starttls,
-                preference: endpoint.mechanisms.clone(),
+                starttls,
+                preference,
                 client_id: client_info,
+                ..Default::default()
+            },
+        )),
+        Protocol::Pop3 => Box::new(proto::pop3::Pop3UpstreamLogin::new(
+            proto::pop3::UpstreamOptions {
+                starttls,
+                preference,
+                ..Default::default()
+            },
+        )),
+        Protocol::Smtp => Box::new(proto::smtp::SmtpUpstreamLogin::new(
+            proto::smtp::UpstreamOptions {
+                starttls,
+                preference,
+                // The configured name, else the one the client gave us.
+                ehlo_name: endpoint.ehlo_name.clone().or(client_info),
                 ..Default::default()
             },
         )),
@@ -207,17 +225,26 @@ fn vault_failure(account: &str, e: VaultError) -> LoginFailure {
     }
 }
 
-fn upstream_failure(account: &str, e: UpstreamFailure) -> LoginFailure {
+fn upstream_failure(protocol: Protocol, account: &str, e: UpstreamFailure) -> LoginFailure {
     match e {
         UpstreamFailure::Token(t) => token_failure(account, t),
-        UpstreamFailure::Rejected { server, rejection } => LoginFailure {
-            kind: FailureKind::Rejected,
-            reason: format!(
-                "{server} refused the access token ({}); check the account's permissions or re-authorize it",
-                crate::oauth::one_line(&rejection.server_text)
-            ),
-            upstream_reply: Some(crate::oauth::one_line(&rejection.server_text)),
-        },
+        UpstreamFailure::Rejected { server, rejection } => {
+            let text = crate::oauth::one_line(&rejection.server_text);
+            let reason = match crate::diagnose::explain(protocol, &text) {
+                // SMTP clients see the server's own line too; IMAP and POP3
+                // replies carry only ours, so quote the server there.
+                Some(why) if protocol == Protocol::Smtp => why.to_string(),
+                Some(why) => format!("{why} (server said: {text})"),
+                None => format!(
+                    "{server} refused the access token ({text}); check the account's permissions or re-authorize it"
+                ),
+            };
+            LoginFailure {
+                kind: FailureKind::Rejected,
+                reason,
+                upstream_reply: Some(text),
+            }
+        }
         other => failure(
             FailureKind::Unavailable,
             crate::oauth::one_line(&other.to_string()),

@@ -26,8 +26,19 @@ pub struct Provider {
     pub token_url: String,
     /// Authorization endpoint, if known.
     pub authorize_url: Option<String>,
+    /// Device authorization endpoint, if known.
+    pub device_url: Option<String>,
+    /// Registered redirect URI for the browser flows, if fixed.
+    pub redirect_uri: Option<String>,
     /// Scopes to request, in order.
     pub scopes: Vec<String>,
+    /// Scopes for app-only access (client credentials), e.g. Microsoft's
+    /// `https://outlook.office365.com/.default`.
+    pub app_scopes: Vec<String>,
+    /// Certificate and key files for a certificate client credential.
+    pub client_certificate: Option<(PathBuf, PathBuf)>,
+    /// A Google service-account key file.
+    pub service_account_key_file: Option<PathBuf>,
     /// CA certificates to trust for the mail servers instead of the system's.
     pub ca_file: Option<PathBuf>,
     /// The IMAP server, if this provider has one.
@@ -103,13 +114,18 @@ pub const MICROSOFT_SCOPES: [&str; 4] = [
 
 const BOTH: &[Mechanism] = &[Mechanism::Xoauth2, Mechanism::Oauthbearer];
 
+/// Microsoft's app-only scope for IMAP, POP and SMTP (client credentials).
+pub const MICROSOFT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
+
 /// Google's one mail scope.
 pub const GOOGLE_SCOPE: &str = "https://mail.google.com/";
 
 struct Defaults {
     token_url: Option<String>,
     authorize_url: Option<String>,
+    device_url: Option<String>,
     scopes: Vec<String>,
+    app_scopes: Option<Vec<String>>,
     imap: Option<ServerEndpoint>,
     pop3: Option<ServerEndpoint>,
     smtp: Option<ServerEndpoint>,
@@ -139,7 +155,11 @@ fn preset_defaults(preset: Preset, tenant: &str) -> Defaults {
             authorize_url: Some(format!(
                 "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize"
             )),
+            device_url: Some(format!(
+                "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode"
+            )),
             scopes: MICROSOFT_SCOPES.iter().map(|s| s.to_string()).collect(),
+            app_scopes: Some(vec![MICROSOFT_APP_SCOPE.to_string()]),
             // Microsoft 365 documents XOAUTH2 only.
             imap: server(
                 "outlook.office365.com",
@@ -163,7 +183,11 @@ fn preset_defaults(preset: Preset, tenant: &str) -> Defaults {
         Preset::Google => Defaults {
             token_url: Some("https://oauth2.googleapis.com/token".into()),
             authorize_url: Some("https://accounts.google.com/o/oauth2/v2/auth".into()),
+            // Google refuses mail scopes in the device flow; `account add
+            // --device` says so before trying.
+            device_url: Some("https://oauth2.googleapis.com/device/code".into()),
             scopes: vec![GOOGLE_SCOPE.into()],
+            app_scopes: None,
             imap: server("imap.gmail.com", 993, UpstreamTls::Implicit, BOTH),
             pop3: server("pop.gmail.com", 995, UpstreamTls::Implicit, BOTH),
             smtp: server("smtp.gmail.com", 465, UpstreamTls::Implicit, BOTH),
@@ -171,7 +195,9 @@ fn preset_defaults(preset: Preset, tenant: &str) -> Defaults {
         Preset::Custom => Defaults {
             token_url: None,
             authorize_url: None,
+            device_url: None,
             scopes: Vec::new(),
+            app_scopes: None,
             imap: None,
             pop3: None,
             smtp: None,
@@ -336,7 +362,51 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
     if let Some(u) = &authorize_url {
         check_url("authorize_url", u)?;
     }
+    let device_url = c.device_url.clone().or(d.device_url);
+    if let Some(u) = &device_url {
+        check_url("device_url", u)?;
+    }
+    if let Some(u) = &c.redirect_uri {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            return Err(err(
+                "redirect_uri",
+                format!("`{u}` must be an http:// or https:// URL"),
+            ));
+        }
+    }
     let scopes = c.scopes.clone().unwrap_or(d.scopes);
+    if preset == Preset::Microsoft {
+        check_microsoft_scopes(&scopes).map_err(|m| err("scopes", m))?;
+    }
+    let app_scopes = d.app_scopes.unwrap_or_else(|| scopes.clone());
+    let client_certificate = match (&c.client_certificate_file, &c.client_key_file) {
+        (Some(cert), Some(key)) => {
+            for (field, f) in [("client_certificate_file", cert), ("client_key_file", key)] {
+                if !f.is_file() {
+                    return Err(err(
+                        field,
+                        format!("{} is not a readable file", f.display()),
+                    ));
+                }
+            }
+            Some((cert.clone(), key.clone()))
+        }
+        (None, None) => None,
+        _ => {
+            return Err(err(
+                "client_certificate_file",
+                "client_certificate_file and client_key_file go together",
+            ));
+        }
+    };
+    if let Some(f) = &c.service_account_key_file {
+        if !f.is_file() {
+            return Err(err(
+                "service_account_key_file",
+                format!("{} is not a readable file", f.display()),
+            ));
+        }
+    }
     let imap = merge_endpoint("imap", d.imap, c.imap.as_ref(), 993)?;
     let pop3 = merge_endpoint("pop3", d.pop3, c.pop3.as_ref(), 995)?;
     let smtp = merge_endpoint("smtp", d.smtp, c.smtp.as_ref(), 465)?;
@@ -355,12 +425,115 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
         client_secret,
         token_url,
         authorize_url,
+        device_url,
+        redirect_uri: c.redirect_uri.clone(),
         scopes,
+        app_scopes,
+        client_certificate,
+        service_account_key_file: c.service_account_key_file.clone(),
         ca_file: c.ca_file.clone(),
         imap,
         pop3,
         smtp,
     })
+}
+
+/// Which resource a Microsoft scope asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum MsResource {
+    /// `offline_access`, `openid`, ...: not a resource; Entra ID skips them
+    /// when it picks the token's audience.
+    Directive,
+    /// Exchange Online: what IMAP, POP and SMTP accept.
+    Outlook,
+    /// Microsoft Graph (also every bare scope such as `Mail.Read`).
+    Graph,
+    /// Some other resource.
+    Other,
+}
+
+fn ms_resource(scope: &str) -> MsResource {
+    let lower = scope.to_ascii_lowercase();
+    if matches!(
+        lower.as_str(),
+        "offline_access" | "openid" | "profile" | "email"
+    ) {
+        return MsResource::Directive;
+    }
+    match lower.split_once("://") {
+        None => MsResource::Graph,
+        Some((_, rest)) => {
+            let host = rest.split('/').next().unwrap_or("");
+            if matches!(
+                host,
+                "outlook.office.com"
+                    | "outlook.office365.com"
+                    | "outlook.office365.us"
+                    | "partner.outlook.cn"
+            ) {
+                MsResource::Outlook
+            } else if host.starts_with("graph.microsoft.")
+                || host == "microsoftgraph.chinacloudapi.cn"
+            {
+                MsResource::Graph
+            } else {
+                MsResource::Other
+            }
+        }
+    }
+}
+
+/// Entra ID reads the scope list in order, skips directives, and lets the
+/// first permission decide the token's audience; IMAP, POP and SMTP accept
+/// only Outlook tokens. A list that would produce a Graph token, mixes
+/// resources, or gets no refresh token is refused with the reason.
+pub fn check_microsoft_scopes(scopes: &[String]) -> Result<(), String> {
+    let first = scopes
+        .iter()
+        .find(|s| ms_resource(s) != MsResource::Directive);
+    let Some(first) = first else {
+        return Err("no permission scope: list https://outlook.office.com/IMAP.AccessAsUser.All (and POP/SMTP) before offline_access".into());
+    };
+    if ms_resource(first) != MsResource::Outlook {
+        return Err(format!(
+            "`{first}` comes first, so Entra ID would issue a token for {} which IMAP, POP and SMTP refuse (`NO AUTHENTICATE failed`, `535 5.7.3`); put the resource-prefixed Outlook scopes first, e.g. https://outlook.office.com/IMAP.AccessAsUser.All",
+            if ms_resource(first) == MsResource::Graph {
+                "Microsoft Graph"
+            } else {
+                "another resource"
+            }
+        ));
+    }
+    if let Some(other) = scopes
+        .iter()
+        .find(|s| !matches!(ms_resource(s), MsResource::Directive | MsResource::Outlook))
+    {
+        return Err(format!(
+            "`{other}` is not an Outlook scope: a token serves one resource, so Graph or bare scopes (like Mail.Read or SMTP.Send) must not be mixed with the Outlook ones; write them resource-prefixed (https://outlook.office.com/SMTP.Send) or drop them"
+        ));
+    }
+    if !scopes
+        .iter()
+        .any(|s| s.eq_ignore_ascii_case("offline_access"))
+    {
+        return Err("add offline_access, or Entra ID issues no refresh token and every grant dies within the hour".into());
+    }
+    Ok(())
+}
+
+/// Whether a JWT audience is Exchange Online's (what the mail servers take).
+pub fn is_outlook_audience(aud: &str) -> bool {
+    let a = aud.trim_end_matches('/').to_ascii_lowercase();
+    matches!(
+        a.as_str(),
+        "https://outlook.office.com"
+            | "https://outlook.office365.com"
+            | "https://ps.outlook.com"
+            | "https://outlook.office365.us"
+            | "https://partner.outlook.cn"
+            // Exchange Online's application id.
+            | "00000002-0000-0ff1-ce00-000000000000"
+    )
 }
 
 fn check_url(field: &str, url: &str) -> Result<(), ProviderError> {
@@ -392,6 +565,11 @@ mod tests {
             client_secret_file: None,
             token_url: None,
             authorize_url: None,
+            device_url: None,
+            redirect_uri: None,
+            client_certificate_file: None,
+            client_key_file: None,
+            service_account_key_file: None,
             scopes: None,
             ca_file: None,
             imap: None,
@@ -446,6 +624,55 @@ mod tests {
         assert_eq!(imap.port, 1993);
         assert_eq!(imap.tls, UpstreamTls::Starttls);
         assert_eq!(imap.mechanisms, vec![Mechanism::Oauthbearer]);
+    }
+
+    #[test]
+    fn microsoft_scope_order_rules() {
+        let ok = |v: &[&str]| {
+            check_microsoft_scopes(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        assert!(ok(&MICROSOFT_SCOPES).is_ok());
+        assert!(
+            ok(&[
+                "offline_access",
+                "https://outlook.office.com/IMAP.AccessAsUser.All"
+            ])
+            .is_ok()
+        );
+        let graph_first = ok(&[
+            "SMTP.Send",
+            "https://outlook.office.com/IMAP.AccessAsUser.All",
+            "offline_access",
+        ]);
+        assert!(graph_first.unwrap_err().contains("Microsoft Graph"));
+        let graph_url_first = ok(&["https://graph.microsoft.com/Mail.Read", "offline_access"]);
+        assert!(graph_url_first.unwrap_err().contains("Microsoft Graph"));
+        let mixed = ok(&[
+            "https://outlook.office.com/IMAP.AccessAsUser.All",
+            "Mail.Read",
+            "offline_access",
+        ]);
+        assert!(mixed.unwrap_err().contains("must not be mixed"));
+        let no_refresh = ok(&["https://outlook.office.com/IMAP.AccessAsUser.All"]);
+        assert!(no_refresh.unwrap_err().contains("offline_access"));
+        assert!(ok(&["offline_access"]).is_err());
+    }
+
+    #[test]
+    fn a_graph_first_microsoft_config_is_refused_at_check() {
+        let mut c = cfg("microsoft");
+        c.scopes = Some(vec!["Mail.Read".into(), "offline_access".into()]);
+        let e = resolve("m", &c).unwrap_err();
+        assert_eq!(e.field, "scopes");
+        assert!(e.message.contains("Graph"), "{}", e.message);
+    }
+
+    #[test]
+    fn outlook_audiences() {
+        assert!(is_outlook_audience("https://outlook.office.com"));
+        assert!(is_outlook_audience("https://outlook.office365.com/"));
+        assert!(!is_outlook_audience("00000003-0000-0000-c000-000000000000"));
+        assert!(!is_outlook_audience("https://graph.microsoft.com"));
     }
 
     #[test]

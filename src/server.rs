@@ -203,15 +203,35 @@ async fn serve(
 
 fn client_session(
     l: &Listener,
+    hostname: &str,
     tls: Option<&Arc<ServerConfig>>,
     tls_active: bool,
 ) -> Box<dyn ClientSession> {
+    let starttls_offered = l.tls == ListenerTls::Starttls && tls.is_some();
+    let plaintext_login_allowed = l.plaintext_login_allowed();
     match l.protocol {
         Protocol::Imap => Box::new(proto::imap::ImapClientSession::new(
             proto::imap::ClientOptions {
-                starttls_offered: l.tls == ListenerTls::Starttls && tls.is_some(),
+                starttls_offered,
                 tls_active,
-                plaintext_login_allowed: l.plaintext_login_allowed(),
+                plaintext_login_allowed,
+                ..Default::default()
+            },
+        )),
+        Protocol::Pop3 => Box::new(proto::pop3::Pop3ClientSession::new(
+            proto::pop3::ClientOptions {
+                starttls_offered,
+                tls_active,
+                plaintext_login_allowed,
+                ..Default::default()
+            },
+        )),
+        Protocol::Smtp => Box::new(proto::smtp::SmtpClientSession::new(
+            proto::smtp::ClientOptions {
+                starttls_offered,
+                tls_active,
+                plaintext_login_allowed,
+                hostname: hostname.to_string(),
                 ..Default::default()
             },
         )),

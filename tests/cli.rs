@@ -223,13 +223,21 @@ provider = "sandbox"
 #[tokio::test]
 async fn demo_serves_a_password_login() {
     let mut demo = Command::new(BIN)
-        .args(["demo", "--imap-port", "0"])
+        .args([
+            "demo",
+            "--imap-port",
+            "0",
+            "--pop3-port",
+            "0",
+            "--smtp-port",
+            "0",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut stdout = std::io::BufReader::new(demo.stdout.take().unwrap());
-    let mut addr = None;
+    let mut addrs: Vec<std::net::SocketAddr> = Vec::new();
     let mut printed = String::new();
     for _ in 0..100 {
         let mut line = String::new();
@@ -237,17 +245,23 @@ async fn demo_serves_a_password_login() {
             break;
         }
         printed.push_str(&line);
-        if let Some(rest) = line.trim().strip_prefix("mailbridge IMAP:") {
-            addr = rest
-                .split_whitespace()
-                .next()
-                .map(|a| a.parse::<std::net::SocketAddr>().unwrap());
+        if let Some(rest) = line.trim().strip_prefix("mailbridge:") {
+            // "IMAP a:p, POP3 a:p, SMTP a:p (plain password logins)"
+            addrs = rest
+                .split(|c: char| c.is_whitespace() || c == ',')
+                .filter_map(|w| w.parse().ok())
+                .collect();
         }
         if line.contains("Ctrl-C") {
             break;
         }
     }
-    let addr = addr.unwrap_or_else(|| panic!("no address in the demo's output: {printed}"));
+    assert_eq!(
+        addrs.len(),
+        3,
+        "three addresses in the demo's output: {printed}"
+    );
+    let (addr, pop3_addr, smtp_addr) = (addrs[0], addrs[1], addrs[2]);
     assert!(printed.contains("curl 'imap://"), "{printed}");
     let mut c = Client::plain(addr).await;
     assert!(c.line().await.starts_with("* OK"));
@@ -265,29 +279,75 @@ async fn demo_serves_a_password_login() {
     c.cmd("s1", "SELECT INBOX").await;
     let body = c.fetch_body("f1", 1).await;
     assert!(String::from_utf8_lossy(&body).contains("Hello through mailbridge"));
-    // The printed curl command works as printed, where curl is installed.
+    // The printed curl commands work as printed, where curl is installed
+    // (CI installs it).
     if Command::new("curl").arg("--version").output().is_ok() {
-        let out = Command::new("curl")
-            .args([
-                "-sS",
-                "--max-time",
-                "20",
+        let user = format!(
+            "{}:{}",
+            mailbridge::demo::DEMO_USER,
+            mailbridge::demo::DEMO_PASSWORD
+        );
+        let curl = |args: &[&str], stdin: &str| {
+            let mut child = Command::new("curl")
+                .args(["-sS", "--max-time", "20", "--user", &user])
+                .args(args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(stdin.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "curl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let listing = curl(
+            &[
                 &format!("imap://{addr}/INBOX"),
                 "-X",
                 "FETCH 1:* (UID FLAGS RFC822.SIZE)",
-            ])
-            .args([
-                "--user",
-                &format!(
-                    "{}:{}",
-                    mailbridge::demo::DEMO_USER,
-                    mailbridge::demo::DEMO_PASSWORD
-                ),
-            ])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && text.contains("1 FETCH"), "{text}");
+            ],
+            "",
+        );
+        assert!(listing.contains("1 FETCH"), "{listing}");
+        let message = curl(&[&format!("pop3://{pop3_addr}/1")], "");
+        assert!(message.contains("Hello through mailbridge"), "{message}");
+        curl(
+            &[
+                &format!("smtp://{smtp_addr}"),
+                "--mail-from",
+                mailbridge::demo::DEMO_USER,
+                "--mail-rcpt",
+                "friend@example.org",
+                "--upload-file",
+                "-",
+            ],
+            "Subject: hello\r\n\r\nsent through mailbridge\r\n",
+        );
+        let mut confirmed = String::new();
+        for _ in 0..20 {
+            let mut line = String::new();
+            if std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() == 0 {
+                break;
+            }
+            if line.contains("sandbox SMTP server received a message") {
+                confirmed = line;
+                break;
+            }
+        }
+        assert!(
+            confirmed.contains("<friend@example.org>"),
+            "the demo reports the delivery: {confirmed}"
+        );
     }
     let _ = Command::new("kill")
         .args(["-INT", &demo.id().to_string()])

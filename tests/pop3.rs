@@ -47,8 +47,14 @@ async fn capa_preauth_refusals_and_user_pass() {
     c.send(b"CAPA\r\n").await;
     assert!(c.line().await.starts_with("+OK"));
     let capa = String::from_utf8(c.pop3_multiline().await).unwrap();
-    assert!(capa.contains("USER") && capa.contains("SASL PLAIN"), "{capa}");
-    assert!(!capa.contains("XOAUTH2"), "no upstream capability leaks: {capa}");
+    assert!(
+        capa.contains("USER") && capa.contains("SASL PLAIN"),
+        "{capa}"
+    );
+    assert!(
+        !capa.contains("XOAUTH2"),
+        "no upstream capability leaks: {capa}"
+    );
     let r = cmd(&mut c, "STAT").await;
     assert!(r.starts_with("-ERR"), "{r}");
     // Password with spaces and quotes, taken verbatim.
@@ -85,17 +91,26 @@ async fn wrong_password_revoked_and_refreshed_tokens() {
     let before = h.sealed_bytes();
     let mut c = pop3_client(&h).await;
     let r = user_pass(&mut c, "nope").await;
-    assert!(r.starts_with("-ERR [AUTH]") && r.contains("wrong password"), "{r}");
+    assert!(
+        r.starts_with("-ERR [AUTH]") && r.contains("wrong password"),
+        "{r}"
+    );
     assert_eq!(h.sealed_bytes(), before);
     let r = user_pass(&mut c, PASSWORD).await;
-    assert!(r.starts_with("-ERR [SYS/TEMP]") && r.contains("try again"), "backoff: {r}");
+    assert!(
+        r.starts_with("-ERR [SYS/TEMP]") && r.contains("try again"),
+        "backoff: {r}"
+    );
     h.stop().await;
 
     let h = Harness::start(Options::default()).await;
     h.provider.revoke_user(USER);
     let mut c = pop3_client(&h).await;
     let r = user_pass(&mut c, PASSWORD).await;
-    assert!(r.starts_with("-ERR [AUTH]") && r.contains("invalid_grant"), "{r}");
+    assert!(
+        r.starts_with("-ERR [AUTH]") && r.contains("invalid_grant"),
+        "{r}"
+    );
     h.stop().await;
 
     for mech in [Mechanism::Xoauth2, Mechanism::Oauthbearer] {
@@ -116,9 +131,13 @@ async fn wrong_password_revoked_and_refreshed_tokens() {
         assert!(user_pass(&mut c, PASSWORD).await.starts_with("+OK"));
         tokio::time::sleep(Duration::from_millis(1200)).await;
         let mut c = pop3_client(&h).await;
-        assert!(user_pass(&mut c, PASSWORD).await.starts_with("+OK"), "{mech:?}");
+        assert!(
+            user_pass(&mut c, PASSWORD).await.starts_with("+OK"),
+            "{mech:?}"
+        );
         assert_eq!(h.provider.refresh_requests(), 2);
-        h.provider.set_access_token_lifetime(Duration::from_secs(3600));
+        h.provider
+            .set_access_token_lifetime(Duration::from_secs(3600));
         let mut c = pop3_client(&h).await;
         assert!(user_pass(&mut c, PASSWORD).await.starts_with("+OK"));
         h.provider.revoke_access_tokens(USER);
@@ -155,7 +174,9 @@ async fn tls_on_both_sides_and_a_large_retr() {
             if n % 5 == 0 {
                 big.extend_from_slice(b".a line that starts with a dot\r\n");
             } else {
-                big.extend_from_slice(format!("{n:08} the quick brown fox jumps over the lazy dog\r\n").as_bytes());
+                big.extend_from_slice(
+                    format!("{n:08} the quick brown fox jumps over the lazy dog\r\n").as_bytes(),
+                );
             }
         }
         h.pop3.append(USER, big.clone());
@@ -170,7 +191,10 @@ async fn tls_on_both_sides_and_a_large_retr() {
         assert!(c.line().await.starts_with("+OK"));
         let capa = String::from_utf8(c.pop3_multiline().await).unwrap();
         assert!(!capa.contains("STLS") && capa.contains("USER"), "{capa}");
-        assert!(user_pass(&mut c, PASSWORD).await.starts_with("+OK"), "{listener}/{upstream:?}");
+        assert!(
+            user_pass(&mut c, PASSWORD).await.starts_with("+OK"),
+            "{listener}/{upstream:?}"
+        );
         assert!(cmd(&mut c, "RETR 1").await.starts_with("+OK"));
         let body = c.pop3_multiline().await;
         assert_eq!(body.len(), big.len());

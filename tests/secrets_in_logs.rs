@@ -1,5 +1,5 @@
 //! Captures every log line at trace level (mailbridge and its dependencies)
-//! through logins, a wrong password, a refresh with rotation, an upstream
+//! through IMAP, SMTP and POP3 logins, a wrong password, a refresh with rotation, an upstream
 //! rejection and a revoked grant, and checks that no password or token
 //! appears in it.
 
@@ -45,6 +45,23 @@ async fn no_secret_reaches_the_logs() {
     h.provider.revoke_access_tokens(USER);
     let (_c, ok) = h.login(PASSWORD).await;
     assert!(ok.starts_with("a1 OK"), "{ok}");
+    // SMTP (AUTH LOGIN: the password travels base64 on its own line) and
+    // POP3 (USER/PASS).
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut smtp = Client::plain(h.smtp_addr).await;
+    smtp.smtp_reply().await;
+    smtp.smtp("EHLO logs.example").await;
+    smtp.smtp("AUTH LOGIN").await;
+    smtp.smtp(&b64.encode(USER)).await;
+    let r = smtp.smtp(&b64.encode(PASSWORD)).await;
+    assert!(r.starts_with("235"), "{r}");
+    let mut pop = Client::plain(h.pop3_addr).await;
+    pop.line().await;
+    pop.send(format!("USER {USER}\r\nPASS {PASSWORD}\r\n").as_bytes())
+        .await;
+    pop.line().await;
+    let r = pop.line().await;
+    assert!(r.starts_with("+OK"), "{r}");
     h.provider.revoke_user(USER);
     h.provider.revoke_access_tokens(USER);
     let (_c, no) = h.login(PASSWORD).await;
@@ -61,8 +78,8 @@ async fn no_secret_reaches_the_logs() {
         logs.contains("access token refreshed"),
         "trace capture works"
     );
-    let b64 = base64::engine::general_purpose::STANDARD;
     let mut secrets: Vec<String> = vec![
+        b64.encode(PASSWORD),
         PASSWORD.into(),
         "wrong-password-123".into(),
         h.refresh_token.clone(),

@@ -35,7 +35,11 @@ async fn ehlo(c: &mut Client) -> Vec<String> {
 /// Sends one message after a successful AUTH and checks it arrived.
 async fn send_message(c: &mut Client, h: &Harness, body: &[u8]) {
     let before = h.smtp.messages().len();
-    assert!(c.smtp(&format!("MAIL FROM:<{USER}>")).await.starts_with("250"));
+    assert!(
+        c.smtp(&format!("MAIL FROM:<{USER}>"))
+            .await
+            .starts_with("250")
+    );
     assert!(c.smtp("RCPT TO:<bob@example.org>").await.starts_with("250"));
     assert!(c.smtp("DATA").await.starts_with("354"));
     c.send(body).await;
@@ -53,7 +57,13 @@ async fn ehlo_advertises_auth_and_mail_needs_auth() {
     let h = Harness::start(Options::default()).await;
     let mut c = smtp_client(&h).await;
     let caps = ehlo(&mut c).await.join("\n");
-    for kw in ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SIZE", "AUTH PLAIN LOGIN"] {
+    for kw in [
+        "PIPELINING",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+        "SIZE",
+        "AUTH PLAIN LOGIN",
+    ] {
         assert!(caps.contains(kw), "{kw} missing: {caps}");
     }
     let r = c.smtp("MAIL FROM:<x@example.com>").await;
@@ -90,7 +100,10 @@ async fn every_auth_variant_then_send() {
     // AUTH LOGIN with the user name as initial response, after HELO.
     let mut c = smtp_client(&h).await;
     assert!(c.smtp("HELO old-printer").await.starts_with("250"));
-    assert_eq!(c.smtp(&format!("AUTH LOGIN {}", b64(USER))).await, "334 UGFzc3dvcmQ6");
+    assert_eq!(
+        c.smtp(&format!("AUTH LOGIN {}", b64(USER))).await,
+        "334 UGFzc3dvcmQ6"
+    );
     assert!(c.smtp(&b64(PASSWORD)).await.starts_with("235"));
     send_message(&mut c, &h, b"Subject: printer\r\n\r\nscan attached\r\n").await;
 
@@ -99,7 +112,11 @@ async fn every_auth_variant_then_send() {
     ehlo(&mut c).await;
     assert!(c.smtp("AUTH LOGIN").await.starts_with("334"));
     assert!(c.smtp("*").await.starts_with("501"));
-    assert!(c.smtp(&format!("AUTH PLAIN {}", plain())).await.starts_with("235"));
+    assert!(
+        c.smtp(&format!("AUTH PLAIN {}", plain()))
+            .await
+            .starts_with("235")
+    );
     assert_eq!(h.provider.refresh_requests(), 1);
     h.stop().await;
 }
@@ -110,11 +127,19 @@ async fn wrong_password_and_revoked_grant() {
     let before = h.sealed_bytes();
     let mut c = smtp_client(&h).await;
     ehlo(&mut c).await;
-    let r = c.smtp(&format!("AUTH PLAIN {}", b64(&format!("\0{USER}\0nope")))).await;
-    assert!(r.starts_with("535 5.7.8") && r.contains("wrong password"), "{r}");
+    let r = c
+        .smtp(&format!("AUTH PLAIN {}", b64(&format!("\0{USER}\0nope"))))
+        .await;
+    assert!(
+        r.starts_with("535 5.7.8") && r.contains("wrong password"),
+        "{r}"
+    );
     assert_eq!(h.sealed_bytes(), before);
     let r = c.smtp(&format!("AUTH PLAIN {}", plain())).await;
-    assert!(r.starts_with("454 4.7.0") && r.contains("try again"), "backoff: {r}");
+    assert!(
+        r.starts_with("454 4.7.0") && r.contains("try again"),
+        "backoff: {r}"
+    );
     h.stop().await;
 
     let h = Harness::start(Options::default()).await;
@@ -143,16 +168,29 @@ async fn expired_and_rejected_tokens_are_refreshed() {
         .await;
         let mut c = smtp_client(&h).await;
         ehlo(&mut c).await;
-        assert!(c.smtp(&format!("AUTH PLAIN {}", plain())).await.starts_with("235"));
+        assert!(
+            c.smtp(&format!("AUTH PLAIN {}", plain()))
+                .await
+                .starts_with("235")
+        );
         tokio::time::sleep(Duration::from_millis(1200)).await;
         let mut c = smtp_client(&h).await;
         ehlo(&mut c).await;
-        assert!(c.smtp(&format!("AUTH PLAIN {}", plain())).await.starts_with("235"));
+        assert!(
+            c.smtp(&format!("AUTH PLAIN {}", plain()))
+                .await
+                .starts_with("235")
+        );
         assert_eq!(h.provider.refresh_requests(), 2, "{mech:?}");
-        h.provider.set_access_token_lifetime(Duration::from_secs(3600));
+        h.provider
+            .set_access_token_lifetime(Duration::from_secs(3600));
         let mut c = smtp_client(&h).await;
         ehlo(&mut c).await;
-        assert!(c.smtp(&format!("AUTH PLAIN {}", plain())).await.starts_with("235"));
+        assert!(
+            c.smtp(&format!("AUTH PLAIN {}", plain()))
+                .await
+                .starts_with("235")
+        );
         // The server drops the cached token: challenge absorbed, refreshed, retried.
         h.provider.revoke_access_tokens(USER);
         let mut c = smtp_client(&h).await;
@@ -177,7 +215,11 @@ async fn two_step_upstream_and_microsoft_refusal_explained() {
     .await;
     let mut c = smtp_client(&h).await;
     ehlo(&mut c).await;
-    assert!(c.smtp(&format!("AUTH PLAIN {}", plain())).await.starts_with("235"));
+    assert!(
+        c.smtp(&format!("AUTH PLAIN {}", plain()))
+            .await
+            .starts_with("235")
+    );
     send_message(&mut c, &h, b"Subject: two-step\r\n\r\nok\r\n").await;
     h.stop().await;
 
@@ -193,10 +235,17 @@ async fn two_step_upstream_and_microsoft_refusal_explained() {
     .await;
     let mut c = smtp_client(&h).await;
     ehlo(&mut c).await;
-    c.send(format!("AUTH PLAIN {}\r\n", plain()).as_bytes()).await;
+    c.send(format!("AUTH PLAIN {}\r\n", plain()).as_bytes())
+        .await;
     let r = c.smtp_reply().await.join("\n");
-    assert!(r.contains("535") && r.contains("5.7.139"), "upstream code kept: {r}");
-    assert!(r.contains("SmtpClientAuthentication"), "upstream text kept: {r}");
+    assert!(
+        r.contains("535") && r.contains("5.7.139"),
+        "upstream code kept: {r}"
+    );
+    assert!(
+        r.contains("SmtpClientAuthentication"),
+        "upstream text kept: {r}"
+    );
     assert!(r.contains("Set-CASMailbox"), "explained: {r}");
     // The session is still usable.
     assert!(c.smtp("NOOP").await.starts_with("250"));
@@ -217,7 +266,9 @@ async fn pipelined_mail_after_auth_and_a_30_mib_message() {
         if n % 7 == 0 {
             big.extend_from_slice(b"..leading dot line\r\n");
         } else {
-            big.extend_from_slice(format!("line {n:010} abcdefghijklmnopqrstuvwxyz0123456789\r\n").as_bytes());
+            big.extend_from_slice(
+                format!("line {n:010} abcdefghijklmnopqrstuvwxyz0123456789\r\n").as_bytes(),
+            );
         }
     }
     // Dot-stuff for the wire; the server stores the unstuffed bytes.
@@ -230,7 +281,11 @@ async fn pipelined_mail_after_auth_and_a_30_mib_message() {
     }
     // AUTH, MAIL, RCPT and DATA in one write, as a pipelining client does.
     c.send(
-        format!("AUTH PLAIN {}\r\nMAIL FROM:<{USER}>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n", plain()).as_bytes(),
+        format!(
+            "AUTH PLAIN {}\r\nMAIL FROM:<{USER}>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n",
+            plain()
+        )
+        .as_bytes(),
     )
     .await;
     for expect in ["235", "250", "250", "354"] {
@@ -246,7 +301,11 @@ async fn pipelined_mail_after_auth_and_a_30_mib_message() {
     assert_eq!(got[0].data.len(), big.len());
     assert!(got[0].data == big, "30 MiB message differs");
     assert_eq!(got[0].to, vec!["bob@example.org".to_string()]);
-    assert_eq!(h.smtp.last_ehlo().as_deref(), Some("client.example"), "client's EHLO name passed upstream");
+    assert_eq!(
+        h.smtp.last_ehlo().as_deref(),
+        Some("client.example"),
+        "client's EHLO name passed upstream"
+    );
     h.stop().await;
 }
 
@@ -282,7 +341,10 @@ async fn tls_on_both_sides() {
             c
         };
         let caps = ehlo(&mut c).await.join("\n");
-        assert!(!caps.contains("STARTTLS") && caps.contains("AUTH PLAIN LOGIN"), "{caps}");
+        assert!(
+            !caps.contains("STARTTLS") && caps.contains("AUTH PLAIN LOGIN"),
+            "{caps}"
+        );
         let r = c.smtp(&format!("AUTH PLAIN {}", plain())).await;
         assert!(r.starts_with("235"), "{listener}/{upstream:?}: {r}");
         send_message(&mut c, &h, b"Subject: tls\r\n\r\nok\r\n").await;

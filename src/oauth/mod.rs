@@ -1,10 +1,13 @@
-//! OAuth2 on the login path: access tokens from stored grants.
+//! OAuth2: access tokens from stored grants on the login path, and the
+//! flows that obtain grants in the first place ([`flows`]).
 //!
 //! The token source owns the in-memory access-token cache and the refresh
 //! logic: one refresh per account at a time (single flight), a rotated
 //! refresh token sealed and flushed before the new access token is used,
 //! and at least [`MIN_TOKEN_LIFETIME`] left on any cached token handed out.
 
+pub mod flows;
+pub mod jwt;
 mod token;
 
 pub use token::{AccessToken, TokenError, TokenSource, one_line};

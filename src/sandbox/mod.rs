@@ -1,7 +1,7 @@
-//! The sandbox: a strict fake OAuth2 provider and a strict fake IMAP server
-//! that only accepts live bearer tokens. The end-to-end tests, the benchmark
-//! and `mailbridge demo` run mailbridge against these instead of Gmail or
-//! Microsoft 365.
+//! The sandbox: a strict fake OAuth2 provider and strict fake IMAP, POP3 and
+//! SMTP servers that only accept live bearer tokens. The end-to-end tests, the
+//! benchmark and `mailbridge demo` run mailbridge against these instead of
+//! Gmail or Microsoft 365.
 //!
 //! Everything listens on 127.0.0.1 with an ephemeral port and lives in
 //! memory. The servers are deliberately strict where real providers are
@@ -15,14 +15,22 @@
 //!   [`TokenValidator`] the mail servers use to check bearer tokens.
 //! - [`imap`]: the IMAP server; command and SASL parsing live in
 //!   `imap::syntax`, apart from the socket loop.
+//! - [`pop3`]: the POP3 server; command parsing and byte-stuffing live in
+//!   `pop3::syntax`, apart from the socket loop.
+//! - [`smtp`]: the SMTP submission server; command parsing and the DATA
+//!   reader live in `smtp::syntax`.
 
 pub mod imap;
 pub mod pki;
+pub mod pop3;
 pub mod provider;
+pub mod smtp;
 
 pub use imap::{ImapServer, ImapServerOptions};
 pub use pki::TestPki;
+pub use pop3::{Pop3Server, Pop3ServerOptions};
 pub use provider::{Provider, ProviderOptions, TokenRejection, TokenValidator};
+pub use smtp::{ReceivedMessage, SmtpServer, SmtpServerOptions};
 
 /// How a sandbox mail server does TLS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

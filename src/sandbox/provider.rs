@@ -1,22 +1,49 @@
 //! The sandbox OAuth2 authorization server (RFC 6749 with PKCE, RFC 7636).
 //!
-//! It owns every grant it hands out: authorization codes, refresh tokens and
-//! access tokens live in one [`TokenBook`] behind a mutex, and the sandbox
-//! mail servers check bearer tokens against the same book through a
-//! [`TokenValidator`]. Tests drive it over HTTP like a real provider and
-//! poke it directly (seed a grant, revoke a user, slow down `/token`).
+//! It owns every grant it hands out: authorization codes, device codes,
+//! refresh tokens and access tokens live in one [`TokenBook`] behind a
+//! mutex, and the sandbox mail servers check bearer tokens against the same
+//! book through a [`TokenValidator`]. Tests drive it over HTTP like a real
+//! provider and poke it directly (seed a grant, revoke a user, approve a
+//! device, slow down `/token`).
 //!
 //! Strict on purpose: client authentication is checked, PKCE S256 is
-//! mandatory, codes are single-use, refresh tokens rotate, and error bodies
-//! never echo a token back.
+//! mandatory, codes are single-use, refresh tokens rotate and are bound to
+//! their client, assertions are verified to the letter, and error bodies
+//! never echo a token, secret or assertion back.
+//!
+//! Endpoints (all on `http://127.0.0.1:PORT`):
+//! - `POST /token`: grants `authorization_code`, `refresh_token`,
+//!   `client_credentials`, `password` (only with
+//!   [`ProviderOptions::allow_password_grant`]), the device code grant
+//!   (RFC 8628, `urn:ietf:params:oauth:grant-type:device_code`) and the JWT
+//!   bearer grant (RFC 7523, `urn:ietf:params:oauth:grant-type:jwt-bearer`,
+//!   Google service accounts). Client authentication: `client_secret_basic`,
+//!   `client_secret_post`, `private_key_jwt` (RFC 7523 section 2.2, keys
+//!   from [`Provider::register_client_key`]) or `none` for public clients.
+//! - `GET /authorize`: automatic consent for `login_hint`, else `username`
+//!   (the open public-client profile), else `user@example.com`; failures
+//!   staged with [`Provider::fail_authorization`] redirect back instead.
+//! - `POST /device_authorization` (RFC 8628 section 3.1) and `GET /device`,
+//!   the verification page; approval happens through
+//!   [`Provider::approve_device`] and [`Provider::deny_device`].
+//! - `POST /register`: dynamic registration of public clients (RFC 7591).
+//! - `GET /.well-known/oauth-authorization-server` and
+//!   `/.well-known/openid-configuration`: RFC 8414 metadata.
+//!
+//! Clients: the configured one ([`ProviderOptions::client_id`]), the open
+//! public-client profile's `open` (public, loopback redirects on any port,
+//! refresh tokens always rotate), and clients registered at `/register`
+//! (public, redirect URIs as registered, loopback ports free per RFC 8252
+//! section 7.3).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::rejection::{FormRejection, QueryRejection};
+use axum::extract::rejection::{FormRejection, JsonRejection, QueryRejection};
 use axum::extract::{Form, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -26,8 +53,17 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use rand::RngCore;
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+mod device;
+mod jwt;
+mod register;
+
+pub use jwt::InvalidKey;
+use jwt::{Jwt, RsaPublicKey};
+use register::RegisteredClient;
 
 /// How long an authorization code may wait before it is exchanged.
 const CODE_LIFETIME: Duration = Duration::from_secs(600);
@@ -35,6 +71,27 @@ const CODE_LIFETIME: Duration = Duration::from_secs(600);
 const SWEEP_THRESHOLD: usize = 4096;
 /// The user `/authorize` consents for when no `login_hint` is given.
 const DEFAULT_USER: &str = "user@example.com";
+/// The open public-client profile's pre-registered client.
+pub const OPEN_CLIENT_ID: &str = "open";
+/// RFC 8628 section 3.4.
+pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+/// RFC 7523 section 2.1.
+pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// RFC 7523 section 2.2.
+pub const JWT_CLIENT_ASSERTION_TYPE: &str =
+    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// Clock skew tolerated for assertion `iat` and `nbf`.
+const ASSERTION_SKEW_SECS: f64 = 60.0;
+/// A JWT bearer assertion may live at most this long (`exp - iat`).
+const ASSERTION_MAX_LIFETIME_SECS: f64 = 3600.0;
+/// The `/authorize` error codes of the open public-client profile.
+pub const OPEN_PROFILE_ERRORS: [&str; 5] = [
+    "auth_failed",
+    "blocked",
+    "unknown_user",
+    "user_not_here",
+    "no_oauth",
+];
 
 /// How the sandbox provider behaves.
 #[derive(Debug, Clone)]
@@ -47,8 +104,30 @@ pub struct ProviderOptions {
     /// Lifetime of access tokens issued by `/token`. Default one hour.
     pub access_token_lifetime: Duration,
     /// Default true: a used refresh token stops working and a new one is
-    /// returned, as Microsoft and the open public-client profile do.
+    /// returned, as Microsoft and the open public-client profile do. The
+    /// `open` client always gets rotation, whatever this says.
     pub rotate_refresh_tokens: bool,
+    /// Device flow polling interval (RFC 8628 `interval`). Default 5 s.
+    /// Polling faster gets `slow_down`, and the device code's interval
+    /// grows by 5 s. Zero: no rate limit at all (fast tests);
+    /// `slow_down` then only comes from [`Provider::force_slow_down`].
+    pub device_interval: Duration,
+    /// How long a device code lives (`expires_in`). Default 10 minutes.
+    pub device_code_lifetime: Duration,
+    /// Scopes `/device_authorization` refuses with `invalid_scope`, as
+    /// Google refuses `https://mail.google.com/` in the device flow.
+    /// Default empty.
+    pub refuse_device_scopes: Vec<String>,
+    /// Enables `grant_type=password` (RFC 6749 section 4.3) for the
+    /// configured client; users come from [`Provider::add_user`]. Default
+    /// false: the grant type is unsupported.
+    pub allow_password_grant: bool,
+    /// Default true: client id `open` is a pre-registered public client
+    /// (the open public-client profile).
+    pub open_profile: bool,
+    /// `Some(aud)`: access tokens are JWT-shaped with this `aud` (see
+    /// [`Provider::set_access_token_audience`]). Default `None`: opaque.
+    pub access_token_audience: Option<String>,
 }
 
 impl Default for ProviderOptions {
@@ -58,6 +137,12 @@ impl Default for ProviderOptions {
             client_secret: None,
             access_token_lifetime: Duration::from_secs(3600),
             rotate_refresh_tokens: true,
+            device_interval: Duration::from_secs(5),
+            device_code_lifetime: Duration::from_secs(600),
+            refuse_device_scopes: Vec::new(),
+            allow_password_grant: false,
+            open_profile: true,
+            access_token_audience: None,
         }
     }
 }
@@ -117,8 +202,15 @@ struct Shared {
     client_id: String,
     client_secret: Option<String>,
     rotate_refresh_tokens: bool,
+    open_profile: bool,
+    allow_password_grant: bool,
+    device_interval: Duration,
+    device_code_lifetime: Duration,
+    refuse_device_scopes: Vec<String>,
     /// Every grant, behind a std mutex that is never held across an await.
     book: Mutex<TokenBook>,
+    /// Clients, keys and users; never locked together with `book`.
+    registry: Mutex<Registry>,
     /// Tunables tests change while the server runs.
     tunables: Mutex<Tunables>,
     token_requests: AtomicU64,
@@ -137,6 +229,81 @@ impl Shared {
     fn tunables(&self) -> MutexGuard<'_, Tunables> {
         self.tunables.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn token_url(&self) -> String {
+        format!("{}/token", self.base_url())
+    }
+
+    /// Which client `id` names, if any.
+    fn lookup_client(&self, id: &str) -> Option<ClientKind> {
+        if id == self.client_id {
+            Some(ClientKind::Configured)
+        } else if id == OPEN_CLIENT_ID && self.open_profile {
+            Some(ClientKind::Open)
+        } else {
+            self.registry()
+                .clients
+                .get(id)
+                .cloned()
+                .map(ClientKind::Registered)
+        }
+    }
+}
+
+/// Who a client is, as far as grants and redirects go.
+#[derive(Debug, Clone)]
+enum ClientKind {
+    /// [`ProviderOptions::client_id`].
+    Configured,
+    /// The open public-client profile's `open`.
+    Open,
+    /// Registered at `/register`.
+    Registered(RegisteredClient),
+}
+
+/// A client as authenticated at `/token` or `/device_authorization`.
+#[derive(Debug, Clone)]
+struct Client {
+    id: String,
+    kind: ClientKind,
+    /// Authenticated with a secret or a private-key JWT.
+    confidential: bool,
+}
+
+impl Client {
+    /// May this client use `grant_type`?
+    fn permits(&self, grant_type: &str) -> bool {
+        match &self.kind {
+            ClientKind::Configured => true,
+            ClientKind::Open => matches!(grant_type, "authorization_code" | "refresh_token"),
+            ClientKind::Registered(r) => r.grant_types.iter().any(|g| g == grant_type),
+        }
+    }
+}
+
+/// Registered clients, keys, users and staged failures.
+#[derive(Debug, Default)]
+struct Registry {
+    /// Dynamically registered clients by client_id.
+    clients: HashMap<String, RegisteredClient>,
+    /// private_key_jwt keys of the configured client.
+    client_keys: Vec<RsaPublicKey>,
+    /// Service-account keys by `client_email` (the assertion's `iss`).
+    service_accounts: HashMap<String, Vec<RsaPublicKey>>,
+    /// Password-grant users: lower-cased name -> password.
+    users: HashMap<String, String>,
+    /// Staged `/authorize` failures: lower-cased user -> error code.
+    auth_failures: HashMap<String, String>,
+    /// Client assertion `jti`s seen, with their `exp`, against replay.
+    used_jtis: HashMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -152,12 +319,24 @@ impl Provider {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let (shutdown, mut shutdown_rx) = watch::channel(false);
+        let app_subject = opts.client_id.clone();
         let shared = Arc::new(Shared {
             addr,
             client_id: opts.client_id,
             client_secret: opts.client_secret,
             rotate_refresh_tokens: opts.rotate_refresh_tokens,
-            book: Mutex::new(TokenBook::default()),
+            open_profile: opts.open_profile,
+            allow_password_grant: opts.allow_password_grant,
+            device_interval: opts.device_interval,
+            device_code_lifetime: opts.device_code_lifetime,
+            refuse_device_scopes: opts.refuse_device_scopes,
+            book: Mutex::new(TokenBook {
+                issuer: format!("http://{addr}"),
+                app_subject,
+                access_token_audience: opts.access_token_audience,
+                ..TokenBook::default()
+            }),
+            registry: Mutex::new(Registry::default()),
             tunables: Mutex::new(Tunables {
                 access_token_lifetime: opts.access_token_lifetime,
                 token_delay: Duration::ZERO,
@@ -169,6 +348,12 @@ impl Provider {
         let router = Router::new()
             .route("/token", post(token_endpoint))
             .route("/authorize", get(authorize_endpoint))
+            .route(
+                "/device_authorization",
+                post(device::device_authorization_endpoint),
+            )
+            .route("/device", get(device::verification_page))
+            .route("/register", post(register::register_endpoint))
             .route("/.well-known/oauth-authorization-server", get(metadata))
             .route("/.well-known/openid-configuration", get(metadata))
             .with_state(shared.clone());
@@ -201,9 +386,27 @@ impl Provider {
         format!("{}/authorize", self.base_url())
     }
 
-    /// Seeds a grant directly, as if the user had consented earlier.
+    /// The device authorization endpoint (RFC 8628 section 3.1).
+    pub fn device_authorization_url(&self) -> String {
+        format!("{}/device_authorization", self.base_url())
+    }
+
+    /// The dynamic client registration endpoint (RFC 7591).
+    pub fn registration_url(&self) -> String {
+        format!("{}/register", self.base_url())
+    }
+
+    /// Seeds a grant for the configured client directly, as if the user
+    /// had consented earlier.
     pub fn issue_refresh_token(&self, user: &str, scope: &str) -> String {
-        self.shared.book().new_refresh_token(user, scope)
+        let client_id = self.shared.client_id.clone();
+        self.issue_refresh_token_for(&client_id, user, scope)
+    }
+
+    /// Seeds a grant for another client (`open`, a registered one):
+    /// refresh tokens only work for the client they were issued to.
+    pub fn issue_refresh_token_for(&self, client_id: &str, user: &str, scope: &str) -> String {
+        self.shared.book().new_refresh_token(client_id, user, scope)
     }
 
     /// Issues an access token directly, for tests that log in to a mail
@@ -253,6 +456,102 @@ impl Provider {
         self.shared.refresh_requests.load(Ordering::SeqCst)
     }
 
+    /// Access tokens issued from now on are JWT-shaped with this `aud`
+    /// (`None`: opaque). Either way they are checked by lookup only.
+    pub fn set_access_token_audience(&self, aud: Option<String>) {
+        self.shared.book().access_token_audience = aud;
+    }
+
+    /// Approves the pending device authorization with `user_code` (case
+    /// and dashes do not matter) for `user`. False if there is no such
+    /// pending, unexpired device code.
+    pub fn approve_device(&self, user_code: &str, user: &str) -> bool {
+        self.shared
+            .book()
+            .settle_device(user_code, device::DeviceState::Approved(user.to_string()))
+    }
+
+    /// Denies the pending device authorization with `user_code`; its next
+    /// poll gets `access_denied`. False if there is no such pending code.
+    pub fn deny_device(&self, user_code: &str) -> bool {
+        self.shared
+            .book()
+            .settle_device(user_code, device::DeviceState::Denied)
+    }
+
+    /// User codes (`XXXX-XXXX`) of device authorizations still waiting for
+    /// the user.
+    pub fn pending_device_codes(&self) -> Vec<String> {
+        self.shared.book().pending_device_codes(Instant::now())
+    }
+
+    /// The next `count` polls of a live device code (known, this client's,
+    /// unexpired, unspent) get `slow_down`, whatever its state, and grow
+    /// that device code's interval by 5 s, even when
+    /// [`ProviderOptions::device_interval`] is zero. Replaces any count
+    /// still outstanding.
+    pub fn force_slow_down(&self, count: u32) {
+        self.shared.book().forced_slow_downs = count;
+    }
+
+    /// Registers a Google-style service account: JWT bearer assertions
+    /// with `iss` = `client_email` verify against this key (an SPKI
+    /// `PUBLIC KEY` PEM, RSA 2048 bits or more). A second call adds a key.
+    pub fn register_service_account(
+        &self,
+        client_email: &str,
+        public_key_pem: &str,
+    ) -> Result<(), InvalidKey> {
+        let key = RsaPublicKey::from_spki_pem(public_key_pem)?;
+        self.shared
+            .registry()
+            .service_accounts
+            .entry(client_email.to_string())
+            .or_default()
+            .push(key);
+        Ok(())
+    }
+
+    /// Registers a key (an SPKI `PUBLIC KEY` PEM) for private-key JWT
+    /// client authentication of the configured client, as a certificate
+    /// credential does at Microsoft. A second call adds a key.
+    pub fn register_client_key(&self, public_key_pem: &str) -> Result<(), InvalidKey> {
+        let key = RsaPublicKey::from_spki_pem(public_key_pem)?;
+        self.shared.registry().client_keys.push(key);
+        Ok(())
+    }
+
+    /// Adds (or changes the password of) a user for the password grant.
+    pub fn add_user(&self, user: &str, password: &str) {
+        self.shared
+            .registry()
+            .users
+            .insert(user.to_ascii_lowercase(), password.to_string());
+    }
+
+    /// From now on `/authorize` for `user` redirects back with
+    /// `error=<error>` (normally one of [`OPEN_PROFILE_ERRORS`]), an
+    /// `error_description` and the `state`, instead of a code.
+    pub fn fail_authorization(&self, user: &str, error: &str) {
+        self.shared
+            .registry()
+            .auth_failures
+            .insert(user.to_ascii_lowercase(), error.to_string());
+    }
+
+    /// Undoes [`Provider::fail_authorization`] for `user`.
+    pub fn clear_authorization_failure(&self, user: &str) {
+        self.shared
+            .registry()
+            .auth_failures
+            .remove(&user.to_ascii_lowercase());
+    }
+
+    /// Client ids registered at `/register` so far.
+    pub fn registered_clients(&self) -> Vec<String> {
+        self.shared.registry().clients.keys().cloned().collect()
+    }
+
     /// A validator for mail servers; keeps working after shutdown.
     pub fn validator(&self) -> TokenValidator {
         TokenValidator {
@@ -269,6 +568,7 @@ impl Provider {
 /// A refresh token's grant.
 #[derive(Debug, Clone)]
 struct Grant {
+    client_id: String,
     user: String,
     scope: String,
 }
@@ -284,6 +584,7 @@ struct AccessGrant {
 /// An authorization code waiting to be exchanged.
 #[derive(Debug, Clone)]
 struct CodeGrant {
+    client_id: String,
     user: String,
     scope: String,
     redirect_uri: String,
@@ -299,17 +600,28 @@ struct TokenBook {
     refresh: HashMap<String, Grant>,
     access: HashMap<String, AccessGrant>,
     codes: HashMap<String, CodeGrant>,
+    /// Device authorizations by device code.
+    devices: HashMap<String, device::DeviceGrant>,
+    /// Polls still to be answered `slow_down` whatever their pace.
+    forced_slow_downs: u32,
     /// Every token ever issued, so tests can search logs for them.
     issued: Vec<String>,
+    /// `iss` of JWT-shaped access tokens.
+    issuer: String,
+    /// `sub` of JWT-shaped client-credentials tokens (the client id).
+    app_subject: String,
+    /// `Some`: access tokens are JWT-shaped with this `aud`.
+    access_token_audience: Option<String>,
 }
 
 impl TokenBook {
-    fn new_refresh_token(&mut self, user: &str, scope: &str) -> String {
+    fn new_refresh_token(&mut self, client_id: &str, user: &str, scope: &str) -> String {
         let token = random_token();
         self.issued.push(token.clone());
         self.refresh.insert(
             token.clone(),
             Grant {
+                client_id: client_id.to_string(),
                 user: user.to_string(),
                 scope: scope.to_string(),
             },
@@ -317,12 +629,26 @@ impl TokenBook {
         token
     }
 
-    fn new_access_token(&mut self, user: Option<&str>, _scope: &str, expires: Instant) -> String {
+    fn new_access_token(&mut self, user: Option<&str>, scope: &str, expires: Instant) -> String {
+        let now = Instant::now();
         if self.access.len() >= SWEEP_THRESHOLD {
-            let now = Instant::now();
             self.access.retain(|_, g| g.expires > now);
         }
-        let token = random_token();
+        let token = match &self.access_token_audience {
+            None => random_token(),
+            Some(audience) => {
+                let issued_at = unix_now();
+                jwt::shaped_access_token(
+                    &self.issuer,
+                    audience,
+                    user.unwrap_or(&self.app_subject),
+                    scope,
+                    issued_at,
+                    issued_at + expires.saturating_duration_since(now).as_secs(),
+                    &random_token(),
+                )
+            }
+        };
         self.issued.push(token.clone());
         self.access.insert(
             token.clone(),
@@ -364,6 +690,20 @@ impl TokenBook {
 
 fn same_user(a: &str, b: &str) -> bool {
     a.eq_ignore_ascii_case(b)
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Seconds since the Unix epoch, with the fraction (for NumericDate).
+fn unix_now_f64() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// 32 random bytes, base64url without padding: 43 characters.
@@ -454,16 +794,29 @@ impl Params {
 }
 
 async fn metadata(State(shared): State<Arc<Shared>>) -> Response {
-    let base = format!("http://{}", shared.addr);
+    let base = shared.base_url();
+    let mut grant_types = vec![
+        "authorization_code",
+        "refresh_token",
+        "client_credentials",
+        DEVICE_CODE_GRANT,
+        JWT_BEARER_GRANT,
+    ];
+    if shared.allow_password_grant {
+        grant_types.push("password");
+    }
     axum::Json(json!({
         "issuer": base,
         "authorization_endpoint": format!("{base}/authorize"),
         "token_endpoint": format!("{base}/token"),
+        "device_authorization_endpoint": format!("{base}/device_authorization"),
+        "registration_endpoint": format!("{base}/register"),
         "response_types_supported": ["code"],
-        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+        "grant_types_supported": grant_types,
         "code_challenge_methods_supported": ["S256"],
         "token_endpoint_auth_methods_supported":
-            ["client_secret_basic", "client_secret_post", "none"],
+            ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"],
+        "token_endpoint_auth_signing_alg_values_supported": ["RS256"],
     }))
     .into_response()
 }
@@ -484,25 +837,74 @@ async fn token_endpoint(
     }
 }
 
-fn token_request(
-    shared: &Shared,
-    headers: &HeaderMap,
+/// The form body of a `/token` or `/device_authorization` request.
+fn form_params(
     form: Result<Form<Vec<(String, String)>>, FormRejection>,
-) -> Result<serde_json::Value, OAuthError> {
+) -> Result<Params, OAuthError> {
     let Form(pairs) = form.map_err(|e| {
         OAuthError::new(
             "invalid_request",
             format!("expected an application/x-www-form-urlencoded body: {e}"),
         )
     })?;
-    let params = Params::from_pairs(pairs).map_err(|e| OAuthError::new("invalid_request", e))?;
+    Params::from_pairs(pairs).map_err(|e| OAuthError::new("invalid_request", e))
+}
+
+/// The client, or `invalid_client` when the request named none.
+fn require_client(client: Option<Client>) -> Result<Client, OAuthError> {
+    client.ok_or_else(|| {
+        OAuthError::new(
+            "invalid_client",
+            "no client authentication and no client_id",
+        )
+    })
+}
+
+fn token_request(
+    shared: &Shared,
+    headers: &HeaderMap,
+    form: Result<Form<Vec<(String, String)>>, FormRejection>,
+) -> Result<serde_json::Value, OAuthError> {
+    let params = form_params(form)?;
     let grant_type = params.require("grant_type")?;
     if grant_type == "refresh_token" {
         shared.refresh_requests.fetch_add(1, Ordering::SeqCst);
     }
-    authenticate_client(shared, headers, &params)?;
+    let client = authenticate_client(shared, headers, &params)?;
     let now = Instant::now();
     let lifetime = shared.tunables().access_token_lifetime;
+    // The JWT bearer grant needs no client (RFC 7523 section 3.1); every
+    // other grant does, and the client must be allowed to use it.
+    let client = match grant_type {
+        JWT_BEARER_GRANT => {
+            if let Some(c) = &client {
+                if !c.permits(grant_type) {
+                    return Err(unauthorized_client(grant_type));
+                }
+            }
+            return jwt_bearer_grant(shared, &params, now, lifetime);
+        }
+        "password" if !shared.allow_password_grant => {
+            return Err(OAuthError::new(
+                "unsupported_grant_type",
+                "grant_type password is not enabled on this server",
+            ));
+        }
+        "refresh_token" | "authorization_code" | "client_credentials" | "password"
+        | DEVICE_CODE_GRANT => {
+            let client = require_client(client)?;
+            if !client.permits(grant_type) {
+                return Err(unauthorized_client(grant_type));
+            }
+            client
+        }
+        other => {
+            return Err(OAuthError::new(
+                "unsupported_grant_type",
+                format!("grant_type {other} is not supported"),
+            ));
+        }
+    };
     match grant_type {
         "refresh_token" => {
             let refresh_token = params.require("refresh_token")?;
@@ -513,6 +915,12 @@ fn token_request(
                     "refresh token is invalid, expired, revoked or already used",
                 ));
             };
+            if grant.client_id != client.id {
+                return Err(OAuthError::new(
+                    "invalid_grant",
+                    "refresh token was issued to another client",
+                ));
+            }
             let scope = match params.get("scope") {
                 Some(requested) => {
                     check_scope_subset(requested, &grant.scope)?;
@@ -520,9 +928,11 @@ fn token_request(
                 }
                 None => grant.scope.clone(),
             };
-            let new_refresh = if shared.rotate_refresh_tokens {
+            // The open public-client profile makes rotation mandatory.
+            let rotate = shared.rotate_refresh_tokens || matches!(client.kind, ClientKind::Open);
+            let new_refresh = if rotate {
                 book.refresh.remove(refresh_token);
-                book.new_refresh_token(&grant.user, &grant.scope)
+                book.new_refresh_token(&client.id, &grant.user, &grant.scope)
             } else {
                 refresh_token.to_string()
             };
@@ -558,6 +968,12 @@ fn token_request(
                     "authorization code expired",
                 ));
             }
+            if grant.client_id != client.id {
+                return Err(OAuthError::new(
+                    "invalid_grant",
+                    "authorization code was issued to another client",
+                ));
+            }
             if grant.redirect_uri != redirect_uri {
                 return Err(OAuthError::new(
                     "invalid_grant",
@@ -573,25 +989,178 @@ fn token_request(
             if let Some(g) = book.codes.get_mut(code) {
                 g.redeemed = true;
             }
-            let refresh = book.new_refresh_token(&grant.user, &grant.scope);
-            let access = book.new_access_token(Some(&grant.user), &grant.scope, now + lifetime);
-            Ok(token_json(&access, lifetime, Some(&refresh), &grant.scope))
+            Ok(user_tokens(
+                &mut book,
+                &client,
+                &grant.user,
+                &grant.scope,
+                now,
+                lifetime,
+            ))
         }
         "client_credentials" => {
-            if shared.client_secret.is_none() {
+            if !client.confidential {
                 return Err(OAuthError::new(
                     "unauthorized_client",
-                    "client_credentials needs a confidential client (no client secret is configured)",
+                    "client_credentials needs a confidential client: authenticate with the \
+                     client secret or a private-key JWT",
                 ));
             }
             let scope = params.get("scope").unwrap_or_default();
             let access = shared.book().new_access_token(None, scope, now + lifetime);
             Ok(token_json(&access, lifetime, None, scope))
         }
+        "password" => {
+            if !matches!(client.kind, ClientKind::Configured) {
+                return Err(unauthorized_client(grant_type));
+            }
+            let username = params.require("username")?;
+            let password = params.require("password")?;
+            let known = shared
+                .registry()
+                .users
+                .get(&username.to_ascii_lowercase())
+                .is_some_and(|p| bool::from(p.as_bytes().ct_eq(password.as_bytes())));
+            if !known {
+                return Err(OAuthError::new(
+                    "invalid_grant",
+                    "the resource owner's username or password is wrong",
+                ));
+            }
+            let scope = params.get("scope").unwrap_or_default();
+            Ok(user_tokens(
+                &mut shared.book(),
+                &client,
+                username,
+                scope,
+                now,
+                lifetime,
+            ))
+        }
+        DEVICE_CODE_GRANT => {
+            let device_code = params.require("device_code")?;
+            let mut book = shared.book();
+            let (user, scope) =
+                book.poll_device(device_code, &client.id, shared.device_interval, now)?;
+            Ok(user_tokens(
+                &mut book, &client, &user, &scope, now, lifetime,
+            ))
+        }
         other => Err(OAuthError::new(
             "unsupported_grant_type",
             format!("grant_type {other} is not supported"),
         )),
+    }
+}
+
+fn unauthorized_client(grant_type: &str) -> OAuthError {
+    OAuthError::new(
+        "unauthorized_client",
+        format!("this client may not use grant_type {grant_type}"),
+    )
+}
+
+/// An access token for `user`, and a refresh token when the client may
+/// use one.
+fn user_tokens(
+    book: &mut TokenBook,
+    client: &Client,
+    user: &str,
+    scope: &str,
+    now: Instant,
+    lifetime: Duration,
+) -> serde_json::Value {
+    let refresh = client
+        .permits("refresh_token")
+        .then(|| book.new_refresh_token(&client.id, user, scope));
+    let access = book.new_access_token(Some(user), scope, now + lifetime);
+    token_json(&access, lifetime, refresh.as_deref(), scope)
+}
+
+/// RFC 7523 section 2.1 and 3, as Google does it for service accounts:
+/// an RS256 assertion from a registered `iss`, `aud` the token endpoint,
+/// `exp` at most an hour after `iat`; the token is for `sub` (else the
+/// service account itself). No refresh token.
+fn jwt_bearer_grant(
+    shared: &Shared,
+    params: &Params,
+    now: Instant,
+    lifetime: Duration,
+) -> Result<serde_json::Value, OAuthError> {
+    let fail = |d: String| OAuthError::new("invalid_grant", d);
+    let assertion = params.require("assertion")?;
+    let jwt = Jwt::parse(assertion).map_err(|e| fail(format!("assertion: {e}")))?;
+    let Some(iss) = jwt.str_claim("iss") else {
+        return Err(fail("assertion has no iss claim".to_string()));
+    };
+    let keys = shared.registry().service_accounts.get(iss).cloned();
+    let Some(keys) = keys else {
+        return Err(fail(format!(
+            "unknown issuer: {iss} is not a registered service account"
+        )));
+    };
+    if !jwt.signed_by_any(&keys) {
+        return Err(fail(
+            "bad signature: the assertion does not verify with the service account's keys"
+                .to_string(),
+        ));
+    }
+    let token_url = shared.token_url();
+    if !jwt.audience_is(&token_url) {
+        return Err(fail(format!("wrong audience: aud must be {token_url}")));
+    }
+    check_assertion_times(&jwt, true).map_err(fail)?;
+    let user = match jwt.claims.get("sub") {
+        None => iss,
+        Some(sub) => match sub.as_str() {
+            Some(sub) if !sub.is_empty() => sub,
+            _ => return Err(fail("assertion sub must be a mailbox".to_string())),
+        },
+    };
+    let granted = jwt.str_claim("scope").unwrap_or_default();
+    let scope = match params.get("scope") {
+        Some(requested) => {
+            check_scope_subset(requested, granted)?;
+            requested
+        }
+        None => granted,
+    };
+    if scope.split_ascii_whitespace().next().is_none() {
+        return Err(OAuthError::new(
+            "invalid_scope",
+            "the assertion has no scope claim",
+        ));
+    }
+    let access = shared
+        .book()
+        .new_access_token(Some(user), scope, now + lifetime);
+    Ok(token_json(&access, lifetime, None, scope))
+}
+
+/// `exp` required and in the future; `nbf` and `iat` (required with
+/// `need_iat`) not beyond the skew in the future; with `need_iat`, at most
+/// an hour between `iat` and `exp`.
+fn check_assertion_times(jwt: &Jwt<'_>, need_iat: bool) -> Result<(), String> {
+    let now = unix_now_f64();
+    let exp = jwt.time_claim("exp")?.ok_or("assertion has no exp claim")?;
+    if exp <= now {
+        return Err("expired assertion: exp has passed".to_string());
+    }
+    if let Some(nbf) = jwt.time_claim("nbf")? {
+        if nbf > now + ASSERTION_SKEW_SECS {
+            return Err("assertion not yet valid (nbf is in the future)".to_string());
+        }
+    }
+    match jwt.time_claim("iat")? {
+        None if need_iat => Err("assertion has no iat claim".to_string()),
+        None => Ok(()),
+        Some(iat) if iat > now + ASSERTION_SKEW_SECS => {
+            Err("assertion iat is in the future".to_string())
+        }
+        Some(iat) if need_iat && exp - iat > ASSERTION_MAX_LIFETIME_SECS => {
+            Err("assertion exp is more than an hour after iat".to_string())
+        }
+        Some(_) => Ok(()),
     }
 }
 
@@ -613,14 +1182,15 @@ fn token_json(
     body
 }
 
-/// Client authentication (RFC 6749 section 2.3.1): HTTP Basic with
-/// form-urlencoded id and secret, or `client_id`/`client_secret` in the
-/// body, never both ways at once.
+/// Client authentication (RFC 6749 section 2.3): HTTP Basic with
+/// form-urlencoded id and secret, `client_id`/`client_secret` in the body,
+/// or a private-key JWT (RFC 7523 section 2.2), never two ways at once.
+/// `None` when the request names no client at all.
 fn authenticate_client(
     shared: &Shared,
     headers: &HeaderMap,
     params: &Params,
-) -> Result<(), OAuthError> {
+) -> Result<Option<Client>, OAuthError> {
     let basic = match headers.get(header::AUTHORIZATION) {
         Some(value) => Some(parse_basic(value).ok_or_else(|| OAuthError {
             basic_challenge: true,
@@ -628,6 +1198,34 @@ fn authenticate_client(
         })?),
         None => None,
     };
+    let assertion = params.get("client_assertion");
+    let assertion_type = params.get("client_assertion_type");
+    if assertion.is_some() || assertion_type.is_some() {
+        if basic.is_some() || params.get("client_secret").is_some() {
+            return Err(OAuthError::new(
+                "invalid_request",
+                "client authenticated in more than one way",
+            ));
+        }
+        let (Some(assertion), Some(assertion_type)) = (assertion, assertion_type) else {
+            return Err(OAuthError::new(
+                "invalid_request",
+                "client_assertion and client_assertion_type must be given together",
+            ));
+        };
+        if assertion_type != JWT_CLIENT_ASSERTION_TYPE {
+            return Err(OAuthError::new(
+                "invalid_client",
+                "unsupported client_assertion_type",
+            ));
+        }
+        let id = verify_client_assertion(shared, assertion, params.get("client_id"))?;
+        return Ok(Some(Client {
+            id,
+            kind: ClientKind::Configured,
+            confidential: true,
+        }));
+    }
     let used_basic = basic.is_some();
     let fail = |description: &str| OAuthError {
         basic_challenge: used_basic,
@@ -649,26 +1247,85 @@ fn authenticate_client(
             }
             (id, Some(secret).filter(|s| !s.is_empty()))
         }
-        None => (
-            params
-                .get("client_id")
-                .ok_or_else(|| fail("no client authentication and no client_id"))?
-                .to_string(),
-            params.get("client_secret").map(str::to_string),
-        ),
+        None => match params.get("client_id") {
+            Some(id) => (
+                id.to_string(),
+                params.get("client_secret").map(str::to_string),
+            ),
+            None => return Ok(None),
+        },
     };
-    if id != shared.client_id {
+    let Some(kind) = shared.lookup_client(&id) else {
         return Err(fail("unknown client_id"));
+    };
+    let expected = match kind {
+        ClientKind::Configured => shared.client_secret.as_deref(),
+        ClientKind::Open | ClientKind::Registered(_) => None,
+    };
+    let confidential = match (expected, secret) {
+        (Some(expected), Some(given)) if expected == given => true,
+        (Some(_), Some(_)) => return Err(fail("client secret is wrong")),
+        (Some(_), None) => return Err(fail("client secret required for this client")),
+        (None, Some(_)) => {
+            return Err(fail(
+                "this is a public client: it has no client secret to send",
+            ));
+        }
+        (None, None) => false,
+    };
+    Ok(Some(Client {
+        id,
+        kind,
+        confidential,
+    }))
+}
+
+/// A private-key JWT (RFC 7523 sections 2.2 and 3): `iss` = `sub` = the
+/// configured client id, `aud` the token endpoint, `exp` in the future, a
+/// `jti` never seen before, signed RS256 by a key from
+/// [`Provider::register_client_key`]. Returns the client id.
+fn verify_client_assertion(
+    shared: &Shared,
+    assertion: &str,
+    body_client_id: Option<&str>,
+) -> Result<String, OAuthError> {
+    let fail = |d: &str| OAuthError::new("invalid_client", format!("client assertion: {d}"));
+    let jwt = Jwt::parse(assertion).map_err(fail)?;
+    let (Some(iss), Some(sub)) = (jwt.str_claim("iss"), jwt.str_claim("sub")) else {
+        return Err(fail("iss and sub are required"));
+    };
+    if iss != sub {
+        return Err(fail("iss and sub must both be the client_id"));
     }
-    match (&shared.client_secret, secret) {
-        (Some(expected), Some(given)) if *expected == given => Ok(()),
-        (Some(_), Some(_)) => Err(fail("client secret is wrong")),
-        (Some(_), None) => Err(fail("client secret required for this client")),
-        (None, Some(_)) => Err(fail(
-            "this is a public client: it has no client secret to send",
-        )),
-        (None, None) => Ok(()),
+    if iss != shared.client_id {
+        return Err(fail("unknown client"));
     }
+    if body_client_id.is_some_and(|id| id != iss) {
+        return Err(fail("client_id differs from the assertion's iss"));
+    }
+    let keys = shared.registry().client_keys.clone();
+    if keys.is_empty() {
+        return Err(fail("no key is registered for this client"));
+    }
+    if !jwt.signed_by_any(&keys) {
+        return Err(fail("bad signature"));
+    }
+    let token_url = shared.token_url();
+    if !jwt.audience_is(&token_url) {
+        return Err(fail(&format!("aud must be {token_url}")));
+    }
+    check_assertion_times(&jwt, false).map_err(|e| fail(&e))?;
+    let Some(jti) = jwt.str_claim("jti").filter(|j| !j.is_empty()) else {
+        return Err(fail("jti is required"));
+    };
+    let exp = jwt.time_claim("exp").ok().flatten().unwrap_or_default();
+    let mut registry = shared.registry();
+    let now = unix_now_f64();
+    registry.used_jtis.retain(|_, exp| *exp > now);
+    if registry.used_jtis.insert(jti.to_string(), exp).is_some() {
+        return Err(fail("jti already used (replayed assertion)"));
+    }
+    Ok(iss.to_string())
 }
 
 /// `Basic base64(urlencode(id) ":" urlencode(secret))` -> (id, secret).
@@ -772,16 +1429,29 @@ async fn authorize_endpoint(
     };
     // Until client_id and redirect_uri are known good, errors go to the
     // user agent, never to the redirect URI (RFC 6749 section 4.1.2.1).
-    match params.get("client_id") {
-        Some(id) if id == shared.client_id => {}
-        Some(_) => return bad("unknown client_id".to_string()),
-        None => return bad("missing parameter client_id".to_string()),
-    }
+    let Some(client_id) = params.get("client_id") else {
+        return bad("missing parameter client_id".to_string());
+    };
+    let Some(kind) = shared.lookup_client(client_id) else {
+        return bad("unknown client_id".to_string());
+    };
     let Some(redirect_uri) = params.get("redirect_uri") else {
         return bad("missing parameter redirect_uri".to_string());
     };
-    if !acceptable_redirect_uri(redirect_uri) {
-        return bad("redirect_uri must be an absolute http(s) URI".to_string());
+    match &kind {
+        ClientKind::Configured if !acceptable_redirect_uri(redirect_uri) => {
+            return bad("redirect_uri must be an absolute http(s) URI".to_string());
+        }
+        ClientKind::Open if !register::is_loopback_redirect(redirect_uri) => {
+            return bad(
+                "client open only redirects to a loopback http URI (RFC 8252 section 7.3)"
+                    .to_string(),
+            );
+        }
+        ClientKind::Registered(client) if !client.allows_redirect(redirect_uri) => {
+            return bad("redirect_uri is not registered for this client".to_string());
+        }
+        _ => {}
     }
     let state = params.get("state");
     let redirect = |query: String| {
@@ -797,10 +1467,19 @@ async fn authorize_endpoint(
     };
     let error = |error: &str, description: &str| {
         redirect(format!(
-            "error={error}&error_description={}",
+            "error={}&error_description={}",
+            percent_encode(error),
             percent_encode(description)
         ))
     };
+    if let ClientKind::Registered(client) = &kind {
+        if !client.grant_types.iter().any(|g| g == "authorization_code") {
+            return error(
+                "unauthorized_client",
+                "this client did not register the authorization_code grant",
+            );
+        }
+    }
     match params.get("response_type") {
         Some("code") => {}
         Some(_) => return error("unsupported_response_type", "only response_type=code"),
@@ -822,10 +1501,19 @@ async fn authorize_endpoint(
         .get("login_hint")
         .or_else(|| params.get("username"))
         .unwrap_or(DEFAULT_USER);
+    let failure = shared
+        .registry()
+        .auth_failures
+        .get(&user.to_ascii_lowercase())
+        .cloned();
+    if let Some(code) = failure {
+        return error(&code, authorization_failure_description(&code));
+    }
     let code = random_token();
     shared.book().codes.insert(
         code.clone(),
         CodeGrant {
+            client_id: client_id.to_string(),
             user: user.to_string(),
             scope: params.get("scope").unwrap_or_default().to_string(),
             redirect_uri: redirect_uri.to_string(),
@@ -835,6 +1523,22 @@ async fn authorize_endpoint(
         },
     );
     redirect(format!("code={code}"))
+}
+
+/// What the user would read for a staged `/authorize` failure.
+fn authorization_failure_description(code: &str) -> &'static str {
+    match code {
+        "auth_failed" => "The password, username or second factor was wrong.",
+        "blocked" => {
+            "The account is blocked after too many failed logins; sign in at the provider's \
+             web site and confirm your identity to unblock it."
+        }
+        "unknown_user" => "No such user is known to this server.",
+        "user_not_here" => "The account exists but must sign in at another OAuth2 server.",
+        "no_oauth" => "The account exists but is not allowed to use OAuth2.",
+        "access_denied" => "The user refused the request.",
+        _ => "The authorization failed.",
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! Shared end-to-end harness: a sandbox provider and IMAP server, mailbridge
-//! in front of them on loopback, and a raw line-level IMAP client.
+//! Shared end-to-end harness: the sandbox provider and IMAP, POP3 and SMTP
+//! servers, mailbridge in front of them on loopback, and a raw line-level
+//! client with helpers for each protocol.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -9,7 +10,8 @@ use std::time::Duration;
 
 use mailbridge::config::Settings;
 use mailbridge::sandbox::{
-    ImapServer, ImapServerOptions, Provider, ProviderOptions, SandboxTls, TestPki,
+    ImapServer, ImapServerOptions, Pop3Server, Pop3ServerOptions, Provider, ProviderOptions,
+    SandboxTls, SmtpServer, SmtpServerOptions, TestPki,
 };
 use mailbridge::server::Server;
 use mailbridge::store::seal::GrantData;
@@ -88,8 +90,12 @@ impl Harness {
         let imap = ImapServer::start(opts.upstream.clone(), provider.validator(), &pki)
             .await
             .unwrap();
-        let smtp = SmtpServer::start(opts.smtp.clone(), provider.validator(), &pki).await.unwrap();
-        let pop3 = Pop3Server::start(opts.pop3.clone(), provider.validator(), &pki).await.unwrap();
+        let smtp = SmtpServer::start(opts.smtp.clone(), provider.validator(), &pki)
+            .await
+            .unwrap();
+        let pop3 = Pop3Server::start(opts.pop3.clone(), provider.validator(), &pki)
+            .await
+            .unwrap();
         let dir = temp_dir("e2e");
         let ca = dir.join("ca.pem");
         let cert = dir.join("cert.pem");
@@ -379,7 +385,11 @@ impl Client {
             if buf == b".\r\n" {
                 return out;
             }
-            let line = if buf.starts_with(b"..") { &buf[1..] } else { &buf[..] };
+            let line = if buf.starts_with(b"..") {
+                &buf[1..]
+            } else {
+                &buf[..]
+            };
             out.extend_from_slice(line);
         }
     }

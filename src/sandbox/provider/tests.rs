@@ -549,3 +549,5 @@ async fn oauth2_crate_authorization_code_public_client() {
         .unwrap();
     assert!(token.refresh_token().is_some());
 }
+
+mod grants;

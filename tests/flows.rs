@@ -1,0 +1,180 @@
+//! Grant flows end to end against the sandbox provider through real
+//! loopback HTTP: the "browser" is an HTTP client that follows the
+//! authorization URL to the provider's automatic consent and on to the
+//! redirect.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use mailbridge::oauth::TokenSource;
+use mailbridge::oauth::flows::{self, BrowserOptions, FlowEndpoints, FlowError, FlowUi};
+use mailbridge::sandbox::{Provider, ProviderOptions};
+use secrecy::ExposeSecret;
+
+/// A scripted person at a browser.
+#[derive(Default)]
+struct Browser {
+    shown: Mutex<Vec<String>>,
+    /// Tamper with the redirect before following or pasting it.
+    tamper: Option<fn(String) -> String>,
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+impl Browser {
+    async fn consent(url: String, tamper: Option<fn(String) -> String>) -> String {
+        let r = no_redirects().get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 302, "automatic consent redirects");
+        let location = r.headers()["location"].to_str().unwrap().to_string();
+        match tamper {
+            Some(f) => f(location),
+            None => location,
+        }
+    }
+}
+
+impl FlowUi for Browser {
+    fn show_url(&self, url: &str) {
+        self.shown.lock().unwrap().push(url.to_string());
+    }
+    fn open_browser(&self, url: &str) -> bool {
+        let url = url.to_string();
+        let tamper = self.tamper;
+        tokio::spawn(async move {
+            let back = Browser::consent(url, tamper).await;
+            let page = no_redirects().get(&back).send().await.unwrap();
+            assert!(page.status().is_success());
+        });
+        true
+    }
+    fn read_line(
+        &self,
+        _prompt: &str,
+    ) -> impl std::future::Future<Output = std::io::Result<String>> + Send {
+        let url = self.shown.lock().unwrap().last().cloned().unwrap();
+        let tamper = self.tamper;
+        async move { Ok(Browser::consent(url, tamper).await) }
+    }
+    fn show_device_code(&self, _uri: &str, _code: &str, _complete: Option<&str>) {}
+}
+
+fn endpoints<'a>(p: &'a str, t: &'a str, scopes: &'a [String]) -> FlowEndpoints<'a> {
+    FlowEndpoints {
+        client_id: "mailbridge-test",
+        client_secret: None,
+        authorize_url: Some(p),
+        token_url: t,
+        device_url: None,
+        scopes,
+    }
+}
+
+fn options() -> BrowserOptions {
+    BrowserOptions {
+        login_hint: Some("carol@example.com".into()),
+        timeout: Duration::from_secs(20),
+        ..BrowserOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn loopback_browser_flow_gets_a_working_grant() {
+    let provider = Provider::start(ProviderOptions::default()).await.unwrap();
+    let (a, t) = (provider.authorize_url(), provider.token_url());
+    let scopes = vec!["mail".to_string()];
+    let ui = Browser::default();
+    let got = flows::authorization_code_loopback(
+        &endpoints(&a, &t, &scopes),
+        &TokenSource::http_client(),
+        &options(),
+        &ui,
+    )
+    .await
+    .unwrap();
+    let url = ui.shown.lock().unwrap()[0].clone();
+    assert!(
+        url.contains("code_challenge_method=S256") && url.contains("login_hint=carol"),
+        "{url}"
+    );
+    assert!(
+        url.contains("redirect_uri=http%3A%2F%2F127.0.0.1%3A"),
+        "{url}"
+    );
+    assert!(got.refresh_token.is_some());
+    provider
+        .validator()
+        .validate(got.access_token.expose_secret(), "carol@example.com")
+        .expect("the access token works for the hinted mailbox");
+    provider.shutdown();
+}
+
+#[tokio::test]
+async fn pasted_redirect_flow_and_a_forged_state() {
+    let provider = Provider::start(ProviderOptions::default()).await.unwrap();
+    let (a, t) = (provider.authorize_url(), provider.token_url());
+    let scopes = vec!["mail".to_string()];
+    let ui = Browser::default();
+    let got = flows::authorization_code_paste(
+        &endpoints(&a, &t, &scopes),
+        &TokenSource::http_client(),
+        &options(),
+        &ui,
+    )
+    .await
+    .unwrap();
+    assert!(got.refresh_token.is_some());
+
+    let ui = Browser {
+        tamper: Some(|loc| loc.replace("state=", "state=x")),
+        ..Browser::default()
+    };
+    let err = flows::authorization_code_paste(
+        &endpoints(&a, &t, &scopes),
+        &TokenSource::http_client(),
+        &options(),
+        &ui,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, FlowError::BadRedirect(_)), "{err}");
+    assert!(err.to_string().contains("state"), "{err}");
+    provider.shutdown();
+}
+
+#[tokio::test]
+async fn loopback_flow_times_out_clearly() {
+    let provider = Provider::start(ProviderOptions::default()).await.unwrap();
+    let (a, t) = (provider.authorize_url(), provider.token_url());
+    let scopes = vec!["mail".to_string()];
+    struct Nobody;
+    impl FlowUi for Nobody {
+        fn show_url(&self, _: &str) {}
+        fn open_browser(&self, _: &str) -> bool {
+            false
+        }
+        async fn read_line(&self, _: &str) -> std::io::Result<String> {
+            Ok(String::new())
+        }
+        fn show_device_code(&self, _: &str, _: &str, _: Option<&str>) {}
+    }
+    let opts = BrowserOptions {
+        timeout: Duration::from_millis(300),
+        ..options()
+    };
+    let err = flows::authorization_code_loopback(
+        &endpoints(&a, &t, &scopes),
+        &TokenSource::http_client(),
+        &opts,
+        &Nobody,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, FlowError::Timeout(_)), "{err}");
+    provider.shutdown();
+}
