@@ -230,6 +230,18 @@ fn upstream_failure(protocol: Protocol, account: &str, e: UpstreamFailure) -> Lo
         UpstreamFailure::Token(t) => token_failure(account, t),
         UpstreamFailure::Rejected { server, rejection } => {
             let text = crate::oauth::one_line(&rejection.server_text);
+            if crate::diagnose::is_temporary_refusal(protocol, &text) {
+                // The server could not check the token (e.g. Dovecot cannot
+                // reach its introspection endpoint): nothing to re-authorize,
+                // and clients should retry rather than ask for a password.
+                return LoginFailure {
+                    kind: FailureKind::Unavailable,
+                    reason: format!(
+                        "{server} could not check the access token just now ({text}); try again later"
+                    ),
+                    upstream_reply: Some(text),
+                };
+            }
             let reason = match crate::diagnose::explain(protocol, &text) {
                 // SMTP clients see the server's own line too; IMAP and POP3
                 // replies carry only ours, so quote the server there.

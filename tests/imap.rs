@@ -406,3 +406,22 @@ async fn upstream_down_gives_unavailable() {
     assert!(no.starts_with("a1 NO [UNAVAILABLE]"), "{no}");
     h.stop().await;
 }
+
+/// Found by the interop suite: Dovecot answers `NO [UNAVAILABLE] Temporary
+/// authentication failure.` (no challenge) when it cannot reach its
+/// introspection endpoint. That is no reason to re-authorize, and a client
+/// told AUTHENTICATIONFAILED asks its user for a new password.
+#[tokio::test]
+async fn upstream_temporary_failure_is_unavailable_not_reauthorize() {
+    let h = harness().await;
+    h.provider.set_validation_unavailable(true);
+    let (_c, no) = h.login(PASSWORD).await;
+    assert!(no.starts_with("a1 NO [UNAVAILABLE]"), "{no}");
+    assert!(no.contains("try again later"), "{no}");
+    assert!(!no.contains("re-authorize"), "{no}");
+    assert_eq!(h.provider.refresh_requests(), 1, "no second refresh");
+    h.provider.set_validation_unavailable(false);
+    let (_c, ok) = h.login(PASSWORD).await;
+    assert!(ok.starts_with("a1 OK"), "{ok}");
+    h.stop().await;
+}

@@ -202,3 +202,23 @@ async fn tls_on_both_sides_and_a_large_retr() {
         h.stop().await;
     }
 }
+
+/// Found by the interop suite: Dovecot answers `-ERR [SYS/TEMP] Temporary
+/// authentication failure.` when it cannot check the token; the client gets
+/// a temporary failure too, not "re-authorize".
+#[tokio::test]
+async fn upstream_temporary_failure_is_sys_temp_not_reauthorize() {
+    let h = Harness::start(Options::default()).await;
+    h.provider.set_validation_unavailable(true);
+    let mut c = pop3_client(&h).await;
+    let r = user_pass(&mut c, PASSWORD).await;
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    assert!(
+        r.contains("try again later") && !r.contains("re-authorize"),
+        "{r}"
+    );
+    h.provider.set_validation_unavailable(false);
+    let mut c = pop3_client(&h).await;
+    assert!(user_pass(&mut c, PASSWORD).await.starts_with("+OK"));
+    h.stop().await;
+}

@@ -32,6 +32,17 @@ use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism, SaslError};
 /// SASL mechanisms; PLAIN and LOGIN stay small) and RFC 5321's 512.
 const DEFAULT_MAX_LINE: usize = 4 * 1024;
 
+/// RFC 5321 section 4.5.3.1.4: a command line is at most 512 octets, CRLF
+/// included. RFC 4954 section 4: an AUTH command that would be longer MUST
+/// NOT carry the initial response; the response goes after the server's
+/// empty `334` instead. Real servers enforce it: Postfix cuts command lines
+/// at `line_length_limit` (2048 by default) and then refuses the cut
+/// initial response with `535 5.7.8 Error: authentication failed: Invalid
+/// base64 data in initial response` (found by the interop suite with
+/// access tokens of Microsoft's size), while it takes SASL responses up to
+/// 12288 octets. Google-sized tokens stay one-step.
+const MAX_COMMAND_LINE: usize = 512;
+
 /// Default advertised SIZE: 50 MiB.
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 50 * 1024 * 1024;
 
@@ -1179,7 +1190,10 @@ impl UpstreamLogin for SmtpUpstreamLogin {
             Mechanism::Xoauth2 => sasl::xoauth2_response(token),
             Mechanism::Oauthbearer => sasl::oauthbearer_response(token),
         };
-        let line = if self.two_step {
+        // "AUTH " MECH " " RESPONSE CRLF
+        let one_step_len = 5 + mech.name().len() + 1 + response.expose_secret().len() + 2;
+        let two_step = self.two_step || one_step_len > MAX_COMMAND_LINE;
+        let line = if two_step {
             format!("AUTH {}\r\n", mech.name())
         } else {
             format!("AUTH {} {}\r\n", mech.name(), response.expose_secret())
@@ -1188,7 +1202,7 @@ impl UpstreamLogin for SmtpUpstreamLogin {
         self.state = UpState::Auth {
             mech,
             response,
-            pending: self.two_step,
+            pending: two_step,
             challenge: None,
         };
     }
@@ -2033,6 +2047,49 @@ mod tests {
             });
             assert_eq!(up_feed(&mut u, b"220 hi\r\n"), [send("EHLO localhost\r\n")]);
         }
+    }
+
+    #[test]
+    fn long_initial_response_goes_two_step() {
+        // A token of Microsoft's size (about 2 KB): the AUTH line would be
+        // over RFC 5321's 512 octets, so the response waits for the 334.
+        for mech in [Mechanism::Xoauth2, Mechanism::Oauthbearer] {
+            let big = BearerToken {
+                token: SecretString::from("t".repeat(2000)),
+                ..token()
+            };
+            let response = match mech {
+                Mechanism::Xoauth2 => sasl::xoauth2_response(&big),
+                Mechanism::Oauthbearer => sasl::oauthbearer_response(&big),
+            };
+            let mut u = SmtpUpstreamLogin::new(UpstreamOptions {
+                preference: vec![mech],
+                ..UpstreamOptions::default()
+            });
+            up_feed(&mut u, b"220 hi\r\n");
+            let ehlo = format!("250-hi\r\n250 AUTH {}\r\n", mech.name());
+            assert_eq!(up_feed(&mut u, ehlo.as_bytes()), [Up::NeedToken]);
+            u.provide_token(&big);
+            assert_eq!(
+                up_feed(&mut u, b""),
+                [send(&format!("AUTH {}\r\n", mech.name()))]
+            );
+            assert_eq!(
+                up_feed(&mut u, b"334 \r\n"),
+                [send(&format!("{}\r\n", response.expose_secret()))]
+            );
+            assert_eq!(
+                up_feed(&mut u, b"235 2.7.0 Accepted\r\n"),
+                [Up::Ok(vec![format!("AUTH {}", mech.name())], String::new())]
+            );
+        }
+        // Just under the limit: still one line.
+        let fits = "AUTH XOAUTH2 \r\n".len();
+        let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(&mut u, b"220 hi\r\n250-hi\r\n250 AUTH XOAUTH2\r\n");
+        let small = provide(&mut u);
+        assert_eq!(small, [send(&format!("AUTH XOAUTH2 {}\r\n", xo()))]);
+        assert!(fits + xo().len() <= MAX_COMMAND_LINE);
     }
 
     #[test]

@@ -157,6 +157,10 @@ pub struct TokenRejection {
     pub status: &'static str,
     /// A one-line reason for logs and test failures; never the token.
     pub reason: String,
+    /// The token could not be checked at all (see
+    /// [`Provider::set_validation_unavailable`]): mail servers answer a
+    /// temporary failure without a challenge, as Dovecot does.
+    pub temporary: bool,
 }
 
 /// Checks bearer tokens against the provider's book. Cheap to clone.
@@ -176,6 +180,13 @@ impl TokenValidator {
     /// (client-credentials tokens are valid for any user). Mailbox names
     /// compare case-insensitively, as mail addresses do in practice.
     pub fn validate(&self, token: &str, user: &str) -> Result<(), TokenRejection> {
+        if self.shared.tunables().validation_unavailable {
+            return Err(TokenRejection {
+                status: "",
+                reason: "token validation is unavailable".to_string(),
+                temporary: true,
+            });
+        }
         self.shared.book().validate(token, user, Instant::now())
     }
 }
@@ -310,6 +321,7 @@ struct Registry {
 struct Tunables {
     access_token_lifetime: Duration,
     token_delay: Duration,
+    validation_unavailable: bool,
 }
 
 impl Provider {
@@ -340,6 +352,7 @@ impl Provider {
             tunables: Mutex::new(Tunables {
                 access_token_lifetime: opts.access_token_lifetime,
                 token_delay: Duration::ZERO,
+                validation_unavailable: false,
             }),
             token_requests: AtomicU64::new(0),
             refresh_requests: AtomicU64::new(0),
@@ -441,6 +454,15 @@ impl Provider {
         self.shared.tunables().access_token_lifetime = d;
     }
 
+    /// While true, mail servers cannot check tokens at all, as when
+    /// Dovecot's introspection request times out because the OAuth2
+    /// server is down: they answer a temporary failure (IMAP
+    /// `NO [UNAVAILABLE]`, POP3 `-ERR [SYS/TEMP]`, SMTP `454 4.7.0`)
+    /// without a failure challenge. `/token` keeps working.
+    pub fn set_validation_unavailable(&self, unavailable: bool) {
+        self.shared.tunables().validation_unavailable = unavailable;
+    }
+
     /// `/token` waits this long before answering (single-flight tests).
     pub fn set_token_delay(&self, d: Duration) {
         self.shared.tunables().token_delay = d;
@@ -460,6 +482,14 @@ impl Provider {
     /// (`None`: opaque). Either way they are checked by lookup only.
     pub fn set_access_token_audience(&self, aud: Option<String>) {
         self.shared.book().access_token_audience = aud;
+    }
+
+    /// Opaque access tokens issued from now on are at least `len`
+    /// characters long, as Microsoft's are (1.5 to 3 KB): long enough that
+    /// an SMTP `AUTH XOAUTH2 <initial-response>` line exceeds the command
+    /// line limit of real servers.
+    pub fn set_access_token_min_len(&self, len: usize) {
+        self.shared.book().access_token_min_len = len;
     }
 
     /// Approves the pending device authorization with `user_code` (case
@@ -612,6 +642,8 @@ struct TokenBook {
     app_subject: String,
     /// `Some`: access tokens are JWT-shaped with this `aud`.
     access_token_audience: Option<String>,
+    /// Opaque access tokens are at least this long (0: 43 characters).
+    access_token_min_len: usize,
 }
 
 impl TokenBook {
@@ -635,7 +667,13 @@ impl TokenBook {
             self.access.retain(|_, g| g.expires > now);
         }
         let token = match &self.access_token_audience {
-            None => random_token(),
+            None => {
+                let mut t = random_token();
+                while t.len() < self.access_token_min_len {
+                    t.push_str(&random_token());
+                }
+                t
+            }
             Some(audience) => {
                 let issued_at = unix_now();
                 jwt::shaped_access_token(
@@ -670,18 +708,21 @@ impl TokenBook {
             return Err(TokenRejection {
                 status: "401",
                 reason: "unknown or revoked access token".to_string(),
+                temporary: false,
             });
         };
         if grant.expires <= now {
             return Err(TokenRejection {
                 status: "401",
                 reason: "access token expired".to_string(),
+                temporary: false,
             });
         }
         match &grant.user {
             Some(owner) if !same_user(owner, user) => Err(TokenRejection {
                 status: "400",
                 reason: format!("access token was issued for another mailbox, not {user}"),
+                temporary: false,
             }),
             _ => Ok(()),
         }
