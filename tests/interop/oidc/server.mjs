@@ -42,6 +42,7 @@ const USERS = new Map(Object.entries({
   'dave@example.test': 'dave-idp-password',
   'erin@example.test': 'erin-idp-password',
   'frank@example.test': 'frank-idp-password',
+  'grace@example.test': 'grace-idp-password',
 }));
 
 // Access-token lifetimes in seconds, by client. `mailbridge` gets tokens far
@@ -50,9 +51,14 @@ const USERS = new Map(Object.entries({
 // cached token is reused for a few seconds and then refreshed.
 const ACCESS_TTL = {
   mailbridge: 20,
-  'mailbridge-public': 600 + 12,
+  'mailbridge-public': 600 + 25,
+  'mailbridge-big': 20,
   reporter: 20,
 };
+
+// `mailbridge-big` gets access tokens of Microsoft's size (about 2 KB;
+// Entra ID tokens are 1.5 to 3 KB) instead of 43 characters.
+const BIG_TOKEN_BITS = 12000;
 
 const REDIRECT = 'http://127.0.0.1/callback';
 
@@ -77,6 +83,16 @@ const configuration = {
       // A public client (no secret), as desktop apps are registered.
       client_id: 'mailbridge-public',
       token_endpoint_auth_method: 'none',
+      application_type: 'native',
+      grant_types: ['authorization_code', 'refresh_token'],
+      response_types: ['code'],
+      redirect_uris: [REDIRECT],
+    },
+    {
+      // Like `mailbridge`, with big access tokens.
+      client_id: 'mailbridge-big',
+      client_secret: 'mailbridge-big-client-secret',
+      token_endpoint_auth_method: 'client_secret_post',
       application_type: 'native',
       grant_types: ['authorization_code', 'refresh_token'],
       response_types: ['code'],
@@ -140,6 +156,10 @@ const configuration = {
     Session: 3600,
     Interaction: 600,
     IdToken: 600,
+  },
+  formats: {
+    bitsOfOpaqueRandomness: (ctx, token) => (
+      token.kind === 'AccessToken' && token.clientId === 'mailbridge-big' ? BIG_TOKEN_BITS : 256),
   },
   cookies: { keys: ['mailbridge-interop-cookie-key'] },
   findAccount: async (ctx, sub) => {
