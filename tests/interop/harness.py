@@ -149,6 +149,15 @@ def missing_prerequisites():
                      ("curl", "curl"), ("fetchmail", "fetchmail"), ("mutt", "mutt")]:
         if not find_exe(exe, ["/usr/sbin", "/usr/bin"]):
             why.append(f"`{exe}` is not installed (Debian: apt-get install {pkg})")
+    node = find_exe("node", ["/usr/bin"])
+    if node:
+        try:
+            v = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=20).stdout
+            major = int(v.strip().lstrip("v").split(".")[0])
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            major = 0
+        if major < 20:
+            why.append(f"Node.js {v.strip() or '?'} is too old for oidc-provider 9 (needs 20 or later)")
     for mod, pkg in [("imap", "dovecot-imapd"), ("pop3", "dovecot-pop3d"), ("lmtp", "dovecot-lmtpd")]:
         if find_exe("dovecot", ["/usr/sbin"]) and not Path(f"/usr/lib/dovecot/{mod}").exists():
             why.append(f"Dovecot's {mod} service is missing (apt-get install {pkg})")
@@ -355,7 +364,7 @@ class Stack:
         if self.pids.get("oidc"):
             stop_pid(self.pids["oidc"])
             self.pids.pop("oidc")
-        if self.dir.exists():
+        if self.state_file.exists():
             self.save()
         return problems
 

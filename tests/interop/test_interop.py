@@ -1178,6 +1178,9 @@ def main():
                     help="protocols to test through mailbridge (default: imap pop3 smtp)")
     args = ap.parse_args()
     in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    # SIGTERM (a CI timeout, run.sh's caller) unwinds like Ctrl-C, so the
+    # servers are stopped below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     def skip_or_fail(why):
         if in_ci:
