@@ -370,6 +370,9 @@ class Ctx:
         (self.dir / "mailbridge.pid").unlink(missing_ok=True)
         return rc
 
+    def postfix_log(self):
+        return (self.dir / "postfix.log").read_text(errors="replace")
+
     def mb_log_text(self):
         return self.mb_log.read_text(errors="replace") if self.mb_log.exists() else ""
 
@@ -718,6 +721,10 @@ def t_introspection_down(c):
 @case("imaplib -> mailbridge -> Dovecot (XOAUTH2, implicit TLS): LOGIN, APPEND, SELECT, FETCH")
 def t_imap_xoauth2(c):
     c.state["expiry_t0"] = time.time()
+    # A token of the test's own, issued now: after the wait in the expiry
+    # case it shows that the real server has really let tokens of this
+    # age expire.
+    c.state["expiring_token"] = c.fresh_token("alice")["access_token"]
     before = len(c.refreshes("alice"))
     m = c.imap("alice")
     body = message(address("alice"), address("alice"), "appended through mailbridge")
@@ -750,8 +757,8 @@ def t_imap_oauthbearer(c):
     typ, data = m.fetch(data[0].split()[-1], "(FLAGS BODY.PEEK[])")
     check(typ == "OK" and data[0][1] == body and b"\\Seen" in data[0][0], f"FETCH: {data!r}")
     m.logout()
-    check("method=OAUTHBEARER" in (c.dir / "dovecot.log").read_text(errors="replace"),
-          "Dovecot did not see an OAUTHBEARER login")
+    check("user=<bob@example.test>, method=OAUTHBEARER" in (c.dir / "dovecot.log").read_text(errors="replace"),
+          "Dovecot did not see bob's OAUTHBEARER login")
 
 
 @case("imaplib over mailbridge's implicit-TLS listener (certificate checked)")
@@ -764,7 +771,7 @@ def t_imap_local_tls(c):
     m.logout()
 
 
-@case("curl (IMAP) -> mailbridge: LIST, EXAMINE and FETCH with a password")
+@case("curl (IMAP) -> mailbridge: LIST, SELECT and FETCH with a password")
 def t_curl_imap(c):
     u = f"{address('frank')}:{local_password('frank')}"
     m = c.imap("frank")
@@ -914,6 +921,8 @@ def t_smtp_xoauth2(c):
     typ, data = m.search(None, "SUBJECT", f'"{marker}"')
     check(typ == "OK" and data[0], f"not found through IMAP: {data}")
     m.logout()
+    check("sasl_method=XOAUTH2, sasl_username=alice@example.test" in c.postfix_log(),
+          "Postfix did not log alice's XOAUTH2 login")
 
 
 @case("smtplib AUTH LOGIN over mailbridge's STARTTLS -> Postfix (OAUTHBEARER, implicit TLS) -> Dovecot",
@@ -930,6 +939,8 @@ def t_smtp_oauthbearer(c):
     s.quit()
     c.wait_for_message("alice", marker)
     c.wait_for_message("carol", marker)
+    check("sasl_method=OAUTHBEARER, sasl_username=bob@example.test" in c.postfix_log(),
+          "Postfix did not log bob's OAUTHBEARER login")
 
 
 @case("smtp: Postfix's own refusals reach the client (sender mismatch, unknown domain)", needs=["smtp"])
@@ -1039,6 +1050,17 @@ def t_expiry(c):
     wait = t0 + SHORT_TTL + 2 - time.time()
     if wait > 0:
         time.sleep(wait)
+    # The server: a token as old as mailbridge's first one is dead now.
+    old = c.state["expiring_token"]
+    check(introspect(c.op, old) == {"active": False}, "the 20-second token is still active")
+    m = c.direct_imap()
+    try:
+        m.authenticate("XOAUTH2", lambda _: xoauth2(address("alice"), old))
+        raise Failure("Dovecot accepted an expired token")
+    except imaplib.IMAP4.error as e:
+        check("AUTHENTICATIONFAILED" in str(e), str(e))
+    finally:
+        m.shutdown()
     before = c.refreshes("alice")
     m = c.imap("alice")
     m.select("INBOX", readonly=True)
