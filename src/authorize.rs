@@ -140,7 +140,7 @@ pub async fn obtain(
             Preset::Google => {
                 "revoke the app's access at https://myaccount.google.com/permissions and authorize again"
             }
-            Preset::Custom => "ask for offline_access (or the provider's equivalent) in the scopes",
+            _ => "ask for offline_access (or the provider's equivalent) in the scopes",
         }));
     }
     check_audience(provider, &got.access_token).map_err(AuthorizeError::WrongAudience)?;

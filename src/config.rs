@@ -287,6 +287,9 @@ pub struct ProviderConfig {
     pub preset: String,
     /// Microsoft only: `common`, `organizations`, `consumers` or a tenant id.
     pub tenant: Option<String>,
+    /// Microsoft only: `global` (default), `usgov` (GCC High / DoD) or
+    /// `china` (21Vianet): the login host, resource and mail servers.
+    pub cloud: Option<String>,
     /// The OAuth2 client (application) id.
     pub client_id: Option<String>,
     /// The client secret, if the client has one. Prefer `client_secret_file`.

@@ -82,8 +82,75 @@ pub enum Preset {
     Microsoft,
     /// Gmail and Google Workspace.
     Google,
+    /// Fastmail (endpoints come with the client registration).
+    Fastmail,
+    /// Yahoo Mail.
+    Yahoo,
+    /// AOL Mail.
+    Aol,
+    /// Yandex Mail.
+    Yandex,
     /// Everything given in the config.
     Custom,
+}
+
+impl Preset {
+    /// The preset's name in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Microsoft => "microsoft",
+            Preset::Google => "google",
+            Preset::Fastmail => "fastmail",
+            Preset::Yahoo => "yahoo",
+            Preset::Aol => "aol",
+            Preset::Yandex => "yandex",
+            Preset::Custom => "custom",
+        }
+    }
+
+    const ALL: [Preset; 7] = [
+        Preset::Microsoft,
+        Preset::Google,
+        Preset::Fastmail,
+        Preset::Yahoo,
+        Preset::Aol,
+        Preset::Yandex,
+        Preset::Custom,
+    ];
+}
+
+/// Microsoft's clouds: where Entra ID and Exchange Online live.
+struct MicrosoftCloud {
+    login: &'static str,
+    resource: &'static str,
+    mailbox_host: &'static str,
+    smtp_host: &'static str,
+}
+
+fn microsoft_cloud(name: &str) -> Option<MicrosoftCloud> {
+    Some(match name {
+        "global" => MicrosoftCloud {
+            login: "login.microsoftonline.com",
+            resource: "https://outlook.office.com",
+            mailbox_host: "outlook.office365.com",
+            smtp_host: "smtp.office365.com",
+        },
+        // GCC High and DoD.
+        "usgov" => MicrosoftCloud {
+            login: "login.microsoftonline.us",
+            resource: "https://outlook.office365.us",
+            mailbox_host: "outlook.office365.us",
+            smtp_host: "smtp.office365.us",
+        },
+        // Operated by 21Vianet.
+        "china" => MicrosoftCloud {
+            login: "login.partner.microsoftonline.cn",
+            resource: "https://partner.outlook.cn",
+            mailbox_host: "partner.outlook.cn",
+            smtp_host: "smtp.partner.outlook.cn",
+        },
+        _ => return None,
+    })
 }
 
 /// A provider table that does not make a usable provider.
@@ -114,9 +181,6 @@ pub const MICROSOFT_SCOPES: [&str; 4] = [
 
 const BOTH: &[Mechanism] = &[Mechanism::Xoauth2, Mechanism::Oauthbearer];
 
-/// Microsoft's app-only scope for IMAP, POP and SMTP (client credentials).
-pub const MICROSOFT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
-
 /// Google's one mail scope.
 pub const GOOGLE_SCOPE: &str = "https://mail.google.com/";
 
@@ -146,52 +210,109 @@ fn server(
     })
 }
 
-fn preset_defaults(preset: Preset, tenant: &str) -> Defaults {
+fn preset_defaults(preset: Preset, tenant: &str, cloud: &MicrosoftCloud) -> Defaults {
+    let simple = |token: &str,
+                  authorize: &str,
+                  scopes: &[&str],
+                  hosts: [&str; 3],
+                  mechanisms: &[Mechanism]| Defaults {
+        token_url: Some(token.into()),
+        authorize_url: Some(authorize.into()),
+        device_url: None,
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        app_scopes: None,
+        imap: server(hosts[0], 993, UpstreamTls::Implicit, mechanisms),
+        pop3: server(hosts[1], 995, UpstreamTls::Implicit, mechanisms),
+        smtp: server(hosts[2], 465, UpstreamTls::Implicit, mechanisms),
+    };
     match preset {
-        Preset::Microsoft => Defaults {
-            token_url: Some(format!(
-                "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
-            )),
-            authorize_url: Some(format!(
-                "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize"
-            )),
-            device_url: Some(format!(
-                "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode"
-            )),
-            scopes: MICROSOFT_SCOPES.iter().map(|s| s.to_string()).collect(),
-            app_scopes: Some(vec![MICROSOFT_APP_SCOPE.to_string()]),
-            // Microsoft 365 documents XOAUTH2 only.
-            imap: server(
-                "outlook.office365.com",
-                993,
-                UpstreamTls::Implicit,
-                &[Mechanism::Xoauth2],
-            ),
-            pop3: server(
-                "outlook.office365.com",
-                995,
-                UpstreamTls::Implicit,
-                &[Mechanism::Xoauth2],
-            ),
-            smtp: server(
-                "smtp.office365.com",
-                587,
-                UpstreamTls::Starttls,
-                &[Mechanism::Xoauth2],
-            ),
-        },
+        Preset::Microsoft => {
+            let login = format!("https://{}/{tenant}/oauth2/v2.0", cloud.login);
+            let r = cloud.resource;
+            Defaults {
+                token_url: Some(format!("{login}/token")),
+                authorize_url: Some(format!("{login}/authorize")),
+                device_url: Some(format!("{login}/devicecode")),
+                scopes: vec![
+                    format!("{r}/IMAP.AccessAsUser.All"),
+                    format!("{r}/POP.AccessAsUser.All"),
+                    format!("{r}/SMTP.Send"),
+                    "offline_access".into(),
+                ],
+                app_scopes: Some(vec![format!("https://{}/.default", cloud.mailbox_host)]),
+                // Microsoft 365 documents XOAUTH2 only.
+                imap: server(
+                    cloud.mailbox_host,
+                    993,
+                    UpstreamTls::Implicit,
+                    &[Mechanism::Xoauth2],
+                ),
+                pop3: server(
+                    cloud.mailbox_host,
+                    995,
+                    UpstreamTls::Implicit,
+                    &[Mechanism::Xoauth2],
+                ),
+                smtp: server(
+                    cloud.smtp_host,
+                    587,
+                    UpstreamTls::Starttls,
+                    &[Mechanism::Xoauth2],
+                ),
+            }
+        }
         Preset::Google => Defaults {
-            token_url: Some("https://oauth2.googleapis.com/token".into()),
-            authorize_url: Some("https://accounts.google.com/o/oauth2/v2/auth".into()),
             // Google refuses mail scopes in the device flow; `account add
             // --device` says so before trying.
             device_url: Some("https://oauth2.googleapis.com/device/code".into()),
-            scopes: vec![GOOGLE_SCOPE.into()],
-            app_scopes: None,
-            imap: server("imap.gmail.com", 993, UpstreamTls::Implicit, BOTH),
-            pop3: server("pop.gmail.com", 995, UpstreamTls::Implicit, BOTH),
-            smtp: server("smtp.gmail.com", 465, UpstreamTls::Implicit, BOTH),
+            ..simple(
+                "https://oauth2.googleapis.com/token",
+                "https://accounts.google.com/o/oauth2/v2/auth",
+                &[GOOGLE_SCOPE],
+                ["imap.gmail.com", "pop.gmail.com", "smtp.gmail.com"],
+                BOTH,
+            )
         },
+        Preset::Fastmail => Defaults {
+            token_url: None,
+            authorize_url: None,
+            ..simple(
+                "",
+                "",
+                &[
+                    "https://www.fastmail.com/dev/protocol-imap",
+                    "https://www.fastmail.com/dev/protocol-pop",
+                    "https://www.fastmail.com/dev/protocol-smtp",
+                ],
+                ["imap.fastmail.com", "pop.fastmail.com", "smtp.fastmail.com"],
+                BOTH,
+            )
+        },
+        Preset::Yahoo => simple(
+            "https://api.login.yahoo.com/oauth2/get_token",
+            "https://api.login.yahoo.com/oauth2/request_auth",
+            &["mail-w"],
+            [
+                "imap.mail.yahoo.com",
+                "pop.mail.yahoo.com",
+                "smtp.mail.yahoo.com",
+            ],
+            BOTH,
+        ),
+        Preset::Aol => simple(
+            "https://api.login.aol.com/oauth2/get_token",
+            "https://api.login.aol.com/oauth2/request_auth",
+            &["mail-w"],
+            ["imap.aol.com", "pop.aol.com", "smtp.aol.com"],
+            BOTH,
+        ),
+        Preset::Yandex => simple(
+            "https://oauth.yandex.com/token",
+            "https://oauth.yandex.com/authorize",
+            &["mail:imap_full", "mail:smtp"],
+            ["imap.yandex.com", "pop.yandex.com", "smtp.yandex.com"],
+            &[Mechanism::Xoauth2],
+        ),
         Preset::Custom => Defaults {
             token_url: None,
             authorize_url: None,
@@ -279,17 +400,22 @@ fn merge_endpoint(
 
 /// Applies the preset and overrides of one provider table.
 pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError> {
-    let preset = match c.preset.as_str() {
-        "microsoft" => Preset::Microsoft,
-        "google" => Preset::Google,
-        "custom" => Preset::Custom,
-        other => {
-            return Err(err(
-                "preset",
-                format!("unknown preset `{other}`; use \"microsoft\", \"google\" or \"custom\""),
-            ));
-        }
+    let Some(preset) = Preset::ALL.into_iter().find(|p| p.name() == c.preset) else {
+        let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+        return Err(err(
+            "preset",
+            format!(
+                "unknown preset `{}`; use one of: {}",
+                c.preset,
+                names.join(", ")
+            ),
+        ));
     };
+    if c.cloud.is_some() && preset != Preset::Microsoft {
+        return Err(err("cloud", "cloud only applies to preset = \"microsoft\""));
+    }
+    let cloud = microsoft_cloud(c.cloud.as_deref().unwrap_or("global"))
+        .ok_or_else(|| err("cloud", "use \"global\", \"usgov\" or \"china\""))?;
     if c.tenant.is_some() && preset != Preset::Microsoft {
         return Err(err(
             "tenant",
@@ -307,7 +433,7 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
             "use common, organizations, consumers, a tenant id or a tenant domain",
         ));
     }
-    let d = preset_defaults(preset, tenant);
+    let d = preset_defaults(preset, tenant, &cloud);
 
     let client_id = c
         .client_id
@@ -354,7 +480,12 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
     let token_url = c.token_url.clone().or(d.token_url).ok_or_else(|| {
         err(
             "token_url",
-            "the token endpoint URL is required for preset = \"custom\"",
+            match preset {
+                Preset::Fastmail => {
+                    "Fastmail gives the token and authorization endpoints with your client registration: set token_url and authorize_url"
+                }
+                _ => "the token endpoint URL is required for preset = \"custom\"",
+            },
         )
     })?;
     check_url("token_url", &token_url)?;
@@ -560,6 +691,7 @@ mod tests {
         ProviderConfig {
             preset: preset.into(),
             tenant: None,
+            cloud: None,
             client_id: Some("id".into()),
             client_secret: None,
             client_secret_file: None,
@@ -598,6 +730,48 @@ mod tests {
             ("outlook.office365.com", 993)
         );
         assert_eq!(imap.mechanisms, vec![Mechanism::Xoauth2]);
+    }
+
+    #[test]
+    fn national_clouds_and_more_presets() {
+        let mut c = cfg("microsoft");
+        c.cloud = Some("usgov".into());
+        let p = resolve("m", &c).unwrap();
+        assert!(
+            p.token_url
+                .starts_with("https://login.microsoftonline.us/common/")
+        );
+        assert_eq!(
+            p.scopes[0],
+            "https://outlook.office365.us/IMAP.AccessAsUser.All"
+        );
+        assert_eq!(p.imap.unwrap().host, "outlook.office365.us");
+        assert_eq!(
+            p.app_scopes,
+            vec!["https://outlook.office365.us/.default".to_string()]
+        );
+        c.cloud = Some("mars".into());
+        assert_eq!(resolve("m", &c).unwrap_err().field, "cloud");
+
+        let p = resolve("y", &cfg("yahoo")).unwrap();
+        assert_eq!(p.scopes, vec!["mail-w".to_string()]);
+        assert_eq!(p.smtp.unwrap().host, "smtp.mail.yahoo.com");
+        let p = resolve("a", &cfg("aol")).unwrap();
+        assert_eq!(p.imap.unwrap().host, "imap.aol.com");
+        let p = resolve("x", &cfg("yandex")).unwrap();
+        assert_eq!(
+            p.scopes,
+            vec!["mail:imap_full".to_string(), "mail:smtp".to_string()]
+        );
+        let e = resolve("f", &cfg("fastmail")).unwrap_err();
+        assert!(e.message.contains("registration"), "{}", e.message);
+        let mut f = cfg("fastmail");
+        f.token_url = Some("https://fastmail.example/token".into());
+        let p = resolve("f", &f).unwrap();
+        assert!(p.scopes[0].ends_with("protocol-imap"));
+        assert_eq!(p.pop3.unwrap().host, "pop.fastmail.com");
+        let e = resolve("z", &cfg("hotmail")).unwrap_err();
+        assert!(e.message.contains("yandex"), "{}", e.message);
     }
 
     #[test]
