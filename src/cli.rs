@@ -288,7 +288,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
             };
             drop(lines);
             let store = open_store(&settings)?;
-            let vault = crate::server::vault_for(&settings, store);
+            let vault = crate::server::vault_for(&settings, store)?;
             let meta = AccountMeta {
                 provider: account.provider.clone(),
                 upstream_user: account.upstream_user.clone(),
@@ -320,6 +320,8 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
             let settings = load(&config)?;
             let (account, provider) = configured(&settings, &user, &config)?;
             let store = open_store(&settings)?;
+            // Fail on an unusable key before anyone types or signs in.
+            let vault = crate::server::vault_for(&settings, store.clone())?;
             if !replace && store.load_grant(&account.name)?.is_some() {
                 bail!(
                     "`{}` already has a grant; use `account reauthorize` to renew it, or --replace",
@@ -335,7 +337,6 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
                 (prompt_new_password()?, None)
             };
             let authorized = run_flow(&account, provider, &flow).await?;
-            let vault = crate::server::vault_for(&settings, store);
             let meta = AccountMeta {
                 provider: account.provider.clone(),
                 upstream_user: account.upstream_user.clone(),
@@ -364,7 +365,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
             let settings = load(&config)?;
             let (account, provider) = configured(&settings, &user, &config)?;
             let store = open_store(&settings)?;
-            let vault = crate::server::vault_for(&settings, store);
+            let vault = crate::server::vault_for(&settings, store)?;
             let password = if password_stdin {
                 read_secret_line("the local password")?
             } else {
@@ -400,7 +401,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
                 .map(|a| a.name)
                 .unwrap_or_else(|| user.to_lowercase());
             let store = open_store(&settings)?;
-            let vault = crate::server::vault_for(&settings, store);
+            let vault = crate::server::vault_for(&settings, store)?;
             let (old, new) = if password_stdin {
                 (
                     read_secret_line("the old password")?,

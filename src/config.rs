@@ -106,6 +106,10 @@ pub enum KeyMode {
     /// The local password is the key (desktop default).
     #[default]
     Password,
+    /// The key comes from a key file or a systemd credential; local
+    /// passwords are checked against Argon2id hashes; grants are refreshed
+    /// in the background (gateways).
+    Service,
 }
 
 /// The whole file.
@@ -136,6 +140,14 @@ pub struct ServerConfig {
     /// How grants are sealed.
     #[serde(default)]
     pub key_mode: KeyMode,
+    /// Service key mode: the key file (at least 32 random bytes). Default:
+    /// the systemd credential `$CREDENTIALS_DIRECTORY/mailbridge-key`.
+    pub key_file: Option<PathBuf>,
+    /// Service key mode: seconds between background refreshes of every
+    /// stored grant, so grants outlive long idle periods (Microsoft ends
+    /// refresh tokens unused for 90 days). Default: one day.
+    #[serde(default = "defaults::background_refresh")]
+    pub background_refresh_secs: u64,
     /// The name mailbridge gives in SMTP greetings.
     #[serde(default = "defaults::hostname")]
     pub hostname: String,
@@ -177,6 +189,8 @@ impl Default for ServerConfig {
         ServerConfig {
             state_dir: None,
             key_mode: KeyMode::default(),
+            key_file: None,
+            background_refresh_secs: defaults::background_refresh(),
             hostname: defaults::hostname(),
             max_connections: defaults::max_connections(),
             preauth_timeout_secs: defaults::preauth_timeout(),
@@ -217,6 +231,9 @@ impl ServerConfig {
 }
 
 mod defaults {
+    pub fn background_refresh() -> u64 {
+        24 * 3600
+    }
     pub fn hostname() -> String {
         "localhost".into()
     }

@@ -61,6 +61,51 @@ impl Gateway {
         &self.vault
     }
 
+    /// Service key mode: refreshes every stored grant that lives in a
+    /// refresh token, so grants outlive long idle periods (Microsoft ends
+    /// refresh tokens unused for 90 days). Returns (refreshed, failed);
+    /// failures are logged and kept in the account's `last_error`.
+    pub async fn refresh_all(&self) -> (usize, usize) {
+        let names = match self.vault.store().accounts() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "background refresh: cannot list accounts");
+                return (0, 0);
+            }
+        };
+        let (mut ok, mut failed) = (0, 0);
+        for name in names {
+            let Some(account) = self.settings.account_for(&name) else {
+                tracing::debug!(account = %name, "background refresh: not in the config; skipped");
+                continue;
+            };
+            if !account.grant.has_refresh_token() {
+                continue;
+            }
+            let Some(provider) = self.settings.providers.get(&account.provider) else {
+                continue;
+            };
+            let result = match self.vault.unlock_service(&account.name).await {
+                Ok(unlocked) => self
+                    .tokens
+                    .renew(provider, &account, &unlocked)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(account = %account.name, error = %e, "background refresh failed");
+                }
+            }
+        }
+        tracing::info!(refreshed = ok, failed, "background refresh done");
+        (ok, failed)
+    }
+
     /// Logs in upstream for a client's login request.
     pub async fn login(
         &self,

@@ -503,3 +503,90 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_key_mode_refreshes_grants_in_the_background() {
+    let w = World::new("preset = \"custom\"", ProviderOptions::default()).await;
+    // The key arrives as a systemd credential.
+    let creds = w.dir.join("credentials");
+    std::fs::create_dir_all(&creds).unwrap();
+    std::fs::write(creds.join("mailbridge-key"), [42u8; 32]).unwrap();
+    let text = std::fs::read_to_string(&w.config).unwrap().replace(
+        "[server]\n",
+        "[server]\nkey_mode = \"service\"\nbackground_refresh_secs = 1\n",
+    );
+    std::fs::write(&w.config, text).unwrap();
+
+    let add = |extra_env: bool| {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "account",
+            "add",
+            "alice@example.com",
+            "--device",
+            "--password-stdin",
+            "--config",
+            &w.config,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        if extra_env {
+            cmd.env("CREDENTIALS_DIRECTORY", &creds);
+        }
+        cmd.spawn().unwrap()
+    };
+    // Without the credential: a clear refusal.
+    let out = add(false).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("mailbridge-key"),
+        "{err}"
+    );
+
+    let mut child = add(true);
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"service-local\n")
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let line = wait_for(&mut out, "enter the code");
+    let code = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(w.provider.approve_device(&code, "alice@example.com"));
+    wait_for(&mut out, "sealed the grant");
+    assert!(child.wait().unwrap().success());
+
+    let before = w.provider.refresh_requests();
+    let mut server = Command::new(BIN)
+        .args(["run", "--config", &w.config])
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // No client logs in; the grant is refreshed anyway, more than once.
+    let mut refreshed = 0;
+    for _ in 0..100 {
+        refreshed = w.provider.refresh_requests() - before;
+        if refreshed >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refreshed >= 2, "background refreshes: {refreshed}");
+    // Password logins are still checked (against the stored hash).
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", w.port).parse().unwrap();
+    let mut c = Client::plain(addr).await;
+    c.line().await;
+    let r = c.cmd("a1", "LOGIN alice@example.com wrong").await;
+    assert!(r.last().unwrap().starts_with("a1 NO"), "{r:?}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = c.cmd("a2", "LOGIN alice@example.com service-local").await;
+    assert!(r.last().unwrap().starts_with("a2 OK"), "{r:?}");
+    let _ = server.kill();
+    let _ = server.wait();
+    w.provider.shutdown();
+    w.imap.shutdown();
+}

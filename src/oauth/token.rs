@@ -171,6 +171,25 @@ impl TokenSource {
         slots.remove(account);
     }
 
+    /// A freshly refreshed token, whatever is cached (the background
+    /// refresh uses this to keep grants alive). Shares a refresh already in
+    /// flight.
+    pub async fn renew(
+        &self,
+        provider: &Provider,
+        account: &Account,
+        unlocked: &Unlocked,
+    ) -> Result<AccessToken, TokenError> {
+        let cached = self
+            .slot(unlocked.account())
+            .cached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.token(provider, account, unlocked, cached.as_ref())
+            .await
+    }
+
     /// An access token for the account: the cached one while it has at
     /// least ten minutes left and is not `refused`, else a refreshed one.
     /// Concurrent callers for one account share a single refresh.

@@ -174,7 +174,7 @@ provider = "sandbox"
         let settings = Settings::parse(&config, "test config").unwrap();
         let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(&dir.join("state")).unwrap());
         let refresh_token = provider.issue_refresh_token(USER, "mail");
-        let vault = mailbridge::server::vault_for(&settings, store.clone());
+        let vault = mailbridge::server::vault_for(&settings, store.clone()).unwrap();
         vault
             .create(
                 USER,
