@@ -211,6 +211,56 @@ pub async fn app_token(
     }
 }
 
+/// Whether a browser can be opened here (a desktop session).
+pub fn desktop_session() -> bool {
+    cfg!(any(target_os = "macos", windows))
+        || std::env::var_os("DISPLAY").is_some()
+        || std::env::var_os("WAYLAND_DISPLAY").is_some()
+}
+
+/// Opens `url` in the desktop's browser; false when there is none.
+pub fn open_browser(url: &str) -> bool {
+    desktop_session() && open::that_detached(url).is_ok()
+}
+
+/// The flow interface of a running server (authorize on first login): the
+/// URL goes to the log and to standard output, and to a browser when the
+/// server runs in a desktop session. Nothing can be read back.
+pub struct ServerUi {
+    /// The account being authorized, for the messages.
+    pub account: String,
+}
+
+impl FlowUi for ServerUi {
+    fn show_url(&self, url: &str) {
+        tracing::warn!(account = %self.account, %url, "authorization needed: open this address in a browser to authorize the account");
+        println!(
+            "To authorize {}, open this address in a browser and sign in:\n  {url}",
+            self.account
+        );
+    }
+
+    fn open_browser(&self, url: &str) -> bool {
+        open_browser(url)
+    }
+
+    async fn read_line(&self, _prompt: &str) -> std::io::Result<String> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "a running server cannot read a pasted address",
+        ))
+    }
+
+    fn show_device_code(
+        &self,
+        verification_uri: &str,
+        user_code: &str,
+        _complete_uri: Option<&str>,
+    ) {
+        tracing::warn!(account = %self.account, %verification_uri, %user_code, "authorization needed: enter the code");
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

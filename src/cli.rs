@@ -543,12 +543,6 @@ impl TerminalUi {
     }
 }
 
-fn desktop_session() -> bool {
-    cfg!(any(target_os = "macos", windows))
-        || std::env::var_os("DISPLAY").is_some()
-        || std::env::var_os("WAYLAND_DISPLAY").is_some()
-}
-
 impl crate::oauth::flows::FlowUi for TerminalUi {
     fn show_url(&self, url: &str) {
         println!("\nTo authorize, open this address in a browser and sign in:\n\n  {url}\n");
@@ -556,7 +550,7 @@ impl crate::oauth::flows::FlowUi for TerminalUi {
     }
 
     fn open_browser(&self, url: &str) -> bool {
-        let opened = desktop_session() && open::that_detached(url).is_ok();
+        let opened = crate::authorize::open_browser(url);
         if opened {
             println!("(a browser window was opened; waiting for you to finish there)");
         } else {

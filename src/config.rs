@@ -377,6 +377,13 @@ pub struct AccountConfig {
     /// How the account's tokens are obtained.
     #[serde(default)]
     pub grant: GrantKind,
+    /// When a client logs in and the account has no grant yet, start the
+    /// browser authorization right away (the URL is logged and printed, a
+    /// browser opened on a desktop), hold the login up to
+    /// `login_timeout_secs`, and seal the grant under the password the
+    /// client used. Only for grant = "authorization_code".
+    #[serde(default)]
+    pub authorize_on_login: bool,
 }
 
 /// How an account's access tokens are obtained.
@@ -428,6 +435,8 @@ pub struct Account {
     pub upstream_user: String,
     /// How its tokens are obtained.
     pub grant: GrantKind,
+    /// See [`AccountConfig::authorize_on_login`].
+    pub authorize_on_login: bool,
 }
 
 /// A validated configuration, ready to run.
@@ -634,6 +643,13 @@ impl Settings {
                 if let Some(m) = missing {
                     return Err(invalid(span, "account.grant", m.to_string()));
                 }
+                if c.authorize_on_login && c.grant != GrantKind::AuthorizationCode {
+                    return Err(invalid(
+                        span,
+                        "account.authorize_on_login",
+                        "authorize_on_login works with grant = \"authorization_code\" only (the person signing in proves the mailbox is theirs)".into(),
+                    ));
+                }
             }
             if !seen.insert(user.to_lowercase()) {
                 return Err(invalid(
@@ -669,6 +685,7 @@ impl Settings {
                 provider: a.provider.clone(),
                 upstream_user: a.upstream_user.clone().unwrap_or_else(|| a.user.clone()),
                 grant: a.grant,
+                authorize_on_login: a.authorize_on_login,
             });
         }
         let (local, domain) = login.rsplit_once('@')?;
@@ -687,6 +704,7 @@ impl Settings {
                 provider: a.provider.clone(),
                 upstream_user: login.to_string(),
                 grant: a.grant,
+                authorize_on_login: a.authorize_on_login,
             })
     }
 }

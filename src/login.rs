@@ -21,6 +21,10 @@ pub struct Gateway {
     settings: Arc<Settings>,
     vault: Arc<Vault>,
     tokens: TokenSource,
+    /// For flows run by the server itself (authorize on first login).
+    http: reqwest::Client,
+    /// Authorizations in progress, one per account.
+    authorizing: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Upstream TLS config per provider (its CA file, or the platform's).
     upstream_tls: HashMap<String, Arc<ClientConfig>>,
 }
@@ -52,6 +56,8 @@ impl Gateway {
             settings,
             vault,
             tokens,
+            http: TokenSource::http_client(),
+            authorizing: std::sync::Mutex::new(HashMap::new()),
             upstream_tls,
         })
     }
@@ -59,6 +65,65 @@ impl Gateway {
     /// The vault, for the CLI and tests.
     pub fn vault(&self) -> &Arc<Vault> {
         &self.vault
+    }
+
+    /// Authorize on first login: runs the browser flow for an account with
+    /// no grant and seals the result under the password the client used.
+    /// One authorization per account at a time; logins that arrive
+    /// meanwhile wait for it.
+    async fn authorize_now(
+        &self,
+        account: &crate::config::Account,
+        provider: &crate::provider::Provider,
+        password: &secrecy::SecretString,
+    ) -> Result<(), LoginFailure> {
+        let lock = {
+            let mut map = self.authorizing.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(account.name.clone()).or_default().clone()
+        };
+        let _one_at_a_time = lock.lock().await;
+        if matches!(self.vault.store().load_grant(&account.name), Ok(Some(_))) {
+            // Another login finished the authorization while we waited.
+            return Ok(());
+        }
+        tracing::warn!(account = %account.name, "no grant yet: starting the authorization for this login");
+        let opts = crate::authorize::AuthorizeOptions {
+            interaction: crate::authorize::Interaction::Browser,
+            // Leave the client a few seconds to get our answer in time.
+            timeout: self
+                .settings
+                .server
+                .login_timeout()
+                .saturating_sub(std::time::Duration::from_secs(5))
+                .max(std::time::Duration::from_secs(5)),
+            upstream_password: None,
+        };
+        let ui = crate::authorize::ServerUi {
+            account: account.name.clone(),
+        };
+        let authorized = crate::authorize::obtain(provider, account, &opts, &self.http, &ui)
+            .await
+            .map_err(|e| {
+                failure(
+                    FailureKind::Unavailable,
+                    crate::oauth::one_line(&format!(
+                        "`{}` is not authorized yet and the authorization did not complete: {e}",
+                        account.name
+                    )),
+                )
+            })?;
+        let meta = crate::store::AccountMeta {
+            provider: account.provider.clone(),
+            upstream_user: account.upstream_user.clone(),
+            flow: Some(format!("{} (on first login)", authorized.flow)),
+            ..Default::default()
+        };
+        self.vault
+            .create(&account.name, password, authorized.grant, meta, false)
+            .await
+            .map_err(|e| vault_failure(&account.name, e))?;
+        tracing::info!(account = %account.name, "authorized on first login; grant sealed");
+        Ok(())
     }
 
     /// Service key mode: refreshes every stored grant that lives in a
@@ -144,11 +209,15 @@ impl Gateway {
             )
         })?;
 
-        let unlocked = self
-            .vault
-            .unlock(&account.name, &request.credentials.password, peer)
-            .await
-            .map_err(|e| vault_failure(&account.name, e))?;
+        let password = &request.credentials.password;
+        let unlocked = match self.vault.unlock(&account.name, password, peer).await {
+            Err(VaultError::NoGrant { .. }) if account.authorize_on_login => {
+                self.authorize_now(&account, provider, password).await?;
+                self.vault.unlock(&account.name, password, peer).await
+            }
+            other => other,
+        }
+        .map_err(|e| vault_failure(&account.name, e))?;
 
         let session = upstream_session(protocol, endpoint, request.client_info);
         let tls = self

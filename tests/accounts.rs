@@ -590,3 +590,71 @@ async fn service_key_mode_refreshes_grants_in_the_background() {
     w.provider.shutdown();
     w.imap.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_on_first_login_seals_under_the_clients_password() {
+    let w = World::new("preset = \"custom\"", ProviderOptions::default()).await;
+    w.imap.append("erin@example.com", "INBOX", MESSAGE.to_vec());
+    let mut text = std::fs::read_to_string(&w.config).unwrap();
+    text.push_str("\n[[account]]\nuser = \"erin@example.com\"\nprovider = \"sandbox\"\nauthorize_on_login = true\n");
+    std::fs::write(&w.config, text).unwrap();
+
+    let mut server = Command::new(BIN)
+        .args(["run", "--config", &w.config])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(server.stdout.take().unwrap());
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", w.port).parse().unwrap();
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The login waits while the person signs in (here: the test follows the
+    // printed URL to the provider's consent, which redirects to mailbridge).
+    let login = tokio::spawn(async move {
+        let mut c = Client::plain(addr).await;
+        c.line().await;
+        let r = c
+            .cmd("a1", "LOGIN erin@example.com erins-new-password")
+            .await;
+        let reply = r.last().cloned().unwrap_or_default();
+        if reply.starts_with("a1 OK") {
+            c.cmd("s1", "SELECT INBOX").await;
+            assert_eq!(c.fetch_body("f1", 1).await, MESSAGE);
+        }
+        reply
+    });
+    let url = tokio::task::spawn_blocking(move || {
+        wait_for(&mut out, "To authorize erin@example.com");
+        let mut url = String::new();
+        out.read_line(&mut url).unwrap();
+        url.trim().to_string()
+    })
+    .await
+    .unwrap();
+    assert!(url.contains("login_hint=erin%40example.com"), "{url}");
+    let back = follow_consent(&url).await;
+    let page = reqwest::get(&back).await.unwrap();
+    assert!(page.status().is_success());
+    let reply = login.await.unwrap();
+    assert!(reply.starts_with("a1 OK"), "{reply}");
+
+    // From now on the password the client used is the account's.
+    let mut c = Client::plain(addr).await;
+    c.line().await;
+    let r = c.cmd("a1", "LOGIN erin@example.com someone-else").await;
+    assert!(r.last().unwrap().starts_with("a1 NO"), "{r:?}");
+    let _ = server.kill();
+    let _ = server.wait();
+    let (ok, list) = w.run(&["account", "list"], "");
+    assert!(
+        ok && list.contains("erin@example.com") && list.contains("first login"),
+        "{list}"
+    );
+    w.provider.shutdown();
+    w.imap.shutdown();
+}
