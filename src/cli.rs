@@ -210,6 +210,17 @@ fn load(args: &ConfigArgs) -> anyhow::Result<Settings> {
     Ok(settings)
 }
 
+/// [`load`], then the endpoints of `oidc` / `open` providers from their
+/// issuers (needed before a flow runs).
+async fn load_discovered(args: &ConfigArgs) -> anyhow::Result<Settings> {
+    let mut settings = load(args)?;
+    settings
+        .discover(&crate::oauth::TokenSource::http_client())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(settings)
+}
+
 fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TokenStore>> {
     let dir = settings.server.state_dir();
     let store = SledStore::open(&dir)
@@ -317,7 +328,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
             generate_password,
             replace,
         } => {
-            let settings = load(&config)?;
+            let settings = load_discovered(&config).await?;
             let (account, provider) = configured(&settings, &user, &config)?;
             let store = open_store(&settings)?;
             // Fail on an unusable key before anyone types or signs in.
@@ -362,7 +373,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
             flow,
             password_stdin,
         } => {
-            let settings = load(&config)?;
+            let settings = load_discovered(&config).await?;
             let (account, provider) = configured(&settings, &user, &config)?;
             let store = open_store(&settings)?;
             let vault = crate::server::vault_for(&settings, store)?;
@@ -428,16 +439,22 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<32} {:<12} {:<19} {:<20} {:<20} LAST ERROR",
-                "ACCOUNT", "PROVIDER", "FLOW", "TOKEN EXPIRES (UTC)", "LAST LOGIN (UTC)"
+                "{:<32} {:<12} {:<19} {:<8} {:<20} {:<20} LAST ERROR",
+                "ACCOUNT", "PROVIDER", "FLOW", "KEY", "TOKEN EXPIRES (UTC)", "LAST LOGIN (UTC)"
             );
             for name in accounts {
                 let m = store.load_meta(&name)?.unwrap_or_default();
+                let key_mode = match store.load_grant(&name)? {
+                    Some(g) if g.password_hash.is_some() => "service",
+                    Some(_) => "password",
+                    None => "-",
+                };
                 println!(
-                    "{:<32} {:<12} {:<19} {:<20} {:<20} {}",
+                    "{:<32} {:<12} {:<19} {:<8} {:<20} {:<20} {}",
                     name,
                     m.provider,
                     m.flow.as_deref().unwrap_or("-"),
+                    key_mode,
                     m.access_expires_at
                         .map(fmt_time)
                         .unwrap_or_else(|| "-".into()),

@@ -307,7 +307,11 @@ pub struct ProviderConfig {
     /// Microsoft only: `global` (default), `usgov` (GCC High / DoD) or
     /// `china` (21Vianet): the login host, resource and mail servers.
     pub cloud: Option<String>,
-    /// The OAuth2 client (application) id.
+    /// `oidc` and `open` presets: the issuer URL; the endpoints are read
+    /// from its `/.well-known/openid-configuration` (or RFC 8414
+    /// `/.well-known/oauth-authorization-server`) when mailbridge starts.
+    pub issuer: Option<String>,
+    /// The OAuth2 client (application) id. Preset `open`: default `open`.
     pub client_id: Option<String>,
     /// The client secret, if the client has one. Prefer `client_secret_file`.
     pub client_secret: Option<String>,
@@ -666,6 +670,14 @@ impl Settings {
             providers,
             accounts: raw.accounts.into_iter().map(Spanned::into_inner).collect(),
         })
+    }
+
+    /// Reads the endpoints of `oidc` / `open` providers from their issuers.
+    pub async fn discover(&mut self, http: &reqwest::Client) -> Result<(), String> {
+        for p in self.providers.values_mut() {
+            p.discover(http).await?;
+        }
+        Ok(())
     }
 
     /// Finds the account for a login name: an exact match (case-insensitive)

@@ -30,6 +30,10 @@ pub struct Provider {
     pub device_url: Option<String>,
     /// Registered redirect URI for the browser flows, if fixed.
     pub redirect_uri: Option<String>,
+    /// `oidc` / `open`: where the endpoints are discovered.
+    pub issuer: Option<String>,
+    /// Dynamic client registration endpoint (RFC 7591), if discovered.
+    pub registration_url: Option<String>,
     /// Scopes to request, in order.
     pub scopes: Vec<String>,
     /// Scopes for app-only access (client credentials), e.g. Microsoft's
@@ -50,6 +54,86 @@ pub struct Provider {
 }
 
 impl Provider {
+    /// `oidc` / `open`: fills the endpoints the config left out from the
+    /// issuer's metadata (OpenID Connect discovery, else RFC 8414). The
+    /// metadata's `issuer` must be the configured one.
+    pub async fn discover(&mut self, http: &reqwest::Client) -> Result<(), String> {
+        let Some(issuer) = self.issuer.clone() else {
+            return Ok(());
+        };
+        let trimmed = issuer.trim_end_matches('/');
+        let mut urls = vec![format!("{trimmed}/.well-known/openid-configuration")];
+        // RFC 8414: the well-known segment goes between host and path.
+        if let Some((scheme, rest)) = trimmed.split_once("://") {
+            let (host, path) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
+            let path = if path.is_empty() {
+                String::new()
+            } else {
+                format!("/{path}")
+            };
+            urls.push(format!(
+                "{scheme}://{host}/.well-known/oauth-authorization-server{path}"
+            ));
+        }
+        let mut last_error = String::new();
+        for url in &urls {
+            let response = match http.get(url).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    last_error = format!("{url}: {e}");
+                    continue;
+                }
+            };
+            if !response.status().is_success() {
+                last_error = format!("{url}: HTTP {}", response.status());
+                continue;
+            }
+            let meta: serde_json::Value = response.json().await.map_err(|e| {
+                format!("provider `{}`: {url} is not JSON metadata: {e}", self.name)
+            })?;
+            let field = |k: &str| meta.get(k).and_then(|v| v.as_str()).map(str::to_string);
+            if field("issuer").as_deref().map(|i| i.trim_end_matches('/')) != Some(trimmed) {
+                return Err(format!(
+                    "provider `{}`: the metadata at {url} names issuer {:?}, not {issuer}; check the issuer setting",
+                    self.name,
+                    field("issuer")
+                ));
+            }
+            if self.token_url.is_empty() {
+                self.token_url = field("token_endpoint").ok_or_else(|| {
+                    format!(
+                        "provider `{}`: the metadata has no token_endpoint",
+                        self.name
+                    )
+                })?;
+            }
+            self.authorize_url = self
+                .authorize_url
+                .take()
+                .or_else(|| field("authorization_endpoint"));
+            self.device_url = self
+                .device_url
+                .take()
+                .or_else(|| field("device_authorization_endpoint"));
+            self.registration_url = field("registration_endpoint");
+            for (name, u) in [
+                ("token_endpoint", Some(&self.token_url)),
+                ("authorization_endpoint", self.authorize_url.as_ref()),
+            ] {
+                if let Some(u) = u {
+                    check_url(name, u)
+                        .map_err(|e| format!("provider `{}`: {}", self.name, e.message))?;
+                }
+            }
+            tracing::info!(provider = %self.name, %url, "endpoints discovered");
+            return Ok(());
+        }
+        Err(format!(
+            "provider `{}`: cannot read the issuer's metadata ({last_error})",
+            self.name
+        ))
+    }
+
     /// The server for a protocol, if configured.
     pub fn endpoint(&self, protocol: Protocol) -> Option<&ServerEndpoint> {
         match protocol {
@@ -90,6 +174,12 @@ pub enum Preset {
     Aol,
     /// Yandex Mail.
     Yandex,
+    /// Any OpenID Connect / RFC 8414 server: endpoints discovered from the
+    /// issuer.
+    Oidc,
+    /// The open public-client profile (draft-ietf-mailmaint-oauth-public):
+    /// client id `open`, PKCE, discovered endpoints, OAUTHBEARER.
+    Open,
     /// Everything given in the config.
     Custom,
 }
@@ -104,19 +194,28 @@ impl Preset {
             Preset::Yahoo => "yahoo",
             Preset::Aol => "aol",
             Preset::Yandex => "yandex",
+            Preset::Oidc => "oidc",
+            Preset::Open => "open",
             Preset::Custom => "custom",
         }
     }
 
-    const ALL: [Preset; 7] = [
+    const ALL: [Preset; 9] = [
         Preset::Microsoft,
         Preset::Google,
         Preset::Fastmail,
         Preset::Yahoo,
         Preset::Aol,
         Preset::Yandex,
+        Preset::Oidc,
+        Preset::Open,
         Preset::Custom,
     ];
+
+    /// Whether the endpoints come from the issuer's metadata.
+    pub fn discovers(self) -> bool {
+        matches!(self, Preset::Oidc | Preset::Open)
+    }
 }
 
 /// Microsoft's clouds: where Entra ID and Exchange Online live.
@@ -313,7 +412,20 @@ fn preset_defaults(preset: Preset, tenant: &str, cloud: &MicrosoftCloud) -> Defa
             ["imap.yandex.com", "pop.yandex.com", "smtp.yandex.com"],
             &[Mechanism::Xoauth2],
         ),
-        Preset::Custom => Defaults {
+        Preset::Open => Defaults {
+            token_url: None,
+            authorize_url: None,
+            device_url: None,
+            scopes: vec![
+                "urn:ietf:params:oauth:scope:mail".into(),
+                "offline_access".into(),
+            ],
+            app_scopes: None,
+            imap: None,
+            pop3: None,
+            smtp: None,
+        },
+        Preset::Oidc | Preset::Custom => Defaults {
             token_url: None,
             authorize_url: None,
             device_url: None,
@@ -438,6 +550,7 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
     let client_id = c
         .client_id
         .clone()
+        .or_else(|| (preset == Preset::Open).then(|| "open".to_string()))
         .filter(|s| !s.trim().is_empty())
         .ok_or_else(|| {
             err(
@@ -477,7 +590,28 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
             "Google requires the client secret of your Desktop app client (client_secret or client_secret_file)",
         ));
     }
-    let token_url = c.token_url.clone().or(d.token_url).ok_or_else(|| {
+    if preset.discovers() {
+        match &c.issuer {
+            Some(issuer) => check_url("issuer", issuer)?,
+            None => {
+                return Err(err(
+                    "issuer",
+                    format!(
+                        "preset = \"{}\" needs issuer: the URL whose /.well-known metadata lists the endpoints",
+                        preset.name()
+                    ),
+                ));
+            }
+        }
+    } else if c.issuer.is_some() {
+        return Err(err(
+            "issuer",
+            "issuer only applies to preset = \"oidc\" or \"open\"",
+        ));
+    }
+    // Discovered at start when not given.
+    let discovered_later = preset.discovers().then(String::new);
+    let token_url = c.token_url.clone().or(d.token_url).or(discovered_later).ok_or_else(|| {
         err(
             "token_url",
             match preset {
@@ -488,7 +622,9 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
             },
         )
     })?;
-    check_url("token_url", &token_url)?;
+    if !token_url.is_empty() {
+        check_url("token_url", &token_url)?;
+    }
     let authorize_url = c.authorize_url.clone().or(d.authorize_url);
     if let Some(u) = &authorize_url {
         check_url("authorize_url", u)?;
@@ -538,9 +674,24 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
             ));
         }
     }
-    let imap = merge_endpoint("imap", d.imap, c.imap.as_ref(), 993)?;
-    let pop3 = merge_endpoint("pop3", d.pop3, c.pop3.as_ref(), 995)?;
-    let smtp = merge_endpoint("smtp", d.smtp, c.smtp.as_ref(), 465)?;
+    let mut imap = merge_endpoint("imap", d.imap, c.imap.as_ref(), 993)?;
+    let mut pop3 = merge_endpoint("pop3", d.pop3, c.pop3.as_ref(), 995)?;
+    let mut smtp = merge_endpoint("smtp", d.smtp, c.smtp.as_ref(), 465)?;
+    if preset == Preset::Open {
+        // The profile specifies OAUTHBEARER.
+        for (endpoint, given) in [
+            (&mut imap, &c.imap),
+            (&mut pop3, &c.pop3),
+            (&mut smtp, &c.smtp),
+        ] {
+            if let Some(e) = endpoint
+                .as_mut()
+                .filter(|_| given.as_ref().and_then(|g| g.mechanisms.as_ref()).is_none())
+            {
+                e.mechanisms = vec![Mechanism::Oauthbearer, Mechanism::Xoauth2];
+            }
+        }
+    }
     if let Some(ca) = &c.ca_file {
         if !ca.is_file() {
             return Err(err(
@@ -558,6 +709,8 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
         authorize_url,
         device_url,
         redirect_uri: c.redirect_uri.clone(),
+        issuer: c.issuer.clone(),
+        registration_url: None,
         scopes,
         app_scopes,
         client_certificate,
@@ -695,6 +848,7 @@ mod tests {
             client_id: Some("id".into()),
             client_secret: None,
             client_secret_file: None,
+            issuer: None,
             token_url: None,
             authorize_url: None,
             device_url: None,
@@ -772,6 +926,34 @@ mod tests {
         assert_eq!(p.pop3.unwrap().host, "pop.fastmail.com");
         let e = resolve("z", &cfg("hotmail")).unwrap_err();
         assert!(e.message.contains("yandex"), "{}", e.message);
+    }
+
+    #[test]
+    fn oidc_and_open_need_an_issuer_and_discover_later() {
+        let e = resolve("o", &cfg("oidc")).unwrap_err();
+        assert_eq!(e.field, "issuer");
+        let mut c = cfg("open");
+        c.client_id = None;
+        c.issuer = Some("https://mail.example".into());
+        c.imap = Some(ServerEndpointConfig {
+            host: Some("imap.mail.example".into()),
+            port: None,
+            tls: None,
+            mechanisms: None,
+            ehlo_name: None,
+        });
+        let p = resolve("o", &c).unwrap();
+        assert_eq!(p.client_id, "open");
+        assert!(p.token_url.is_empty(), "filled in by discovery");
+        assert_eq!(p.imap.unwrap().mechanisms[0], Mechanism::Oauthbearer);
+        assert!(
+            p.scopes
+                .contains(&"urn:ietf:params:oauth:scope:mail".to_string())
+        );
+        let mut g = cfg("google");
+        g.client_secret = Some("s".into());
+        g.issuer = Some("https://x.example".into());
+        assert_eq!(resolve("g", &g).unwrap_err().field, "issuer");
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub enum ServerError {
     /// The token store cannot be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An `oidc` / `open` provider's metadata could not be read.
+    #[error("{0}")]
+    Discovery(String),
     /// The service key is unusable.
     #[error("{0}")]
     Key(String),
@@ -116,9 +119,13 @@ pub fn vault_for(settings: &Settings, store: Arc<dyn TokenStore>) -> Result<Vaul
 impl Server {
     /// Binds every listener and prepares the login path over `store`.
     pub async fn bind(
-        settings: Settings,
+        mut settings: Settings,
         store: Arc<dyn TokenStore>,
     ) -> Result<Server, ServerError> {
+        settings
+            .discover(&TokenSource::http_client())
+            .await
+            .map_err(ServerError::Discovery)?;
         let settings = Arc::new(settings);
         let vault = Arc::new(vault_for(&settings, store)?);
         let tokens = TokenSource::new(TokenSource::http_client(), vault.clone());

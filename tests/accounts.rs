@@ -658,3 +658,105 @@ async fn authorize_on_first_login_seals_under_the_clients_password() {
     w.provider.shutdown();
     w.imap.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_profile_discovers_endpoints_and_explains_its_errors() {
+    let w = World::new("preset = \"custom\"", ProviderOptions::default()).await;
+    // Only the issuer: endpoints come from its metadata; client id `open`.
+    let text: String = std::fs::read_to_string(&w.config)
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            ![
+                "token_url",
+                "authorize_url",
+                "device_url",
+                "client_id",
+                "client_secret",
+                "scopes",
+                "service_account",
+            ]
+            .iter()
+            .any(|k| l.starts_with(k))
+        })
+        .map(|l| {
+            if l == "preset = \"custom\"" {
+                format!("preset = \"open\"\nissuer = \"{}\"", w.provider.base_url())
+            } else {
+                l.replace(", mechanisms = [\"xoauth2\"]", "")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    // Only the person's account: app-only grants make no sense here.
+    let text = text
+        .split("\n[[account]]\nuser = \"bob@example.com\"")
+        .next()
+        .unwrap()
+        .to_string();
+    std::fs::write(&w.config, text).unwrap();
+    let (ok, out) = w.run(&["check-config"], "");
+    assert!(ok, "{out}");
+
+    let add = |w: &World| {
+        let (mut child, out) = w.spawn(&[
+            "account",
+            "add",
+            "alice@example.com",
+            "--no-browser",
+            "--password-stdin",
+        ]);
+        // Keep stdin open: the pasted address follows the password.
+        child
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(b"open-local\n")
+            .unwrap();
+        (child, out)
+    };
+    // The provider says this user is not served here: its own message.
+    w.provider
+        .fail_authorization("alice@example.com", "user_not_here");
+    let (mut child, mut out) = add(&w);
+    let url = {
+        wait_for(&mut out, "open this address");
+        out.read_line(&mut String::new()).unwrap();
+        let mut url = String::new();
+        out.read_line(&mut url).unwrap();
+        url.trim().to_string()
+    };
+    assert!(
+        url.contains("client_id=open") && url.contains("username=alice%40example.com"),
+        "{url}"
+    );
+    let location = follow_consent(&url).await;
+    assert!(location.contains("error=user_not_here"), "{location}");
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(format!("{location}\n").as_bytes());
+    drop(stdin);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!child.wait().unwrap().success());
+    assert!(
+        err.contains("user_not_here") && err.contains("not served by this provider"),
+        "{err}"
+    );
+
+    w.provider.clear_authorization_failure("alice@example.com");
+    let (mut child, mut out) = add(&w);
+    wait_for(&mut out, "open this address");
+    out.read_line(&mut String::new()).unwrap();
+    let mut url = String::new();
+    out.read_line(&mut url).unwrap();
+    let location = follow_consent(url.trim()).await;
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{location}\n").as_bytes()).unwrap();
+    drop(stdin);
+    wait_for(&mut out, "sealed the grant");
+    assert!(child.wait().unwrap().success());
+    let reply = w.login("alice@example.com", "open-local").await;
+    assert!(reply.starts_with("a1 OK"), "{reply}");
+    w.provider.shutdown();
+    w.imap.shutdown();
+}
