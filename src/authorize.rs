@@ -203,6 +203,11 @@ pub async fn app_token(
                         key_pem: &key_pem,
                         cert_pem: &cert_pem,
                     };
+                    // The assertion is the client's proof: no secret beside it.
+                    let ep = FlowEndpoints {
+                        client_secret: None,
+                        ..ep
+                    };
                     flows::client_credentials(&ep, http, proof).await
                 }
                 None => flows::client_credentials(&ep, http, flows::ClientProof::Secret).await,

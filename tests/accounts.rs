@@ -760,3 +760,36 @@ async fn open_profile_discovers_endpoints_and_explains_its_errors() {
     w.provider.shutdown();
     w.imap.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_with_a_certificate() {
+    let w = World::new("preset = \"custom\"", ProviderOptions::default()).await;
+    w.provider.register_client_key(SA_PUB).unwrap();
+    let cert = w.dir.join("app.crt");
+    let key = w.dir.join("app.key");
+    std::fs::write(
+        &cert,
+        include_str!("../src/sandbox/fixtures/test_rsa.crt.pem"),
+    )
+    .unwrap();
+    std::fs::write(&key, SA_KEY).unwrap();
+    // The app proves itself with the certificate's key, not a secret.
+    let text = std::fs::read_to_string(&w.config).unwrap().replace(
+        &format!("client_secret = \"{SECRET}\""),
+        &format!(
+            "client_certificate_file = \"{}\"\nclient_key_file = \"{}\"",
+            cert.display(),
+            key.display()
+        ),
+    );
+    std::fs::write(&w.config, text).unwrap();
+    let (ok, text) = w.run(
+        &["account", "add", "bob@example.com", "--password-stdin"],
+        "bob-local\n",
+    );
+    assert!(ok && text.contains("client_credentials"), "{text}");
+    let reply = w.login("bob@example.com", "bob-local").await;
+    assert!(reply.starts_with("a1 OK"), "{reply}");
+    w.provider.shutdown();
+    w.imap.shutdown();
+}
