@@ -1901,48 +1901,7 @@ mod tests {
 
     // ----- upstream side -----
 
-    #[derive(Debug, PartialEq, Eq)]
-    enum Up {
-        Send(String),
-        StartTls,
-        NeedToken,
-        Ok(Vec<String>, String),
-        Rejected {
-            status: Option<String>,
-            text: String,
-            retry: bool,
-        },
-        Err(String),
-    }
-
-    fn up_pump(u: &mut SmtpUpstreamLogin, evs: &mut Vec<Up>) {
-        loop {
-            let ev = match u.next_step() {
-                Ok(UpstreamStep::NeedInput) => return,
-                Ok(UpstreamStep::Send(b)) => Up::Send(s(&b)),
-                Ok(UpstreamStep::StartTls) => Up::StartTls,
-                Ok(UpstreamStep::NeedToken) => Up::NeedToken,
-                Ok(UpstreamStep::Authenticated(ok)) => Up::Ok(ok.capabilities, s(&ok.leftover)),
-                Ok(UpstreamStep::Rejected(r)) => Up::Rejected {
-                    status: r.challenge.and_then(|c| c.status),
-                    text: r.server_text,
-                    retry: r.retry_suggested,
-                },
-                Err(e) => {
-                    evs.push(Up::Err(e.to_string()));
-                    return;
-                }
-            };
-            evs.push(ev);
-        }
-    }
-
-    fn up_feed(u: &mut SmtpUpstreamLogin, input: &[u8]) -> Vec<Up> {
-        let mut evs = Vec::new();
-        u.feed(input);
-        up_pump(u, &mut evs);
-        evs
-    }
+    use crate::proto::testkit::{Up, up_feed, up_pump};
 
     fn token() -> BearerToken {
         BearerToken {
