@@ -1280,17 +1280,7 @@ mod tests {
 
     // ----- client side -----
 
-    #[derive(Debug, PartialEq, Eq)]
-    enum Ev {
-        Out(String),
-        StartTls(String),
-        Login {
-            user: String,
-            pass: String,
-            info: Option<String>,
-        },
-        Close(String),
-    }
+    use crate::proto::testkit::{Ev, drive, pump};
 
     fn s(b: &[u8]) -> String {
         String::from_utf8_lossy(b).into_owned()
@@ -1298,40 +1288,6 @@ mod tests {
 
     fn b64(data: &[u8]) -> String {
         STANDARD.encode(data)
-    }
-
-    /// Runs the session until it needs input, merging consecutive sends.
-    fn pump(sess: &mut SmtpClientSession, evs: &mut Vec<Ev>) {
-        loop {
-            let ev = match sess.next_step() {
-                ClientStep::NeedInput => return,
-                ClientStep::Send(b) => {
-                    if let Some(Ev::Out(prev)) = evs.last_mut() {
-                        prev.push_str(&s(&b));
-                        continue;
-                    }
-                    Ev::Out(s(&b))
-                }
-                ClientStep::StartTls(b) => Ev::StartTls(s(&b)),
-                ClientStep::Login(req) => Ev::Login {
-                    user: req.credentials.user.clone(),
-                    pass: req.credentials.password.expose_secret().to_owned(),
-                    info: req.client_info.clone(),
-                },
-                ClientStep::Close(b) => Ev::Close(s(&b)),
-            };
-            evs.push(ev);
-        }
-    }
-
-    /// Feeds `input` in chunks of `chunk` bytes.
-    fn drive(sess: &mut SmtpClientSession, input: &[u8], chunk: usize) -> Vec<Ev> {
-        let mut evs = Vec::new();
-        for part in input.chunks(chunk.max(1)) {
-            sess.feed(part);
-            pump(sess, &mut evs);
-        }
-        evs
     }
 
     fn open() -> ClientOptions {

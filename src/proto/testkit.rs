@@ -1,7 +1,9 @@
-//! Test-only helpers shared by the protocol cores' unit tests: a scripted
-//! view of an [`UpstreamLogin`]'s steps.
+//! Test-only helpers shared by the protocol cores' unit tests: scripted
+//! views of a [`ClientSession`]'s and an [`UpstreamLogin`]'s steps.
 
-use super::{UpstreamLogin, UpstreamStep};
+use secrecy::ExposeSecret;
+
+use super::{ClientSession, ClientStep, UpstreamLogin, UpstreamStep};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -50,5 +52,52 @@ pub fn up_feed(u: &mut dyn UpstreamLogin, input: &[u8]) -> Vec<Up> {
     let mut evs = Vec::new();
     u.feed(input);
     up_pump(u, &mut evs);
+    evs
+}
+
+/// One client-session step, as the tests compare it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ev {
+    Out(String),
+    StartTls(String),
+    Login {
+        user: String,
+        pass: String,
+        info: Option<String>,
+    },
+    Close(String),
+}
+
+/// Runs the session until it needs input, merging consecutive sends.
+pub fn pump(sess: &mut dyn ClientSession, evs: &mut Vec<Ev>) {
+    loop {
+        let ev = match sess.next_step() {
+            ClientStep::NeedInput => return,
+            ClientStep::Send(b) => {
+                if let Some(Ev::Out(prev)) = evs.last_mut() {
+                    prev.push_str(&text(&b));
+                    continue;
+                }
+                Ev::Out(text(&b))
+            }
+            ClientStep::StartTls(b) => Ev::StartTls(text(&b)),
+            ClientStep::Login(req) => Ev::Login {
+                user: req.credentials.user.clone(),
+                pass: req.credentials.password.expose_secret().to_owned(),
+                info: req.client_info.clone(),
+            },
+            ClientStep::Close(b) => Ev::Close(text(&b)),
+        };
+        evs.push(ev);
+    }
+}
+
+/// Feeds `input` in chunks of `chunk` bytes.
+pub fn drive(sess: &mut dyn ClientSession, input: &[u8], chunk: usize) -> Vec<Ev> {
+    let mut evs = Vec::new();
+    for part in input.chunks(chunk.max(1)) {
+        sess.feed(part);
+        pump(sess, &mut evs);
+    }
     evs
 }
