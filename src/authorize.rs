@@ -80,7 +80,32 @@ pub async fn obtain(
     http: &reqwest::Client,
     ui: &impl FlowUi,
 ) -> Result<Authorized, AuthorizeError> {
-    let ep = endpoints(provider, &provider.scopes);
+    // RFC 7591: a public client of our own, registered for this grant.
+    let registered = match (provider.dynamic_registration, account.grant) {
+        (true, GrantKind::AuthorizationCode) => {
+            let url = provider.registration_url.as_deref().ok_or_else(|| {
+                AuthorizeError::Config(format!(
+                    "provider `{}` has dynamic_registration = true but its metadata lists no registration_endpoint",
+                    provider.name
+                ))
+            })?;
+            let mut redirects = vec![
+                "http://127.0.0.1/".to_string(),
+                "http://localhost/".to_string(),
+            ];
+            redirects.extend(provider.redirect_uri.clone());
+            Some(flows::register_client(http, url, &redirects).await?)
+        }
+        _ => None,
+    };
+    let ep = match &registered {
+        Some(client_id) => FlowEndpoints {
+            client_id,
+            client_secret: None,
+            ..endpoints(provider, &provider.scopes)
+        },
+        None => endpoints(provider, &provider.scopes),
+    };
     let (got, flow): (Obtained, &'static str) = match account.grant {
         GrantKind::AuthorizationCode => match opts.interaction {
             Interaction::Device => {
@@ -148,6 +173,7 @@ pub async fn obtain(
         grant: GrantData {
             refresh_token: got.refresh_token,
             obtained_at: unix_now(),
+            client_id: registered,
         },
         flow,
     })

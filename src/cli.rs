@@ -310,6 +310,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
             let grant = GrantData {
                 refresh_token: Some(SecretString::from(token)),
                 obtained_at: unix_now(),
+                client_id: None,
             };
             vault
                 .create(&account.name, &password, grant, meta, replace)

@@ -313,6 +313,11 @@ pub struct ProviderConfig {
     pub issuer: Option<String>,
     /// The OAuth2 client (application) id. Preset `open`: default `open`.
     pub client_id: Option<String>,
+    /// `oidc` / `open`: register a public client of mailbridge's own at the
+    /// issuer's registration endpoint (RFC 7591) for each grant, instead
+    /// of using `client_id`.
+    #[serde(default)]
+    pub dynamic_registration: bool,
     /// The client secret, if the client has one. Prefer `client_secret_file`.
     pub client_secret: Option<String>,
     /// A file holding the client secret (first line).

@@ -117,6 +117,7 @@ provider = "sandbox"
             GrantData {
                 refresh_token: Some(SecretString::from(refresh)),
                 obtained_at: 0,
+                client_id: None,
             },
             AccountMeta {
                 provider: "sandbox".into(),

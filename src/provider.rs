@@ -34,6 +34,9 @@ pub struct Provider {
     pub issuer: Option<String>,
     /// Dynamic client registration endpoint (RFC 7591), if discovered.
     pub registration_url: Option<String>,
+    /// Register a client of our own per grant (RFC 7591) instead of using
+    /// `client_id`.
+    pub dynamic_registration: bool,
     /// Scopes to request, in order.
     pub scopes: Vec<String>,
     /// Scopes for app-only access (client credentials), e.g. Microsoft's
@@ -603,6 +606,17 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
                 ));
             }
         }
+        if c.dynamic_registration && c.client_id.is_some() {
+            return Err(err(
+                "dynamic_registration",
+                "with dynamic_registration = true mailbridge registers its own client id: remove client_id",
+            ));
+        }
+    } else if c.dynamic_registration {
+        return Err(err(
+            "dynamic_registration",
+            "dynamic_registration only applies to preset = \"oidc\" or \"open\"",
+        ));
     } else if c.issuer.is_some() {
         return Err(err(
             "issuer",
@@ -711,6 +725,7 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
         redirect_uri: c.redirect_uri.clone(),
         issuer: c.issuer.clone(),
         registration_url: None,
+        dynamic_registration: c.dynamic_registration,
         scopes,
         app_scopes,
         client_certificate,
@@ -849,6 +864,7 @@ mod tests {
             client_secret: None,
             client_secret_file: None,
             issuer: None,
+            dynamic_registration: false,
             token_url: None,
             authorize_url: None,
             device_url: None,

@@ -189,6 +189,11 @@ impl Unlocked {
         self.shared.read().grant.refresh_token.clone()
     }
 
+    /// The client id the grant was issued to, when not the provider's.
+    pub fn client_id(&self) -> Option<String> {
+        self.shared.read().grant.client_id.clone()
+    }
+
     /// When the current grant or its last rotation was obtained (unix
     /// seconds).
     pub fn obtained_at(&self) -> u64 {
@@ -659,6 +664,8 @@ impl Vault {
         let grant = GrantData {
             refresh_token: Some(new_refresh_token),
             obtained_at: now_unix(),
+            // The grant stays with the client it was issued to.
+            client_id: unlocked.client_id(),
         };
         let sealed = seal::seal_with_hash(
             account,
@@ -874,6 +881,7 @@ mod tests {
         GrantData {
             refresh_token: Some(pw(token)),
             obtained_at: 1,
+            client_id: None,
         }
     }
 

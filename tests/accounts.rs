@@ -793,3 +793,73 @@ async fn client_credentials_with_a_certificate() {
     w.provider.shutdown();
     w.imap.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_client_registration_for_the_open_profile() {
+    let w = World::new("preset = \"custom\"", ProviderOptions::default()).await;
+    let text: String = std::fs::read_to_string(&w.config)
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            ![
+                "token_url",
+                "authorize_url",
+                "device_url",
+                "client_id",
+                "client_secret",
+                "scopes",
+                "service_account",
+            ]
+            .iter()
+            .any(|k| l.starts_with(k))
+        })
+        .map(|l| {
+            if l == "preset = \"custom\"" {
+                format!(
+                    "preset = \"open\"\nissuer = \"{}\"\ndynamic_registration = true",
+                    w.provider.base_url()
+                )
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let text = text
+        .split("\n[[account]]\nuser = \"bob@example.com\"")
+        .next()
+        .unwrap()
+        .to_string();
+    std::fs::write(&w.config, text).unwrap();
+    assert!(w.provider.registered_clients().is_empty());
+
+    let (mut child, mut out) = w.spawn(&[
+        "account",
+        "add",
+        "alice@example.com",
+        "--device",
+        "--password-stdin",
+    ]);
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"reg-local\n")
+        .unwrap();
+    let line = wait_for(&mut out, "enter the code");
+    let code = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(w.provider.approve_device(&code, "alice@example.com"));
+    wait_for(&mut out, "sealed the grant");
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        w.provider.registered_clients().len(),
+        1,
+        "one client registered for the grant"
+    );
+    // The refresh at login uses the registered client (the sandbox binds
+    // refresh tokens to the client they were issued to).
+    let reply = w.login("alice@example.com", "reg-local").await;
+    assert!(reply.starts_with("a1 OK"), "{reply}");
+    w.provider.shutdown();
+    w.imap.shutdown();
+}

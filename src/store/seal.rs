@@ -39,6 +39,9 @@ pub struct GrantData {
     pub refresh_token: Option<SecretString>,
     /// When the grant (or its last rotation) was obtained, unix seconds.
     pub obtained_at: u64,
+    /// The client id the grant was issued to, when it is not the
+    /// provider's configured one (a dynamically registered client).
+    pub client_id: Option<String>,
 }
 
 /// The serialized form of [`GrantData`]; wiped when dropped.
@@ -48,6 +51,8 @@ struct GrantWire {
     refresh_token: Option<String>,
     #[serde(default)]
     obtained_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client_id: Option<String>,
 }
 
 impl Drop for GrantWire {
@@ -228,6 +233,7 @@ pub fn seal_with_hash(
             .as_ref()
             .map(|t| t.expose_secret().to_owned()),
         obtained_at: grant.obtained_at,
+        client_id: grant.client_id.clone(),
     };
     // Reserve enough for the worst-case JSON escaping so the buffer never
     // reallocates and leaves unwiped copies of the token behind.
@@ -296,6 +302,7 @@ pub fn open(account: &str, key: &SealKey, sealed: &SealedGrant) -> Result<GrantD
     Ok(GrantData {
         refresh_token: wire.refresh_token.take().map(SecretString::from),
         obtained_at: wire.obtained_at,
+        client_id: wire.client_id.take(),
     })
 }
 
@@ -366,6 +373,7 @@ mod tests {
         GrantData {
             refresh_token: Some(pw(token)),
             obtained_at: 1_700_000_000,
+            client_id: None,
         }
     }
 

@@ -182,6 +182,7 @@ provider = "sandbox"
                 GrantData {
                     refresh_token: Some(SecretString::from(refresh_token.clone())),
                     obtained_at: 0,
+                    client_id: None,
                 },
                 AccountMeta {
                     provider: "sandbox".into(),
