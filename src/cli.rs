@@ -272,12 +272,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
             replace,
         } => {
             let settings = load(&config)?;
-            let Some(account) = settings.account_for(&user) else {
-                bail!(
-                    "`{user}` matches no [[account]] in {}; add one first",
-                    config.config.display()
-                );
-            };
+            let (account, _) = configured(&settings, &user, &config)?;
             let stdin = std::io::stdin();
             let mut lines = stdin.lock().lines();
             let token = lines
