@@ -83,7 +83,54 @@ enum AccountCommand {
         #[arg(long)]
         replace: bool,
     },
-    /// List stored grants: provider, access-token expiry, last login, last error.
+    /// Authorize an account configured in the config file with its
+    /// provider (the flow follows the account's `grant`), then seal the
+    /// grant under a local password.
+    Add {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The login name, as configured in an [[account]] table.
+        user: String,
+        #[command(flatten)]
+        flow: FlowArgs,
+        /// Read the local password from the first line of standard input
+        /// instead of prompting.
+        #[arg(long, conflicts_with = "generate_password")]
+        password_stdin: bool,
+        /// Generate a random local password and print it once.
+        #[arg(long)]
+        generate_password: bool,
+        /// Replace a grant already stored for this account.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Authorize an account again (e.g. after its grant was revoked or
+    /// expired), keeping its local password.
+    Reauthorize {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The login name.
+        user: String,
+        #[command(flatten)]
+        flow: FlowArgs,
+        /// Read the current local password from the first line of standard
+        /// input instead of prompting.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Change an account's local password (the old one is required).
+    Passwd {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The login name.
+        user: String,
+        /// Read the old and the new password from the first two lines of
+        /// standard input instead of prompting.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List stored grants: provider, flow, access-token expiry, last login,
+    /// last error.
     List {
         #[command(flatten)]
         config: ConfigArgs,
@@ -95,6 +142,26 @@ enum AccountCommand {
         /// The login name.
         user: String,
     },
+}
+
+/// How `account add` / `reauthorize` talk to the person.
+#[derive(clap::Args, Debug)]
+struct FlowArgs {
+    /// Do not listen for the browser's redirect: print the URL and read the
+    /// address the browser was sent to back from the terminal (headless
+    /// boxes, SSH sessions).
+    #[arg(long, conflicts_with = "device")]
+    no_browser: bool,
+    /// Use the device-code flow: enter a code on any device.
+    #[arg(long)]
+    device: bool,
+    /// Seconds to wait for the authorization.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// For grant = "password": read the upstream account's password from
+    /// the next line of standard input instead of prompting.
+    #[arg(long)]
+    upstream_password_stdin: bool,
 }
 
 /// Entry point of the binary.
@@ -140,6 +207,17 @@ fn load(args: &ConfigArgs) -> anyhow::Result<Settings> {
     if let Some(dir) = &args.state_dir {
         settings.server.state_dir = Some(dir.clone());
     }
+    Ok(settings)
+}
+
+/// [`load`], then the endpoints of `oidc` / `open` providers from their
+/// issuers (needed before a flow runs).
+async fn load_discovered(args: &ConfigArgs) -> anyhow::Result<Settings> {
+    let mut settings = load(args)?;
+    settings
+        .discover(&crate::oauth::TokenSource::http_client())
+        .await
+        .map_err(anyhow::Error::msg)?;
     Ok(settings)
 }
 
@@ -194,12 +272,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
             replace,
         } => {
             let settings = load(&config)?;
-            let Some(account) = settings.account_for(&user) else {
-                bail!(
-                    "`{user}` matches no [[account]] in {}; add one first",
-                    config.config.display()
-                );
-            };
+            let (account, _) = configured(&settings, &user, &config)?;
             let stdin = std::io::stdin();
             let mut lines = stdin.lock().lines();
             let token = lines
@@ -221,16 +294,18 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
             };
             drop(lines);
             let store = open_store(&settings)?;
-            let vault = crate::server::vault_for(&settings, store);
+            let vault = crate::server::vault_for(&settings, store)?;
             let meta = AccountMeta {
                 provider: account.provider.clone(),
                 upstream_user: account.upstream_user.clone(),
                 created_at: unix_now(),
+                flow: Some("import".into()),
                 ..AccountMeta::default()
             };
             let grant = GrantData {
                 refresh_token: Some(SecretString::from(token)),
                 obtained_at: unix_now(),
+                client_id: None,
             };
             vault
                 .create(&account.name, &password, grant, meta, replace)
@@ -239,6 +314,113 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
                 "sealed the grant for `{}` (provider `{}`, upstream login `{}`)",
                 account.name, account.provider, account.upstream_user
             );
+            Ok(())
+        }
+        AccountCommand::Add {
+            config,
+            user,
+            flow,
+            password_stdin,
+            generate_password,
+            replace,
+        } => {
+            let settings = load_discovered(&config).await?;
+            let (account, provider) = configured(&settings, &user, &config)?;
+            let store = open_store(&settings)?;
+            // Fail on an unusable key before anyone types or signs in.
+            let vault = crate::server::vault_for(&settings, store.clone())?;
+            if !replace && store.load_grant(&account.name)?.is_some() {
+                bail!(
+                    "`{}` already has a grant; use `account reauthorize` to renew it, or --replace",
+                    account.name
+                );
+            }
+            let (password, generated) = if generate_password {
+                let p = random_password();
+                (SecretString::from(p.clone()), Some(p))
+            } else if password_stdin {
+                (read_secret_line("the local password")?, None)
+            } else {
+                (prompt_new_password()?, None)
+            };
+            let authorized = run_flow(&account, provider, &flow).await?;
+            let meta = AccountMeta {
+                provider: account.provider.clone(),
+                upstream_user: account.upstream_user.clone(),
+                created_at: unix_now(),
+                flow: Some(authorized.flow.to_string()),
+                ..AccountMeta::default()
+            };
+            vault
+                .create(&account.name, &password, authorized.grant, meta, replace)
+                .await?;
+            println!(
+                "authorized `{}` ({}, upstream login `{}`) and sealed the grant",
+                account.name, authorized.flow, account.upstream_user
+            );
+            if let Some(p) = generated {
+                println!("local password (shown once; configure it in the mail client): {p}");
+            }
+            Ok(())
+        }
+        AccountCommand::Reauthorize {
+            config,
+            user,
+            flow,
+            password_stdin,
+        } => {
+            let settings = load_discovered(&config).await?;
+            let (account, provider) = configured(&settings, &user, &config)?;
+            let store = open_store(&settings)?;
+            let vault = crate::server::vault_for(&settings, store)?;
+            let password = if password_stdin {
+                read_secret_line("the local password")?
+            } else {
+                SecretString::from(rpassword::prompt_password("current local password: ")?)
+            };
+            // Check the password before anyone signs in anywhere.
+            vault
+                .unlock(
+                    &account.name,
+                    &password,
+                    std::net::Ipv6Addr::LOCALHOST.into(),
+                )
+                .await?;
+            let authorized = run_flow(&account, provider, &flow).await?;
+            let mut meta = vault.store().load_meta(&account.name)?.unwrap_or_default();
+            meta.flow = Some(authorized.flow.to_string());
+            meta.last_error = None;
+            meta.access_expires_at = None;
+            vault
+                .create(&account.name, &password, authorized.grant, meta, true)
+                .await?;
+            println!("re-authorized `{}` ({})", account.name, authorized.flow);
+            Ok(())
+        }
+        AccountCommand::Passwd {
+            config,
+            user,
+            password_stdin,
+        } => {
+            let settings = load(&config)?;
+            let key = settings
+                .account_for(&user)
+                .map(|a| a.name)
+                .unwrap_or_else(|| user.to_lowercase());
+            let store = open_store(&settings)?;
+            let vault = crate::server::vault_for(&settings, store)?;
+            let (old, new) = if password_stdin {
+                (
+                    read_secret_line("the old password")?,
+                    read_secret_line("the new password")?,
+                )
+            } else {
+                let old =
+                    SecretString::from(rpassword::prompt_password("current local password: ")?);
+                (old, prompt_new_password()?)
+            };
+            vault.change_password(&key, &old, &new).await?;
+            println!("changed the local password of `{key}`; update it in the mail client");
             Ok(())
         }
         AccountCommand::List { config } => {
@@ -253,15 +435,22 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<32} {:<12} {:<22} {:<22} LAST ERROR",
-                "ACCOUNT", "PROVIDER", "TOKEN EXPIRES", "LAST LOGIN"
+                "{:<32} {:<12} {:<19} {:<8} {:<20} {:<20} LAST ERROR",
+                "ACCOUNT", "PROVIDER", "FLOW", "KEY", "TOKEN EXPIRES (UTC)", "LAST LOGIN (UTC)"
             );
             for name in accounts {
                 let m = store.load_meta(&name)?.unwrap_or_default();
+                let key_mode = match store.load_grant(&name)? {
+                    Some(g) if g.password_hash.is_some() => "service",
+                    Some(_) => "password",
+                    None => "-",
+                };
                 println!(
-                    "{:<32} {:<12} {:<22} {:<22} {}",
+                    "{:<32} {:<12} {:<19} {:<8} {:<20} {:<20} {}",
                     name,
                     m.provider,
+                    m.flow.as_deref().unwrap_or("-"),
+                    key_mode,
                     m.access_expires_at
                         .map(fmt_time)
                         .unwrap_or_else(|| "-".into()),
@@ -288,6 +477,159 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// The account and provider a login name maps to.
+fn configured<'a>(
+    settings: &'a Settings,
+    user: &str,
+    config: &ConfigArgs,
+) -> anyhow::Result<(crate::config::Account, &'a crate::provider::Provider)> {
+    let Some(account) = settings.account_for(user) else {
+        bail!(
+            "`{user}` matches no [[account]] in {}; add one first",
+            config.config.display()
+        );
+    };
+    let provider = settings
+        .providers
+        .get(&account.provider)
+        .context("the account's provider is not configured")?;
+    Ok((account, provider))
+}
+
+/// Runs the account's authorization flow with the terminal as interface.
+async fn run_flow(
+    account: &crate::config::Account,
+    provider: &crate::provider::Provider,
+    flow: &FlowArgs,
+) -> anyhow::Result<crate::authorize::Authorized> {
+    use crate::authorize::{AuthorizeOptions, Interaction};
+    let upstream_password = if account.grant == crate::config::GrantKind::Password {
+        Some(if flow.upstream_password_stdin {
+            read_secret_line("the upstream password")?
+        } else {
+            SecretString::from(rpassword::prompt_password(format!(
+                "password of {} at the provider: ",
+                account.upstream_user
+            ))?)
+        })
+    } else {
+        None
+    };
+    let opts = AuthorizeOptions {
+        interaction: if flow.device {
+            Interaction::Device
+        } else if flow.no_browser {
+            Interaction::Paste
+        } else {
+            Interaction::Browser
+        },
+        timeout: std::time::Duration::from_secs(flow.timeout.max(1)),
+        upstream_password,
+    };
+    let ui = TerminalUi::default();
+    let http = crate::oauth::TokenSource::http_client();
+    let result = crate::authorize::obtain(provider, account, &opts, &http, &ui).await;
+    ui.stop_spinner();
+    Ok(result?)
+}
+
+/// The terminal side of the flows: prints URLs and codes, opens a browser
+/// when there is a desktop session, reads a pasted address.
+#[derive(Default)]
+struct TerminalUi {
+    spinner: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl TerminalUi {
+    fn stop_spinner(&self) {
+        if let Some(h) = self
+            .spinner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            h.abort();
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+impl crate::oauth::flows::FlowUi for TerminalUi {
+    fn show_url(&self, url: &str) {
+        println!("\nTo authorize, open this address in a browser and sign in:\n\n  {url}\n");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    }
+
+    fn open_browser(&self, url: &str) -> bool {
+        let opened = crate::authorize::open_browser(url);
+        if opened {
+            println!("(a browser window was opened; waiting for you to finish there)");
+        } else {
+            println!(
+                "(no browser could be opened here: open the address on any machine that can reach this one's 127.0.0.1, e.g. through an SSH tunnel, or run again with --no-browser)"
+            );
+        }
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        opened
+    }
+
+    async fn read_line(&self, prompt: &str) -> std::io::Result<String> {
+        println!("{prompt}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).map(|_| line)
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    fn show_device_code(
+        &self,
+        verification_uri: &str,
+        user_code: &str,
+        complete_uri: Option<&str>,
+    ) {
+        println!("\nOn any device, open {verification_uri} and enter the code {user_code}");
+        if let Some(c) = complete_uri {
+            println!("(or open {c})");
+        }
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        if std::io::stderr().is_terminal() {
+            let handle = tokio::spawn(async {
+                let frames = ['|', '/', '-', '\\'];
+                for i in 0usize.. {
+                    eprint!("\r{} waiting for the approval...", frames[i % frames.len()]);
+                    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+                }
+            });
+            *self.spinner.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        }
+    }
+}
+
+/// One line of standard input as a secret (for --*-stdin flags).
+fn read_secret_line(what: &str) -> anyhow::Result<SecretString> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let value = line.trim_end_matches(['\r', '\n']).to_string();
+    if value.is_empty() {
+        bail!("expected {what} on a line of standard input");
+    }
+    Ok(SecretString::from(value))
+}
+
+/// A random local password: 20 characters from an unambiguous alphabet
+/// (about 110 bits).
+fn random_password() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut rng = rand::rngs::OsRng;
+    (0..20)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 fn prompt_new_password() -> anyhow::Result<SecretString> {

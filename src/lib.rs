@@ -16,7 +16,9 @@
 //!   upstream login dialogue); they never touch a socket.
 //! - [`store`]: the `TokenStore` trait, its sled backend, sealing.
 //! - [`vault`]: local password checks, backoff, the fast verifier cache.
-//! - [`oauth`]: the token source (cache, single-flight refresh, rotation).
+//! - [`oauth`]: the token source (cache, single-flight refresh, rotation)
+//!   and the grant flows.
+//! - [`authorize`]: runs an account's flow to obtain its grant.
 //! - [`login`]: the login path from credentials to a logged-in upstream.
 //! - [`diagnose`]: explanations for known upstream refusals.
 //! - [`net`]: listeners, TLS, the connection driver, the upstream
@@ -27,6 +29,7 @@
 //! - [`cli`]: the command line (main.rs only calls it).
 #![forbid(unsafe_code)]
 
+pub mod authorize;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::stream::Stream;
-use crate::config::UpstreamTls;
+use crate::config::{Account, UpstreamTls};
 use crate::oauth::{AccessToken, TokenError, TokenSource};
 use crate::proto::{Rejection, UpstreamError, UpstreamLogin, UpstreamStep, UpstreamSuccess};
 use crate::provider::{Provider, ServerEndpoint};
@@ -73,10 +73,10 @@ pub struct TokenAccess<'a> {
     pub source: &'a TokenSource,
     /// The account's provider.
     pub provider: &'a Provider,
+    /// The account (grant kind, upstream login name).
+    pub account: &'a Account,
     /// The unlocked grant.
     pub unlocked: &'a Unlocked,
-    /// The upstream login name.
-    pub upstream_user: &'a str,
 }
 
 /// Connects to `endpoint` and logs in with tokens from `access`. A
@@ -155,10 +155,10 @@ pub async fn login(
                 let refused = if retried { current.as_ref() } else { None };
                 let token = access
                     .source
-                    .token(access.provider, access.unlocked, refused)
+                    .token(access.provider, access.account, access.unlocked, refused)
                     .await?;
                 session.provide_token(&BearerToken {
-                    user: access.upstream_user.to_string(),
+                    user: access.account.upstream_user.clone(),
                     token: SecretString::from(
                         secrecy::ExposeSecret::expose_secret(&token.secret).to_string(),
                     ),

@@ -13,6 +13,8 @@ use oauth2::{
 use secrecy::{ExposeSecret, SecretString};
 
 use super::MIN_TOKEN_LIFETIME;
+use super::flows;
+use crate::config::{Account, GrantKind};
 use crate::provider::Provider;
 use crate::vault::{Unlocked, Vault, VaultError};
 
@@ -69,6 +71,14 @@ pub enum TokenError {
         /// The provider name.
         provider: String,
     },
+    /// A Microsoft token for another resource than Exchange Online.
+    #[error(
+        "the provider issued a token for {audience}, not for Outlook/Exchange Online, so the mail servers will refuse it; this happens when a Graph or bare scope comes first: put https://outlook.office.com/IMAP.AccessAsUser.All first in the scopes"
+    )]
+    WrongAudience {
+        /// The token's `aud`.
+        audience: String,
+    },
     /// The stored grant has no refresh token.
     #[error("the stored grant has no refresh token; re-authorize the account")]
     NoRefreshToken,
@@ -96,7 +106,9 @@ impl TokenError {
             TokenError::Refused { code, .. } => {
                 code == "temporarily_unavailable" || code == "server_error"
             }
-            TokenError::NoRefreshToken | TokenError::Config { .. } => false,
+            TokenError::NoRefreshToken
+            | TokenError::Config { .. }
+            | TokenError::WrongAudience { .. } => false,
         }
     }
 }
@@ -159,12 +171,32 @@ impl TokenSource {
         slots.remove(account);
     }
 
+    /// A freshly refreshed token, whatever is cached (the background
+    /// refresh uses this to keep grants alive). Shares a refresh already in
+    /// flight.
+    pub async fn renew(
+        &self,
+        provider: &Provider,
+        account: &Account,
+        unlocked: &Unlocked,
+    ) -> Result<AccessToken, TokenError> {
+        let cached = self
+            .slot(unlocked.account())
+            .cached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.token(provider, account, unlocked, cached.as_ref())
+            .await
+    }
+
     /// An access token for the account: the cached one while it has at
     /// least ten minutes left and is not `refused`, else a refreshed one.
     /// Concurrent callers for one account share a single refresh.
     pub async fn token(
         &self,
         provider: &Provider,
+        account: &Account,
         unlocked: &Unlocked,
         refused: Option<&AccessToken>,
     ) -> Result<AccessToken, TokenError> {
@@ -192,7 +224,7 @@ impl TokenSource {
                 return Err(e.clone());
             }
         }
-        let token = self.refresh(provider, unlocked).await;
+        let token = self.fetch(provider, account, unlocked).await;
         let n = slot.refreshes.fetch_add(1, Ordering::AcqRel) + 1;
         *slot.failed.lock().unwrap_or_else(|p| p.into_inner()) =
             token.as_ref().err().map(|e| (n, e.clone()));
@@ -218,28 +250,95 @@ impl TokenSource {
         token
     }
 
+    /// A new access token, by the account's kind of grant, checked for the
+    /// right audience where the provider's tokens say.
+    async fn fetch(
+        &self,
+        provider: &Provider,
+        account: &Account,
+        unlocked: &Unlocked,
+    ) -> Result<AccessToken, TokenError> {
+        let started = Instant::now();
+        let (secret, lifetime) = match account.grant {
+            GrantKind::AuthorizationCode | GrantKind::Password => {
+                self.refresh(provider, unlocked).await?
+            }
+            GrantKind::ClientCredentials | GrantKind::ServiceAccount => {
+                let got = crate::authorize::app_token(provider, account, &self.http)
+                    .await
+                    .map_err(|e| match e {
+                        flows::FlowError::Token { code, description } => {
+                            TokenError::Refused { code, description }
+                        }
+                        flows::FlowError::Http(reason) => TokenError::Unreachable {
+                            provider: provider.name.clone(),
+                            reason,
+                        },
+                        other => TokenError::Config {
+                            provider: provider.name.clone(),
+                            reason: other.to_string(),
+                        },
+                    })?;
+                (got.access_token, got.expires_in)
+            }
+        };
+        crate::authorize::check_audience(provider, &secret)
+            .map_err(|audience| TokenError::WrongAudience { audience })?;
+        let lifetime = lifetime.unwrap_or(DEFAULT_LIFETIME);
+        if lifetime < MIN_TOKEN_LIFETIME {
+            tracing::warn!(
+                provider = %provider.name,
+                lifetime_secs = lifetime.as_secs(),
+                "the provider issues access tokens with less than 10 minutes of life"
+            );
+        }
+        tracing::info!(
+            provider = %provider.name,
+            grant = account.grant.name(),
+            lifetime_secs = lifetime.as_secs(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "access token refreshed"
+        );
+        Ok(AccessToken {
+            secret,
+            expires_at: started + lifetime,
+            generation: self.generation.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// A new access token from the stored refresh token; a rotated refresh
+    /// token is sealed and flushed before the access token is returned.
     async fn refresh(
         &self,
         provider: &Provider,
         unlocked: &Unlocked,
-    ) -> Result<AccessToken, TokenError> {
+    ) -> Result<(SecretString, Option<Duration>), TokenError> {
         let refresh_token = unlocked.refresh_token().ok_or(TokenError::NoRefreshToken)?;
         let token_url =
             TokenUrl::new(provider.token_url.clone()).map_err(|e| TokenError::Config {
                 provider: provider.name.clone(),
                 reason: format!("token_url: {e}"),
             })?;
-        let mut client = BasicClient::new(ClientId::new(provider.client_id.clone()))
-            .set_token_uri(token_url)
-            // Client id (and secret) in the form body: accepted by Microsoft,
-            // Google and generic servers alike.
-            .set_auth_type(AuthType::RequestBody);
-        if let Some(secret) = &provider.client_secret {
+        // A dynamically registered client refreshes as itself, secretless.
+        let registered = unlocked.client_id();
+        let mut client = BasicClient::new(ClientId::new(
+            registered
+                .clone()
+                .unwrap_or_else(|| provider.client_id.clone()),
+        ))
+        .set_token_uri(token_url)
+        // Client id (and secret) in the form body: accepted by Microsoft,
+        // Google and generic servers alike.
+        .set_auth_type(AuthType::RequestBody);
+        if let Some(secret) = provider
+            .client_secret
+            .as_ref()
+            .filter(|_| registered.is_none())
+        {
             client =
                 client.set_client_secret(ClientSecret::new(secret.expose_secret().to_string()));
         }
         let rt = RefreshToken::new(refresh_token.expose_secret().to_string());
-        let started = Instant::now();
         tracing::debug!(provider = %provider.name, "refreshing access token");
         let response = client
             .exchange_refresh_token(&rt)
@@ -259,25 +358,10 @@ impl TokenSource {
                 tracing::debug!(provider = %provider.name, "rotated refresh token saved");
             }
         }
-        let lifetime = response.expires_in().unwrap_or(DEFAULT_LIFETIME);
-        if lifetime < MIN_TOKEN_LIFETIME {
-            tracing::warn!(
-                provider = %provider.name,
-                lifetime_secs = lifetime.as_secs(),
-                "the provider issues access tokens with less than 10 minutes of life"
-            );
-        }
-        tracing::info!(
-            provider = %provider.name,
-            lifetime_secs = lifetime.as_secs(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "access token refreshed"
-        );
-        Ok(AccessToken {
-            secret: SecretString::from(response.access_token().secret().clone()),
-            expires_at: started + lifetime,
-            generation: self.generation.fetch_add(1, Ordering::Relaxed),
-        })
+        Ok((
+            SecretString::from(response.access_token().secret().clone()),
+            response.expires_in(),
+        ))
     }
 }
 

@@ -174,7 +174,7 @@ provider = "sandbox"
         let settings = Settings::parse(&config, "test config").unwrap();
         let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(&dir.join("state")).unwrap());
         let refresh_token = provider.issue_refresh_token(USER, "mail");
-        let vault = mailbridge::server::vault_for(&settings, store.clone());
+        let vault = mailbridge::server::vault_for(&settings, store.clone()).unwrap();
         vault
             .create(
                 USER,
@@ -182,6 +182,7 @@ provider = "sandbox"
                 GrantData {
                     refresh_token: Some(SecretString::from(refresh_token.clone())),
                     obtained_at: 0,
+                    client_id: None,
                 },
                 AccountMeta {
                     provider: "sandbox".into(),
