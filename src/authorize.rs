@@ -125,15 +125,7 @@ pub async fn obtain(
                     redirect_uri: provider.redirect_uri.clone(),
                     timeout: opts.timeout,
                     no_browser: interaction == Interaction::Paste,
-                    extra_params: match provider.preset {
-                        // Google issues a refresh token only for offline
-                        // access, and again only with a fresh consent.
-                        Preset::Google => vec![
-                            ("access_type".into(), "offline".into()),
-                            ("prompt".into(), "consent".into()),
-                        ],
-                        _ => Vec::new(),
-                    },
+                    extra_params: refresh_token_params(provider),
                 };
                 let got = if interaction == Interaction::Paste {
                     flows::authorization_code_paste(&ep, http, &browser, ui).await?
@@ -247,6 +239,27 @@ pub fn desktop_session() -> bool {
     cfg!(any(target_os = "macos", windows))
         || std::env::var_os("DISPLAY").is_some()
         || std::env::var_os("WAYLAND_DISPLAY").is_some()
+}
+
+/// Authorization-request parameters a provider needs before it issues a
+/// refresh token.
+fn refresh_token_params(provider: &Provider) -> Vec<(String, String)> {
+    let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+    match provider.preset {
+        // Google issues a refresh token only for offline access, and again
+        // only with a fresh consent.
+        Preset::Google => vec![pair("access_type", "offline"), pair("prompt", "consent")],
+        // Entra ID honours offline_access as is; prompt=consent would force
+        // a consent page, which fails where users may not consent.
+        Preset::Microsoft => Vec::new(),
+        // OpenID Connect Core 1.0 section 11: offline_access is honoured only
+        // with prompt=consent. oidc-provider drops it otherwise and issues no
+        // refresh token (found by the interop suite).
+        _ if provider.scopes.iter().any(|s| s == "offline_access") => {
+            vec![pair("prompt", "consent")]
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// Opens `url` in the desktop's browser; false when there is none.

@@ -863,3 +863,42 @@ async fn dynamic_client_registration_for_the_open_profile() {
     w.provider.shutdown();
     w.imap.shutdown();
 }
+
+/// Found by the interop suite (oidc-provider): an OpenID Connect server
+/// honours `offline_access` only with `prompt=consent` (OIDC Core 1.0
+/// section 11); without it there is no refresh token and `account add`
+/// failed. The sandbox now behaves so when asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oidc_offline_access_asks_for_consent() {
+    let w = World::new(
+        "preset = \"custom\"\nscopes = [\"mail\", \"offline_access\"]",
+        ProviderOptions::default(),
+    )
+    .await;
+    w.provider.set_offline_access_needs_consent(true);
+    let (mut child, mut out) = w.spawn(&[
+        "account",
+        "add",
+        "alice@example.com",
+        "--no-browser",
+        "--password-stdin",
+    ]);
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{PASSWORD}\n").as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    wait_for(&mut out, "open this address");
+    out.read_line(&mut String::new()).unwrap();
+    let mut url = String::new();
+    out.read_line(&mut url).unwrap();
+    assert!(url.contains("prompt=consent"), "{url}");
+    assert!(url.contains("offline_access"), "{url}");
+    let location = follow_consent(url.trim()).await;
+    stdin.write_all(format!("{location}\n").as_bytes()).unwrap();
+    drop(stdin);
+    wait_for(&mut out, "sealed the grant");
+    assert!(child.wait().unwrap().success());
+    let reply = w.login("alice@example.com", PASSWORD).await;
+    assert!(reply.starts_with("a1 OK"), "{reply}");
+    w.provider.shutdown();
+    w.imap.shutdown();
+}

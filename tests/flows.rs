@@ -230,3 +230,36 @@ async fn device_flow_honours_slow_down_and_pending() {
         .unwrap();
     provider.shutdown();
 }
+
+/// Extra authorization parameters (Google's `access_type=offline` and
+/// `prompt=consent`, OIDC's `prompt=consent`) reach the authorization URL;
+/// they were dropped, and with them the refresh token.
+#[tokio::test]
+async fn extra_authorization_parameters_are_sent() {
+    let provider = Provider::start(ProviderOptions::default()).await.unwrap();
+    provider.set_offline_access_needs_consent(true);
+    let (a, t) = (provider.authorize_url(), provider.token_url());
+    let scopes = vec!["mail".to_string(), "offline_access".to_string()];
+    let ui = Browser::default();
+    let got = flows::authorization_code_loopback(
+        &endpoints(&a, &t, &scopes),
+        &TokenSource::http_client(),
+        &BrowserOptions {
+            extra_params: vec![
+                ("access_type".into(), "offline".into()),
+                ("prompt".into(), "consent".into()),
+            ],
+            ..options()
+        },
+        &ui,
+    )
+    .await
+    .unwrap();
+    let url = ui.shown.lock().unwrap()[0].clone();
+    assert!(
+        url.contains("access_type=offline") && url.contains("prompt=consent"),
+        "{url}"
+    );
+    assert!(got.refresh_token.is_some(), "consented offline access");
+    provider.shutdown();
+}

@@ -321,6 +321,9 @@ fn authorize_request(
             .add_extra_param("login_hint", hint.clone())
             .add_extra_param("username", hint.clone());
     }
+    for (name, value) in &opts.extra_params {
+        req = req.add_extra_param(name.clone(), value.clone());
+    }
     let (url, state) = req.url();
     Ok((url, state, verifier))
 }

@@ -322,6 +322,7 @@ struct Tunables {
     access_token_lifetime: Duration,
     token_delay: Duration,
     validation_unavailable: bool,
+    offline_access_needs_consent: bool,
 }
 
 impl Provider {
@@ -353,6 +354,7 @@ impl Provider {
                 access_token_lifetime: opts.access_token_lifetime,
                 token_delay: Duration::ZERO,
                 validation_unavailable: false,
+                offline_access_needs_consent: false,
             }),
             token_requests: AtomicU64::new(0),
             refresh_requests: AtomicU64::new(0),
@@ -461,6 +463,14 @@ impl Provider {
     /// without a failure challenge. `/token` keeps working.
     pub fn set_validation_unavailable(&self, unavailable: bool) {
         self.shared.tunables().validation_unavailable = unavailable;
+    }
+
+    /// While true, `/authorize` honours the `offline_access` scope only with
+    /// `prompt=consent`, and a code whose request lost `offline_access`
+    /// gets no refresh token, as OpenID Connect servers do (OIDC Core 1.0
+    /// section 11; oidc-provider, seen in the interop suite).
+    pub fn set_offline_access_needs_consent(&self, needed: bool) {
+        self.shared.tunables().offline_access_needs_consent = needed;
     }
 
     /// `/token` waits this long before answering (single-flight tests).
@@ -990,6 +1000,7 @@ fn token_request(
                     "code_verifier must be 43 to 128 unreserved characters",
                 ));
             }
+            let needs_offline = shared.tunables().offline_access_needs_consent;
             let mut book = shared.book();
             let Some(grant) = book.codes.get(code).cloned() else {
                 return Err(OAuthError::new(
@@ -1029,6 +1040,10 @@ fn token_request(
             }
             if let Some(g) = book.codes.get_mut(code) {
                 g.redeemed = true;
+            }
+            if needs_offline && !grant.scope.split(' ').any(|s| s == "offline_access") {
+                let access = book.new_access_token(Some(&grant.user), &grant.scope, now + lifetime);
+                return Ok(token_json(&access, lifetime, None, &grant.scope));
             }
             Ok(user_tokens(
                 &mut book,
@@ -1550,13 +1565,24 @@ async fn authorize_endpoint(
     if let Some(code) = failure {
         return error(&code, authorization_failure_description(&code));
     }
+    let mut scope = params.get("scope").unwrap_or_default().to_string();
+    let consented = params
+        .get("prompt")
+        .is_some_and(|p| p.split(' ').any(|v| v == "consent"));
+    if shared.tunables().offline_access_needs_consent && !consented {
+        scope = scope
+            .split(' ')
+            .filter(|s| *s != "offline_access" && !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
     let code = random_token();
     shared.book().codes.insert(
         code.clone(),
         CodeGrant {
             client_id: client_id.to_string(),
             user: user.to_string(),
-            scope: params.get("scope").unwrap_or_default().to_string(),
+            scope,
             redirect_uri: redirect_uri.to_string(),
             code_challenge: challenge.to_string(),
             expires: Instant::now() + CODE_LIFETIME,

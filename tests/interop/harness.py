@@ -34,7 +34,7 @@ REPO = HERE.parent.parent
 
 # Mailboxes served by Dovecot; each has a password at the OAuth2 server's
 # login page (see oidc/server.mjs) and a local password for mailbridge.
-USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace"]
+USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
 DOMAIN = "example.test"
 
 

@@ -35,6 +35,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import urllib.error
@@ -65,6 +66,7 @@ ACCOUNTS = {
     "erin": "op-oauthbearer",   # its grant gets revoked
     "frank": "op-xoauth2",      # mail clients (fetchmail, mutt)
     "grace": "op-bigtoken",     # access tokens of Microsoft's size (2 KB)
+    "heidi": "op-xoauth2",      # authorized by `mailbridge account add`
 }
 BIG_CLIENT = ("mailbridge-big", "mailbridge-big-client-secret")
 
@@ -144,31 +146,15 @@ def form_action(html):
     return m.group(1)
 
 
-def authorization_code_grant(base, user, client_id, client_secret=None, password=None,
-                             decision="allow"):
-    """Runs the authorization-code flow with PKCE S256 like a browser and an
-    app: /auth, the login page, the consent page, the redirect with the
-    code, then the code exchange. Returns the token response (dict) or, when
-    the user denies, the redirect's query parameters."""
-    b = Browser(base)
-    verifier, challenge = pkce_pair()
-    state = secrets.token_urlsafe(12)
-    q = urllib.parse.urlencode({
-        "client_id": client_id,
-        "response_type": "code",
-        "redirect_uri": REDIRECT,
-        "scope": "openid offline_access mail",
-        "prompt": "consent",
-        "code_challenge": challenge,
-        "code_challenge_method": "S256",
-        "state": state,
-        "login_hint": user,
-    })
-    status, headers, body = b.request("/auth?" + q)
+def sign_in_and_consent(b, auth_url, user, password=None, decision="allow", redirect=REDIRECT):
+    """What a person does in the browser: opens the authorization URL, signs
+    in on the server's login page, answers its consent page. Returns the
+    address the server finally redirects to (not followed)."""
+    status, headers, body = b.request(auth_url)
     check(status in (302, 303), f"/auth answered {status}: {body[:300]}")
     steps = 0
     location = headers["Location"]
-    while not location.startswith(REDIRECT):
+    while not location.startswith(redirect):
         steps += 1
         check(steps < 10, "too many redirects in the authorization flow")
         status, headers, body = b.request(location)
@@ -189,6 +175,30 @@ def authorization_code_grant(base, user, client_id, client_secret=None, password
             raise Failure(f"unexpected page: {body[:300]}")
         check(status in (302, 303), f"form post answered {status}: {body[:300]}")
         location = headers["Location"]
+    return location
+
+
+def authorization_code_grant(base, user, client_id, client_secret=None, password=None,
+                             decision="allow"):
+    """Runs the authorization-code flow with PKCE S256 like a browser and an
+    app: /auth, the login page, the consent page, the redirect with the
+    code, then the code exchange. Returns the token response (dict) or, when
+    the user denies, the redirect's query parameters."""
+    b = Browser(base)
+    verifier, challenge = pkce_pair()
+    state = secrets.token_urlsafe(12)
+    q = urllib.parse.urlencode({
+        "client_id": client_id,
+        "response_type": "code",
+        "redirect_uri": REDIRECT,
+        "scope": "openid offline_access mail",
+        "prompt": "consent",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "state": state,
+        "login_hint": user,
+    })
+    location = sign_in_and_consent(b, "/auth?" + q, user, password, decision)
     params = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(location).query))
     check(params.get("state") == state, f"state mismatch in {params}")
     check(params.get("iss") == base, f"iss missing or wrong in the redirect: {params}")
@@ -322,7 +332,8 @@ class Ctx:
             lines += [f"[providers.{name}]", 'preset = "custom"', f'client_id = "{cid}"']
             if secret:
                 lines.append(f'client_secret = "{secret}"')
-            lines += [f'token_url = "{self.op}/token"', 'scopes = ["mail"]', f'ca_file = "{tls / "ca.pem"}"']
+            lines += [f'token_url = "{self.op}/token"', f'authorize_url = "{self.op}/auth"',
+                      'scopes = ["mail", "offline_access"]', f'ca_file = "{tls / "ca.pem"}"']
             for proto, port_key, mode in servers:
                 if proto in self.protocols:
                     lines.append(upstream(proto, ports[port_key], mode, mech))
@@ -616,12 +627,14 @@ def t_postfix_direct(c):
 # ---------------------------------------------------------------------------
 # Grants: the authorization-code flow against the real server, imported.
 
-@case("authorization code + PKCE against the real server; grants imported with `mailbridge account import`")
+@case("authorization code + PKCE against the real server: grants imported with `mailbridge account import`, and one made by `mailbridge account add`")
 def t_grants(c):
     c.write_config()
     p = c.mailbridge("check-config", "--config", c.config)
     check("OK" in p.stdout, p.stdout)
     for name, provider in ACCOUNTS.items():
+        if name == "heidi":
+            continue  # below, with mailbridge's own flow
         if provider == "op-public":
             tokens = authorization_code_grant(c.op, address(name), PUBLIC_CLIENT)
         elif provider == "op-bigtoken":
@@ -632,6 +645,7 @@ def t_grants(c):
         c.state.setdefault("imported", {})[name] = tokens["refresh_token"]
         out = c.import_grant(name, tokens["refresh_token"]).stdout
         check("sealed" in out, out)
+    account_add(c, "heidi")
     listing = c.mailbridge("account", "list", "--config", c.config).stdout
     for name in ACCOUNTS:
         check(address(name) in listing, listing)
@@ -639,6 +653,50 @@ def t_grants(c):
     params = authorization_code_grant(c.op, address("alice"), *CLIENT, decision="deny")
     check(params.get("error") == "access_denied", params)
     c.start_mailbridge()
+
+
+def account_add(c, name):
+    """`mailbridge account add` with its loopback flow: mailbridge prints
+    the authorization URL and listens on 127.0.0.1 for the redirect; the
+    test is the person at the browser (login and consent pages); mailbridge
+    exchanges the code (PKCE) with the real server and seals the grant."""
+    env = dict(os.environ, NO_COLOR="1")
+    for k in ["DISPLAY", "WAYLAND_DISPLAY", "BROWSER"]:
+        env.pop(k, None)
+    p = subprocess.Popen([c.bin, "account", "add", address(name), "--config", c.config,
+                          "--password-stdin", "--timeout", str(WAIT * 2)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(p.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        p.stdin.write(local_password(name) + "\n")
+        p.stdin.flush()
+        url = eventually(lambda: next((w for line in list(lines) for w in line.split()
+                                       if w.startswith(c.op + "/auth?")), None),
+                         "mailbridge account add to print the authorization URL")
+        q = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(url).query))
+        check(q.get("code_challenge_method") == "S256" and q.get("code_challenge"), f"no PKCE: {q}")
+        check(q.get("login_hint") == address(name), f"login_hint: {q}")
+        redirect = q.get("redirect_uri", "")
+        check(redirect.startswith("http://127.0.0.1:"), f"redirect_uri: {redirect}")
+        location = sign_in_and_consent(Browser(c.op), url, address(name), redirect=redirect)
+        params = dict(urllib.parse.parse_qsl(urllib.parse.urlparse(location).query))
+        check("code" in params, f"the server sent no code back: {params}")
+        # The browser follows the redirect to mailbridge's loopback listener.
+        status, _, body = Browser(c.op).request(location)
+        check(status == 200 and "received the authorization" in body, f"loopback page: {status} {body[:200]}")
+        out, err = p.communicate(timeout=WAIT * 2)
+    except BaseException:
+        p.kill()
+        p.communicate(timeout=WAIT)
+        raise
+    reader.join(timeout=WAIT)
+    text = "".join(lines) + (out or "")
+    check(p.returncode == 0, f"account add failed ({p.returncode}): {text[-800:]!r} {err[-800:]!r}")
+    grants = c.events(event="grant.success", grant_type="authorization_code", client_id=CLIENT[0])
+    check(any(e.get("account") == address(name) for e in grants), "the server saw no code exchange")
 
 
 @case("cached access token: reused while 10+ minutes remain (real expires_in)")
@@ -739,6 +797,11 @@ def t_imap_xoauth2(c):
     check(typ == "OK" and data[0][1] == body, f"FETCH: {data!r}")
     m.logout()
     check(len(c.refreshes("alice")) == before + 1, "mailbridge did not refresh exactly once")
+    # The grant `mailbridge account add` obtained works the same way.
+    m = c.imap("heidi")
+    typ, data = m.select("INBOX")
+    check(typ == "OK", f"heidi: {typ} {data}")
+    m.logout()
     dl = c.events(event="introspection", account=address("alice"), active=True)
     check(dl, "Dovecot did not introspect alice's token")
 

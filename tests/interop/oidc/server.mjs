@@ -43,6 +43,7 @@ const USERS = new Map(Object.entries({
   'erin@example.test': 'erin-idp-password',
   'frank@example.test': 'frank-idp-password',
   'grace@example.test': 'grace-idp-password',
+  'heidi@example.test': 'heidi-idp-password',
 }));
 
 // Access-token lifetimes in seconds, by client. `mailbridge` gets tokens far
@@ -60,7 +61,11 @@ const ACCESS_TTL = {
 // Entra ID tokens are 1.5 to 3 KB) instead of 43 characters.
 const BIG_TOKEN_BITS = 12000;
 
+// Loopback redirects (RFC 8252): for native clients oidc-provider ignores
+// the port. `/callback` is the suite's own; `/` is where `mailbridge account
+// add` listens.
 const REDIRECT = 'http://127.0.0.1/callback';
+const LOOPBACK = 'http://127.0.0.1/';
 
 const events = [];
 function record(name, fields = {}) {
@@ -77,7 +82,7 @@ const configuration = {
       application_type: 'native',
       grant_types: ['authorization_code', 'refresh_token'],
       response_types: ['code'],
-      redirect_uris: [REDIRECT],
+      redirect_uris: [REDIRECT, LOOPBACK],
     },
     {
       // A public client (no secret), as desktop apps are registered.
@@ -86,7 +91,7 @@ const configuration = {
       application_type: 'native',
       grant_types: ['authorization_code', 'refresh_token'],
       response_types: ['code'],
-      redirect_uris: [REDIRECT],
+      redirect_uris: [REDIRECT, LOOPBACK],
     },
     {
       // Like `mailbridge`, with big access tokens.
@@ -96,7 +101,7 @@ const configuration = {
       application_type: 'native',
       grant_types: ['authorization_code', 'refresh_token'],
       response_types: ['code'],
-      redirect_uris: [REDIRECT],
+      redirect_uris: [REDIRECT, LOOPBACK],
     },
     {
       // Dovecot: a resource server that only introspects.
