@@ -902,3 +902,27 @@ async fn oidc_offline_access_asks_for_consent() {
     w.provider.shutdown();
     w.imap.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_local_password_is_shown_once_and_works() {
+    let w = World::new("preset = \"custom\"", ProviderOptions::default()).await;
+    let (ok, text) = w.run(
+        &["account", "add", "bob@example.com", "--generate-password"],
+        "",
+    );
+    assert!(ok, "{text}");
+    let password = text
+        .lines()
+        .find_map(|l| {
+            l.split("shown once; configure it in the mail client): ")
+                .nth(1)
+        })
+        .unwrap_or_else(|| panic!("no password in: {text}"))
+        .trim()
+        .to_string();
+    assert_eq!(password.len(), 20);
+    let reply = w.login("bob@example.com", &password).await;
+    assert!(reply.starts_with("a1 OK"), "{reply}");
+    w.provider.shutdown();
+    w.imap.shutdown();
+}

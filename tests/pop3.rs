@@ -222,3 +222,25 @@ async fn upstream_temporary_failure_is_sys_temp_not_reauthorize() {
     assert!(user_pass(&mut c, PASSWORD).await.starts_with("+OK"));
     h.stop().await;
 }
+
+#[tokio::test]
+async fn preauth_line_cap_and_idle_timeout() {
+    let h = Harness::start(Options {
+        server_extra: "preauth_timeout_secs = 1".into(),
+        ..Options::default()
+    })
+    .await;
+    let mut c = pop3_client(&h).await;
+    let mut long = b"USER ".to_vec();
+    long.extend(std::iter::repeat_n(b'a', 20 * 1024));
+    long.extend_from_slice(b"\r\n");
+    c.send(&long).await;
+    let r = c.line().await;
+    assert!(r.starts_with("-ERR"), "{r}");
+    assert!(cmd(&mut c, "CAPA").await.starts_with("+OK"), "still usable");
+    c.pop3_multiline().await;
+    let bye = c.line().await;
+    assert!(bye.starts_with("-ERR") && bye.contains("Idle"), "{bye}");
+    assert_eq!(c.line().await, "");
+    h.stop().await;
+}

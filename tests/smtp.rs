@@ -400,3 +400,24 @@ async fn microsoft_sized_tokens_go_two_step() {
         h.stop().await;
     }
 }
+
+#[tokio::test]
+async fn preauth_line_cap_and_idle_timeout() {
+    let h = Harness::start(Options {
+        server_extra: "preauth_timeout_secs = 1".into(),
+        ..Options::default()
+    })
+    .await;
+    let mut c = smtp_client(&h).await;
+    let mut long = b"EHLO ".to_vec();
+    long.extend(std::iter::repeat_n(b'a', 20 * 1024));
+    long.extend_from_slice(b"\r\n");
+    c.send(&long).await;
+    let r = c.smtp_reply().await;
+    assert!(r.last().unwrap().starts_with("500"), "{r:?}");
+    assert!(c.smtp("NOOP").await.starts_with("250"), "still usable");
+    let bye = c.smtp_reply().await;
+    assert!(bye.last().unwrap().starts_with("421"), "{bye:?}");
+    assert_eq!(c.line().await, "");
+    h.stop().await;
+}
