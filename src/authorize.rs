@@ -80,7 +80,32 @@ pub async fn obtain(
     http: &reqwest::Client,
     ui: &impl FlowUi,
 ) -> Result<Authorized, AuthorizeError> {
-    let ep = endpoints(provider, &provider.scopes);
+    // RFC 7591: a public client of our own, registered for this grant.
+    let registered = match (provider.dynamic_registration, account.grant) {
+        (true, GrantKind::AuthorizationCode) => {
+            let url = provider.registration_url.as_deref().ok_or_else(|| {
+                AuthorizeError::Config(format!(
+                    "provider `{}` has dynamic_registration = true but its metadata lists no registration_endpoint",
+                    provider.name
+                ))
+            })?;
+            let mut redirects = vec![
+                "http://127.0.0.1/".to_string(),
+                "http://localhost/".to_string(),
+            ];
+            redirects.extend(provider.redirect_uri.clone());
+            Some(flows::register_client(http, url, &redirects).await?)
+        }
+        _ => None,
+    };
+    let ep = match &registered {
+        Some(client_id) => FlowEndpoints {
+            client_id,
+            client_secret: None,
+            ..endpoints(provider, &provider.scopes)
+        },
+        None => endpoints(provider, &provider.scopes),
+    };
     let (got, flow): (Obtained, &'static str) = match account.grant {
         GrantKind::AuthorizationCode => match opts.interaction {
             Interaction::Device => {
@@ -100,15 +125,7 @@ pub async fn obtain(
                     redirect_uri: provider.redirect_uri.clone(),
                     timeout: opts.timeout,
                     no_browser: interaction == Interaction::Paste,
-                    extra_params: match provider.preset {
-                        // Google issues a refresh token only for offline
-                        // access, and again only with a fresh consent.
-                        Preset::Google => vec![
-                            ("access_type".into(), "offline".into()),
-                            ("prompt".into(), "consent".into()),
-                        ],
-                        _ => Vec::new(),
-                    },
+                    extra_params: refresh_token_params(provider),
                 };
                 let got = if interaction == Interaction::Paste {
                     flows::authorization_code_paste(&ep, http, &browser, ui).await?
@@ -140,7 +157,7 @@ pub async fn obtain(
             Preset::Google => {
                 "revoke the app's access at https://myaccount.google.com/permissions and authorize again"
             }
-            Preset::Custom => "ask for offline_access (or the provider's equivalent) in the scopes",
+            _ => "ask for offline_access (or the provider's equivalent) in the scopes",
         }));
     }
     check_audience(provider, &got.access_token).map_err(AuthorizeError::WrongAudience)?;
@@ -148,6 +165,7 @@ pub async fn obtain(
         grant: GrantData {
             refresh_token: got.refresh_token,
             obtained_at: unix_now(),
+            client_id: registered,
         },
         flow,
     })
@@ -203,11 +221,87 @@ pub async fn app_token(
                         key_pem: &key_pem,
                         cert_pem: &cert_pem,
                     };
+                    // The assertion is the client's proof: no secret beside it.
+                    let ep = FlowEndpoints {
+                        client_secret: None,
+                        ..ep
+                    };
                     flows::client_credentials(&ep, http, proof).await
                 }
                 None => flows::client_credentials(&ep, http, flows::ClientProof::Secret).await,
             }
         }
+    }
+}
+
+/// Whether a browser can be opened here (a desktop session).
+pub fn desktop_session() -> bool {
+    cfg!(any(target_os = "macos", windows))
+        || std::env::var_os("DISPLAY").is_some()
+        || std::env::var_os("WAYLAND_DISPLAY").is_some()
+}
+
+/// Authorization-request parameters a provider needs before it issues a
+/// refresh token.
+fn refresh_token_params(provider: &Provider) -> Vec<(String, String)> {
+    let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+    match provider.preset {
+        // Google issues a refresh token only for offline access, and again
+        // only with a fresh consent.
+        Preset::Google => vec![pair("access_type", "offline"), pair("prompt", "consent")],
+        // Entra ID honours offline_access as is; prompt=consent would force
+        // a consent page, which fails where users may not consent.
+        Preset::Microsoft => Vec::new(),
+        // OpenID Connect Core 1.0 section 11: offline_access is honoured only
+        // with prompt=consent. oidc-provider drops it otherwise and issues no
+        // refresh token (found by the interop suite).
+        _ if provider.scopes.iter().any(|s| s == "offline_access") => {
+            vec![pair("prompt", "consent")]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Opens `url` in the desktop's browser; false when there is none.
+pub fn open_browser(url: &str) -> bool {
+    desktop_session() && open::that_detached(url).is_ok()
+}
+
+/// The flow interface of a running server (authorize on first login): the
+/// URL goes to the log and to standard output, and to a browser when the
+/// server runs in a desktop session. Nothing can be read back.
+pub struct ServerUi {
+    /// The account being authorized, for the messages.
+    pub account: String,
+}
+
+impl FlowUi for ServerUi {
+    fn show_url(&self, url: &str) {
+        tracing::warn!(account = %self.account, %url, "authorization needed: open this address in a browser to authorize the account");
+        println!(
+            "To authorize {}, open this address in a browser and sign in:\n  {url}",
+            self.account
+        );
+    }
+
+    fn open_browser(&self, url: &str) -> bool {
+        open_browser(url)
+    }
+
+    async fn read_line(&self, _prompt: &str) -> std::io::Result<String> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "a running server cannot read a pasted address",
+        ))
+    }
+
+    fn show_device_code(
+        &self,
+        verification_uri: &str,
+        user_code: &str,
+        _complete_uri: Option<&str>,
+    ) {
+        tracing::warn!(account = %self.account, %verification_uri, %user_code, "authorization needed: enter the code");
     }
 }
 

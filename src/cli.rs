@@ -210,6 +210,17 @@ fn load(args: &ConfigArgs) -> anyhow::Result<Settings> {
     Ok(settings)
 }
 
+/// [`load`], then the endpoints of `oidc` / `open` providers from their
+/// issuers (needed before a flow runs).
+async fn load_discovered(args: &ConfigArgs) -> anyhow::Result<Settings> {
+    let mut settings = load(args)?;
+    settings
+        .discover(&crate::oauth::TokenSource::http_client())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(settings)
+}
+
 fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TokenStore>> {
     let dir = settings.server.state_dir();
     let store = SledStore::open(&dir)
@@ -261,12 +272,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
             replace,
         } => {
             let settings = load(&config)?;
-            let Some(account) = settings.account_for(&user) else {
-                bail!(
-                    "`{user}` matches no [[account]] in {}; add one first",
-                    config.config.display()
-                );
-            };
+            let (account, _) = configured(&settings, &user, &config)?;
             let stdin = std::io::stdin();
             let mut lines = stdin.lock().lines();
             let token = lines
@@ -288,7 +294,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
             };
             drop(lines);
             let store = open_store(&settings)?;
-            let vault = crate::server::vault_for(&settings, store);
+            let vault = crate::server::vault_for(&settings, store)?;
             let meta = AccountMeta {
                 provider: account.provider.clone(),
                 upstream_user: account.upstream_user.clone(),
@@ -299,6 +305,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
             let grant = GrantData {
                 refresh_token: Some(SecretString::from(token)),
                 obtained_at: unix_now(),
+                client_id: None,
             };
             vault
                 .create(&account.name, &password, grant, meta, replace)
@@ -317,9 +324,11 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
             generate_password,
             replace,
         } => {
-            let settings = load(&config)?;
+            let settings = load_discovered(&config).await?;
             let (account, provider) = configured(&settings, &user, &config)?;
             let store = open_store(&settings)?;
+            // Fail on an unusable key before anyone types or signs in.
+            let vault = crate::server::vault_for(&settings, store.clone())?;
             if !replace && store.load_grant(&account.name)?.is_some() {
                 bail!(
                     "`{}` already has a grant; use `account reauthorize` to renew it, or --replace",
@@ -335,7 +344,6 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
                 (prompt_new_password()?, None)
             };
             let authorized = run_flow(&account, provider, &flow).await?;
-            let vault = crate::server::vault_for(&settings, store);
             let meta = AccountMeta {
                 provider: account.provider.clone(),
                 upstream_user: account.upstream_user.clone(),
@@ -361,10 +369,10 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
             flow,
             password_stdin,
         } => {
-            let settings = load(&config)?;
+            let settings = load_discovered(&config).await?;
             let (account, provider) = configured(&settings, &user, &config)?;
             let store = open_store(&settings)?;
-            let vault = crate::server::vault_for(&settings, store);
+            let vault = crate::server::vault_for(&settings, store)?;
             let password = if password_stdin {
                 read_secret_line("the local password")?
             } else {
@@ -400,7 +408,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
                 .map(|a| a.name)
                 .unwrap_or_else(|| user.to_lowercase());
             let store = open_store(&settings)?;
-            let vault = crate::server::vault_for(&settings, store);
+            let vault = crate::server::vault_for(&settings, store)?;
             let (old, new) = if password_stdin {
                 (
                     read_secret_line("the old password")?,
@@ -427,16 +435,22 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<32} {:<12} {:<19} {:<20} {:<20} LAST ERROR",
-                "ACCOUNT", "PROVIDER", "FLOW", "TOKEN EXPIRES (UTC)", "LAST LOGIN (UTC)"
+                "{:<32} {:<12} {:<19} {:<8} {:<20} {:<20} LAST ERROR",
+                "ACCOUNT", "PROVIDER", "FLOW", "KEY", "TOKEN EXPIRES (UTC)", "LAST LOGIN (UTC)"
             );
             for name in accounts {
                 let m = store.load_meta(&name)?.unwrap_or_default();
+                let key_mode = match store.load_grant(&name)? {
+                    Some(g) if g.password_hash.is_some() => "service",
+                    Some(_) => "password",
+                    None => "-",
+                };
                 println!(
-                    "{:<32} {:<12} {:<19} {:<20} {:<20} {}",
+                    "{:<32} {:<12} {:<19} {:<8} {:<20} {:<20} {}",
                     name,
                     m.provider,
                     m.flow.as_deref().unwrap_or("-"),
+                    key_mode,
                     m.access_expires_at
                         .map(fmt_time)
                         .unwrap_or_else(|| "-".into()),
@@ -542,12 +556,6 @@ impl TerminalUi {
     }
 }
 
-fn desktop_session() -> bool {
-    cfg!(any(target_os = "macos", windows))
-        || std::env::var_os("DISPLAY").is_some()
-        || std::env::var_os("WAYLAND_DISPLAY").is_some()
-}
-
 impl crate::oauth::flows::FlowUi for TerminalUi {
     fn show_url(&self, url: &str) {
         println!("\nTo authorize, open this address in a browser and sign in:\n\n  {url}\n");
@@ -555,7 +563,7 @@ impl crate::oauth::flows::FlowUi for TerminalUi {
     }
 
     fn open_browser(&self, url: &str) -> bool {
-        let opened = desktop_session() && open::that_detached(url).is_ok();
+        let opened = crate::authorize::open_browser(url);
         if opened {
             println!("(a browser window was opened; waiting for you to finish there)");
         } else {

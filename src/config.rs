@@ -106,6 +106,10 @@ pub enum KeyMode {
     /// The local password is the key (desktop default).
     #[default]
     Password,
+    /// The key comes from a key file or a systemd credential; local
+    /// passwords are checked against Argon2id hashes; grants are refreshed
+    /// in the background (gateways).
+    Service,
 }
 
 /// The whole file.
@@ -136,6 +140,14 @@ pub struct ServerConfig {
     /// How grants are sealed.
     #[serde(default)]
     pub key_mode: KeyMode,
+    /// Service key mode: the key file (at least 32 random bytes). Default:
+    /// the systemd credential `$CREDENTIALS_DIRECTORY/mailbridge-key`.
+    pub key_file: Option<PathBuf>,
+    /// Service key mode: seconds between background refreshes of every
+    /// stored grant, so grants outlive long idle periods (Microsoft ends
+    /// refresh tokens unused for 90 days). Default: one day.
+    #[serde(default = "defaults::background_refresh")]
+    pub background_refresh_secs: u64,
     /// The name mailbridge gives in SMTP greetings.
     #[serde(default = "defaults::hostname")]
     pub hostname: String,
@@ -177,6 +189,8 @@ impl Default for ServerConfig {
         ServerConfig {
             state_dir: None,
             key_mode: KeyMode::default(),
+            key_file: None,
+            background_refresh_secs: defaults::background_refresh(),
             hostname: defaults::hostname(),
             max_connections: defaults::max_connections(),
             preauth_timeout_secs: defaults::preauth_timeout(),
@@ -217,6 +231,9 @@ impl ServerConfig {
 }
 
 mod defaults {
+    pub fn background_refresh() -> u64 {
+        24 * 3600
+    }
     pub fn hostname() -> String {
         "localhost".into()
     }
@@ -287,8 +304,20 @@ pub struct ProviderConfig {
     pub preset: String,
     /// Microsoft only: `common`, `organizations`, `consumers` or a tenant id.
     pub tenant: Option<String>,
-    /// The OAuth2 client (application) id.
+    /// Microsoft only: `global` (default), `usgov` (GCC High / DoD) or
+    /// `china` (21Vianet): the login host, resource and mail servers.
+    pub cloud: Option<String>,
+    /// `oidc` and `open` presets: the issuer URL; the endpoints are read
+    /// from its `/.well-known/openid-configuration` (or RFC 8414
+    /// `/.well-known/oauth-authorization-server`) when mailbridge starts.
+    pub issuer: Option<String>,
+    /// The OAuth2 client (application) id. Preset `open`: default `open`.
     pub client_id: Option<String>,
+    /// `oidc` / `open`: register a public client of mailbridge's own at the
+    /// issuer's registration endpoint (RFC 7591) for each grant, instead
+    /// of using `client_id`.
+    #[serde(default)]
+    pub dynamic_registration: bool,
     /// The client secret, if the client has one. Prefer `client_secret_file`.
     pub client_secret: Option<String>,
     /// A file holding the client secret (first line).
@@ -357,6 +386,13 @@ pub struct AccountConfig {
     /// How the account's tokens are obtained.
     #[serde(default)]
     pub grant: GrantKind,
+    /// When a client logs in and the account has no grant yet, start the
+    /// browser authorization right away (the URL is logged and printed, a
+    /// browser opened on a desktop), hold the login up to
+    /// `login_timeout_secs`, and seal the grant under the password the
+    /// client used. Only for grant = "authorization_code".
+    #[serde(default)]
+    pub authorize_on_login: bool,
 }
 
 /// How an account's access tokens are obtained.
@@ -408,6 +444,8 @@ pub struct Account {
     pub upstream_user: String,
     /// How its tokens are obtained.
     pub grant: GrantKind,
+    /// See [`AccountConfig::authorize_on_login`].
+    pub authorize_on_login: bool,
 }
 
 /// A validated configuration, ready to run.
@@ -614,6 +652,13 @@ impl Settings {
                 if let Some(m) = missing {
                     return Err(invalid(span, "account.grant", m.to_string()));
                 }
+                if c.authorize_on_login && c.grant != GrantKind::AuthorizationCode {
+                    return Err(invalid(
+                        span,
+                        "account.authorize_on_login",
+                        "authorize_on_login works with grant = \"authorization_code\" only (the person signing in proves the mailbox is theirs)".into(),
+                    ));
+                }
             }
             if !seen.insert(user.to_lowercase()) {
                 return Err(invalid(
@@ -630,6 +675,14 @@ impl Settings {
             providers,
             accounts: raw.accounts.into_iter().map(Spanned::into_inner).collect(),
         })
+    }
+
+    /// Reads the endpoints of `oidc` / `open` providers from their issuers.
+    pub async fn discover(&mut self, http: &reqwest::Client) -> Result<(), String> {
+        for p in self.providers.values_mut() {
+            p.discover(http).await?;
+        }
+        Ok(())
     }
 
     /// Finds the account for a login name: an exact match (case-insensitive)
@@ -649,6 +702,7 @@ impl Settings {
                 provider: a.provider.clone(),
                 upstream_user: a.upstream_user.clone().unwrap_or_else(|| a.user.clone()),
                 grant: a.grant,
+                authorize_on_login: a.authorize_on_login,
             });
         }
         let (local, domain) = login.rsplit_once('@')?;
@@ -667,6 +721,7 @@ impl Settings {
                 provider: a.provider.clone(),
                 upstream_user: login.to_string(),
                 grant: a.grant,
+                authorize_on_login: a.authorize_on_login,
             })
     }
 }

@@ -108,7 +108,7 @@ provider = "sandbox"
     );
     let settings = Settings::parse(&config, "demo config").context("building the demo config")?;
     let store: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary()?);
-    let vault = crate::server::vault_for(&settings, store.clone());
+    let vault = crate::server::vault_for(&settings, store.clone())?;
     let refresh = provider.issue_refresh_token(DEMO_USER, "mail");
     vault
         .create(
@@ -117,6 +117,7 @@ provider = "sandbox"
             GrantData {
                 refresh_token: Some(SecretString::from(refresh)),
                 obtained_at: 0,
+                client_id: None,
             },
             AccountMeta {
                 provider: "sandbox".into(),

@@ -13,6 +13,30 @@ pub fn explain(protocol: Protocol, reply: &str) -> Option<&'static str> {
     }
 }
 
+/// True when an upstream login refusal says the server could not check the
+/// token just now, rather than that the token is bad: IMAP's `[UNAVAILABLE]`
+/// response code (RFC 5530), POP3's `[SYS/TEMP]` or `[IN-USE]` (RFC 3206),
+/// an SMTP 4xx reply. Dovecot answers `NO [UNAVAILABLE] Temporary
+/// authentication failure.` / `-ERR [SYS/TEMP] ...` without a failure
+/// challenge when its introspection request fails (OAuth2 server down or
+/// slow). `reply` is the final refusal line without the IMAP tag.
+pub fn is_temporary_refusal(protocol: Protocol, reply: &str) -> bool {
+    let upper = reply.trim_start().to_ascii_uppercase();
+    match protocol {
+        Protocol::Imap => upper
+            .strip_prefix("NO")
+            .is_some_and(|rest| rest.trim_start().starts_with("[UNAVAILABLE]")),
+        Protocol::Pop3 => upper.strip_prefix("-ERR").is_some_and(|rest| {
+            let rest = rest.trim_start();
+            rest.starts_with("[SYS/TEMP]") || rest.starts_with("[IN-USE]")
+        }),
+        Protocol::Smtp => {
+            let b = upper.as_bytes();
+            b.len() >= 3 && b[0] == b'4' && b[1].is_ascii_digit() && b[2].is_ascii_digit()
+        }
+    }
+}
+
 fn explain_mailbox_login(reply: &str) -> Option<&'static str> {
     let lower = reply.to_ascii_lowercase();
     // Microsoft 365 answers a token it will not take with exactly this,
@@ -47,6 +71,40 @@ fn explain_mailbox_login(reply: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temporary_refusals_are_told_apart() {
+        // What Dovecot 2.3 sends when it cannot reach its introspection
+        // endpoint (seen in the interop suite).
+        assert!(is_temporary_refusal(
+            Protocol::Imap,
+            "NO [UNAVAILABLE] Temporary authentication failure. [host:2026-01-01 00:00:00]"
+        ));
+        assert!(is_temporary_refusal(
+            Protocol::Pop3,
+            "-ERR [SYS/TEMP] Temporary authentication failure. [host:2026-01-01 00:00:00]"
+        ));
+        assert!(is_temporary_refusal(
+            Protocol::Smtp,
+            "454 4.7.0 Temporary authentication failure"
+        ));
+        for (protocol, reply) in [
+            (
+                Protocol::Imap,
+                "NO [AUTHENTICATIONFAILED] Authentication failed.",
+            ),
+            (Protocol::Imap, "NO AUTHENTICATE failed."),
+            (Protocol::Imap, "BAD [UNAVAILABLE] odd"),
+            (Protocol::Pop3, "-ERR [AUTH] Authentication failed."),
+            (
+                Protocol::Smtp,
+                "535 5.7.8 Error: authentication failed: (reason unavailable)",
+            ),
+            (Protocol::Smtp, "4"),
+        ] {
+            assert!(!is_temporary_refusal(protocol, reply), "{reply}");
+        }
+    }
 
     #[test]
     fn known_refusals_are_explained() {

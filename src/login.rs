@@ -21,6 +21,10 @@ pub struct Gateway {
     settings: Arc<Settings>,
     vault: Arc<Vault>,
     tokens: TokenSource,
+    /// For flows run by the server itself (authorize on first login).
+    http: reqwest::Client,
+    /// Authorizations in progress, one per account.
+    authorizing: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Upstream TLS config per provider (its CA file, or the platform's).
     upstream_tls: HashMap<String, Arc<ClientConfig>>,
 }
@@ -52,6 +56,8 @@ impl Gateway {
             settings,
             vault,
             tokens,
+            http: TokenSource::http_client(),
+            authorizing: std::sync::Mutex::new(HashMap::new()),
             upstream_tls,
         })
     }
@@ -59,6 +65,110 @@ impl Gateway {
     /// The vault, for the CLI and tests.
     pub fn vault(&self) -> &Arc<Vault> {
         &self.vault
+    }
+
+    /// Authorize on first login: runs the browser flow for an account with
+    /// no grant and seals the result under the password the client used.
+    /// One authorization per account at a time; logins that arrive
+    /// meanwhile wait for it.
+    async fn authorize_now(
+        &self,
+        account: &crate::config::Account,
+        provider: &crate::provider::Provider,
+        password: &secrecy::SecretString,
+    ) -> Result<(), LoginFailure> {
+        let lock = {
+            let mut map = self.authorizing.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(account.name.clone()).or_default().clone()
+        };
+        let _one_at_a_time = lock.lock().await;
+        if matches!(self.vault.store().load_grant(&account.name), Ok(Some(_))) {
+            // Another login finished the authorization while we waited.
+            return Ok(());
+        }
+        tracing::warn!(account = %account.name, "no grant yet: starting the authorization for this login");
+        let opts = crate::authorize::AuthorizeOptions {
+            interaction: crate::authorize::Interaction::Browser,
+            // Leave the client a few seconds to get our answer in time.
+            timeout: self
+                .settings
+                .server
+                .login_timeout()
+                .saturating_sub(std::time::Duration::from_secs(5))
+                .max(std::time::Duration::from_secs(5)),
+            upstream_password: None,
+        };
+        let ui = crate::authorize::ServerUi {
+            account: account.name.clone(),
+        };
+        let authorized = crate::authorize::obtain(provider, account, &opts, &self.http, &ui)
+            .await
+            .map_err(|e| {
+                failure(
+                    FailureKind::Unavailable,
+                    crate::oauth::one_line(&format!(
+                        "`{}` is not authorized yet and the authorization did not complete: {e}",
+                        account.name
+                    )),
+                )
+            })?;
+        let meta = crate::store::AccountMeta {
+            provider: account.provider.clone(),
+            upstream_user: account.upstream_user.clone(),
+            flow: Some(format!("{} (on first login)", authorized.flow)),
+            ..Default::default()
+        };
+        self.vault
+            .create(&account.name, password, authorized.grant, meta, false)
+            .await
+            .map_err(|e| vault_failure(&account.name, e))?;
+        tracing::info!(account = %account.name, "authorized on first login; grant sealed");
+        Ok(())
+    }
+
+    /// Service key mode: refreshes every stored grant that lives in a
+    /// refresh token, so grants outlive long idle periods (Microsoft ends
+    /// refresh tokens unused for 90 days). Returns (refreshed, failed);
+    /// failures are logged and kept in the account's `last_error`.
+    pub async fn refresh_all(&self) -> (usize, usize) {
+        let names = match self.vault.store().accounts() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "background refresh: cannot list accounts");
+                return (0, 0);
+            }
+        };
+        let (mut ok, mut failed) = (0, 0);
+        for name in names {
+            let Some(account) = self.settings.account_for(&name) else {
+                tracing::debug!(account = %name, "background refresh: not in the config; skipped");
+                continue;
+            };
+            if !account.grant.has_refresh_token() {
+                continue;
+            }
+            let Some(provider) = self.settings.providers.get(&account.provider) else {
+                continue;
+            };
+            let result = match self.vault.unlock_service(&account.name).await {
+                Ok(unlocked) => self
+                    .tokens
+                    .renew(provider, &account, &unlocked)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(account = %account.name, error = %e, "background refresh failed");
+                }
+            }
+        }
+        tracing::info!(refreshed = ok, failed, "background refresh done");
+        (ok, failed)
     }
 
     /// Logs in upstream for a client's login request.
@@ -99,11 +209,15 @@ impl Gateway {
             )
         })?;
 
-        let unlocked = self
-            .vault
-            .unlock(&account.name, &request.credentials.password, peer)
-            .await
-            .map_err(|e| vault_failure(&account.name, e))?;
+        let password = &request.credentials.password;
+        let unlocked = match self.vault.unlock(&account.name, password, peer).await {
+            Err(VaultError::NoGrant { .. }) if account.authorize_on_login => {
+                self.authorize_now(&account, provider, password).await?;
+                self.vault.unlock(&account.name, password, peer).await
+            }
+            other => other,
+        }
+        .map_err(|e| vault_failure(&account.name, e))?;
 
         let session = upstream_session(protocol, endpoint, request.client_info);
         let tls = self
@@ -230,6 +344,18 @@ fn upstream_failure(protocol: Protocol, account: &str, e: UpstreamFailure) -> Lo
         UpstreamFailure::Token(t) => token_failure(account, t),
         UpstreamFailure::Rejected { server, rejection } => {
             let text = crate::oauth::one_line(&rejection.server_text);
+            if crate::diagnose::is_temporary_refusal(protocol, &text) {
+                // The server could not check the token (e.g. Dovecot cannot
+                // reach its introspection endpoint): nothing to re-authorize,
+                // and clients should retry rather than ask for a password.
+                return LoginFailure {
+                    kind: FailureKind::Unavailable,
+                    reason: format!(
+                        "{server} could not check the access token just now ({text}); try again later"
+                    ),
+                    upstream_reply: Some(text),
+                };
+            }
             let reason = match crate::diagnose::explain(protocol, &text) {
                 // SMTP clients see the server's own line too; IMAP and POP3
                 // replies carry only ours, so quote the server there.

@@ -30,6 +30,13 @@ pub struct Provider {
     pub device_url: Option<String>,
     /// Registered redirect URI for the browser flows, if fixed.
     pub redirect_uri: Option<String>,
+    /// `oidc` / `open`: where the endpoints are discovered.
+    pub issuer: Option<String>,
+    /// Dynamic client registration endpoint (RFC 7591), if discovered.
+    pub registration_url: Option<String>,
+    /// Register a client of our own per grant (RFC 7591) instead of using
+    /// `client_id`.
+    pub dynamic_registration: bool,
     /// Scopes to request, in order.
     pub scopes: Vec<String>,
     /// Scopes for app-only access (client credentials), e.g. Microsoft's
@@ -50,6 +57,86 @@ pub struct Provider {
 }
 
 impl Provider {
+    /// `oidc` / `open`: fills the endpoints the config left out from the
+    /// issuer's metadata (OpenID Connect discovery, else RFC 8414). The
+    /// metadata's `issuer` must be the configured one.
+    pub async fn discover(&mut self, http: &reqwest::Client) -> Result<(), String> {
+        let Some(issuer) = self.issuer.clone() else {
+            return Ok(());
+        };
+        let trimmed = issuer.trim_end_matches('/');
+        let mut urls = vec![format!("{trimmed}/.well-known/openid-configuration")];
+        // RFC 8414: the well-known segment goes between host and path.
+        if let Some((scheme, rest)) = trimmed.split_once("://") {
+            let (host, path) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
+            let path = if path.is_empty() {
+                String::new()
+            } else {
+                format!("/{path}")
+            };
+            urls.push(format!(
+                "{scheme}://{host}/.well-known/oauth-authorization-server{path}"
+            ));
+        }
+        let mut last_error = String::new();
+        for url in &urls {
+            let response = match http.get(url).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    last_error = format!("{url}: {e}");
+                    continue;
+                }
+            };
+            if !response.status().is_success() {
+                last_error = format!("{url}: HTTP {}", response.status());
+                continue;
+            }
+            let meta: serde_json::Value = response.json().await.map_err(|e| {
+                format!("provider `{}`: {url} is not JSON metadata: {e}", self.name)
+            })?;
+            let field = |k: &str| meta.get(k).and_then(|v| v.as_str()).map(str::to_string);
+            if field("issuer").as_deref().map(|i| i.trim_end_matches('/')) != Some(trimmed) {
+                return Err(format!(
+                    "provider `{}`: the metadata at {url} names issuer {:?}, not {issuer}; check the issuer setting",
+                    self.name,
+                    field("issuer")
+                ));
+            }
+            if self.token_url.is_empty() {
+                self.token_url = field("token_endpoint").ok_or_else(|| {
+                    format!(
+                        "provider `{}`: the metadata has no token_endpoint",
+                        self.name
+                    )
+                })?;
+            }
+            self.authorize_url = self
+                .authorize_url
+                .take()
+                .or_else(|| field("authorization_endpoint"));
+            self.device_url = self
+                .device_url
+                .take()
+                .or_else(|| field("device_authorization_endpoint"));
+            self.registration_url = field("registration_endpoint");
+            for (name, u) in [
+                ("token_endpoint", Some(&self.token_url)),
+                ("authorization_endpoint", self.authorize_url.as_ref()),
+            ] {
+                if let Some(u) = u {
+                    check_url(name, u)
+                        .map_err(|e| format!("provider `{}`: {}", self.name, e.message))?;
+                }
+            }
+            tracing::info!(provider = %self.name, %url, "endpoints discovered");
+            return Ok(());
+        }
+        Err(format!(
+            "provider `{}`: cannot read the issuer's metadata ({last_error})",
+            self.name
+        ))
+    }
+
     /// The server for a protocol, if configured.
     pub fn endpoint(&self, protocol: Protocol) -> Option<&ServerEndpoint> {
         match protocol {
@@ -82,8 +169,90 @@ pub enum Preset {
     Microsoft,
     /// Gmail and Google Workspace.
     Google,
+    /// Fastmail (endpoints come with the client registration).
+    Fastmail,
+    /// Yahoo Mail.
+    Yahoo,
+    /// AOL Mail.
+    Aol,
+    /// Yandex Mail.
+    Yandex,
+    /// Any OpenID Connect / RFC 8414 server: endpoints discovered from the
+    /// issuer.
+    Oidc,
+    /// The open public-client profile (draft-ietf-mailmaint-oauth-public):
+    /// client id `open`, PKCE, discovered endpoints, OAUTHBEARER.
+    Open,
     /// Everything given in the config.
     Custom,
+}
+
+impl Preset {
+    /// The preset's name in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Microsoft => "microsoft",
+            Preset::Google => "google",
+            Preset::Fastmail => "fastmail",
+            Preset::Yahoo => "yahoo",
+            Preset::Aol => "aol",
+            Preset::Yandex => "yandex",
+            Preset::Oidc => "oidc",
+            Preset::Open => "open",
+            Preset::Custom => "custom",
+        }
+    }
+
+    const ALL: [Preset; 9] = [
+        Preset::Microsoft,
+        Preset::Google,
+        Preset::Fastmail,
+        Preset::Yahoo,
+        Preset::Aol,
+        Preset::Yandex,
+        Preset::Oidc,
+        Preset::Open,
+        Preset::Custom,
+    ];
+
+    /// Whether the endpoints come from the issuer's metadata.
+    pub fn discovers(self) -> bool {
+        matches!(self, Preset::Oidc | Preset::Open)
+    }
+}
+
+/// Microsoft's clouds: where Entra ID and Exchange Online live.
+struct MicrosoftCloud {
+    login: &'static str,
+    resource: &'static str,
+    mailbox_host: &'static str,
+    smtp_host: &'static str,
+}
+
+fn microsoft_cloud(name: &str) -> Option<MicrosoftCloud> {
+    Some(match name {
+        "global" => MicrosoftCloud {
+            login: "login.microsoftonline.com",
+            resource: "https://outlook.office.com",
+            mailbox_host: "outlook.office365.com",
+            smtp_host: "smtp.office365.com",
+        },
+        // GCC High and DoD.
+        "usgov" => MicrosoftCloud {
+            login: "login.microsoftonline.us",
+            resource: "https://outlook.office365.us",
+            mailbox_host: "outlook.office365.us",
+            smtp_host: "smtp.office365.us",
+        },
+        // Operated by 21Vianet.
+        "china" => MicrosoftCloud {
+            login: "login.partner.microsoftonline.cn",
+            resource: "https://partner.outlook.cn",
+            mailbox_host: "partner.outlook.cn",
+            smtp_host: "smtp.partner.outlook.cn",
+        },
+        _ => return None,
+    })
 }
 
 /// A provider table that does not make a usable provider.
@@ -114,9 +283,6 @@ pub const MICROSOFT_SCOPES: [&str; 4] = [
 
 const BOTH: &[Mechanism] = &[Mechanism::Xoauth2, Mechanism::Oauthbearer];
 
-/// Microsoft's app-only scope for IMAP, POP and SMTP (client credentials).
-pub const MICROSOFT_APP_SCOPE: &str = "https://outlook.office365.com/.default";
-
 /// Google's one mail scope.
 pub const GOOGLE_SCOPE: &str = "https://mail.google.com/";
 
@@ -146,53 +312,123 @@ fn server(
     })
 }
 
-fn preset_defaults(preset: Preset, tenant: &str) -> Defaults {
+fn preset_defaults(preset: Preset, tenant: &str, cloud: &MicrosoftCloud) -> Defaults {
+    let simple = |token: &str,
+                  authorize: &str,
+                  scopes: &[&str],
+                  hosts: [&str; 3],
+                  mechanisms: &[Mechanism]| Defaults {
+        token_url: Some(token.into()),
+        authorize_url: Some(authorize.into()),
+        device_url: None,
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        app_scopes: None,
+        imap: server(hosts[0], 993, UpstreamTls::Implicit, mechanisms),
+        pop3: server(hosts[1], 995, UpstreamTls::Implicit, mechanisms),
+        smtp: server(hosts[2], 465, UpstreamTls::Implicit, mechanisms),
+    };
     match preset {
-        Preset::Microsoft => Defaults {
-            token_url: Some(format!(
-                "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
-            )),
-            authorize_url: Some(format!(
-                "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize"
-            )),
-            device_url: Some(format!(
-                "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode"
-            )),
-            scopes: MICROSOFT_SCOPES.iter().map(|s| s.to_string()).collect(),
-            app_scopes: Some(vec![MICROSOFT_APP_SCOPE.to_string()]),
-            // Microsoft 365 documents XOAUTH2 only.
-            imap: server(
-                "outlook.office365.com",
-                993,
-                UpstreamTls::Implicit,
-                &[Mechanism::Xoauth2],
-            ),
-            pop3: server(
-                "outlook.office365.com",
-                995,
-                UpstreamTls::Implicit,
-                &[Mechanism::Xoauth2],
-            ),
-            smtp: server(
-                "smtp.office365.com",
-                587,
-                UpstreamTls::Starttls,
-                &[Mechanism::Xoauth2],
-            ),
-        },
+        Preset::Microsoft => {
+            let login = format!("https://{}/{tenant}/oauth2/v2.0", cloud.login);
+            let r = cloud.resource;
+            Defaults {
+                token_url: Some(format!("{login}/token")),
+                authorize_url: Some(format!("{login}/authorize")),
+                device_url: Some(format!("{login}/devicecode")),
+                scopes: vec![
+                    format!("{r}/IMAP.AccessAsUser.All"),
+                    format!("{r}/POP.AccessAsUser.All"),
+                    format!("{r}/SMTP.Send"),
+                    "offline_access".into(),
+                ],
+                app_scopes: Some(vec![format!("https://{}/.default", cloud.mailbox_host)]),
+                // Microsoft 365 documents XOAUTH2 only.
+                imap: server(
+                    cloud.mailbox_host,
+                    993,
+                    UpstreamTls::Implicit,
+                    &[Mechanism::Xoauth2],
+                ),
+                pop3: server(
+                    cloud.mailbox_host,
+                    995,
+                    UpstreamTls::Implicit,
+                    &[Mechanism::Xoauth2],
+                ),
+                smtp: server(
+                    cloud.smtp_host,
+                    587,
+                    UpstreamTls::Starttls,
+                    &[Mechanism::Xoauth2],
+                ),
+            }
+        }
         Preset::Google => Defaults {
-            token_url: Some("https://oauth2.googleapis.com/token".into()),
-            authorize_url: Some("https://accounts.google.com/o/oauth2/v2/auth".into()),
             // Google refuses mail scopes in the device flow; `account add
             // --device` says so before trying.
             device_url: Some("https://oauth2.googleapis.com/device/code".into()),
-            scopes: vec![GOOGLE_SCOPE.into()],
-            app_scopes: None,
-            imap: server("imap.gmail.com", 993, UpstreamTls::Implicit, BOTH),
-            pop3: server("pop.gmail.com", 995, UpstreamTls::Implicit, BOTH),
-            smtp: server("smtp.gmail.com", 465, UpstreamTls::Implicit, BOTH),
+            ..simple(
+                "https://oauth2.googleapis.com/token",
+                "https://accounts.google.com/o/oauth2/v2/auth",
+                &[GOOGLE_SCOPE],
+                ["imap.gmail.com", "pop.gmail.com", "smtp.gmail.com"],
+                BOTH,
+            )
         },
-        Preset::Custom => Defaults {
+        Preset::Fastmail => Defaults {
+            token_url: None,
+            authorize_url: None,
+            ..simple(
+                "",
+                "",
+                &[
+                    "https://www.fastmail.com/dev/protocol-imap",
+                    "https://www.fastmail.com/dev/protocol-pop",
+                    "https://www.fastmail.com/dev/protocol-smtp",
+                ],
+                ["imap.fastmail.com", "pop.fastmail.com", "smtp.fastmail.com"],
+                BOTH,
+            )
+        },
+        Preset::Yahoo => simple(
+            "https://api.login.yahoo.com/oauth2/get_token",
+            "https://api.login.yahoo.com/oauth2/request_auth",
+            &["mail-w"],
+            [
+                "imap.mail.yahoo.com",
+                "pop.mail.yahoo.com",
+                "smtp.mail.yahoo.com",
+            ],
+            BOTH,
+        ),
+        Preset::Aol => simple(
+            "https://api.login.aol.com/oauth2/get_token",
+            "https://api.login.aol.com/oauth2/request_auth",
+            &["mail-w"],
+            ["imap.aol.com", "pop.aol.com", "smtp.aol.com"],
+            BOTH,
+        ),
+        Preset::Yandex => simple(
+            "https://oauth.yandex.com/token",
+            "https://oauth.yandex.com/authorize",
+            &["mail:imap_full", "mail:smtp"],
+            ["imap.yandex.com", "pop.yandex.com", "smtp.yandex.com"],
+            &[Mechanism::Xoauth2],
+        ),
+        Preset::Open => Defaults {
+            token_url: None,
+            authorize_url: None,
+            device_url: None,
+            scopes: vec![
+                "urn:ietf:params:oauth:scope:mail".into(),
+                "offline_access".into(),
+            ],
+            app_scopes: None,
+            imap: None,
+            pop3: None,
+            smtp: None,
+        },
+        Preset::Oidc | Preset::Custom => Defaults {
             token_url: None,
             authorize_url: None,
             device_url: None,
@@ -279,17 +515,22 @@ fn merge_endpoint(
 
 /// Applies the preset and overrides of one provider table.
 pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError> {
-    let preset = match c.preset.as_str() {
-        "microsoft" => Preset::Microsoft,
-        "google" => Preset::Google,
-        "custom" => Preset::Custom,
-        other => {
-            return Err(err(
-                "preset",
-                format!("unknown preset `{other}`; use \"microsoft\", \"google\" or \"custom\""),
-            ));
-        }
+    let Some(preset) = Preset::ALL.into_iter().find(|p| p.name() == c.preset) else {
+        let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+        return Err(err(
+            "preset",
+            format!(
+                "unknown preset `{}`; use one of: {}",
+                c.preset,
+                names.join(", ")
+            ),
+        ));
     };
+    if c.cloud.is_some() && preset != Preset::Microsoft {
+        return Err(err("cloud", "cloud only applies to preset = \"microsoft\""));
+    }
+    let cloud = microsoft_cloud(c.cloud.as_deref().unwrap_or("global"))
+        .ok_or_else(|| err("cloud", "use \"global\", \"usgov\" or \"china\""))?;
     if c.tenant.is_some() && preset != Preset::Microsoft {
         return Err(err(
             "tenant",
@@ -307,11 +548,12 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
             "use common, organizations, consumers, a tenant id or a tenant domain",
         ));
     }
-    let d = preset_defaults(preset, tenant);
+    let d = preset_defaults(preset, tenant, &cloud);
 
     let client_id = c
         .client_id
         .clone()
+        .or_else(|| (preset == Preset::Open).then(|| "open".to_string()))
         .filter(|s| !s.trim().is_empty())
         .ok_or_else(|| {
             err(
@@ -351,13 +593,52 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
             "Google requires the client secret of your Desktop app client (client_secret or client_secret_file)",
         ));
     }
-    let token_url = c.token_url.clone().or(d.token_url).ok_or_else(|| {
+    if preset.discovers() {
+        match &c.issuer {
+            Some(issuer) => check_url("issuer", issuer)?,
+            None => {
+                return Err(err(
+                    "issuer",
+                    format!(
+                        "preset = \"{}\" needs issuer: the URL whose /.well-known metadata lists the endpoints",
+                        preset.name()
+                    ),
+                ));
+            }
+        }
+        if c.dynamic_registration && c.client_id.is_some() {
+            return Err(err(
+                "dynamic_registration",
+                "with dynamic_registration = true mailbridge registers its own client id: remove client_id",
+            ));
+        }
+    } else if c.dynamic_registration {
+        return Err(err(
+            "dynamic_registration",
+            "dynamic_registration only applies to preset = \"oidc\" or \"open\"",
+        ));
+    } else if c.issuer.is_some() {
+        return Err(err(
+            "issuer",
+            "issuer only applies to preset = \"oidc\" or \"open\"",
+        ));
+    }
+    // Discovered at start when not given.
+    let discovered_later = preset.discovers().then(String::new);
+    let token_url = c.token_url.clone().or(d.token_url).or(discovered_later).ok_or_else(|| {
         err(
             "token_url",
-            "the token endpoint URL is required for preset = \"custom\"",
+            match preset {
+                Preset::Fastmail => {
+                    "Fastmail gives the token and authorization endpoints with your client registration: set token_url and authorize_url"
+                }
+                _ => "the token endpoint URL is required for preset = \"custom\"",
+            },
         )
     })?;
-    check_url("token_url", &token_url)?;
+    if !token_url.is_empty() {
+        check_url("token_url", &token_url)?;
+    }
     let authorize_url = c.authorize_url.clone().or(d.authorize_url);
     if let Some(u) = &authorize_url {
         check_url("authorize_url", u)?;
@@ -407,9 +688,24 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
             ));
         }
     }
-    let imap = merge_endpoint("imap", d.imap, c.imap.as_ref(), 993)?;
-    let pop3 = merge_endpoint("pop3", d.pop3, c.pop3.as_ref(), 995)?;
-    let smtp = merge_endpoint("smtp", d.smtp, c.smtp.as_ref(), 465)?;
+    let mut imap = merge_endpoint("imap", d.imap, c.imap.as_ref(), 993)?;
+    let mut pop3 = merge_endpoint("pop3", d.pop3, c.pop3.as_ref(), 995)?;
+    let mut smtp = merge_endpoint("smtp", d.smtp, c.smtp.as_ref(), 465)?;
+    if preset == Preset::Open {
+        // The profile specifies OAUTHBEARER.
+        for (endpoint, given) in [
+            (&mut imap, &c.imap),
+            (&mut pop3, &c.pop3),
+            (&mut smtp, &c.smtp),
+        ] {
+            if let Some(e) = endpoint
+                .as_mut()
+                .filter(|_| given.as_ref().and_then(|g| g.mechanisms.as_ref()).is_none())
+            {
+                e.mechanisms = vec![Mechanism::Oauthbearer, Mechanism::Xoauth2];
+            }
+        }
+    }
     if let Some(ca) = &c.ca_file {
         if !ca.is_file() {
             return Err(err(
@@ -427,6 +723,9 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
         authorize_url,
         device_url,
         redirect_uri: c.redirect_uri.clone(),
+        issuer: c.issuer.clone(),
+        registration_url: None,
+        dynamic_registration: c.dynamic_registration,
         scopes,
         app_scopes,
         client_certificate,
@@ -560,9 +859,12 @@ mod tests {
         ProviderConfig {
             preset: preset.into(),
             tenant: None,
+            cloud: None,
             client_id: Some("id".into()),
             client_secret: None,
             client_secret_file: None,
+            issuer: None,
+            dynamic_registration: false,
             token_url: None,
             authorize_url: None,
             device_url: None,
@@ -598,6 +900,76 @@ mod tests {
             ("outlook.office365.com", 993)
         );
         assert_eq!(imap.mechanisms, vec![Mechanism::Xoauth2]);
+    }
+
+    #[test]
+    fn national_clouds_and_more_presets() {
+        let mut c = cfg("microsoft");
+        c.cloud = Some("usgov".into());
+        let p = resolve("m", &c).unwrap();
+        assert!(
+            p.token_url
+                .starts_with("https://login.microsoftonline.us/common/")
+        );
+        assert_eq!(
+            p.scopes[0],
+            "https://outlook.office365.us/IMAP.AccessAsUser.All"
+        );
+        assert_eq!(p.imap.unwrap().host, "outlook.office365.us");
+        assert_eq!(
+            p.app_scopes,
+            vec!["https://outlook.office365.us/.default".to_string()]
+        );
+        c.cloud = Some("mars".into());
+        assert_eq!(resolve("m", &c).unwrap_err().field, "cloud");
+
+        let p = resolve("y", &cfg("yahoo")).unwrap();
+        assert_eq!(p.scopes, vec!["mail-w".to_string()]);
+        assert_eq!(p.smtp.unwrap().host, "smtp.mail.yahoo.com");
+        let p = resolve("a", &cfg("aol")).unwrap();
+        assert_eq!(p.imap.unwrap().host, "imap.aol.com");
+        let p = resolve("x", &cfg("yandex")).unwrap();
+        assert_eq!(
+            p.scopes,
+            vec!["mail:imap_full".to_string(), "mail:smtp".to_string()]
+        );
+        let e = resolve("f", &cfg("fastmail")).unwrap_err();
+        assert!(e.message.contains("registration"), "{}", e.message);
+        let mut f = cfg("fastmail");
+        f.token_url = Some("https://fastmail.example/token".into());
+        let p = resolve("f", &f).unwrap();
+        assert!(p.scopes[0].ends_with("protocol-imap"));
+        assert_eq!(p.pop3.unwrap().host, "pop.fastmail.com");
+        let e = resolve("z", &cfg("hotmail")).unwrap_err();
+        assert!(e.message.contains("yandex"), "{}", e.message);
+    }
+
+    #[test]
+    fn oidc_and_open_need_an_issuer_and_discover_later() {
+        let e = resolve("o", &cfg("oidc")).unwrap_err();
+        assert_eq!(e.field, "issuer");
+        let mut c = cfg("open");
+        c.client_id = None;
+        c.issuer = Some("https://mail.example".into());
+        c.imap = Some(ServerEndpointConfig {
+            host: Some("imap.mail.example".into()),
+            port: None,
+            tls: None,
+            mechanisms: None,
+            ehlo_name: None,
+        });
+        let p = resolve("o", &c).unwrap();
+        assert_eq!(p.client_id, "open");
+        assert!(p.token_url.is_empty(), "filled in by discovery");
+        assert_eq!(p.imap.unwrap().mechanisms[0], Mechanism::Oauthbearer);
+        assert!(
+            p.scopes
+                .contains(&"urn:ietf:params:oauth:scope:mail".to_string())
+        );
+        let mut g = cfg("google");
+        g.client_secret = Some("s".into());
+        g.issuer = Some("https://x.example".into());
+        assert_eq!(resolve("g", &g).unwrap_err().field, "issuer");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
 use tracing::Instrument;
 
-use crate::config::{Listener, ListenerTls, Protocol, Settings};
+use crate::config::{KeyMode, Listener, ListenerTls, Protocol, Settings};
 use crate::login::Gateway;
 use crate::net::listener::accept_loop;
 use crate::net::session::{DriverSettings, drive};
@@ -41,6 +41,12 @@ pub enum ServerError {
     /// The token store cannot be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An `oidc` / `open` provider's metadata could not be read.
+    #[error("{0}")]
+    Discovery(String),
+    /// The service key is unusable.
+    #[error("{0}")]
+    Key(String),
 }
 
 struct ListenerRuntime {
@@ -55,6 +61,41 @@ pub struct Server {
     gateway: Arc<Gateway>,
     listeners: Vec<(TcpListener, Arc<ListenerRuntime>)>,
     max_connections: usize,
+    /// Service key mode: how often to refresh every grant.
+    background_refresh: Option<Duration>,
+}
+
+/// The service key of `[server]`: the key file, else the systemd
+/// credential `mailbridge-key`.
+pub fn service_secret(settings: &Settings) -> Result<zeroize::Zeroizing<Vec<u8>>, ServerError> {
+    let path = match (
+        &settings.server.key_file,
+        std::env::var_os("CREDENTIALS_DIRECTORY"),
+    ) {
+        (Some(p), _) => p.clone(),
+        (None, Some(dir)) => std::path::PathBuf::from(dir).join("mailbridge-key"),
+        (None, None) => {
+            return Err(ServerError::Key(
+                "key_mode = \"service\" needs key_file, or a systemd credential named mailbridge-key (LoadCredential=mailbridge-key:/path)".into(),
+            ));
+        }
+    };
+    let mut bytes = zeroize::Zeroizing::new(std::fs::read(&path).map_err(|e| {
+        ServerError::Key(format!("cannot read the key file {}: {e}", path.display()))
+    })?);
+    // A trailing newline from `echo` or an editor is not key material.
+    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        bytes.pop();
+    }
+    if bytes.len() < 32 {
+        return Err(ServerError::Key(format!(
+            "the key file {} holds {} bytes; it needs at least 32 random bytes: `head -c 32 /dev/urandom > {}`",
+            path.display(),
+            bytes.len(),
+            path.display()
+        )));
+    }
+    Ok(bytes)
 }
 
 /// Connections the kernel may hold for a listener before mailbridge
@@ -79,7 +120,7 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// The vault for a configuration's `[server]` settings.
-pub fn vault_for(settings: &Settings, store: Arc<dyn TokenStore>) -> Vault {
+pub fn vault_for(settings: &Settings, store: Arc<dyn TokenStore>) -> Result<Vault, ServerError> {
     let s = &settings.server;
     let kdf = KdfParams {
         m_cost_kib: s.kdf_memory_kib,
@@ -90,17 +131,24 @@ pub fn vault_for(settings: &Settings, store: Arc<dyn TokenStore>) -> Vault {
         base: Duration::from_millis(s.backoff_base_ms),
         max: Duration::from_secs(s.backoff_max_secs),
     };
-    Vault::new(store, kdf, backoff)
+    Ok(match s.key_mode {
+        KeyMode::Password => Vault::new(store, kdf, backoff),
+        KeyMode::Service => Vault::new_service(store, service_secret(settings)?, kdf, backoff),
+    })
 }
 
 impl Server {
     /// Binds every listener and prepares the login path over `store`.
     pub async fn bind(
-        settings: Settings,
+        mut settings: Settings,
         store: Arc<dyn TokenStore>,
     ) -> Result<Server, ServerError> {
+        settings
+            .discover(&TokenSource::http_client())
+            .await
+            .map_err(ServerError::Discovery)?;
         let settings = Arc::new(settings);
-        let vault = Arc::new(vault_for(&settings, store));
+        let vault = Arc::new(vault_for(&settings, store)?);
         let tokens = TokenSource::new(TokenSource::http_client(), vault.clone());
         let gateway = Arc::new(Gateway::new(settings.clone(), vault, tokens)?);
 
@@ -131,10 +179,13 @@ impl Server {
                 }),
             ));
         }
+        let background_refresh = (settings.server.key_mode == KeyMode::Service)
+            .then(|| Duration::from_secs(settings.server.background_refresh_secs.max(1)));
         Ok(Server {
             gateway,
             listeners,
             max_connections: settings.server.max_connections.max(1),
+            background_refresh,
         })
     }
 
@@ -179,7 +230,21 @@ impl Server {
                 },
             ))));
         }
+        let refresher = self.background_refresh.map(|every| {
+            let gateway = self.gateway.clone();
+            tokio::spawn(async move {
+                // Right away (a restart after a long stop is when grants are
+                // closest to their end), then on schedule.
+                loop {
+                    gateway.refresh_all().await;
+                    tokio::time::sleep(every).await;
+                }
+            })
+        });
         shutdown.await;
+        if let Some(r) = refresher {
+            r.abort();
+        }
         tracing::info!("shutting down: no new connections");
         let _ = stop_tx.send(true);
         for t in tasks {

@@ -104,6 +104,29 @@ pub enum VaultError {
         /// The account.
         account: String,
     },
+    /// The record was sealed in the other key mode.
+    #[error(
+        "the grant of {account} was sealed with key_mode = \"{sealed_in}\" but mailbridge runs with key_mode = \"{running}\": add the account again (`mailbridge account add {account} --replace`)"
+    )]
+    WrongKeyMode {
+        /// The account.
+        account: String,
+        /// The mode the record was sealed in.
+        sealed_in: &'static str,
+        /// The mode in force.
+        running: &'static str,
+    },
+    /// Service mode: the record does not open with the service key.
+    #[error(
+        "the grant of {account} does not open with this service key: it was sealed with another key file, or altered; add the account again"
+    )]
+    ServiceKeyMismatch {
+        /// The account.
+        account: String,
+    },
+    /// A service-mode operation in password mode.
+    #[error("this needs key_mode = \"service\"")]
+    NotServiceMode,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -164,6 +187,11 @@ impl Unlocked {
     /// The current refresh token (the latest rotation).
     pub fn refresh_token(&self) -> Option<SecretString> {
         self.shared.read().grant.refresh_token.clone()
+    }
+
+    /// The client id the grant was issued to, when not the provider's.
+    pub fn client_id(&self) -> Option<String> {
+        self.shared.read().grant.client_id.clone()
     }
 
     /// When the current grant or its last rotation was obtained (unix
@@ -281,12 +309,32 @@ struct BackoffTable {
     peers: FailureMap<IpAddr>,
 }
 
+/// Where record keys come from.
+enum KeyMode {
+    /// Argon2id of the local password (the password is the key).
+    Password,
+    /// A service secret (key file or systemd credential); the local
+    /// password is checked against a PHC hash in the record.
+    Service(Zeroizing<Vec<u8>>),
+}
+
+impl KeyMode {
+    fn name(&self) -> &'static str {
+        match self {
+            KeyMode::Password => "password",
+            KeyMode::Service(_) => "service",
+        }
+    }
+}
+
 /// Bound on each backoff map.
 const MAX_BACKOFF_ENTRIES: usize = 10_000;
 
 /// Unlocks, creates and updates sealed grants. One per process.
 pub struct Vault {
     store: Arc<dyn TokenStore>,
+    /// Where record keys come from.
+    mode: KeyMode,
     kdf: KdfParams,
     backoff: BackoffPolicy,
     pepper: Zeroizing<[u8; 32]>,
@@ -322,10 +370,33 @@ impl Vault {
     /// A vault over `store`. New grants are sealed with `kdf`; failures back
     /// off according to `backoff`.
     pub fn new(store: Arc<dyn TokenStore>, kdf: KdfParams, backoff: BackoffPolicy) -> Vault {
+        Vault::with_mode(store, KeyMode::Password, kdf, backoff)
+    }
+
+    /// A vault in service key mode: records are sealed under keys derived
+    /// from `secret` (at least 32 random bytes from a key file or a systemd
+    /// credential); local passwords are checked against Argon2id hashes
+    /// (cost `kdf`). Grants can then be refreshed in the background.
+    pub fn new_service(
+        store: Arc<dyn TokenStore>,
+        secret: Zeroizing<Vec<u8>>,
+        kdf: KdfParams,
+        backoff: BackoffPolicy,
+    ) -> Vault {
+        Vault::with_mode(store, KeyMode::Service(secret), kdf, backoff)
+    }
+
+    fn with_mode(
+        store: Arc<dyn TokenStore>,
+        mode: KeyMode,
+        kdf: KdfParams,
+        backoff: BackoffPolicy,
+    ) -> Vault {
         let mut pepper = Zeroizing::new([0u8; 32]);
         OsRng.fill_bytes(&mut *pepper);
         Vault {
             store,
+            mode,
             kdf,
             backoff,
             pepper,
@@ -380,6 +451,12 @@ impl Vault {
             self.succeeded(account, peer);
             return Ok(Unlocked { shared });
         }
+        self.check_mode(account, &record)?;
+        if let Some(hash) = &record.password_hash {
+            if !self.verify(password, hash).await? {
+                return Err(self.wrong_password(account, peer));
+            }
+        }
 
         let key = self.derive(password, &record.salt, record.kdf).await?;
         match seal::open(account, &key, &record) {
@@ -399,19 +476,124 @@ impl Vault {
                 tracing::debug!(account, "grant unlocked");
                 Ok(Unlocked { shared })
             }
-            Err(SealError::WrongKey) => {
-                let (by_account, by_peer) = self.failed(account, peer);
-                tracing::warn!(
-                    account,
-                    %peer,
-                    account_failures = by_account,
-                    peer_failures = by_peer,
-                    "wrong local password"
-                );
-                Err(VaultError::WrongPassword)
+            // In service mode the password was checked above: a record
+            // the service key cannot open was sealed under another key.
+            Err(SealError::WrongKey) if matches!(self.mode, KeyMode::Service(_)) => {
+                Err(VaultError::ServiceKeyMismatch {
+                    account: account.to_owned(),
+                })
             }
+            Err(SealError::WrongKey) => Err(self.wrong_password(account, peer)),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Service key mode: the unlocked grant without a password, for the
+    /// background refresh that keeps grants alive.
+    pub async fn unlock_service(&self, account: &str) -> Result<Unlocked, VaultError> {
+        if !matches!(self.mode, KeyMode::Service(_)) {
+            return Err(VaultError::NotServiceMode);
+        }
+        let slot = self.slot(account);
+        let mut slot = slot.lock_owned().await;
+        let record = self
+            .store
+            .load_grant(account)?
+            .ok_or_else(|| no_grant(account))?;
+        if let Some(shared) = slot.shared.as_ref().filter(|s| s.read().matches(&record)) {
+            return Ok(Unlocked {
+                shared: shared.clone(),
+            });
+        }
+        self.check_mode(account, &record)?;
+        let key = self.service_key(&record.salt)?;
+        let grant = match seal::open(account, &key, &record) {
+            Ok(grant) => grant,
+            Err(SealError::WrongKey) => {
+                return Err(VaultError::ServiceKeyMismatch {
+                    account: account.to_owned(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let shared = slot.install(
+            account,
+            Current {
+                grant,
+                key,
+                salt: record.salt,
+                kdf: record.kdf,
+                nonce: record.nonce,
+            },
+        );
+        // No verifier: a password login still checks its password.
+        slot.verifier = None;
+        Ok(Unlocked { shared })
+    }
+
+    fn wrong_password(&self, account: &str, peer: IpAddr) -> VaultError {
+        let (by_account, by_peer) = self.failed(account, peer);
+        tracing::warn!(
+            account,
+            %peer,
+            account_failures = by_account,
+            peer_failures = by_peer,
+            "wrong local password"
+        );
+        VaultError::WrongPassword
+    }
+
+    /// The record must have been sealed in the mode in force.
+    fn check_mode(&self, account: &str, record: &SealedGrant) -> Result<(), VaultError> {
+        let sealed_in = if record.password_hash.is_some() {
+            "service"
+        } else {
+            "password"
+        };
+        if sealed_in == self.mode.name() {
+            Ok(())
+        } else {
+            Err(VaultError::WrongKeyMode {
+                account: account.to_owned(),
+                sealed_in,
+                running: self.mode.name(),
+            })
+        }
+    }
+
+    fn service_key(&self, salt: &[u8]) -> Result<SealKey, VaultError> {
+        match &self.mode {
+            KeyMode::Service(secret) => Ok(seal::service_key(secret, salt)),
+            KeyMode::Password => Err(VaultError::NotServiceMode),
+        }
+    }
+
+    /// The PHC hash of a new local password, in service mode.
+    async fn password_hash(&self, password: &SecretString) -> Result<Option<String>, VaultError> {
+        if !matches!(self.mode, KeyMode::Service(_)) {
+            return Ok(None);
+        }
+        self.kdf_runs.fetch_add(1, Ordering::Relaxed);
+        let password = password.clone();
+        let kdf = self.kdf;
+        let hash = tokio::task::spawn_blocking(move || seal::hash_password(&password, kdf))
+            .await
+            .map_err(|_| SealError::Kdf {
+                reason: "the password hashing task stopped unexpectedly".into(),
+            })??;
+        Ok(Some(hash))
+    }
+
+    async fn verify(&self, password: &SecretString, hash: &str) -> Result<bool, VaultError> {
+        self.kdf_runs.fetch_add(1, Ordering::Relaxed);
+        let password = password.clone();
+        let hash = hash.to_owned();
+        let ok = tokio::task::spawn_blocking(move || seal::verify_password(&password, &hash))
+            .await
+            .map_err(|_| SealError::Kdf {
+                reason: "the password check task stopped unexpectedly".into(),
+            })??;
+        Ok(ok)
     }
 
     /// Seal a new grant (import / add). Replaces an existing grant for the
@@ -433,7 +615,8 @@ impl Vault {
         }
         let salt = seal::new_salt();
         let key = self.derive(password, &salt, self.kdf).await?;
-        let sealed = seal::seal(account, &key, salt, self.kdf, &grant)?;
+        let hash = self.password_hash(password).await?;
+        let sealed = seal::seal_with_hash(account, &key, salt, self.kdf, hash, &grant)?;
         let verifier = self.verifier(account, password);
         self.commit(slot, account, sealed, grant, key, Some(verifier), None)
             .await?;
@@ -481,8 +664,17 @@ impl Vault {
         let grant = GrantData {
             refresh_token: Some(new_refresh_token),
             obtained_at: now_unix(),
+            // The grant stays with the client it was issued to.
+            client_id: unlocked.client_id(),
         };
-        let sealed = seal::seal(account, &key, salt, kdf, &grant)?;
+        let sealed = seal::seal_with_hash(
+            account,
+            &key,
+            salt,
+            kdf,
+            record.password_hash.clone(),
+            &grant,
+        )?;
         self.commit(
             slot,
             account,
@@ -513,6 +705,12 @@ impl Vault {
             .store
             .load_grant(account)?
             .ok_or_else(|| no_grant(account))?;
+        self.check_mode(account, &record)?;
+        if let Some(hash) = &record.password_hash {
+            if !self.verify(old, hash).await? {
+                return Err(VaultError::WrongPassword);
+            }
+        }
         let grant = match slot.cached(&self.verifier(account, old), &record) {
             Some(shared) => shared.read().grant.clone(),
             None => {
@@ -526,7 +724,8 @@ impl Vault {
         };
         let salt = seal::new_salt();
         let key = self.derive(new, &salt, self.kdf).await?;
-        let sealed = seal::seal(account, &key, salt, self.kdf, &grant)?;
+        let hash = self.password_hash(new).await?;
+        let sealed = seal::seal_with_hash(account, &key, salt, self.kdf, hash, &grant)?;
         let verifier = self.verifier(account, new);
         self.commit(slot, account, sealed, grant, key, Some(verifier), None)
             .await?;
@@ -565,12 +764,17 @@ impl Vault {
         h.finalize().into()
     }
 
+    /// The record key: Argon2id of the password, or in service mode from
+    /// the service secret (the password is checked separately).
     async fn derive(
         &self,
         password: &SecretString,
         salt: &[u8],
         kdf: KdfParams,
     ) -> Result<SealKey, VaultError> {
+        if matches!(self.mode, KeyMode::Service(_)) {
+            return self.service_key(salt);
+        }
         self.kdf_runs.fetch_add(1, Ordering::Relaxed);
         let password = password.clone();
         let salt = salt.to_vec();
@@ -677,6 +881,7 @@ mod tests {
         GrantData {
             refresh_token: Some(pw(token)),
             obtained_at: 1,
+            client_id: None,
         }
     }
 
@@ -1111,5 +1316,104 @@ mod tests {
             retry_after: Duration::from_millis(1500),
         };
         assert_eq!(e.to_string(), "too many failed logins; try again in 2 s");
+    }
+
+    fn service_vault(store: Arc<dyn TokenStore>, secret: &[u8]) -> Vault {
+        Vault::new_service(
+            store,
+            Zeroizing::new(secret.to_vec()),
+            KdfParams::for_tests(),
+            tiny_backoff(),
+        )
+    }
+
+    #[tokio::test]
+    async fn service_mode_checks_the_password_hash_and_unlocks_without_it() {
+        let store: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary().unwrap());
+        let secret = [7u8; 32];
+        let v = service_vault(store.clone(), &secret);
+        v.create(
+            "a",
+            &pw("local"),
+            grant("rt-1"),
+            AccountMeta::default(),
+            false,
+        )
+        .await
+        .unwrap();
+        let record = store.load_grant("a").unwrap().unwrap();
+        assert!(
+            record
+                .password_hash
+                .as_deref()
+                .unwrap()
+                .starts_with("$argon2id$")
+        );
+        assert!(matches!(
+            v.unlock("a", &pw("nope"), P1).await,
+            Err(VaultError::WrongPassword)
+        ));
+        assert_eq!(store.load_grant("a").unwrap().unwrap(), record, "untouched");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let u = v.unlock("a", &pw("local"), P2).await.unwrap();
+        assert_eq!(token(&u), "rt-1");
+
+        // The background refresh's unlock needs no password, and rotations
+        // keep the password hash.
+        let fresh = service_vault(store.clone(), &secret);
+        let bg = fresh.unlock_service("a").await.unwrap();
+        assert_eq!(token(&bg), "rt-1");
+        fresh.store_rotated(&bg, pw("rt-2")).await.unwrap();
+        let again = service_vault(store.clone(), &secret);
+        assert_eq!(
+            token(&again.unlock("a", &pw("local"), P1).await.unwrap()),
+            "rt-2"
+        );
+
+        // Another key file cannot open it; a swapped password hash makes the
+        // record unreadable instead of letting another password in.
+        let other = service_vault(store.clone(), &[8u8; 32]);
+        assert!(matches!(
+            other.unlock_service("a").await,
+            Err(VaultError::ServiceKeyMismatch { .. })
+        ));
+        let mut forged = store.load_grant("a").unwrap().unwrap();
+        forged.password_hash =
+            Some(seal::hash_password(&pw("attacker"), KdfParams::for_tests()).unwrap());
+        store.save_grant("a", &forged).unwrap();
+        let v2 = service_vault(store.clone(), &secret);
+        let r = v2.unlock("a", &pw("attacker"), P1).await;
+        assert!(
+            matches!(r, Err(VaultError::ServiceKeyMismatch { .. })),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn key_modes_do_not_mix() {
+        let store: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary().unwrap());
+        let pv = vault_on(store.clone(), tiny_backoff());
+        pv.create("p", &pw("x"), grant("rt"), AccountMeta::default(), false)
+            .await
+            .unwrap();
+        let sv = service_vault(store.clone(), &[1u8; 32]);
+        let e = sv.unlock("p", &pw("x"), P1).await.unwrap_err();
+        assert!(matches!(e, VaultError::WrongKeyMode { .. }), "{e}");
+        assert!(e.to_string().contains("account add"), "{e}");
+        assert!(matches!(
+            pv.unlock_service("p").await,
+            Err(VaultError::NotServiceMode)
+        ));
+        sv.create("s", &pw("y"), grant("rt"), AccountMeta::default(), false)
+            .await
+            .unwrap();
+        assert!(matches!(
+            pv.unlock("s", &pw("y"), P1).await,
+            Err(VaultError::WrongKeyMode { .. })
+        ));
+        // Changing the password in service mode keeps the grant.
+        sv.change_password("s", &pw("y"), &pw("z")).await.unwrap();
+        let fresh = service_vault(store.clone(), &[1u8; 32]);
+        assert_eq!(token(&fresh.unlock("s", &pw("z"), P2).await.unwrap()), "rt");
     }
 }

@@ -503,3 +503,426 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_key_mode_refreshes_grants_in_the_background() {
+    let w = World::new("preset = \"custom\"", ProviderOptions::default()).await;
+    // The key arrives as a systemd credential.
+    let creds = w.dir.join("credentials");
+    std::fs::create_dir_all(&creds).unwrap();
+    std::fs::write(creds.join("mailbridge-key"), [42u8; 32]).unwrap();
+    let text = std::fs::read_to_string(&w.config).unwrap().replace(
+        "[server]\n",
+        "[server]\nkey_mode = \"service\"\nbackground_refresh_secs = 1\n",
+    );
+    std::fs::write(&w.config, text).unwrap();
+
+    let add = |extra_env: bool| {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "account",
+            "add",
+            "alice@example.com",
+            "--device",
+            "--password-stdin",
+            "--config",
+            &w.config,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        if extra_env {
+            cmd.env("CREDENTIALS_DIRECTORY", &creds);
+        }
+        cmd.spawn().unwrap()
+    };
+    // Without the credential: a clear refusal.
+    let out = add(false).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("mailbridge-key"),
+        "{err}"
+    );
+
+    let mut child = add(true);
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"service-local\n")
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let line = wait_for(&mut out, "enter the code");
+    let code = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(w.provider.approve_device(&code, "alice@example.com"));
+    wait_for(&mut out, "sealed the grant");
+    assert!(child.wait().unwrap().success());
+
+    let before = w.provider.refresh_requests();
+    let mut server = Command::new(BIN)
+        .args(["run", "--config", &w.config])
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // No client logs in; the grant is refreshed anyway, more than once.
+    let mut refreshed = 0;
+    for _ in 0..100 {
+        refreshed = w.provider.refresh_requests() - before;
+        if refreshed >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refreshed >= 2, "background refreshes: {refreshed}");
+    // Password logins are still checked (against the stored hash).
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", w.port).parse().unwrap();
+    let mut c = Client::plain(addr).await;
+    c.line().await;
+    let r = c.cmd("a1", "LOGIN alice@example.com wrong").await;
+    assert!(r.last().unwrap().starts_with("a1 NO"), "{r:?}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = c.cmd("a2", "LOGIN alice@example.com service-local").await;
+    assert!(r.last().unwrap().starts_with("a2 OK"), "{r:?}");
+    let _ = server.kill();
+    let _ = server.wait();
+    w.provider.shutdown();
+    w.imap.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_on_first_login_seals_under_the_clients_password() {
+    let w = World::new("preset = \"custom\"", ProviderOptions::default()).await;
+    w.imap.append("erin@example.com", "INBOX", MESSAGE.to_vec());
+    let mut text = std::fs::read_to_string(&w.config).unwrap();
+    text.push_str("\n[[account]]\nuser = \"erin@example.com\"\nprovider = \"sandbox\"\nauthorize_on_login = true\n");
+    std::fs::write(&w.config, text).unwrap();
+
+    let mut server = Command::new(BIN)
+        .args(["run", "--config", &w.config])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(server.stdout.take().unwrap());
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", w.port).parse().unwrap();
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The login waits while the person signs in (here: the test follows the
+    // printed URL to the provider's consent, which redirects to mailbridge).
+    let login = tokio::spawn(async move {
+        let mut c = Client::plain(addr).await;
+        c.line().await;
+        let r = c
+            .cmd("a1", "LOGIN erin@example.com erins-new-password")
+            .await;
+        let reply = r.last().cloned().unwrap_or_default();
+        if reply.starts_with("a1 OK") {
+            c.cmd("s1", "SELECT INBOX").await;
+            assert_eq!(c.fetch_body("f1", 1).await, MESSAGE);
+        }
+        reply
+    });
+    let url = tokio::task::spawn_blocking(move || {
+        wait_for(&mut out, "To authorize erin@example.com");
+        let mut url = String::new();
+        out.read_line(&mut url).unwrap();
+        url.trim().to_string()
+    })
+    .await
+    .unwrap();
+    assert!(url.contains("login_hint=erin%40example.com"), "{url}");
+    let back = follow_consent(&url).await;
+    let page = reqwest::get(&back).await.unwrap();
+    assert!(page.status().is_success());
+    let reply = login.await.unwrap();
+    assert!(reply.starts_with("a1 OK"), "{reply}");
+
+    // From now on the password the client used is the account's.
+    let mut c = Client::plain(addr).await;
+    c.line().await;
+    let r = c.cmd("a1", "LOGIN erin@example.com someone-else").await;
+    assert!(r.last().unwrap().starts_with("a1 NO"), "{r:?}");
+    let _ = server.kill();
+    let _ = server.wait();
+    let (ok, list) = w.run(&["account", "list"], "");
+    assert!(
+        ok && list.contains("erin@example.com") && list.contains("first login"),
+        "{list}"
+    );
+    w.provider.shutdown();
+    w.imap.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_profile_discovers_endpoints_and_explains_its_errors() {
+    let w = World::new("preset = \"custom\"", ProviderOptions::default()).await;
+    // Only the issuer: endpoints come from its metadata; client id `open`.
+    let text: String = std::fs::read_to_string(&w.config)
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            ![
+                "token_url",
+                "authorize_url",
+                "device_url",
+                "client_id",
+                "client_secret",
+                "scopes",
+                "service_account",
+            ]
+            .iter()
+            .any(|k| l.starts_with(k))
+        })
+        .map(|l| {
+            if l == "preset = \"custom\"" {
+                format!("preset = \"open\"\nissuer = \"{}\"", w.provider.base_url())
+            } else {
+                l.replace(", mechanisms = [\"xoauth2\"]", "")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    // Only the person's account: app-only grants make no sense here.
+    let text = text
+        .split("\n[[account]]\nuser = \"bob@example.com\"")
+        .next()
+        .unwrap()
+        .to_string();
+    std::fs::write(&w.config, text).unwrap();
+    let (ok, out) = w.run(&["check-config"], "");
+    assert!(ok, "{out}");
+
+    let add = |w: &World| {
+        let (mut child, out) = w.spawn(&[
+            "account",
+            "add",
+            "alice@example.com",
+            "--no-browser",
+            "--password-stdin",
+        ]);
+        // Keep stdin open: the pasted address follows the password.
+        child
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(b"open-local\n")
+            .unwrap();
+        (child, out)
+    };
+    // The provider says this user is not served here: its own message.
+    w.provider
+        .fail_authorization("alice@example.com", "user_not_here");
+    let (mut child, mut out) = add(&w);
+    let url = {
+        wait_for(&mut out, "open this address");
+        out.read_line(&mut String::new()).unwrap();
+        let mut url = String::new();
+        out.read_line(&mut url).unwrap();
+        url.trim().to_string()
+    };
+    assert!(
+        url.contains("client_id=open") && url.contains("username=alice%40example.com"),
+        "{url}"
+    );
+    let location = follow_consent(&url).await;
+    assert!(location.contains("error=user_not_here"), "{location}");
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(format!("{location}\n").as_bytes());
+    drop(stdin);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!child.wait().unwrap().success());
+    assert!(
+        err.contains("user_not_here") && err.contains("not served by this provider"),
+        "{err}"
+    );
+
+    w.provider.clear_authorization_failure("alice@example.com");
+    let (mut child, mut out) = add(&w);
+    wait_for(&mut out, "open this address");
+    out.read_line(&mut String::new()).unwrap();
+    let mut url = String::new();
+    out.read_line(&mut url).unwrap();
+    let location = follow_consent(url.trim()).await;
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{location}\n").as_bytes()).unwrap();
+    drop(stdin);
+    wait_for(&mut out, "sealed the grant");
+    assert!(child.wait().unwrap().success());
+    let reply = w.login("alice@example.com", "open-local").await;
+    assert!(reply.starts_with("a1 OK"), "{reply}");
+    w.provider.shutdown();
+    w.imap.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_with_a_certificate() {
+    let w = World::new("preset = \"custom\"", ProviderOptions::default()).await;
+    w.provider.register_client_key(SA_PUB).unwrap();
+    let cert = w.dir.join("app.crt");
+    let key = w.dir.join("app.key");
+    std::fs::write(
+        &cert,
+        include_str!("../src/sandbox/fixtures/test_rsa.crt.pem"),
+    )
+    .unwrap();
+    std::fs::write(&key, SA_KEY).unwrap();
+    // The app proves itself with the certificate's key, not a secret.
+    let text = std::fs::read_to_string(&w.config).unwrap().replace(
+        &format!("client_secret = \"{SECRET}\""),
+        &format!(
+            "client_certificate_file = \"{}\"\nclient_key_file = \"{}\"",
+            cert.display(),
+            key.display()
+        ),
+    );
+    std::fs::write(&w.config, text).unwrap();
+    let (ok, text) = w.run(
+        &["account", "add", "bob@example.com", "--password-stdin"],
+        "bob-local\n",
+    );
+    assert!(ok && text.contains("client_credentials"), "{text}");
+    let reply = w.login("bob@example.com", "bob-local").await;
+    assert!(reply.starts_with("a1 OK"), "{reply}");
+    w.provider.shutdown();
+    w.imap.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_client_registration_for_the_open_profile() {
+    let w = World::new("preset = \"custom\"", ProviderOptions::default()).await;
+    let text: String = std::fs::read_to_string(&w.config)
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            ![
+                "token_url",
+                "authorize_url",
+                "device_url",
+                "client_id",
+                "client_secret",
+                "scopes",
+                "service_account",
+            ]
+            .iter()
+            .any(|k| l.starts_with(k))
+        })
+        .map(|l| {
+            if l == "preset = \"custom\"" {
+                format!(
+                    "preset = \"open\"\nissuer = \"{}\"\ndynamic_registration = true",
+                    w.provider.base_url()
+                )
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let text = text
+        .split("\n[[account]]\nuser = \"bob@example.com\"")
+        .next()
+        .unwrap()
+        .to_string();
+    std::fs::write(&w.config, text).unwrap();
+    assert!(w.provider.registered_clients().is_empty());
+
+    let (mut child, mut out) = w.spawn(&[
+        "account",
+        "add",
+        "alice@example.com",
+        "--device",
+        "--password-stdin",
+    ]);
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"reg-local\n")
+        .unwrap();
+    let line = wait_for(&mut out, "enter the code");
+    let code = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(w.provider.approve_device(&code, "alice@example.com"));
+    wait_for(&mut out, "sealed the grant");
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        w.provider.registered_clients().len(),
+        1,
+        "one client registered for the grant"
+    );
+    // The refresh at login uses the registered client (the sandbox binds
+    // refresh tokens to the client they were issued to).
+    let reply = w.login("alice@example.com", "reg-local").await;
+    assert!(reply.starts_with("a1 OK"), "{reply}");
+    w.provider.shutdown();
+    w.imap.shutdown();
+}
+
+/// Found by the interop suite (oidc-provider): an OpenID Connect server
+/// honours `offline_access` only with `prompt=consent` (OIDC Core 1.0
+/// section 11); without it there is no refresh token and `account add`
+/// failed. The sandbox now behaves so when asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oidc_offline_access_asks_for_consent() {
+    let w = World::new(
+        "preset = \"custom\"\nscopes = [\"mail\", \"offline_access\"]",
+        ProviderOptions::default(),
+    )
+    .await;
+    w.provider.set_offline_access_needs_consent(true);
+    let (mut child, mut out) = w.spawn(&[
+        "account",
+        "add",
+        "alice@example.com",
+        "--no-browser",
+        "--password-stdin",
+    ]);
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{PASSWORD}\n").as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    wait_for(&mut out, "open this address");
+    out.read_line(&mut String::new()).unwrap();
+    let mut url = String::new();
+    out.read_line(&mut url).unwrap();
+    assert!(url.contains("prompt=consent"), "{url}");
+    assert!(url.contains("offline_access"), "{url}");
+    let location = follow_consent(url.trim()).await;
+    stdin.write_all(format!("{location}\n").as_bytes()).unwrap();
+    drop(stdin);
+    wait_for(&mut out, "sealed the grant");
+    assert!(child.wait().unwrap().success());
+    let reply = w.login("alice@example.com", PASSWORD).await;
+    assert!(reply.starts_with("a1 OK"), "{reply}");
+    w.provider.shutdown();
+    w.imap.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_local_password_is_shown_once_and_works() {
+    let w = World::new("preset = \"custom\"", ProviderOptions::default()).await;
+    let (ok, text) = w.run(
+        &["account", "add", "bob@example.com", "--generate-password"],
+        "",
+    );
+    assert!(ok, "{text}");
+    let password = text
+        .lines()
+        .find_map(|l| {
+            l.split("shown once; configure it in the mail client): ")
+                .nth(1)
+        })
+        .unwrap_or_else(|| panic!("no password in: {text}"))
+        .trim()
+        .to_string();
+    assert_eq!(password.len(), 20);
+    let reply = w.login("bob@example.com", &password).await;
+    assert!(reply.starts_with("a1 OK"), "{reply}");
+    w.provider.shutdown();
+    w.imap.shutdown();
+}

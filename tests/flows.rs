@@ -178,3 +178,88 @@ async fn loopback_flow_times_out_clearly() {
     assert!(matches!(err, FlowError::Timeout(_)), "{err}");
     provider.shutdown();
 }
+
+#[tokio::test]
+async fn device_flow_honours_slow_down_and_pending() {
+    let provider = Provider::start(ProviderOptions {
+        device_interval: Duration::ZERO,
+        ..ProviderOptions::default()
+    })
+    .await
+    .unwrap();
+    let (t, d) = (provider.token_url(), provider.device_authorization_url());
+    let scopes = vec!["mail".to_string()];
+    let ep = FlowEndpoints {
+        client_id: "mailbridge-test",
+        client_secret: None,
+        authorize_url: None,
+        token_url: &t,
+        device_url: Some(&d),
+        scopes: &scopes,
+    };
+    // One `slow_down`, then `authorization_pending` until approved.
+    provider.force_slow_down(1);
+    let approver = {
+        let provider = provider.clone();
+        tokio::spawn(async move {
+            for _ in 0..200 {
+                if let Some(code) = provider.pending_device_codes().first() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    assert!(provider.approve_device(code, "dora@example.com"));
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("no device code appeared");
+        })
+    };
+    let ui = Browser::default();
+    let got = flows::device_code(
+        &ep,
+        &TokenSource::http_client(),
+        Duration::from_secs(30),
+        &ui,
+    )
+    .await
+    .unwrap();
+    approver.await.unwrap();
+    assert!(got.refresh_token.is_some());
+    provider
+        .validator()
+        .validate(got.access_token.expose_secret(), "dora@example.com")
+        .unwrap();
+    provider.shutdown();
+}
+
+/// Extra authorization parameters (Google's `access_type=offline` and
+/// `prompt=consent`, OIDC's `prompt=consent`) reach the authorization URL;
+/// they were dropped, and with them the refresh token.
+#[tokio::test]
+async fn extra_authorization_parameters_are_sent() {
+    let provider = Provider::start(ProviderOptions::default()).await.unwrap();
+    provider.set_offline_access_needs_consent(true);
+    let (a, t) = (provider.authorize_url(), provider.token_url());
+    let scopes = vec!["mail".to_string(), "offline_access".to_string()];
+    let ui = Browser::default();
+    let got = flows::authorization_code_loopback(
+        &endpoints(&a, &t, &scopes),
+        &TokenSource::http_client(),
+        &BrowserOptions {
+            extra_params: vec![
+                ("access_type".into(), "offline".into()),
+                ("prompt".into(), "consent".into()),
+            ],
+            ..options()
+        },
+        &ui,
+    )
+    .await
+    .unwrap();
+    let url = ui.shown.lock().unwrap()[0].clone();
+    assert!(
+        url.contains("access_type=offline") && url.contains("prompt=consent"),
+        "{url}"
+    );
+    assert!(got.refresh_token.is_some(), "consented offline access");
+    provider.shutdown();
+}

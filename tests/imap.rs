@@ -406,3 +406,94 @@ async fn upstream_down_gives_unavailable() {
     assert!(no.starts_with("a1 NO [UNAVAILABLE]"), "{no}");
     h.stop().await;
 }
+
+/// Found by the interop suite: Dovecot answers `NO [UNAVAILABLE] Temporary
+/// authentication failure.` (no challenge) when it cannot reach its
+/// introspection endpoint. That is no reason to re-authorize, and a client
+/// told AUTHENTICATIONFAILED asks its user for a new password.
+#[tokio::test]
+async fn upstream_temporary_failure_is_unavailable_not_reauthorize() {
+    let h = harness().await;
+    h.provider.set_validation_unavailable(true);
+    let (_c, no) = h.login(PASSWORD).await;
+    assert!(no.starts_with("a1 NO [UNAVAILABLE]"), "{no}");
+    assert!(no.contains("try again later"), "{no}");
+    assert!(!no.contains("re-authorize"), "{no}");
+    assert_eq!(h.provider.refresh_requests(), 1, "no second refresh");
+    h.provider.set_validation_unavailable(false);
+    let (_c, ok) = h.login(PASSWORD).await;
+    assert!(ok.starts_with("a1 OK"), "{ok}");
+    h.stop().await;
+}
+
+/// Accepts any server certificate and remembers the names in it: enough to
+/// see what a client meets on a listener with a generated certificate.
+#[derive(Debug)]
+struct AnyCert(std::sync::Mutex<Vec<u8>>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        *self.0.lock().unwrap() = end_entity.to_vec();
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[tokio::test]
+async fn implicit_tls_with_a_generated_certificate() {
+    let h = Harness::start(Options {
+        listener_tls: "implicit-selfsigned",
+        ..Options::default()
+    })
+    .await;
+    h.imap.append(USER, "INBOX", MESSAGE.to_vec());
+    let seen = std::sync::Arc::new(AnyCert(std::sync::Mutex::new(Vec::new())));
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(seen.clone())
+    .with_no_client_auth();
+    let mut c = Client::tls(h.addr, std::sync::Arc::new(config)).await;
+    assert!(c.line().await.starts_with("* OK"));
+    let cert = seen.0.lock().unwrap().clone();
+    assert!(
+        cert.windows(b"localhost".len()).any(|w| w == b"localhost"),
+        "the generated certificate names localhost"
+    );
+    let r = c
+        .cmd("a1", &format!("LOGIN {USER} {}", quote(PASSWORD)))
+        .await;
+    assert!(r.last().unwrap().starts_with("a1 OK"), "{r:?}");
+    select_and_check(&mut c, &h).await;
+    h.stop().await;
+}

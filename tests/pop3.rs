@@ -202,3 +202,45 @@ async fn tls_on_both_sides_and_a_large_retr() {
         h.stop().await;
     }
 }
+
+/// Found by the interop suite: Dovecot answers `-ERR [SYS/TEMP] Temporary
+/// authentication failure.` when it cannot check the token; the client gets
+/// a temporary failure too, not "re-authorize".
+#[tokio::test]
+async fn upstream_temporary_failure_is_sys_temp_not_reauthorize() {
+    let h = Harness::start(Options::default()).await;
+    h.provider.set_validation_unavailable(true);
+    let mut c = pop3_client(&h).await;
+    let r = user_pass(&mut c, PASSWORD).await;
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    assert!(
+        r.contains("try again later") && !r.contains("re-authorize"),
+        "{r}"
+    );
+    h.provider.set_validation_unavailable(false);
+    let mut c = pop3_client(&h).await;
+    assert!(user_pass(&mut c, PASSWORD).await.starts_with("+OK"));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn preauth_line_cap_and_idle_timeout() {
+    let h = Harness::start(Options {
+        server_extra: "preauth_timeout_secs = 1".into(),
+        ..Options::default()
+    })
+    .await;
+    let mut c = pop3_client(&h).await;
+    let mut long = b"USER ".to_vec();
+    long.extend(std::iter::repeat_n(b'a', 20 * 1024));
+    long.extend_from_slice(b"\r\n");
+    c.send(&long).await;
+    let r = c.line().await;
+    assert!(r.starts_with("-ERR"), "{r}");
+    assert!(cmd(&mut c, "CAPA").await.starts_with("+OK"), "still usable");
+    c.pop3_multiline().await;
+    let bye = c.line().await;
+    assert!(bye.starts_with("-ERR") && bye.contains("Idle"), "{bye}");
+    assert_eq!(c.line().await, "");
+    h.stop().await;
+}

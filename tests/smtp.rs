@@ -351,3 +351,73 @@ async fn tls_on_both_sides() {
         h.stop().await;
     }
 }
+
+/// A temporary refusal upstream (`454 4.7.0`, RFC 4954) stays temporary and
+/// is not explained as a grant to re-authorize.
+#[tokio::test]
+async fn upstream_temporary_failure_stays_454() {
+    let h = Harness::start(Options::default()).await;
+    h.provider.set_validation_unavailable(true);
+    let mut c = smtp_client(&h).await;
+    ehlo(&mut c).await;
+    c.send(format!("AUTH PLAIN {}\r\n", plain()).as_bytes())
+        .await;
+    let r = c.smtp_reply().await;
+    assert!(r.iter().all(|l| l.starts_with("454")), "{r:?}");
+    let all = r.join("\n");
+    assert!(
+        all.contains("try again later") && !all.contains("re-authorize"),
+        "{r:?}"
+    );
+    h.provider.set_validation_unavailable(false);
+    let r = c.smtp(&format!("AUTH PLAIN {}", plain())).await;
+    assert!(r.starts_with("235"), "{r}");
+    h.stop().await;
+}
+
+/// Found by the interop suite (Postfix + Dovecot): with access tokens of
+/// Microsoft's size (about 2 KB) the one-step `AUTH XOAUTH2 <response>`
+/// line is longer than Postfix's line limit and is refused with a 535;
+/// mailbridge must send such responses after the `334` (RFC 4954 section 4).
+#[tokio::test]
+async fn microsoft_sized_tokens_go_two_step() {
+    for mech in [Mechanism::Xoauth2, Mechanism::Oauthbearer] {
+        let h = Harness::start(Options {
+            smtp: SmtpServerOptions {
+                mechanisms: vec![mech],
+                ..SmtpServerOptions::default()
+            },
+            ..Options::default()
+        })
+        .await;
+        h.provider.set_access_token_min_len(2000);
+        let mut c = smtp_client(&h).await;
+        ehlo(&mut c).await;
+        let r = c.smtp(&format!("AUTH PLAIN {}", plain())).await;
+        assert!(r.starts_with("235"), "{mech:?}: {r}");
+        assert_eq!(h.smtp.auth_failures(), 0, "{mech:?}");
+        send_message(&mut c, &h, MESSAGE).await;
+        h.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn preauth_line_cap_and_idle_timeout() {
+    let h = Harness::start(Options {
+        server_extra: "preauth_timeout_secs = 1".into(),
+        ..Options::default()
+    })
+    .await;
+    let mut c = smtp_client(&h).await;
+    let mut long = b"EHLO ".to_vec();
+    long.extend(std::iter::repeat_n(b'a', 20 * 1024));
+    long.extend_from_slice(b"\r\n");
+    c.send(&long).await;
+    let r = c.smtp_reply().await;
+    assert!(r.last().unwrap().starts_with("500"), "{r:?}");
+    assert!(c.smtp("NOOP").await.starts_with("250"), "still usable");
+    let bye = c.smtp_reply().await;
+    assert!(bye.last().unwrap().starts_with("421"), "{bye:?}");
+    assert_eq!(c.line().await, "");
+    h.stop().await;
+}

@@ -321,6 +321,9 @@ fn authorize_request(
             .add_extra_param("login_hint", hint.clone())
             .add_extra_param("username", hint.clone());
     }
+    for (name, value) in &opts.extra_params {
+        req = req.add_extra_param(name.clone(), value.clone());
+    }
     let (url, state) = req.url();
     Ok((url, state, verifier))
 }
@@ -679,6 +682,40 @@ pub async fn password(
         .await
         .map_err(token_error)?;
     Ok(obtained(&r))
+}
+
+/// RFC 7591 dynamic client registration of a public client (no secret,
+/// PKCE); returns the new client id.
+pub async fn register_client(
+    http: &reqwest::Client,
+    registration_url: &str,
+    redirect_uris: &[String],
+) -> Result<String, FlowError> {
+    let body = serde_json::json!({
+        "client_name": "mailbridge",
+        "redirect_uris": redirect_uris,
+        "token_endpoint_auth_method": "none",
+        "grant_types": ["authorization_code", "refresh_token", "urn:ietf:params:oauth:grant-type:device_code"],
+        "response_types": ["code"],
+    });
+    let response = http
+        .post(registration_url)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| FlowError::Http(one_line(&e.to_string())))?;
+    let status = response.status();
+    let json: serde_json::Value = response.json().await.map_err(|_| {
+        FlowError::Http("the registration endpoint sent an unreadable answer".into())
+    })?;
+    let field = |k: &str| json.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    match field("client_id") {
+        Some(id) if status.is_success() => Ok(id),
+        _ => Err(FlowError::Token {
+            code: field("error").unwrap_or_else(|| format!("HTTP {status}")),
+            description: one_line(&field("error_description").unwrap_or_default()),
+        }),
+    }
 }
 
 fn unix_now() -> u64 {

@@ -171,6 +171,25 @@ impl TokenSource {
         slots.remove(account);
     }
 
+    /// A freshly refreshed token, whatever is cached (the background
+    /// refresh uses this to keep grants alive). Shares a refresh already in
+    /// flight.
+    pub async fn renew(
+        &self,
+        provider: &Provider,
+        account: &Account,
+        unlocked: &Unlocked,
+    ) -> Result<AccessToken, TokenError> {
+        let cached = self
+            .slot(unlocked.account())
+            .cached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.token(provider, account, unlocked, cached.as_ref())
+            .await
+    }
+
     /// An access token for the account: the cached one while it has at
     /// least ten minutes left and is not `refused`, else a refreshed one.
     /// Concurrent callers for one account share a single refresh.
@@ -300,12 +319,22 @@ impl TokenSource {
                 provider: provider.name.clone(),
                 reason: format!("token_url: {e}"),
             })?;
-        let mut client = BasicClient::new(ClientId::new(provider.client_id.clone()))
-            .set_token_uri(token_url)
-            // Client id (and secret) in the form body: accepted by Microsoft,
-            // Google and generic servers alike.
-            .set_auth_type(AuthType::RequestBody);
-        if let Some(secret) = &provider.client_secret {
+        // A dynamically registered client refreshes as itself, secretless.
+        let registered = unlocked.client_id();
+        let mut client = BasicClient::new(ClientId::new(
+            registered
+                .clone()
+                .unwrap_or_else(|| provider.client_id.clone()),
+        ))
+        .set_token_uri(token_url)
+        // Client id (and secret) in the form body: accepted by Microsoft,
+        // Google and generic servers alike.
+        .set_auth_type(AuthType::RequestBody);
+        if let Some(secret) = provider
+            .client_secret
+            .as_ref()
+            .filter(|_| registered.is_none())
+        {
             client =
                 client.set_client_secret(ClientSecret::new(secret.expose_secret().to_string()));
         }

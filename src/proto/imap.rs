@@ -1464,54 +1464,10 @@ mod tests {
 
     // ----- client side -----
 
-    #[derive(Debug, PartialEq, Eq)]
-    enum Ev {
-        Out(String),
-        StartTls(String),
-        Login {
-            user: String,
-            pass: String,
-            info: Option<String>,
-        },
-        Close(String),
-    }
+    use crate::proto::testkit::{Ev, drive, pump};
 
     fn s(b: &[u8]) -> String {
         String::from_utf8_lossy(b).into_owned()
-    }
-
-    /// Runs the session until it needs input, merging consecutive sends.
-    fn pump(sess: &mut ImapClientSession, evs: &mut Vec<Ev>) {
-        loop {
-            let ev = match sess.next_step() {
-                ClientStep::NeedInput => return,
-                ClientStep::Send(b) => {
-                    if let Some(Ev::Out(prev)) = evs.last_mut() {
-                        prev.push_str(&s(&b));
-                        continue;
-                    }
-                    Ev::Out(s(&b))
-                }
-                ClientStep::StartTls(b) => Ev::StartTls(s(&b)),
-                ClientStep::Login(req) => Ev::Login {
-                    user: req.credentials.user.clone(),
-                    pass: req.credentials.password.expose_secret().to_owned(),
-                    info: req.client_info.clone(),
-                },
-                ClientStep::Close(b) => Ev::Close(s(&b)),
-            };
-            evs.push(ev);
-        }
-    }
-
-    /// Feeds `input` in chunks of `chunk` bytes.
-    fn drive(sess: &mut ImapClientSession, input: &[u8], chunk: usize) -> Vec<Ev> {
-        let mut evs = Vec::new();
-        for part in input.chunks(chunk.max(1)) {
-            sess.feed(part);
-            pump(sess, &mut evs);
-        }
-        evs
     }
 
     fn open() -> ClientOptions {
@@ -2195,48 +2151,7 @@ mod tests {
 
     // ----- upstream side -----
 
-    #[derive(Debug, PartialEq, Eq)]
-    enum Up {
-        Send(String),
-        StartTls,
-        NeedToken,
-        Ok(Vec<String>, String),
-        Rejected {
-            status: Option<String>,
-            text: String,
-            retry: bool,
-        },
-        Err(String),
-    }
-
-    fn up_pump(u: &mut ImapUpstreamLogin, evs: &mut Vec<Up>) {
-        loop {
-            let ev = match u.next_step() {
-                Ok(UpstreamStep::NeedInput) => return,
-                Ok(UpstreamStep::Send(b)) => Up::Send(s(&b)),
-                Ok(UpstreamStep::StartTls) => Up::StartTls,
-                Ok(UpstreamStep::NeedToken) => Up::NeedToken,
-                Ok(UpstreamStep::Authenticated(ok)) => Up::Ok(ok.capabilities, s(&ok.leftover)),
-                Ok(UpstreamStep::Rejected(r)) => Up::Rejected {
-                    status: r.challenge.and_then(|c| c.status),
-                    text: r.server_text,
-                    retry: r.retry_suggested,
-                },
-                Err(e) => {
-                    evs.push(Up::Err(e.to_string()));
-                    return;
-                }
-            };
-            evs.push(ev);
-        }
-    }
-
-    fn up_feed(u: &mut ImapUpstreamLogin, input: &[u8]) -> Vec<Up> {
-        let mut evs = Vec::new();
-        u.feed(input);
-        up_pump(u, &mut evs);
-        evs
-    }
+    use crate::proto::testkit::{Up, up_feed, up_pump};
 
     fn token() -> BearerToken {
         BearerToken {

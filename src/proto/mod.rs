@@ -8,6 +8,8 @@
 pub mod imap;
 pub mod pop3;
 pub mod smtp;
+#[cfg(test)]
+mod testkit;
 
 use crate::sasl::{BearerToken, Credentials, FailureChallenge};
 

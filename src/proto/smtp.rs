@@ -32,6 +32,17 @@ use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism, SaslError};
 /// SASL mechanisms; PLAIN and LOGIN stay small) and RFC 5321's 512.
 const DEFAULT_MAX_LINE: usize = 4 * 1024;
 
+/// RFC 5321 section 4.5.3.1.4: a command line is at most 512 octets, CRLF
+/// included. RFC 4954 section 4: an AUTH command that would be longer MUST
+/// NOT carry the initial response; the response goes after the server's
+/// empty `334` instead. Real servers enforce it: Postfix cuts command lines
+/// at `line_length_limit` (2048 by default) and then refuses the cut
+/// initial response with `535 5.7.8 Error: authentication failed: Invalid
+/// base64 data in initial response` (found by the interop suite with
+/// access tokens of Microsoft's size), while it takes SASL responses up to
+/// 12288 octets. Google-sized tokens stay one-step.
+const MAX_COMMAND_LINE: usize = 512;
+
 /// Default advertised SIZE: 50 MiB.
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 50 * 1024 * 1024;
 
@@ -1179,7 +1190,10 @@ impl UpstreamLogin for SmtpUpstreamLogin {
             Mechanism::Xoauth2 => sasl::xoauth2_response(token),
             Mechanism::Oauthbearer => sasl::oauthbearer_response(token),
         };
-        let line = if self.two_step {
+        // "AUTH " MECH " " RESPONSE CRLF
+        let one_step_len = 5 + mech.name().len() + 1 + response.expose_secret().len() + 2;
+        let two_step = self.two_step || one_step_len > MAX_COMMAND_LINE;
+        let line = if two_step {
             format!("AUTH {}\r\n", mech.name())
         } else {
             format!("AUTH {} {}\r\n", mech.name(), response.expose_secret())
@@ -1188,7 +1202,7 @@ impl UpstreamLogin for SmtpUpstreamLogin {
         self.state = UpState::Auth {
             mech,
             response,
-            pending: self.two_step,
+            pending: two_step,
             challenge: None,
         };
     }
@@ -1280,17 +1294,7 @@ mod tests {
 
     // ----- client side -----
 
-    #[derive(Debug, PartialEq, Eq)]
-    enum Ev {
-        Out(String),
-        StartTls(String),
-        Login {
-            user: String,
-            pass: String,
-            info: Option<String>,
-        },
-        Close(String),
-    }
+    use crate::proto::testkit::{Ev, drive, pump};
 
     fn s(b: &[u8]) -> String {
         String::from_utf8_lossy(b).into_owned()
@@ -1298,40 +1302,6 @@ mod tests {
 
     fn b64(data: &[u8]) -> String {
         STANDARD.encode(data)
-    }
-
-    /// Runs the session until it needs input, merging consecutive sends.
-    fn pump(sess: &mut SmtpClientSession, evs: &mut Vec<Ev>) {
-        loop {
-            let ev = match sess.next_step() {
-                ClientStep::NeedInput => return,
-                ClientStep::Send(b) => {
-                    if let Some(Ev::Out(prev)) = evs.last_mut() {
-                        prev.push_str(&s(&b));
-                        continue;
-                    }
-                    Ev::Out(s(&b))
-                }
-                ClientStep::StartTls(b) => Ev::StartTls(s(&b)),
-                ClientStep::Login(req) => Ev::Login {
-                    user: req.credentials.user.clone(),
-                    pass: req.credentials.password.expose_secret().to_owned(),
-                    info: req.client_info.clone(),
-                },
-                ClientStep::Close(b) => Ev::Close(s(&b)),
-            };
-            evs.push(ev);
-        }
-    }
-
-    /// Feeds `input` in chunks of `chunk` bytes.
-    fn drive(sess: &mut SmtpClientSession, input: &[u8], chunk: usize) -> Vec<Ev> {
-        let mut evs = Vec::new();
-        for part in input.chunks(chunk.max(1)) {
-            sess.feed(part);
-            pump(sess, &mut evs);
-        }
-        evs
     }
 
     fn open() -> ClientOptions {
@@ -1901,48 +1871,7 @@ mod tests {
 
     // ----- upstream side -----
 
-    #[derive(Debug, PartialEq, Eq)]
-    enum Up {
-        Send(String),
-        StartTls,
-        NeedToken,
-        Ok(Vec<String>, String),
-        Rejected {
-            status: Option<String>,
-            text: String,
-            retry: bool,
-        },
-        Err(String),
-    }
-
-    fn up_pump(u: &mut SmtpUpstreamLogin, evs: &mut Vec<Up>) {
-        loop {
-            let ev = match u.next_step() {
-                Ok(UpstreamStep::NeedInput) => return,
-                Ok(UpstreamStep::Send(b)) => Up::Send(s(&b)),
-                Ok(UpstreamStep::StartTls) => Up::StartTls,
-                Ok(UpstreamStep::NeedToken) => Up::NeedToken,
-                Ok(UpstreamStep::Authenticated(ok)) => Up::Ok(ok.capabilities, s(&ok.leftover)),
-                Ok(UpstreamStep::Rejected(r)) => Up::Rejected {
-                    status: r.challenge.and_then(|c| c.status),
-                    text: r.server_text,
-                    retry: r.retry_suggested,
-                },
-                Err(e) => {
-                    evs.push(Up::Err(e.to_string()));
-                    return;
-                }
-            };
-            evs.push(ev);
-        }
-    }
-
-    fn up_feed(u: &mut SmtpUpstreamLogin, input: &[u8]) -> Vec<Up> {
-        let mut evs = Vec::new();
-        u.feed(input);
-        up_pump(u, &mut evs);
-        evs
-    }
+    use crate::proto::testkit::{Up, up_feed, up_pump};
 
     fn token() -> BearerToken {
         BearerToken {
@@ -2033,6 +1962,49 @@ mod tests {
             });
             assert_eq!(up_feed(&mut u, b"220 hi\r\n"), [send("EHLO localhost\r\n")]);
         }
+    }
+
+    #[test]
+    fn long_initial_response_goes_two_step() {
+        // A token of Microsoft's size (about 2 KB): the AUTH line would be
+        // over RFC 5321's 512 octets, so the response waits for the 334.
+        for mech in [Mechanism::Xoauth2, Mechanism::Oauthbearer] {
+            let big = BearerToken {
+                token: SecretString::from("t".repeat(2000)),
+                ..token()
+            };
+            let response = match mech {
+                Mechanism::Xoauth2 => sasl::xoauth2_response(&big),
+                Mechanism::Oauthbearer => sasl::oauthbearer_response(&big),
+            };
+            let mut u = SmtpUpstreamLogin::new(UpstreamOptions {
+                preference: vec![mech],
+                ..UpstreamOptions::default()
+            });
+            up_feed(&mut u, b"220 hi\r\n");
+            let ehlo = format!("250-hi\r\n250 AUTH {}\r\n", mech.name());
+            assert_eq!(up_feed(&mut u, ehlo.as_bytes()), [Up::NeedToken]);
+            u.provide_token(&big);
+            assert_eq!(
+                up_feed(&mut u, b""),
+                [send(&format!("AUTH {}\r\n", mech.name()))]
+            );
+            assert_eq!(
+                up_feed(&mut u, b"334 \r\n"),
+                [send(&format!("{}\r\n", response.expose_secret()))]
+            );
+            assert_eq!(
+                up_feed(&mut u, b"235 2.7.0 Accepted\r\n"),
+                [Up::Ok(vec![format!("AUTH {}", mech.name())], String::new())]
+            );
+        }
+        // Just under the limit: still one line.
+        let fits = "AUTH XOAUTH2 \r\n".len();
+        let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(&mut u, b"220 hi\r\n250-hi\r\n250 AUTH XOAUTH2\r\n");
+        let small = provide(&mut u);
+        assert_eq!(small, [send(&format!("AUTH XOAUTH2 {}\r\n", xo()))]);
+        assert!(fits + xo().len() <= MAX_COMMAND_LINE);
     }
 
     #[test]

@@ -49,3 +49,28 @@ pub enum SandboxTls {
 pub(crate) fn listen_loopback() -> std::io::Result<tokio::net::TcpListener> {
     crate::server::listen(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
 }
+
+/// The JSON of the SASL failure challenge a sandbox mail server sends for a
+/// refused token, in the form real servers use for each mechanism:
+/// XOAUTH2 as Google documents it (and Dovecot sends it),
+/// `{"status":"401","schemes":"bearer","scope":...}`; OAUTHBEARER with the
+/// RFC 7628 error code, `{"status":"invalid_token",...}`, whatever the
+/// reason (Dovecot 2.3 sends exactly that status).
+pub(crate) fn failure_challenge(
+    mechanism: crate::sasl::Mechanism,
+    rejection: &TokenRejection,
+    scope: &str,
+) -> String {
+    let json = match mechanism {
+        crate::sasl::Mechanism::Xoauth2 => serde_json::json!({
+            "status": rejection.status,
+            "schemes": "bearer",
+            "scope": scope,
+        }),
+        crate::sasl::Mechanism::Oauthbearer => serde_json::json!({
+            "status": "invalid_token",
+            "scope": scope,
+        }),
+    };
+    json.to_string()
+}

@@ -157,6 +157,10 @@ pub struct TokenRejection {
     pub status: &'static str,
     /// A one-line reason for logs and test failures; never the token.
     pub reason: String,
+    /// The token could not be checked at all (see
+    /// [`Provider::set_validation_unavailable`]): mail servers answer a
+    /// temporary failure without a challenge, as Dovecot does.
+    pub temporary: bool,
 }
 
 /// Checks bearer tokens against the provider's book. Cheap to clone.
@@ -176,6 +180,13 @@ impl TokenValidator {
     /// (client-credentials tokens are valid for any user). Mailbox names
     /// compare case-insensitively, as mail addresses do in practice.
     pub fn validate(&self, token: &str, user: &str) -> Result<(), TokenRejection> {
+        if self.shared.tunables().validation_unavailable {
+            return Err(TokenRejection {
+                status: "",
+                reason: "token validation is unavailable".to_string(),
+                temporary: true,
+            });
+        }
         self.shared.book().validate(token, user, Instant::now())
     }
 }
@@ -310,6 +321,8 @@ struct Registry {
 struct Tunables {
     access_token_lifetime: Duration,
     token_delay: Duration,
+    validation_unavailable: bool,
+    offline_access_needs_consent: bool,
 }
 
 impl Provider {
@@ -340,6 +353,8 @@ impl Provider {
             tunables: Mutex::new(Tunables {
                 access_token_lifetime: opts.access_token_lifetime,
                 token_delay: Duration::ZERO,
+                validation_unavailable: false,
+                offline_access_needs_consent: false,
             }),
             token_requests: AtomicU64::new(0),
             refresh_requests: AtomicU64::new(0),
@@ -441,6 +456,23 @@ impl Provider {
         self.shared.tunables().access_token_lifetime = d;
     }
 
+    /// While true, mail servers cannot check tokens at all, as when
+    /// Dovecot's introspection request times out because the OAuth2
+    /// server is down: they answer a temporary failure (IMAP
+    /// `NO [UNAVAILABLE]`, POP3 `-ERR [SYS/TEMP]`, SMTP `454 4.7.0`)
+    /// without a failure challenge. `/token` keeps working.
+    pub fn set_validation_unavailable(&self, unavailable: bool) {
+        self.shared.tunables().validation_unavailable = unavailable;
+    }
+
+    /// While true, `/authorize` honours the `offline_access` scope only with
+    /// `prompt=consent`, and a code whose request lost `offline_access`
+    /// gets no refresh token, as OpenID Connect servers do (OIDC Core 1.0
+    /// section 11; oidc-provider, seen in the interop suite).
+    pub fn set_offline_access_needs_consent(&self, needed: bool) {
+        self.shared.tunables().offline_access_needs_consent = needed;
+    }
+
     /// `/token` waits this long before answering (single-flight tests).
     pub fn set_token_delay(&self, d: Duration) {
         self.shared.tunables().token_delay = d;
@@ -460,6 +492,14 @@ impl Provider {
     /// (`None`: opaque). Either way they are checked by lookup only.
     pub fn set_access_token_audience(&self, aud: Option<String>) {
         self.shared.book().access_token_audience = aud;
+    }
+
+    /// Opaque access tokens issued from now on are at least `len`
+    /// characters long, as Microsoft's are (1.5 to 3 KB): long enough that
+    /// an SMTP `AUTH XOAUTH2 <initial-response>` line exceeds the command
+    /// line limit of real servers.
+    pub fn set_access_token_min_len(&self, len: usize) {
+        self.shared.book().access_token_min_len = len;
     }
 
     /// Approves the pending device authorization with `user_code` (case
@@ -612,6 +652,8 @@ struct TokenBook {
     app_subject: String,
     /// `Some`: access tokens are JWT-shaped with this `aud`.
     access_token_audience: Option<String>,
+    /// Opaque access tokens are at least this long (0: 43 characters).
+    access_token_min_len: usize,
 }
 
 impl TokenBook {
@@ -635,7 +677,13 @@ impl TokenBook {
             self.access.retain(|_, g| g.expires > now);
         }
         let token = match &self.access_token_audience {
-            None => random_token(),
+            None => {
+                let mut t = random_token();
+                while t.len() < self.access_token_min_len {
+                    t.push_str(&random_token());
+                }
+                t
+            }
             Some(audience) => {
                 let issued_at = unix_now();
                 jwt::shaped_access_token(
@@ -670,18 +718,21 @@ impl TokenBook {
             return Err(TokenRejection {
                 status: "401",
                 reason: "unknown or revoked access token".to_string(),
+                temporary: false,
             });
         };
         if grant.expires <= now {
             return Err(TokenRejection {
                 status: "401",
                 reason: "access token expired".to_string(),
+                temporary: false,
             });
         }
         match &grant.user {
             Some(owner) if !same_user(owner, user) => Err(TokenRejection {
                 status: "400",
                 reason: format!("access token was issued for another mailbox, not {user}"),
+                temporary: false,
             }),
             _ => Ok(()),
         }
@@ -949,6 +1000,7 @@ fn token_request(
                     "code_verifier must be 43 to 128 unreserved characters",
                 ));
             }
+            let needs_offline = shared.tunables().offline_access_needs_consent;
             let mut book = shared.book();
             let Some(grant) = book.codes.get(code).cloned() else {
                 return Err(OAuthError::new(
@@ -988,6 +1040,10 @@ fn token_request(
             }
             if let Some(g) = book.codes.get_mut(code) {
                 g.redeemed = true;
+            }
+            if needs_offline && !grant.scope.split(' ').any(|s| s == "offline_access") {
+                let access = book.new_access_token(Some(&grant.user), &grant.scope, now + lifetime);
+                return Ok(token_json(&access, lifetime, None, &grant.scope));
             }
             Ok(user_tokens(
                 &mut book,
@@ -1509,13 +1565,24 @@ async fn authorize_endpoint(
     if let Some(code) = failure {
         return error(&code, authorization_failure_description(&code));
     }
+    let mut scope = params.get("scope").unwrap_or_default().to_string();
+    let consented = params
+        .get("prompt")
+        .is_some_and(|p| p.split(' ').any(|v| v == "consent"));
+    if shared.tunables().offline_access_needs_consent && !consented {
+        scope = scope
+            .split(' ')
+            .filter(|s| *s != "offline_access" && !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
     let code = random_token();
     shared.book().codes.insert(
         code.clone(),
         CodeGrant {
             client_id: client_id.to_string(),
             user: user.to_string(),
-            scope: params.get("scope").unwrap_or_default().to_string(),
+            scope,
             redirect_uri: redirect_uri.to_string(),
             code_challenge: challenge.to_string(),
             expires: Instant::now() + CODE_LIFETIME,

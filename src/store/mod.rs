@@ -65,6 +65,12 @@ pub struct SealedGrant {
     pub nonce: Vec<u8>,
     /// Ciphertext with the Poly1305 tag appended.
     pub ciphertext: Vec<u8>,
+    /// Service key mode only: the Argon2id PHC hash of the local login
+    /// password (the key comes from the service key, not the password).
+    /// Bound into the AEAD's associated data, so replacing it in the store
+    /// makes the record unreadable rather than letting another password in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
 }
 
 impl fmt::Debug for SealedGrant {
@@ -77,6 +83,7 @@ impl fmt::Debug for SealedGrant {
             .field("salt_len", &self.salt.len())
             .field("nonce_len", &self.nonce.len())
             .field("ciphertext_len", &self.ciphertext.len())
+            .field("service_key_mode", &self.password_hash.is_some())
             .finish()
     }
 }
@@ -235,6 +242,7 @@ mod tests {
             kdf: KdfParams::for_tests(),
             salt: vec![7; 16],
             nonce: vec![8; 24],
+            password_hash: None,
             ciphertext: vec![9; 40],
         };
         let s = format!("{g:?}");

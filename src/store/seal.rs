@@ -39,6 +39,9 @@ pub struct GrantData {
     pub refresh_token: Option<SecretString>,
     /// When the grant (or its last rotation) was obtained, unix seconds.
     pub obtained_at: u64,
+    /// The client id the grant was issued to, when it is not the
+    /// provider's configured one (a dynamically registered client).
+    pub client_id: Option<String>,
 }
 
 /// The serialized form of [`GrantData`]; wiped when dropped.
@@ -48,6 +51,8 @@ struct GrantWire {
     refresh_token: Option<String>,
     #[serde(default)]
     obtained_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client_id: Option<String>,
 }
 
 impl Drop for GrantWire {
@@ -170,7 +175,13 @@ pub fn derive_key(
 
 /// Associated data: everything in the record except nonce and ciphertext,
 /// plus the account name, length-prefixed so no two inputs collide.
-fn aad(format: u32, account: &str, salt: &[u8], kdf: KdfParams) -> Vec<u8> {
+fn aad(
+    format: u32,
+    account: &str,
+    salt: &[u8],
+    kdf: KdfParams,
+    password_hash: Option<&str>,
+) -> Vec<u8> {
     let mut a = Vec::with_capacity(64 + account.len() + salt.len());
     a.extend_from_slice(b"mailbridge-grant");
     a.extend_from_slice(&format.to_be_bytes());
@@ -181,6 +192,12 @@ fn aad(format: u32, account: &str, salt: &[u8], kdf: KdfParams) -> Vec<u8> {
     a.extend_from_slice(&kdf.m_cost_kib.to_be_bytes());
     a.extend_from_slice(&kdf.t_cost.to_be_bytes());
     a.extend_from_slice(&kdf.p_cost.to_be_bytes());
+    // Absent in password mode, so those records keep their original AAD.
+    if let Some(hash) = password_hash {
+        a.extend_from_slice(b"password-hash");
+        a.extend_from_slice(&(hash.len() as u64).to_be_bytes());
+        a.extend_from_slice(hash.as_bytes());
+    }
     a
 }
 
@@ -193,6 +210,19 @@ pub fn seal(
     kdf: KdfParams,
     grant: &GrantData,
 ) -> Result<SealedGrant, SealError> {
+    seal_with_hash(account, key, salt, kdf, None, grant)
+}
+
+/// [`seal`] for service key mode: the record also carries the local
+/// password's PHC hash, bound into the associated data.
+pub fn seal_with_hash(
+    account: &str,
+    key: &SealKey,
+    salt: Vec<u8>,
+    kdf: KdfParams,
+    password_hash: Option<String>,
+    grant: &GrantData,
+) -> Result<SealedGrant, SealError> {
     let token_len = grant
         .refresh_token
         .as_ref()
@@ -203,6 +233,7 @@ pub fn seal(
             .as_ref()
             .map(|t| t.expose_secret().to_owned()),
         obtained_at: grant.obtained_at,
+        client_id: grant.client_id.clone(),
     };
     // Reserve enough for the worst-case JSON escaping so the buffer never
     // reallocates and leaves unwiped copies of the token behind.
@@ -212,7 +243,7 @@ pub fn seal(
     })?;
     let mut nonce = vec![0u8; NONCE_LEN];
     OsRng.fill_bytes(&mut nonce);
-    let aad = aad(FORMAT, account, &salt, kdf);
+    let aad = aad(FORMAT, account, &salt, kdf, password_hash.as_deref());
     let ciphertext = key
         .cipher()
         .encrypt(
@@ -229,6 +260,7 @@ pub fn seal(
         salt,
         nonce,
         ciphertext,
+        password_hash,
     })
 }
 
@@ -246,7 +278,13 @@ pub fn open(account: &str, key: &SealKey, sealed: &SealedGrant) -> Result<GrantD
             sealed.nonce.len()
         ),
     })?;
-    let aad = aad(sealed.format, account, &sealed.salt, sealed.kdf);
+    let aad = aad(
+        sealed.format,
+        account,
+        &sealed.salt,
+        sealed.kdf,
+        sealed.password_hash.as_deref(),
+    );
     let plain = Zeroizing::new(
         key.cipher()
             .decrypt(
@@ -264,6 +302,7 @@ pub fn open(account: &str, key: &SealKey, sealed: &SealedGrant) -> Result<GrantD
     Ok(GrantData {
         refresh_token: wire.refresh_token.take().map(SecretString::from),
         obtained_at: wire.obtained_at,
+        client_id: wire.client_id.take(),
     })
 }
 
@@ -284,6 +323,44 @@ impl ClassifyStr for serde_json::Error {
     }
 }
 
+/// Service key mode: the record key for one salt, from the service secret
+/// (a key file or systemd credential of at least 32 random bytes).
+pub fn service_key(secret: &[u8], salt: &[u8]) -> SealKey {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"mailbridge-service-key");
+    h.update((secret.len() as u64).to_be_bytes());
+    h.update(secret);
+    h.update(salt);
+    SealKey::from_bytes(h.finalize().into())
+}
+
+/// Service key mode: an Argon2id PHC hash of the local login password.
+pub fn hash_password(password: &SecretString, kdf: KdfParams) -> Result<String, SealError> {
+    use argon2::password_hash::PasswordHasher;
+    let params = check_params(kdf)?;
+    let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+    let hash = argon
+        .hash_password_with_salt(password.expose_secret().as_bytes(), &new_salt())
+        .map_err(|e| SealError::Kdf {
+            reason: e.to_string(),
+        })?;
+    Ok(hash.to_string())
+}
+
+/// Service key mode: whether `password` matches a PHC hash from
+/// [`hash_password`]. A malformed hash is an error, not a mismatch.
+pub fn verify_password(password: &SecretString, hash: &str) -> Result<bool, SealError> {
+    use argon2::password_hash::PasswordVerifier;
+    match Argon2::default().verify_password(password.expose_secret().as_bytes(), hash) {
+        Ok(()) => Ok(true),
+        Err(argon2::password_hash::Error::PasswordInvalid) => Ok(false),
+        Err(e) => Err(SealError::Malformed {
+            reason: format!("stored password hash: {e}"),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,6 +373,7 @@ mod tests {
         GrantData {
             refresh_token: Some(pw(token)),
             obtained_at: 1_700_000_000,
+            client_id: None,
         }
     }
 

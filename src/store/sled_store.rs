@@ -316,6 +316,7 @@ pub(crate) mod tests {
             kdf: KdfParams::for_tests(),
             salt: vec![n; 16],
             nonce: vec![n; 24],
+            password_hash: None,
             ciphertext: vec![n; 48],
         }
     }

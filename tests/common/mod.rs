@@ -107,7 +107,13 @@ impl Harness {
             SandboxTls::StartTls => "starttls",
             _ => "implicit",
         };
-        let listener_cert = if opts.listener_tls == "none" {
+        // "implicit-selfsigned": TLS with the certificate mailbridge
+        // generates when none is configured.
+        let (ltls, generated) = match opts.listener_tls.strip_suffix("-selfsigned") {
+            Some(mode) => (mode, true),
+            None => (opts.listener_tls, false),
+        };
+        let listener_cert = if ltls == "none" || generated {
             String::new()
         } else {
             format!(
@@ -161,7 +167,7 @@ user = "{USER}"
 provider = "sandbox"
 "#,
             extra = opts.server_extra,
-            ltls = opts.listener_tls,
+            ltls = ltls,
             token_url = provider.token_url(),
             ca = ca.display(),
             port = imap.addr().port(),
@@ -174,7 +180,7 @@ provider = "sandbox"
         let settings = Settings::parse(&config, "test config").unwrap();
         let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(&dir.join("state")).unwrap());
         let refresh_token = provider.issue_refresh_token(USER, "mail");
-        let vault = mailbridge::server::vault_for(&settings, store.clone());
+        let vault = mailbridge::server::vault_for(&settings, store.clone()).unwrap();
         vault
             .create(
                 USER,
@@ -182,6 +188,7 @@ provider = "sandbox"
                 GrantData {
                     refresh_token: Some(SecretString::from(refresh_token.clone())),
                     obtained_at: 0,
+                    client_id: None,
                 },
                 AccountMeta {
                     provider: "sandbox".into(),

@@ -784,12 +784,14 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         Err(rejection) => {
             shared.auth_failures.fetch_add(1, Ordering::SeqCst);
             tracing::debug!("sandbox IMAP refused a token: {}", rejection.reason);
-            let challenge = serde_json::json!({
-                "status": rejection.status,
-                "schemes": "bearer",
-                "scope": CHALLENGE_SCOPE,
-            });
-            conn.send_line(&format!("+ {}", STANDARD.encode(challenge.to_string())))
+            if rejection.temporary {
+                // Dovecot, when its token check cannot run: no challenge.
+                return Ok(format!(
+                    "{tag} NO [UNAVAILABLE] Temporary authentication failure."
+                ));
+            }
+            let challenge = super::failure_challenge(mechanism, &rejection, CHALLENGE_SCOPE);
+            conn.send_line(&format!("+ {}", STANDARD.encode(challenge)))
                 .await?;
             match conn.read_line().await? {
                 Line::Ok => {}

@@ -253,9 +253,9 @@ async fn oauthbearer_failure_challenge_then_success() {
         oauthbearer(USER, "not-a-live-token-at-all")
     ))
     .await;
+    // RFC 7628's error code, as Dovecot sends it for OAUTHBEARER.
     let challenge = decode_challenge(&c.line().await);
-    assert_eq!(challenge["status"], "401");
-    assert_eq!(challenge["schemes"], "bearer");
+    assert_eq!(challenge["status"], "invalid_token");
     assert!(challenge["scope"].is_string());
     c.send("AQ==").await;
     assert_eq!(
@@ -271,7 +271,7 @@ async fn oauthbearer_failure_challenge_then_success() {
     decode_challenge(&c.line().await);
     c.send("").await;
     assert!(c.line().await.starts_with("b BAD"));
-    // Another user's token: status 400.
+    // Another user's token: OAUTHBEARER has no "400"; still invalid_token.
     let bobs = sb
         .provider
         .issue_access_token("bob@example.com", "mail", Duration::from_secs(60));
@@ -280,7 +280,7 @@ async fn oauthbearer_failure_challenge_then_success() {
         oauthbearer(USER, &bobs)
     ))
     .await;
-    assert_eq!(decode_challenge(&c.line().await)["status"], "400");
+    assert_eq!(decode_challenge(&c.line().await)["status"], "invalid_token");
     c.send("AQ==").await;
     assert!(c.line().await.starts_with("c NO [AUTHENTICATIONFAILED]"));
     assert_eq!(sb.server.auth_failures(), 3);

@@ -645,12 +645,12 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         Err(rejection) => {
             shared.auth_failures.fetch_add(1, Ordering::SeqCst);
             tracing::debug!("sandbox POP3 refused a token: {}", rejection.reason);
-            let challenge = serde_json::json!({
-                "status": rejection.status,
-                "schemes": "bearer",
-                "scope": CHALLENGE_SCOPE,
-            });
-            conn.send_line(&format!("+ {}", STANDARD.encode(challenge.to_string())))
+            if rejection.temporary {
+                // Dovecot, when its token check cannot run: no challenge.
+                return Ok("-ERR [SYS/TEMP] Temporary authentication failure.".to_string());
+            }
+            let challenge = super::failure_challenge(mechanism, &rejection, CHALLENGE_SCOPE);
+            conn.send_line(&format!("+ {}", STANDARD.encode(challenge)))
                 .await?;
             match conn.read_line().await? {
                 Line::Ok => {}

@@ -242,7 +242,7 @@ async fn bad_token_challenge_dance() {
     // OAUTHBEARER two-step: challenge, AQ==, -ERR.
     assert_eq!(c.cmd("AUTH OAUTHBEARER").await, "+ ");
     let line = c.cmd(&oauthbearer(USER, "nope")).await;
-    assert_eq!(decode_challenge(&line)["status"], "401");
+    assert_eq!(decode_challenge(&line)["status"], "invalid_token");
     assert_eq!(c.cmd("AQ==").await, "-ERR [AUTH] Authentication failed");
     // A wrong answer to the challenge is a protocol error.
     c.cmd(&format!("AUTH OAUTHBEARER {}", oauthbearer(USER, "nope")))
@@ -570,7 +570,10 @@ async fn upstream_login_dialogue_against_the_sandbox() {
                 .challenge
                 .as_ref()
                 .and_then(|c| c.status.as_deref()),
-            Some("401")
+            Some(match mech {
+                Mechanism::Xoauth2 => "401",
+                Mechanism::Oauthbearer => "invalid_token",
+            })
         );
         // Relaying from here: the session is a plain POP3 session.
         let mut c = Client::new(tls);

@@ -70,6 +70,13 @@ pub struct SmtpServerOptions {
     pub auth_failure_reply: Option<String>,
     /// The SIZE advertised and enforced. Default 64 MiB.
     pub max_size: u64,
+    /// Longest AUTH command line, CRLF included, whose initial response is
+    /// still read whole. Default 2048, Postfix's `line_length_limit`: a
+    /// longer line is cut there, and the cut initial response is refused
+    /// as Postfix refuses it (`535 5.7.8 Error: authentication failed:
+    /// Invalid base64 data in initial response`). SASL responses after a
+    /// `334` may be longer (Postfix: 12288 octets).
+    pub max_auth_line: usize,
 }
 
 impl Default for SmtpServerOptions {
@@ -80,6 +87,7 @@ impl Default for SmtpServerOptions {
             require_two_step: false,
             auth_failure_reply: None,
             max_size: 64 * 1024 * 1024,
+            max_auth_line: 2048,
         }
     }
 }
@@ -619,6 +627,16 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         shared.auth_failures.fetch_add(1, Ordering::SeqCst);
         return Ok(reply.clone());
     }
+    if let Some(ir) = &initial {
+        // "AUTH " MECH " " RESPONSE CRLF, as Postfix counts it.
+        if 5 + mechanism.name().len() + 1 + ir.len() + 2 > shared.opts.max_auth_line {
+            shared.auth_failures.fetch_add(1, Ordering::SeqCst);
+            return Ok(
+                "535 5.7.8 Error: authentication failed: Invalid base64 data in initial response"
+                    .to_owned(),
+            );
+        }
+    }
     if initial.is_some() && shared.opts.require_two_step {
         return Ok(
             "501 5.5.2 Initial response not accepted; send AUTH with the mechanism alone"
@@ -661,12 +679,12 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         Err(rejection) => {
             shared.auth_failures.fetch_add(1, Ordering::SeqCst);
             tracing::debug!("sandbox SMTP refused a token: {}", rejection.reason);
-            let challenge = serde_json::json!({
-                "status": rejection.status,
-                "schemes": "bearer",
-                "scope": CHALLENGE_SCOPE,
-            });
-            conn.send_line(&format!("334 {}", STANDARD.encode(challenge.to_string())))
+            if rejection.temporary {
+                // RFC 4954's temporary authentication failure, no challenge.
+                return Ok("454 4.7.0 Temporary authentication failure".to_owned());
+            }
+            let challenge = super::failure_challenge(mechanism, &rejection, CHALLENGE_SCOPE);
+            conn.send_line(&format!("334 {}", STANDARD.encode(challenge)))
                 .await?;
             let Some(answer) = conn.read_response().await? else {
                 return Err(io::ErrorKind::UnexpectedEof.into());

@@ -262,7 +262,7 @@ async fn bad_token_challenge_dance() {
     // OAUTHBEARER, two-step: the answer must be AQ==.
     assert_eq!(c.cmd("AUTH OAUTHBEARER").await, "334 ");
     c.send(&oauthbearer(USER, "nope")).await;
-    assert_eq!(decode_challenge(&c.line().await)["status"], "401");
+    assert_eq!(decode_challenge(&c.line().await)["status"], "invalid_token");
     assert_eq!(
         c.cmd("AQ==").await,
         "535 5.7.8 Username and Password not accepted"
@@ -686,4 +686,31 @@ mod upstream {
             "{end:?}"
         );
     }
+}
+
+/// Postfix's line limit, found by the interop suite: an AUTH line over 2048
+/// octets is cut and its initial response refused; the same response after
+/// a `334` is fine.
+#[tokio::test]
+async fn long_initial_response_is_cut_like_postfix() {
+    let sb = sandbox(SmtpServerOptions {
+        tls: SandboxTls::Plain,
+        ..SmtpServerOptions::default()
+    })
+    .await;
+    sb.provider.set_access_token_min_len(2000);
+    let token = sb.token();
+    assert!(token.len() >= 2000);
+    let mut c = sb.plain().await;
+    c.line().await;
+    c.cmd_all("EHLO x").await;
+    let ir = xoauth2(USER, &token);
+    assert_eq!(
+        c.cmd(&format!("AUTH XOAUTH2 {ir}")).await,
+        "535 5.7.8 Error: authentication failed: Invalid base64 data in initial response"
+    );
+    assert_eq!(c.cmd("AUTH XOAUTH2").await, "334 ");
+    assert_eq!(c.cmd(&ir).await, "235 2.7.0 Accepted");
+    assert_eq!(sb.server.auth_failures(), 1);
+    assert_eq!(sb.server.logins(), 1);
 }

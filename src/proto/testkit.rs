@@ -1,0 +1,103 @@
+//! Test-only helpers shared by the protocol cores' unit tests: scripted
+//! views of a [`ClientSession`]'s and an [`UpstreamLogin`]'s steps.
+
+use secrecy::ExposeSecret;
+
+use super::{ClientSession, ClientStep, UpstreamLogin, UpstreamStep};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// One upstream step, as the tests compare it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Up {
+    Send(String),
+    StartTls,
+    NeedToken,
+    Ok(Vec<String>, String),
+    Rejected {
+        status: Option<String>,
+        text: String,
+        retry: bool,
+    },
+    Err(String),
+}
+
+/// Collects steps until the session wants input (or fails).
+pub fn up_pump(u: &mut dyn UpstreamLogin, evs: &mut Vec<Up>) {
+    loop {
+        let ev = match u.next_step() {
+            Ok(UpstreamStep::NeedInput) => return,
+            Ok(UpstreamStep::Send(b)) => Up::Send(text(&b)),
+            Ok(UpstreamStep::StartTls) => Up::StartTls,
+            Ok(UpstreamStep::NeedToken) => Up::NeedToken,
+            Ok(UpstreamStep::Authenticated(ok)) => Up::Ok(ok.capabilities, text(&ok.leftover)),
+            Ok(UpstreamStep::Rejected(r)) => Up::Rejected {
+                status: r.challenge.and_then(|c| c.status),
+                text: r.server_text,
+                retry: r.retry_suggested,
+            },
+            Err(e) => {
+                evs.push(Up::Err(e.to_string()));
+                return;
+            }
+        };
+        evs.push(ev);
+    }
+}
+
+/// Feeds server bytes and collects the resulting steps.
+pub fn up_feed(u: &mut dyn UpstreamLogin, input: &[u8]) -> Vec<Up> {
+    let mut evs = Vec::new();
+    u.feed(input);
+    up_pump(u, &mut evs);
+    evs
+}
+
+/// One client-session step, as the tests compare it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ev {
+    Out(String),
+    StartTls(String),
+    Login {
+        user: String,
+        pass: String,
+        info: Option<String>,
+    },
+    Close(String),
+}
+
+/// Runs the session until it needs input, merging consecutive sends.
+pub fn pump(sess: &mut dyn ClientSession, evs: &mut Vec<Ev>) {
+    loop {
+        let ev = match sess.next_step() {
+            ClientStep::NeedInput => return,
+            ClientStep::Send(b) => {
+                if let Some(Ev::Out(prev)) = evs.last_mut() {
+                    prev.push_str(&text(&b));
+                    continue;
+                }
+                Ev::Out(text(&b))
+            }
+            ClientStep::StartTls(b) => Ev::StartTls(text(&b)),
+            ClientStep::Login(req) => Ev::Login {
+                user: req.credentials.user.clone(),
+                pass: req.credentials.password.expose_secret().to_owned(),
+                info: req.client_info.clone(),
+            },
+            ClientStep::Close(b) => Ev::Close(text(&b)),
+        };
+        evs.push(ev);
+    }
+}
+
+/// Feeds `input` in chunks of `chunk` bytes.
+pub fn drive(sess: &mut dyn ClientSession, input: &[u8], chunk: usize) -> Vec<Ev> {
+    let mut evs = Vec::new();
+    for part in input.chunks(chunk.max(1)) {
+        sess.feed(part);
+        pump(sess, &mut evs);
+    }
+    evs
+}
