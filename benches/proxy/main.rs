@@ -510,7 +510,15 @@ provider = "sandbox"
     }
     let mut report = format!(
         "mailbridge benchmark, {} run ({}), {} s on {} CPU(s), {}.\n\n{table}\n",
-        if plan.quick { "quick" } else { "full" },
+        match (plan.quick, plan.only.is_empty()) {
+            (false, true) => "full".to_string(),
+            (true, true) => "quick".to_string(),
+            (q, false) => format!(
+                "{}partial ({})",
+                if q { "quick, " } else { "" },
+                plan.only.join(", ")
+            ),
+        },
         time_of_day_utc_date(),
         started.elapsed().as_secs(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -565,7 +573,7 @@ fn time_of_day_utc_date() -> String {
     let t = time::OffsetDateTime::from_unix_timestamp(secs as i64)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     format!(
-        "{:04}-{:02}-{:02} {}:{:02} UTC",
+        "{:04}-{:02}-{:02} {:02}:{:02} UTC",
         t.year(),
         u8::from(t.month()),
         t.day(),
