@@ -1,7 +1,7 @@
 //! The mailbridge benchmark: every figure through mailbridge and, in the
 //! same run, with the same client straight to the upstream.
 //!
-//!     cargo bench --bench proxy              # the full run, a few minutes
+//!     cargo bench --bench proxy              # the full run, about half a minute
 //!     cargo bench --bench proxy -- --quick   # smaller counts, to try it
 //!
 //! Three processes, as in real use: this one runs the sandbox OAuth2
@@ -9,7 +9,8 @@
 //! servers; `mailbridge run` runs apart, so its memory is its own (its
 //! grants sealed beforehand with `mailbridge account import`); and the
 //! clients run in a third process (this executable with
-//! `--client-worker`). Clients talk to mailbridge in plain text on loopback
+//! `--client-worker`). Two more copies of this executable with
+//! `--forwarder` are bare TCP relays for the floor table. Clients talk to mailbridge in plain text on loopback
 //! and mailbridge talks TLS upstream; the direct client talks TLS and
 //! XOAUTH2 itself. The table goes to standard output
 //! and to `target/mailbridge-bench.md` (or `--out FILE`). See

@@ -50,23 +50,6 @@ pub enum Route {
 }
 
 impl Route {
-    /// "mailbridge" or "direct".
-    pub fn label(&self) -> &'static str {
-        match self {
-            Route::Direct { .. } => "direct",
-            Route::Proxy { .. } => "mailbridge",
-        }
-    }
-
-    /// The same route to another port (IMAP and SMTP of one side).
-    pub fn with_addr(&self, to: SocketAddr) -> Route {
-        let mut r = self.clone();
-        match &mut r {
-            Route::Direct { addr, .. } | Route::Proxy { addr, .. } => *addr = to,
-        }
-        r
-    }
-
     /// The same direct route with another token (after a refresh).
     pub fn with_token(&self, new: &str) -> Route {
         let mut r = self.clone();
