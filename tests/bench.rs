@@ -34,10 +34,18 @@ fn routes(h: &Harness) -> (RouteSpec, RouteSpec, RouteSpec, RouteSpec) {
 async fn every_job_both_ways() {
     let h = Harness::start(Options::default()).await;
     let (imap_proxy, imap_direct, smtp_proxy, smtp_direct) = routes(&h);
-    for _ in 0..3 {
-        h.imap.append(USER, "INBOX", vec![b'x'; 70_000]);
-    }
     let mut w = Worker::default();
+    let reply = w
+        .run(Job::Append {
+            route: imap_direct.clone(),
+            mailbox: "INBOX".into(),
+            count: 2,
+            size: 70_000,
+        })
+        .await;
+    assert!(matches!(reply, Reply::Open { .. }), "{reply:?}");
+    h.imap.append(USER, "INBOX", vec![b'x'; 70_000]);
+    assert_eq!(h.imap.messages(USER, "INBOX").len(), 3);
 
     let reply = w
         .run(Job::LoginLatency {
@@ -75,12 +83,15 @@ async fn every_job_both_ways() {
                 sessions: 2,
                 messages: 3,
                 size: 20_000,
+                from: None,
+                to: Some("someone@example.com".into()),
             })
             .await;
         assert!(matches!(reply, Reply::Elapsed { .. }), "{reply:?}");
         let got = h.smtp.messages();
         assert_eq!(got.len(), 3);
         assert!(got.iter().all(|m| m.data.len() == 20_000));
+        assert!(got.iter().all(|m| m.to == ["someone@example.com"]));
     }
 
     for route in [&imap_proxy, &imap_direct] {

@@ -303,6 +303,29 @@ impl Imap {
         }
     }
 
+    /// APPEND of one message with a synchronizing literal.
+    pub async fn append(&mut self, mailbox: &str, message: &[u8]) -> io::Result<()> {
+        let tag = self.tag();
+        self.lines
+            .send(format!("{tag} APPEND {} {{{}}}\r\n", quote(mailbox), message.len()).as_bytes())
+            .await?;
+        let go = self.lines.next().await?;
+        if !go.starts_with(b"+") {
+            return Err(protocol_error("APPEND", go));
+        }
+        self.lines.send(message).await?;
+        self.lines.send(b"\r\n").await?;
+        loop {
+            let line = self.lines.next().await?;
+            if line.starts_with(tag.as_bytes()) && line.get(tag.len()) == Some(&b' ') {
+                if line[tag.len() + 1..].starts_with(b"OK") {
+                    return Ok(());
+                }
+                return Err(protocol_error("APPEND", line));
+            }
+        }
+    }
+
     /// LOGOUT: reads to the tagged OK.
     pub async fn logout(mut self) -> io::Result<()> {
         self.command("LOGOUT").await.map(drop)

@@ -76,14 +76,17 @@ pub async fn fetch(route: &Route, set: &str) -> io::Result<(Duration, Fetched)> 
 }
 
 /// `sessions` SMTP sessions at once, sending `messages` messages between
-/// them (`wire` each, from [`super::client::message_wire`]). Returns the
-/// wall time from the first connect to the last QUIT.
+/// them (`wire` each, from [`super::client::message_wire`]) from and to the
+/// `envelope` addresses. Returns the wall time from the first connect to
+/// the last QUIT.
 pub async fn smtp(
     route: &Route,
     sessions: usize,
     messages: usize,
     wire: Arc<Vec<u8>>,
+    envelope: (&str, &str),
 ) -> io::Result<Duration> {
+    let (from, to) = (envelope.0.to_string(), envelope.1.to_string());
     let sessions = sessions.max(1);
     let started = Instant::now();
     let mut tasks = JoinSet::new();
@@ -91,11 +94,11 @@ pub async fn smtp(
         let count = messages / sessions + usize::from(i < messages % sessions);
         let route = route.clone();
         let wire = wire.clone();
+        let (from, to) = (from.clone(), to.clone());
         tasks.spawn(bounded(async move {
             let mut c = Smtp::open(&route).await?;
             for _ in 0..count {
-                c.send("bench@example.com", "rcpt@example.com", &wire)
-                    .await?;
+                c.send(&from, &to, &wire).await?;
             }
             c.quit().await
         }));
@@ -104,6 +107,20 @@ pub async fn smtp(
         r.map_err(io::Error::other)??;
     }
     Ok(started.elapsed())
+}
+
+/// Logs in and appends `count` messages of `size` bytes to `mailbox`.
+pub async fn append(route: &Route, mailbox: &str, count: usize, size: usize) -> io::Result<()> {
+    bounded(async {
+        let mut c = Imap::open(route, 4096).await?;
+        let wire = super::client::message_wire(size, "bench@example.com", "rcpt@example.com");
+        let message = &wire[..wire.len() - 3];
+        for _ in 0..count {
+            c.append(mailbox, message).await?;
+        }
+        c.logout().await
+    })
+    .await
 }
 
 /// Sessions opened at once and kept open.

@@ -81,6 +81,24 @@ pub enum Job {
         messages: usize,
         /// Bytes per message.
         size: usize,
+        /// MAIL FROM (default `bench@example.com`; a real server may want
+        /// the logged-in address).
+        #[serde(default)]
+        from: Option<String>,
+        /// RCPT TO (default `rcpt@example.com`).
+        #[serde(default)]
+        to: Option<String>,
+    },
+    /// [`scenario::append`]: fills a mailbox.
+    Append {
+        /// Where.
+        route: RouteSpec,
+        /// The mailbox.
+        mailbox: String,
+        /// Messages.
+        count: usize,
+        /// Bytes each.
+        size: usize,
     },
     /// [`scenario::concurrent_logins`].
     ConcurrentLogins {
@@ -258,13 +276,28 @@ impl Worker {
                 sessions,
                 messages,
                 size,
+                from,
+                to,
             } => {
                 let route = self.route(&route)?;
-                let wire = Arc::new(message_wire(size, "bench@example.com", "rcpt@example.com"));
-                let elapsed = scenario::smtp(&route, sessions, messages, wire).await?;
+                let from = from.unwrap_or_else(|| "bench@example.com".into());
+                let to = to.unwrap_or_else(|| "rcpt@example.com".into());
+                let wire = Arc::new(message_wire(size, &from, &to));
+                let elapsed =
+                    scenario::smtp(&route, sessions, messages, wire, (&from, &to)).await?;
                 Reply::Elapsed {
                     elapsed_us: us(elapsed),
                 }
+            }
+            Job::Append {
+                route,
+                mailbox,
+                count,
+                size,
+            } => {
+                let route = self.route(&route)?;
+                scenario::append(&route, &mailbox, count, size).await?;
+                Reply::Open { sessions: 0 }
             }
             Job::ConcurrentLogins { route, n } => {
                 let route = self.route(&route)?;
