@@ -165,12 +165,14 @@ grant = "password"
     /// Runs `mailbridge run`, logs in as `user` with `password` over IMAP,
     /// and returns the tagged reply.
     async fn login(&self, user: &str, password: &str) -> String {
-        let mut server = Command::new(BIN)
-            .args(["run", "--config", &self.config])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut server = Reaper(
+            Command::new(BIN)
+                .args(["run", "--config", &self.config])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         let addr: std::net::SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
         let mut up = false;
         for _ in 0..200 {
@@ -559,13 +561,15 @@ async fn service_key_mode_refreshes_grants_in_the_background() {
     assert!(child.wait().unwrap().success());
 
     let before = w.provider.refresh_requests();
-    let mut server = Command::new(BIN)
-        .args(["run", "--config", &w.config])
-        .env("CREDENTIALS_DIRECTORY", &creds)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = Reaper(
+        Command::new(BIN)
+            .args(["run", "--config", &w.config])
+            .env("CREDENTIALS_DIRECTORY", &creds)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     // No client logs in; the grant is refreshed anyway, more than once.
     let mut refreshed = 0;
     for _ in 0..100 {
@@ -599,12 +603,14 @@ async fn authorize_on_first_login_seals_under_the_clients_password() {
     text.push_str("\n[[account]]\nuser = \"erin@example.com\"\nprovider = \"sandbox\"\nauthorize_on_login = true\n");
     std::fs::write(&w.config, text).unwrap();
 
-    let mut server = Command::new(BIN)
-        .args(["run", "--config", &w.config])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = Reaper(
+        Command::new(BIN)
+            .args(["run", "--config", &w.config])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut out = BufReader::new(server.stdout.take().unwrap());
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", w.port).parse().unwrap();
     for _ in 0..200 {

@@ -137,13 +137,15 @@ provider = "sandbox"
     let (ok, out, _) = mailbridge(&["account", "list", "--config", cfg], "");
     assert!(ok && out.contains(USER) && out.contains("never"), "{out}");
 
-    let mut server = Command::new(BIN)
-        .args(["run", "--config", cfg])
-        .env("MAILBRIDGE_LOG", "trace")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut server = Reaper(
+        Command::new(BIN)
+            .args(["run", "--config", cfg])
+            .env("MAILBRIDGE_LOG", "trace")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // Drain the logs as they come, or the pipe fills and the server blocks.
     let mut stderr = server.stderr.take().unwrap();
     let log_reader = std::thread::spawn(move || {
@@ -222,20 +224,22 @@ provider = "sandbox"
 
 #[tokio::test]
 async fn demo_serves_a_password_login() {
-    let mut demo = Command::new(BIN)
-        .args([
-            "demo",
-            "--imap-port",
-            "0",
-            "--pop3-port",
-            "0",
-            "--smtp-port",
-            "0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut demo = Reaper(
+        Command::new(BIN)
+            .args([
+                "demo",
+                "--imap-port",
+                "0",
+                "--pop3-port",
+                "0",
+                "--smtp-port",
+                "0",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut stdout = std::io::BufReader::new(demo.stdout.take().unwrap());
     let mut addrs: Vec<std::net::SocketAddr> = Vec::new();
     let mut printed = String::new();
