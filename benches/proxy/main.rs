@@ -568,8 +568,21 @@ provider = "sandbox"
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         kernel(),
     );
+    let mb_wanted = mailbridge::server::open_files_wanted((max_sessions + 1000).max(1000));
+    let short = match mb_limit {
+        Some(l) if l < mb_wanted => format!(
+            ", below the {mb_wanted} its max_connections needs{}",
+            if can_raise_hard_limit() {
+                ""
+            } else {
+                ": this machine does not let a process raise its hard limit \
+                 (no CAP_SYS_RESOURCE)"
+            }
+        ),
+        _ => String::new(),
+    };
     env.notes.push(format!(
-        "open-files limits: mailbridge {} (started with {}, raises its own at start), \
+        "open-files limits: mailbridge {} (started with {}; it raises its own at start{short}), \
          sandbox process {}, client process {}",
         mb_limit.map_or("?".into(), |l| l.to_string()),
         limit.before,
@@ -602,6 +615,18 @@ fn default_out() -> PathBuf {
         .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
         .unwrap_or_else(|| PathBuf::from("."))
         .join("mailbridge-bench.md")
+}
+
+/// Whether this process has CAP_SYS_RESOURCE (bit 24 of CapEff), which
+/// raising a hard limit needs.
+fn can_raise_hard_limit() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("CapEff:"))?;
+            u64::from_str_radix(line["CapEff:".len()..].trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 24) != 0)
 }
 
 fn kernel() -> String {
@@ -1157,7 +1182,7 @@ fn real_servers(
         block: 5,
     })?;
     let mut rows = Vec::new();
-    let rounds = plan.fetch_rounds.min(5);
+    let rounds = plan.fetch_rounds.min(7);
     if wants("login") {
         say("real servers: login latency");
         rows.extend(login_rows(
@@ -1183,7 +1208,7 @@ fn real_servers(
         });
     }
     if wants("smtp") {
-        let rounds = plan.smtp_rounds.min(3);
+        let rounds = plan.smtp_rounds.min(5);
         for sessions in [1, 20] {
             say(&format!("real servers: SMTP over {sessions} session(s)"));
             let s = smtp_samples_to(
