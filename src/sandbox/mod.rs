@@ -21,6 +21,7 @@
 //!   reader live in `smtp::syntax`.
 
 pub mod imap;
+mod net;
 pub mod pki;
 pub mod pop3;
 pub mod provider;

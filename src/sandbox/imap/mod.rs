@@ -22,7 +22,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -48,8 +47,6 @@ const MAX_LINE: usize = 64 * 1024;
 const MAX_LITERAL: u64 = 256 * 1024 * 1024;
 /// Largest literal before login (a LOGIN user name or password).
 const MAX_PREAUTH_LITERAL: u64 = 8 * 1024;
-/// A TLS handshake that takes longer than this is abandoned.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Message bodies at least this large are written straight from the store
 /// instead of being copied into the response buffer.
 const DIRECT_WRITE: usize = 64 * 1024;
@@ -293,39 +290,12 @@ fn count(n: usize) -> u32 {
 // Connections
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
-    let mut stop = shared.shutdown.subscribe();
-    loop {
-        tokio::select! {
-            () = stopped(&mut stop) => break,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => {
-                    let shared = shared.clone();
-                    let mut stop = shared.shutdown.subscribe();
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            result = connection(&shared, tcp) => {
-                                if let Err(e) = result {
-                                    tracing::debug!("sandbox IMAP connection ended: {e}");
-                                }
-                            }
-                            () = stopped(&mut stop) => {}
-                        }
-                    });
-                }
-                Err(e) => {
-                    // Out of file descriptors under load: back off briefly.
-                    tracing::warn!("sandbox IMAP accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }
-    }
-}
-
-/// Resolves once shutdown is requested (or the server handle is gone).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is not Send: drop it here.
-    let _ = rx.wait_for(|stop| *stop).await;
+    let stop = shared.shutdown.subscribe();
+    super::net::accept_loop(listener, stop, "IMAP", move |tcp| {
+        let shared = shared.clone();
+        async move { connection(&shared, tcp).await }
+    })
+    .await;
 }
 
 /// Per-connection protocol state.
@@ -350,27 +320,18 @@ async fn connection(shared: &Shared, tcp: TcpStream) -> io::Result<()> {
     tcp.set_nodelay(true)?;
     let mut session = Session::default();
     if shared.opts.tls == SandboxTls::Implicit {
-        let tls = accept_tls(shared, tcp).await?;
+        let tls = super::net::accept_tls(&shared.tls, tcp).await?;
         session.tls = true;
         run(shared, tls, &mut session, true).await?;
         return Ok(());
     }
     if let Outcome::StartTls(tcp) = run(shared, tcp, &mut session, true).await? {
-        let tls = accept_tls(shared, tcp).await?;
+        let tls = super::net::accept_tls(&shared.tls, tcp).await?;
         session.tls = true;
         // STARTTLS is refused once in TLS, so this cannot ask again.
         run(shared, tls, &mut session, false).await?;
     }
     Ok(())
-}
-
-async fn accept_tls(
-    shared: &Shared,
-    tcp: TcpStream,
-) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
-    tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, shared.tls.accept(tcp))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
 /// The stream with a small read buffer and the current line.

@@ -24,7 +24,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -50,8 +49,6 @@ const MAX_LINE: usize = 16 * 1024;
 /// Multi-line responses are written in pieces of about this size, so a
 /// large message is never copied whole.
 const WRITE_CHUNK: usize = 64 * 1024;
-/// A TLS handshake that takes longer than this is abandoned.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The `scope` the failure challenge names.
 const CHALLENGE_SCOPE: &str = "https://mail.example/";
 
@@ -230,39 +227,12 @@ impl Store {
 // Connections
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
-    let mut stop = shared.shutdown.subscribe();
-    loop {
-        tokio::select! {
-            () = stopped(&mut stop) => break,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => {
-                    let shared = shared.clone();
-                    let mut stop = shared.shutdown.subscribe();
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            result = connection(&shared, tcp) => {
-                                if let Err(e) = result {
-                                    tracing::debug!("sandbox POP3 connection ended: {e}");
-                                }
-                            }
-                            () = stopped(&mut stop) => {}
-                        }
-                    });
-                }
-                Err(e) => {
-                    // Out of file descriptors under load: back off briefly.
-                    tracing::warn!("sandbox POP3 accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }
-    }
-}
-
-/// Resolves once shutdown is requested (or the server handle is gone).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is not Send: drop it here.
-    let _ = rx.wait_for(|stop| *stop).await;
+    let stop = shared.shutdown.subscribe();
+    super::net::accept_loop(listener, stop, "POP3", move |tcp| {
+        let shared = shared.clone();
+        async move { connection(&shared, tcp).await }
+    })
+    .await;
 }
 
 /// One message of the maildrop as a session sees it.
@@ -311,27 +281,18 @@ async fn connection(shared: &Shared, tcp: TcpStream) -> io::Result<()> {
     tcp.set_nodelay(true)?;
     let mut session = Session::default();
     if shared.opts.tls == SandboxTls::Implicit {
-        let tls = accept_tls(shared, tcp).await?;
+        let tls = super::net::accept_tls(&shared.tls, tcp).await?;
         session.tls = true;
         run(shared, tls, &mut session, true).await?;
         return Ok(());
     }
     if let Outcome::StartTls(tcp) = run(shared, tcp, &mut session, true).await? {
-        let tls = accept_tls(shared, tcp).await?;
+        let tls = super::net::accept_tls(&shared.tls, tcp).await?;
         session.tls = true;
         // STLS is refused once in TLS, so this cannot ask again.
         run(shared, tls, &mut session, false).await?;
     }
     Ok(())
-}
-
-async fn accept_tls(
-    shared: &Shared,
-    tcp: TcpStream,
-) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
-    tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, shared.tls.accept(tcp))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
 /// The stream with a small read buffer and the current line.
