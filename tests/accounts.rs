@@ -133,6 +133,47 @@ grant = "password"
         }
     }
 
+    /// Rewrites the config for the open public-client profile: the provider
+    /// gets only its issuer (plus `extra`), endpoints come from discovery,
+    /// and only the person's account stays (app-only grants make no sense
+    /// there).
+    fn use_open_profile(&self, extra: &str) {
+        let text: String = std::fs::read_to_string(&self.config)
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                [
+                    "token_url",
+                    "authorize_url",
+                    "device_url",
+                    "client_id",
+                    "client_secret",
+                    "scopes",
+                    "service_account",
+                ]
+                .iter()
+                .all(|k| !l.starts_with(k))
+            })
+            .map(|l| {
+                if l == "preset = \"custom\"" {
+                    format!(
+                        "preset = \"open\"\nissuer = \"{}\"\n{extra}",
+                        self.provider.base_url()
+                    )
+                } else {
+                    l.replace(", mechanisms = [\"xoauth2\"]", "")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let text = text
+            .split("\n[[account]]\nuser = \"bob@example.com\"")
+            .next()
+            .unwrap()
+            .to_string();
+        std::fs::write(&self.config, text).unwrap();
+    }
+
     fn spawn(&self, args: &[&str]) -> (Child, BufReader<ChildStdout>) {
         let mut child = Command::new(BIN)
             .args(args)
@@ -669,38 +710,7 @@ async fn authorize_on_first_login_seals_under_the_clients_password() {
 async fn open_profile_discovers_endpoints_and_explains_its_errors() {
     let w = World::new("preset = \"custom\"", ProviderOptions::default()).await;
     // Only the issuer: endpoints come from its metadata; client id `open`.
-    let text: String = std::fs::read_to_string(&w.config)
-        .unwrap()
-        .lines()
-        .filter(|l| {
-            ![
-                "token_url",
-                "authorize_url",
-                "device_url",
-                "client_id",
-                "client_secret",
-                "scopes",
-                "service_account",
-            ]
-            .iter()
-            .any(|k| l.starts_with(k))
-        })
-        .map(|l| {
-            if l == "preset = \"custom\"" {
-                format!("preset = \"open\"\nissuer = \"{}\"", w.provider.base_url())
-            } else {
-                l.replace(", mechanisms = [\"xoauth2\"]", "")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    // Only the person's account: app-only grants make no sense here.
-    let text = text
-        .split("\n[[account]]\nuser = \"bob@example.com\"")
-        .next()
-        .unwrap()
-        .to_string();
-    std::fs::write(&w.config, text).unwrap();
+    w.use_open_profile("");
     let (ok, out) = w.run(&["check-config"], "");
     assert!(ok, "{out}");
 
@@ -803,40 +813,7 @@ async fn client_credentials_with_a_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dynamic_client_registration_for_the_open_profile() {
     let w = World::new("preset = \"custom\"", ProviderOptions::default()).await;
-    let text: String = std::fs::read_to_string(&w.config)
-        .unwrap()
-        .lines()
-        .filter(|l| {
-            ![
-                "token_url",
-                "authorize_url",
-                "device_url",
-                "client_id",
-                "client_secret",
-                "scopes",
-                "service_account",
-            ]
-            .iter()
-            .any(|k| l.starts_with(k))
-        })
-        .map(|l| {
-            if l == "preset = \"custom\"" {
-                format!(
-                    "preset = \"open\"\nissuer = \"{}\"\ndynamic_registration = true",
-                    w.provider.base_url()
-                )
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    let text = text
-        .split("\n[[account]]\nuser = \"bob@example.com\"")
-        .next()
-        .unwrap()
-        .to_string();
-    std::fs::write(&w.config, text).unwrap();
+    w.use_open_profile("dynamic_registration = true");
     assert!(w.provider.registered_clients().is_empty());
 
     let (mut child, mut out) = w.spawn(&[
