@@ -1802,13 +1802,7 @@ mod tests {
     /// same events whatever the chunking.
     #[test]
     fn prop_random_input_never_panics() {
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         let pieces: [&[u8]; 16] = [
             b"EHLO ",
             b"HELO x\r\n",
@@ -1871,7 +1865,7 @@ mod tests {
 
     // ----- upstream side -----
 
-    use crate::proto::testkit::{Up, up_feed, up_pump};
+    use crate::proto::testkit::{Up, run_script, up_feed, xorshift};
 
     fn token() -> BearerToken {
         BearerToken {
@@ -2314,18 +2308,7 @@ mod tests {
         ];
         let run_it = |chunk: usize| {
             let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
-            let mut evs = Vec::new();
-            for part in &script {
-                for piece in part.chunks(chunk) {
-                    u.feed(piece);
-                    up_pump(&mut u, &mut evs);
-                }
-                if evs.last() == Some(&Up::NeedToken) {
-                    u.provide_token(&token());
-                    up_pump(&mut u, &mut evs);
-                }
-            }
-            evs
+            run_script(&mut u, &script, chunk, &token())
         };
         let whole = run_it(usize::MAX);
         assert_eq!(
@@ -2350,13 +2333,7 @@ mod tests {
 
     #[test]
     fn prop_random_server_bytes_never_panic() {
-        let mut x: u64 = 0x1234_5678_9abc_def1;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = xorshift(0x1234_5678_9abc_def1);
         let pieces: [&[u8]; 12] = [
             b"220 ",
             b"250-",

@@ -4,6 +4,7 @@
 use secrecy::ExposeSecret;
 
 use super::{ClientSession, ClientStep, UpstreamLogin, UpstreamStep};
+use crate::sasl::BearerToken;
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -100,4 +101,38 @@ pub fn drive(sess: &mut dyn ClientSession, input: &[u8], chunk: usize) -> Vec<Ev
         pump(sess, &mut evs);
     }
     evs
+}
+
+/// Feeds a server script to a fresh upstream login in pieces of `chunk`
+/// bytes, providing `token` whenever it is asked for; returns every step.
+pub fn run_script(
+    u: &mut dyn UpstreamLogin,
+    script: &[&[u8]],
+    chunk: usize,
+    token: &BearerToken,
+) -> Vec<Up> {
+    let mut evs = Vec::new();
+    for part in script {
+        for piece in part.chunks(chunk.max(1)) {
+            u.feed(piece);
+            up_pump(u, &mut evs);
+        }
+        if evs.last() == Some(&Up::NeedToken) {
+            u.provide_token(token);
+            up_pump(u, &mut evs);
+        }
+    }
+    evs
+}
+
+/// A small deterministic generator (xorshift64) for the random-input
+/// tests: reproducible without a dependency.
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
 }
