@@ -1,11 +1,12 @@
 //! Socket plumbing shared by the sandbox mail servers: the accept loop
-//! (a task per connection, all stopped on shutdown) and the TLS accept with
-//! a handshake timeout.
+//! (a task per connection, all stopped on shutdown), the TLS accept with a
+//! handshake timeout, and a line-reading connection with a small buffer.
 
 use std::future::Future;
 use std::io;
 use std::time::Duration;
 
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -67,4 +68,75 @@ pub(crate) async fn accept_tls(
     tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+}
+
+/// Read buffer per connection: idle sessions stay small.
+const READ_BUFFER: usize = 1024;
+
+/// The stream with a small read buffer and the current line.
+pub(crate) struct Conn<S> {
+    pub(crate) io: BufReader<S>,
+    pub(crate) line: Vec<u8>,
+    max_line: usize,
+}
+
+/// Result of reading one line.
+pub(crate) enum Line {
+    /// `line` holds the line without its end-of-line.
+    Ok,
+    Eof,
+    TooLong,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// A connection whose lines may be at most `max_line` bytes.
+    pub(crate) fn new(stream: S, max_line: usize) -> Conn<S> {
+        Conn {
+            io: BufReader::with_capacity(READ_BUFFER, stream),
+            line: Vec::new(),
+            max_line,
+        }
+    }
+
+    pub(crate) async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let stream = self.io.get_mut();
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    }
+
+    pub(crate) async fn send_line(&mut self, line: &str) -> io::Result<()> {
+        let mut bytes = Vec::with_capacity(line.len() + 2);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+        self.send(&bytes).await
+    }
+
+    pub(crate) async fn read_line(&mut self) -> io::Result<Line> {
+        self.line.clear();
+        if self.line.capacity() > 4 * READ_BUFFER {
+            // Keep idle sessions small after one long line.
+            self.line.shrink_to(READ_BUFFER);
+        }
+        loop {
+            let available = self.io.fill_buf().await?;
+            if available.is_empty() {
+                return Ok(Line::Eof);
+            }
+            let (chunk, done) = match available.iter().position(|&b| b == b'\n') {
+                Some(i) => (&available[..=i], true),
+                None => (available, false),
+            };
+            let used = chunk.len();
+            if self.line.len() + used > self.max_line {
+                return Ok(Line::TooLong);
+            }
+            self.line.extend_from_slice(chunk);
+            self.io.consume(used);
+            if done {
+                let trimmed = super::imap::syntax::trim_eol(&self.line).len();
+                self.line.truncate(trimmed);
+                return Ok(Line::Ok);
+            }
+        }
+    }
 }

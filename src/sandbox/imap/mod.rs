@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -33,14 +33,12 @@ use tokio_rustls::TlsAcceptor;
 use self::syntax::{
     Command, FetchItem, LiteralHeader, Part, SeqSet, Token, list_matches, literal_suffix,
     normalize_mailbox, parse_command, parse_fetch_items, parse_oauthbearer, parse_xoauth2,
-    peek_tag, quote, trim_eol,
+    peek_tag, quote,
 };
+use super::net::{Conn, Line};
 use super::{SandboxTls, TestPki, TokenValidator};
 use crate::sasl::Mechanism;
 
-/// Read buffer per connection: small, because the benchmark holds 10,000
-/// idle sessions; big literals bypass it.
-const READ_BUFFER: usize = 1024;
 /// Longest command line accepted; longer ones end the connection.
 const MAX_LINE: usize = 64 * 1024;
 /// Largest literal after login (the benchmark appends 50 MB messages).
@@ -334,20 +332,6 @@ async fn connection(shared: &Shared, tcp: TcpStream) -> io::Result<()> {
     Ok(())
 }
 
-/// The stream with a small read buffer and the current line.
-struct Conn<S> {
-    io: BufReader<S>,
-    line: Vec<u8>,
-}
-
-/// Result of reading one line.
-enum Line {
-    /// `self.line` holds the line without its end-of-line.
-    Ok,
-    Eof,
-    TooLong,
-}
-
 /// Result of reading one whole command.
 enum Read {
     Command(Vec<Part>),
@@ -365,48 +349,6 @@ enum Next {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
-    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let stream = self.io.get_mut();
-        stream.write_all(bytes).await?;
-        stream.flush().await
-    }
-
-    async fn send_line(&mut self, line: &str) -> io::Result<()> {
-        let mut bytes = Vec::with_capacity(line.len() + 2);
-        bytes.extend_from_slice(line.as_bytes());
-        bytes.extend_from_slice(b"\r\n");
-        self.send(&bytes).await
-    }
-
-    async fn read_line(&mut self) -> io::Result<Line> {
-        self.line.clear();
-        if self.line.capacity() > 4 * READ_BUFFER {
-            // Keep idle sessions small after one long line.
-            self.line.shrink_to(READ_BUFFER);
-        }
-        loop {
-            let available = self.io.fill_buf().await?;
-            if available.is_empty() {
-                return Ok(Line::Eof);
-            }
-            let (chunk, done) = match available.iter().position(|&b| b == b'\n') {
-                Some(i) => (&available[..=i], true),
-                None => (available, false),
-            };
-            let used = chunk.len();
-            if self.line.len() + used > MAX_LINE {
-                return Ok(Line::TooLong);
-            }
-            self.line.extend_from_slice(chunk);
-            self.io.consume(used);
-            if done {
-                let trimmed = trim_eol(&self.line).len();
-                self.line.truncate(trimmed);
-                return Ok(Line::Ok);
-            }
-        }
-    }
-
     /// Reads a command line and any literals it announces.
     async fn read_command(&mut self, authenticated: bool) -> io::Result<Read> {
         let mut parts = Vec::new();
@@ -464,10 +406,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     session: &mut Session,
     greet: bool,
 ) -> io::Result<Outcome<S>> {
-    let mut conn = Conn {
-        io: BufReader::with_capacity(READ_BUFFER, stream),
-        line: Vec::new(),
-    };
+    let mut conn = Conn::new(stream, MAX_LINE);
     if greet {
         let greeting = if shared.opts.capability_in_greeting {
             format!(

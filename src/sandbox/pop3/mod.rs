@@ -27,21 +27,19 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use self::syntax::{
     Command, Stuffer, line_count, message_index, parse_command, parse_oauthbearer, parse_xoauth2,
-    top_part, trim_eol,
+    top_part,
 };
+use super::net::{Conn, Line};
 use super::{SandboxTls, TestPki, TokenValidator};
 use crate::sasl::Mechanism;
 
-/// Read buffer per connection: small, because benchmarks hold many idle
-/// sessions.
-const READ_BUFFER: usize = 1024;
 /// Longest command line accepted, line ending included; longer ones end
 /// the connection. Far above RFC 2449's 255 octets so that an AUTH line
 /// with a long token still fits.
@@ -295,20 +293,6 @@ async fn connection(shared: &Shared, tcp: TcpStream) -> io::Result<()> {
     Ok(())
 }
 
-/// The stream with a small read buffer and the current line.
-struct Conn<S> {
-    io: BufReader<S>,
-    line: Vec<u8>,
-}
-
-/// Result of reading one line.
-enum Line {
-    /// `self.line` holds the line without its end-of-line.
-    Ok,
-    Eof,
-    TooLong,
-}
-
 /// What to do after a command.
 enum Next {
     Continue,
@@ -317,48 +301,6 @@ enum Next {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
-    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let stream = self.io.get_mut();
-        stream.write_all(bytes).await?;
-        stream.flush().await
-    }
-
-    async fn send_line(&mut self, line: &str) -> io::Result<()> {
-        let mut bytes = Vec::with_capacity(line.len() + 2);
-        bytes.extend_from_slice(line.as_bytes());
-        bytes.extend_from_slice(b"\r\n");
-        self.send(&bytes).await
-    }
-
-    async fn read_line(&mut self) -> io::Result<Line> {
-        self.line.clear();
-        if self.line.capacity() > 4 * READ_BUFFER {
-            // Keep idle sessions small after one long line.
-            self.line.shrink_to(READ_BUFFER);
-        }
-        loop {
-            let available = self.io.fill_buf().await?;
-            if available.is_empty() {
-                return Ok(Line::Eof);
-            }
-            let (chunk, done) = match available.iter().position(|&b| b == b'\n') {
-                Some(i) => (&available[..=i], true),
-                None => (available, false),
-            };
-            let used = chunk.len();
-            if self.line.len() + used > MAX_LINE {
-                return Ok(Line::TooLong);
-            }
-            self.line.extend_from_slice(chunk);
-            self.io.consume(used);
-            if done {
-                let trimmed = trim_eol(&self.line).len();
-                self.line.truncate(trimmed);
-                return Ok(Line::Ok);
-            }
-        }
-    }
-
     /// A multi-line response: the `+OK` line, the stuffed data, the `.`
     /// line; written in pieces so a large message is not copied whole.
     async fn send_multiline(&mut self, first: &str, data: &[u8]) -> io::Result<()> {
@@ -388,10 +330,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     session: &mut Session,
     greet: bool,
 ) -> io::Result<Outcome<S>> {
-    let mut conn = Conn {
-        io: BufReader::with_capacity(READ_BUFFER, stream),
-        line: Vec::new(),
-    };
+    let mut conn = Conn::new(stream, MAX_LINE);
     if greet {
         conn.send_line("+OK Sandbox POP3 ready").await?;
     }
