@@ -174,6 +174,14 @@ grant = "password"
         std::fs::write(&self.config, text).unwrap();
     }
 
+    /// Reads the device code `account add --device` prints and approves it
+    /// at the provider as `user` (the person on their phone).
+    fn approve_printed_code(&self, out: &mut BufReader<ChildStdout>, user: &str) {
+        let line = wait_for(out, "enter the code");
+        let code = line.trim().rsplit(' ').next().unwrap().to_string();
+        assert!(self.provider.approve_device(&code, user), "{line}");
+    }
+
     fn spawn(&self, args: &[&str]) -> (Child, BufReader<ChildStdout>) {
         let mut child = Command::new(BIN)
             .args(args)
@@ -372,12 +380,7 @@ async fn device_flow_passwd_and_reauthorize() {
         .unwrap()
         .write_all(b"first-password\n")
         .unwrap();
-    let line = wait_for(&mut out, "enter the code");
-    let code = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(
-        w.provider.approve_device(&code, "alice@example.com"),
-        "{line}"
-    );
+    w.approve_printed_code(&mut out, "alice@example.com");
     wait_for(&mut out, "sealed the grant");
     assert!(child.wait().unwrap().success());
     assert!(
@@ -425,9 +428,7 @@ async fn device_flow_passwd_and_reauthorize() {
         .unwrap()
         .write_all(b"second-password\n")
         .unwrap();
-    let line = wait_for(&mut out, "enter the code");
-    let code = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(w.provider.approve_device(&code, "alice@example.com"));
+    w.approve_printed_code(&mut out, "alice@example.com");
     wait_for(&mut out, "re-authorized");
     assert!(child.wait().unwrap().success());
     assert!(
@@ -470,9 +471,7 @@ async fn microsoft_rules_graph_scopes_and_token_audience() {
         "--password-stdin",
     ]);
     child.stdin.take().unwrap().write_all(b"pw\n").unwrap();
-    let line = wait_for(&mut out, "enter the code");
-    let code = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(w.provider.approve_device(&code, "alice@example.com"));
+    w.approve_printed_code(&mut out, "alice@example.com");
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert!(!child.wait().unwrap().success());
@@ -492,9 +491,7 @@ async fn microsoft_rules_graph_scopes_and_token_audience() {
         "--password-stdin",
     ]);
     child.stdin.take().unwrap().write_all(b"pw\n").unwrap();
-    let line = wait_for(&mut out, "enter the code");
-    let code = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(w.provider.approve_device(&code, "alice@example.com"));
+    w.approve_printed_code(&mut out, "alice@example.com");
     wait_for(&mut out, "sealed the grant");
     assert!(child.wait().unwrap().success());
     assert!(
@@ -595,9 +592,7 @@ async fn service_key_mode_refreshes_grants_in_the_background() {
         .write_all(b"service-local\n")
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let line = wait_for(&mut out, "enter the code");
-    let code = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(w.provider.approve_device(&code, "alice@example.com"));
+    w.approve_printed_code(&mut out, "alice@example.com");
     wait_for(&mut out, "sealed the grant");
     assert!(child.wait().unwrap().success());
 
@@ -829,9 +824,7 @@ async fn dynamic_client_registration_for_the_open_profile() {
         .unwrap()
         .write_all(b"reg-local\n")
         .unwrap();
-    let line = wait_for(&mut out, "enter the code");
-    let code = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(w.provider.approve_device(&code, "alice@example.com"));
+    w.approve_printed_code(&mut out, "alice@example.com");
     wait_for(&mut out, "sealed the grant");
     assert!(child.wait().unwrap().success());
     assert_eq!(

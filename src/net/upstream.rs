@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::ClientConfig;
-use secrecy::SecretString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -159,9 +158,7 @@ pub async fn login(
                     .await?;
                 session.provide_token(&BearerToken {
                     user: access.account.upstream_user.clone(),
-                    token: SecretString::from(
-                        secrecy::ExposeSecret::expose_secret(&token.secret).to_string(),
-                    ),
+                    token: token.secret.clone(),
                     host: endpoint.host.clone(),
                     port: endpoint.port,
                 });
