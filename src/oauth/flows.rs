@@ -91,9 +91,13 @@ pub enum FlowError {
         /// The provider's description.
         description: String,
     },
-    /// The provider could not be reached or answered nonsense.
+    /// The provider could not be reached.
     #[error("cannot talk to the provider: {0}")]
     Http(String),
+    /// The provider answered something that is not a token response (the
+    /// body is not echoed: it may hold tokens).
+    #[error("the {0} endpoint sent an unreadable answer")]
+    BadResponse(&'static str),
     /// Nobody completed the authorization in time.
     #[error(
         "no authorization arrived within {0} s; run the command again and finish the sign-in in time"
@@ -173,7 +177,8 @@ fn scopes<'a>(ep: &'a FlowEndpoints<'a>) -> impl Iterator<Item = Scope> + 'a {
     ep.scopes.iter().map(|s| Scope::new(s.clone()))
 }
 
-fn token_error<E: std::error::Error + 'static, T: oauth2::ErrorResponse + 'static>(
+/// An `oauth2` request error as a [`FlowError`]; also used for refreshes.
+pub(crate) fn token_error<E: std::error::Error + 'static, T: oauth2::ErrorResponse + 'static>(
     e: RequestTokenError<E, T>,
 ) -> FlowError {
     match e {
@@ -193,12 +198,26 @@ fn token_error<E: std::error::Error + 'static, T: oauth2::ErrorResponse + 'stati
                 ),
             }
         }
-        RequestTokenError::Request(err) => FlowError::Http(one_line(&err.to_string())),
-        RequestTokenError::Parse(..) => {
-            FlowError::Http("the token endpoint sent an unreadable answer".into())
-        }
+        RequestTokenError::Request(err) => FlowError::Http(error_chain(&err)),
+        RequestTokenError::Parse(..) => FlowError::BadResponse("token"),
         RequestTokenError::Other(s) => FlowError::Http(one_line(&s)),
     }
+}
+
+/// An error with its sources, on one line (reqwest puts the real cause,
+/// such as "connection refused", in a source).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let part = c.to_string();
+        if !s.contains(&part) {
+            s.push_str(": ");
+            s.push_str(&part);
+        }
+        cur = c.source();
+    }
+    one_line(&s)
 }
 
 fn obtained(r: &BasicTokenResponse) -> Obtained {
@@ -641,13 +660,13 @@ pub async fn jwt_bearer(
         ])
         .send()
         .await
-        .map_err(|e| FlowError::Http(one_line(&e.to_string())))?;
+        .map_err(|e| FlowError::Http(error_chain(&e)))?;
     let body = response
         .bytes()
         .await
-        .map_err(|e| FlowError::Http(one_line(&e.to_string())))?;
-    let json: TokenJson = serde_json::from_slice(&body)
-        .map_err(|_| FlowError::Http("the token endpoint sent an unreadable answer".into()))?;
+        .map_err(|e| FlowError::Http(error_chain(&e)))?;
+    let json: TokenJson =
+        serde_json::from_slice(&body).map_err(|_| FlowError::BadResponse("token"))?;
     match (json.access_token, json.error) {
         (Some(token), None) => Ok(Obtained {
             refresh_token: json.refresh_token.map(SecretString::from),
@@ -703,11 +722,12 @@ pub async fn register_client(
         .json(&body)
         .send()
         .await
-        .map_err(|e| FlowError::Http(one_line(&e.to_string())))?;
+        .map_err(|e| FlowError::Http(error_chain(&e)))?;
     let status = response.status();
-    let json: serde_json::Value = response.json().await.map_err(|_| {
-        FlowError::Http("the registration endpoint sent an unreadable answer".into())
-    })?;
+    let json: serde_json::Value = response
+        .json()
+        .await
+        .map_err(|_| FlowError::BadResponse("registration"))?;
     let field = |k: &str| json.get(k).and_then(|v| v.as_str()).map(str::to_string);
     match field("client_id") {
         Some(id) if status.is_success() => Ok(id),

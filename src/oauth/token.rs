@@ -5,11 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use oauth2::basic::{BasicClient, BasicErrorResponse};
-use oauth2::{
-    AuthType, ClientId, ClientSecret, RefreshToken, RequestTokenError, Scope, TokenResponse,
-    TokenUrl,
-};
+use oauth2::basic::BasicClient;
+use oauth2::{AuthType, ClientId, ClientSecret, RefreshToken, Scope, TokenResponse, TokenUrl};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::MIN_TOKEN_LIFETIME;
@@ -97,6 +94,26 @@ pub enum TokenError {
 }
 
 impl TokenError {
+    /// What a failed token request means for a login.
+    fn from_flow(provider: &Provider, e: flows::FlowError) -> TokenError {
+        match e {
+            flows::FlowError::Token { code, description } => {
+                TokenError::Refused { code, description }
+            }
+            flows::FlowError::Http(reason) => TokenError::Unreachable {
+                provider: provider.name.clone(),
+                reason,
+            },
+            flows::FlowError::BadResponse(_) => TokenError::BadResponse {
+                provider: provider.name.clone(),
+            },
+            other => TokenError::Config {
+                provider: provider.name.clone(),
+                reason: other.to_string(),
+            },
+        }
+    }
+
     /// True when retrying later may help (network, provider trouble).
     pub fn is_temporary(&self) -> bool {
         match self {
@@ -266,19 +283,7 @@ impl TokenSource {
             GrantKind::ClientCredentials | GrantKind::ServiceAccount => {
                 let got = crate::authorize::app_token(provider, account, &self.http)
                     .await
-                    .map_err(|e| match e {
-                        flows::FlowError::Token { code, description } => {
-                            TokenError::Refused { code, description }
-                        }
-                        flows::FlowError::Http(reason) => TokenError::Unreachable {
-                            provider: provider.name.clone(),
-                            reason,
-                        },
-                        other => TokenError::Config {
-                            provider: provider.name.clone(),
-                            reason: other.to_string(),
-                        },
-                    })?;
+                    .map_err(|e| TokenError::from_flow(provider, e))?;
                 (got.access_token, got.expires_in)
             }
         };
@@ -345,7 +350,7 @@ impl TokenSource {
             .add_scopes(provider.scopes.iter().map(|s| Scope::new(s.clone())))
             .request_async(&self.http)
             .await
-            .map_err(|e| token_error(provider, e))?;
+            .map_err(|e| TokenError::from_flow(provider, flows::token_error(e)))?;
 
         // Persist a rotated refresh token before the access token is used:
         // if we crashed after using it, the stored one might already be dead.
@@ -363,40 +368,6 @@ impl TokenSource {
             response.expires_in(),
         ))
     }
-}
-
-fn token_error<E: std::error::Error + 'static>(
-    provider: &Provider,
-    e: RequestTokenError<E, BasicErrorResponse>,
-) -> TokenError {
-    match e {
-        RequestTokenError::ServerResponse(r) => TokenError::Refused {
-            code: r.error().as_ref().to_string(),
-            description: one_line(r.error_description().map(String::as_str).unwrap_or("")),
-        },
-        RequestTokenError::Request(err) => TokenError::Unreachable {
-            provider: provider.name.clone(),
-            reason: error_chain(&err),
-        },
-        // The body is not echoed: it may hold tokens.
-        RequestTokenError::Parse(..) | RequestTokenError::Other(_) => TokenError::BadResponse {
-            provider: provider.name.clone(),
-        },
-    }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let part = c.to_string();
-        if !s.contains(&part) {
-            s.push_str(": ");
-            s.push_str(&part);
-        }
-        cur = c.source();
-    }
-    one_line(&s)
 }
 
 /// Collapses whitespace and caps the length, for protocol reply lines.
