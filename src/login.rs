@@ -326,7 +326,7 @@ fn vault_failure(account: &str, e: VaultError) -> LoginFailure {
         VaultError::NoGrant { .. } => failure(
             FailureKind::Rejected,
             format!(
-                "`{account}` has no stored authorization yet; run `mailbridge account import {account}`"
+                "`{account}` has no stored authorization yet; run `mailbridge account add {account}` (or `account import` with a refresh token you already have)"
             ),
         ),
         other => {
@@ -385,10 +385,17 @@ fn token_failure(account: &str, e: TokenError) -> LoginFailure {
         FailureKind::Rejected
     };
     let mut reason = e.to_string();
-    if let TokenError::Refused { code, .. } = &e {
-        if code == "invalid_grant" {
+    if let TokenError::Refused {
+        code, temporary, ..
+    } = &e
+    {
+        if code == "invalid_grant" && *temporary {
+            reason.push_str(
+                "; the provider says this may pass (for example an administrator locked the user): the grant is kept, try again later",
+            );
+        } else if code == "invalid_grant" {
             reason.push_str(&format!(
-                "; the authorization was revoked or expired: re-authorize with `mailbridge account import {account}`"
+                "; the authorization was revoked or expired: re-authorize with `mailbridge account reauthorize {account}`"
             ));
         }
     }

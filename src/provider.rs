@@ -169,7 +169,7 @@ pub enum Preset {
     Microsoft,
     /// Gmail and Google Workspace.
     Google,
-    /// Fastmail (endpoints come with the client registration).
+    /// Fastmail (clients are registered by hand with Fastmail).
     Fastmail,
     /// Yahoo Mail.
     Yahoo,
@@ -375,21 +375,21 @@ fn preset_defaults(preset: Preset, tenant: &str, cloud: &MicrosoftCloud) -> Defa
                 BOTH,
             )
         },
-        Preset::Fastmail => Defaults {
-            token_url: None,
-            authorize_url: None,
-            ..simple(
-                "",
-                "",
-                &[
-                    "https://www.fastmail.com/dev/protocol-imap",
-                    "https://www.fastmail.com/dev/protocol-pop",
-                    "https://www.fastmail.com/dev/protocol-smtp",
-                ],
-                ["imap.fastmail.com", "pop.fastmail.com", "smtp.fastmail.com"],
-                BOTH,
-            )
-        },
+        // Endpoints from Fastmail's developer documentation: the token
+        // endpoint is named `/oauth/refresh` there, for the first exchange
+        // as well as for refreshes. Refresh tokens rotate, and a reused one
+        // revokes the grant.
+        Preset::Fastmail => simple(
+            "https://api.fastmail.com/oauth/refresh",
+            "https://api.fastmail.com/oauth/authorize",
+            &[
+                "https://www.fastmail.com/dev/protocol-imap",
+                "https://www.fastmail.com/dev/protocol-pop",
+                "https://www.fastmail.com/dev/protocol-smtp",
+            ],
+            ["imap.fastmail.com", "pop.fastmail.com", "smtp.fastmail.com"],
+            BOTH,
+        ),
         Preset::Yahoo => simple(
             "https://api.login.yahoo.com/oauth2/get_token",
             "https://api.login.yahoo.com/oauth2/request_auth",
@@ -558,7 +558,12 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
         .ok_or_else(|| {
             err(
                 "client_id",
-                "the OAuth2 client (application) id is required",
+                match preset {
+                    Preset::Fastmail => {
+                        "the OAuth2 client id is required: Fastmail registers clients by hand (see fastmail.com/dev, \"Registration\"), with http://localhost/ as a redirect URI"
+                    }
+                    _ => "the OAuth2 client (application) id is required",
+                },
             )
         })?;
     let client_secret = match (&c.client_secret, &c.client_secret_file) {
@@ -625,17 +630,17 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
     }
     // Discovered at start when not given.
     let discovered_later = preset.discovers().then(String::new);
-    let token_url = c.token_url.clone().or(d.token_url).or(discovered_later).ok_or_else(|| {
-        err(
-            "token_url",
-            match preset {
-                Preset::Fastmail => {
-                    "Fastmail gives the token and authorization endpoints with your client registration: set token_url and authorize_url"
-                }
-                _ => "the token endpoint URL is required for preset = \"custom\"",
-            },
-        )
-    })?;
+    let token_url = c
+        .token_url
+        .clone()
+        .or(d.token_url)
+        .or(discovered_later)
+        .ok_or_else(|| {
+            err(
+                "token_url",
+                "the token endpoint URL is required for preset = \"custom\"",
+            )
+        })?;
     if !token_url.is_empty() {
         check_url("token_url", &token_url)?;
     }
@@ -933,13 +938,22 @@ mod tests {
             p.scopes,
             vec!["mail:imap_full".to_string(), "mail:smtp".to_string()]
         );
-        let e = resolve("f", &cfg("fastmail")).unwrap_err();
-        assert!(e.message.contains("registration"), "{}", e.message);
-        let mut f = cfg("fastmail");
-        f.token_url = Some("https://fastmail.example/token".into());
-        let p = resolve("f", &f).unwrap();
+        let p = resolve("f", &cfg("fastmail")).unwrap();
+        assert_eq!(p.token_url, "https://api.fastmail.com/oauth/refresh");
+        assert_eq!(
+            p.authorize_url.as_deref(),
+            Some("https://api.fastmail.com/oauth/authorize")
+        );
         assert!(p.scopes[0].ends_with("protocol-imap"));
         assert_eq!(p.pop3.unwrap().host, "pop.fastmail.com");
+        let mut f = cfg("fastmail");
+        f.client_id = None;
+        let e = resolve("f", &f).unwrap_err();
+        assert!(
+            e.message.contains("registers clients by hand"),
+            "{}",
+            e.message
+        );
         let e = resolve("z", &cfg("hotmail")).unwrap_err();
         assert!(e.message.contains("yandex"), "{}", e.message);
     }

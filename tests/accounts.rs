@@ -503,6 +503,48 @@ async fn microsoft_rules_graph_scopes_and_token_audience() {
     w.imap.shutdown();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fastmail_preset_signs_in_and_keeps_the_rotating_grant_alive() {
+    // The preset's own scopes and mechanisms, the sandbox's endpoints; the
+    // sandbox rotates refresh tokens and revokes a grant whose old refresh
+    // token comes back, as Fastmail does.
+    let w = World::new("preset = \"fastmail\"", ProviderOptions::default()).await;
+    let (mut child, mut out) = w.spawn(&[
+        "account",
+        "add",
+        "alice@example.com",
+        "--no-browser",
+        "--password-stdin",
+    ]);
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{PASSWORD}\n").as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    wait_for(&mut out, "open this address");
+    out.read_line(&mut String::new()).unwrap();
+    let mut url = String::new();
+    out.read_line(&mut url).unwrap();
+    assert!(
+        url.contains("scope=https%3A%2F%2Fwww.fastmail.com%2Fdev%2Fprotocol-imap"),
+        "{url}"
+    );
+    assert!(url.contains("code_challenge_method=S256"), "{url}");
+    let location = follow_consent(url.trim()).await;
+    stdin.write_all(format!("{location}\n").as_bytes()).unwrap();
+    drop(stdin);
+    wait_for(&mut out, "sealed the grant");
+    assert!(child.wait().unwrap().success());
+
+    // Each `run` starts without a cached token and refreshes: the second
+    // refresh must present the rotated token, or the grant is gone.
+    for _ in 0..3 {
+        let reply = w.login("alice@example.com", PASSWORD).await;
+        assert!(reply.starts_with("a1 OK"), "{reply}");
+    }
+    assert_eq!(w.provider.refresh_requests(), 3);
+    w.provider.shutdown();
+    w.imap.shutdown();
+}
+
 #[tokio::test]
 async fn google_device_flow_is_refused_with_the_alternative() {
     let w = World::new("preset = \"google\"", ProviderOptions::default()).await;

@@ -142,6 +142,19 @@ async fn unknown_user_is_refused_clearly() {
 }
 
 #[tokio::test]
+async fn account_without_a_grant_says_how_to_add_one() {
+    let h = harness().await;
+    assert!(h.store.remove(USER).unwrap());
+    let (_c, no) = h.login(PASSWORD).await;
+    assert!(no.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{no}");
+    assert!(
+        no.contains("no stored authorization") && no.contains("mailbridge account add"),
+        "{no}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn cached_token_is_reused_and_short_lived_one_refreshed() {
     let h = harness().await;
     for _ in 0..3 {
@@ -181,6 +194,27 @@ async fn cached_token_is_reused_and_short_lived_one_refreshed() {
 }
 
 #[tokio::test]
+async fn grant_refused_for_now_is_temporary_and_works_again_later() {
+    // Fastmail answers a refresh for a user an administrator locked with
+    // `invalid_grant` and `"temporary": true`: not a revoked grant.
+    let h = harness().await;
+    h.provider.set_user_locked(USER, true);
+    let before = h.sealed_bytes();
+    let (_c, no) = h.login(PASSWORD).await;
+    assert!(no.starts_with("a1 NO [UNAVAILABLE]"), "{no}");
+    assert!(no.contains("locked by an administrator"), "{no}");
+    assert!(no.contains("the grant is kept"), "{no}");
+    assert!(!no.contains("reauthorize"), "{no}");
+    assert_eq!(h.sealed_bytes(), before, "the grant is kept as it was");
+
+    h.provider.set_user_locked(USER, false);
+    let (mut c, ok) = h.login(PASSWORD).await;
+    assert!(ok.starts_with("a1 OK"), "{ok}");
+    select_and_check(&mut c, &h).await;
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn revoked_grant_gives_a_clear_no_and_keeps_the_grant() {
     let h = harness().await;
     h.provider.revoke_user(USER);
@@ -188,7 +222,7 @@ async fn revoked_grant_gives_a_clear_no_and_keeps_the_grant() {
     let (_c, no) = h.login(PASSWORD).await;
     assert!(no.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{no}");
     assert!(no.contains("invalid_grant"), "{no}");
-    assert!(no.contains("mailbridge account import"), "{no}");
+    assert!(no.contains("mailbridge account reauthorize"), "{no}");
     assert_eq!(
         h.sealed_bytes(),
         before,

@@ -20,7 +20,7 @@ use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use oauth2::StandardDeviceAuthorizationResponse;
-use oauth2::basic::{BasicClient, BasicErrorResponse, BasicTokenResponse};
+use oauth2::basic::BasicTokenResponse;
 use oauth2::url::Url;
 use oauth2::{
     AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken,
@@ -28,7 +28,7 @@ use oauth2::{
     ResourceOwnerPassword, ResourceOwnerUsername, Scope, TokenResponse, TokenUrl,
 };
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -90,6 +90,10 @@ pub enum FlowError {
         code: String,
         /// The provider's description.
         description: String,
+        /// The provider marked the refusal as temporary (Fastmail's
+        /// `"temporary": true` on `invalid_grant`: the grant may work again,
+        /// e.g. once an administrator unlocks the user).
+        temporary: bool,
     },
     /// The provider could not be reached.
     #[error("cannot talk to the provider: {0}")]
@@ -148,8 +152,34 @@ pub struct BrowserOptions {
     pub extra_params: Vec<(String, String)>,
 }
 
-type Client = oauth2::Client<
-    BasicErrorResponse,
+/// A token endpoint's error body: RFC 6749 section 5.2, plus the members
+/// providers add that change what the error means.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ProviderErrorResponse {
+    error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error_description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error_uri: Option<String>,
+    /// Fastmail: an `invalid_grant` that may become valid again.
+    #[serde(default)]
+    temporary: bool,
+}
+
+impl std::fmt::Display for ProviderErrorResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.error)?;
+        if let Some(d) = &self.error_description {
+            write!(f, ": {d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl oauth2::ErrorResponse for ProviderErrorResponse {}
+
+pub(crate) type Client = oauth2::Client<
+    ProviderErrorResponse,
     BasicTokenResponse,
     oauth2::basic::BasicTokenIntrospectionResponse,
     oauth2::StandardRevocableToken,
@@ -162,12 +192,29 @@ type Client = oauth2::Client<
 >;
 
 fn client(ep: &FlowEndpoints<'_>) -> Result<Client, FlowError> {
-    let token_url = TokenUrl::new(ep.token_url.to_string())
+    token_client(ep.client_id, ep.client_secret, ep.token_url)
+}
+
+/// An `oauth2` client for a token endpoint (flows and refreshes alike). The
+/// client id (and secret) go in the form body: accepted by Microsoft,
+/// Google and generic servers alike.
+pub(crate) fn token_client(
+    client_id: &str,
+    client_secret: Option<&SecretString>,
+    token_url: &str,
+) -> Result<Client, FlowError> {
+    let token_url = TokenUrl::new(token_url.to_string())
         .map_err(|e| FlowError::Unsupported(format!("token_url: {e}")))?;
-    let mut c = BasicClient::new(ClientId::new(ep.client_id.to_string()))
-        .set_token_uri(token_url)
-        .set_auth_type(AuthType::RequestBody);
-    if let Some(secret) = ep.client_secret {
+    let mut c = oauth2::Client::<
+        ProviderErrorResponse,
+        BasicTokenResponse,
+        oauth2::basic::BasicTokenIntrospectionResponse,
+        oauth2::StandardRevocableToken,
+        oauth2::basic::BasicRevocationErrorResponse,
+    >::new(ClientId::new(client_id.to_string()))
+    .set_token_uri(token_url)
+    .set_auth_type(AuthType::RequestBody);
+    if let Some(secret) = client_secret {
         c = c.set_client_secret(ClientSecret::new(secret.expose_secret().to_string()));
     }
     Ok(c)
@@ -196,6 +243,7 @@ pub(crate) fn token_error<E: std::error::Error + 'static, T: oauth2::ErrorRespon
                         .and_then(|x| x.as_str())
                         .unwrap_or(""),
                 ),
+                temporary: v.get("temporary").and_then(|x| x.as_bool()) == Some(true),
             }
         }
         RequestTokenError::Request(err) => FlowError::Http(error_chain(&err)),
@@ -631,6 +679,8 @@ struct TokenJson {
     refresh_token: Option<String>,
     error: Option<String>,
     error_description: Option<String>,
+    #[serde(default)]
+    temporary: bool,
 }
 
 /// RFC 7523 JWT bearer grant: a service account acting for `subject`
@@ -676,6 +726,7 @@ pub async fn jwt_bearer(
         (_, Some(code)) => Err(FlowError::Token {
             code,
             description: one_line(json.error_description.as_deref().unwrap_or("")),
+            temporary: json.temporary,
         }),
         (None, None) => Err(FlowError::Http(
             "the token endpoint answered without a token".into(),
@@ -734,6 +785,7 @@ pub async fn register_client(
         _ => Err(FlowError::Token {
             code: field("error").unwrap_or_else(|| format!("HTTP {status}")),
             description: one_line(&field("error_description").unwrap_or_default()),
+            temporary: false,
         }),
     }
 }

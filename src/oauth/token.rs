@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use oauth2::basic::BasicClient;
-use oauth2::{AuthType, ClientId, ClientSecret, RefreshToken, Scope, TokenResponse, TokenUrl};
+use oauth2::{RefreshToken, Scope, TokenResponse};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::MIN_TOKEN_LIFETIME;
@@ -53,6 +52,9 @@ pub enum TokenError {
         code: String,
         /// The provider's `error_description` (one line), maybe empty.
         description: String,
+        /// The provider said the refusal may not last (Fastmail marks an
+        /// `invalid_grant` of a locked user `"temporary": true`).
+        temporary: bool,
     },
     /// The token endpoint could not be reached.
     #[error("cannot reach the token endpoint of provider `{provider}`: {reason}")]
@@ -97,9 +99,15 @@ impl TokenError {
     /// What a failed token request means for a login.
     fn from_flow(provider: &Provider, e: flows::FlowError) -> TokenError {
         match e {
-            flows::FlowError::Token { code, description } => {
-                TokenError::Refused { code, description }
-            }
+            flows::FlowError::Token {
+                code,
+                description,
+                temporary,
+            } => TokenError::Refused {
+                code,
+                description,
+                temporary,
+            },
             flows::FlowError::Http(reason) => TokenError::Unreachable {
                 provider: provider.name.clone(),
                 reason,
@@ -120,9 +128,9 @@ impl TokenError {
             TokenError::Unreachable { .. }
             | TokenError::BadResponse { .. }
             | TokenError::Store(_) => true,
-            TokenError::Refused { code, .. } => {
-                code == "temporarily_unavailable" || code == "server_error"
-            }
+            TokenError::Refused {
+                code, temporary, ..
+            } => *temporary || code == "temporarily_unavailable" || code == "server_error",
             TokenError::NoRefreshToken
             | TokenError::Config { .. }
             | TokenError::WrongAudience { .. } => false,
@@ -319,30 +327,17 @@ impl TokenSource {
         unlocked: &Unlocked,
     ) -> Result<(SecretString, Option<Duration>), TokenError> {
         let refresh_token = unlocked.refresh_token().ok_or(TokenError::NoRefreshToken)?;
-        let token_url =
-            TokenUrl::new(provider.token_url.clone()).map_err(|e| TokenError::Config {
-                provider: provider.name.clone(),
-                reason: format!("token_url: {e}"),
-            })?;
         // A dynamically registered client refreshes as itself, secretless.
         let registered = unlocked.client_id();
-        let mut client = BasicClient::new(ClientId::new(
-            registered
-                .clone()
-                .unwrap_or_else(|| provider.client_id.clone()),
-        ))
-        .set_token_uri(token_url)
-        // Client id (and secret) in the form body: accepted by Microsoft,
-        // Google and generic servers alike.
-        .set_auth_type(AuthType::RequestBody);
-        if let Some(secret) = provider
-            .client_secret
-            .as_ref()
-            .filter(|_| registered.is_none())
-        {
-            client =
-                client.set_client_secret(ClientSecret::new(secret.expose_secret().to_string()));
-        }
+        let client = flows::token_client(
+            registered.as_deref().unwrap_or(&provider.client_id),
+            provider
+                .client_secret
+                .as_ref()
+                .filter(|_| registered.is_none()),
+            &provider.token_url,
+        )
+        .map_err(|e| TokenError::from_flow(provider, e))?;
         let rt = RefreshToken::new(refresh_token.expose_secret().to_string());
         tracing::debug!(provider = %provider.name, "refreshing access token");
         let response = client

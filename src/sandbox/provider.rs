@@ -104,8 +104,10 @@ pub struct ProviderOptions {
     /// Lifetime of access tokens issued by `/token`. Default one hour.
     pub access_token_lifetime: Duration,
     /// Default true: a used refresh token stops working and a new one is
-    /// returned, as Microsoft and the open public-client profile do. The
-    /// `open` client always gets rotation, whatever this says.
+    /// returned, as Microsoft, Fastmail and the open public-client profile
+    /// do; presenting a rotated-out token again revokes the whole grant
+    /// (Fastmail's rule, and RFC 9700's reuse detection). The `open`
+    /// client always gets rotation, whatever this says.
     pub rotate_refresh_tokens: bool,
     /// Device flow polling interval (RFC 8628 `interval`). Default 5 s.
     /// Polling faster gets `slow_down`, and the device code's interval
@@ -313,6 +315,10 @@ struct Registry {
     users: HashMap<String, String>,
     /// Staged `/authorize` failures: lower-cased user -> error code.
     auth_failures: HashMap<String, String>,
+    /// Lower-cased users whose refreshes are refused for now, as Fastmail
+    /// refuses a user locked by an administrator (`invalid_grant` with
+    /// `"temporary": true`); their refresh tokens stay valid.
+    locked: std::collections::HashSet<String>,
     /// Client assertion `jti`s seen, with their `exp`, against replay.
     used_jtis: HashMap<String, f64>,
 }
@@ -579,6 +585,20 @@ impl Provider {
             .insert(user.to_ascii_lowercase(), error.to_string());
     }
 
+    /// Locks or unlocks `user`: while locked, refreshing one of the user's
+    /// grants answers `invalid_grant` with `"temporary": true` (Fastmail's
+    /// form for a user an administrator locked) and the refresh token stays
+    /// valid for after the unlock.
+    pub fn set_user_locked(&self, user: &str, locked: bool) {
+        let user = user.to_ascii_lowercase();
+        let mut registry = self.shared.registry();
+        if locked {
+            registry.locked.insert(user);
+        } else {
+            registry.locked.remove(&user);
+        }
+    }
+
     /// Undoes [`Provider::fail_authorization`] for `user`.
     pub fn clear_authorization_failure(&self, user: &str) {
         self.shared
@@ -638,6 +658,9 @@ struct CodeGrant {
 #[derive(Debug, Default)]
 struct TokenBook {
     refresh: HashMap<String, Grant>,
+    /// Refresh tokens rotated out, with the grant they belonged to: one
+    /// presented again revokes the grant.
+    rotated_out: HashMap<String, Grant>,
     access: HashMap<String, AccessGrant>,
     codes: HashMap<String, CodeGrant>,
     /// Device authorizations by device code.
@@ -775,6 +798,8 @@ struct OAuthError {
     /// Set when the client tried HTTP Basic: a 401 must then carry a
     /// `WWW-Authenticate` challenge.
     basic_challenge: bool,
+    /// Adds `"temporary": true` to the body (Fastmail's extension).
+    temporary: bool,
 }
 
 impl OAuthError {
@@ -789,13 +814,17 @@ impl OAuthError {
             error,
             description: description.into(),
             basic_challenge: false,
+            temporary: false,
         }
     }
 }
 
 impl IntoResponse for OAuthError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": self.error, "error_description": self.description });
+        let mut body = json!({ "error": self.error, "error_description": self.description });
+        if self.temporary {
+            body["temporary"] = json!(true);
+        }
         let mut response = (self.status, no_store(), axum::Json(body)).into_response();
         if self.basic_challenge {
             response.headers_mut().insert(
@@ -960,6 +989,15 @@ fn token_request(
         "refresh_token" => {
             let refresh_token = params.require("refresh_token")?;
             let mut book = shared.book();
+            if let Some(old) = book.rotated_out.get(refresh_token).cloned() {
+                // A leaked or mishandled token: the whole grant goes.
+                book.refresh
+                    .retain(|_, g| !(g.client_id == old.client_id && g.user == old.user));
+                return Err(OAuthError::new(
+                    "invalid_grant",
+                    "refresh token already used: the grant is revoked",
+                ));
+            }
             let Some(grant) = book.refresh.get(refresh_token).cloned() else {
                 return Err(OAuthError::new(
                     "invalid_grant",
@@ -972,6 +1010,16 @@ fn token_request(
                     "refresh token was issued to another client",
                 ));
             }
+            let locked = shared
+                .registry()
+                .locked
+                .contains(&grant.user.to_ascii_lowercase());
+            if locked {
+                return Err(OAuthError {
+                    temporary: true,
+                    ..OAuthError::new("invalid_grant", "the user is locked by an administrator")
+                });
+            }
             let scope = match params.get("scope") {
                 Some(requested) => {
                     check_scope_subset(requested, &grant.scope)?;
@@ -983,6 +1031,8 @@ fn token_request(
             let rotate = shared.rotate_refresh_tokens || matches!(client.kind, ClientKind::Open);
             let new_refresh = if rotate {
                 book.refresh.remove(refresh_token);
+                book.rotated_out
+                    .insert(refresh_token.to_string(), grant.clone());
                 book.new_refresh_token(&client.id, &grant.user, &grant.scope)
             } else {
                 refresh_token.to_string()

@@ -72,12 +72,6 @@ async fn refresh_rotates_and_old_token_is_refused() {
         .unwrap_err();
     assert_eq!(wrong.status, "400");
 
-    // The used refresh token is dead; the error does not echo it.
-    let (status, body) = refresh(&provider, &rt).await;
-    assert_eq!(status, 400);
-    assert_eq!(body["error"], "invalid_grant");
-    assert!(!body.to_string().contains(&rt));
-
     // The new one works, with a narrower scope too; a wider one is refused.
     let (status, body, _) = post_token(
         &provider,
@@ -106,6 +100,12 @@ async fn refresh_rotates_and_old_token_is_refused() {
     .await;
     assert_eq!(status, 400);
     assert_eq!(body["error"], "invalid_scope");
+
+    // The used refresh token is dead; the error does not echo it.
+    let (status, body) = refresh(&provider, &rt).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_grant");
+    assert!(!body.to_string().contains(&rt));
     assert_eq!(provider.token_requests(), 4);
     assert_eq!(provider.refresh_requests(), 4);
     provider.shutdown();
@@ -151,6 +151,32 @@ async fn revoke_user_and_access_tokens() {
     assert_eq!(status, 400);
     assert_eq!(body["error"], "invalid_grant");
     v.validate(&other, "b@example.com").unwrap();
+}
+
+#[tokio::test]
+async fn reused_refresh_token_revokes_the_grant_and_locked_user_is_temporary() {
+    let provider = Provider::start(ProviderOptions::default()).await.unwrap();
+    let rt = provider.issue_refresh_token("a@example.com", "s");
+    let (status, body) = refresh(&provider, &rt).await;
+    assert_eq!(status, 200, "{body}");
+    let rt2 = body["refresh_token"].as_str().unwrap().to_string();
+
+    provider.set_user_locked("A@example.com", true);
+    let (status, body) = refresh(&provider, &rt2).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_grant");
+    assert_eq!(body["temporary"], true, "{body}");
+    provider.set_user_locked("a@example.com", false);
+
+    // The old token again: the newer one dies with it.
+    let (status, body) = refresh(&provider, &rt).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+    assert!(body.get("temporary").is_none(), "{body}");
+    let (status, _) = refresh(&provider, &rt2).await;
+    assert_eq!(status, 400, "the grant was revoked");
 }
 
 #[tokio::test]
