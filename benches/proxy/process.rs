@@ -248,7 +248,8 @@ impl Drop for Clients {
 }
 
 /// A bare TCP forwarder in a process of its own (this executable with
-/// `--forwarder HOST:PORT`): the cost of one more hop and nothing else.
+/// `--forwarder HOST:PORT [DELAY_MS]`): the cost of one more hop and
+/// nothing else, or, with a delay, a long-distance link.
 pub struct Forwarder {
     child: Child,
     /// Where it listens.
@@ -258,10 +259,17 @@ pub struct Forwarder {
 impl Forwarder {
     /// Starts a forwarder to `target` and reads its port.
     pub fn start(target: SocketAddr) -> anyhow::Result<Forwarder> {
+        Forwarder::start_delayed(target, Duration::ZERO)
+    }
+
+    /// Starts a forwarder to `target` that holds every byte for `delay`
+    /// in each direction (a round trip of twice that), and reads its port.
+    pub fn start_delayed(target: SocketAddr, delay: Duration) -> anyhow::Result<Forwarder> {
         use std::io::BufRead;
         let mut child = Command::new(std::env::current_exe()?)
             .arg("--forwarder")
             .arg(target.to_string())
+            .arg(delay.as_millis().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -283,12 +291,14 @@ impl Drop for Forwarder {
 }
 
 /// The forwarder process: prints its address, then copies every
-/// connection to `target` and back until standard input closes.
-pub fn forwarder(target: Option<String>) -> std::process::ExitCode {
+/// connection to `target` and back until standard input closes, holding
+/// each byte `delay_ms` in each direction if given.
+pub fn forwarder(target: Option<String>, delay_ms: Option<String>) -> std::process::ExitCode {
     let Some(target) = target.and_then(|t| t.parse::<SocketAddr>().ok()) else {
-        eprintln!("usage: --forwarder HOST:PORT");
+        eprintln!("usage: --forwarder HOST:PORT [DELAY_MS]");
         return std::process::ExitCode::FAILURE;
     };
+    let delay = Duration::from_millis(delay_ms.and_then(|d| d.parse().ok()).unwrap_or(0));
     mailbridge::server::raise_open_files_limit(u64::MAX);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -321,13 +331,19 @@ pub fn forwarder(target: Option<String>) -> std::process::ExitCode {
                     };
                     let _ = client.set_nodelay(true);
                     let _ = upstream.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional_with_sizes(
-                        &mut client,
-                        &mut upstream,
-                        64 * 1024,
-                        64 * 1024,
-                    )
-                    .await;
+                    if delay.is_zero() {
+                        let _ = tokio::io::copy_bidirectional_with_sizes(
+                            &mut client,
+                            &mut upstream,
+                            64 * 1024,
+                            64 * 1024,
+                        )
+                        .await;
+                    } else {
+                        let (cr, cw) = client.into_split();
+                        let (ur, uw) = upstream.into_split();
+                        tokio::join!(delay_line(cr, uw, delay), delay_line(ur, cw, delay));
+                    }
                 });
             }
         };
@@ -337,4 +353,37 @@ pub fn forwarder(target: Option<String>) -> std::process::ExitCode {
         }
     });
     std::process::ExitCode::SUCCESS
+}
+
+/// Copies `from` to `to`, each chunk written `delay` after it was read
+/// (reading goes on meanwhile, so the delay adds latency, not a pause per
+/// chunk); the end of `from` reaches `to` with the same delay.
+async fn delay_line(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let reader = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = from.read(&mut buf).await.unwrap_or(0);
+            let due = tokio::time::Instant::now() + delay;
+            // An empty chunk is the end of the stream.
+            if tx.send((due, buf[..n].to_vec())).is_err() || n == 0 {
+                break;
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if chunk.is_empty() || to.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
 }
