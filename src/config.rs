@@ -169,6 +169,11 @@ pub struct ServerConfig {
     /// included.
     #[serde(default = "defaults::login_timeout")]
     pub login_timeout_secs: u64,
+    /// At shutdown, seconds relayed sessions get to come to rest (a
+    /// message being sent or fetched, a command awaiting its answer)
+    /// before the rest are cut.
+    #[serde(default = "defaults::shutdown_grace")]
+    pub shutdown_grace_secs: u64,
     /// First delay after a wrong local password, in milliseconds; it
     /// doubles with each further failure for the same account or address.
     #[serde(default = "defaults::backoff_base_ms")]
@@ -197,6 +202,7 @@ impl Default for ServerConfig {
             relay_idle_timeout_secs: defaults::relay_idle_timeout(),
             connect_timeout_secs: defaults::connect_timeout(),
             login_timeout_secs: defaults::login_timeout(),
+            shutdown_grace_secs: defaults::shutdown_grace(),
             backoff_base_ms: defaults::backoff_base_ms(),
             backoff_max_secs: defaults::backoff_max_secs(),
             kdf_memory_kib: defaults::kdf_memory_kib(),
@@ -221,6 +227,10 @@ impl ServerConfig {
     /// Upstream login timeout.
     pub fn login_timeout(&self) -> Duration {
         Duration::from_secs(self.login_timeout_secs)
+    }
+    /// Shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
     }
     /// The state directory in force.
     pub fn state_dir(&self) -> PathBuf {
@@ -251,6 +261,9 @@ mod defaults {
     }
     pub fn login_timeout() -> u64 {
         60
+    }
+    pub fn shutdown_grace() -> u64 {
+        30
     }
     pub fn backoff_base_ms() -> u64 {
         1000

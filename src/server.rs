@@ -63,6 +63,8 @@ pub struct Server {
     max_connections: usize,
     /// Service key mode: how often to refresh every grant.
     background_refresh: Option<Duration>,
+    /// How long sessions get to come to rest at shutdown.
+    shutdown_grace: Duration,
 }
 
 /// The service key of `[server]`: the key file, else the systemd
@@ -185,6 +187,7 @@ impl Server {
             gateway,
             listeners,
             max_connections: settings.server.max_connections.max(1),
+            shutdown_grace: settings.server.shutdown_grace(),
             background_refresh,
         })
     }
@@ -202,8 +205,10 @@ impl Server {
         &self.gateway
     }
 
-    /// Serves until `shutdown` completes. Sessions already relaying are
-    /// left to finish on their own while the runtime lives.
+    /// Serves until `shutdown` completes, then drains: no new connections,
+    /// pre-auth clients are told mailbridge is going away, relayed sessions
+    /// close once at rest. Returns when every session has ended or the
+    /// grace period is over (the caller's exit then cuts what is left).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let limit = Arc::new(Semaphore::new(self.max_connections));
@@ -214,6 +219,7 @@ impl Server {
             let gateway = self.gateway.clone();
             let limit = limit.clone();
             let stop = stop_rx.clone();
+            let stop_for_sessions = stop_rx.clone();
             // Unconstrained: a burst of connections is accepted in one go
             // instead of 128 at a time between every session's turn, so the
             // kernel's accept queue does not overflow (see `listen`).
@@ -224,9 +230,10 @@ impl Server {
                 move |tcp, peer| {
                     let rt = rt.clone();
                     let gateway = gateway.clone();
+                    let stop = stop_for_sessions.clone();
                     let span =
                         tracing::info_span!("conn", %peer, protocol = rt.config.protocol.name());
-                    async move { serve(rt, gateway, tcp, peer).await }.instrument(span)
+                    async move { serve(rt, gateway, tcp, peer, stop).await }.instrument(span)
                 },
             ))));
         }
@@ -250,6 +257,26 @@ impl Server {
         for t in tasks {
             let _ = t.await;
         }
+        // Every session holds a permit until it ends.
+        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
+        let open = self.max_connections - limit.available_permits();
+        if open > 0 {
+            tracing::info!(
+                sessions = open,
+                grace_secs = self.shutdown_grace.as_secs(),
+                "waiting for sessions to come to rest"
+            );
+            match tokio::time::timeout(self.shutdown_grace, limit.acquire_many(all)).await {
+                Ok(_) => tracing::info!("all sessions ended"),
+                Err(_) => tracing::warn!(
+                    sessions = self.max_connections - limit.available_permits(),
+                    "grace period over; cutting the sessions still busy"
+                ),
+            }
+        }
+        // Keep `stop_tx` alive until here: sessions treat a dropped sender
+        // as "never stopping".
+        drop(stop_tx);
     }
 }
 
@@ -258,6 +285,7 @@ async fn serve(
     gateway: Arc<Gateway>,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
+    stop: watch::Receiver<bool>,
 ) {
     tracing::debug!("connected");
     let mut stream = Stream::Plain(tcp);
@@ -285,7 +313,7 @@ async fn serve(
         let gateway = gateway.clone();
         async move { gateway.login(protocol, request, peer.ip()).await }
     };
-    drive(stream, session, &rt.driver, login).await;
+    drive(stream, session, &rt.driver, login, stop).await;
 }
 
 fn client_session(

@@ -215,6 +215,35 @@ async fn grant_refused_for_now_is_temporary_and_works_again_later() {
 }
 
 #[tokio::test]
+async fn shutdown_closes_idle_sessions_and_tells_waiting_clients() {
+    let mut h = Harness::start(Options {
+        server_extra: "shutdown_grace_secs = 600".into(),
+        ..Options::default()
+    })
+    .await;
+    h.imap.append(USER, "INBOX", MESSAGE.to_vec());
+    let (mut c, ok) = h.login(PASSWORD).await;
+    assert!(ok.starts_with("a1 OK"), "{ok}");
+    c.cmd("s1", "SELECT INBOX").await;
+    c.send(b"i1 IDLE\r\n").await;
+    assert!(c.line().await.starts_with("+ "));
+    let mut waiting = h.client().await;
+
+    h.begin_shutdown();
+    let bye = waiting.line().await;
+    assert!(
+        bye.starts_with("* BYE [UNAVAILABLE]") && bye.contains("shutting down"),
+        "{bye}"
+    );
+    assert_eq!(waiting.line().await, "");
+    // The IDLE session is at rest: closed, and the server finishes long
+    // before its grace period.
+    assert_eq!(c.line().await, "");
+    assert!(h.server_finished_within(WAIT).await);
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn revoked_grant_gives_a_clear_no_and_keeps_the_grant() {
     let h = harness().await;
     h.provider.revoke_user(USER);

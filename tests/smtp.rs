@@ -421,3 +421,62 @@ async fn preauth_line_cap_and_idle_timeout() {
     assert_eq!(c.line().await, "");
     h.stop().await;
 }
+
+#[tokio::test]
+async fn shutdown_lets_the_message_in_flight_finish_and_turns_new_clients_away() {
+    // A grace period far beyond the test's patience: the server can only
+    // finish in time by closing sessions as they come to rest.
+    let mut h = Harness::start(Options {
+        server_extra: "shutdown_grace_secs = 600".into(),
+        ..Options::default()
+    })
+    .await;
+    let mut c = smtp_client(&h).await;
+    ehlo(&mut c).await;
+    assert!(
+        c.smtp(&format!("AUTH PLAIN {}", plain()))
+            .await
+            .starts_with("235")
+    );
+    assert!(
+        c.smtp(&format!("MAIL FROM:<{USER}>"))
+            .await
+            .starts_with("250")
+    );
+    assert!(c.smtp("RCPT TO:<bob@example.org>").await.starts_with("250"));
+    assert!(c.smtp("DATA").await.starts_with("354"));
+    let body: Vec<u8> = (0..20_000)
+        .flat_map(|i| format!("line {i} of a long message\r\n").into_bytes())
+        .collect();
+    let (first, second) = body.split_at(body.len() / 2);
+    c.send(first).await;
+    let mut waiting = smtp_client(&h).await;
+
+    h.begin_shutdown();
+    // The client that has not logged in is told to come back.
+    let r = waiting.smtp_reply().await;
+    assert!(
+        r[0].starts_with("421 4.3.2") && r[0].contains("shutting down"),
+        "{r:?}"
+    );
+    // New clients are no longer accepted.
+    let mut refused = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(h.smtp_addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "the listener still accepts");
+    // The message being sent completes and is delivered whole.
+    c.send(second).await;
+    c.send(b".\r\n").await;
+    let r = c.smtp_reply().await;
+    assert!(r.last().unwrap().starts_with("250"), "{r:?}");
+    assert_eq!(h.smtp.messages().last().unwrap().data, body);
+    // Then the session, at rest, is closed and the server finishes.
+    assert_eq!(c.line().await, "", "closed after the answer");
+    assert!(h.server_finished_within(WAIT).await);
+    h.stop().await;
+}

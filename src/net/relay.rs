@@ -1,6 +1,11 @@
 //! The relay: after login, bytes are copied both ways untouched until either
 //! side closes or the session is idle too long. No parsing happens here.
 //!
+//! At shutdown a session is drained: it goes on until it is at rest (the
+//! server spoke last and nothing moved for [`DRAIN_QUIET`]), so a message
+//! being sent or fetched, or a command waiting for its answer, completes
+//! before the connection is closed.
+//!
 //! An idle session holds no copy buffer. Each direction takes a buffer from
 //! a small per-thread pool only to attempt a read, gives it back at once
 //! when the read would block, and otherwise keeps it just until the data is
@@ -20,6 +25,11 @@ use tokio::time::Instant;
 /// Copy buffer size: four TLS records.
 pub const BUFFER: usize = 64 * 1024;
 
+/// While draining, how long a session must have been quiet, with the
+/// server's answer last, before it is closed: long enough that a server
+/// streaming a response is not cut between two reads.
+pub const DRAIN_QUIET: Duration = Duration::from_millis(500);
+
 /// What a relayed session moved.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RelayStats {
@@ -29,6 +39,16 @@ pub struct RelayStats {
     pub to_client: u64,
     /// Closed because neither side sent anything for the idle timeout.
     pub idle_timeout: bool,
+    /// Closed at rest because the server is shutting down.
+    pub drained: bool,
+}
+
+/// Why the relay ended, when not because a side closed.
+#[derive(Clone, Copy, PartialEq)]
+enum End {
+    Closed,
+    Idle,
+    Drained,
 }
 
 /// Copy buffers shared by the sessions that run on one thread (the relay
@@ -200,8 +220,16 @@ impl Half {
 }
 
 /// Copies both ways until both directions are closed, an error occurs, or
-/// nothing moved for `idle`. Half-closes are passed on.
-pub async fn relay<C, U>(client: &mut C, upstream: &mut U, idle: Duration) -> io::Result<RelayStats>
+/// nothing moved for `idle`. Half-closes are passed on. Once `stop`
+/// completes, the session ends as soon as it is at rest: nothing in flight
+/// either way, the last bytes were the server's, and quiet for
+/// [`DRAIN_QUIET`].
+pub async fn relay<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    idle: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> io::Result<RelayStats>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -209,40 +237,67 @@ where
     let mut up = Half::default();
     let mut down = Half::default();
     let mut last = Instant::now();
+    // Whether the client sent the last bytes (an answer is then owed).
+    let mut client_last = false;
+    let mut draining = false;
+    tokio::pin!(stop);
     // One timer for the whole session: when it fires it is moved to the
-    // last activity plus `idle`, so traffic never touches it.
+    // last activity plus `idle` (or `DRAIN_QUIET` while draining), so
+    // traffic never touches it.
     let sleep = tokio::time::sleep_until(last + idle);
     tokio::pin!(sleep);
     let outcome = poll_fn(|cx| {
-        let mut active = false;
-        let a = up.poll_copy(cx, client, upstream, &mut active)?;
-        let b = down.poll_copy(cx, upstream, client, &mut active)?;
-        if active {
+        let (mut sent, mut answered) = (false, false);
+        let a = up.poll_copy(cx, client, upstream, &mut sent)?;
+        let b = down.poll_copy(cx, upstream, client, &mut answered)?;
+        if sent || answered {
             last = Instant::now();
+            client_last = sent;
         }
         if a.is_ready() && b.is_ready() {
-            return Poll::Ready(Ok::<bool, io::Error>(false));
+            return Poll::Ready(Ok::<End, io::Error>(End::Closed));
+        }
+        if !draining && stop.as_mut().poll(cx).is_ready() {
+            draining = true;
+            sleep.as_mut().reset(last + DRAIN_QUIET);
         }
         while sleep.as_mut().poll(cx).is_ready() {
-            let deadline = last + idle;
-            if deadline <= Instant::now() {
-                return Poll::Ready(Ok(true));
+            let now = Instant::now();
+            let at_rest = !client_last && up.buf.is_none() && down.buf.is_none();
+            if draining && at_rest && last + DRAIN_QUIET <= now {
+                return Poll::Ready(Ok(End::Drained));
             }
-            sleep.as_mut().reset(deadline);
+            if last + idle <= now {
+                return Poll::Ready(Ok(End::Idle));
+            }
+            let next = if draining && at_rest {
+                last + DRAIN_QUIET
+            } else {
+                last + idle
+            };
+            // While draining with an answer owed, check again soon: the
+            // answer resets `last`, and then the session may close.
+            let next = if draining && !at_rest {
+                next.min(now + DRAIN_QUIET)
+            } else {
+                next
+            };
+            sleep.as_mut().reset(next);
         }
         Poll::Pending
     })
     .await;
-    let stats = |idle_timeout| RelayStats {
+    let stats = |end| RelayStats {
         to_upstream: up.bytes,
         to_client: down.bytes,
-        idle_timeout,
+        idle_timeout: end == End::Idle,
+        drained: end == End::Drained,
     };
     match outcome {
-        Ok(idle_timeout) => Ok(stats(idle_timeout)),
+        Ok(end) => Ok(stats(end)),
         // A peer that closes without TLS close_notify after its last word
         // (common after LOGOUT) ends the session like a clean close.
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(stats(false)),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(stats(End::Closed)),
         Err(e) => Err(e),
     }
 }
@@ -257,7 +312,13 @@ mod tests {
         let (mut client_far, mut client_near) = tokio::io::duplex(1024);
         let (mut up_near, mut up_far) = tokio::io::duplex(1024);
         let task = tokio::spawn(async move {
-            relay(&mut client_near, &mut up_near, Duration::from_secs(5)).await
+            relay(
+                &mut client_near,
+                &mut up_near,
+                Duration::from_secs(5),
+                std::future::pending(),
+            )
+            .await
         });
         client_far.write_all(b"a1 NOOP\r\n").await.unwrap();
         let mut buf = [0u8; 9];
@@ -281,10 +342,66 @@ mod tests {
     async fn idle_timeout_closes() {
         let (_client_far, mut client_near) = tokio::io::duplex(64);
         let (mut up_near, _up_far) = tokio::io::duplex(64);
-        let stats = relay(&mut client_near, &mut up_near, Duration::from_secs(30))
-            .await
-            .unwrap();
+        let stats = relay(
+            &mut client_near,
+            &mut up_near,
+            Duration::from_secs(30),
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
         assert!(stats.idle_timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_waits_for_the_answer_then_closes_at_rest() {
+        let (mut client_far, mut client_near) = tokio::io::duplex(1024);
+        let (mut up_near, mut up_far) = tokio::io::duplex(1024);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let stop = async {
+                let _ = stop_rx.await;
+            };
+            relay(
+                &mut client_near,
+                &mut up_near,
+                Duration::from_secs(600),
+                stop,
+            )
+            .await
+        });
+        // The client asks; shutdown begins before the server answers.
+        client_far.write_all(b"a1 NOOP\r\n").await.unwrap();
+        let mut buf = [0u8; 9];
+        up_far.read_exact(&mut buf).await.unwrap();
+        stop_tx.send(()).unwrap();
+        tokio::time::sleep(DRAIN_QUIET * 10).await;
+        assert!(!task.is_finished(), "an answer is owed: the session stays");
+        up_far.write_all(b"a1 OK\r\n").await.unwrap();
+        let mut buf = [0u8; 7];
+        client_far.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"a1 OK\r\n");
+        // At rest now: closed after the quiet period, not the idle timeout.
+        let stats = task.await.unwrap().unwrap();
+        assert!(stats.drained && !stats.idle_timeout);
+        assert_eq!((stats.to_upstream, stats.to_client), (9, 7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_closes_a_quiet_session_long_before_the_idle_timeout() {
+        let (_client_far, mut client_near) = tokio::io::duplex(64);
+        let (mut up_near, _up_far) = tokio::io::duplex(64);
+        let started = Instant::now();
+        let stats = relay(
+            &mut client_near,
+            &mut up_near,
+            Duration::from_secs(600),
+            std::future::ready(()),
+        )
+        .await
+        .unwrap();
+        assert!(stats.drained);
+        assert!(started.elapsed() < Duration::from_secs(600));
     }
 
     #[tokio::test]
@@ -293,7 +410,13 @@ mod tests {
         let (mut client_far, mut client_near) = tokio::io::duplex(1024);
         let (mut up_near, mut up_far) = tokio::io::duplex(1024);
         let task = tokio::spawn(async move {
-            relay(&mut client_near, &mut up_near, Duration::from_secs(60)).await
+            relay(
+                &mut client_near,
+                &mut up_near,
+                Duration::from_secs(60),
+                std::future::pending(),
+            )
+            .await
         });
         for _ in 0..3 {
             client_far.write_all(b"a1 NOOP\r\n").await.unwrap();
@@ -320,7 +443,13 @@ mod tests {
         let (client_far, mut client_near) = tokio::io::duplex(100);
         let (mut up_near, up_far) = tokio::io::duplex(333);
         let task = tokio::spawn(async move {
-            relay(&mut client_near, &mut up_near, Duration::from_secs(60)).await
+            relay(
+                &mut client_near,
+                &mut up_near,
+                Duration::from_secs(60),
+                std::future::pending(),
+            )
+            .await
         });
         let data = |seed: u8| -> Vec<u8> {
             (0..300_000u32)
@@ -357,7 +486,13 @@ mod tests {
         let (mut up_near, mut up_far) = tokio::io::duplex(64);
         let started = Instant::now();
         let task = tokio::spawn(async move {
-            relay(&mut client_near, &mut up_near, Duration::from_secs(30)).await
+            relay(
+                &mut client_near,
+                &mut up_near,
+                Duration::from_secs(30),
+                std::future::pending(),
+            )
+            .await
         });
         tokio::time::sleep(Duration::from_secs(20)).await;
         client_far.write_all(b"x").await.unwrap();
@@ -411,9 +546,14 @@ mod tests {
     async fn last_words_before_an_abrupt_close_reach_the_client() {
         let (mut client_far, mut client_near) = tokio::io::duplex(1024);
         let mut upstream = Abrupt(vec![b"* BYE bye\r\n", b"z OK LOGOUT done\r\n"]);
-        let stats = relay(&mut client_near, &mut upstream, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let stats = relay(
+            &mut client_near,
+            &mut upstream,
+            Duration::from_secs(5),
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
         drop(client_near);
         let mut got = Vec::new();
         client_far.read_to_end(&mut got).await.unwrap();

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use rustls::ServerConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 
 use super::relay::relay;
 use super::stream::Stream;
@@ -26,30 +27,45 @@ pub struct DriverSettings {
     pub login_timeout: Duration,
 }
 
+/// Resolves once `stop` turns true (or its sender is gone: nobody can
+/// stop us any more, so never).
+pub async fn stopped(mut stop: watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Serves one client connection to its end. `login` performs a login
-/// request and yields a logged-in upstream connection or a failure.
+/// request and yields a logged-in upstream connection or a failure. When
+/// `stop` turns true (shutdown), a connection waiting for a pre-auth
+/// command is told so and closed, and a relayed session is drained (see
+/// [`relay`]).
 pub async fn drive<L, F>(
     mut stream: Stream,
     session: Box<dyn ClientSession>,
     settings: &DriverSettings,
     login: L,
+    stop: watch::Receiver<bool>,
 ) where
     L: Fn(LoginRequest) -> F,
     F: Future<Output = Result<UpstreamConn, LoginFailure>>,
 {
     // The pre-auth session and read buffer live in `preauth` and are gone
     // once it returns: a relaying session keeps only its two streams.
-    let Some((mut client, mut upstream)) = preauth(&mut stream, session, settings, login).await
+    let Some((mut client, mut upstream)) =
+        preauth(&mut stream, session, settings, login, stop.clone()).await
     else {
         return;
     };
     // `stream` was moved into `client` by preauth's success path.
     let started = std::time::Instant::now();
-    match relay(&mut client, &mut upstream, settings.relay_idle_timeout).await {
+    let idle = settings.relay_idle_timeout;
+    match relay(&mut client, &mut upstream, idle, stopped(stop)).await {
         Ok(stats) => tracing::info!(
             to_upstream = stats.to_upstream,
             to_client = stats.to_client,
             idle_timeout = stats.idle_timeout,
+            shutdown = stats.drained,
             secs = started.elapsed().as_secs(),
             "session ended"
         ),
@@ -71,6 +87,7 @@ async fn preauth<L, F>(
     mut session: Box<dyn ClientSession>,
     settings: &DriverSettings,
     login: L,
+    stop: watch::Receiver<bool>,
 ) -> Option<(Stream, Stream)>
 where
     L: Fn(LoginRequest) -> F,
@@ -80,12 +97,22 @@ where
     send(stream, &greeting).await.ok()?;
     // On the heap, not in the task: the task outlives the pre-auth phase.
     let mut buf = vec![0u8; 4096];
+    let stopping = stopped(stop);
+    tokio::pin!(stopping);
     loop {
         match session.next_step() {
             ClientStep::NeedInput => {
-                let n = match tokio::time::timeout(settings.preauth_timeout, stream.read(&mut buf))
-                    .await
-                {
+                let read = tokio::time::timeout(settings.preauth_timeout, stream.read(&mut buf));
+                let read = tokio::select! {
+                    r = read => r,
+                    () = &mut stopping => {
+                        let _ = send(stream, &session.shutdown_message()).await;
+                        let _ = stream.shutdown().await;
+                        tracing::debug!("pre-auth connection closed for shutdown");
+                        return None;
+                    }
+                };
+                let n = match read {
                     Err(_) => {
                         let _ = send(stream, &session.timeout_message()).await;
                         let _ = stream.shutdown().await;

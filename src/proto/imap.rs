@@ -814,6 +814,10 @@ impl ClientSession for ImapClientSession {
     fn timeout_message(&self) -> Vec<u8> {
         b"* BYE Autologout; idle for too long\r\n".to_vec()
     }
+
+    fn shutdown_message(&self) -> Vec<u8> {
+        b"* BYE [UNAVAILABLE] mailbridge is shutting down; connect again shortly\r\n".to_vec()
+    }
 }
 
 // ---------------------------------------------------------------------------

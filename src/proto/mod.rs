@@ -89,6 +89,9 @@ pub trait ClientSession: Send {
     fn take_pending(&mut self) -> Vec<u8>;
     /// What to send before closing an idle pre-auth connection.
     fn timeout_message(&self) -> Vec<u8>;
+    /// What to send before closing a pre-auth connection because mailbridge
+    /// is shutting down.
+    fn shutdown_message(&self) -> Vec<u8>;
 }
 
 /// What the upstream login dialogue wants the driver to do next.

@@ -493,6 +493,10 @@ impl ClientSession for Pop3ClientSession {
     fn timeout_message(&self) -> Vec<u8> {
         b"-ERR Idle for too long, closing connection\r\n".to_vec()
     }
+
+    fn shutdown_message(&self) -> Vec<u8> {
+        b"-ERR [SYS/TEMP] mailbridge is shutting down; connect again shortly\r\n".to_vec()
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -692,6 +692,14 @@ impl ClientSession for SmtpClientSession {
         )
         .into_bytes()
     }
+
+    fn shutdown_message(&self) -> Vec<u8> {
+        format!(
+            "421 4.3.2 {} mailbridge is shutting down; try again shortly\r\n",
+            self.hostname()
+        )
+        .into_bytes()
+    }
 }
 
 // ---------------------------------------------------------------------------

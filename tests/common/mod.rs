@@ -248,6 +248,26 @@ provider = "sandbox"
         serde_json::to_vec(&self.store.load_grant(USER).unwrap().expect("grant present")).unwrap()
     }
 
+    /// Starts mailbridge's shutdown (as SIGTERM does) without waiting.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+
+    /// Whether mailbridge's server has finished (drained and returned)
+    /// within `limit`.
+    pub async fn server_finished_within(&mut self, limit: Duration) -> bool {
+        let Some(t) = self.task.as_mut() else {
+            return true;
+        };
+        let done = tokio::time::timeout(limit, t).await.is_ok();
+        if done {
+            self.task = None;
+        }
+        done
+    }
+
     pub async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
