@@ -109,7 +109,7 @@ pub async fn obtain(
     let (got, flow): (Obtained, &'static str) = match account.grant {
         GrantKind::AuthorizationCode => match opts.interaction {
             Interaction::Device => {
-                if provider.preset == Preset::Google {
+                if provider.is_google() {
                     return Err(AuthorizeError::Config(
                         "Google refuses mail scopes in the device flow (invalid_scope); use the browser flow, and on a headless box --no-browser to paste the redirected address back, or an SSH tunnel to the loopback port".into(),
                     ));
@@ -153,10 +153,10 @@ pub async fn obtain(
     };
     if account.grant.has_refresh_token() && got.refresh_token.is_none() {
         return Err(AuthorizeError::NoRefreshToken(match provider.preset {
-            Preset::Microsoft => "include offline_access in the scopes",
-            Preset::Google => {
+            _ if provider.is_google() => {
                 "revoke the app's access at https://myaccount.google.com/permissions and authorize again"
             }
+            Preset::Microsoft => "include offline_access in the scopes",
             _ => "ask for offline_access (or the provider's equivalent) in the scopes",
         }));
     }
@@ -248,7 +248,9 @@ fn refresh_token_params(provider: &Provider) -> Vec<(String, String)> {
     match provider.preset {
         // Google issues a refresh token only for offline access, and again
         // only with a fresh consent.
-        Preset::Google => vec![pair("access_type", "offline"), pair("prompt", "consent")],
+        _ if provider.is_google() => {
+            vec![pair("access_type", "offline"), pair("prompt", "consent")]
+        }
         // Entra ID honours offline_access as is; prompt=consent would force
         // a consent page, which fails where users may not consent.
         Preset::Microsoft => Vec::new(),

@@ -137,6 +137,22 @@ impl Provider {
         ))
     }
 
+    /// Whether this is Google's OAuth2 server: the `google` preset, or any
+    /// provider whose token endpoint is Google's (a `custom` one, say).
+    /// Google needs its own authorization parameters and refuses mail
+    /// scopes in the device flow.
+    pub fn is_google(&self) -> bool {
+        self.preset == Preset::Google
+            || oauth2::url::Url::parse(&self.token_url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+                .is_some_and(|h| {
+                    h == "oauth2.googleapis.com"
+                        || h == "www.googleapis.com"
+                        || h == "accounts.google.com"
+                })
+    }
+
     /// The server for a protocol, if configured.
     pub fn endpoint(&self, protocol: Protocol) -> Option<&ServerEndpoint> {
         match protocol {

@@ -434,7 +434,13 @@ impl Vault {
     ) -> Result<Unlocked, VaultError> {
         self.check_backoff(account, peer)?;
         // Only accounts with a record get a slot: unknown names cost nothing.
-        if self.store.load_grant(account)?.is_none() {
+        // An account that has a slot had a record; it is read again below.
+        let has_slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(account);
+        if !has_slot && self.store.load_grant(account)?.is_none() {
             return Err(no_grant(account));
         }
         let slot = self.slot(account);

@@ -563,6 +563,29 @@ async fn google_device_flow_is_refused_with_the_alternative() {
         text.contains("Google refuses") && text.contains("--no-browser"),
         "{text}"
     );
+    // A custom provider pointed at Google's token endpoint is Google too
+    // (refused before any request is made).
+    let config = std::fs::read_to_string(&w.config).unwrap().replace(
+        "preset = \"google\"",
+        "preset = \"custom\"\nscopes = [\"https://mail.google.com/\"]",
+    );
+    let config = config.replace(
+        &format!("token_url = \"{}\"", w.provider.token_url()),
+        "token_url = \"https://oauth2.googleapis.com/token\"",
+    );
+    assert!(config.contains("oauth2.googleapis.com"));
+    std::fs::write(&w.config, config).unwrap();
+    let (ok, text) = w.run(
+        &[
+            "account",
+            "add",
+            "alice@example.com",
+            "--device",
+            "--password-stdin",
+        ],
+        "pw\n",
+    );
+    assert!(!ok && text.contains("Google refuses"), "{text}");
     w.provider.shutdown();
     w.imap.shutdown();
 }
