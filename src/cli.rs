@@ -221,11 +221,30 @@ async fn load_discovered(args: &ConfigArgs) -> anyhow::Result<Settings> {
     Ok(settings)
 }
 
+/// The store: opened here, or, while `mailbridge run` holds it, the
+/// running service's through its control socket.
 fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TokenStore>> {
     let dir = settings.server.state_dir();
-    let store = SledStore::open(&dir)
-        .with_context(|| format!("opening the token store in {}", dir.display()))?;
-    Ok(Arc::new(store))
+    match SledStore::open(&dir) {
+        Ok(store) => Ok(Arc::new(store)),
+        #[cfg(unix)]
+        Err(locked @ crate::store::StoreError::Locked { .. }) => {
+            match crate::net::control::RemoteStore::connect(&dir) {
+                Ok(remote) => {
+                    eprintln!(
+                        "mailbridge: the running service holds the store in {}; working through its control socket",
+                        dir.display()
+                    );
+                    Ok(Arc::new(remote))
+                }
+                Err(e) => Err(anyhow::anyhow!(
+                    "{locked} (it does not answer on {}: {e})",
+                    dir.join(crate::store::control::SOCKET_NAME).display()
+                )),
+            }
+        }
+        Err(e) => Err(e).with_context(|| format!("opening the token store in {}", dir.display())),
+    }
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {

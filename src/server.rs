@@ -47,6 +47,14 @@ pub enum ServerError {
     /// The service key is unusable.
     #[error("{0}")]
     Key(String),
+    /// The control socket could not be created.
+    #[error("cannot create the control socket {}: {source}; check that the state directory is writable", path.display())]
+    Control {
+        /// The socket's path.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 struct ListenerRuntime {
@@ -363,8 +371,20 @@ pub async fn run(
     let dir = settings.server.state_dir();
     let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(&dir)?);
     tracing::info!(state_dir = %dir.display(), "token store opened");
+    // `mailbridge account ...` reaches the store through this while we
+    // hold its lock; without it they would need the service stopped.
+    #[cfg(unix)]
+    let control =
+        crate::net::control::ControlSocket::bind(&dir, store.clone()).map_err(|source| {
+            ServerError::Control {
+                path: dir.join(crate::store::control::SOCKET_NAME),
+                source,
+            }
+        })?;
     let server = Server::bind(settings, store).await?;
     server.run(shutdown).await;
+    #[cfg(unix)]
+    drop(control);
     Ok(())
 }
 

@@ -97,9 +97,13 @@ pub enum VaultError {
         /// The account.
         account: String,
     },
-    /// The stored grant was replaced outside this vault while it was in
-    /// use, under a key this session does not have.
-    #[error("the grant for account {account} was changed while in use; log in again")]
+    /// The stored grant was replaced by another writer (another mailbridge
+    /// process through the control socket, or under a key this session
+    /// does not have) while this change was being made; nothing was
+    /// written.
+    #[error(
+        "the grant for account {account} was changed by someone else at the same moment (the running service saving a refreshed token, or another command); nothing was written: try again"
+    )]
     Changed {
         /// The account.
         account: String,
@@ -153,6 +157,15 @@ impl Current {
     fn matches(&self, record: &SealedGrant) -> bool {
         self.salt == record.salt && self.nonce == record.nonce && self.kdf == record.kdf
     }
+}
+
+/// A new record for an account, and the record it replaces.
+struct Write {
+    /// What the store held when the change was computed (None: nothing).
+    expected: Option<SealedGrant>,
+    sealed: SealedGrant,
+    grant: GrantData,
+    key: SealKey,
 }
 
 struct Shared {
@@ -614,7 +627,8 @@ impl Vault {
         replace: bool,
     ) -> Result<(), VaultError> {
         let slot = self.slot(account).lock_owned().await;
-        if !replace && self.store.load_grant(account)?.is_some() {
+        let existing = self.store.load_grant(account)?;
+        if !replace && existing.is_some() {
             return Err(VaultError::Exists {
                 account: account.to_owned(),
             });
@@ -624,7 +638,13 @@ impl Vault {
         let hash = self.password_hash(password).await?;
         let sealed = seal::seal_with_hash(account, &key, salt, self.kdf, hash, &grant)?;
         let verifier = self.verifier(account, password);
-        self.commit(slot, account, sealed, grant, key, Some(verifier), None)
+        let write = Write {
+            expected: existing,
+            sealed,
+            grant,
+            key,
+        };
+        self.commit(slot, account, write, Some(verifier), None)
             .await?;
         if meta.created_at == 0 {
             meta.created_at = now_unix();
@@ -681,16 +701,14 @@ impl Vault {
             record.password_hash.clone(),
             &grant,
         )?;
-        self.commit(
-            slot,
-            account,
+        let write = Write {
+            expected: Some(record),
             sealed,
             grant,
             key,
-            None,
-            Some(unlocked.shared.clone()),
-        )
-        .await?;
+        };
+        self.commit(slot, account, write, None, Some(unlocked.shared.clone()))
+            .await?;
         tracing::info!(account, "rotated refresh token sealed and saved");
         Ok(())
     }
@@ -733,7 +751,13 @@ impl Vault {
         let hash = self.password_hash(new).await?;
         let sealed = seal::seal_with_hash(account, &key, salt, self.kdf, hash, &grant)?;
         let verifier = self.verifier(account, new);
-        self.commit(slot, account, sealed, grant, key, Some(verifier), None)
+        let write = Write {
+            expected: Some(record),
+            sealed,
+            grant,
+            key,
+        };
+        self.commit(slot, account, write, Some(verifier), None)
             .await?;
         tracing::info!(account, "local password changed");
         Ok(())
@@ -792,25 +816,32 @@ impl Vault {
         Ok(key)
     }
 
-    /// Save `sealed` durably, then make it the account's in-memory state
+    /// Save `write.sealed` durably if the stored record is still the one
+    /// the change was based on, then make it the account's in-memory state
     /// (and `also`'s, if that is a different shared state). Runs on a
     /// blocking thread that owns the account's guard, so it completes even
-    /// if the caller is cancelled.
-    #[allow(clippy::too_many_arguments)]
+    /// if the caller is cancelled. [`VaultError::Changed`] if another
+    /// writer got there first.
     async fn commit(
         &self,
         mut slot: OwnedMutexGuard<Slot>,
         account: &str,
-        sealed: SealedGrant,
-        grant: GrantData,
-        key: SealKey,
+        write: Write,
         verifier: Option<[u8; 32]>,
         also: Option<Arc<Shared>>,
     ) -> Result<(), VaultError> {
         let store = self.store.clone();
         let account = account.to_owned();
-        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            store.save_grant(&account, &sealed)?;
+        let Write {
+            expected,
+            sealed,
+            grant,
+            key,
+        } = write;
+        tokio::task::spawn_blocking(move || -> Result<(), VaultError> {
+            if !store.swap_grant(&account, expected.as_ref(), &sealed)? {
+                return Err(VaultError::Changed { account });
+            }
             let current = |grant: GrantData, key: SealKey| Current {
                 grant,
                 key,

@@ -597,7 +597,9 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
             let p = e.path();
             if p.is_dir() {
                 out.extend(walk(&p));
-            } else {
+            } else if p.is_file() {
+                // Files only: a killed `mailbridge run` leaves its control
+                // socket behind.
                 out.push(p);
             }
         }

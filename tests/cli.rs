@@ -1,5 +1,6 @@
 //! The `mailbridge` binary end to end: check-config, account import, run
-//! (a real process serving a real login), account list and remove.
+//! (a real process serving a real login), account commands while it runs
+//! (through its control socket), account list and remove.
 
 mod common;
 
@@ -11,6 +12,7 @@ use common::*;
 use mailbridge::sandbox::{ImapServer, ImapServerOptions, Provider, ProviderOptions, TestPki};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mailbridge");
+const BOB: &str = "bob@example.com";
 
 fn mailbridge(args: &[&str], stdin: &str) -> (bool, String, String) {
     let mut child = Command::new(BIN)
@@ -63,6 +65,7 @@ async fn import_run_login_list_remove() {
         .await
         .unwrap();
     imap.append(USER, "INBOX", MESSAGE.to_vec());
+    imap.append(BOB, "INBOX", MESSAGE.to_vec());
     let dir = temp_dir("cli");
     let ca = dir.join("ca.pem");
     std::fs::write(&ca, &pki.ca_pem).unwrap();
@@ -79,6 +82,7 @@ async fn import_run_login_list_remove() {
 state_dir = "{state}"
 kdf_memory_kib = 1024
 kdf_iterations = 1
+backoff_base_ms = 1
 
 [[listener]]
 protocol = "imap"
@@ -93,6 +97,10 @@ imap = {{ host = "localhost", port = {imap_port}, tls = "implicit" }}
 
 [[account]]
 user = "{USER}"
+provider = "sandbox"
+
+[[account]]
+user = "{BOB}"
 provider = "sandbox"
 "#,
             state = dir.join("state").display(),
@@ -164,19 +172,81 @@ provider = "sandbox"
     }
     assert!(up, "mailbridge run did not start listening");
 
-    // The store is in use: a second process says so instead of failing obscurely.
-    let (ok, _, err) = mailbridge(&["account", "list", "--config", cfg], "");
-    assert!(!ok && err.contains("another mailbridge process"), "{err}");
+    // The running service holds the store; account commands go through
+    // its control socket, which only its user (or root) may use.
+    let socket = dir.join("state").join("control.sock");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let (ok, out, err) = mailbridge(&["account", "list", "--config", cfg], "");
+    assert!(ok && out.contains(USER), "{out}{err}");
+    assert!(err.contains("control socket"), "{err}");
 
-    let mut c = Client::plain(addr).await;
-    assert!(c.line().await.starts_with("* OK"));
-    let r = c
-        .cmd("a1", &format!("LOGIN {USER} {}", quote(PASSWORD)))
-        .await;
-    assert!(r.last().unwrap().starts_with("a1 OK"), "{r:?}");
-    c.cmd("s1", "SELECT INBOX").await;
-    assert_eq!(c.fetch_body("f1", 1).await, MESSAGE);
-    c.cmd("z", "LOGOUT").await;
+    let login = |user: &'static str, password: &'static str| async move {
+        let mut c = Client::plain(addr).await;
+        assert!(c.line().await.starts_with("* OK"));
+        let r = c
+            .cmd("a1", &format!("LOGIN {user} {}", quote(password)))
+            .await;
+        let reply = r.last().unwrap().clone();
+        if reply.starts_with("a1 OK") {
+            c.cmd("s1", "SELECT INBOX").await;
+            assert_eq!(c.fetch_body("f1", 1).await, MESSAGE);
+            c.cmd("z", "LOGOUT").await;
+        }
+        reply
+    };
+    assert!(login(USER, PASSWORD).await.starts_with("a1 OK"));
+
+    // A grant added while it runs is used at once, without a restart.
+    assert!(
+        login(BOB, "bob's password")
+            .await
+            .contains("no stored authorization")
+    );
+    let bob_refresh = provider.issue_refresh_token(BOB, "mail");
+    let (ok, out, err) = mailbridge(
+        &[
+            "account",
+            "import",
+            BOB,
+            "--config",
+            cfg,
+            "--refresh-token-stdin",
+            "--password-stdin",
+        ],
+        &format!("{bob_refresh}\nbob's password\n"),
+    );
+    assert!(ok && out.contains("sealed the grant"), "{out}{err}");
+    assert!(login(BOB, "bob's password").await.starts_with("a1 OK"));
+
+    // A password changed while it runs: the old one stops working at once.
+    let (ok, out, err) = mailbridge(
+        &[
+            "account",
+            "passwd",
+            BOB,
+            "--config",
+            cfg,
+            "--password-stdin",
+        ],
+        "bob's password\nbob's new password\n",
+    );
+    assert!(ok, "{out}{err}");
+    let new = login(BOB, "bob's new password").await;
+    assert!(new.starts_with("a1 OK"), "{new}");
+    let old = login(BOB, "bob's password").await;
+    assert!(old.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{old}");
+    tokio::time::sleep(Duration::from_millis(50)).await; // past the 1 ms backoff
+
+    // Removed while it runs: refused from then on.
+    let (ok, out, err) = mailbridge(&["account", "remove", BOB, "--config", cfg], "");
+    assert!(ok && out.contains("removed"), "{out}{err}");
+    assert!(
+        login(BOB, "bob's new password")
+            .await
+            .contains("no stored authorization")
+    );
 
     // SIGTERM: a clean exit.
     let killed = Command::new("kill")
@@ -197,11 +267,17 @@ provider = "sandbox"
         panic!("mailbridge run did not stop on SIGTERM")
     });
     assert!(status.success(), "{status:?}");
+    assert!(!socket.exists(), "the control socket is removed at exit");
     let logs = log_reader.join().unwrap();
     assert!(logs.contains("logged in; relaying"), "{logs}");
-    for secret in [PASSWORD.to_string(), refresh.clone()]
-        .into_iter()
-        .chain(provider.issued_tokens())
+    for secret in [
+        PASSWORD.to_string(),
+        refresh.clone(),
+        bob_refresh.clone(),
+        "bob's new password".to_string(),
+    ]
+    .into_iter()
+    .chain(provider.issued_tokens())
     {
         assert!(!logs.contains(&secret), "a secret appeared in the run logs");
     }

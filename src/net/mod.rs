@@ -1,6 +1,9 @@
 //! Sockets and TLS: listeners, the per-connection driver, the upstream
-//! connector and the relay. Nothing here parses a protocol.
+//! connector, the relay and the control socket. Nothing here parses a
+//! protocol.
 
+#[cfg(unix)]
+pub mod control;
 pub mod listener;
 pub mod relay;
 pub mod session;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod control;
 pub mod seal;
 pub mod sled_store;
 
@@ -117,6 +118,16 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Store `grant` for `account`, replacing any previous one. Durable
     /// (flushed to disk) when it returns.
     fn save_grant(&self, account: &str, grant: &SealedGrant) -> Result<(), StoreError>;
+    /// Store `new` for `account` only if the stored grant is still
+    /// `expected` (None: no grant). False, and nothing written, if another
+    /// writer (the running service, say, saving a rotated refresh token)
+    /// changed it since. Durable when it returns true.
+    fn swap_grant(
+        &self,
+        account: &str,
+        expected: Option<&SealedGrant>,
+        new: &SealedGrant,
+    ) -> Result<bool, StoreError>;
     /// The metadata of `account`, if there is any.
     fn load_meta(&self, account: &str) -> Result<Option<AccountMeta>, StoreError>;
     /// Store the metadata of `account`.
@@ -172,6 +183,13 @@ pub enum StoreError {
         /// The state directory (empty for a temporary store).
         path: PathBuf,
         /// What went wrong.
+        reason: String,
+    },
+    /// The running service, which holds the store, refused or could not be
+    /// asked (see [`control`]).
+    #[error("the running mailbridge service could not do it: {reason}")]
+    Remote {
+        /// Why, as the service or the socket said.
         reason: String,
     },
     /// A stored record could not be decoded.

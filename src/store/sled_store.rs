@@ -118,19 +118,7 @@ impl SledStore {
         let Some(bytes) = tree.get(account.as_bytes()).map_err(|e| self.backend(e))? else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt {
-                account: account.to_owned(),
-                // Category and position only: serde_json's message can
-                // quote the data.
-                reason: format!(
-                    "{:?} error at line {} column {}",
-                    e.classify(),
-                    e.line(),
-                    e.column()
-                ),
-            })
+        decode(account, &bytes).map(Some)
     }
 
     fn put<T: Serialize>(
@@ -157,6 +145,41 @@ impl TokenStore for SledStore {
     fn save_grant(&self, account: &str, grant: &SealedGrant) -> Result<(), StoreError> {
         self.put(&self.grants, account, grant)?;
         self.flush()
+    }
+
+    fn swap_grant(
+        &self,
+        account: &str,
+        expected: Option<&SealedGrant>,
+        new: &SealedGrant,
+    ) -> Result<bool, StoreError> {
+        let new_bytes = serde_json::to_vec(new).map_err(|e| StoreError::Backend {
+            path: self.dir.clone().unwrap_or_default(),
+            reason: format!("cannot encode the record for account {account}: {e}"),
+        })?;
+        // Compare records, not bytes (an older version may have encoded the
+        // same record differently); then swap against the bytes read, so a
+        // write in between makes the swap fail.
+        let current = self
+            .grants
+            .get(account.as_bytes())
+            .map_err(|e| self.backend(e))?;
+        let decoded: Option<SealedGrant> = match &current {
+            Some(bytes) => Some(decode(account, bytes)?),
+            None => None,
+        };
+        if decoded.as_ref() != expected {
+            return Ok(false);
+        }
+        let swapped = self
+            .grants
+            .compare_and_swap(account.as_bytes(), current, Some(new_bytes))
+            .map_err(|e| self.backend(e))?
+            .is_ok();
+        if swapped {
+            self.flush()?;
+        }
+        Ok(swapped)
     }
 
     fn load_meta(&self, account: &str) -> Result<Option<AccountMeta>, StoreError> {
@@ -193,6 +216,20 @@ impl TokenStore for SledStore {
         }
         Ok(names.into_iter().collect())
     }
+}
+
+fn decode<T: DeserializeOwned>(account: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        account: account.to_owned(),
+        // Category and position only: serde_json's message can quote the
+        // data.
+        reason: format!(
+            "{:?} error at line {} column {}",
+            e.classify(),
+            e.line(),
+            e.column()
+        ),
+    })
 }
 
 fn open_error(dir: &Path, e: sled::Error) -> StoreError {
@@ -319,6 +356,20 @@ pub(crate) mod tests {
             password_hash: None,
             ciphertext: vec![n; 48],
         }
+    }
+
+    #[test]
+    fn swap_grant_writes_only_over_what_the_writer_read() {
+        let tmp = TempDir::new("store-swap");
+        let s = SledStore::open(&tmp.path().join("state")).expect("open");
+        assert!(s.swap_grant("a", None, &grant(1)).expect("swap"));
+        // Someone else created it first.
+        assert!(!s.swap_grant("a", None, &grant(2)).expect("swap"));
+        // Based on an old read.
+        assert!(!s.swap_grant("a", Some(&grant(3)), &grant(2)).expect("swap"));
+        assert_eq!(s.load_grant("a").expect("load"), Some(grant(1)));
+        assert!(s.swap_grant("a", Some(&grant(1)), &grant(2)).expect("swap"));
+        assert_eq!(s.load_grant("a").expect("load"), Some(grant(2)));
     }
 
     #[test]
