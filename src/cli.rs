@@ -23,7 +23,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 struct ConfigArgs {
     /// The configuration file.
     #[arg(
@@ -41,7 +41,8 @@ struct ConfigArgs {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve the configured listeners until SIGINT or SIGTERM.
+    /// Serve the configured listeners until SIGINT or SIGTERM (which drain
+    /// sessions first); SIGHUP reloads accounts and providers.
     Run(ConfigArgs),
     /// Check the configuration file and exit.
     CheckConfig(ConfigArgs),
@@ -251,7 +252,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(args) => {
             let settings = load(&args)?;
-            crate::server::run(settings, shutdown_signal()).await?;
+            let reread = args.clone();
+            let reloader = Box::new(move || load(&reread).map_err(|e| format!("{e:#}")));
+            crate::server::run(settings, shutdown_signal(), reloader).await?;
             Ok(())
         }
         Command::CheckConfig(args) => {

@@ -131,7 +131,7 @@ pub struct Config {
 }
 
 /// `[server]`: process-wide settings.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Where grants are stored; default: `$STATE_DIRECTORY` under systemd,
@@ -475,7 +475,7 @@ pub struct Settings {
 }
 
 /// A validated listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
     /// The protocol served.
     pub protocol: Protocol,

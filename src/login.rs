@@ -16,26 +16,16 @@ use crate::oauth::{TokenError, TokenSource};
 use crate::proto::{self, FailureKind, LoginFailure, LoginRequest, UpstreamLogin};
 use crate::vault::{Vault, VaultError};
 
-/// Everything a login needs, shared by all connections.
-pub struct Gateway {
+/// The configuration logins follow, replaced whole by a reload: accounts,
+/// providers, and each provider's upstream TLS config (its CA file, or
+/// the platform's).
+struct Routing {
     settings: Arc<Settings>,
-    vault: Arc<Vault>,
-    tokens: TokenSource,
-    /// For flows run by the server itself (authorize on first login).
-    http: reqwest::Client,
-    /// Authorizations in progress, one per account.
-    authorizing: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Upstream TLS config per provider (its CA file, or the platform's).
     upstream_tls: HashMap<String, Arc<ClientConfig>>,
 }
 
-impl Gateway {
-    /// Builds the gateway; fails if a provider's CA file is unusable.
-    pub fn new(
-        settings: Arc<Settings>,
-        vault: Arc<Vault>,
-        tokens: TokenSource,
-    ) -> Result<Gateway, TlsError> {
+impl Routing {
+    fn new(settings: Arc<Settings>) -> Result<Routing, TlsError> {
         let mut upstream_tls = HashMap::new();
         let mut platform: Option<Arc<ClientConfig>> = None;
         for (name, p) in &settings.providers {
@@ -52,14 +42,60 @@ impl Gateway {
             };
             upstream_tls.insert(name.clone(), config);
         }
-        Ok(Gateway {
+        Ok(Routing {
             settings,
+            upstream_tls,
+        })
+    }
+}
+
+/// Everything a login needs, shared by all connections.
+pub struct Gateway {
+    /// A login takes the routing in force when it starts and keeps it.
+    routing: std::sync::RwLock<Arc<Routing>>,
+    vault: Arc<Vault>,
+    tokens: TokenSource,
+    /// For flows run by the server itself (authorize on first login).
+    http: reqwest::Client,
+    /// Authorizations in progress, one per account.
+    authorizing: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Gateway {
+    /// Builds the gateway; fails if a provider's CA file is unusable.
+    pub fn new(
+        settings: Arc<Settings>,
+        vault: Arc<Vault>,
+        tokens: TokenSource,
+    ) -> Result<Gateway, TlsError> {
+        Ok(Gateway {
+            routing: std::sync::RwLock::new(Arc::new(Routing::new(settings)?)),
             vault,
             tokens,
             http: TokenSource::http_client(),
             authorizing: std::sync::Mutex::new(HashMap::new()),
-            upstream_tls,
         })
+    }
+
+    fn routing(&self) -> Arc<Routing> {
+        self.routing
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the accounts and providers that logins follow (a config
+    /// reload); logins already under way finish with the old ones. The
+    /// `[server]` settings and listeners are not the gateway's: the caller
+    /// says when those changed. Fails, changing nothing, if a provider's
+    /// CA file is unusable.
+    pub fn reload(&self, settings: Arc<Settings>) -> Result<(), TlsError> {
+        let routing = Arc::new(Routing::new(settings)?);
+        *self
+            .routing
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = routing;
+        Ok(())
     }
 
     /// The vault, for the CLI and tests.
@@ -91,6 +127,7 @@ impl Gateway {
             interaction: crate::authorize::Interaction::Browser,
             // Leave the client a few seconds to get our answer in time.
             timeout: self
+                .routing()
                 .settings
                 .server
                 .login_timeout()
@@ -139,15 +176,17 @@ impl Gateway {
             }
         };
         let (mut ok, mut failed) = (0, 0);
+        let routing = self.routing();
+        let settings = &routing.settings;
         for name in names {
-            let Some(account) = self.settings.account_for(&name) else {
+            let Some(account) = settings.account_for(&name) else {
                 tracing::debug!(account = %name, "background refresh: not in the config; skipped");
                 continue;
             };
             if !account.grant.has_refresh_token() {
                 continue;
             }
-            let Some(provider) = self.settings.providers.get(&account.provider) else {
+            let Some(provider) = settings.providers.get(&account.provider) else {
                 continue;
             };
             let result = match self.vault.unlock_service(&account.name).await {
@@ -179,7 +218,9 @@ impl Gateway {
         peer: IpAddr,
     ) -> Result<UpstreamConn, LoginFailure> {
         let user = request.credentials.user.as_str();
-        let Some(account) = self.settings.account_for(user) else {
+        let routing = self.routing();
+        let settings = &routing.settings;
+        let Some(account) = settings.account_for(user) else {
             return Err(failure(
                 FailureKind::BadCredentials,
                 format!(
@@ -188,16 +229,12 @@ impl Gateway {
                 ),
             ));
         };
-        let provider = self
-            .settings
-            .providers
-            .get(&account.provider)
-            .ok_or_else(|| {
-                failure(
-                    FailureKind::Unavailable,
-                    "the account's provider is not configured".into(),
-                )
-            })?;
+        let provider = settings.providers.get(&account.provider).ok_or_else(|| {
+            failure(
+                FailureKind::Unavailable,
+                "the account's provider is not configured".into(),
+            )
+        })?;
         let endpoint = provider.endpoint(protocol).ok_or_else(|| {
             failure(
                 FailureKind::Unavailable,
@@ -220,7 +257,7 @@ impl Gateway {
         .map_err(|e| vault_failure(&account.name, e))?;
 
         let session = upstream_session(protocol, endpoint, request.client_info);
-        let tls = self
+        let tls = routing
             .upstream_tls
             .get(&provider.name)
             .cloned()
@@ -233,7 +270,7 @@ impl Gateway {
         let result = upstream::login(
             endpoint,
             tls,
-            self.settings.server.connect_timeout(),
+            settings.server.connect_timeout(),
             session,
             upstream::TokenAccess {
                 source: &self.tokens,

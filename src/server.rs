@@ -64,9 +64,17 @@ struct ListenerRuntime {
     hostname: String,
 }
 
+/// Reads the configuration again (a reload): the file, with the command
+/// line's overrides.
+pub type Reloader = Box<dyn Fn() -> Result<Settings, String> + Send + Sync>;
+
 /// A bound, not yet running server.
 pub struct Server {
     gateway: Arc<Gateway>,
+    /// The configuration it was bound with (what a reload compares to).
+    settings: Arc<Settings>,
+    /// How to read the configuration again on SIGHUP, if it can.
+    reloader: Option<Reloader>,
     listeners: Vec<(TcpListener, Arc<ListenerRuntime>)>,
     max_connections: usize,
     /// Service key mode: how often to refresh every grant.
@@ -193,6 +201,8 @@ impl Server {
             .then(|| Duration::from_secs(settings.server.background_refresh_secs.max(1)));
         Ok(Server {
             gateway,
+            settings: settings.clone(),
+            reloader: None,
             listeners,
             max_connections: settings.server.max_connections.max(1),
             shutdown_grace: settings.server.shutdown_grace(),
@@ -208,6 +218,45 @@ impl Server {
             .collect()
     }
 
+    /// Re-read the configuration with `reloader` on SIGHUP.
+    pub fn with_reloader(mut self, reloader: Reloader) -> Server {
+        self.reloader = Some(reloader);
+        self
+    }
+
+    /// Applies a configuration read again: accounts and providers take
+    /// effect for the next logins; changes to `[server]` or the listeners
+    /// need a restart and are reported as such. An unusable configuration
+    /// changes nothing. Returns what it did, for the log.
+    pub async fn reload(
+        gateway: &Gateway,
+        running: &Settings,
+        new: Result<Settings, String>,
+    ) -> Result<String, String> {
+        let mut new = new?;
+        new.discover(&TokenSource::http_client()).await?;
+        let mut note = format!(
+            "{} account(s), {} provider(s) in force",
+            new.accounts.len(),
+            new.providers.len()
+        );
+        let mut needs_restart = Vec::new();
+        if new.server != running.server {
+            needs_restart.push("[server]");
+        }
+        if new.listeners != running.listeners {
+            needs_restart.push("[[listener]]");
+        }
+        if !needs_restart.is_empty() {
+            note.push_str(&format!(
+                "; changes to {} take effect only at a restart",
+                needs_restart.join(" and ")
+            ));
+        }
+        gateway.reload(Arc::new(new)).map_err(|e| e.to_string())?;
+        Ok(note)
+    }
+
     /// The login path, for tests and the CLI.
     pub fn gateway(&self) -> &Arc<Gateway> {
         &self.gateway
@@ -217,7 +266,7 @@ impl Server {
     /// pre-auth clients are told mailbridge is going away, relayed sessions
     /// close once at rest. Returns when every session has ended or the
     /// grace period is over (the caller's exit then cuts what is left).
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let limit = Arc::new(Semaphore::new(self.max_connections));
         let mut tasks = Vec::new();
@@ -245,6 +294,23 @@ impl Server {
                 },
             ))));
         }
+        let reloads = self.reloader.take().map(|reloader| {
+            let gateway = self.gateway.clone();
+            let running = self.settings.clone();
+            tokio::spawn(async move {
+                let mut hangups = reload_requests();
+                while hangups.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reading the configuration again");
+                    match Server::reload(&gateway, &running, reloader()).await {
+                        Ok(note) => tracing::info!(result = %note, "configuration reloaded"),
+                        Err(e) => tracing::error!(
+                            error = %e,
+                            "configuration not reloaded; the previous one stays in force"
+                        ),
+                    }
+                }
+            })
+        });
         let refresher = self.background_refresh.map(|every| {
             let gateway = self.gateway.clone();
             tokio::spawn(async move {
@@ -258,6 +324,9 @@ impl Server {
         });
         shutdown.await;
         if let Some(r) = refresher {
+            r.abort();
+        }
+        if let Some(r) = reloads {
             r.abort();
         }
         tracing::info!("shutting down: no new connections");
@@ -361,11 +430,33 @@ fn client_session(
     }
 }
 
+/// SIGHUP, as a stream of requests (none where there are no signals).
+fn reload_requests() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP: no configuration reloads");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            // A reload already waiting covers this one too.
+            let _ = tx.try_send(());
+        }
+    });
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
+}
+
 /// Opens the store in the configured state directory and serves until
-/// `shutdown` completes.
+/// `shutdown` completes; on SIGHUP, `reloader` reads the configuration
+/// again (accounts and providers).
 pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()>,
+    reloader: Reloader,
 ) -> Result<(), ServerError> {
     raise_open_files_limit(open_files_wanted(settings.server.max_connections));
     let dir = settings.server.state_dir();
@@ -381,7 +472,7 @@ pub async fn run(
                 source,
             }
         })?;
-    let server = Server::bind(settings, store).await?;
+    let server = Server::bind(settings, store).await?.with_reloader(reloader);
     server.run(shutdown).await;
     #[cfg(unix)]
     drop(control);

@@ -13,6 +13,7 @@ use mailbridge::sandbox::{ImapServer, ImapServerOptions, Provider, ProviderOptio
 
 const BIN: &str = env!("CARGO_BIN_EXE_mailbridge");
 const BOB: &str = "bob@example.com";
+const CAROL: &str = "carol@example.com";
 
 fn mailbridge(args: &[&str], stdin: &str) -> (bool, String, String) {
     let mut child = Command::new(BIN)
@@ -66,6 +67,7 @@ async fn import_run_login_list_remove() {
         .unwrap();
     imap.append(USER, "INBOX", MESSAGE.to_vec());
     imap.append(BOB, "INBOX", MESSAGE.to_vec());
+    imap.append(CAROL, "INBOX", MESSAGE.to_vec());
     let dir = temp_dir("cli");
     let ca = dir.join("ca.pem");
     std::fs::write(&ca, &pki.ca_pem).unwrap();
@@ -248,6 +250,68 @@ provider = "sandbox"
             .contains("no stored authorization")
     );
 
+    // A new account: into the config, its grant through the socket, then
+    // SIGHUP makes the running service take it on.
+    let original = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{original}\n[[account]]\nuser = \"{CAROL}\"\nprovider = \"sandbox\"\n"),
+    )
+    .unwrap();
+    let carol_refresh = provider.issue_refresh_token(CAROL, "mail");
+    let (ok, out, err) = mailbridge(
+        &[
+            "account",
+            "import",
+            CAROL,
+            "--config",
+            cfg,
+            "--refresh-token-stdin",
+            "--password-stdin",
+        ],
+        &format!("{carol_refresh}\ncarol's password\n"),
+    );
+    assert!(ok, "{out}{err}");
+    assert!(
+        login(CAROL, "carol's password")
+            .await
+            .contains("no account")
+    );
+    let hup = |pid: u32| {
+        let sent = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    hup(server.id());
+    let mut reply = String::new();
+    for _ in 0..100 {
+        reply = login(CAROL, "carol's password").await;
+        if reply.starts_with("a1 OK") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reply.starts_with("a1 OK"), "after SIGHUP: {reply}");
+
+    // A broken config on reload changes nothing.
+    std::fs::write(&config, format!("{original}\n[[account]]\nuser = 3\n")).unwrap();
+    hup(server.id());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(login(CAROL, "carol's password").await.starts_with("a1 OK"));
+    assert!(login(USER, PASSWORD).await.starts_with("a1 OK"));
+    // `[server]` changes are reported as needing a restart.
+    std::fs::write(
+        &config,
+        original.replace("kdf_iterations = 1", "kdf_iterations = 2"),
+    )
+    .unwrap();
+    hup(server.id());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(login(USER, PASSWORD).await.starts_with("a1 OK"));
+    std::fs::write(&config, &original).unwrap();
+
     // SIGTERM: a clean exit.
     let killed = Command::new("kill")
         .args(["-TERM", &server.id().to_string()])
@@ -270,11 +334,19 @@ provider = "sandbox"
     assert!(!socket.exists(), "the control socket is removed at exit");
     let logs = log_reader.join().unwrap();
     assert!(logs.contains("logged in; relaying"), "{logs}");
+    assert!(logs.contains("configuration reloaded"), "{logs}");
+    assert!(logs.contains("configuration not reloaded"), "{logs}");
+    assert!(
+        logs.contains("changes to [server] take effect only at a restart"),
+        "{logs}"
+    );
     for secret in [
         PASSWORD.to_string(),
         refresh.clone(),
         bob_refresh.clone(),
+        carol_refresh.clone(),
         "bob's new password".to_string(),
+        "carol's password".to_string(),
     ]
     .into_iter()
     .chain(provider.issued_tokens())
@@ -288,8 +360,10 @@ provider = "sandbox"
         "last login shown: {out}"
     );
 
-    let (ok, out, err) = mailbridge(&["account", "remove", USER, "--config", cfg], "");
-    assert!(ok && out.contains("removed"), "{out}{err}");
+    for user in [USER, CAROL] {
+        let (ok, out, err) = mailbridge(&["account", "remove", user, "--config", cfg], "");
+        assert!(ok && out.contains("removed"), "{out}{err}");
+    }
     let (ok, out, _) = mailbridge(&["account", "list", "--config", cfg], "");
     assert!(ok && out.contains("no stored grants"), "{out}");
 
