@@ -294,11 +294,20 @@ impl Server {
                 },
             ))));
         }
+        #[cfg(unix)]
         let reloads = self.reloader.take().map(|reloader| {
             let gateway = self.gateway.clone();
             let running = self.settings.clone();
             tokio::spawn(async move {
-                let mut hangups = reload_requests();
+                use tokio::signal::unix::{SignalKind, signal};
+                // Several SIGHUPs during one reload count once.
+                let mut hangups = match signal(SignalKind::hangup()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for SIGHUP: no configuration reloads");
+                        return;
+                    }
+                };
                 while hangups.recv().await.is_some() {
                     tracing::info!("SIGHUP: reading the configuration again");
                     match Server::reload(&gateway, &running, reloader()).await {
@@ -311,6 +320,8 @@ impl Server {
                 }
             })
         });
+        #[cfg(not(unix))]
+        let reloads: Option<tokio::task::JoinHandle<()>> = self.reloader.take().and(None);
         let refresher = self.background_refresh.map(|every| {
             let gateway = self.gateway.clone();
             tokio::spawn(async move {
@@ -428,26 +439,6 @@ fn client_session(
             },
         )),
     }
-}
-
-/// SIGHUP, as a stream of requests (none where there are no signals).
-fn reload_requests() -> tokio::sync::mpsc::Receiver<()> {
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    #[cfg(unix)]
-    tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP: no configuration reloads");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            // A reload already waiting covers this one too.
-            let _ = tx.try_send(());
-        }
-    });
-    #[cfg(not(unix))]
-    drop(tx);
-    rx
 }
 
 /// Opens the store in the configured state directory and serves until
