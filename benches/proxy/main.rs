@@ -761,22 +761,11 @@ provider = "sandbox"
         PASSWORD,
     )?;
     let mb = Mailbridge::start(&path, &dir.join("mailbridge-wan.log"), imap, smtp).await?;
-    let direct = match &env.direct_imap {
-        RouteSpec::Direct {
-            ca_pem,
-            name,
-            user,
-            token,
-            ..
-        } => RouteSpec::Direct {
-            addr: fwd.addr,
-            ca_pem: ca_pem.clone(),
-            name: name.clone(),
-            user: user.clone(),
-            token: token.clone(),
-        },
-        other => other.clone(),
-    };
+    // The direct client's route, through the forwarder.
+    let mut direct = env.direct_imap.clone();
+    if let RouteSpec::Direct { addr, .. } = &mut direct {
+        *addr = fwd.addr;
+    }
     let proxy = RouteSpec::Proxy {
         addr: imap,
         user: ALICE.to_string(),
