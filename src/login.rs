@@ -91,10 +91,25 @@ impl Gateway {
     /// CA file is unusable.
     pub fn reload(&self, settings: Arc<Settings>) -> Result<(), TlsError> {
         let routing = Arc::new(Routing::new(settings)?);
-        *self
-            .routing
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = routing;
+        let old = std::mem::replace(
+            &mut *self
+                .routing
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            routing.clone(),
+        );
+        // Cached access tokens stay only where the account's provider
+        // still asks for the same tokens in the same way.
+        self.tokens.forget_where(|account| {
+            let provider = |s: &Settings| {
+                s.account_for(account)
+                    .and_then(|a| s.providers.get(&a.provider).cloned())
+            };
+            match (provider(&old.settings), provider(&routing.settings)) {
+                (Some(a), Some(b)) => a.tokens_differ(&b),
+                _ => true,
+            }
+        });
         Ok(())
     }
 

@@ -153,6 +153,31 @@ impl Provider {
                 })
     }
 
+    /// Whether tokens obtained under `self` may not suit `other`: another
+    /// token endpoint, client, scopes or client credentials (a config
+    /// reload compares the old provider of an account with the new one).
+    pub fn tokens_differ(&self, other: &Provider) -> bool {
+        use secrecy::ExposeSecret;
+        let secret = |p: &Provider| {
+            p.client_secret
+                .as_ref()
+                .map(|s| s.expose_secret().to_string())
+        };
+        (
+            &self.token_url,
+            &self.client_id,
+            &self.scopes,
+            &self.app_scopes,
+        ) != (
+            &other.token_url,
+            &other.client_id,
+            &other.scopes,
+            &other.app_scopes,
+        ) || self.client_certificate != other.client_certificate
+            || self.service_account_key_file != other.service_account_key_file
+            || secret(self) != secret(other)
+    }
+
     /// The server for a protocol, if configured.
     pub fn endpoint(&self, protocol: Protocol) -> Option<&ServerEndpoint> {
         match protocol {

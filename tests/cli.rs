@@ -294,6 +294,10 @@ provider = "sandbox"
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(reply.starts_with("a1 OK"), "after SIGHUP: {reply}");
+    // The provider did not change: the cached token is still used.
+    let refreshes = provider.refresh_requests();
+    assert!(login(USER, PASSWORD).await.starts_with("a1 OK"));
+    assert_eq!(provider.refresh_requests(), refreshes);
 
     // A broken config on reload changes nothing.
     std::fs::write(&config, format!("{original}\n[[account]]\nuser = 3\n")).unwrap();
@@ -301,15 +305,23 @@ provider = "sandbox"
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(login(CAROL, "carol's password").await.starts_with("a1 OK"));
     assert!(login(USER, PASSWORD).await.starts_with("a1 OK"));
-    // `[server]` changes are reported as needing a restart.
+    // `[server]` changes are reported as needing a restart; the
+    // provider's new scopes apply, so its cached token is dropped.
     std::fs::write(
         &config,
-        original.replace("kdf_iterations = 1", "kdf_iterations = 2"),
+        original
+            .replace("kdf_iterations = 1", "kdf_iterations = 2")
+            .replace(
+                "client_id = \"mailbridge-test\"",
+                "client_id = \"mailbridge-test\"\nscopes = [\"mail\"]",
+            ),
     )
     .unwrap();
     hup(server.id());
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let refreshes = provider.refresh_requests();
     assert!(login(USER, PASSWORD).await.starts_with("a1 OK"));
+    assert_eq!(provider.refresh_requests(), refreshes + 1);
     std::fs::write(&config, &original).unwrap();
 
     // SIGTERM: a clean exit.

@@ -196,6 +196,13 @@ impl TokenSource {
         slots.remove(account);
     }
 
+    /// Forgets the cached access tokens of the accounts for which `stale`
+    /// says so (a config reload changed how their tokens are obtained).
+    pub fn forget_where(&self, mut stale: impl FnMut(&str) -> bool) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.retain(|account, _| !stale(account));
+    }
+
     /// A freshly refreshed token, whatever is cached (the background
     /// refresh uses this to keep grants alive). Shares a refresh already in
     /// flight.
