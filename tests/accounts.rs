@@ -182,6 +182,27 @@ grant = "password"
         assert!(self.provider.approve_device(&code, user), "{line}");
     }
 
+    /// `account add USER --no-browser`: the local password, then the
+    /// address the browser comes back to after the sandbox's consent page,
+    /// pasted; the grant must be sealed. Returns the authorization URL.
+    async fn add_by_paste(&self, user: &str, password: &str) -> String {
+        let (mut child, mut out) =
+            self.spawn(&["account", "add", user, "--no-browser", "--password-stdin"]);
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(format!("{password}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        wait_for(&mut out, "open this address");
+        out.read_line(&mut String::new()).unwrap();
+        let mut url = String::new();
+        out.read_line(&mut url).unwrap();
+        let location = follow_consent(url.trim()).await;
+        stdin.write_all(format!("{location}\n").as_bytes()).unwrap();
+        drop(stdin);
+        wait_for(&mut out, "sealed the grant");
+        assert!(child.wait().unwrap().success());
+        url
+    }
+
     fn spawn(&self, args: &[&str]) -> (Child, BufReader<ChildStdout>) {
         let mut child = Command::new(BIN)
             .args(args)
@@ -279,26 +300,8 @@ async fn every_grant_kind_is_added_and_logs_in() {
     let w = World::new("preset = \"custom\"", ProviderOptions::default()).await;
 
     // Browser flow, pasted back: the local password first, then the address.
-    let (mut child, mut out) = w.spawn(&[
-        "account",
-        "add",
-        "alice@example.com",
-        "--no-browser",
-        "--password-stdin",
-    ]);
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(format!("{PASSWORD}\n").as_bytes()).unwrap();
-    stdin.flush().unwrap();
-    wait_for(&mut out, "open this address");
-    out.read_line(&mut String::new()).unwrap();
-    let mut url = String::new();
-    out.read_line(&mut url).unwrap();
+    let url = w.add_by_paste("alice@example.com", PASSWORD).await;
     assert!(url.contains("login_hint=alice%40example.com"), "{url}");
-    let location = follow_consent(url.trim()).await;
-    stdin.write_all(format!("{location}\n").as_bytes()).unwrap();
-    drop(stdin);
-    wait_for(&mut out, "sealed the grant");
-    assert!(child.wait().unwrap().success());
 
     // Client credentials and service account: no person involved.
     let (ok, text) = w.run(
@@ -509,30 +512,12 @@ async fn fastmail_preset_signs_in_and_keeps_the_rotating_grant_alive() {
     // sandbox rotates refresh tokens and revokes a grant whose old refresh
     // token comes back, as Fastmail does.
     let w = World::new("preset = \"fastmail\"", ProviderOptions::default()).await;
-    let (mut child, mut out) = w.spawn(&[
-        "account",
-        "add",
-        "alice@example.com",
-        "--no-browser",
-        "--password-stdin",
-    ]);
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(format!("{PASSWORD}\n").as_bytes()).unwrap();
-    stdin.flush().unwrap();
-    wait_for(&mut out, "open this address");
-    out.read_line(&mut String::new()).unwrap();
-    let mut url = String::new();
-    out.read_line(&mut url).unwrap();
+    let url = w.add_by_paste("alice@example.com", PASSWORD).await;
     assert!(
         url.contains("scope=https%3A%2F%2Fwww.fastmail.com%2Fdev%2Fprotocol-imap"),
         "{url}"
     );
     assert!(url.contains("code_challenge_method=S256"), "{url}");
-    let location = follow_consent(url.trim()).await;
-    stdin.write_all(format!("{location}\n").as_bytes()).unwrap();
-    drop(stdin);
-    wait_for(&mut out, "sealed the grant");
-    assert!(child.wait().unwrap().success());
 
     // Each `run` starts without a cached token and refreshes: the second
     // refresh must present the rotated token, or the grant is gone.
@@ -919,27 +904,9 @@ async fn oidc_offline_access_asks_for_consent() {
     )
     .await;
     w.provider.set_offline_access_needs_consent(true);
-    let (mut child, mut out) = w.spawn(&[
-        "account",
-        "add",
-        "alice@example.com",
-        "--no-browser",
-        "--password-stdin",
-    ]);
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(format!("{PASSWORD}\n").as_bytes()).unwrap();
-    stdin.flush().unwrap();
-    wait_for(&mut out, "open this address");
-    out.read_line(&mut String::new()).unwrap();
-    let mut url = String::new();
-    out.read_line(&mut url).unwrap();
+    let url = w.add_by_paste("alice@example.com", PASSWORD).await;
     assert!(url.contains("prompt=consent"), "{url}");
     assert!(url.contains("offline_access"), "{url}");
-    let location = follow_consent(url.trim()).await;
-    stdin.write_all(format!("{location}\n").as_bytes()).unwrap();
-    drop(stdin);
-    wait_for(&mut out, "sealed the grant");
-    assert!(child.wait().unwrap().success());
     let reply = w.login("alice@example.com", PASSWORD).await;
     assert!(reply.starts_with("a1 OK"), "{reply}");
     w.provider.shutdown();

@@ -32,6 +32,15 @@ async fn ehlo(c: &mut Client) -> Vec<String> {
     r
 }
 
+/// A client that said EHLO and logged in with AUTH PLAIN.
+async fn logged_in(h: &Harness) -> Client {
+    let mut c = smtp_client(h).await;
+    ehlo(&mut c).await;
+    let r = c.smtp(&format!("AUTH PLAIN {}", plain())).await;
+    assert!(r.starts_with("235"), "{r}");
+    c
+}
+
 /// Sends one message after a successful AUTH and checks it arrived.
 async fn send_message(c: &mut Client, h: &Harness, body: &[u8]) {
     let before = h.smtp.messages().len();
@@ -166,31 +175,13 @@ async fn expired_and_rejected_tokens_are_refreshed() {
             ..Options::default()
         })
         .await;
-        let mut c = smtp_client(&h).await;
-        ehlo(&mut c).await;
-        assert!(
-            c.smtp(&format!("AUTH PLAIN {}", plain()))
-                .await
-                .starts_with("235")
-        );
+        let _c = logged_in(&h).await;
         tokio::time::sleep(Duration::from_millis(1200)).await;
-        let mut c = smtp_client(&h).await;
-        ehlo(&mut c).await;
-        assert!(
-            c.smtp(&format!("AUTH PLAIN {}", plain()))
-                .await
-                .starts_with("235")
-        );
+        let _c = logged_in(&h).await;
         assert_eq!(h.provider.refresh_requests(), 2, "{mech:?}");
         h.provider
             .set_access_token_lifetime(Duration::from_secs(3600));
-        let mut c = smtp_client(&h).await;
-        ehlo(&mut c).await;
-        assert!(
-            c.smtp(&format!("AUTH PLAIN {}", plain()))
-                .await
-                .starts_with("235")
-        );
+        let _c = logged_in(&h).await;
         // The server drops the cached token: challenge absorbed, refreshed, retried.
         h.provider.revoke_access_tokens(USER);
         let mut c = smtp_client(&h).await;
@@ -213,13 +204,7 @@ async fn two_step_upstream_and_microsoft_refusal_explained() {
         ..Options::default()
     })
     .await;
-    let mut c = smtp_client(&h).await;
-    ehlo(&mut c).await;
-    assert!(
-        c.smtp(&format!("AUTH PLAIN {}", plain()))
-            .await
-            .starts_with("235")
-    );
+    let mut c = logged_in(&h).await;
     send_message(&mut c, &h, b"Subject: two-step\r\n\r\nok\r\n").await;
     h.stop().await;
 
@@ -431,13 +416,7 @@ async fn shutdown_lets_the_message_in_flight_finish_and_turns_new_clients_away()
         ..Options::default()
     })
     .await;
-    let mut c = smtp_client(&h).await;
-    ehlo(&mut c).await;
-    assert!(
-        c.smtp(&format!("AUTH PLAIN {}", plain()))
-            .await
-            .starts_with("235")
-    );
+    let mut c = logged_in(&h).await;
     assert!(
         c.smtp(&format!("MAIL FROM:<{USER}>"))
             .await

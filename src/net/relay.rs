@@ -307,18 +307,25 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// A relay no shutdown reaches.
+    async fn relay_unstopped<C, U>(
+        client: &mut C,
+        upstream: &mut U,
+        idle: Duration,
+    ) -> io::Result<RelayStats>
+    where
+        C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+        U: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        relay(client, upstream, idle, std::future::pending()).await
+    }
+
     #[tokio::test]
     async fn copies_both_ways_and_half_closes() {
         let (mut client_far, mut client_near) = tokio::io::duplex(1024);
         let (mut up_near, mut up_far) = tokio::io::duplex(1024);
         let task = tokio::spawn(async move {
-            relay(
-                &mut client_near,
-                &mut up_near,
-                Duration::from_secs(5),
-                std::future::pending(),
-            )
-            .await
+            relay_unstopped(&mut client_near, &mut up_near, Duration::from_secs(5)).await
         });
         client_far.write_all(b"a1 NOOP\r\n").await.unwrap();
         let mut buf = [0u8; 9];
@@ -342,14 +349,9 @@ mod tests {
     async fn idle_timeout_closes() {
         let (_client_far, mut client_near) = tokio::io::duplex(64);
         let (mut up_near, _up_far) = tokio::io::duplex(64);
-        let stats = relay(
-            &mut client_near,
-            &mut up_near,
-            Duration::from_secs(30),
-            std::future::pending(),
-        )
-        .await
-        .unwrap();
+        let stats = relay_unstopped(&mut client_near, &mut up_near, Duration::from_secs(30))
+            .await
+            .unwrap();
         assert!(stats.idle_timeout);
     }
 
@@ -410,13 +412,7 @@ mod tests {
         let (mut client_far, mut client_near) = tokio::io::duplex(1024);
         let (mut up_near, mut up_far) = tokio::io::duplex(1024);
         let task = tokio::spawn(async move {
-            relay(
-                &mut client_near,
-                &mut up_near,
-                Duration::from_secs(60),
-                std::future::pending(),
-            )
-            .await
+            relay_unstopped(&mut client_near, &mut up_near, Duration::from_secs(60)).await
         });
         for _ in 0..3 {
             client_far.write_all(b"a1 NOOP\r\n").await.unwrap();
@@ -443,13 +439,7 @@ mod tests {
         let (client_far, mut client_near) = tokio::io::duplex(100);
         let (mut up_near, up_far) = tokio::io::duplex(333);
         let task = tokio::spawn(async move {
-            relay(
-                &mut client_near,
-                &mut up_near,
-                Duration::from_secs(60),
-                std::future::pending(),
-            )
-            .await
+            relay_unstopped(&mut client_near, &mut up_near, Duration::from_secs(60)).await
         });
         let data = |seed: u8| -> Vec<u8> {
             (0..300_000u32)
@@ -486,13 +476,7 @@ mod tests {
         let (mut up_near, mut up_far) = tokio::io::duplex(64);
         let started = Instant::now();
         let task = tokio::spawn(async move {
-            relay(
-                &mut client_near,
-                &mut up_near,
-                Duration::from_secs(30),
-                std::future::pending(),
-            )
-            .await
+            relay_unstopped(&mut client_near, &mut up_near, Duration::from_secs(30)).await
         });
         tokio::time::sleep(Duration::from_secs(20)).await;
         client_far.write_all(b"x").await.unwrap();
@@ -546,14 +530,9 @@ mod tests {
     async fn last_words_before_an_abrupt_close_reach_the_client() {
         let (mut client_far, mut client_near) = tokio::io::duplex(1024);
         let mut upstream = Abrupt(vec![b"* BYE bye\r\n", b"z OK LOGOUT done\r\n"]);
-        let stats = relay(
-            &mut client_near,
-            &mut upstream,
-            Duration::from_secs(5),
-            std::future::pending(),
-        )
-        .await
-        .unwrap();
+        let stats = relay_unstopped(&mut client_near, &mut upstream, Duration::from_secs(5))
+            .await
+            .unwrap();
         drop(client_near);
         let mut got = Vec::new();
         client_far.read_to_end(&mut got).await.unwrap();

@@ -127,13 +127,17 @@ impl SledStore {
         account: &str,
         value: &T,
     ) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Backend {
-            path: self.dir.clone().unwrap_or_default(),
-            reason: format!("cannot encode the record for account {account}: {e}"),
-        })?;
+        let bytes = self.encode(account, value)?;
         tree.insert(account.as_bytes(), bytes)
             .map_err(|e| self.backend(e))?;
         Ok(())
+    }
+
+    fn encode<T: Serialize>(&self, account: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(value).map_err(|e| StoreError::Backend {
+            path: self.dir.clone().unwrap_or_default(),
+            reason: format!("cannot encode the record for account {account}: {e}"),
+        })
     }
 }
 
@@ -153,10 +157,7 @@ impl TokenStore for SledStore {
         expected: Option<&SealedGrant>,
         new: &SealedGrant,
     ) -> Result<bool, StoreError> {
-        let new_bytes = serde_json::to_vec(new).map_err(|e| StoreError::Backend {
-            path: self.dir.clone().unwrap_or_default(),
-            reason: format!("cannot encode the record for account {account}: {e}"),
-        })?;
+        let new_bytes = self.encode(account, new)?;
         // Compare records, not bytes (an older version may have encoded the
         // same record differently); then swap against the bytes read, so a
         // write in between makes the swap fail.
