@@ -533,16 +533,19 @@ async fn fastmail_preset_signs_in_and_keeps_the_rotating_grant_alive() {
 #[tokio::test]
 async fn google_device_flow_is_refused_with_the_alternative() {
     let w = World::new("preset = \"google\"", ProviderOptions::default()).await;
-    let (ok, text) = w.run(
-        &[
-            "account",
-            "add",
-            "alice@example.com",
-            "--device",
-            "--password-stdin",
-        ],
-        "pw\n",
-    );
+    let device = |w: &World| {
+        w.run(
+            &[
+                "account",
+                "add",
+                "alice@example.com",
+                "--device",
+                "--password-stdin",
+            ],
+            "pw\n",
+        )
+    };
+    let (ok, text) = device(&w);
     assert!(!ok, "{text}");
     assert!(
         text.contains("Google refuses") && text.contains("--no-browser"),
@@ -560,16 +563,7 @@ async fn google_device_flow_is_refused_with_the_alternative() {
     );
     assert!(config.contains("oauth2.googleapis.com"));
     std::fs::write(&w.config, config).unwrap();
-    let (ok, text) = w.run(
-        &[
-            "account",
-            "add",
-            "alice@example.com",
-            "--device",
-            "--password-stdin",
-        ],
-        "pw\n",
-    );
+    let (ok, text) = device(&w);
     assert!(!ok && text.contains("Google refuses"), "{text}");
     w.provider.shutdown();
     w.imap.shutdown();

@@ -41,9 +41,8 @@ async fn logged_in(h: &Harness) -> Client {
     c
 }
 
-/// Sends one message after a successful AUTH and checks it arrived.
-async fn send_message(c: &mut Client, h: &Harness, body: &[u8]) {
-    let before = h.smtp.messages().len();
+/// MAIL FROM, RCPT TO and DATA, up to the server's 354.
+async fn start_data(c: &mut Client) {
     assert!(
         c.smtp(&format!("MAIL FROM:<{USER}>"))
             .await
@@ -51,6 +50,12 @@ async fn send_message(c: &mut Client, h: &Harness, body: &[u8]) {
     );
     assert!(c.smtp("RCPT TO:<bob@example.org>").await.starts_with("250"));
     assert!(c.smtp("DATA").await.starts_with("354"));
+}
+
+/// Sends one message after a successful AUTH and checks it arrived.
+async fn send_message(c: &mut Client, h: &Harness, body: &[u8]) {
+    let before = h.smtp.messages().len();
+    start_data(c).await;
     c.send(body).await;
     c.send(b".\r\n").await;
     let r = c.smtp_reply().await;
@@ -417,13 +422,7 @@ async fn shutdown_lets_the_message_in_flight_finish_and_turns_new_clients_away()
     })
     .await;
     let mut c = logged_in(&h).await;
-    assert!(
-        c.smtp(&format!("MAIL FROM:<{USER}>"))
-            .await
-            .starts_with("250")
-    );
-    assert!(c.smtp("RCPT TO:<bob@example.org>").await.starts_with("250"));
-    assert!(c.smtp("DATA").await.starts_with("354"));
+    start_data(&mut c).await;
     let body: Vec<u8> = (0..20_000)
         .flat_map(|i| format!("line {i} of a long message\r\n").into_bytes())
         .collect();
