@@ -15,7 +15,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::provider::{self, Provider};
-use crate::sasl::Mechanism;
+use mailbridge_proto::sasl::Mechanism;
 
 /// Everything that can go wrong loading a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -277,10 +277,10 @@ mod defaults {
     pub fn kdf_iterations() -> u32 {
         2
     }
-    pub fn mechanisms() -> Vec<crate::sasl::Mechanism> {
+    pub fn mechanisms() -> Vec<mailbridge_proto::sasl::Mechanism> {
         vec![
-            crate::sasl::Mechanism::Xoauth2,
-            crate::sasl::Mechanism::Oauthbearer,
+            mailbridge_proto::sasl::Mechanism::Xoauth2,
+            mailbridge_proto::sasl::Mechanism::Oauthbearer,
         ]
     }
 }

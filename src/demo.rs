@@ -9,13 +9,13 @@ use anyhow::Context;
 use secrecy::SecretString;
 
 use crate::config::Settings;
-use crate::sandbox::{
-    ImapServer, ImapServerOptions, Pop3Server, Pop3ServerOptions, Provider, ProviderOptions,
-    SmtpServer, SmtpServerOptions, TestPki,
-};
 use crate::server::Server;
 use crate::store::seal::GrantData;
 use crate::store::{AccountMeta, SledStore, TokenStore};
+use mailbridge_sandbox::{
+    ImapServer, ImapServerOptions, Pop3Server, Pop3ServerOptions, Provider, ProviderOptions,
+    SmtpServer, SmtpServerOptions, TestPki,
+};
 
 /// The demo's login name.
 pub const DEMO_USER: &str = "demo@example.com";

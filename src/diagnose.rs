@@ -1,6 +1,6 @@
 //! Explanations for upstream refusals people can act on: the provider
 //! facts (error strings and what causes them) live here and in
-//! [`crate::proto::smtp::explain`], apart from the code that moves bytes.
+//! [`mailbridge_proto::smtp::explain`], apart from the code that moves bytes.
 
 use crate::config::Protocol;
 
@@ -8,7 +8,7 @@ use crate::config::Protocol;
 /// one. `reply` is the server's final refusal line.
 pub fn explain(protocol: Protocol, reply: &str) -> Option<&'static str> {
     match protocol {
-        Protocol::Smtp => crate::proto::smtp::explain(reply),
+        Protocol::Smtp => mailbridge_proto::smtp::explain(reply),
         Protocol::Imap | Protocol::Pop3 => explain_mailbox_login(reply),
     }
 }

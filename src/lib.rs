@@ -32,7 +32,6 @@
 #![forbid(unsafe_code)]
 
 pub mod authorize;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -40,10 +39,7 @@ pub mod diagnose;
 pub mod login;
 pub mod net;
 pub mod oauth;
-pub mod proto;
 pub mod provider;
-pub mod sandbox;
-pub mod sasl;
 pub mod server;
 pub mod store;
 pub mod vault;

@@ -13,8 +13,8 @@ use crate::config::{Protocol, Settings};
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::{self, UpstreamConn, UpstreamFailure};
 use crate::oauth::{TokenError, TokenSource};
-use crate::proto::{self, FailureKind, LoginFailure, LoginRequest, UpstreamLogin};
 use crate::vault::{Vault, VaultError};
+use mailbridge_proto::{self as proto, FailureKind, LoginFailure, LoginRequest, UpstreamLogin};
 
 /// The configuration logins follow, replaced whole by a reload: accounts,
 /// providers, and each provider's upstream TLS config (its CA file, or

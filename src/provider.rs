@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use secrecy::SecretString;
 
 use crate::config::{Protocol, ProviderConfig, ServerEndpointConfig, UpstreamTls};
-use crate::sasl::Mechanism;
+use mailbridge_proto::sasl::Mechanism;
 
 /// A provider after presets and overrides were applied.
 #[derive(Debug, Clone)]

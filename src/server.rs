@@ -18,9 +18,9 @@ use crate::net::session::{DriverSettings, drive};
 use crate::net::stream::Stream;
 use crate::net::tls::{self, TlsError};
 use crate::oauth::TokenSource;
-use crate::proto::{self, ClientSession};
 use crate::store::{KdfParams, SledStore, StoreError, TokenStore};
 use crate::vault::{BackoffPolicy, Vault};
+use mailbridge_proto::{self as proto, ClientSession};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]

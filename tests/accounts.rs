@@ -9,12 +9,12 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use mailbridge::sandbox::{ImapServer, ImapServerOptions, Provider, ProviderOptions, TestPki};
+use mailbridge_sandbox::{ImapServer, ImapServerOptions, Provider, ProviderOptions, TestPki};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mailbridge");
 const SECRET: &str = "sandbox-client-secret";
-const SA_KEY: &str = include_str!("../src/sandbox/fixtures/test_rsa.key.pem");
-const SA_PUB: &str = include_str!("../src/sandbox/fixtures/test_rsa.pub.pem");
+const SA_KEY: &str = include_str!("../crates/sandbox/fixtures/test_rsa.key.pem");
+const SA_PUB: &str = include_str!("../crates/sandbox/fixtures/test_rsa.pub.pem");
 
 struct World {
     provider: Provider,
@@ -826,7 +826,7 @@ async fn client_credentials_with_a_certificate() {
     let key = w.dir.join("app.key");
     std::fs::write(
         &cert,
-        include_str!("../src/sandbox/fixtures/test_rsa.crt.pem"),
+        include_str!("../crates/sandbox/fixtures/test_rsa.crt.pem"),
     )
     .unwrap();
     std::fs::write(&key, SA_KEY).unwrap();

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use mailbridge::sandbox::{ImapServer, ImapServerOptions, Provider, ProviderOptions, TestPki};
+use mailbridge_sandbox::{ImapServer, ImapServerOptions, Provider, ProviderOptions, TestPki};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mailbridge");
 const BOB: &str = "bob@example.com";

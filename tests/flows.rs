@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mailbridge::oauth::TokenSource;
 use mailbridge::oauth::flows::{self, BrowserOptions, FlowEndpoints, FlowError, FlowUi};
-use mailbridge::sandbox::{Provider, ProviderOptions};
+use mailbridge_sandbox::{Provider, ProviderOptions};
 use secrecy::ExposeSecret;
 
 /// A scripted person at a browser.

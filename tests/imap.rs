@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use mailbridge::sandbox::{ImapServerOptions, ProviderOptions, SandboxTls};
-use mailbridge::sasl::Mechanism;
+use mailbridge_proto::sasl::Mechanism;
+use mailbridge_sandbox::{ImapServerOptions, ProviderOptions, SandboxTls};
 
 async fn select_and_check(c: &mut Client, h: &Harness) {
     let r = c.cmd("s1", "SELECT INBOX").await;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use common::*;
-use mailbridge::sandbox::{Pop3ServerOptions, ProviderOptions, SandboxTls};
-use mailbridge::sasl::Mechanism;
+use mailbridge_proto::sasl::Mechanism;
+use mailbridge_sandbox::{Pop3ServerOptions, ProviderOptions, SandboxTls};
 
 async fn pop3_client(h: &Harness) -> Client {
     let mut c = Client::plain(h.pop3_addr).await;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use common::*;
-use mailbridge::sandbox::{ProviderOptions, SandboxTls, SmtpServerOptions};
-use mailbridge::sasl::Mechanism;
+use mailbridge_proto::sasl::Mechanism;
+use mailbridge_sandbox::{ProviderOptions, SandboxTls, SmtpServerOptions};
 
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use super::relay::relay;
 use super::stream::Stream;
 use super::upstream::UpstreamConn;
-use crate::proto::{ClientSession, ClientStep, LoginFailure, LoginRequest};
+use mailbridge_proto::{ClientSession, ClientStep, LoginFailure, LoginRequest};
 
 /// Per-connection settings the driver needs.
 pub struct DriverSettings {
@@ -146,7 +146,7 @@ where
                     match tokio::time::timeout(settings.login_timeout, login(request)).await {
                         Ok(r) => r,
                         Err(_) => Err(LoginFailure {
-                            kind: crate::proto::FailureKind::Unavailable,
+                            kind: mailbridge_proto::FailureKind::Unavailable,
                             reason: format!(
                                 "login did not complete within {} s; try again",
                                 settings.login_timeout.as_secs()

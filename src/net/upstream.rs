@@ -13,10 +13,10 @@ use tokio::net::TcpStream;
 use super::stream::Stream;
 use crate::config::{Account, UpstreamTls};
 use crate::oauth::{AccessToken, TokenError, TokenSource};
-use crate::proto::{Rejection, UpstreamError, UpstreamLogin, UpstreamStep, UpstreamSuccess};
 use crate::provider::{Provider, ServerEndpoint};
-use crate::sasl::BearerToken;
 use crate::vault::Unlocked;
+use mailbridge_proto::sasl::BearerToken;
+use mailbridge_proto::{Rejection, UpstreamError, UpstreamLogin, UpstreamStep, UpstreamSuccess};
 
 /// A logged-in upstream connection.
 pub struct UpstreamConn {

@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailbridge::config::Settings;
-use mailbridge::sandbox::{
-    ImapServer, ImapServerOptions, Pop3Server, Pop3ServerOptions, Provider, ProviderOptions,
-    SandboxTls, SmtpServer, SmtpServerOptions, TestPki,
-};
 use mailbridge::server::Server;
 use mailbridge::store::seal::GrantData;
 use mailbridge::store::{AccountMeta, SledStore, TokenStore};
+use mailbridge_sandbox::{
+    ImapServer, ImapServerOptions, Pop3Server, Pop3ServerOptions, Provider, ProviderOptions,
+    SandboxTls, SmtpServer, SmtpServerOptions, TestPki,
+};
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};

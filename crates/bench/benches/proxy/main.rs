@@ -1,0 +1,1354 @@
+//! The mailbridge benchmark: every figure through mailbridge and, in the
+//! same run, with the same client straight to the upstream.
+//!
+//!     cargo bench --bench proxy              # the full run, about half a minute
+//!     cargo bench --bench proxy -- --quick   # smaller counts, to try it
+//!
+//! Three processes, as in real use: this one runs the sandbox OAuth2
+//! provider and the sandbox IMAP (implicit TLS) and SMTP (STARTTLS)
+//! servers; `mailbridge run` runs apart, so its memory is its own (its
+//! grants sealed beforehand with `mailbridge account import`); and the
+//! clients run in a third process (this executable with
+//! `--client-worker`). Two more copies of this executable with
+//! `--forwarder` are bare TCP relays for the floor table. Clients talk to mailbridge in plain text on loopback
+//! and mailbridge talks TLS upstream; the direct client talks TLS and
+//! XOAUTH2 itself. The table goes to standard output
+//! and to `target/mailbridge-bench.md` (or `--out FILE`). See
+//! docs/PERFORMANCE.md for what each figure means.
+
+mod process;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use mailbridge_bench::report::{Row, Target, markdown};
+use mailbridge_bench::stats::{median, percentile};
+use mailbridge_bench::worker::{Job, Reply, RouteSpec};
+use mailbridge_sandbox::{
+    ImapServer, ImapServerOptions, Provider, ProviderOptions, SmtpServer, SmtpServerOptions,
+    TestPki,
+};
+
+use process::{Clients, Forwarder, Mailbridge, free_port, import};
+
+const ALICE: &str = "alice@example.com";
+/// The account of the refresh scenario, so revoking its tokens leaves the
+/// other scenarios alone.
+const BOB: &str = "bob@example.com";
+const PASSWORD: &str = "bench local password";
+const CLIENT_ID: &str = "mailbridge-bench";
+
+/// What to run.
+#[derive(Clone)]
+struct Plan {
+    quick: bool,
+    out: Option<PathBuf>,
+    logins: usize,
+    /// Logins each way over the long-distance link (`wan`).
+    wan_logins: usize,
+    login_block: usize,
+    mailbox_messages: usize,
+    message_size: usize,
+    fetch_rounds: usize,
+    smtp_messages: usize,
+    smtp_size: usize,
+    smtp_rounds: usize,
+    sessions: Vec<usize>,
+    refresh_logins: usize,
+    refresh_rounds: usize,
+    /// Scenarios to run (all when empty).
+    only: Vec<String>,
+    /// Keep the temporary directory (config, store, mailbridge's log).
+    keep: bool,
+    /// Also measure against the interop suite's real servers when they
+    /// can run here.
+    real: bool,
+}
+
+impl Plan {
+    fn full() -> Plan {
+        Plan {
+            quick: false,
+            out: None,
+            logins: 500,
+            login_block: 25,
+            wan_logins: 100,
+            mailbox_messages: 50,
+            message_size: 1024 * 1024,
+            fetch_rounds: 9,
+            smtp_messages: 200,
+            smtp_size: 100 * 1024,
+            smtp_rounds: 7,
+            sessions: vec![1_000, 10_000],
+            refresh_logins: 50,
+            refresh_rounds: 5,
+            only: Vec::new(),
+            keep: false,
+            real: true,
+        }
+    }
+
+    fn quick() -> Plan {
+        Plan {
+            quick: true,
+            logins: 100,
+            wan_logins: 20,
+            mailbox_messages: 10,
+            fetch_rounds: 3,
+            smtp_messages: 40,
+            smtp_rounds: 3,
+            sessions: vec![1_000],
+            refresh_rounds: 2,
+            ..Plan::full()
+        }
+    }
+}
+
+const USAGE: &str = "usage: cargo bench --bench proxy [-- [--quick] [--out FILE] \
+                     [--sessions N,N] [--logins N] [--only login,wan,fetch,smtp,refresh,idle] [--keep] [--no-real]]";
+const SCENARIOS: [&str; 6] = ["login", "wan", "fetch", "smtp", "refresh", "idle"];
+
+fn parse_args() -> Result<Option<Plan>, String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` passes --bench; `cargo test --benches` does not, and
+    // then there is nothing to do.
+    if !args.iter().any(|a| a == "--bench") {
+        return Ok(None);
+    }
+    let mut plan = if args.iter().any(|a| a == "--quick") {
+        Plan::quick()
+    } else {
+        Plan::full()
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--bench" | "--quick" => {}
+            "--keep" => plan.keep = true,
+            "--no-real" => plan.real = false,
+            "--only" => {
+                plan.only = it
+                    .next()
+                    .ok_or(USAGE)?
+                    .split(',')
+                    .map(str::to_string)
+                    .collect();
+                if let Some(bad) = plan.only.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
+                    return Err(format!("unknown scenario {bad}\n{USAGE}"));
+                }
+            }
+            "--out" => plan.out = Some(it.next().ok_or(USAGE)?.into()),
+            "--logins" => {
+                plan.logins = it
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n: &usize| n >= plan.login_block)
+                    .ok_or(USAGE)?;
+            }
+            "--sessions" => {
+                plan.sessions = it
+                    .next()
+                    .ok_or(USAGE)?
+                    .split(',')
+                    .map(|n| n.trim().parse().map_err(|_| USAGE.to_string()))
+                    .collect::<Result<_, _>>()?;
+            }
+            // Filters cargo may pass along; this benchmark has no filters.
+            _ if !a.starts_with("--") => {}
+            _ => return Err(format!("unknown option {a}\n{USAGE}")),
+        }
+    }
+    Ok(Some(plan))
+}
+
+fn main() -> ExitCode {
+    match std::env::args().nth(1).as_deref() {
+        Some("--client-worker") => return client_worker(),
+        Some("--forwarder") => {
+            return process::forwarder(std::env::args().nth(2), std::env::args().nth(3));
+        }
+        _ => {}
+    }
+    let plan = match parse_args() {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            println!("mailbridge benchmark: run it with `cargo bench --bench proxy`");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(plan)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("benchmark failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The client process: jobs on standard input, replies on standard output.
+fn client_worker() -> ExitCode {
+    mailbridge::server::raise_open_files_limit(u64::MAX);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let served = runtime.block_on(mailbridge_bench::worker::serve(
+        tokio::io::BufReader::new(tokio::io::stdin()),
+        tokio::io::stdout(),
+    ));
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("client process: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Everything the scenarios share.
+struct Env {
+    provider: Provider,
+    imap: ImapServer,
+    smtp: SmtpServer,
+    clients: Clients,
+    direct_imap: RouteSpec,
+    direct_smtp: RouteSpec,
+    proxy_imap: RouteSpec,
+    proxy_smtp: RouteSpec,
+    /// Bob's routes and refresh token (for the direct client's refresh).
+    bob_direct: RouteSpec,
+    bob_proxy: RouteSpec,
+    bob_refresh: String,
+    /// The direct routes through a bare TCP forwarder (the floor table).
+    fwd_imap: Option<RouteSpec>,
+    fwd_smtp: Option<RouteSpec>,
+    notes: Vec<String>,
+}
+
+impl Env {
+    fn call(&mut self, job: Job) -> anyhow::Result<Reply> {
+        self.clients.call(&job)
+    }
+
+    fn elapsed(&mut self, job: Job) -> anyhow::Result<Duration> {
+        match self.call(job)? {
+            Reply::Elapsed { elapsed_us } => Ok(Duration::from_micros(elapsed_us)),
+            other => bail!("unexpected reply {other:?}"),
+        }
+    }
+
+    fn login(&mut self, route: &RouteSpec) -> anyhow::Result<()> {
+        self.elapsed(Job::ConcurrentLogins {
+            route: route.clone(),
+            n: 1,
+        })
+        .map(drop)
+    }
+}
+
+fn say(what: &str) {
+    eprintln!("[{}] {what}", time_of_day());
+}
+
+fn time_of_day() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "{:02}:{:02}:{:02}",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+async fn run(plan: Plan) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let pki = TestPki::generate();
+    let provider = Provider::start(ProviderOptions {
+        client_id: CLIENT_ID.into(),
+        ..ProviderOptions::default()
+    })
+    .await?;
+    let imap = ImapServer::start(ImapServerOptions::default(), provider.validator(), &pki).await?;
+    let smtp = SmtpServer::start(SmtpServerOptions::default(), provider.validator(), &pki).await?;
+
+    let dir = std::env::temp_dir().join(format!("mailbridge-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem)?;
+    let mb_imap: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mb_smtp: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let max_sessions = plan.sessions.iter().copied().max().unwrap_or(0);
+    let real = if plan.real {
+        say("starting the interop suite's real servers (Dovecot, Postfix, oidc-provider)");
+        RealStack::start(&dir.join("interop"))
+    } else {
+        Err("not asked for (--no-real)".to_string())
+    };
+    let real_config = match &real {
+        Ok(r) => r.config(),
+        Err(why) => {
+            say(&format!("no real-server table: {why}"));
+            String::new()
+        }
+    };
+    let config = format!(
+        r#"# Generated by the mailbridge benchmark.
+[server]
+state_dir = "{state}"
+max_connections = {max_connections}
+preauth_timeout_secs = 300
+login_timeout_secs = 300
+connect_timeout_secs = 120
+
+[[listener]]
+protocol = "imap"
+bind = "{mb_imap}"
+
+[[listener]]
+protocol = "smtp"
+bind = "{mb_smtp}"
+
+[providers.sandbox]
+preset = "custom"
+client_id = "{CLIENT_ID}"
+token_url = "{token_url}"
+ca_file = "{ca}"
+imap = {{ host = "127.0.0.1", port = {imap_port}, tls = "implicit" }}
+smtp = {{ host = "127.0.0.1", port = {smtp_port}, tls = "starttls" }}
+
+[[account]]
+user = "{ALICE}"
+provider = "sandbox"
+
+[[account]]
+user = "{BOB}"
+provider = "sandbox"
+{real_config}"#,
+        state = dir.join("state").display(),
+        max_connections = (max_sessions + 1000).max(1000),
+        token_url = provider.token_url(),
+        ca = ca.display(),
+        imap_port = imap.addr().port(),
+        smtp_port = smtp.addr().port(),
+    );
+    let config_path = dir.join("mailbridge.toml");
+    std::fs::write(&config_path, config)?;
+    say("sealing the grants with `mailbridge account import`");
+    import(
+        &config_path,
+        ALICE,
+        &provider.issue_refresh_token(ALICE, "mail"),
+        PASSWORD,
+    )?;
+    import(
+        &config_path,
+        BOB,
+        &provider.issue_refresh_token(BOB, "mail"),
+        PASSWORD,
+    )?;
+    if let Ok(r) = &real {
+        import(&config_path, &r.user, &r.refresh_token, PASSWORD)?;
+    }
+    let log = dir.join("mailbridge.log");
+    say("starting `mailbridge run`");
+    let mut mb = Mailbridge::start(&config_path, &log, mb_imap, mb_smtp).await?;
+
+    // mailbridge was started with this process's limits and raises its
+    // own; so does the client process. This one holds the sandbox servers'
+    // end of every session.
+    let mut notes = Vec::new();
+    let wanted = max_sessions as u64 + 1024;
+    let limit = mailbridge::server::raise_open_files_limit(wanted);
+    let mut plan = plan;
+    if limit.now < wanted {
+        let fit = limit.now.saturating_sub(1024) as usize;
+        let msg = format!(
+            "the open-files limit is {} but {} sessions need {wanted}: raise it first \
+             (`ulimit -n {wanted}`, as root `ulimit -Hn {wanted}` before); session counts \
+             above {fit} were lowered to {fit}",
+            limit.now, max_sessions
+        );
+        say(&msg);
+        notes.push(msg);
+        for n in &mut plan.sessions {
+            *n = (*n).min(fit);
+        }
+    }
+
+    let direct = |addr, user: &str| RouteSpec::Direct {
+        addr,
+        ca_pem: pki.ca_pem.clone(),
+        name: "127.0.0.1".into(),
+        user: user.to_string(),
+        token: provider.issue_access_token(user, "mail", Duration::from_secs(4 * 3600)),
+    };
+    let proxy = |addr, user: &str| RouteSpec::Proxy {
+        addr,
+        user: user.to_string(),
+        password: PASSWORD.to_string(),
+    };
+    let clients = Clients::start()?;
+    let fwd_imap = Forwarder::start(imap.addr())?;
+    let fwd_smtp = Forwarder::start(smtp.addr())?;
+    let mut env = Env {
+        fwd_imap: Some(direct(fwd_imap.addr, ALICE)),
+        fwd_smtp: Some(direct(fwd_smtp.addr, ALICE)),
+        direct_imap: direct(imap.addr(), ALICE),
+        direct_smtp: direct(smtp.addr(), ALICE),
+        proxy_imap: proxy(mb_imap, ALICE),
+        proxy_smtp: proxy(mb_smtp, ALICE),
+        bob_direct: direct(imap.addr(), BOB),
+        bob_proxy: proxy(mb_imap, BOB),
+        bob_refresh: provider.issue_refresh_token(BOB, "mail"),
+        clients,
+        provider,
+        imap,
+        smtp,
+        notes,
+    };
+
+    // Warm up: the first login pays Argon2 and a token refresh.
+    say("warming up");
+    let (p, d) = (env.proxy_imap.clone(), env.direct_imap.clone());
+    env.call(Job::LoginLatency {
+        a: p,
+        b: d,
+        total: 20,
+        block: 5,
+    })?;
+    let bob = env.bob_proxy.clone();
+    env.login(&bob)?;
+
+    let mut rows = Vec::new();
+    let wants = |s: &str| plan.only.is_empty() || plan.only.iter().any(|o| o == s);
+    let cpu = |mb: &Mailbridge| mailbridge_bench::procfs::cpu_time(mb.pid()).unwrap_or_default();
+    let mut floor = Vec::new();
+    if wants("login") {
+        say(&format!(
+            "login latency: {} sequential logins each way, interleaved",
+            plan.logins
+        ));
+        let (p, d) = (env.proxy_imap.clone(), env.direct_imap.clone());
+        let before = cpu(&mb);
+        let s = login_samples(&mut env, &p, &d, &plan)?;
+        let used = cpu(&mb) - before;
+        env.notes.push(format!(
+            "mailbridge CPU time per login: {:.0} us (user + system, all threads)",
+            used.as_secs_f64() * 1e6 / plan.logins as f64
+        ));
+        rows.extend(login_rows(&plan, &s));
+        // For scale: what the same login costs the direct client itself.
+        let client_pid = env.clients.pid();
+        let before = mailbridge_bench::procfs::cpu_time(client_pid).unwrap_or_default();
+        let n = (plan.logins / 2).max(1);
+        env.call(Job::LoginLatency {
+            a: d.clone(),
+            b: d.clone(),
+            total: n,
+            block: n,
+        })?;
+        let used = mailbridge_bench::procfs::cpu_time(client_pid).unwrap_or_default() - before;
+        env.notes.push(format!(
+            "for scale, the direct client's CPU time per login (TLS handshake, XOAUTH2, \
+             LOGOUT): {:.0} us",
+            used.as_secs_f64() * 1e6 / (2 * n) as f64
+        ));
+        if let Some(fwd) = &env.fwd_imap {
+            let (f, d) = (fwd.clone(), env.direct_imap.clone());
+            floor.extend(login_rows(&plan, &login_samples(&mut env, &f, &d, &plan)?));
+        }
+    }
+    let mut wan = Vec::new();
+    if wants("wan") {
+        wan = wan_logins(&mut env, &dir, &ca, &plan).await?;
+    }
+    if wants("fetch") {
+        say(&format!(
+            "FETCH: {} messages of {} KiB, {} rounds each way",
+            plan.mailbox_messages,
+            plan.message_size / 1024,
+            plan.fetch_rounds
+        ));
+        fill_mailbox(&env, &plan);
+        let (p, d) = (env.proxy_imap.clone(), env.direct_imap.clone());
+        let before = cpu(&mb);
+        let s = fetch_samples(&mut env, &p, &d, &plan)?;
+        let used = cpu(&mb) - before;
+        let mb_moved = (plan.fetch_rounds * plan.mailbox_messages * plan.message_size) as f64 / 1e6;
+        env.notes.push(format!(
+            "mailbridge CPU time per MB fetched: {:.2} ms",
+            used.as_secs_f64() * 1e3 / mb_moved
+        ));
+        rows.push(fetch_row(&plan, &s));
+        if let Some(fwd) = &env.fwd_imap {
+            let (f, d) = (fwd.clone(), env.direct_imap.clone());
+            floor.push(fetch_row(&plan, &fetch_samples(&mut env, &f, &d, &plan)?));
+        }
+    }
+    if wants("smtp") {
+        for sessions in [1, 20] {
+            say(&format!(
+                "SMTP: {} messages of {} KiB over {sessions} session(s), {} rounds each way",
+                plan.smtp_messages,
+                plan.smtp_size / 1024,
+                plan.smtp_rounds
+            ));
+            let (p, d) = (env.proxy_smtp.clone(), env.direct_smtp.clone());
+            let before = cpu(&mb);
+            let s = smtp_samples(&mut env, &p, &d, sessions, &plan)?;
+            let used = cpu(&mb) - before;
+            env.notes.push(format!(
+                "mailbridge CPU time per SMTP message ({sessions} session(s)): {:.0} us",
+                used.as_secs_f64() * 1e6 / (plan.smtp_rounds * plan.smtp_messages) as f64
+            ));
+            rows.push(smtp_row(&plan, sessions, &s));
+            if let Some(fwd) = &env.fwd_smtp {
+                let (f, d) = (fwd.clone(), env.direct_smtp.clone());
+                let s = smtp_samples(&mut env, &f, &d, sessions, &plan)?;
+                floor.push(smtp_row(&plan, sessions, &s));
+            }
+        }
+    }
+    let mut real_rows = Vec::new();
+    let real_why = match &real {
+        Ok(r) => {
+            real_rows = real_servers(&mut env, &plan, r, mb_imap, mb_smtp, &wants)?;
+            None
+        }
+        Err(why) => Some(why.clone()),
+    };
+    // Stops Dovecot, Postfix and the OAuth2 server (also on any early
+    // return, through Drop).
+    drop(real);
+    if wants("refresh") {
+        rows.extend(refresh(&mut env, &plan).await?);
+    }
+    if wants("idle") {
+        for &n in &plan.sessions.clone() {
+            mb = mb.restart().await?;
+            rows.extend(idle_sessions(&mut env, &mb, n).await?);
+        }
+    }
+    let mb_limit = mb.open_files_limit();
+    mb.stop().await?;
+    env.imap.shutdown();
+    env.smtp.shutdown();
+    env.provider.shutdown();
+
+    drop((fwd_imap, fwd_smtp));
+    let mut table = markdown(&rows);
+    if !real_rows.is_empty() {
+        table.push_str(
+            "\nAgainst the interop suite's real servers (Dovecot IMAP with implicit TLS, \
+             Postfix submission with STARTTLS and SASL through Dovecot, every token \
+             introspected at oidc-provider), same client, mailbridge against direct:\n\n",
+        );
+        table.push_str(&markdown(&real_rows));
+    } else if let Some(why) = &real_why {
+        env.notes
+            .push(format!("no real-server table (Dovecot, Postfix): {why}"));
+    }
+    if !wan.is_empty() {
+        table.push_str(&format!(
+            "\nLogin with the server {} ms away (a forwarder holding every byte {} ms each \
+             way, in front of the sandbox IMAP server; the TCP handshake itself is not \
+             delayed, which favours the direct client), mailbridge on loopback with the \
+             client, against the client going there directly:\n\n",
+            2 * WAN_DELAY.as_millis(),
+            WAN_DELAY.as_millis()
+        ));
+        table.push_str(&markdown(&untargeted(wan)));
+    }
+    if !floor.is_empty() {
+        table.push_str(
+            "\nThe floor: the same direct client through a bare TCP forwarder process \
+             (no TLS termination, no login, just one more hop), against direct:\n\n",
+        );
+        table
+            .push_str(&markdown(&untargeted(floor)).replace("| mailbridge |", "| via forwarder |"));
+    }
+    let mut report = format!(
+        "mailbridge benchmark, {} run ({}), {} s on {} CPU(s), {}.\n\n{table}\n",
+        match (plan.quick, plan.only.is_empty()) {
+            (false, true) => "full".to_string(),
+            (true, true) => "quick".to_string(),
+            (q, false) => format!(
+                "{}partial ({})",
+                if q { "quick, " } else { "" },
+                plan.only.join(", ")
+            ),
+        },
+        time_of_day_utc_date(),
+        started.elapsed().as_secs(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel(),
+    );
+    let mb_wanted = mailbridge::server::open_files_wanted((max_sessions + 1000).max(1000));
+    let short = match mb_limit {
+        Some(l) if l < mb_wanted => format!(
+            ", below the {mb_wanted} its max_connections needs{}",
+            if can_raise_hard_limit() {
+                ""
+            } else {
+                ": this machine does not let a process raise its hard limit \
+                 (no CAP_SYS_RESOURCE)"
+            }
+        ),
+        _ => String::new(),
+    };
+    env.notes.push(format!(
+        "open-files limits: mailbridge {} (started with {}; it raises its own at start{short}), \
+         sandbox process {}, client process {}",
+        mb_limit.map_or("?".into(), |l| l.to_string()),
+        limit.before,
+        limit.now,
+        process::open_files_limit(env.clients.pid()).map_or("?".into(), |l| l.to_string()),
+    ));
+    for n in &env.notes {
+        report.push_str(&format!("- {n}\n"));
+    }
+    println!("\n{report}");
+    let out = plan.out.clone().unwrap_or_else(default_out);
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&out, &report).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("written to {}", out.display());
+    if plan.keep {
+        eprintln!("kept {} (config, store, mailbridge.log)", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+/// `target/mailbridge-bench.md`: the benchmark runs from
+/// `target/release/deps/`.
+fn default_out() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("mailbridge-bench.md")
+}
+
+/// Whether this process has CAP_SYS_RESOURCE (bit 24 of CapEff), which
+/// raising a hard limit needs.
+fn can_raise_hard_limit() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("CapEff:"))?;
+            u64::from_str_radix(line["CapEff:".len()..].trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 24) != 0)
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| format!("Linux {}", s.trim()))
+        .unwrap_or_else(|_| std::env::consts::OS.to_string())
+}
+
+fn time_of_day_utc_date() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let t = time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute()
+    )
+}
+
+/// Sequential login timings (ms) over `a` and `b`, interleaved.
+fn login_samples(
+    env: &mut Env,
+    a: &RouteSpec,
+    b: &RouteSpec,
+    plan: &Plan,
+) -> anyhow::Result<[Vec<f64>; 2]> {
+    let job = Job::LoginLatency {
+        a: a.clone(),
+        b: b.clone(),
+        total: plan.logins,
+        block: plan.login_block,
+    };
+    let Reply::Timings { a, b } = env.call(job)? else {
+        bail!("unexpected reply to LoginLatency");
+    };
+    let ms = |v: Vec<u64>| -> Vec<f64> { v.into_iter().map(|u| u as f64 / 1000.0).collect() };
+    Ok([ms(a), ms(b)])
+}
+
+/// One-way delay of the long-distance link in the `wan` scenario.
+const WAN_DELAY: Duration = Duration::from_millis(5);
+
+/// Login latency over a long-distance link to the server, as deployed (the
+/// client next to mailbridge, the provider far away): a second mailbridge
+/// whose IMAP server is a delaying forwarder in front of the sandbox; the
+/// direct client goes through the same forwarder.
+async fn wan_logins(
+    env: &mut Env,
+    dir: &std::path::Path,
+    ca: &std::path::Path,
+    plan: &Plan,
+) -> anyhow::Result<Vec<Row>> {
+    let logins = plan.wan_logins;
+    say(&format!(
+        "login over a {} ms round trip: {logins} logins each way",
+        2 * WAN_DELAY.as_millis()
+    ));
+    let fwd = Forwarder::start_delayed(env.imap.addr(), WAN_DELAY)?;
+    let imap: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let config = format!(
+        r#"# Generated by the mailbridge benchmark (wan scenario).
+[server]
+state_dir = "{state}"
+
+[[listener]]
+protocol = "imap"
+bind = "{imap}"
+
+[[listener]]
+protocol = "smtp"
+bind = "{smtp}"
+
+[providers.sandbox]
+preset = "custom"
+client_id = "{CLIENT_ID}"
+token_url = "{token_url}"
+ca_file = "{ca}"
+imap = {{ host = "127.0.0.1", port = {port}, tls = "implicit" }}
+smtp = {{ host = "127.0.0.1", port = {smtp_port}, tls = "starttls" }}
+
+[[account]]
+user = "{ALICE}"
+provider = "sandbox"
+"#,
+        state = dir.join("wan-state").display(),
+        token_url = env.provider.token_url(),
+        ca = ca.display(),
+        port = fwd.addr.port(),
+        smtp_port = env.smtp.addr().port(),
+    );
+    let path = dir.join("mailbridge-wan.toml");
+    std::fs::write(&path, config)?;
+    import(
+        &path,
+        ALICE,
+        &env.provider.issue_refresh_token(ALICE, "mail"),
+        PASSWORD,
+    )?;
+    let mb = Mailbridge::start(&path, &dir.join("mailbridge-wan.log"), imap, smtp).await?;
+    // The direct client's route, through the forwarder.
+    let mut direct = env.direct_imap.clone();
+    if let RouteSpec::Direct { addr, .. } = &mut direct {
+        *addr = fwd.addr;
+    }
+    let proxy = RouteSpec::Proxy {
+        addr: imap,
+        user: ALICE.to_string(),
+        password: PASSWORD.to_string(),
+    };
+    let wan_plan = Plan {
+        logins,
+        login_block: plan.login_block.min(logins / 4).max(1),
+        ..plan.clone()
+    };
+    // The first login pays Argon2 and the token refresh.
+    env.login(&proxy)?;
+    let s = login_samples(env, &proxy, &direct, &wan_plan)?;
+    mb.stop().await?;
+    drop(fwd);
+    let row = |what: &str, p: f64| Row {
+        what: format!("IMAP connect + login + logout, {what} of {logins} (ms)"),
+        proxy: percentile(&s[0], p),
+        direct: percentile(&s[1], p),
+        decimals: 2,
+        target: Target::None,
+    };
+    Ok(vec![row("median", 50.0), row("p95", 95.0)])
+}
+
+fn login_rows(plan: &Plan, s: &[Vec<f64>; 2]) -> Vec<Row> {
+    vec![
+        Row {
+            what: format!(
+                "IMAP connect + login + logout, median of {} (ms)",
+                plan.logins
+            ),
+            proxy: median(&s[0]),
+            direct: median(&s[1]),
+            decimals: 3,
+            target: Target::AtMost(1.2),
+        },
+        Row {
+            what: format!("IMAP connect + login + logout, p95 of {} (ms)", plan.logins),
+            proxy: percentile(&s[0], 95.0),
+            direct: percentile(&s[1], 95.0),
+            decimals: 3,
+            target: Target::AtMost(1.2),
+        },
+    ]
+}
+
+fn fill_mailbox(env: &Env, plan: &Plan) {
+    let message = mailbridge_bench::client::message_wire(plan.message_size, "a@x", "b@x");
+    let body = message[..message.len() - 3].to_vec();
+    for _ in 0..plan.mailbox_messages {
+        env.imap.append(ALICE, "INBOX", body.clone());
+    }
+}
+
+/// FETCH rates (MB/s) over `a` and `b`, alternating which goes first.
+fn fetch_samples(
+    env: &mut Env,
+    a: &RouteSpec,
+    b: &RouteSpec,
+    plan: &Plan,
+) -> anyhow::Result<[Vec<f64>; 2]> {
+    fetch_samples_n(env, a, b, plan, plan.fetch_rounds)
+}
+
+fn fetch_samples_n(
+    env: &mut Env,
+    a: &RouteSpec,
+    b: &RouteSpec,
+    plan: &Plan,
+    rounds: usize,
+) -> anyhow::Result<[Vec<f64>; 2]> {
+    let total = plan.mailbox_messages * plan.message_size;
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for i in 0..2 {
+            let which = (i + round) % 2;
+            let route = if which == 0 { a.clone() } else { b.clone() };
+            let reply = env.call(Job::Fetch {
+                route,
+                set: "1:*".into(),
+            })?;
+            let Reply::Fetched {
+                elapsed_us,
+                messages,
+                bytes,
+            } = reply
+            else {
+                bail!("unexpected reply to Fetch");
+            };
+            if bytes != total as u64 || messages as usize != plan.mailbox_messages {
+                bail!("FETCH ({which}) returned {messages} messages, {bytes} bytes");
+            }
+            rates[which].push(total as f64 / (elapsed_us as f64 / 1e6) / 1e6);
+        }
+    }
+    Ok(rates)
+}
+
+fn fetch_row(plan: &Plan, s: &[Vec<f64>; 2]) -> Row {
+    Row {
+        what: format!(
+            "IMAP FETCH of a {} MB mailbox, median of {} (MB/s)",
+            plan.mailbox_messages * plan.message_size / 1_000_000,
+            plan.fetch_rounds
+        ),
+        proxy: median(&s[0]),
+        direct: median(&s[1]),
+        decimals: 1,
+        target: Target::AtLeast(0.9),
+    }
+}
+
+/// SMTP rates (messages/s) over `a` and `b`, alternating which goes first.
+fn smtp_samples(
+    env: &mut Env,
+    a: &RouteSpec,
+    b: &RouteSpec,
+    sessions: usize,
+    plan: &Plan,
+) -> anyhow::Result<[Vec<f64>; 2]> {
+    smtp_samples_to(env, a, b, sessions, plan, plan.smtp_rounds, None)
+}
+
+/// As [`smtp_samples`]; `envelope` (from, to) for a real server, which
+/// delivers later, so nothing is counted at its end.
+fn smtp_samples_to(
+    env: &mut Env,
+    a: &RouteSpec,
+    b: &RouteSpec,
+    sessions: usize,
+    plan: &Plan,
+    rounds: usize,
+    envelope: Option<(&str, &str)>,
+) -> anyhow::Result<[Vec<f64>; 2]> {
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for i in 0..2 {
+            let which = (i + round) % 2;
+            let route = if which == 0 { a.clone() } else { b.clone() };
+            env.smtp.clear_messages();
+            let elapsed = env.elapsed(Job::Smtp {
+                route,
+                sessions,
+                messages: plan.smtp_messages,
+                size: plan.smtp_size,
+                from: envelope.map(|e| e.0.to_string()),
+                to: envelope.map(|e| e.1.to_string()),
+            })?;
+            let got = env.smtp.message_count();
+            if envelope.is_none() && got != plan.smtp_messages {
+                bail!("SMTP ({which}): {got} messages arrived");
+            }
+            rates[which].push(plan.smtp_messages as f64 / elapsed.as_secs_f64());
+        }
+    }
+    env.smtp.clear_messages();
+    Ok(rates)
+}
+
+fn smtp_row(plan: &Plan, sessions: usize, s: &[Vec<f64>; 2]) -> Row {
+    Row {
+        what: format!(
+            "SMTP {} x {} KiB over {sessions} session{}, median of {} (messages/s)",
+            plan.smtp_messages,
+            plan.smtp_size / 1024,
+            if sessions == 1 { "" } else { "s" },
+            plan.smtp_rounds
+        ),
+        proxy: median(&s[0]),
+        direct: median(&s[1]),
+        decimals: 1,
+        target: Target::AtLeast(0.9),
+    }
+}
+
+/// The same rows with a route other than mailbridge in the first column
+/// and no targets (the floor table).
+fn untargeted(rows: Vec<Row>) -> Vec<Row> {
+    rows.into_iter()
+        .map(|r| Row {
+            target: Target::None,
+            ..r
+        })
+        .collect()
+}
+
+async fn refresh(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
+    let n = plan.refresh_logins;
+    say(&format!(
+        "token refresh: {n} concurrent logins, {} rounds each way",
+        plan.refresh_rounds
+    ));
+    let mut cached: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut refreshed: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut refreshes: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let (bob_proxy, bob_direct) = (env.bob_proxy.clone(), env.bob_direct.clone());
+    for _ in 0..plan.refresh_rounds {
+        // Cached token, both ways (the direct client's token is fresh).
+        let direct_now = match &bob_direct {
+            RouteSpec::Direct { .. } => with_token(
+                &bob_direct,
+                &env.provider
+                    .issue_access_token(BOB, "mail", Duration::from_secs(3600)),
+            ),
+            other => other.clone(),
+        };
+        let t = env.elapsed(Job::ConcurrentLogins {
+            route: bob_proxy.clone(),
+            n,
+        })?;
+        cached[0].push(ms(t));
+        let t = env.elapsed(Job::ConcurrentLogins {
+            route: direct_now,
+            n,
+        })?;
+        cached[1].push(ms(t));
+
+        // mailbridge: make its cached token one with under ten minutes
+        // left, so the next login must refresh.
+        env.provider
+            .set_access_token_lifetime(Duration::from_secs(601));
+        env.provider.revoke_access_tokens(BOB);
+        env.login(&bob_proxy)?;
+        env.provider
+            .set_access_token_lifetime(Duration::from_secs(3600));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let before = env.provider.refresh_requests();
+        let t = env.elapsed(Job::ConcurrentLogins {
+            route: bob_proxy.clone(),
+            n,
+        })?;
+        refreshed[0].push(ms(t));
+        refreshes[0].push(env.provider.refresh_requests() - before);
+
+        // Direct: the client refreshes once itself, then logs in n times.
+        let before = env.provider.refresh_requests();
+        let reply = env.call(Job::RefreshThenLogins {
+            token_url: env.provider.token_url(),
+            client_id: CLIENT_ID.into(),
+            refresh_token: env.bob_refresh.clone(),
+            route: bob_direct.clone(),
+            n,
+        })?;
+        let Reply::Refreshed {
+            elapsed_us,
+            refresh_token,
+        } = reply
+        else {
+            bail!("unexpected reply to RefreshThenLogins");
+        };
+        if let Some(rt) = refresh_token {
+            env.bob_refresh = rt;
+        }
+        refreshed[1].push(elapsed_us as f64 / 1000.0);
+        refreshes[1].push(env.provider.refresh_requests() - before);
+    }
+    let one_each = refreshes.iter().flatten().all(|&r| r == 1);
+    let max_refreshes = |i: usize| refreshes[i].iter().copied().max().map(|m| m as f64);
+    Ok(vec![
+        Row {
+            what: format!("{n} concurrent logins, cached token, median wall (ms)"),
+            proxy: median(&cached[0]),
+            direct: median(&cached[1]),
+            decimals: 2,
+            target: Target::None,
+        },
+        Row {
+            what: format!("{n} concurrent logins sharing one token refresh, median wall (ms)"),
+            proxy: median(&refreshed[0]),
+            direct: median(&refreshed[1]),
+            decimals: 2,
+            target: Target::None,
+        },
+        Row {
+            what: format!("token refreshes per burst of {n} (most seen)"),
+            proxy: max_refreshes(0),
+            direct: max_refreshes(1),
+            decimals: 0,
+            target: Target::Check("exactly 1", one_each),
+        },
+    ])
+}
+
+fn with_token(route: &RouteSpec, new: &str) -> RouteSpec {
+    let mut r = route.clone();
+    if let RouteSpec::Direct { token, .. } = &mut r {
+        *token = new.to_string();
+    }
+    r
+}
+
+/// Opens `n` sessions at once in the client process and keeps them.
+fn burst(
+    env: &mut Env,
+    route: &RouteSpec,
+    n: usize,
+    who: &str,
+) -> anyhow::Result<(usize, Duration)> {
+    let reply = env.call(Job::Burst {
+        route: route.clone(),
+        n,
+    })?;
+    let Reply::Burst {
+        ok,
+        failed,
+        elapsed_us,
+        first_error,
+    } = reply
+    else {
+        bail!("unexpected reply to Burst");
+    };
+    if let Some(e) = first_error {
+        env.notes.push(format!(
+            "{n} sessions {who}: {failed} failed, the first: {e}"
+        ));
+    }
+    Ok((ok, Duration::from_micros(elapsed_us)))
+}
+
+fn open_sessions(reply: Reply) -> anyhow::Result<usize> {
+    match reply {
+        Reply::Open { sessions } => Ok(sessions),
+        other => bail!("unexpected reply {other:?}"),
+    }
+}
+
+async fn idle_sessions(env: &mut Env, mb: &Mailbridge, n: usize) -> anyhow::Result<Vec<Row>> {
+    say(&format!("idle sessions: {n} at once through mailbridge"));
+    // A fresh process: warm it (Argon2, token), then let it settle.
+    let proxy = env.proxy_imap.clone();
+    env.login(&proxy)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let files = mb.open_files();
+    let rss_before = mb.rss_kib()?;
+    let (opened, proxy_time) = burst(env, &proxy, n, "through mailbridge")?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_login = mb.rss_kib()?;
+    let proxy_alive = open_sessions(env.call(Job::NoopAll)?)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_noop = mb.rss_kib()?;
+    open_sessions(env.call(Job::CloseAll)?)?;
+    if !mb.settle(files + 16, Duration::from_secs(60)).await {
+        env.notes.push(format!(
+            "{n} sessions: mailbridge still had {} files open a minute after the clients left",
+            mb.open_files()
+        ));
+    }
+
+    say(&format!("idle sessions: {n} at once, direct"));
+    let direct = env.direct_imap.clone();
+    let (direct_opened, direct_time) = burst(env, &direct, n, "direct")?;
+    let direct_alive = open_sessions(env.call(Job::NoopAll)?)?;
+    open_sessions(env.call(Job::CloseAll)?)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let per = |after: u64| (after.saturating_sub(rss_before)) as f64 / opened.max(1) as f64;
+    let rss_target = if n >= 10_000 {
+        Target::Check("<= 64 KiB", per(rss_login) <= 64.0 && per(rss_noop) <= 64.0)
+    } else {
+        Target::None
+    };
+    env.notes.push(format!(
+        "{n} sessions: mailbridge RSS {rss_before} KiB before, {rss_login} KiB with all \
+         logged in, {rss_noop} KiB after a NOOP on each; {proxy_alive} (mailbridge) and \
+         {direct_alive} (direct) answered that NOOP"
+    ));
+    Ok(vec![
+        Row {
+            what: format!("{n} idle IMAP sessions opened at once: logged in"),
+            proxy: Some(opened as f64),
+            direct: Some(direct_opened as f64),
+            decimals: 0,
+            target: if n >= 10_000 {
+                Target::Check("all", opened == n && proxy_alive == n)
+            } else {
+                Target::None
+            },
+        },
+        Row {
+            what: format!("{n} idle IMAP sessions: time to open all (s)"),
+            proxy: Some(proxy_time.as_secs_f64()),
+            direct: Some(direct_time.as_secs_f64()),
+            decimals: 2,
+            target: Target::None,
+        },
+        Row {
+            what: format!("{n} idle IMAP sessions: mailbridge RSS per session (KiB)"),
+            proxy: Some(per(rss_login)),
+            direct: None,
+            decimals: 1,
+            target: rss_target,
+        },
+        Row {
+            what: format!("{n} idle IMAP sessions, after one NOOP each: RSS per session (KiB)"),
+            proxy: Some(per(rss_noop)),
+            direct: None,
+            decimals: 1,
+            target: rss_target,
+        },
+    ])
+}
+
+/// The interop suite's servers (tests/interop), started through
+/// `benches/proxy/interop.py`.
+struct RealStack {
+    dir: PathBuf,
+    ports: std::collections::HashMap<String, u16>,
+    ca: PathBuf,
+    token_url: String,
+    client_id: String,
+    user: String,
+    refresh_token: String,
+    access_token: String,
+}
+
+impl RealStack {
+    fn script() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/proxy/interop.py")
+    }
+
+    /// Starts the servers, or says why not.
+    fn start(dir: &std::path::Path) -> Result<RealStack, String> {
+        let out = std::process::Command::new("python3")
+            .arg(Self::script())
+            .arg("start")
+            .arg(dir)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| format!("python3: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let json: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or(""))
+            .map_err(|_| format!("unexpected output from interop.py: {text}"))?;
+        if let Some(why) = json["skip"].as_str() {
+            return Err(why.to_string());
+        }
+        let s = |k: &str| {
+            json[k]
+                .as_str()
+                .map(str::to_string)
+                .ok_or(format!("no {k}"))
+        };
+        let ports = json["ports"]
+            .as_object()
+            .ok_or("no ports")?
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), u16::try_from(v.as_u64()?).ok()?)))
+            .collect();
+        Ok(RealStack {
+            dir: dir.to_path_buf(),
+            ports,
+            ca: PathBuf::from(s("ca")?),
+            token_url: s("token_url")?,
+            client_id: s("client_id")?,
+            user: s("user")?,
+            refresh_token: s("refresh_token")?,
+            access_token: s("access_token")?,
+        })
+    }
+
+    fn port(&self, name: &str) -> u16 {
+        self.ports.get(name).copied().unwrap_or(0)
+    }
+
+    /// The provider and account mailbridge needs, for its config.
+    fn config(&self) -> String {
+        format!(
+            r#"
+[providers.interop]
+preset = "custom"
+client_id = "{client_id}"
+token_url = "{token_url}"
+scopes = ["mail", "offline_access"]
+ca_file = "{ca}"
+imap = {{ host = "127.0.0.1", port = {imaps}, tls = "implicit" }}
+smtp = {{ host = "127.0.0.1", port = {submission}, tls = "starttls" }}
+
+[[account]]
+user = "{user}"
+provider = "interop"
+"#,
+            client_id = self.client_id,
+            token_url = self.token_url,
+            ca = self.ca.display(),
+            imaps = self.port("imaps"),
+            submission = self.port("submission"),
+            user = self.user,
+        )
+    }
+}
+
+impl Drop for RealStack {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("python3")
+            .arg(Self::script())
+            .arg("stop")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Login, FETCH and SMTP against Dovecot and Postfix, both ways.
+fn real_servers(
+    env: &mut Env,
+    plan: &Plan,
+    r: &RealStack,
+    mb_imap: SocketAddr,
+    mb_smtp: SocketAddr,
+    wants: &dyn Fn(&str) -> bool,
+) -> anyhow::Result<Vec<Row>> {
+    let ca_pem = std::fs::read_to_string(&r.ca)?;
+    let direct = |port: u16| RouteSpec::Direct {
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        ca_pem: ca_pem.clone(),
+        name: "127.0.0.1".into(),
+        user: r.user.clone(),
+        token: r.access_token.clone(),
+    };
+    let proxy = |addr| RouteSpec::Proxy {
+        addr,
+        user: r.user.clone(),
+        password: PASSWORD.to_string(),
+    };
+    let (d_imap, d_smtp) = (direct(r.port("imaps")), direct(r.port("submission")));
+    let (p_imap, p_smtp) = (proxy(mb_imap), proxy(mb_smtp));
+    // Warm up: mailbridge's first login pays Argon2 and a refresh.
+    env.call(Job::LoginLatency {
+        a: p_imap.clone(),
+        b: d_imap.clone(),
+        total: 10,
+        block: 5,
+    })?;
+    let mut rows = Vec::new();
+    let rounds = plan.fetch_rounds.min(7);
+    if wants("login") {
+        say("real servers: login latency");
+        rows.extend(login_rows(
+            plan,
+            &login_samples(env, &p_imap, &d_imap, plan)?,
+        ));
+    }
+    if wants("fetch") {
+        say("real servers: filling the mailbox over IMAP, then FETCH");
+        env.call(Job::Append {
+            route: d_imap.clone(),
+            mailbox: "INBOX".into(),
+            count: plan.mailbox_messages,
+            size: plan.message_size,
+        })?;
+        let s = fetch_samples_n(env, &p_imap, &d_imap, plan, rounds)?;
+        rows.push(Row {
+            what: fetch_row(plan, &s).what.replace(
+                &format!("median of {}", plan.fetch_rounds),
+                &format!("median of {rounds}"),
+            ),
+            ..fetch_row(plan, &s)
+        });
+    }
+    if wants("smtp") {
+        let rounds = plan.smtp_rounds.min(5);
+        for sessions in [1, 20] {
+            say(&format!("real servers: SMTP over {sessions} session(s)"));
+            let s = smtp_samples_to(
+                env,
+                &p_smtp,
+                &d_smtp,
+                sessions,
+                plan,
+                rounds,
+                Some((&r.user, &r.user)),
+            )?;
+            let row = smtp_row(plan, sessions, &s);
+            rows.push(Row {
+                what: row.what.replace(
+                    &format!("median of {}", plan.smtp_rounds),
+                    &format!("median of {rounds}"),
+                ),
+                ..row
+            });
+        }
+    }
+    Ok(rows)
+}

@@ -1,0 +1,2622 @@
+//! IMAP: client-facing pre-auth session and upstream login dialogue.
+//!
+//! Both halves first split the byte stream into whole IMAP messages (a line
+//! plus the literals it announces, with their continuation lines) under size
+//! limits, and only then hand a complete message to imap-codec. Literal
+//! handling stays exact (we alone decide when a client gets `+`), and a
+//! malformed or oversized message is dropped on its real boundaries, so
+//! literal bytes are never mistaken for a command.
+
+use std::collections::VecDeque;
+use std::fmt;
+
+use imap_codec::decode::Decoder;
+use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
+use imap_codec::imap_types::command::CommandBody;
+use imap_codec::imap_types::core::{IString, NString};
+use imap_codec::imap_types::response::{Code, Data, GreetingKind, Response, Status, StatusKind};
+use imap_codec::{AuthenticateDataCodec, CommandCodec, GreetingCodec, ResponseCodec};
+use secrecy::{ExposeSecret, SecretString, zeroize::Zeroize};
+
+use super::{
+    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, Rejection, UpstreamError,
+    UpstreamLogin, UpstreamStep, UpstreamSuccess,
+};
+use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism};
+
+/// Default line and literal limit: 64 KiB is far above any real pre-auth
+/// command (RFC 7162 asks servers to accept 8 KiB lines) and keeps the
+/// memory a stranger can make us hold small.
+const DEFAULT_LIMIT: usize = 64 * 1024;
+
+/// How many bytes of a discarded line we keep to spot a literal announced at
+/// its end (`{4294967295+}\r\n` is 15 bytes).
+const TAIL: usize = 32;
+
+// ---------------------------------------------------------------------------
+// Framing
+// ---------------------------------------------------------------------------
+
+/// A literal announced at the end of a line: `{n}` (sync) or `{n+}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Announcement {
+    length: u64,
+    sync: bool,
+}
+
+/// The literal a line ending in `{n}\r\n` or `{n+}\r\n` announces.
+fn announcement(line: &[u8]) -> Option<Announcement> {
+    let body = line.strip_suffix(b"}\r\n")?;
+    let (body, sync) = match body.strip_suffix(b"+") {
+        Some(b) => (b, false),
+        None => (body, true),
+    };
+    let start = body
+        .iter()
+        .rposition(|b| !b.is_ascii_digit())
+        .map_or(0, |i| i + 1);
+    let digits = &body[start..];
+    if digits.is_empty() || body[..start].last() != Some(&b'{') {
+        return None;
+    }
+    let length = digits.iter().fold(0u64, |n, d| {
+        n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    });
+    Some(Announcement { length, sync })
+}
+
+/// IMAP tag characters: ASTRING-CHAR except `+`.
+fn is_tag_char(b: u8) -> bool {
+    b.is_ascii_graphic() && !b"(){%*\"\\+".contains(&b)
+}
+
+/// The tag of a (possibly malformed) command, when it has a valid one:
+/// lets us answer a broken command with a tagged reply.
+fn tag_of(bytes: &[u8]) -> Option<String> {
+    let end = bytes.iter().position(|&b| b == b' ')?;
+    let tag = &bytes[..end];
+    if tag.is_empty() || tag.len() > 64 || !tag.iter().copied().all(is_tag_char) {
+        return None;
+    }
+    Some(String::from_utf8_lossy(tag).into_owned())
+}
+
+/// What the framer found next.
+#[derive(Debug)]
+enum Frame {
+    /// More input is needed.
+    NeedMore,
+    /// A complete message: lines and literals, ending with a line ending.
+    Message(Vec<u8>),
+    /// A line announced an acceptable literal; for a sync literal the peer
+    /// waits for a continuation request.
+    Literal { sync: bool },
+    /// A line went over the limit; it (and its message) is being dropped.
+    LineTooLong,
+    /// An announced literal is over the limit; the message is dropped. A
+    /// sync literal's bytes will not come; a non-sync literal's are skipped.
+    LiteralTooLarge { tag: Option<String> },
+    /// A dropped overlong line ended by announcing a sync literal: the
+    /// peer waits for a reply to that.
+    AbandonedSync { tag: Option<String> },
+    /// The end of a dropped message.
+    Discarded,
+}
+
+#[derive(Debug)]
+enum FrameState {
+    /// Reading a line into the message.
+    Line,
+    /// Copying an accepted literal into the message.
+    Literal { remaining: usize },
+    /// Dropping an overlong line up to its line ending.
+    Discard {
+        tail: Vec<u8>,
+        tag: Option<String>,
+        literals: bool,
+    },
+    /// Dropping the bytes of a refused non-sync literal, then the rest of
+    /// its message.
+    Skip { remaining: u64, tag: Option<String> },
+}
+
+/// Splits bytes into IMAP messages. Holds at most one message (bounded by
+/// `max_line + max_literal`) plus whatever was fed and not yet framed.
+struct Framer {
+    /// Received, not yet framed.
+    buf: Vec<u8>,
+    /// The current message so far.
+    msg: Vec<u8>,
+    state: FrameState,
+    max_line: usize,
+    max_literal: usize,
+}
+
+impl Framer {
+    fn new(max_line: usize, max_literal: usize) -> Self {
+        Framer {
+            buf: Vec::new(),
+            msg: Vec::new(),
+            state: FrameState::Line,
+            max_line: max_line.max(1),
+            max_literal,
+        }
+    }
+
+    /// The largest message we assemble.
+    fn cap(&self) -> usize {
+        self.max_line.saturating_add(self.max_literal)
+    }
+
+    /// Forgets everything: used at STARTTLS so no plaintext byte survives
+    /// into the encrypted session.
+    fn reset(&mut self) {
+        self.buf.zeroize();
+        self.msg.zeroize();
+        self.state = FrameState::Line;
+    }
+
+    fn start_discard(&mut self, literals: bool) -> Frame {
+        let tag = tag_of(if self.msg.is_empty() {
+            &self.buf
+        } else {
+            &self.msg
+        });
+        self.msg.zeroize();
+        self.state = FrameState::Discard {
+            tail: Vec::new(),
+            tag,
+            literals,
+        };
+        Frame::LineTooLong
+    }
+
+    /// The next frame of a command or response stream.
+    fn next_frame(&mut self) -> Frame {
+        loop {
+            match &mut self.state {
+                FrameState::Line => {
+                    let Some(pos) = self.buf.iter().position(|&b| b == b'\n') else {
+                        if self.buf.len() > self.max_line
+                            || self.msg.len() + self.buf.len() > self.cap()
+                        {
+                            return self.start_discard(true);
+                        }
+                        return Frame::NeedMore;
+                    };
+                    let len = pos + 1;
+                    if len > self.max_line || self.msg.len() + len > self.cap() {
+                        return self.start_discard(true);
+                    }
+                    let start = self.msg.len();
+                    self.msg.extend(self.buf.drain(..len));
+                    let Some(a) = announcement(&self.msg[start..]) else {
+                        return Frame::Message(std::mem::take(&mut self.msg));
+                    };
+                    let room = self.cap().saturating_sub(self.msg.len());
+                    let fits =
+                        usize::try_from(a.length).is_ok_and(|n| n <= self.max_literal && n <= room);
+                    if !fits {
+                        let tag = tag_of(&self.msg);
+                        self.msg.zeroize();
+                        if !a.sync {
+                            self.state = FrameState::Skip {
+                                remaining: a.length,
+                                tag: tag.clone(),
+                            };
+                        }
+                        return Frame::LiteralTooLarge { tag };
+                    }
+                    self.state = FrameState::Literal {
+                        remaining: usize::try_from(a.length).unwrap_or(usize::MAX),
+                    };
+                    return Frame::Literal { sync: a.sync };
+                }
+                FrameState::Literal { remaining } => {
+                    if *remaining > 0 {
+                        if self.buf.is_empty() {
+                            return Frame::NeedMore;
+                        }
+                        let n = (*remaining).min(self.buf.len());
+                        *remaining -= n;
+                        self.msg.extend(self.buf.drain(..n));
+                    }
+                    if *remaining == 0 {
+                        self.state = FrameState::Line;
+                    }
+                }
+                FrameState::Skip { remaining, tag } => {
+                    if *remaining > 0 {
+                        if self.buf.is_empty() {
+                            return Frame::NeedMore;
+                        }
+                        let n = usize::try_from(*remaining)
+                            .unwrap_or(usize::MAX)
+                            .min(self.buf.len());
+                        *remaining -= n as u64;
+                        self.buf.drain(..n);
+                    }
+                    if *remaining == 0 {
+                        let tag = tag.take();
+                        self.state = FrameState::Discard {
+                            tail: Vec::new(),
+                            tag,
+                            literals: true,
+                        };
+                    }
+                }
+                FrameState::Discard {
+                    tail,
+                    tag,
+                    literals,
+                } => {
+                    let end = self.buf.iter().position(|&b| b == b'\n');
+                    let upto = end.map_or(self.buf.len(), |p| p + 1);
+                    tail.extend(self.buf.drain(..upto));
+                    if tail.len() > TAIL {
+                        tail.drain(..tail.len() - TAIL);
+                    }
+                    if end.is_none() {
+                        return Frame::NeedMore;
+                    }
+                    let found = if *literals { announcement(tail) } else { None };
+                    let tag = tag.take();
+                    match found {
+                        None => {
+                            self.state = FrameState::Line;
+                            return Frame::Discarded;
+                        }
+                        Some(a) if a.sync => {
+                            self.state = FrameState::Line;
+                            return Frame::AbandonedSync { tag };
+                        }
+                        Some(a) => {
+                            self.state = FrameState::Skip {
+                                remaining: a.length,
+                                tag,
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Refuses the sync literal just announced: its bytes will not come, so
+    /// the message ends here.
+    fn abort_literal(&mut self) {
+        if matches!(self.state, FrameState::Literal { .. }) {
+            self.msg.zeroize();
+            self.state = FrameState::Line;
+        }
+    }
+
+    /// The next line, with no literal semantics (a SASL response line).
+    fn next_raw_line(&mut self) -> Frame {
+        if !matches!(self.state, FrameState::Line) || !self.msg.is_empty() {
+            return self.next_frame();
+        }
+        match self.buf.iter().position(|&b| b == b'\n') {
+            Some(pos) if pos < self.max_line => Frame::Message(self.buf.drain(..=pos).collect()),
+            Some(_) => self.start_discard(false),
+            None if self.buf.len() > self.max_line => self.start_discard(false),
+            None => Frame::NeedMore,
+        }
+    }
+}
+
+impl Drop for Framer {
+    fn drop(&mut self) {
+        // Pre-auth buffers can hold passwords.
+        self.buf.zeroize();
+        self.msg.zeroize();
+    }
+}
+
+/// One line of text for a reply: no control characters, ASCII only,
+/// bounded, never empty.
+fn one_line(text: &str, fallback: &str) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| {
+            if c.is_ascii() && !c.is_ascii_control() {
+                c
+            } else if c.is_control() {
+                ' '
+            } else {
+                '?'
+            }
+        })
+        .take(300)
+        .collect();
+    let clean = clean.trim();
+    if clean.is_empty() {
+        fallback.to_owned()
+    } else {
+        clean.to_owned()
+    }
+}
+
+/// A line without its line ending.
+fn strip_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+// ---------------------------------------------------------------------------
+// Client side
+// ---------------------------------------------------------------------------
+
+/// Options of the client-facing pre-auth session.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The listener offers STARTTLS (the connection is not yet in TLS).
+    pub starttls_offered: bool,
+    /// Implicit-TLS listener: the connection is already encrypted.
+    pub tls_active: bool,
+    /// LOGIN / AUTHENTICATE are allowed without TLS (loopback listener, or
+    /// the configuration says so). Otherwise we advertise LOGINDISABLED.
+    pub plaintext_login_allowed: bool,
+    /// Longest command line accepted, CRLF included (default 64 KiB).
+    pub max_line: usize,
+    /// Longest literal accepted (default 64 KiB). A whole command is at most
+    /// `max_line + max_literal` bytes.
+    pub max_literal: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            starttls_offered: false,
+            tls_active: false,
+            plaintext_login_allowed: false,
+            max_line: DEFAULT_LIMIT,
+            max_literal: DEFAULT_LIMIT,
+        }
+    }
+}
+
+enum ClientState {
+    /// Reading commands.
+    Commands,
+    /// Sent `+ ` for AUTHENTICATE PLAIN; the next line is the response.
+    AuthPlain { tag: String },
+    /// Sent the STARTTLS OK; waiting for `tls_started`.
+    TlsPending,
+    /// Emitted `ClientStep::Login`; waiting for the driver's verdict.
+    LoginPending { tag: String },
+    /// Logged in: the session is over, bytes go upstream.
+    LoggedIn,
+    /// LOGOUT: the connection is closing.
+    Closed,
+}
+
+impl ClientState {
+    fn name(&self) -> &'static str {
+        match self {
+            ClientState::Commands => "commands",
+            ClientState::AuthPlain { .. } => "authenticate-plain",
+            ClientState::TlsPending => "tls-pending",
+            ClientState::LoginPending { .. } => "login-pending",
+            ClientState::LoggedIn => "logged-in",
+            ClientState::Closed => "closed",
+        }
+    }
+}
+
+/// The IMAP server side until login: greeting, CAPABILITY, ID, STARTTLS,
+/// LOGIN and AUTHENTICATE PLAIN; everything else is refused until login.
+///
+/// Over-limit input: a line over `max_line` gets `* BAD Command line too
+/// long` and is dropped up to its line ending (a sync literal announced at
+/// its end also gets a tagged BAD, a non-sync one is skipped). A literal
+/// over `max_literal`: `{n}` gets `TAG BAD Literal too large` and no `+`;
+/// `{n+}` gets the same reply, then exactly n bytes and the rest of that
+/// command are skipped, so the session stays in step with the client.
+///
+/// Memory: the message being assembled never exceeds `max_line +
+/// max_literal`; unframed input is whatever the driver fed and has not yet
+/// drained with `next_step` (one read buffer when the driver alternates
+/// `feed` and `next_step` until `NeedInput`). While a login is pending the
+/// session does not consume input: a driver that keeps reading then holds
+/// the client's pipelined bytes for `take_pending`.
+pub struct ImapClientSession {
+    opts: ClientOptions,
+    framer: Framer,
+    state: ClientState,
+    /// TLS is on (implicit, or STARTTLS done).
+    in_tls: bool,
+    /// The client's ID parameter list, re-serialized, for upstream.
+    client_info: Option<String>,
+}
+
+impl fmt::Debug for ImapClientSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Buffers may hold a password: show sizes only.
+        f.debug_struct("ImapClientSession")
+            .field("state", &self.state.name())
+            .field("in_tls", &self.in_tls)
+            .field("buffered", &(self.framer.buf.len() + self.framer.msg.len()))
+            .field("client_info", &self.client_info)
+            .finish()
+    }
+}
+
+fn tagged(tag: Option<&str>, text: &str) -> Vec<u8> {
+    format!("{} {text}\r\n", tag.unwrap_or("*")).into_bytes()
+}
+
+/// An IMAP quoted string that any server accepts: 7-bit, `\` and `"`
+/// escaped, other bytes replaced by `?`, at most 1024 characters (RFC 2971
+/// limits ID values to 1024 octets).
+fn quote(bytes: &[u8]) -> String {
+    let mut out = String::from("\"");
+    for c in String::from_utf8_lossy(bytes).chars().take(1024) {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' '..='~' => out.push(c),
+            _ => out.push('?'),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Re-serializes an ID parameter list as IMAP text for upstream: at most 30
+/// pairs (RFC 2971), quoted strings only, `NIL` when empty.
+fn render_id(params: Option<&[(IString<'_>, NString<'_>)]>) -> String {
+    let Some(params) = params.filter(|p| !p.is_empty()) else {
+        return "NIL".to_owned();
+    };
+    let items: Vec<String> = params
+        .iter()
+        .take(30)
+        .map(|(k, v)| {
+            let value = v.0.as_ref().map_or("NIL".to_owned(), |s| quote(s.as_ref()));
+            format!("{} {value}", quote(k.as_ref()))
+        })
+        .collect();
+    format!("({})", items.join(" "))
+}
+
+/// `TAG STARTTLS`, recognized by hand: imap-codec parses it only with its
+/// `starttls` feature, which the crate does not enable.
+fn starttls_tag(msg: &[u8]) -> Option<String> {
+    let tag = tag_of(msg)?;
+    msg[tag.len() + 1..]
+        .eq_ignore_ascii_case(b"STARTTLS\r\n")
+        .then_some(tag)
+}
+
+/// Whether a (partial) command is a LOGIN.
+fn is_login(msg: &[u8]) -> bool {
+    let mut words = msg.split(|&b| b == b' ');
+    words.next();
+    words
+        .next()
+        .is_some_and(|w| w.eq_ignore_ascii_case(b"LOGIN"))
+}
+
+/// Why a command did not parse, as far as we can tell cheaply.
+fn syntax_reason(msg: &[u8]) -> &'static str {
+    let line = strip_eol(msg.split(|&b| b == b'\n').next().unwrap_or_default());
+    let words: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+    match words.get(1) {
+        Some(cmd) if cmd.eq_ignore_ascii_case(b"AUTHENTICATE") => match words.get(3) {
+            Some(ir) if *ir != b"=" && sasl::decode_base64(ir).is_err() => {
+                "Initial response is not valid base64"
+            }
+            _ => "Invalid AUTHENTICATE arguments",
+        },
+        Some(cmd) if cmd.eq_ignore_ascii_case(b"LOGIN") => {
+            "Invalid LOGIN arguments (use quoted strings or literals)"
+        }
+        _ => "Unknown command or syntax error",
+    }
+}
+
+impl ImapClientSession {
+    /// A new pre-auth session.
+    pub fn new(opts: ClientOptions) -> Self {
+        ImapClientSession {
+            framer: Framer::new(opts.max_line, opts.max_literal),
+            in_tls: opts.tls_active,
+            opts,
+            state: ClientState::Commands,
+            client_info: None,
+        }
+    }
+
+    fn login_allowed(&self) -> bool {
+        self.in_tls || self.opts.plaintext_login_allowed
+    }
+
+    fn capabilities(&self) -> String {
+        let mut caps = String::from("IMAP4rev1 SASL-IR LITERAL+ ID");
+        if self.opts.starttls_offered && !self.in_tls {
+            caps.push_str(" STARTTLS");
+        }
+        caps.push_str(if self.login_allowed() {
+            " AUTH=PLAIN"
+        } else {
+            " LOGINDISABLED"
+        });
+        caps
+    }
+
+    fn privacy_required(tag: &str) -> ClientStep {
+        ClientStep::Send(tagged(
+            Some(tag),
+            "NO [PRIVACYREQUIRED] Plaintext login is disabled; use STARTTLS first",
+        ))
+    }
+
+    /// A login with checked credentials, or the refusal.
+    fn login(
+        &mut self,
+        tag: String,
+        creds: Result<sasl::Credentials, sasl::SaslError>,
+    ) -> ClientStep {
+        match creds {
+            Ok(credentials) => {
+                self.state = ClientState::LoginPending { tag };
+                ClientStep::Login(LoginRequest {
+                    credentials,
+                    client_info: self.client_info.clone(),
+                })
+            }
+            Err(e) => ClientStep::Send(tagged(
+                Some(&tag),
+                &format!(
+                    "NO [AUTHENTICATIONFAILED] {}",
+                    one_line(&e.to_string(), "Invalid credentials")
+                ),
+            )),
+        }
+    }
+
+    fn starttls(&mut self, tag: String) -> ClientStep {
+        if self.in_tls {
+            return ClientStep::Send(tagged(Some(&tag), "BAD TLS is already active"));
+        }
+        if !self.opts.starttls_offered {
+            return ClientStep::Send(tagged(Some(&tag), "BAD STARTTLS is not available here"));
+        }
+        // Whatever the client sent after STARTTLS is plaintext that must not
+        // be taken as coming from inside TLS.
+        self.framer.reset();
+        self.state = ClientState::TlsPending;
+        ClientStep::StartTls(tagged(Some(&tag), "OK Begin TLS negotiation now"))
+    }
+
+    fn command(&mut self, msg: &[u8]) -> ClientStep {
+        if let Some(tag) = starttls_tag(msg) {
+            return self.starttls(tag);
+        }
+        let cmd = match CommandCodec::new().decode(msg) {
+            Ok(([], cmd)) => cmd,
+            _ => {
+                let tag = tag_of(msg);
+                return ClientStep::Send(tagged(
+                    tag.as_deref(),
+                    &format!("BAD {}", syntax_reason(msg)),
+                ));
+            }
+        };
+        let tag = cmd.tag.inner().to_owned();
+        match cmd.body {
+            CommandBody::Capability => ClientStep::Send(
+                format!(
+                    "* CAPABILITY {}\r\n{tag} OK CAPABILITY completed\r\n",
+                    self.capabilities()
+                )
+                .into_bytes(),
+            ),
+            CommandBody::Noop => ClientStep::Send(tagged(Some(&tag), "OK NOOP completed")),
+            CommandBody::Logout => {
+                self.state = ClientState::Closed;
+                self.framer.reset();
+                ClientStep::Close(
+                    format!("* BYE mailbridge logging out\r\n{tag} OK LOGOUT completed\r\n")
+                        .into_bytes(),
+                )
+            }
+            CommandBody::Id { parameters } => {
+                self.client_info = Some(render_id(parameters.as_deref()));
+                ClientStep::Send(
+                    format!("* ID (\"name\" \"mailbridge\")\r\n{tag} OK ID completed\r\n")
+                        .into_bytes(),
+                )
+            }
+            CommandBody::Login { username, password } => {
+                if !self.login_allowed() {
+                    return Self::privacy_required(&tag);
+                }
+                let creds =
+                    sasl::login_credentials(username.as_ref(), password.declassify().as_ref());
+                self.login(tag, creds)
+            }
+            CommandBody::Authenticate {
+                mechanism,
+                initial_response,
+            } => {
+                if !self.login_allowed() {
+                    return Self::privacy_required(&tag);
+                }
+                if mechanism != AuthMechanism::Plain {
+                    return ClientStep::Send(tagged(
+                        Some(&tag),
+                        "NO [CANNOT] Unsupported mechanism; only AUTHENTICATE PLAIN is available",
+                    ));
+                }
+                match initial_response {
+                    Some(ir) => {
+                        let creds = sasl::decode_plain(ir.declassify());
+                        self.login(tag, creds)
+                    }
+                    None => {
+                        self.state = ClientState::AuthPlain { tag };
+                        ClientStep::Send(b"+ \r\n".to_vec())
+                    }
+                }
+            }
+            other => ClientStep::Send(tagged(
+                Some(&tag),
+                &format!(
+                    "BAD Log in first: {} is not available before login",
+                    other.name()
+                ),
+            )),
+        }
+    }
+
+    /// The client's response line to our `+ ` for AUTHENTICATE PLAIN.
+    fn auth_response(&mut self, tag: String, line: &[u8]) -> ClientStep {
+        self.state = ClientState::Commands;
+        match AuthenticateDataCodec::new().decode(line) {
+            Ok(([], AuthenticateData::Continue(data))) => {
+                let creds = sasl::decode_plain(data.declassify());
+                self.login(tag, creds)
+            }
+            Ok(([], AuthenticateData::Cancel)) => {
+                ClientStep::Send(tagged(Some(&tag), "BAD AUTHENTICATE cancelled"))
+            }
+            _ => ClientStep::Send(tagged(
+                Some(&tag),
+                "BAD AUTHENTICATE response is not valid base64",
+            )),
+        }
+    }
+}
+
+impl ClientSession for ImapClientSession {
+    fn greeting(&mut self) -> Vec<u8> {
+        format!(
+            "* OK [CAPABILITY {}] mailbridge ready\r\n",
+            self.capabilities()
+        )
+        .into_bytes()
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        match self.state {
+            // Bytes before the handshake are plaintext; after LOGOUT, noise.
+            ClientState::TlsPending | ClientState::Closed => {}
+            _ => self.framer.buf.extend_from_slice(data),
+        }
+    }
+
+    fn next_step(&mut self) -> ClientStep {
+        loop {
+            let auth_tag = match &self.state {
+                ClientState::Commands => None,
+                ClientState::AuthPlain { tag } => Some(tag.clone()),
+                _ => return ClientStep::NeedInput,
+            };
+            let frame = if auth_tag.is_some() {
+                self.framer.next_raw_line()
+            } else {
+                self.framer.next_frame()
+            };
+            match (frame, auth_tag) {
+                (Frame::NeedMore, _) => return ClientStep::NeedInput,
+                (Frame::Message(mut line), Some(tag)) => {
+                    let step = self.auth_response(tag, &line);
+                    line.zeroize();
+                    return step;
+                }
+                (Frame::Message(mut msg), None) => {
+                    let step = self.command(&msg);
+                    msg.zeroize();
+                    return step;
+                }
+                (Frame::LineTooLong, Some(tag)) => {
+                    self.state = ClientState::Commands;
+                    return ClientStep::Send(tagged(
+                        Some(&tag),
+                        "BAD AUTHENTICATE response too long",
+                    ));
+                }
+                (Frame::LineTooLong, None) => {
+                    return ClientStep::Send(b"* BAD Command line too long\r\n".to_vec());
+                }
+                (Frame::Literal { sync: true }, _) => {
+                    if !self.login_allowed() && is_login(&self.framer.msg) {
+                        // Refuse before the client sends a password in clear.
+                        let tag = tag_of(&self.framer.msg).unwrap_or_else(|| "*".into());
+                        self.framer.abort_literal();
+                        return Self::privacy_required(&tag);
+                    }
+                    return ClientStep::Send(b"+ Ready for literal\r\n".to_vec());
+                }
+                (Frame::LiteralTooLarge { tag, .. }, _) => {
+                    return ClientStep::Send(tagged(tag.as_deref(), "BAD Literal too large"));
+                }
+                (Frame::AbandonedSync { tag }, _) => {
+                    return ClientStep::Send(tagged(tag.as_deref(), "BAD Command line too long"));
+                }
+                (Frame::Literal { sync: false } | Frame::Discarded, _) => {}
+            }
+        }
+    }
+
+    fn tls_started(&mut self) {
+        self.in_tls = true;
+        self.framer.reset();
+        if matches!(self.state, ClientState::TlsPending) {
+            self.state = ClientState::Commands;
+        }
+    }
+
+    fn login_succeeded(&mut self, upstream: &UpstreamSuccess) -> Vec<u8> {
+        let ClientState::LoginPending { tag } = &self.state else {
+            return Vec::new();
+        };
+        let tag = tag.clone();
+        self.state = ClientState::LoggedIn;
+        let caps: Vec<&str> = upstream
+            .capabilities
+            .iter()
+            .map(String::as_str)
+            .filter(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_graphic() && b != b']'))
+            .collect();
+        if caps.is_empty() {
+            tagged(Some(&tag), "OK Logged in")
+        } else {
+            tagged(
+                Some(&tag),
+                &format!("OK [CAPABILITY {}] Logged in", caps.join(" ")),
+            )
+        }
+    }
+
+    fn login_failed(&mut self, failure: &LoginFailure) -> Vec<u8> {
+        let ClientState::LoginPending { tag } = &self.state else {
+            return Vec::new();
+        };
+        let tag = tag.clone();
+        self.state = ClientState::Commands;
+        let code = match failure.kind {
+            FailureKind::BadCredentials | FailureKind::Rejected => "AUTHENTICATIONFAILED",
+            FailureKind::Throttled | FailureKind::Unavailable => "UNAVAILABLE",
+        };
+        let reason = one_line(&failure.reason, "Login failed");
+        tagged(Some(&tag), &format!("NO [{code}] {reason}"))
+    }
+
+    fn take_pending(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.framer.buf)
+    }
+
+    fn timeout_message(&self) -> Vec<u8> {
+        b"* BYE Autologout; idle for too long\r\n".to_vec()
+    }
+
+    fn shutdown_message(&self) -> Vec<u8> {
+        b"* BYE [UNAVAILABLE] mailbridge is shutting down; connect again shortly\r\n".to_vec()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Upstream side
+// ---------------------------------------------------------------------------
+
+/// Options of the upstream login dialogue.
+#[derive(Debug, Clone)]
+pub struct UpstreamOptions {
+    /// Do STARTTLS after the greeting (false for implicit TLS).
+    pub starttls: bool,
+    /// Mechanisms in order of preference; the first one the server
+    /// advertises is used.
+    pub preference: Vec<Mechanism>,
+    /// The client's ID parameter list to forward, e.g. `("name" "Thunderbird")`.
+    pub client_id: Option<String>,
+    /// Longest server line (and literal) accepted (default 64 KiB).
+    pub max_line: usize,
+}
+
+impl Default for UpstreamOptions {
+    fn default() -> Self {
+        UpstreamOptions {
+            starttls: false,
+            preference: vec![Mechanism::Xoauth2, Mechanism::Oauthbearer],
+            client_id: None,
+            max_line: DEFAULT_LIMIT,
+        }
+    }
+}
+
+/// A server response, as far as the login dialogue cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Continue,
+    Ok,
+    No,
+    Bad,
+    Bye,
+    PreAuth,
+    Data,
+}
+
+#[derive(Debug)]
+struct Parsed {
+    kind: Kind,
+    /// The tag of a tagged status response.
+    tag: Option<String>,
+    /// Capabilities from `* CAPABILITY` or a `[CAPABILITY ...]` code.
+    caps: Option<Vec<String>>,
+}
+
+fn kind_of(kind: StatusKind) -> Kind {
+    match kind {
+        StatusKind::Ok => Kind::Ok,
+        StatusKind::No => Kind::No,
+        StatusKind::Bad => Kind::Bad,
+    }
+}
+
+fn code_caps(code: Option<&Code<'_>>) -> Option<Vec<String>> {
+    match code {
+        Some(Code::Capability(caps)) => Some(caps.as_ref().iter().map(|c| c.to_string()).collect()),
+        _ => None,
+    }
+}
+
+fn words(bytes: &[u8]) -> Vec<String> {
+    bytes
+        .split(|&b| b == b' ')
+        .filter(|w| !w.is_empty())
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect()
+}
+
+/// Splits off the first space-separated word.
+fn split_word(bytes: &[u8]) -> (&[u8], &[u8]) {
+    match bytes.iter().position(|&b| b == b' ') {
+        Some(i) => (&bytes[..i], &bytes[i + 1..]),
+        None => (bytes, &[]),
+    }
+}
+
+/// A tolerant reading for lines imap-codec refuses (servers are not always
+/// strict): classification by the first words, capabilities by splitting.
+fn parse_loosely(msg: &[u8]) -> Parsed {
+    let line = strip_eol(msg);
+    let (first, rest) = split_word(line);
+    if first.first() == Some(&b'+') {
+        return Parsed {
+            kind: Kind::Continue,
+            tag: None,
+            caps: None,
+        };
+    }
+    let (word, after) = split_word(rest);
+    let upper = word.to_ascii_uppercase();
+    let kind = match upper.as_slice() {
+        b"OK" => Kind::Ok,
+        b"NO" => Kind::No,
+        b"BAD" => Kind::Bad,
+        b"BYE" => Kind::Bye,
+        b"PREAUTH" => Kind::PreAuth,
+        _ => Kind::Data,
+    };
+    let caps = if upper == b"CAPABILITY" {
+        Some(words(after))
+    } else if kind != Kind::Data
+        && after.len() > 12
+        && after[..12].eq_ignore_ascii_case(b"[CAPABILITY ")
+    {
+        let inner = &after[12..];
+        let end = inner.iter().position(|&b| b == b']').unwrap_or(inner.len());
+        Some(words(&inner[..end]))
+    } else {
+        None
+    };
+    let tag = (first != b"*").then(|| String::from_utf8_lossy(first).into_owned());
+    Parsed { kind, tag, caps }
+}
+
+/// Capabilities as the server spelled them: imap-codec normalises known
+/// ones (`IMAP4rev1` becomes `IMAP4REV1`), so once it has validated the
+/// line, take the words from the line itself.
+fn raw_caps(msg: &[u8], parsed: Option<Vec<String>>) -> Option<Vec<String>> {
+    parsed.map(|caps| parse_loosely(msg).caps.unwrap_or(caps))
+}
+
+fn parse_response(msg: &[u8]) -> Parsed {
+    let Ok((rest, resp)) = ResponseCodec::new().decode(msg) else {
+        return parse_loosely(msg);
+    };
+    if !rest.is_empty() {
+        return parse_loosely(msg);
+    }
+    match resp {
+        Response::CommandContinuationRequest(_) => Parsed {
+            kind: Kind::Continue,
+            tag: None,
+            caps: None,
+        },
+        Response::Status(Status::Tagged(t)) => Parsed {
+            kind: kind_of(t.body.kind),
+            tag: Some(t.tag.inner().to_owned()),
+            caps: raw_caps(msg, code_caps(t.body.code.as_ref())),
+        },
+        Response::Status(Status::Untagged(b)) => Parsed {
+            kind: kind_of(b.kind),
+            tag: None,
+            caps: raw_caps(msg, code_caps(b.code.as_ref())),
+        },
+        Response::Status(Status::Bye(_)) => Parsed {
+            kind: Kind::Bye,
+            tag: None,
+            caps: None,
+        },
+        Response::Data(Data::Capability(caps)) => Parsed {
+            kind: Kind::Data,
+            tag: None,
+            caps: raw_caps(
+                msg,
+                Some(caps.as_ref().iter().map(|c| c.to_string()).collect()),
+            ),
+        },
+        Response::Data(_) => Parsed {
+            kind: Kind::Data,
+            tag: None,
+            caps: None,
+        },
+    }
+}
+
+fn parse_greeting(msg: &[u8]) -> Parsed {
+    match GreetingCodec::new().decode(msg) {
+        Ok(([], g)) => Parsed {
+            kind: match g.kind {
+                GreetingKind::Ok => Kind::Ok,
+                GreetingKind::PreAuth => Kind::PreAuth,
+                GreetingKind::Bye => Kind::Bye,
+            },
+            tag: None,
+            caps: raw_caps(msg, code_caps(g.code.as_ref())),
+        },
+        _ => parse_loosely(msg),
+    }
+}
+
+/// The server's words after the tag (or `*` / `+`), for messages.
+fn server_text(msg: &[u8]) -> String {
+    let (_, rest) = split_word(strip_eol(msg));
+    one_line(&String::from_utf8_lossy(rest), "(no text)")
+}
+
+fn unexpected(what: &str, msg: &[u8]) -> UpstreamError {
+    UpstreamError::Unexpected(format!(
+        "{what}: {}",
+        one_line(&String::from_utf8_lossy(strip_eol(msg)), "(empty line)")
+    ))
+}
+
+enum UpState {
+    /// Waiting for the greeting.
+    Greeting,
+    /// Sent CAPABILITY; `after_auth` when the login already succeeded.
+    Capability {
+        tag: String,
+        collected: Vec<String>,
+        after_auth: bool,
+    },
+    /// Sent STARTTLS.
+    StartTls { tag: String },
+    /// Emitted `StartTls`; waiting for `tls_started`.
+    TlsHandshake,
+    /// Sent ID; its answer does not matter.
+    Id { tag: String },
+    /// Emitted `NeedToken`.
+    WaitToken,
+    /// Sent AUTHENTICATE.
+    Auth {
+        tag: String,
+        mech: Mechanism,
+        /// The response still to send after the server's `+` (no SASL-IR).
+        pending: Option<SecretString>,
+        /// The failure challenge, once the server sent one and we answered.
+        challenge: Option<Option<FailureChallenge>>,
+        /// `* CAPABILITY` seen during authentication.
+        caps: Option<Vec<String>>,
+    },
+    /// Emitted `Rejected`; `retry` may start over.
+    Rejected,
+    /// Emitted `Authenticated`.
+    Done,
+    /// Returned an error.
+    Failed,
+}
+
+impl UpState {
+    fn name(&self) -> &'static str {
+        match self {
+            UpState::Greeting => "greeting",
+            UpState::Capability { .. } => "capability",
+            UpState::StartTls { .. } => "starttls",
+            UpState::TlsHandshake => "tls-handshake",
+            UpState::Id { .. } => "id",
+            UpState::WaitToken => "wait-token",
+            UpState::Auth { .. } => "authenticate",
+            UpState::Rejected => "rejected",
+            UpState::Done => "done",
+            UpState::Failed => "failed",
+        }
+    }
+}
+
+/// mailbridge's login to the real IMAP server: greeting, capabilities,
+/// optional STARTTLS and ID, then AUTHENTICATE XOAUTH2 or OAUTHBEARER with
+/// the failure challenge absorbed. Tags are `mb1`, `mb2`, ...
+pub struct ImapUpstreamLogin {
+    opts: UpstreamOptions,
+    framer: Framer,
+    state: UpState,
+    /// Steps decided but not yet handed out (may hold the token: never
+    /// printed).
+    queue: VecDeque<UpstreamStep>,
+    /// The number of the next tag.
+    next_tag: u32,
+    /// The server's current (pre-auth) capabilities.
+    caps: Vec<String>,
+    tls_done: bool,
+    id_sent: bool,
+    /// The mechanism chosen, once known.
+    mech: Option<Mechanism>,
+}
+
+impl fmt::Debug for ImapUpstreamLogin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImapUpstreamLogin")
+            .field("state", &self.state.name())
+            .field("caps", &self.caps)
+            .field("mech", &self.mech)
+            .field("queued_steps", &self.queue.len())
+            .finish()
+    }
+}
+
+impl ImapUpstreamLogin {
+    /// A new login dialogue; feed it the server's bytes from the start.
+    pub fn new(opts: UpstreamOptions) -> Self {
+        ImapUpstreamLogin {
+            framer: Framer::new(opts.max_line, opts.max_line),
+            opts,
+            state: UpState::Greeting,
+            queue: VecDeque::new(),
+            next_tag: 1,
+            caps: Vec::new(),
+            tls_done: false,
+            id_sent: false,
+            mech: None,
+        }
+    }
+
+    fn tag(&mut self) -> String {
+        let tag = format!("mb{}", self.next_tag);
+        self.next_tag += 1;
+        tag
+    }
+
+    fn has_cap(&self, name: &str) -> bool {
+        self.caps.iter().any(|c| c.eq_ignore_ascii_case(name))
+    }
+
+    fn send(&mut self, line: String) {
+        self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
+    }
+
+    fn ask_capabilities(&mut self, after_auth: bool) {
+        let tag = self.tag();
+        self.send(format!("{tag} CAPABILITY\r\n"));
+        self.state = UpState::Capability {
+            tag,
+            collected: Vec::new(),
+            after_auth,
+        };
+    }
+
+    /// With the pre-auth capabilities known: STARTTLS, ID, then the token.
+    fn proceed(&mut self) -> Result<(), UpstreamError> {
+        if self.opts.starttls && !self.tls_done {
+            if !self.has_cap("STARTTLS") {
+                return Err(UpstreamError::NoStartTls);
+            }
+            let tag = self.tag();
+            self.send(format!("{tag} STARTTLS\r\n"));
+            self.state = UpState::StartTls { tag };
+            return Ok(());
+        }
+        if !self.id_sent && self.has_cap("ID") {
+            let id = self
+                .opts
+                .client_id
+                .as_deref()
+                .map(str::trim)
+                .filter(|id| !id.is_empty() && !id.bytes().any(|b| b == b'\r' || b == b'\n'))
+                .map(str::to_owned);
+            if let Some(id) = id {
+                self.id_sent = true;
+                let tag = self.tag();
+                self.send(format!("{tag} ID {id}\r\n"));
+                self.state = UpState::Id { tag };
+                return Ok(());
+            }
+        }
+        let mech = self
+            .opts
+            .preference
+            .iter()
+            .copied()
+            .find(|m| self.has_cap(&format!("AUTH={}", m.name())));
+        let Some(mech) = mech else {
+            let offered: Vec<&str> = self
+                .caps
+                .iter()
+                .filter(|c| c.len() > 5 && c[..5].eq_ignore_ascii_case("AUTH="))
+                .map(String::as_str)
+                .collect();
+            return Err(UpstreamError::NoMechanism(if offered.is_empty() {
+                "no AUTH= mechanisms".to_owned()
+            } else {
+                offered.join(" ")
+            }));
+        };
+        self.mech = Some(mech);
+        self.state = UpState::WaitToken;
+        self.queue.push_back(UpstreamStep::NeedToken);
+        Ok(())
+    }
+
+    fn finish(&mut self, capabilities: Vec<String>) {
+        self.state = UpState::Done;
+        let leftover = std::mem::take(&mut self.framer.buf);
+        self.queue
+            .push_back(UpstreamStep::Authenticated(UpstreamSuccess {
+                capabilities,
+                leftover,
+            }));
+    }
+
+    /// One complete server message in the current state.
+    fn handle(&mut self, msg: &[u8]) -> Result<(), UpstreamError> {
+        if matches!(self.state, UpState::Greeting) {
+            let p = parse_greeting(msg);
+            return match p.kind {
+                Kind::Ok if p.tag.is_none() => match p.caps {
+                    Some(caps) => {
+                        self.caps = caps;
+                        self.proceed()
+                    }
+                    None => {
+                        self.ask_capabilities(false);
+                        Ok(())
+                    }
+                },
+                Kind::PreAuth => Err(unexpected(
+                    "the server greeted with PREAUTH, so it cannot be logged in to",
+                    msg,
+                )),
+                Kind::Bye => Err(unexpected("the server refused the connection", msg)),
+                _ => Err(unexpected("not an IMAP greeting", msg)),
+            };
+        }
+        let p = parse_response(msg);
+        if p.kind == Kind::Bye {
+            return Err(unexpected("the server closed the session", msg));
+        }
+        let ours = |tag: &str| p.tag.as_deref() == Some(tag);
+        match &mut self.state {
+            UpState::Capability {
+                tag,
+                collected,
+                after_auth,
+            } => {
+                if p.tag.is_none() {
+                    if let Some(caps) = p.caps {
+                        *collected = caps;
+                    } else if p.kind == Kind::Continue {
+                        return Err(unexpected("unexpected continuation request", msg));
+                    }
+                    return Ok(());
+                }
+                if !ours(tag) {
+                    return Err(unexpected("response with an unknown tag", msg));
+                }
+                if p.kind != Kind::Ok {
+                    return Err(unexpected("CAPABILITY failed", msg));
+                }
+                let caps = match p.caps {
+                    Some(caps) if collected.is_empty() => caps,
+                    _ => std::mem::take(collected),
+                };
+                if *after_auth {
+                    self.finish(caps);
+                    Ok(())
+                } else {
+                    self.caps = caps;
+                    self.proceed()
+                }
+            }
+            UpState::StartTls { tag } => {
+                if p.tag.is_none() {
+                    if p.kind == Kind::Continue {
+                        return Err(unexpected("unexpected continuation request", msg));
+                    }
+                    return Ok(());
+                }
+                if !ours(tag) {
+                    return Err(unexpected("response with an unknown tag", msg));
+                }
+                if p.kind != Kind::Ok {
+                    return Err(unexpected("the server refused STARTTLS", msg));
+                }
+                // Bytes after the OK arrived in plaintext: never trust them.
+                self.framer.reset();
+                self.state = UpState::TlsHandshake;
+                self.queue.push_back(UpstreamStep::StartTls);
+                Ok(())
+            }
+            UpState::Id { tag } => {
+                if p.tag.is_none() {
+                    if p.kind == Kind::Continue {
+                        return Err(unexpected("unexpected continuation request", msg));
+                    }
+                    return Ok(());
+                }
+                if !ours(tag) {
+                    return Err(unexpected("response with an unknown tag", msg));
+                }
+                // OK, NO or BAD: ID is a courtesy, its outcome changes nothing.
+                self.proceed()
+            }
+            UpState::Auth {
+                tag,
+                mech,
+                pending,
+                challenge,
+                caps,
+            } => {
+                if p.kind == Kind::Continue {
+                    if let Some(resp) = pending.take() {
+                        let line = format!("{}\r\n", resp.expose_secret());
+                        self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
+                        return Ok(());
+                    }
+                    if challenge.is_some() {
+                        return Err(unexpected(
+                            "a second challenge after the failure challenge",
+                            msg,
+                        ));
+                    }
+                    let (_, data) = split_word(strip_eol(msg));
+                    *challenge = Some(sasl::parse_failure_challenge(data));
+                    // The exchange only ends once we answer the challenge.
+                    let ack: &[u8] = match mech {
+                        Mechanism::Xoauth2 => b"\r\n",
+                        Mechanism::Oauthbearer => b"AQ==\r\n",
+                    };
+                    self.queue.push_back(UpstreamStep::Send(ack.to_vec()));
+                    return Ok(());
+                }
+                if p.tag.is_none() {
+                    if p.caps.is_some() {
+                        *caps = p.caps;
+                    }
+                    return Ok(());
+                }
+                if !ours(tag) {
+                    return Err(unexpected("response with an unknown tag", msg));
+                }
+                if p.kind == Kind::Ok {
+                    match p.caps.or_else(|| caps.take()) {
+                        Some(caps) => self.finish(caps),
+                        None => self.ask_capabilities(true),
+                    }
+                    return Ok(());
+                }
+                let challenge = challenge.take().flatten();
+                let retry_suggested = challenge
+                    .as_ref()
+                    .is_some_and(FailureChallenge::suggests_retry);
+                self.state = UpState::Rejected;
+                self.queue.push_back(UpstreamStep::Rejected(Rejection {
+                    challenge,
+                    server_text: server_text(msg),
+                    retry_suggested,
+                }));
+                Ok(())
+            }
+            UpState::Greeting
+            | UpState::TlsHandshake
+            | UpState::WaitToken
+            | UpState::Rejected
+            | UpState::Done
+            | UpState::Failed => Ok(()),
+        }
+    }
+}
+
+impl UpstreamLogin for ImapUpstreamLogin {
+    fn feed(&mut self, data: &[u8]) {
+        match self.state {
+            // Plaintext bytes before the handshake must not be trusted.
+            UpState::TlsHandshake => {}
+            _ => self.framer.buf.extend_from_slice(data),
+        }
+    }
+
+    fn next_step(&mut self) -> Result<UpstreamStep, UpstreamError> {
+        loop {
+            if let Some(step) = self.queue.pop_front() {
+                return Ok(step);
+            }
+            match self.state {
+                UpState::Failed => {
+                    return Err(UpstreamError::Unexpected(
+                        "the login dialogue already failed".to_owned(),
+                    ));
+                }
+                UpState::TlsHandshake | UpState::WaitToken | UpState::Rejected | UpState::Done => {
+                    return Ok(UpstreamStep::NeedInput);
+                }
+                _ => {}
+            }
+            let result = match self.framer.next_frame() {
+                Frame::NeedMore => return Ok(UpstreamStep::NeedInput),
+                Frame::Message(mut msg) => {
+                    let r = self.handle(&msg);
+                    msg.zeroize();
+                    r
+                }
+                Frame::Literal { .. } | Frame::Discarded => Ok(()),
+                Frame::LineTooLong
+                | Frame::LiteralTooLarge { .. }
+                | Frame::AbandonedSync { .. } => {
+                    Err(UpstreamError::LineTooLong(self.opts.max_line))
+                }
+            };
+            if let Err(e) = result {
+                self.state = UpState::Failed;
+                self.queue.clear();
+                return Err(e);
+            }
+        }
+    }
+
+    fn tls_started(&mut self) {
+        if matches!(self.state, UpState::TlsHandshake) {
+            self.tls_done = true;
+            self.caps.clear();
+            self.framer.reset();
+            self.ask_capabilities(false);
+        }
+    }
+
+    fn provide_token(&mut self, token: &BearerToken) {
+        if !matches!(self.state, UpState::WaitToken) {
+            return;
+        }
+        let Some(mech) = self.mech else {
+            return;
+        };
+        let response = match mech {
+            Mechanism::Xoauth2 => sasl::xoauth2_response(token),
+            Mechanism::Oauthbearer => sasl::oauthbearer_response(token),
+        };
+        let tag = self.tag();
+        let pending = if self.has_cap("SASL-IR") {
+            let line = format!(
+                "{tag} AUTHENTICATE {} {}\r\n",
+                mech.name(),
+                response.expose_secret()
+            );
+            self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
+            None
+        } else {
+            self.send(format!("{tag} AUTHENTICATE {}\r\n", mech.name()));
+            Some(response)
+        };
+        self.state = UpState::Auth {
+            tag,
+            mech,
+            pending,
+            challenge: None,
+            caps: None,
+        };
+    }
+
+    fn retry(&mut self) {
+        if matches!(self.state, UpState::Rejected) {
+            self.state = UpState::WaitToken;
+            self.queue.push_back(UpstreamStep::NeedToken);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::{Engine as _, engine::general_purpose::STANDARD};
+
+    use super::*;
+
+    // ----- client side -----
+
+    use crate::testkit::{Ev, drive, pump};
+
+    fn s(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
+    fn open() -> ClientOptions {
+        ClientOptions {
+            plaintext_login_allowed: true,
+            ..ClientOptions::default()
+        }
+    }
+
+    fn run(opts: ClientOptions, input: &[u8]) -> (ImapClientSession, Vec<Ev>) {
+        let mut sess = ImapClientSession::new(opts.clone());
+        let evs = drive(&mut sess, input, usize::MAX);
+        // The same input one byte at a time gives the same result.
+        let mut slow = ImapClientSession::new(opts);
+        assert_eq!(drive(&mut slow, input, 1), evs, "byte-at-a-time differs");
+        assert_eq!(slow.take_pending(), {
+            let mut again = ImapClientSession::new(sess.opts.clone());
+            drive(&mut again, input, usize::MAX);
+            again.take_pending()
+        });
+        (sess, evs)
+    }
+
+    fn out(text: &str) -> Ev {
+        Ev::Out(text.to_owned())
+    }
+
+    fn login(user: &str, pass: &str, info: Option<&str>) -> Ev {
+        Ev::Login {
+            user: user.to_owned(),
+            pass: pass.to_owned(),
+            info: info.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn greetings_and_capabilities() {
+        let mut sess = ImapClientSession::new(open());
+        assert_eq!(
+            s(&sess.greeting()),
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN] mailbridge ready\r\n"
+        );
+        let mut sess = ImapClientSession::new(ClientOptions {
+            starttls_offered: true,
+            ..ClientOptions::default()
+        });
+        assert_eq!(
+            s(&sess.greeting()),
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID STARTTLS LOGINDISABLED] mailbridge ready\r\n"
+        );
+        let mut sess = ImapClientSession::new(ClientOptions {
+            tls_active: true,
+            ..ClientOptions::default()
+        });
+        assert_eq!(
+            s(&sess.greeting()),
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN] mailbridge ready\r\n"
+        );
+        let (_, evs) = run(open(), b"c1 capability\r\nc2 NOOP\r\n");
+        assert_eq!(
+            evs,
+            [out(
+                "* CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN\r\nc1 OK CAPABILITY completed\r\nc2 OK NOOP completed\r\n"
+            )]
+        );
+    }
+
+    #[test]
+    fn login_atom_then_success_reply() {
+        let (mut sess, evs) = run(open(), b"a1 LOGIN alice s3cret\r\n");
+        assert_eq!(evs, [login("alice", "s3cret", None)]);
+        assert!(matches!(sess.next_step(), ClientStep::NeedInput));
+        let up = UpstreamSuccess {
+            capabilities: vec!["IMAP4rev1".into(), "IDLE".into(), "bad]cap".into()],
+            leftover: Vec::new(),
+        };
+        assert_eq!(
+            s(&sess.login_succeeded(&up)),
+            "a1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"
+        );
+        assert!(matches!(sess.next_step(), ClientStep::NeedInput));
+    }
+
+    #[test]
+    fn login_success_without_capabilities() {
+        let (mut sess, _) = run(open(), b"a1 login alice pw\r\n");
+        assert_eq!(
+            s(&sess.login_succeeded(&UpstreamSuccess::default())),
+            "a1 OK Logged in\r\n"
+        );
+    }
+
+    #[test]
+    fn login_quoted_with_escapes() {
+        let (_, evs) = run(open(), b"a2 LOGIN \"al ice@x\" \"p\\\"w\\\\d\"\r\n");
+        assert_eq!(evs, [login("al ice@x", "p\"w\\d", None)]);
+    }
+
+    #[test]
+    fn login_sync_literals_get_continuations() {
+        let (_, evs) = run(open(), b"a3 LOGIN {5}\r\nalice {7}\r\npa ss\"w\r\n");
+        assert_eq!(
+            evs,
+            [
+                out("+ Ready for literal\r\n+ Ready for literal\r\n"),
+                login("alice", "pa ss\"w", None)
+            ]
+        );
+    }
+
+    #[test]
+    fn login_nonsync_literals_get_no_continuation() {
+        let (_, evs) = run(open(), b"a4 LOGIN {5+}\r\nalice {6+}\r\nsecret\r\n");
+        assert_eq!(evs, [login("alice", "secret", None)]);
+    }
+
+    #[test]
+    fn login_mixed_forms() {
+        let (_, evs) = run(open(), b"a5 LOGIN \"alice\" {6}\r\nsecret\r\n");
+        assert_eq!(
+            evs,
+            [
+                out("+ Ready for literal\r\n"),
+                login("alice", "secret", None)
+            ]
+        );
+        let (_, evs) = run(open(), b"a6 LOGIN {5+}\r\nalice pw\r\n");
+        assert_eq!(evs, [login("alice", "pw", None)]);
+        // 8-bit text is not an atom: it must come as a literal.
+        let (_, evs) = run(open(), "a7 LOGIN j\u{f6}rg pw\r\n".as_bytes());
+        assert_eq!(
+            evs,
+            [out(
+                "a7 BAD Invalid LOGIN arguments (use quoted strings or literals)\r\n"
+            )]
+        );
+        let (_, evs) = run(
+            open(),
+            "a7 LOGIN {5}\r\nj\u{f6}rg {5}\r\np\u{e4}ss\r\n".as_bytes(),
+        );
+        assert_eq!(
+            evs,
+            [
+                out("+ Ready for literal\r\n+ Ready for literal\r\n"),
+                login("j\u{f6}rg", "p\u{e4}ss", None)
+            ]
+        );
+    }
+
+    #[test]
+    fn login_refusals_keep_session_usable() {
+        let (_, evs) = run(open(), b"a1 LOGIN \"\" pw\r\na2 LOGIN\r\na3 NOOP\r\n");
+        assert_eq!(
+            evs,
+            [out(
+                "a1 NO [AUTHENTICATIONFAILED] the user name is empty\r\n\
+                 a2 BAD Invalid LOGIN arguments (use quoted strings or literals)\r\n\
+                 a3 OK NOOP completed\r\n"
+            )]
+        );
+    }
+
+    fn plain_b64(msg: &[u8]) -> String {
+        STANDARD.encode(msg)
+    }
+
+    #[test]
+    fn authenticate_plain_with_initial_response() {
+        let input = format!(
+            "x1 AUTHENTICATE PLAIN {}\r\n",
+            plain_b64(b"\0alice\0s3cret")
+        );
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(evs, [login("alice", "s3cret", None)]);
+        let input = format!(
+            "x1 authenticate plain {}\r\n",
+            plain_b64(b"alice\0alice\0s3cret")
+        );
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(evs, [login("alice", "s3cret", None)]);
+    }
+
+    #[test]
+    fn authenticate_plain_with_continuation() {
+        let input = format!("x2 AUTHENTICATE PLAIN\r\n{}\r\n", plain_b64(b"\0bob\0pw"));
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(evs, [out("+ \r\n"), login("bob", "pw", None)]);
+    }
+
+    #[test]
+    fn authenticate_cancel_and_errors() {
+        let (_, evs) = run(open(), b"x3 AUTHENTICATE PLAIN\r\n*\r\nx4 NOOP\r\n");
+        assert_eq!(
+            evs,
+            [out(
+                "+ \r\nx3 BAD AUTHENTICATE cancelled\r\nx4 OK NOOP completed\r\n"
+            )]
+        );
+        let (_, evs) = run(open(), b"x5 AUTHENTICATE PLAIN\r\n!!notb64\r\n");
+        assert_eq!(
+            evs,
+            [out(
+                "+ \r\nx5 BAD AUTHENTICATE response is not valid base64\r\n"
+            )]
+        );
+        let (_, evs) = run(open(), b"x6 AUTHENTICATE PLAIN AGVs!G8=\r\n");
+        assert_eq!(
+            evs,
+            [out("x6 BAD Initial response is not valid base64\r\n")]
+        );
+        let (_, evs) = run(open(), b"x7 AUTHENTICATE PLAIN =\r\n");
+        assert_eq!(
+            evs,
+            [out(
+                "x7 NO [AUTHENTICATIONFAILED] the PLAIN message is malformed (expected authzid NUL user NUL password)\r\n"
+            )]
+        );
+        let input = format!("x8 AUTHENTICATE PLAIN {}\r\n", plain_b64(b"eve\0alice\0pw"));
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs,
+            [out(
+                "x8 NO [AUTHENTICATIONFAILED] logging in as another user (a different authorization identity) is not supported\r\n"
+            )]
+        );
+        let (_, evs) = run(
+            open(),
+            b"x9 AUTHENTICATE CRAM-MD5\r\nx10 AUTHENTICATE XOAUTH2 AAAA\r\n",
+        );
+        assert_eq!(
+            evs,
+            [out(
+                "x9 NO [CANNOT] Unsupported mechanism; only AUTHENTICATE PLAIN is available\r\n\
+                 x10 NO [CANNOT] Unsupported mechanism; only AUTHENTICATE PLAIN is available\r\n"
+            )]
+        );
+    }
+
+    #[test]
+    fn id_then_login_carries_client_info() {
+        let (_, evs) = run(
+            open(),
+            b"i1 ID (\"name\" \"Thunderbird\" \"version\" \"115.0\")\r\ni2 LOGIN u p\r\n",
+        );
+        assert_eq!(
+            evs,
+            [
+                out("* ID (\"name\" \"mailbridge\")\r\ni1 OK ID completed\r\n"),
+                login(
+                    "u",
+                    "p",
+                    Some("(\"name\" \"Thunderbird\" \"version\" \"115.0\")")
+                )
+            ]
+        );
+        let (_, evs) = run(open(), b"i1 ID NIL\r\ni2 LOGIN u p\r\n");
+        assert_eq!(evs[1], login("u", "p", Some("NIL")));
+        let (_, evs) = run(
+            open(),
+            b"i1 ID (\"name\" {4}\r\nq\"\\x \"os\" NIL)\r\ni2 LOGIN u p\r\n",
+        );
+        assert_eq!(
+            evs[1],
+            login("u", "p", Some("(\"name\" \"q\\\"\\\\x\" \"os\" NIL)"))
+        );
+    }
+
+    #[test]
+    fn logindisabled_until_starttls() {
+        let opts = ClientOptions {
+            starttls_offered: true,
+            ..ClientOptions::default()
+        };
+        let mut sess = ImapClientSession::new(opts);
+        let evs = drive(
+            &mut sess,
+            b"a1 LOGIN u p\r\na2 AUTHENTICATE PLAIN\r\na3 STARTTLS\r\n",
+            usize::MAX,
+        );
+        assert_eq!(
+            evs,
+            [
+                out(
+                    "a1 NO [PRIVACYREQUIRED] Plaintext login is disabled; use STARTTLS first\r\n\
+                     a2 NO [PRIVACYREQUIRED] Plaintext login is disabled; use STARTTLS first\r\n"
+                ),
+                Ev::StartTls("a3 OK Begin TLS negotiation now\r\n".into())
+            ]
+        );
+        sess.tls_started();
+        let evs = drive(
+            &mut sess,
+            b"b1 CAPABILITY\r\nb2 STARTTLS\r\nb3 LOGIN u p\r\n",
+            usize::MAX,
+        );
+        assert_eq!(
+            evs,
+            [
+                out(
+                    "* CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN\r\nb1 OK CAPABILITY completed\r\n\
+                     b2 BAD TLS is already active\r\n"
+                ),
+                login("u", "p", None)
+            ]
+        );
+    }
+
+    #[test]
+    fn login_literal_refused_before_password_when_disabled() {
+        let opts = ClientOptions {
+            starttls_offered: true,
+            ..ClientOptions::default()
+        };
+        let (_, evs) = run(opts, b"a1 LOGIN alice {6}\r\na2 NOOP\r\n");
+        assert_eq!(
+            evs,
+            [out(
+                "a1 NO [PRIVACYREQUIRED] Plaintext login is disabled; use STARTTLS first\r\n\
+                 a2 OK NOOP completed\r\n"
+            )]
+        );
+    }
+
+    #[test]
+    fn starttls_discards_buffered_input() {
+        let opts = ClientOptions {
+            starttls_offered: true,
+            ..ClientOptions::default()
+        };
+        let mut sess = ImapClientSession::new(opts.clone());
+        let evs = drive(
+            &mut sess,
+            b"s1 STARTTLS\r\na1 LOGIN evil pw\r\n",
+            usize::MAX,
+        );
+        assert_eq!(
+            evs,
+            [Ev::StartTls("s1 OK Begin TLS negotiation now\r\n".into())]
+        );
+        sess.feed(b"a2 LOGIN evil pw\r\n");
+        assert!(matches!(sess.next_step(), ClientStep::NeedInput));
+        sess.tls_started();
+        assert!(matches!(sess.next_step(), ClientStep::NeedInput));
+        assert!(sess.take_pending().is_empty());
+        // Byte at a time: the same.
+        let mut slow = ImapClientSession::new(opts);
+        assert_eq!(
+            drive(&mut slow, b"s1 STARTTLS\r\na1 LOGIN evil pw\r\n", 1),
+            evs
+        );
+    }
+
+    #[test]
+    fn starttls_refused_when_not_offered() {
+        let (_, evs) = run(open(), b"s1 starttls\r\n");
+        assert_eq!(evs, [out("s1 BAD STARTTLS is not available here\r\n")]);
+        let (_, evs) = run(
+            ClientOptions {
+                tls_active: true,
+                starttls_offered: true,
+                ..ClientOptions::default()
+            },
+            b"s1 STARTTLS\r\n",
+        );
+        assert_eq!(evs, [out("s1 BAD TLS is already active\r\n")]);
+    }
+
+    #[test]
+    fn pipelined_bytes_after_login_are_pending() {
+        let input = b"a1 LOGIN u p\r\na2 SELECT INBOX\r\na3 FETCH 1 (BODY[] {3}\r\n";
+        let (mut sess, evs) = run(open(), input);
+        assert_eq!(evs, [login("u", "p", None)]);
+        sess.feed(b"more");
+        assert!(matches!(sess.next_step(), ClientStep::NeedInput));
+        let reply = sess.login_succeeded(&UpstreamSuccess::default());
+        assert_eq!(s(&reply), "a1 OK Logged in\r\n");
+        assert_eq!(
+            s(&sess.take_pending()),
+            "a2 SELECT INBOX\r\na3 FETCH 1 (BODY[] {3}\r\nmore"
+        );
+    }
+
+    #[test]
+    fn pipelined_bytes_after_authenticate_continuation() {
+        let input = format!(
+            "a1 AUTHENTICATE PLAIN\r\n{}\r\na2 LIST \"\" *\r\n",
+            plain_b64(b"\0u\0p")
+        );
+        let (mut sess, evs) = run(open(), input.as_bytes());
+        assert_eq!(evs, [out("+ \r\n"), login("u", "p", None)]);
+        assert_eq!(s(&sess.take_pending()), "a2 LIST \"\" *\r\n");
+    }
+
+    #[test]
+    fn login_failure_replies() {
+        let (mut sess, _) = run(open(), b"a1 LOGIN u p\r\n");
+        let reply = sess.login_failed(&LoginFailure {
+            kind: FailureKind::BadCredentials,
+            reason: "Wrong password\r\nx9 OK injected".into(),
+            upstream_reply: None,
+        });
+        assert_eq!(
+            s(&reply),
+            "a1 NO [AUTHENTICATIONFAILED] Wrong password  x9 OK injected\r\n"
+        );
+        let evs = drive(&mut sess, b"a2 LOGIN u p2\r\n", usize::MAX);
+        assert_eq!(evs, [login("u", "p2", None)]);
+        let reply = sess.login_failed(&LoginFailure {
+            kind: FailureKind::Throttled,
+            reason: "Too many failures; try again in 60 s".into(),
+            upstream_reply: None,
+        });
+        assert_eq!(
+            s(&reply),
+            "a2 NO [UNAVAILABLE] Too many failures; try again in 60 s\r\n"
+        );
+        drive(&mut sess, b"a3 LOGIN u p\r\n", usize::MAX);
+        let reply = sess.login_failed(&LoginFailure {
+            kind: FailureKind::Rejected,
+            reason: String::new(),
+            upstream_reply: None,
+        });
+        assert_eq!(s(&reply), "a3 NO [AUTHENTICATIONFAILED] Login failed\r\n");
+        drive(&mut sess, b"a4 LOGIN u p\r\n", usize::MAX);
+        let reply = sess.login_failed(&LoginFailure {
+            kind: FailureKind::Unavailable,
+            reason: "Server unreachable".into(),
+            upstream_reply: None,
+        });
+        assert_eq!(s(&reply), "a4 NO [UNAVAILABLE] Server unreachable\r\n");
+        // Not pending: nothing to say.
+        assert!(
+            sess.login_failed(&LoginFailure {
+                kind: FailureKind::Rejected,
+                reason: "x".into(),
+                upstream_reply: None,
+            })
+            .is_empty()
+        );
+    }
+
+    fn small() -> ClientOptions {
+        ClientOptions {
+            plaintext_login_allowed: true,
+            max_line: 64,
+            max_literal: 32,
+            ..ClientOptions::default()
+        }
+    }
+
+    #[test]
+    fn overlong_line_is_refused_once_and_skipped() {
+        let mut input = b"a1 NOOP ".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 500));
+        input.extend(b"\r\na2 NOOP\r\n");
+        let (_, evs) = run(small(), &input);
+        assert_eq!(
+            evs,
+            [out(
+                "* BAD Command line too long\r\na2 OK NOOP completed\r\n"
+            )]
+        );
+        // Never holds more than the limit while discarding.
+        let mut sess = ImapClientSession::new(small());
+        for _ in 0..100 {
+            sess.feed(&[b'y'; 100]);
+            let _ = sess.next_step();
+            assert!(sess.framer.buf.len() + sess.framer.msg.len() <= 64 + 32 + 100);
+        }
+    }
+
+    #[test]
+    fn overlong_line_announcing_sync_literal_gets_tagged_bad() {
+        let mut input = b"a1 LOGIN ".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 100));
+        input.extend(b" {5}\r\na2 NOOP\r\n");
+        let (_, evs) = run(small(), &input);
+        assert_eq!(
+            evs,
+            [out(
+                "* BAD Command line too long\r\na1 BAD Command line too long\r\na2 OK NOOP completed\r\n"
+            )]
+        );
+        let mut input = b"a1 LOGIN ".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 100));
+        input.extend(b" {9+}\r\na2 NOOP\r\n pw\r\na3 NOOP\r\n");
+        let (_, evs) = run(small(), &input);
+        assert_eq!(
+            evs,
+            [out(
+                "* BAD Command line too long\r\na3 OK NOOP completed\r\n"
+            )]
+        );
+    }
+
+    #[test]
+    fn overlong_sync_literal_gets_no_continuation() {
+        let (_, evs) = run(small(), b"a1 LOGIN {33}\r\na2 NOOP\r\n");
+        assert_eq!(
+            evs,
+            [out("a1 BAD Literal too large\r\na2 OK NOOP completed\r\n")]
+        );
+        let (_, evs) = run(
+            small(),
+            b"a1 LOGIN {99999999999999999999999}\r\na2 NOOP\r\n",
+        );
+        assert_eq!(
+            evs,
+            [out("a1 BAD Literal too large\r\na2 OK NOOP completed\r\n")]
+        );
+    }
+
+    #[test]
+    fn overlong_nonsync_literal_is_skipped_exactly() {
+        let mut input = b"a1 LOGIN {40+}\r\n".to_vec();
+        // Literal bytes that look like a command must not run.
+        input.extend(b"a9 LOGIN evil pw\r\n0123456789012345678901");
+        input.extend(b" pw\r\na2 NOOP\r\n");
+        let (_, evs) = run(small(), &input);
+        assert_eq!(
+            evs,
+            [out("a1 BAD Literal too large\r\na2 OK NOOP completed\r\n")]
+        );
+        // A second literal in the skipped command is skipped too.
+        let mut input = b"a1 LOGIN {40+}\r\n".to_vec();
+        input.extend([b'z'; 40]);
+        input.extend(b" {14+}\r\nb1 LOGIN x y\r\n\r\na2 NOOP\r\n");
+        let (_, evs) = run(small(), &input);
+        assert_eq!(
+            evs,
+            [out("a1 BAD Literal too large\r\na2 OK NOOP completed\r\n")]
+        );
+    }
+
+    #[test]
+    fn literal_at_the_limit_is_accepted() {
+        let mut input = b"a1 LOGIN u {32}\r\n".to_vec();
+        input.extend([b'p'; 32]);
+        input.extend(b"\r\n");
+        let (_, evs) = run(small(), &input);
+        assert_eq!(
+            evs,
+            [
+                out("+ Ready for literal\r\n"),
+                login("u", &"p".repeat(32), None)
+            ]
+        );
+    }
+
+    #[test]
+    fn preauth_commands_are_refused_and_session_stays_usable() {
+        let (_, evs) = run(
+            open(),
+            b"a1 SELECT INBOX\r\na2 FETCH 1:* (FLAGS)\r\ngarbage\r\n\r\na3 FROB\r\na4 NOOP\r\n",
+        );
+        assert_eq!(
+            evs,
+            [out(
+                "a1 BAD Log in first: SELECT is not available before login\r\n\
+                 a2 BAD Log in first: FETCH is not available before login\r\n\
+                 * BAD Unknown command or syntax error\r\n\
+                 * BAD Unknown command or syntax error\r\n\
+                 a3 BAD Unknown command or syntax error\r\n\
+                 a4 OK NOOP completed\r\n"
+            )]
+        );
+        // APPEND with a sync literal: the literal is taken, then refused.
+        let (_, evs) = run(open(), b"a5 APPEND INBOX {3}\r\nabc\r\na6 NOOP\r\n");
+        assert_eq!(
+            evs,
+            [out(
+                "+ Ready for literal\r\na5 BAD Log in first: APPEND is not available before login\r\na6 OK NOOP completed\r\n"
+            )]
+        );
+    }
+
+    #[test]
+    fn logout_closes() {
+        let (_, evs) = run(open(), b"z LOGOUT\r\nz2 NOOP\r\n");
+        assert_eq!(
+            evs,
+            [Ev::Close(
+                "* BYE mailbridge logging out\r\nz OK LOGOUT completed\r\n".into()
+            )]
+        );
+        let sess = ImapClientSession::new(open());
+        assert_eq!(
+            s(&sess.timeout_message()),
+            "* BYE Autologout; idle for too long\r\n"
+        );
+    }
+
+    #[test]
+    fn debug_hides_buffered_password() {
+        let mut sess = ImapClientSession::new(open());
+        sess.feed(b"a1 LOGIN u {20}\r\nhunter2hunter2");
+        let _ = sess.next_step();
+        let _ = sess.next_step();
+        let dbg = format!("{sess:?}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+    }
+
+    #[test]
+    fn mixed_script_byte_at_a_time() {
+        let input = format!(
+            "c CAPABILITY\r\ni ID (\"name\" \"mutt\")\r\nn1 NOOP\r\nx SELECT x\r\n\
+             a AUTHENTICATE PLAIN\r\n*\r\nl LOGIN {{1}}\r\nu \"p w\"\r\nextra {}\r\n",
+            "tail"
+        );
+        let (mut sess, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs.last(),
+            Some(&login("u", "p w", Some("(\"name\" \"mutt\")")))
+        );
+        assert_eq!(s(&sess.take_pending()), "extra tail\r\n");
+    }
+
+    /// Deterministic pseudo-random input: no panic, bounded memory, the
+    /// session always answers or asks for input.
+    #[test]
+    fn prop_random_input_never_panics() {
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
+        let pieces: [&[u8]; 16] = [
+            b"a LOGIN ",
+            b"{5}\r\n",
+            b"{3+}\r\n",
+            b"\r\n",
+            b"\"q\\\"\" ",
+            b"AUTHENTICATE PLAIN ",
+            b"*\r\n",
+            b"AGEAYg==",
+            b"STARTTLS\r\n",
+            b"ID (",
+            b"NIL)",
+            b" ",
+            b"{",
+            b"}",
+            b"\n",
+            b"LOGOUT\r\n",
+        ];
+        for round in 0..300 {
+            let mut input = Vec::new();
+            for _ in 0..(next() % 40) {
+                if next() % 3 == 0 {
+                    input.extend((0..next() % 20).map(|_| next() as u8));
+                } else {
+                    input.extend(pieces[(next() % 16) as usize]);
+                }
+            }
+            let opts = ClientOptions {
+                starttls_offered: round % 2 == 0,
+                plaintext_login_allowed: round % 3 != 0,
+                max_line: 40,
+                max_literal: 8,
+                ..ClientOptions::default()
+            };
+            let mut a = ImapClientSession::new(opts.clone());
+            let mut b = ImapClientSession::new(opts);
+            let fast = drive(&mut a, &input, usize::MAX);
+            let chunk = 1 + (next() % 7) as usize;
+            let mut evs = Vec::new();
+            for part in input.chunks(chunk) {
+                b.feed(part);
+                pump(&mut b, &mut evs);
+                assert!(b.framer.msg.len() <= 48);
+                if matches!(evs.last(), Some(Ev::StartTls(_))) {
+                    b.tls_started();
+                }
+            }
+            if !fast.iter().any(|e| matches!(e, Ev::StartTls(_))) {
+                assert_eq!(fast, evs, "input {:?}", s(&input));
+            }
+        }
+    }
+
+    // ----- upstream side -----
+
+    use crate::testkit::{Up, run_script, up_feed, xorshift};
+
+    fn token() -> BearerToken {
+        BearerToken {
+            user: "alice@example.com".into(),
+            token: SecretString::from("tok-123".to_owned()),
+            host: "imap.example.com".into(),
+            port: 993,
+        }
+    }
+
+    fn xo() -> String {
+        sasl::xoauth2_response(&token()).expose_secret().to_owned()
+    }
+
+    fn ob() -> String {
+        sasl::oauthbearer_response(&token())
+            .expose_secret()
+            .to_owned()
+    }
+
+    fn send(text: &str) -> Up {
+        Up::Send(text.to_owned())
+    }
+
+    fn caps(list: &str) -> Vec<String> {
+        list.split(' ').map(str::to_owned).collect()
+    }
+
+    fn provide(u: &mut ImapUpstreamLogin) -> Vec<Up> {
+        u.provide_token(&token());
+        up_feed(u, b"")
+    }
+
+    fn challenge_b64(json: &str) -> String {
+        STANDARD.encode(json.as_bytes())
+    }
+
+    #[test]
+    fn greeting_with_caps_and_sasl_ir() {
+        let mut u = ImapUpstreamLogin::new(UpstreamOptions::default());
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN AUTH=XOAUTH2] ready\r\n"
+            ),
+            [Up::NeedToken]
+        );
+        assert_eq!(
+            provide(&mut u),
+            [send(&format!("mb1 AUTHENTICATE XOAUTH2 {}\r\n", xo()))]
+        );
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"* CAPABILITY IMAP4rev1 IDLE\r\nmb1 OK [CAPABILITY IMAP4rev1 IDLE MOVE] Success\r\n* 3 EXISTS\r\n* OK [UIDVALID"
+            ),
+            [Up::Ok(caps("IMAP4rev1 IDLE MOVE"), "* 3 EXISTS\r\n* OK [UIDVALID".into())]
+        );
+        assert_eq!(up_feed(&mut u, b"more"), []);
+    }
+
+    #[test]
+    fn greeting_without_caps_asks() {
+        let mut u = ImapUpstreamLogin::new(UpstreamOptions::default());
+        assert_eq!(
+            up_feed(&mut u, b"* OK Gimap ready\r\n"),
+            [send("mb1 CAPABILITY\r\n")]
+        );
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"* OK notice\r\n* CAPABILITY IMAP4rev1 auth=xoauth2 SASL-IR\r\nmb1 OK Thats all she wrote!\r\n"
+            ),
+            [Up::NeedToken]
+        );
+        assert_eq!(
+            provide(&mut u),
+            [send(&format!("mb2 AUTHENTICATE XOAUTH2 {}\r\n", xo()))]
+        );
+    }
+
+    #[test]
+    fn starttls_path() {
+        let opts = UpstreamOptions {
+            starttls: true,
+            ..UpstreamOptions::default()
+        };
+        let mut u = ImapUpstreamLogin::new(opts.clone());
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] hi\r\n"
+            ),
+            [send("mb1 STARTTLS\r\n")]
+        );
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"mb1 OK Begin TLS\r\n* CAPABILITY AUTH=XOAUTH2 SASL-IR\r\n"
+            ),
+            [Up::StartTls]
+        );
+        u.feed(b"junk before handshake\r\n");
+        u.tls_started();
+        assert_eq!(up_feed(&mut u, b""), [send("mb2 CAPABILITY\r\n")]);
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"* CAPABILITY IMAP4rev1 AUTH=XOAUTH2\r\nmb2 OK done\r\n"
+            ),
+            [Up::NeedToken]
+        );
+        // No SASL-IR after TLS: the pre-TLS list was discarded.
+        assert_eq!(provide(&mut u), [send("mb3 AUTHENTICATE XOAUTH2\r\n")]);
+
+        let mut u = ImapUpstreamLogin::new(opts.clone());
+        assert_eq!(
+            up_feed(&mut u, b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] hi\r\n"),
+            [Up::Err("the server does not offer STARTTLS".into())]
+        );
+        let mut u = ImapUpstreamLogin::new(opts);
+        up_feed(&mut u, b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n");
+        let evs = up_feed(&mut u, b"mb1 BAD not now\r\n");
+        assert!(matches!(&evs[..], [Up::Err(e)] if e.contains("refused STARTTLS")));
+    }
+
+    #[test]
+    fn continuation_without_sasl_ir() {
+        let mut u = ImapUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(&mut u, b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] hi\r\n");
+        assert_eq!(provide(&mut u), [send("mb1 AUTHENTICATE XOAUTH2\r\n")]);
+        assert!(!format!("{u:?}").contains(&xo()));
+        assert_eq!(up_feed(&mut u, b"+ \r\n"), [send(&format!("{}\r\n", xo()))]);
+        assert_eq!(
+            up_feed(&mut u, b"mb1 OK [CAPABILITY IMAP4rev1 IDLE] ok\r\n"),
+            [Up::Ok(caps("IMAP4rev1 IDLE"), String::new())]
+        );
+    }
+
+    #[test]
+    fn xoauth2_challenge_absorbed_then_retry() {
+        let mut u = ImapUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(
+            &mut u,
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] hi\r\n",
+        );
+        provide(&mut u);
+        let ch = challenge_b64(
+            r#"{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}"#,
+        );
+        assert_eq!(
+            up_feed(&mut u, format!("+ {ch}\r\n").as_bytes()),
+            [send("\r\n")]
+        );
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"mb1 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)\r\n"
+            ),
+            [Up::Rejected {
+                status: Some("401".into()),
+                text: "NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)".into(),
+                retry: true
+            }]
+        );
+        assert_eq!(up_feed(&mut u, b""), []);
+        u.retry();
+        assert_eq!(up_feed(&mut u, b""), [Up::NeedToken]);
+        assert_eq!(
+            provide(&mut u),
+            [send(&format!("mb2 AUTHENTICATE XOAUTH2 {}\r\n", xo()))]
+        );
+        assert_eq!(
+            up_feed(&mut u, b"mb2 OK [CAPABILITY IMAP4rev1] Success\r\n"),
+            [Up::Ok(caps("IMAP4rev1"), String::new())]
+        );
+    }
+
+    #[test]
+    fn oauthbearer_challenge_acked_with_01() {
+        let opts = UpstreamOptions {
+            preference: vec![Mechanism::Oauthbearer, Mechanism::Xoauth2],
+            ..UpstreamOptions::default()
+        };
+        let mut u = ImapUpstreamLogin::new(opts);
+        up_feed(
+            &mut u,
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2 AUTH=OAUTHBEARER] hi\r\n",
+        );
+        assert_eq!(
+            provide(&mut u),
+            [send(&format!("mb1 AUTHENTICATE OAUTHBEARER {}\r\n", ob()))]
+        );
+        let ch = challenge_b64(r#"{"status":"invalid_token","openid-configuration":"https://x"}"#);
+        assert_eq!(
+            up_feed(&mut u, format!("+ {ch}\r\n").as_bytes()),
+            [send("AQ==\r\n")]
+        );
+        assert_eq!(
+            up_feed(&mut u, b"mb1 NO SASL authentication failed\r\n"),
+            [Up::Rejected {
+                status: Some("invalid_token".into()),
+                text: "NO SASL authentication failed".into(),
+                retry: true
+            }]
+        );
+    }
+
+    #[test]
+    fn microsoft_direct_no() {
+        let mut u = ImapUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(
+            &mut u,
+            b"* OK The Microsoft Exchange IMAP4 service is ready. [TQBOADIA]\r\n",
+        );
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"* CAPABILITY IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR UIDPLUS ID UNSELECT CHILDREN IDLE NAMESPACE LITERAL+\r\nmb1 OK CAPABILITY completed.\r\n"
+            ),
+            [Up::NeedToken]
+        );
+        provide(&mut u);
+        assert_eq!(
+            up_feed(&mut u, b"mb2 NO AUTHENTICATE failed.\r\n"),
+            [Up::Rejected {
+                status: None,
+                text: "NO AUTHENTICATE failed.".into(),
+                retry: false
+            }]
+        );
+    }
+
+    #[test]
+    fn ok_without_caps_asks_capability() {
+        let mut u = ImapUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(
+            &mut u,
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] hi\r\n",
+        );
+        provide(&mut u);
+        assert_eq!(
+            up_feed(&mut u, b"mb1 OK Logged in\r\n"),
+            [send("mb2 CAPABILITY\r\n")]
+        );
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"* CAPABILITY IMAP4rev1 IDLE X-GM-EXT-1\r\nmb2 OK Success\r\nleft"
+            ),
+            [Up::Ok(caps("IMAP4rev1 IDLE X-GM-EXT-1"), "left".into())]
+        );
+    }
+
+    #[test]
+    fn caps_from_untagged_during_auth() {
+        let mut u = ImapUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(
+            &mut u,
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] hi\r\n",
+        );
+        provide(&mut u);
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"* CAPABILITY IMAP4rev1 ENABLE\r\nmb1 OK alice authenticated (Success)\r\n"
+            ),
+            [Up::Ok(caps("IMAP4rev1 ENABLE"), String::new())]
+        );
+    }
+
+    #[test]
+    fn id_forwarded_when_offered() {
+        let opts = UpstreamOptions {
+            client_id: Some("(\"name\" \"Thunderbird\")".into()),
+            ..UpstreamOptions::default()
+        };
+        let mut u = ImapUpstreamLogin::new(opts.clone());
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"* OK [CAPABILITY IMAP4rev1 ID SASL-IR AUTH=XOAUTH2] hi\r\n"
+            ),
+            [send("mb1 ID (\"name\" \"Thunderbird\")\r\n")]
+        );
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"* ID (\"name\" {5}\r\nDove\" \"x\" NIL)\r\nmb1 OK ID completed\r\n"
+            ),
+            [Up::NeedToken]
+        );
+        assert_eq!(
+            provide(&mut u),
+            [send(&format!("mb2 AUTHENTICATE XOAUTH2 {}\r\n", xo()))]
+        );
+        // Not offered: no ID.
+        let mut u = ImapUpstreamLogin::new(opts);
+        assert_eq!(
+            up_feed(&mut u, b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] hi\r\n"),
+            [Up::NeedToken]
+        );
+    }
+
+    #[test]
+    fn no_mechanism() {
+        let mut u = ImapUpstreamLogin::new(UpstreamOptions::default());
+        assert_eq!(
+            up_feed(&mut u, b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN AUTH=LOGIN] hi\r\n"),
+            [Up::Err(
+                "the server offers neither XOAUTH2 nor OAUTHBEARER (it offers: AUTH=PLAIN AUTH=LOGIN)"
+                    .into()
+            )]
+        );
+        assert!(matches!(u.next_step(), Err(UpstreamError::Unexpected(_))));
+        let opts = UpstreamOptions {
+            preference: vec![Mechanism::Oauthbearer],
+            ..UpstreamOptions::default()
+        };
+        let mut u = ImapUpstreamLogin::new(opts);
+        let evs = up_feed(&mut u, b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] hi\r\n");
+        assert!(matches!(&evs[..], [Up::Err(e)] if e.contains("AUTH=XOAUTH2")));
+    }
+
+    #[test]
+    fn bad_greetings() {
+        for (greeting, what) in [
+            (
+                &b"* BYE Too many connections\r\n"[..],
+                "refused the connection",
+            ),
+            (b"* PREAUTH [CAPABILITY IMAP4rev1] welcome\r\n", "PREAUTH"),
+            (b"+OK POP3 ready\r\n", "not an IMAP greeting"),
+        ] {
+            let mut u = ImapUpstreamLogin::new(UpstreamOptions::default());
+            let evs = up_feed(&mut u, greeting);
+            assert!(
+                matches!(&evs[..], [Up::Err(e)] if e.contains(what)),
+                "{evs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bye_during_login_is_an_error() {
+        let mut u = ImapUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(
+            &mut u,
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] hi\r\n",
+        );
+        provide(&mut u);
+        let evs = up_feed(
+            &mut u,
+            b"* BYE Session invalidated - AccessTokenExpired\r\n",
+        );
+        assert!(matches!(&evs[..], [Up::Err(e)] if e.contains("AccessTokenExpired")));
+    }
+
+    #[test]
+    fn long_server_line() {
+        let opts = UpstreamOptions {
+            max_line: 64,
+            ..UpstreamOptions::default()
+        };
+        let mut u = ImapUpstreamLogin::new(opts);
+        let mut line = b"* OK ".to_vec();
+        line.extend([b'x'; 100]);
+        assert_eq!(
+            up_feed(&mut u, &line),
+            [Up::Err(
+                "the server sent a line longer than 64 bytes".into()
+            )]
+        );
+    }
+
+    #[test]
+    fn loose_parsing_fallback_keeps_capabilities() {
+        let mut u = ImapUpstreamLogin::new(UpstreamOptions::default());
+        // 8-bit text imap-codec refuses; the capabilities still count.
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] \xff\xfe ready\r\n"
+            ),
+            [Up::NeedToken]
+        );
+        provide(&mut u);
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"mb1 OK [CAPABILITY IMAP4rev1 IDLE] \xff logged in\r\n"
+            ),
+            [Up::Ok(caps("IMAP4rev1 IDLE"), String::new())]
+        );
+    }
+
+    #[test]
+    fn upstream_byte_at_a_time() {
+        let script: &[&[u8]] = &[
+            b"* OK Dovecot ready.\r\n",
+            b"* CAPABILITY IMAP4rev1 AUTH=OAUTHBEARER\r\nmb1 OK Pre-login capabilities listed.\r\n",
+            b"+ \r\n",
+            b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n",
+            b"mb2 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
+        ];
+        let run_it = |chunk: usize| {
+            let mut u = ImapUpstreamLogin::new(UpstreamOptions::default());
+            run_script(&mut u, script, chunk, &token())
+        };
+        let whole = run_it(usize::MAX);
+        assert_eq!(
+            whole,
+            [
+                send("mb1 CAPABILITY\r\n"),
+                Up::NeedToken,
+                send("mb2 AUTHENTICATE OAUTHBEARER\r\n"),
+                send(&format!("{}\r\n", ob())),
+                send("AQ==\r\n"),
+                Up::Rejected {
+                    status: Some("401".into()),
+                    text: "NO [AUTHENTICATIONFAILED] Authentication failed.".into(),
+                    retry: true
+                }
+            ]
+        );
+        assert_eq!(run_it(1), whole);
+        assert_eq!(run_it(3), whole);
+    }
+
+    #[test]
+    fn prop_random_server_bytes_never_panic() {
+        let mut next = xorshift(0x1234_5678_9abc_def1);
+        let pieces: [&[u8]; 10] = [
+            b"* OK ",
+            b"[CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ",
+            b"\r\n",
+            b"+ ",
+            b"mb1 ",
+            b"mb2 OK ",
+            b"NO ",
+            b"{3}\r\n",
+            b"* CAPABILITY AUTH=OAUTHBEARER",
+            b"eyJzdGF0dXMiOjQwMX0=",
+        ];
+        for _ in 0..300 {
+            let mut u = ImapUpstreamLogin::new(UpstreamOptions {
+                max_line: 50,
+                ..UpstreamOptions::default()
+            });
+            for _ in 0..(next() % 30) {
+                let bytes: Vec<u8> = if next() % 3 == 0 {
+                    (0..next() % 10).map(|_| next() as u8).collect()
+                } else {
+                    pieces[(next() % 10) as usize].to_vec()
+                };
+                u.feed(&bytes);
+                for _ in 0..20 {
+                    match u.next_step() {
+                        Ok(UpstreamStep::NeedToken) => u.provide_token(&token()),
+                        Ok(UpstreamStep::Rejected(_)) => u.retry(),
+                        Ok(UpstreamStep::StartTls) => u.tls_started(),
+                        Ok(UpstreamStep::NeedInput) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+                assert!(u.framer.msg.len() <= 100);
+            }
+        }
+    }
+}

@@ -1,0 +1,2456 @@
+//! SMTP: client-facing pre-auth session and upstream login dialogue.
+//!
+//! Both halves first split the byte stream into lines under a length cap
+//! (smtp-proto has none), and only then hand a complete line to smtp-proto:
+//! `Request::parse` for the client's commands, `ResponseReceiver` for the
+//! server's (multi-line) replies. SASL is done by hand with
+//! [`crate::sasl`].
+//!
+//! Client side: mailbridge plays an ESMTP submission server until AUTH
+//! succeeds (EHLO/HELO, STARTTLS, AUTH PLAIN and AUTH LOGIN in every form
+//! clients use); mail transaction commands before AUTH get `530`, so the
+//! proxy is never an open relay. Upstream side: greeting, EHLO, optional
+//! STARTTLS and a second EHLO, then `AUTH XOAUTH2` / `AUTH OAUTHBEARER`,
+//! one-step with a fallback to two-step, with the failure challenge
+//! absorbed.
+
+use std::collections::VecDeque;
+use std::fmt;
+
+use secrecy::{ExposeSecret, SecretString, zeroize::Zeroize};
+use smtp_proto::response::parser::ResponseReceiver;
+use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Request};
+
+use super::{
+    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, Rejection, UpstreamError,
+    UpstreamLogin, UpstreamStep, UpstreamSuccess,
+};
+use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism, SaslError};
+
+/// Default line limit, CRLF included: far above any AUTH line a client
+/// sends (RFC 4954 asks for 12288 octets only for the server side of big
+/// SASL mechanisms; PLAIN and LOGIN stay small) and RFC 5321's 512.
+const DEFAULT_MAX_LINE: usize = 4 * 1024;
+
+/// RFC 5321 section 4.5.3.1.4: a command line is at most 512 octets, CRLF
+/// included. RFC 4954 section 4: an AUTH command that would be longer MUST
+/// NOT carry the initial response; the response goes after the server's
+/// empty `334` instead. Real servers enforce it: Postfix cuts command lines
+/// at `line_length_limit` (2048 by default) and then refuses the cut
+/// initial response with `535 5.7.8 Error: authentication failed: Invalid
+/// base64 data in initial response` (found by the interop suite with
+/// access tokens of Microsoft's size), while it takes SASL responses up to
+/// 12288 octets. Google-sized tokens stay one-step.
+const MAX_COMMAND_LINE: usize = 512;
+
+/// Default advertised SIZE: 50 MiB.
+const DEFAULT_MAX_MESSAGE_SIZE: u64 = 50 * 1024 * 1024;
+
+/// Most lines one server reply may have (a long EHLO list has about 20).
+const MAX_REPLY_LINES: usize = 100;
+
+/// Longest reply text we put on one line of our own (RFC 5321 caps reply
+/// lines at 512 octets).
+const MAX_TEXT: usize = 400;
+
+/// `334` prompts of AUTH LOGIN: base64 of `Username:` and `Password:`.
+const PROMPT_USER: &[u8] = b"334 VXNlcm5hbWU6\r\n";
+const PROMPT_PASS: &[u8] = b"334 UGFzc3dvcmQ6\r\n";
+
+// ---------------------------------------------------------------------------
+// Framing
+// ---------------------------------------------------------------------------
+
+/// What the line framer found next.
+#[derive(Debug)]
+enum Frame {
+    /// More input is needed.
+    NeedMore,
+    /// A complete line, with its line ending (CRLF or a bare LF).
+    Line(Vec<u8>),
+    /// A line went over the limit; it is dropped up to its line ending.
+    TooLong,
+}
+
+/// Splits bytes into lines of at most `max_line` bytes (line ending
+/// included). Holds at most what was fed and not yet framed; while
+/// dropping an overlong line it holds nothing.
+struct LineFramer {
+    buf: Vec<u8>,
+    /// `buf[..scanned]` holds no line feed: no rescans when fed slowly.
+    scanned: usize,
+    /// Dropping the rest of an overlong line.
+    discarding: bool,
+    max_line: usize,
+}
+
+impl LineFramer {
+    fn new(max_line: usize) -> Self {
+        LineFramer {
+            buf: Vec::new(),
+            scanned: 0,
+            discarding: false,
+            max_line: max_line.max(3),
+        }
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Forgets everything: used at STARTTLS so no plaintext byte survives
+    /// into the encrypted session.
+    fn reset(&mut self) {
+        self.buf.zeroize();
+        self.scanned = 0;
+        self.discarding = false;
+    }
+
+    /// Everything not yet framed.
+    fn take(&mut self) -> Vec<u8> {
+        self.scanned = 0;
+        self.discarding = false;
+        std::mem::take(&mut self.buf)
+    }
+
+    fn next_line(&mut self) -> Frame {
+        loop {
+            let found = self.buf[self.scanned..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|p| p + self.scanned);
+            if self.discarding {
+                match found {
+                    Some(p) => {
+                        self.buf.drain(..=p);
+                        self.scanned = 0;
+                        self.discarding = false;
+                        continue;
+                    }
+                    None => {
+                        self.buf.zeroize();
+                        self.scanned = 0;
+                        return Frame::NeedMore;
+                    }
+                }
+            }
+            return match found {
+                Some(p) if p < self.max_line => {
+                    self.scanned = 0;
+                    Frame::Line(self.buf.drain(..=p).collect())
+                }
+                Some(p) => {
+                    self.buf.drain(..=p);
+                    self.scanned = 0;
+                    Frame::TooLong
+                }
+                None if self.buf.len() >= self.max_line => {
+                    self.buf.zeroize();
+                    self.scanned = 0;
+                    self.discarding = true;
+                    Frame::TooLong
+                }
+                None => {
+                    self.scanned = self.buf.len();
+                    Frame::NeedMore
+                }
+            };
+        }
+    }
+}
+
+impl Drop for LineFramer {
+    fn drop(&mut self) {
+        // Pre-auth buffers can hold passwords.
+        self.buf.zeroize();
+    }
+}
+
+/// A line without its line ending.
+fn strip_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// One line of text for a reply: no control characters, ASCII only,
+/// bounded, never empty unless `fallback` is.
+fn one_line(text: &str, fallback: &str) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| {
+            if c.is_ascii() && !c.is_ascii_control() {
+                c
+            } else if c.is_control() {
+                ' '
+            } else {
+                '?'
+            }
+        })
+        .take(MAX_TEXT)
+        .collect();
+    let clean = clean.trim();
+    if clean.is_empty() {
+        fallback.to_owned()
+    } else {
+        clean.to_owned()
+    }
+}
+
+/// A host name for EHLO / HELO: visible ASCII, at most 255 characters.
+fn host_name(name: &str) -> Option<String> {
+    let name = name.trim();
+    (!name.is_empty() && name.len() <= 255 && name.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| name.to_owned())
+}
+
+/// The command verb of a line, upper-cased (at most 16 characters).
+fn verb(line: &[u8]) -> String {
+    strip_eol(line)
+        .iter()
+        .skip_while(|&&b| b == b' ')
+        .take_while(|&&b| b != b' ')
+        .take(16)
+        .map(|b| char::from(b.to_ascii_uppercase()))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Client side
+// ---------------------------------------------------------------------------
+
+/// Options of the client-facing pre-auth session.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The listener offers STARTTLS (the connection is not yet in TLS).
+    pub starttls_offered: bool,
+    /// Implicit-TLS listener: the connection is already encrypted.
+    pub tls_active: bool,
+    /// AUTH is allowed without TLS (loopback listener, or the configuration
+    /// says so). Otherwise AUTH is not advertised and gets `538`.
+    pub plaintext_login_allowed: bool,
+    /// Our name in the greeting and the EHLO reply (default `localhost`).
+    pub hostname: String,
+    /// Longest command line accepted, CRLF included (default 4 KiB).
+    pub max_line: usize,
+    /// The advertised SIZE (default 50 MiB).
+    pub max_message_size: u64,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            starttls_offered: false,
+            tls_active: false,
+            plaintext_login_allowed: false,
+            hostname: "localhost".to_owned(),
+            max_line: DEFAULT_MAX_LINE,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+        }
+    }
+}
+
+enum ClientState {
+    /// Reading commands.
+    Commands,
+    /// Sent `334 ` for AUTH PLAIN; the next line is the response.
+    AuthPlain,
+    /// Sent the `Username:` prompt of AUTH LOGIN.
+    AuthLoginUser,
+    /// Sent the `Password:` prompt; holds the decoded user name.
+    AuthLoginPass { user: Vec<u8> },
+    /// Sent the STARTTLS `220`; waiting for `tls_started`.
+    TlsPending,
+    /// Emitted `ClientStep::Login`; waiting for the driver's verdict.
+    LoginPending,
+    /// Logged in: the session is over, bytes go upstream.
+    LoggedIn,
+    /// QUIT: the connection is closing.
+    Closed,
+}
+
+impl ClientState {
+    fn name(&self) -> &'static str {
+        match self {
+            ClientState::Commands => "commands",
+            ClientState::AuthPlain => "auth-plain",
+            ClientState::AuthLoginUser => "auth-login-user",
+            ClientState::AuthLoginPass { .. } => "auth-login-password",
+            ClientState::TlsPending => "tls-pending",
+            ClientState::LoginPending => "login-pending",
+            ClientState::LoggedIn => "logged-in",
+            ClientState::Closed => "closed",
+        }
+    }
+
+    /// Leaves an AUTH exchange, wiping a pending user name.
+    fn clear(&mut self) {
+        if let ClientState::AuthLoginPass { user } = self {
+            user.zeroize();
+        }
+        *self = ClientState::Commands;
+    }
+}
+
+/// The SMTP server side until AUTH succeeds: greeting, EHLO/HELO,
+/// STARTTLS, AUTH PLAIN and AUTH LOGIN, NOOP, RSET, QUIT; MAIL, RCPT and
+/// DATA get `530` until then.
+///
+/// Over-limit input: a line over `max_line` gets `500 5.5.2 Line too long`
+/// and is dropped up to its line ending; the session stays usable.
+///
+/// Memory: unframed input is whatever the driver fed and has not yet
+/// drained with `next_step`; a partial line never exceeds `max_line`.
+/// While a login is pending the session does not consume input: a driver
+/// that keeps reading then holds the client's pipelined bytes (MAIL, RCPT,
+/// DATA right after AUTH) for `take_pending`, in order.
+pub struct SmtpClientSession {
+    opts: ClientOptions,
+    framer: LineFramer,
+    state: ClientState,
+    /// TLS is on (implicit, or STARTTLS done).
+    in_tls: bool,
+    /// The client sent EHLO or HELO (since the last STARTTLS).
+    greeted: bool,
+    /// The client's EHLO/HELO name, when it is a usable host name.
+    client_name: Option<String>,
+}
+
+impl fmt::Debug for SmtpClientSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Buffers and the LOGIN user may hold secrets: sizes only.
+        f.debug_struct("SmtpClientSession")
+            .field("state", &self.state.name())
+            .field("in_tls", &self.in_tls)
+            .field("greeted", &self.greeted)
+            .field("client_name", &self.client_name)
+            .field("buffered", &self.framer.buf.len())
+            .finish()
+    }
+}
+
+fn reply(text: &str) -> ClientStep {
+    ClientStep::Send(format!("{text}\r\n").into_bytes())
+}
+
+impl SmtpClientSession {
+    /// A new pre-auth session.
+    pub fn new(opts: ClientOptions) -> Self {
+        SmtpClientSession {
+            framer: LineFramer::new(opts.max_line),
+            in_tls: opts.tls_active,
+            opts,
+            state: ClientState::Commands,
+            greeted: false,
+            client_name: None,
+        }
+    }
+
+    fn hostname(&self) -> String {
+        host_name(&self.opts.hostname).unwrap_or_else(|| "localhost".to_owned())
+    }
+
+    fn login_allowed(&self) -> bool {
+        self.in_tls || self.opts.plaintext_login_allowed
+    }
+
+    fn ehlo_reply(&self) -> Vec<u8> {
+        let mut lines = vec![
+            self.hostname(),
+            "PIPELINING".to_owned(),
+            "8BITMIME".to_owned(),
+            "ENHANCEDSTATUSCODES".to_owned(),
+            format!("SIZE {}", self.opts.max_message_size),
+        ];
+        if self.opts.starttls_offered && !self.in_tls {
+            lines.push("STARTTLS".to_owned());
+        }
+        if self.login_allowed() {
+            lines.push("AUTH PLAIN LOGIN".to_owned());
+        }
+        let last = lines.len() - 1;
+        let mut out = String::new();
+        for (i, line) in lines.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            out.push_str(&format!("250{sep}{line}\r\n"));
+        }
+        out.into_bytes()
+    }
+
+    fn greet(&mut self, host: &str) {
+        self.greeted = true;
+        self.client_name = host_name(host);
+    }
+
+    /// A login with checked credentials, or the refusal.
+    fn login(&mut self, creds: Result<sasl::Credentials, SaslError>) -> ClientStep {
+        self.state.clear();
+        match creds {
+            Ok(credentials) => {
+                self.state = ClientState::LoginPending;
+                ClientStep::Login(LoginRequest {
+                    credentials,
+                    client_info: self.client_name.clone(),
+                })
+            }
+            Err(SaslError::Base64) => reply("501 5.5.2 Invalid base64 data"),
+            Err(e @ SaslError::PlainFormat) => reply(&format!("501 5.5.2 {e}")),
+            Err(e) => reply(&format!("535 5.7.8 {e}")),
+        }
+    }
+
+    fn starttls(&mut self) -> ClientStep {
+        if self.in_tls {
+            return reply("503 5.5.1 TLS is already active");
+        }
+        if !self.opts.starttls_offered {
+            return reply("502 5.5.1 STARTTLS is not available here");
+        }
+        // Whatever the client sent after STARTTLS is plaintext that must not
+        // be taken as coming from inside TLS; and RFC 3207 section 4.2:
+        // forget what the client said before, it must EHLO again.
+        self.framer.reset();
+        self.greeted = false;
+        self.client_name = None;
+        self.state = ClientState::TlsPending;
+        ClientStep::StartTls(b"220 2.0.0 Ready to start TLS\r\n".to_vec())
+    }
+
+    fn auth(&mut self, mechanism: u64, initial: &str) -> ClientStep {
+        let initial = initial.trim();
+        if mechanism == AUTH_PLAIN {
+            if initial.is_empty() {
+                self.state = ClientState::AuthPlain;
+                return ClientStep::Send(b"334 \r\n".to_vec());
+            }
+            let creds = decode_response(initial.as_bytes()).and_then(|mut msg| {
+                let c = sasl::decode_plain(&msg);
+                msg.zeroize();
+                c
+            });
+            return self.login(creds);
+        }
+        if mechanism == AUTH_LOGIN {
+            if initial.is_empty() {
+                self.state = ClientState::AuthLoginUser;
+                return ClientStep::Send(PROMPT_USER.to_vec());
+            }
+            return match decode_response(initial.as_bytes()) {
+                Ok(user) => {
+                    self.state = ClientState::AuthLoginPass { user };
+                    ClientStep::Send(PROMPT_PASS.to_vec())
+                }
+                Err(_) => reply("501 5.5.2 Invalid base64 data"),
+            };
+        }
+        reply("504 5.5.4 Unrecognized authentication mechanism; use PLAIN or LOGIN")
+    }
+
+    fn command(&mut self, line: &[u8]) -> ClientStep {
+        let verb = verb(line);
+        match verb.as_str() {
+            // No mail transaction before login, whatever its syntax: the
+            // proxy must never relay for an anonymous client.
+            "MAIL" | "RCPT" | "DATA" => return reply("530 5.7.0 Authentication required"),
+            "AUTH" if !self.greeted => return reply("503 5.5.1 Send EHLO first"),
+            "AUTH" if !self.login_allowed() => {
+                return reply(
+                    "538 5.7.11 Encryption required for requested authentication mechanism",
+                );
+            }
+            _ => {}
+        }
+        let request = match Request::parse(&mut line.iter()) {
+            Ok(r) => r,
+            Err(smtp_proto::Error::UnknownCommand) => {
+                return reply("500 5.5.1 Unknown command");
+            }
+            Err(smtp_proto::Error::SyntaxError { syntax }) => {
+                return reply(&format!("501 5.5.2 Syntax: {syntax}"));
+            }
+            Err(_) => return reply("501 5.5.2 Syntax error"),
+        };
+        match request {
+            Request::Ehlo { host } => {
+                self.greet(&host);
+                ClientStep::Send(self.ehlo_reply())
+            }
+            Request::Helo { host } => {
+                self.greet(&host);
+                reply(&format!("250 {}", self.hostname()))
+            }
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => {
+                let step = self.auth(mechanism, &initial_response);
+                if let std::borrow::Cow::Owned(mut ir) = initial_response {
+                    ir.zeroize();
+                }
+                step
+            }
+            Request::StartTls => self.starttls(),
+            Request::Noop { .. } | Request::Rset => reply("250 2.0.0 OK"),
+            Request::Quit => {
+                self.state = ClientState::Closed;
+                self.framer.reset();
+                ClientStep::Close(b"221 2.0.0 Bye\r\n".to_vec())
+            }
+            Request::Vrfy { .. } => {
+                reply("252 2.5.0 Cannot VRFY user; log in and send the message instead")
+            }
+            Request::Expn { .. } => reply("502 5.5.1 EXPN is not available"),
+            Request::Help { .. } => {
+                reply("214 2.0.0 mailbridge: send EHLO, then AUTH PLAIN or AUTH LOGIN")
+            }
+            Request::Mail { .. } | Request::Rcpt { .. } | Request::Data => {
+                reply("530 5.7.0 Authentication required")
+            }
+            other => reply(&format!("502 5.5.1 {} is not implemented", other.name())),
+        }
+    }
+
+    /// The client's response line in an AUTH exchange.
+    fn auth_response(&mut self, line: &[u8]) -> ClientStep {
+        let text = strip_eol(line).trim_ascii();
+        if text == b"*" {
+            self.state.clear();
+            return reply("501 5.0.0 Authentication cancelled");
+        }
+        let mut data = match sasl::decode_base64(text) {
+            Ok(d) => d,
+            Err(_) => {
+                self.state.clear();
+                return reply("501 5.5.2 Invalid base64 data");
+            }
+        };
+        let step = match std::mem::replace(&mut self.state, ClientState::Commands) {
+            ClientState::AuthPlain => self.login(sasl::decode_plain(&data)),
+            ClientState::AuthLoginUser => {
+                self.state = ClientState::AuthLoginPass {
+                    user: std::mem::take(&mut data),
+                };
+                ClientStep::Send(PROMPT_PASS.to_vec())
+            }
+            ClientState::AuthLoginPass { mut user } => {
+                let creds = sasl::login_credentials(&user, &data);
+                user.zeroize();
+                self.login(creds)
+            }
+            other => {
+                self.state = other;
+                ClientStep::NeedInput
+            }
+        };
+        data.zeroize();
+        step
+    }
+
+    /// The reply for a refused login.
+    fn failure_reply(failure: &LoginFailure) -> Vec<u8> {
+        let reason = one_line(&failure.reason, "Login failed");
+        if let Some(up) = failure.upstream_reply.as_deref().and_then(parse_reply_line) {
+            let code = up.code;
+            let esc = up
+                .esc_text()
+                .unwrap_or_else(|| default_esc(code).to_owned());
+            let text = one_line(&up.text(), "");
+            return if text.is_empty() {
+                format!("{code} {esc} mailbridge: {reason}\r\n")
+            } else {
+                format!("{code}-{esc} {text}\r\n{code} {esc} mailbridge: {reason}\r\n")
+            }
+            .into_bytes();
+        }
+        match failure.kind {
+            FailureKind::BadCredentials | FailureKind::Rejected => {
+                format!("535 5.7.8 {reason}\r\n")
+            }
+            FailureKind::Throttled | FailureKind::Unavailable => {
+                format!("454 4.7.0 {reason}\r\n")
+            }
+        }
+        .into_bytes()
+    }
+}
+
+/// A SASL response as the client sent it: strict base64, `=` for empty.
+fn decode_response(data: &[u8]) -> Result<Vec<u8>, SaslError> {
+    if data == b"=" {
+        return Ok(Vec::new());
+    }
+    sasl::decode_base64(data)
+}
+
+/// An enhanced status code for a reply that came without one (we advertise
+/// ENHANCEDSTATUSCODES, so every reply of ours carries one).
+fn default_esc(code: u16) -> &'static str {
+    match code {
+        535 => "5.7.8",
+        500..=599 => "5.7.0",
+        _ => "4.7.0",
+    }
+}
+
+/// One upstream reply line (`535 5.7.139 Authentication unsuccessful`)
+/// read back from text: a 4xx or 5xx code, else None.
+fn parse_reply_line(line: &str) -> Option<Reply> {
+    let line = one_line(line, "");
+    let bytes = line.as_bytes();
+    let digits = bytes.get(..3)?;
+    if !digits.iter().all(u8::is_ascii_digit) || !matches!(digits[0], b'4' | b'5') {
+        return None;
+    }
+    let rest = match bytes.get(3) {
+        None => "",
+        Some(b' ' | b'-') => &line[4..],
+        Some(_) => return None,
+    };
+    // One line, always final for the parser.
+    let normalized = format!("{} {rest}\r\n", &line[..3]);
+    let mut receiver = ResponseReceiver::default();
+    let resp = receiver.parse(&mut normalized.as_bytes().iter()).ok()?;
+    Some(Reply {
+        code: resp.code,
+        esc: resp.esc,
+        message: resp.message,
+        lines: vec![line],
+    })
+}
+
+impl ClientSession for SmtpClientSession {
+    fn greeting(&mut self) -> Vec<u8> {
+        format!("220 {} ESMTP mailbridge ready\r\n", self.hostname()).into_bytes()
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        match self.state {
+            // Bytes before the handshake are plaintext; after QUIT, noise.
+            ClientState::TlsPending | ClientState::Closed => {}
+            _ => self.framer.push(data),
+        }
+    }
+
+    fn next_step(&mut self) -> ClientStep {
+        let in_auth = match self.state {
+            ClientState::Commands => false,
+            ClientState::AuthPlain
+            | ClientState::AuthLoginUser
+            | ClientState::AuthLoginPass { .. } => true,
+            _ => return ClientStep::NeedInput,
+        };
+        match self.framer.next_line() {
+            Frame::NeedMore => ClientStep::NeedInput,
+            Frame::TooLong => {
+                // An AUTH exchange ends with it.
+                self.state.clear();
+                reply("500 5.5.2 Line too long")
+            }
+            Frame::Line(mut line) => {
+                let step = if in_auth {
+                    self.auth_response(&line)
+                } else {
+                    self.command(&line)
+                };
+                line.zeroize();
+                step
+            }
+        }
+    }
+
+    fn tls_started(&mut self) {
+        self.in_tls = true;
+        self.framer.reset();
+        if matches!(self.state, ClientState::TlsPending) {
+            self.state = ClientState::Commands;
+        }
+    }
+
+    fn login_succeeded(&mut self, _upstream: &UpstreamSuccess) -> Vec<u8> {
+        if !matches!(self.state, ClientState::LoginPending) {
+            return Vec::new();
+        }
+        self.state = ClientState::LoggedIn;
+        b"235 2.7.0 Authentication successful\r\n".to_vec()
+    }
+
+    fn login_failed(&mut self, failure: &LoginFailure) -> Vec<u8> {
+        if !matches!(self.state, ClientState::LoginPending) {
+            return Vec::new();
+        }
+        self.state = ClientState::Commands;
+        Self::failure_reply(failure)
+    }
+
+    fn take_pending(&mut self) -> Vec<u8> {
+        self.framer.take()
+    }
+
+    fn timeout_message(&self) -> Vec<u8> {
+        format!(
+            "421 4.4.2 {} Idle too long, closing connection\r\n",
+            self.hostname()
+        )
+        .into_bytes()
+    }
+
+    fn shutdown_message(&self) -> Vec<u8> {
+        format!(
+            "421 4.3.2 {} mailbridge is shutting down; try again shortly\r\n",
+            self.hostname()
+        )
+        .into_bytes()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Upstream side
+// ---------------------------------------------------------------------------
+
+/// Options of the upstream login dialogue.
+#[derive(Debug, Clone)]
+pub struct UpstreamOptions {
+    /// Do STARTTLS after the first EHLO (false for implicit TLS).
+    pub starttls: bool,
+    /// Mechanisms in order of preference; the first one the server
+    /// advertises is used.
+    pub preference: Vec<Mechanism>,
+    /// The name to send in EHLO (the configured name, or the client's own
+    /// EHLO name); `localhost` when None or not a usable host name.
+    pub ehlo_name: Option<String>,
+    /// Longest server line accepted, CRLF included (default 4 KiB).
+    pub max_line: usize,
+}
+
+impl Default for UpstreamOptions {
+    fn default() -> Self {
+        UpstreamOptions {
+            starttls: false,
+            preference: vec![Mechanism::Xoauth2, Mechanism::Oauthbearer],
+            ehlo_name: None,
+            max_line: DEFAULT_MAX_LINE,
+        }
+    }
+}
+
+/// One complete server reply.
+#[derive(Debug, Clone)]
+struct Reply {
+    code: u16,
+    /// Enhanced status code, `[0, 0, 0]` when there was none.
+    esc: [u8; 3],
+    /// The text, lines joined by `\n`, codes removed (smtp-proto's reading).
+    message: String,
+    /// The raw lines, without line endings.
+    lines: Vec<String>,
+}
+
+impl Reply {
+    fn esc_text(&self) -> Option<String> {
+        let [class, subject, detail] = self.esc;
+        (class != 0 && u16::from(class) == self.code / 100)
+            .then(|| format!("{class}.{subject}.{detail}"))
+    }
+
+    /// The text of all lines as one line, whitespace collapsed.
+    fn text(&self) -> String {
+        self.message
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// `535 5.7.8 Username and Password not accepted`: code, enhanced
+    /// code and the text of every line, on one line.
+    fn summary(&self) -> String {
+        let mut out = self.code.to_string();
+        if let Some(esc) = self.esc_text() {
+            out.push(' ');
+            out.push_str(&esc);
+        }
+        let text = self.text();
+        if !text.is_empty() {
+            out.push(' ');
+            out.push_str(&text);
+        }
+        one_line(&out, "(no text)")
+    }
+
+    /// EHLO keywords with their parameters, one per line after the first.
+    fn keywords(&self) -> Vec<String> {
+        self.lines
+            .iter()
+            .skip(1)
+            .filter_map(|l| l.get(4..))
+            .map(|k| k.trim().to_owned())
+            .filter(|k| !k.is_empty())
+            .collect()
+    }
+
+    /// The text after `334 ` of a one-line reply.
+    fn first_text(&self) -> &str {
+        self.lines
+            .first()
+            .and_then(|l| l.get(4..))
+            .unwrap_or("")
+            .trim()
+    }
+}
+
+/// Collects the lines of one reply and reads it with smtp-proto.
+#[derive(Default)]
+struct ReplyReader {
+    receiver: ResponseReceiver,
+    lines: Vec<String>,
+    code: Option<u16>,
+}
+
+impl ReplyReader {
+    fn reset(&mut self) {
+        self.receiver.reset();
+        self.lines.clear();
+        self.code = None;
+    }
+
+    /// One line of a reply; the reply once its last line is in.
+    fn line(&mut self, line: &[u8]) -> Result<Option<Reply>, UpstreamError> {
+        let text = strip_eol(line);
+        let digits = text.get(..3).unwrap_or(text);
+        let valid = digits.len() == 3
+            && digits.iter().all(u8::is_ascii_digit)
+            && matches!(text.get(3), None | Some(b' ' | b'-'));
+        if !valid {
+            return Err(unexpected("not an SMTP reply", line));
+        }
+        let code = digits
+            .iter()
+            .fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
+        if self.code.is_some_and(|c| c != code) {
+            return Err(unexpected("a reply line with another code", line));
+        }
+        self.code = Some(code);
+        if self.lines.len() >= MAX_REPLY_LINES {
+            return Err(unexpected("a reply with too many lines", line));
+        }
+        self.lines.push(String::from_utf8_lossy(text).into_owned());
+        match self.receiver.parse(&mut line.iter()) {
+            Ok(resp) => {
+                let reply = Reply {
+                    code: resp.code,
+                    esc: resp.esc,
+                    message: resp.message,
+                    lines: std::mem::take(&mut self.lines),
+                };
+                self.reset();
+                Ok(Some(reply))
+            }
+            Err(smtp_proto::Error::NeedsMoreData { .. }) => Ok(None),
+            Err(e) => Err(UpstreamError::Unexpected(format!(
+                "the server sent a reply that does not parse ({e})"
+            ))),
+        }
+    }
+}
+
+fn unexpected(what: &str, line: &[u8]) -> UpstreamError {
+    UpstreamError::Unexpected(format!(
+        "{what}: {}",
+        one_line(&String::from_utf8_lossy(strip_eol(line)), "(empty line)")
+    ))
+}
+
+fn refused(what: &str, reply: &Reply) -> UpstreamError {
+    UpstreamError::Unexpected(format!("{what}: {}", reply.summary()))
+}
+
+enum UpState {
+    /// Waiting for the 220 greeting.
+    Greeting,
+    /// Sent EHLO.
+    Ehlo,
+    /// Sent STARTTLS.
+    StartTls,
+    /// Emitted `StartTls`; waiting for `tls_started`.
+    TlsHandshake,
+    /// Emitted `NeedToken`.
+    WaitToken,
+    /// Sent AUTH.
+    Auth {
+        mech: Mechanism,
+        /// The SASL response (kept for the two-step fallback; never
+        /// printed).
+        response: SecretString,
+        /// Two-step: the response still waits for the server's `334`.
+        pending: bool,
+        /// The failure challenge, once the server sent one and we answered.
+        challenge: Option<Option<FailureChallenge>>,
+    },
+    /// Emitted `Rejected`; `retry` may start over.
+    Rejected,
+    /// Emitted `Authenticated`.
+    Done,
+    /// Returned an error.
+    Failed,
+}
+
+impl UpState {
+    fn name(&self) -> &'static str {
+        match self {
+            UpState::Greeting => "greeting",
+            UpState::Ehlo => "ehlo",
+            UpState::StartTls => "starttls",
+            UpState::TlsHandshake => "tls-handshake",
+            UpState::WaitToken => "wait-token",
+            UpState::Auth { .. } => "auth",
+            UpState::Rejected => "rejected",
+            UpState::Done => "done",
+            UpState::Failed => "failed",
+        }
+    }
+}
+
+/// mailbridge's login to the real SMTP server: greeting, EHLO, optional
+/// STARTTLS and EHLO again, then AUTH XOAUTH2 or OAUTHBEARER with the
+/// initial response on the AUTH line; a server that answers that with
+/// 500/501/504 gets the two-step form (`AUTH MECH`, `334`, response) on
+/// the same connection. A failure challenge (`334 <base64 JSON>`) is
+/// answered (empty line for XOAUTH2, `AQ==` for OAUTHBEARER) before the
+/// final refusal is reported.
+pub struct SmtpUpstreamLogin {
+    opts: UpstreamOptions,
+    framer: LineFramer,
+    reader: ReplyReader,
+    state: UpState,
+    /// Steps decided but not yet handed out (may hold the token: never
+    /// printed).
+    queue: VecDeque<UpstreamStep>,
+    /// The current EHLO keywords.
+    keywords: Vec<String>,
+    tls_done: bool,
+    /// The server wants the two-step AUTH form.
+    two_step: bool,
+    /// The mechanism chosen, once known.
+    mech: Option<Mechanism>,
+}
+
+impl fmt::Debug for SmtpUpstreamLogin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SmtpUpstreamLogin")
+            .field("state", &self.state.name())
+            .field("keywords", &self.keywords)
+            .field("mech", &self.mech)
+            .field("two_step", &self.two_step)
+            .field("queued_steps", &self.queue.len())
+            .finish()
+    }
+}
+
+impl SmtpUpstreamLogin {
+    /// A new login dialogue; feed it the server's bytes from the start.
+    pub fn new(opts: UpstreamOptions) -> Self {
+        SmtpUpstreamLogin {
+            framer: LineFramer::new(opts.max_line),
+            opts,
+            reader: ReplyReader::default(),
+            state: UpState::Greeting,
+            queue: VecDeque::new(),
+            keywords: Vec::new(),
+            tls_done: false,
+            two_step: false,
+            mech: None,
+        }
+    }
+
+    fn send(&mut self, line: String) {
+        self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
+    }
+
+    fn ehlo(&mut self) {
+        let name = self
+            .opts
+            .ehlo_name
+            .as_deref()
+            .and_then(host_name)
+            .unwrap_or_else(|| "localhost".to_owned());
+        self.send(format!("EHLO {name}\r\n"));
+        self.state = UpState::Ehlo;
+    }
+
+    fn has_keyword(&self, name: &str) -> bool {
+        self.keywords.iter().any(|k| {
+            k.split_whitespace()
+                .next()
+                .is_some_and(|w| w.eq_ignore_ascii_case(name))
+        })
+    }
+
+    /// The mechanisms of the `AUTH` keyword (or the old `AUTH=` form).
+    fn offered(&self) -> Vec<&str> {
+        self.keywords
+            .iter()
+            .filter_map(|k| {
+                let head = k.get(..5)?;
+                (head.eq_ignore_ascii_case("AUTH ") || head.eq_ignore_ascii_case("AUTH="))
+                    .then(|| &k[5..])
+            })
+            .flat_map(str::split_whitespace)
+            .collect()
+    }
+
+    /// With the EHLO keywords known: STARTTLS, or on to the token.
+    fn proceed(&mut self) -> Result<(), UpstreamError> {
+        if self.opts.starttls && !self.tls_done {
+            if !self.has_keyword("STARTTLS") {
+                return Err(UpstreamError::NoStartTls);
+            }
+            self.send("STARTTLS\r\n".to_owned());
+            self.state = UpState::StartTls;
+            return Ok(());
+        }
+        let offered = self.offered();
+        let mech = self
+            .opts
+            .preference
+            .iter()
+            .copied()
+            .find(|m| offered.iter().any(|o| o.eq_ignore_ascii_case(m.name())));
+        let Some(mech) = mech else {
+            return Err(UpstreamError::NoMechanism(if offered.is_empty() {
+                "no AUTH mechanisms".to_owned()
+            } else {
+                format!("AUTH {}", offered.join(" "))
+            }));
+        };
+        self.mech = Some(mech);
+        self.state = UpState::WaitToken;
+        self.queue.push_back(UpstreamStep::NeedToken);
+        Ok(())
+    }
+
+    fn handle(&mut self, reply: Reply) -> Result<(), UpstreamError> {
+        match &mut self.state {
+            UpState::Greeting => match reply.code {
+                220 => {
+                    self.ehlo();
+                    Ok(())
+                }
+                _ => Err(refused("the server refused the connection", &reply)),
+            },
+            UpState::Ehlo => match reply.code {
+                250 => {
+                    self.keywords = reply.keywords();
+                    self.proceed()
+                }
+                _ => Err(refused("the server refused EHLO", &reply)),
+            },
+            UpState::StartTls => match reply.code {
+                220 => {
+                    // Bytes after the 220 arrived in plaintext: never trust
+                    // them.
+                    self.framer.reset();
+                    self.reader.reset();
+                    self.state = UpState::TlsHandshake;
+                    self.queue.push_back(UpstreamStep::StartTls);
+                    Ok(())
+                }
+                _ => Err(refused("the server refused STARTTLS", &reply)),
+            },
+            UpState::Auth {
+                mech,
+                response,
+                pending,
+                challenge,
+            } => {
+                let mech = *mech;
+                match reply.code {
+                    235 => {
+                        self.state = UpState::Done;
+                        let leftover = self.framer.take();
+                        self.queue
+                            .push_back(UpstreamStep::Authenticated(UpstreamSuccess {
+                                capabilities: self.keywords.clone(),
+                                leftover,
+                            }));
+                        Ok(())
+                    }
+                    334 if *pending => {
+                        *pending = false;
+                        let line = format!("{}\r\n", response.expose_secret());
+                        self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
+                        Ok(())
+                    }
+                    334 => {
+                        if challenge.is_some() {
+                            return Err(refused(
+                                "a second challenge after the failure challenge",
+                                &reply,
+                            ));
+                        }
+                        *challenge =
+                            Some(sasl::parse_failure_challenge(reply.first_text().as_bytes()));
+                        // The exchange only ends once we answer the challenge.
+                        let ack: &[u8] = match mech {
+                            Mechanism::Xoauth2 => b"\r\n",
+                            Mechanism::Oauthbearer => b"AQ==\r\n",
+                        };
+                        self.queue.push_back(UpstreamStep::Send(ack.to_vec()));
+                        Ok(())
+                    }
+                    // The initial response was not welcome: some servers
+                    // want the two-step form. (5.5.127 is Microsoft refusing
+                    // the token itself, not the form.)
+                    500 | 501 | 504
+                        if !self.two_step
+                            && !*pending
+                            && challenge.is_none()
+                            && reply.esc != [5, 5, 127] =>
+                    {
+                        self.two_step = true;
+                        *pending = true;
+                        let line = format!("AUTH {}\r\n", mech.name());
+                        self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
+                        Ok(())
+                    }
+                    400..=599 => {
+                        let challenge = challenge.take().flatten();
+                        let retry_suggested = challenge
+                            .as_ref()
+                            .is_some_and(FailureChallenge::suggests_retry);
+                        self.state = UpState::Rejected;
+                        self.queue.push_back(UpstreamStep::Rejected(Rejection {
+                            challenge,
+                            server_text: reply.summary(),
+                            retry_suggested,
+                        }));
+                        Ok(())
+                    }
+                    _ => Err(refused("unexpected reply to AUTH", &reply)),
+                }
+            }
+            UpState::TlsHandshake
+            | UpState::WaitToken
+            | UpState::Rejected
+            | UpState::Done
+            | UpState::Failed => Ok(()),
+        }
+    }
+}
+
+impl UpstreamLogin for SmtpUpstreamLogin {
+    fn feed(&mut self, data: &[u8]) {
+        match self.state {
+            // Plaintext bytes before the handshake must not be trusted.
+            UpState::TlsHandshake => {}
+            _ => self.framer.push(data),
+        }
+    }
+
+    fn next_step(&mut self) -> Result<UpstreamStep, UpstreamError> {
+        loop {
+            if let Some(step) = self.queue.pop_front() {
+                return Ok(step);
+            }
+            match self.state {
+                UpState::Failed => {
+                    return Err(UpstreamError::Unexpected(
+                        "the login dialogue already failed".to_owned(),
+                    ));
+                }
+                UpState::TlsHandshake | UpState::WaitToken | UpState::Rejected | UpState::Done => {
+                    return Ok(UpstreamStep::NeedInput);
+                }
+                _ => {}
+            }
+            let result = match self.framer.next_line() {
+                Frame::NeedMore => return Ok(UpstreamStep::NeedInput),
+                Frame::TooLong => Err(UpstreamError::LineTooLong(self.framer.max_line)),
+                Frame::Line(line) => match self.reader.line(&line) {
+                    Ok(Some(reply)) => self.handle(reply),
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                },
+            };
+            if let Err(e) = result {
+                self.state = UpState::Failed;
+                self.queue.clear();
+                return Err(e);
+            }
+        }
+    }
+
+    fn tls_started(&mut self) {
+        if matches!(self.state, UpState::TlsHandshake) {
+            self.tls_done = true;
+            self.keywords.clear();
+            self.framer.reset();
+            self.reader.reset();
+            self.ehlo();
+        }
+    }
+
+    fn provide_token(&mut self, token: &BearerToken) {
+        if !matches!(self.state, UpState::WaitToken) {
+            return;
+        }
+        let Some(mech) = self.mech else {
+            return;
+        };
+        let response = match mech {
+            Mechanism::Xoauth2 => sasl::xoauth2_response(token),
+            Mechanism::Oauthbearer => sasl::oauthbearer_response(token),
+        };
+        // "AUTH " MECH " " RESPONSE CRLF
+        let one_step_len = 5 + mech.name().len() + 1 + response.expose_secret().len() + 2;
+        let two_step = self.two_step || one_step_len > MAX_COMMAND_LINE;
+        let line = if two_step {
+            format!("AUTH {}\r\n", mech.name())
+        } else {
+            format!("AUTH {} {}\r\n", mech.name(), response.expose_secret())
+        };
+        self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
+        self.state = UpState::Auth {
+            mech,
+            response,
+            pending: two_step,
+            challenge: None,
+        };
+    }
+
+    fn retry(&mut self) {
+        if matches!(self.state, UpState::Rejected) {
+            self.state = UpState::WaitToken;
+            self.queue.push_back(UpstreamStep::NeedToken);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Explanations
+// ---------------------------------------------------------------------------
+
+/// A one-line explanation of a known upstream refusal (Microsoft 365,
+/// Google), for logs and the client's error text; None for replies we do
+/// not recognise.
+pub fn explain(reply: &str) -> Option<&'static str> {
+    let lower = reply.to_ascii_lowercase();
+    let has = |needle: &str| lower.contains(needle);
+    // Enhanced codes as whole words: 5.7.3 must not match 5.7.30.
+    let words: Vec<&str> = lower
+        .split(|c: char| c.is_whitespace() || matches!(c, ',' | ';' | '(' | ')' | '[' | ']'))
+        .map(|w| w.trim_end_matches(['.', ':']))
+        .collect();
+    let code = |esc: &str| words.contains(&esc);
+
+    if has("smtpclientauthentication is disabled") {
+        return Some(
+            "SMTP AUTH is switched off for this Microsoft 365 tenant or mailbox: enable Authenticated SMTP in the admin centre or run Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false",
+        );
+    }
+    if code("5.7.139") && has("security defaults") {
+        return Some(
+            "the Microsoft 365 tenant's security defaults block SMTP AUTH: an admin must turn security defaults off or allow Authenticated SMTP for this mailbox",
+        );
+    }
+    if code("5.7.139") {
+        return Some(
+            "Microsoft 365 refused SMTP AUTH by policy: check that Authenticated SMTP is enabled for the mailbox and that no Conditional Access policy blocks it",
+        );
+    }
+    if code("5.7.3") && has("authentication unsuccessful") {
+        return Some(
+            "Microsoft refused the token: wrong token audience (Graph instead of Outlook scopes), SMTP AUTH off for the mailbox, or missing SMTP.Send permission",
+        );
+    }
+    if code("5.7.60") || has("not have permissions to send as this sender") {
+        return Some(
+            "the mailbox may not send as this From address: grant Send As or use the account's own address",
+        );
+    }
+    if code("5.5.127") || has("token will expire soon") {
+        return Some("the token was too close to expiry for this endpoint");
+    }
+    if code("5.7.57") || has("client not authenticated to send mail") {
+        return Some(
+            "Microsoft saw no successful login before the mail: the client must log in before sending",
+        );
+    }
+    if (code("5.7.8") && has("username and password not accepted")) || has("badcredentials") {
+        return Some(
+            "Google refused the token: check that the grant has the https://mail.google.com/ scope and is not revoked",
+        );
+    }
+    if code("5.7.9") || has("application-specific password required") {
+        return Some(
+            "Google asked for an app password, so it did not take the login as OAuth2: check that the upstream login uses XOAUTH2 or OAUTHBEARER",
+        );
+    }
+    if code("5.7.14") || has("please log in via your web browser") {
+        return Some(
+            "Google wants an interactive sign-in for this account: sign in at https://accounts.google.com, then re-authorize the account",
+        );
+    }
+    if has("too many login attempts") {
+        return Some("the provider is throttling logins for this account: wait and try again");
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::{Engine as _, engine::general_purpose::STANDARD};
+
+    use super::*;
+
+    // ----- client side -----
+
+    use crate::testkit::{Ev, drive, pump};
+
+    fn s(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
+    fn b64(data: &[u8]) -> String {
+        STANDARD.encode(data)
+    }
+
+    fn open() -> ClientOptions {
+        ClientOptions {
+            plaintext_login_allowed: true,
+            hostname: "mb.example".into(),
+            ..ClientOptions::default()
+        }
+    }
+
+    fn run(opts: ClientOptions, input: &[u8]) -> (SmtpClientSession, Vec<Ev>) {
+        let mut sess = SmtpClientSession::new(opts.clone());
+        let evs = drive(&mut sess, input, usize::MAX);
+        // The same input one byte at a time gives the same result.
+        let mut slow = SmtpClientSession::new(opts.clone());
+        assert_eq!(drive(&mut slow, input, 1), evs, "byte-at-a-time differs");
+        let mut again = SmtpClientSession::new(opts);
+        drive(&mut again, input, usize::MAX);
+        assert_eq!(slow.take_pending(), again.take_pending());
+        (sess, evs)
+    }
+
+    fn out(text: &str) -> Ev {
+        Ev::Out(text.to_owned())
+    }
+
+    fn login(user: &str, pass: &str, info: Option<&str>) -> Ev {
+        Ev::Login {
+            user: user.to_owned(),
+            pass: pass.to_owned(),
+            info: info.map(str::to_owned),
+        }
+    }
+
+    const EHLO_OPEN: &str = "250-mb.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n\
+        250-ENHANCEDSTATUSCODES\r\n250-SIZE 52428800\r\n250 AUTH PLAIN LOGIN\r\n";
+
+    #[test]
+    fn greeting_and_ehlo() {
+        let mut sess = SmtpClientSession::new(open());
+        assert_eq!(
+            s(&sess.greeting()),
+            "220 mb.example ESMTP mailbridge ready\r\n"
+        );
+        let (_, evs) = run(open(), b"EHLO printer.lan\r\n");
+        assert_eq!(evs, [out(EHLO_OPEN)]);
+        // STARTTLS offered, plaintext: no AUTH advertised.
+        let (_, evs) = run(
+            ClientOptions {
+                starttls_offered: true,
+                max_message_size: 1000,
+                ..ClientOptions::default()
+            },
+            b"ehlo x\r\n",
+        );
+        assert_eq!(
+            evs,
+            [out(
+                "250-localhost\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n\
+                 250-SIZE 1000\r\n250 STARTTLS\r\n"
+            )]
+        );
+        // Implicit TLS: AUTH, no STARTTLS.
+        let (_, evs) = run(
+            ClientOptions {
+                starttls_offered: true,
+                tls_active: true,
+                ..ClientOptions::default()
+            },
+            b"EHLO x\r\n",
+        );
+        assert_eq!(
+            evs,
+            [out(
+                "250-localhost\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n\
+                 250-SIZE 52428800\r\n250 AUTH PLAIN LOGIN\r\n"
+            )]
+        );
+    }
+
+    #[test]
+    fn auth_plain_with_initial_response() {
+        let input = format!(
+            "EHLO client.example\r\nAUTH PLAIN {}\r\n",
+            b64(b"\0alice\0s3cret")
+        );
+        let (mut sess, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs,
+            [
+                out(EHLO_OPEN),
+                login("alice", "s3cret", Some("client.example"))
+            ]
+        );
+        assert!(matches!(sess.next_step(), ClientStep::NeedInput));
+        assert_eq!(
+            s(&sess.login_succeeded(&UpstreamSuccess::default())),
+            "235 2.7.0 Authentication successful\r\n"
+        );
+        assert!(matches!(sess.next_step(), ClientStep::NeedInput));
+    }
+
+    #[test]
+    fn auth_plain_with_empty_challenge() {
+        let input = format!(
+            "HELO old-printer\r\nauth plain\r\n{}\r\n",
+            b64(b"bob\0bob\0pw")
+        );
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs,
+            [
+                out("250 mb.example\r\n334 \r\n"),
+                login("bob", "pw", Some("old-printer"))
+            ]
+        );
+    }
+
+    #[test]
+    fn auth_login_forms() {
+        let input = format!(
+            "EHLO c\r\nAUTH LOGIN\r\n{}\r\n{}\r\n",
+            b64(b"alice@example.com"),
+            b64(b"pa ss")
+        );
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs,
+            [
+                out(&format!(
+                    "{EHLO_OPEN}334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n"
+                )),
+                login("alice@example.com", "pa ss", Some("c"))
+            ]
+        );
+        let input = format!(
+            "EHLO c\r\nAUTH LOGIN {}\r\n{}\r\n",
+            b64(b"alice"),
+            b64(b"pw")
+        );
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs,
+            [
+                out(&format!("{EHLO_OPEN}334 UGFzc3dvcmQ6\r\n")),
+                login("alice", "pw", Some("c"))
+            ]
+        );
+    }
+
+    #[test]
+    fn auth_cancel_and_errors_keep_session_usable() {
+        let (_, evs) = run(
+            open(),
+            b"HELO c\r\nAUTH LOGIN\r\n*\r\nAUTH PLAIN\r\n*\r\nAUTH LOGIN dXNlcg==\r\n*\r\nNOOP\r\n",
+        );
+        assert_eq!(
+            evs,
+            [out(
+                "250 mb.example\r\n334 VXNlcm5hbWU6\r\n501 5.0.0 Authentication cancelled\r\n\
+                  334 \r\n501 5.0.0 Authentication cancelled\r\n\
+                  334 UGFzc3dvcmQ6\r\n501 5.0.0 Authentication cancelled\r\n250 2.0.0 OK\r\n"
+            )]
+        );
+        let (_, evs) = run(
+            open(),
+            b"HELO c\r\nAUTH PLAIN !!!\r\nAUTH PLAIN\r\nnot base64\r\nAUTH LOGIN\r\nZm9v\r\n@@\r\n\
+              AUTH CRAM-MD5\r\nAUTH XOAUTH2 AAAA\r\nAUTH\r\nRSET\r\n",
+        );
+        assert_eq!(
+            evs,
+            [out("250 mb.example\r\n501 5.5.2 Invalid base64 data\r\n\
+                  334 \r\n501 5.5.2 Invalid base64 data\r\n\
+                  334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n501 5.5.2 Invalid base64 data\r\n\
+                  504 5.5.4 Unrecognized authentication mechanism; use PLAIN or LOGIN\r\n\
+                  504 5.5.4 Unrecognized authentication mechanism; use PLAIN or LOGIN\r\n\
+                  501 5.5.2 Syntax: AUTH mechanism [initial-response]\r\n\
+                  250 2.0.0 OK\r\n")]
+        );
+        // Credentials that decode but cannot be used.
+        let input = format!(
+            "HELO c\r\nAUTH PLAIN {}\r\nAUTH PLAIN {}\r\nAUTH PLAIN =\r\nAUTH LOGIN\r\n{}\r\n=\r\n",
+            b64(b"\0\0pw"),
+            b64(b"eve\0alice\0pw"),
+            b64(b"alice")
+        );
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs,
+            [out(
+                "250 mb.example\r\n535 5.7.8 the user name is empty\r\n\
+                  535 5.7.8 logging in as another user (a different authorization identity) is not supported\r\n\
+                  501 5.5.2 the PLAIN message is malformed (expected authzid NUL user NUL password)\r\n\
+                  334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n\
+                  501 5.5.2 Invalid base64 data\r\n"
+            )]
+        );
+        // An empty password line (valid base64 of nothing).
+        let input = format!("HELO c\r\nAUTH LOGIN\r\n{}\r\n\r\n", b64(b"alice"));
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs,
+            [out(
+                "250 mb.example\r\n334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n\
+                  535 5.7.8 the password is empty\r\n"
+            )]
+        );
+    }
+
+    #[test]
+    fn auth_needs_ehlo_and_encryption() {
+        let input = format!("AUTH PLAIN {}\r\n", b64(b"\0u\0p"));
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(evs, [out("503 5.5.1 Send EHLO first\r\n")]);
+        let opts = ClientOptions {
+            starttls_offered: true,
+            ..ClientOptions::default()
+        };
+        let (_, evs) = run(opts, b"EHLO c\r\nAUTH LOGIN\r\nNOOP\r\n");
+        assert_eq!(
+            evs,
+            [out(
+                "250-localhost\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n\
+                  250-SIZE 52428800\r\n250 STARTTLS\r\n\
+                  538 5.7.11 Encryption required for requested authentication mechanism\r\n\
+                  250 2.0.0 OK\r\n"
+            )]
+        );
+    }
+
+    #[test]
+    fn no_mail_before_auth() {
+        let (_, evs) = run(
+            open(),
+            b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nmail from:<broken\r\n\
+              VRFY root\r\nEXPN staff\r\nHELP\r\nFROB\r\n\r\nBDAT 10 LAST\r\nNOOP\r\n",
+        );
+        assert_eq!(
+            evs,
+            [out(&format!(
+                "{EHLO_OPEN}530 5.7.0 Authentication required\r\n530 5.7.0 Authentication required\r\n\
+                 530 5.7.0 Authentication required\r\n530 5.7.0 Authentication required\r\n\
+                 252 2.5.0 Cannot VRFY user; log in and send the message instead\r\n\
+                 502 5.5.1 EXPN is not available\r\n\
+                 214 2.0.0 mailbridge: send EHLO, then AUTH PLAIN or AUTH LOGIN\r\n\
+                 500 5.5.1 Unknown command\r\n500 5.5.1 Unknown command\r\n\
+                 502 5.5.1 BDAT is not implemented\r\n250 2.0.0 OK\r\n"
+            ))]
+        );
+    }
+
+    #[test]
+    fn quit_and_timeout() {
+        let (mut sess, evs) = run(open(), b"EHLO c\r\nQUIT\r\nNOOP\r\n");
+        assert_eq!(evs, [out(EHLO_OPEN), Ev::Close("221 2.0.0 Bye\r\n".into())]);
+        sess.feed(b"NOOP\r\n");
+        assert!(matches!(sess.next_step(), ClientStep::NeedInput));
+        assert_eq!(
+            s(&sess.timeout_message()),
+            "421 4.4.2 mb.example Idle too long, closing connection\r\n"
+        );
+    }
+
+    #[test]
+    fn starttls_discards_buffered_input_and_resets() {
+        let opts = ClientOptions {
+            starttls_offered: true,
+            ..ClientOptions::default()
+        };
+        let input = format!(
+            "EHLO c\r\nSTARTTLS\r\nAUTH PLAIN {}\r\n",
+            b64(b"\0evil\0pw")
+        );
+        let mut sess = SmtpClientSession::new(opts.clone());
+        let evs = drive(&mut sess, input.as_bytes(), usize::MAX);
+        assert_eq!(evs.len(), 2);
+        assert_eq!(
+            evs[1],
+            Ev::StartTls("220 2.0.0 Ready to start TLS\r\n".into())
+        );
+        sess.feed(b"AUTH LOGIN\r\n");
+        assert!(matches!(sess.next_step(), ClientStep::NeedInput));
+        sess.tls_started();
+        assert!(matches!(sess.next_step(), ClientStep::NeedInput));
+        assert!(sess.take_pending().is_empty());
+        // Byte at a time: the same.
+        let mut slow = SmtpClientSession::new(opts);
+        assert_eq!(drive(&mut slow, input.as_bytes(), 1), evs);
+        // After TLS the client must EHLO again; then AUTH is offered.
+        let input = format!(
+            "AUTH PLAIN {0}\r\nSTARTTLS\r\nEHLO again\r\nAUTH PLAIN {0}\r\n",
+            b64(b"\0u\0p")
+        );
+        let evs = drive(&mut sess, input.as_bytes(), usize::MAX);
+        assert_eq!(
+            evs,
+            [
+                out(
+                    "503 5.5.1 Send EHLO first\r\n503 5.5.1 TLS is already active\r\n\
+                     250-localhost\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n\
+                     250-SIZE 52428800\r\n250 AUTH PLAIN LOGIN\r\n"
+                ),
+                login("u", "p", Some("again"))
+            ]
+        );
+    }
+
+    #[test]
+    fn starttls_refused_when_not_offered() {
+        let (_, evs) = run(open(), b"STARTTLS\r\n");
+        assert_eq!(evs, [out("502 5.5.1 STARTTLS is not available here\r\n")]);
+    }
+
+    fn small() -> ClientOptions {
+        ClientOptions {
+            max_line: 32,
+            ..open()
+        }
+    }
+
+    #[test]
+    fn overlong_line_is_refused_once_and_skipped() {
+        let mut input = b"NOOP ".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 500));
+        input.extend(b"\r\nNOOP\r\n");
+        let (_, evs) = run(small(), &input);
+        assert_eq!(evs, [out("500 5.5.2 Line too long\r\n250 2.0.0 OK\r\n")]);
+        // Exactly at the limit (CRLF included) is fine; one more is not.
+        let mut input = b"NOOP ".to_vec();
+        input.extend([b'y'; 25]);
+        input.extend(b"\r\nNOOP ");
+        input.extend([b'y'; 26]);
+        input.extend(b"\r\n");
+        let (_, evs) = run(small(), &input);
+        assert_eq!(evs, [out("250 2.0.0 OK\r\n500 5.5.2 Line too long\r\n")]);
+        // An overlong SASL response ends the exchange.
+        let mut input = b"HELO c\r\nAUTH PLAIN\r\n".to_vec();
+        input.extend([b'A'; 100]);
+        input.extend(b"\r\nNOOP\r\n");
+        let (_, evs) = run(small(), &input);
+        assert_eq!(
+            evs,
+            [out(
+                "250 mb.example\r\n334 \r\n500 5.5.2 Line too long\r\n250 2.0.0 OK\r\n"
+            )]
+        );
+        // Never holds more than the limit while discarding.
+        let mut sess = SmtpClientSession::new(small());
+        for _ in 0..100 {
+            sess.feed(&[b'z'; 100]);
+            let _ = sess.next_step();
+            assert!(sess.framer.buf.len() <= 100);
+        }
+    }
+
+    #[test]
+    fn pipelined_bytes_after_auth_are_pending() {
+        let input = format!(
+            "EHLO c\r\nAUTH PLAIN {}\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n",
+            b64(b"\0u\0p")
+        );
+        let (mut sess, evs) = run(open(), input.as_bytes());
+        assert_eq!(evs, [out(EHLO_OPEN), login("u", "p", Some("c"))]);
+        sess.feed(b"more");
+        assert!(matches!(sess.next_step(), ClientStep::NeedInput));
+        let reply = sess.login_succeeded(&UpstreamSuccess::default());
+        assert_eq!(s(&reply), "235 2.7.0 Authentication successful\r\n");
+        assert_eq!(
+            s(&sess.take_pending()),
+            "MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nmore"
+        );
+        // AUTH LOGIN, pipelined after the password line.
+        let input = format!(
+            "HELO c\r\nAUTH LOGIN\r\n{}\r\n{}\r\nMAIL FROM:<>\r\n",
+            b64(b"u"),
+            b64(b"p")
+        );
+        let (mut sess, evs) = run(open(), input.as_bytes());
+        assert_eq!(evs.last(), Some(&login("u", "p", Some("c"))));
+        assert_eq!(s(&sess.take_pending()), "MAIL FROM:<>\r\n");
+    }
+
+    fn failure(kind: FailureKind, reason: &str, upstream: Option<&str>) -> LoginFailure {
+        LoginFailure {
+            kind,
+            reason: reason.to_owned(),
+            upstream_reply: upstream.map(str::to_owned),
+        }
+    }
+
+    fn pending_session() -> SmtpClientSession {
+        let input = format!("HELO c\r\nAUTH PLAIN {}\r\n", b64(b"\0u\0p"));
+        let (sess, _) = run(open(), input.as_bytes());
+        sess
+    }
+
+    #[test]
+    fn login_failure_replies() {
+        let mut sess = pending_session();
+        let reply = sess.login_failed(&failure(
+            FailureKind::Rejected,
+            "SMTP AUTH is off for this tenant",
+            Some(
+                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.",
+            ),
+        ));
+        assert_eq!(
+            s(&reply),
+            "535-5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.\r\n\
+             535 5.7.139 mailbridge: SMTP AUTH is off for this tenant\r\n"
+        );
+        // The session stays usable.
+        let evs = drive(
+            &mut sess,
+            format!("AUTH PLAIN {}\r\n", b64(b"\0u\0p2")).as_bytes(),
+            64,
+        );
+        assert_eq!(evs, [login("u", "p2", Some("c"))]);
+        // No enhanced code upstream: one of ours.
+        let reply = sess.login_failed(&failure(
+            FailureKind::Rejected,
+            "refused\r\n250 injected",
+            Some("535 Authentication failed"),
+        ));
+        assert_eq!(
+            s(&reply),
+            "535-5.7.8 Authentication failed\r\n535 5.7.8 mailbridge: refused  250 injected\r\n"
+        );
+        let mut sess = pending_session();
+        let reply = sess.login_failed(&failure(
+            FailureKind::Unavailable,
+            "try later",
+            Some("454 4.7.0 Too many login attempts, please try again later."),
+        ));
+        assert_eq!(
+            s(&reply),
+            "454-4.7.0 Too many login attempts, please try again later.\r\n454 4.7.0 mailbridge: try later\r\n"
+        );
+        // Not an SMTP refusal: by kind.
+        for (kind, upstream, want) in [
+            (
+                FailureKind::BadCredentials,
+                None,
+                "535 5.7.8 Wrong password\r\n",
+            ),
+            (
+                FailureKind::Rejected,
+                Some("NO [AUTHENTICATIONFAILED] x"),
+                "535 5.7.8 Wrong password\r\n",
+            ),
+            (
+                FailureKind::Throttled,
+                Some("250 OK"),
+                "454 4.7.0 Wrong password\r\n",
+            ),
+            (
+                FailureKind::Unavailable,
+                Some("53"),
+                "454 4.7.0 Wrong password\r\n",
+            ),
+        ] {
+            let mut sess = pending_session();
+            let reply = sess.login_failed(&failure(kind, "Wrong password", upstream));
+            assert_eq!(s(&reply), want);
+        }
+        let mut sess = pending_session();
+        let reply = sess.login_failed(&failure(FailureKind::Rejected, "", Some("535")));
+        assert_eq!(s(&reply), "535 5.7.8 mailbridge: Login failed\r\n");
+        // Not pending: nothing to say.
+        assert!(
+            sess.login_failed(&failure(FailureKind::Rejected, "x", None))
+                .is_empty()
+        );
+        assert!(sess.login_succeeded(&UpstreamSuccess::default()).is_empty());
+    }
+
+    #[test]
+    fn client_name_only_when_usable() {
+        let input = format!("EHLO [192.168.1.7]\r\nAUTH PLAIN {}\r\n", b64(b"\0u\0p"));
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(evs[1], login("u", "p", Some("[192.168.1.7]")));
+        let input = format!("EHLO caf\u{e9}\r\nAUTH PLAIN {}\r\n", b64(b"\0u\0p"));
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(evs[1], login("u", "p", None));
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let mut sess = SmtpClientSession::new(open());
+        sess.feed(format!("HELO c\r\nAUTH LOGIN {}\r\nhunter2", b64(b"alice")).as_bytes());
+        let _ = sess.next_step();
+        let _ = sess.next_step();
+        let dbg = format!("{sess:?}");
+        assert!(!dbg.contains("hunter2") && !dbg.contains("alice"), "{dbg}");
+    }
+
+    /// Deterministic pseudo-random input: no panic, bounded memory, the
+    /// same events whatever the chunking.
+    #[test]
+    fn prop_random_input_never_panics() {
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
+        let pieces: [&[u8]; 16] = [
+            b"EHLO ",
+            b"HELO x\r\n",
+            b"AUTH PLAIN ",
+            b"AUTH LOGIN",
+            b"\r\n",
+            b"*\r\n",
+            b"AGEAYg==",
+            b"STARTTLS\r\n",
+            b"MAIL FROM:<",
+            b"RCPT TO:<a@b> NOTIFY=",
+            b" ",
+            b"=",
+            b"\n",
+            b"QUIT\r\n",
+            b"DATA\r\n",
+            b"\xff\xfe",
+        ];
+        for round in 0..300 {
+            let mut input = Vec::new();
+            for _ in 0..(next() % 40) {
+                if next() % 3 == 0 {
+                    input.extend((0..next() % 20).map(|_| next() as u8));
+                } else {
+                    input.extend(pieces[(next() % 16) as usize]);
+                }
+            }
+            let opts = ClientOptions {
+                starttls_offered: round % 2 == 0,
+                plaintext_login_allowed: round % 3 != 0,
+                max_line: 40,
+                ..ClientOptions::default()
+            };
+            let mut a = SmtpClientSession::new(opts.clone());
+            let mut b = SmtpClientSession::new(opts);
+            let fast = drive(&mut a, &input, usize::MAX);
+            let chunk = 1 + (next() % 7) as usize;
+            let mut evs = Vec::new();
+            for part in input.chunks(chunk) {
+                b.feed(part);
+                pump(&mut b, &mut evs);
+                assert!(b.framer.buf.len() <= 40 + chunk);
+                match evs.last() {
+                    Some(Ev::StartTls(_)) => b.tls_started(),
+                    Some(Ev::Login { .. }) if next() % 2 == 0 => {
+                        let _ = b.login_failed(&failure(FailureKind::Rejected, "no", None));
+                        pump(&mut b, &mut evs);
+                    }
+                    _ => {}
+                }
+            }
+            if !evs
+                .iter()
+                .any(|e| matches!(e, Ev::StartTls(_) | Ev::Login { .. }))
+            {
+                assert_eq!(fast, evs, "input {:?}", s(&input));
+            }
+        }
+    }
+
+    // ----- upstream side -----
+
+    use crate::testkit::{Up, run_script, up_feed, xorshift};
+
+    fn token() -> BearerToken {
+        BearerToken {
+            user: "alice@example.com".into(),
+            token: SecretString::from("tok-123".to_owned()),
+            host: "smtp.example.com".into(),
+            port: 587,
+        }
+    }
+
+    fn xo() -> String {
+        sasl::xoauth2_response(&token()).expose_secret().to_owned()
+    }
+
+    fn ob() -> String {
+        sasl::oauthbearer_response(&token())
+            .expose_secret()
+            .to_owned()
+    }
+
+    fn send(text: &str) -> Up {
+        Up::Send(text.to_owned())
+    }
+
+    fn provide(u: &mut SmtpUpstreamLogin) -> Vec<Up> {
+        u.provide_token(&token());
+        up_feed(u, b"")
+    }
+
+    fn challenge_b64(json: &str) -> String {
+        STANDARD.encode(json.as_bytes())
+    }
+
+    fn named(name: &str) -> UpstreamOptions {
+        UpstreamOptions {
+            ehlo_name: Some(name.to_owned()),
+            ..UpstreamOptions::default()
+        }
+    }
+
+    const GMAIL_EHLO: &[u8] = b"250-smtp.gmail.com at your service, [203.0.113.5]\r\n\
+        250-SIZE 35882577\r\n250-8BITMIME\r\n250-AUTH LOGIN PLAIN XOAUTH2 PLAIN-CLIENTTOKEN OAUTHBEARER XOAUTH\r\n\
+        250-ENHANCEDSTATUSCODES\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 SMTPUTF8\r\n";
+
+    fn gmail_keywords() -> Vec<String> {
+        [
+            "SIZE 35882577",
+            "8BITMIME",
+            "AUTH LOGIN PLAIN XOAUTH2 PLAIN-CLIENTTOKEN OAUTHBEARER XOAUTH",
+            "ENHANCEDSTATUSCODES",
+            "PIPELINING",
+            "CHUNKING",
+            "SMTPUTF8",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    #[test]
+    fn one_step_success_with_multiline_ehlo() {
+        let mut u = SmtpUpstreamLogin::new(named("printer.lan"));
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"220-smtp.gmail.com ESMTP ready\r\n220 second line\r\n"
+            ),
+            [send("EHLO printer.lan\r\n")]
+        );
+        assert_eq!(up_feed(&mut u, GMAIL_EHLO), [Up::NeedToken]);
+        assert_eq!(
+            provide(&mut u),
+            [send(&format!("AUTH XOAUTH2 {}\r\n", xo()))]
+        );
+        assert!(!format!("{u:?}").contains(&xo()));
+        assert_eq!(
+            up_feed(&mut u, b"235 2.7.0 Accepted\r\n250 early"),
+            [Up::Ok(gmail_keywords(), "250 early".into())]
+        );
+        assert_eq!(up_feed(&mut u, b"more"), []);
+    }
+
+    #[test]
+    fn ehlo_name_defaults_to_localhost() {
+        for name in [None, Some("bad name"), Some("")] {
+            let mut u = SmtpUpstreamLogin::new(UpstreamOptions {
+                ehlo_name: name.map(str::to_owned),
+                ..UpstreamOptions::default()
+            });
+            assert_eq!(up_feed(&mut u, b"220 hi\r\n"), [send("EHLO localhost\r\n")]);
+        }
+    }
+
+    #[test]
+    fn long_initial_response_goes_two_step() {
+        // A token of Microsoft's size (about 2 KB): the AUTH line would be
+        // over RFC 5321's 512 octets, so the response waits for the 334.
+        for mech in [Mechanism::Xoauth2, Mechanism::Oauthbearer] {
+            let big = BearerToken {
+                token: SecretString::from("t".repeat(2000)),
+                ..token()
+            };
+            let response = match mech {
+                Mechanism::Xoauth2 => sasl::xoauth2_response(&big),
+                Mechanism::Oauthbearer => sasl::oauthbearer_response(&big),
+            };
+            let mut u = SmtpUpstreamLogin::new(UpstreamOptions {
+                preference: vec![mech],
+                ..UpstreamOptions::default()
+            });
+            up_feed(&mut u, b"220 hi\r\n");
+            let ehlo = format!("250-hi\r\n250 AUTH {}\r\n", mech.name());
+            assert_eq!(up_feed(&mut u, ehlo.as_bytes()), [Up::NeedToken]);
+            u.provide_token(&big);
+            assert_eq!(
+                up_feed(&mut u, b""),
+                [send(&format!("AUTH {}\r\n", mech.name()))]
+            );
+            assert_eq!(
+                up_feed(&mut u, b"334 \r\n"),
+                [send(&format!("{}\r\n", response.expose_secret()))]
+            );
+            assert_eq!(
+                up_feed(&mut u, b"235 2.7.0 Accepted\r\n"),
+                [Up::Ok(vec![format!("AUTH {}", mech.name())], String::new())]
+            );
+        }
+        // Just under the limit: still one line.
+        let fits = "AUTH XOAUTH2 \r\n".len();
+        let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(&mut u, b"220 hi\r\n250-hi\r\n250 AUTH XOAUTH2\r\n");
+        let small = provide(&mut u);
+        assert_eq!(small, [send(&format!("AUTH XOAUTH2 {}\r\n", xo()))]);
+        assert!(fits + xo().len() <= MAX_COMMAND_LINE);
+    }
+
+    #[test]
+    fn fallback_to_two_step() {
+        for refusal in [
+            &b"501 5.5.2 Syntax error, initial response not supported\r\n"[..],
+            b"504 5.5.4 Unrecognized authentication type\r\n",
+            b"500 5.5.1 Line too long\r\n",
+        ] {
+            let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+            up_feed(&mut u, b"220 hi\r\n");
+            assert_eq!(
+                up_feed(&mut u, b"250-hi\r\n250 AUTH XOAUTH2\r\n"),
+                [Up::NeedToken]
+            );
+            assert_eq!(
+                provide(&mut u),
+                [send(&format!("AUTH XOAUTH2 {}\r\n", xo()))]
+            );
+            assert_eq!(up_feed(&mut u, refusal), [send("AUTH XOAUTH2\r\n")]);
+            assert_eq!(
+                up_feed(&mut u, b"334 \r\n"),
+                [send(&format!("{}\r\n", xo()))]
+            );
+            assert_eq!(
+                up_feed(&mut u, b"235 2.7.0 Accepted\r\n"),
+                [Up::Ok(vec!["AUTH XOAUTH2".into()], String::new())]
+            );
+        }
+        // Two-step refused as well: a rejection, no loop.
+        let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(&mut u, b"220 hi\r\n250-hi\r\n250 AUTH XOAUTH2\r\n");
+        provide(&mut u);
+        assert_eq!(
+            up_feed(&mut u, b"501 5.5.2 no\r\n"),
+            [send("AUTH XOAUTH2\r\n")]
+        );
+        assert_eq!(
+            up_feed(&mut u, b"504 5.5.4 no either\r\n"),
+            [Up::Rejected {
+                status: None,
+                text: "504 5.5.4 no either".into(),
+                retry: false
+            }]
+        );
+        // A retry stays with the two-step form.
+        u.retry();
+        assert_eq!(up_feed(&mut u, b""), [Up::NeedToken]);
+        assert_eq!(provide(&mut u), [send("AUTH XOAUTH2\r\n")]);
+        // Microsoft's token-expiry 501 is a refusal, not a form problem.
+        let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(&mut u, b"220 hi\r\n250-hi\r\n250 AUTH XOAUTH2\r\n");
+        provide(&mut u);
+        assert_eq!(
+            up_feed(&mut u, b"501 5.5.127 Token will expire soon\r\n"),
+            [Up::Rejected {
+                status: None,
+                text: "501 5.5.127 Token will expire soon".into(),
+                retry: false
+            }]
+        );
+    }
+
+    #[test]
+    fn starttls_path() {
+        let opts = UpstreamOptions {
+            starttls: true,
+            ..named("c.example")
+        };
+        let mut u = SmtpUpstreamLogin::new(opts.clone());
+        up_feed(
+            &mut u,
+            b"220 smtp.office365.com Microsoft ESMTP MAIL Service ready\r\n",
+        );
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"250-SN4PR0201CA0045.outlook.office365.com Hello [203.0.113.5]\r\n250-SIZE 157286400\r\n\
+                  250-PIPELINING\r\n250-STARTTLS\r\n250 SMTPUTF8\r\n"
+            ),
+            [send("STARTTLS\r\n")]
+        );
+        assert_eq!(
+            up_feed(&mut u, b"220 2.0.0 SMTP server ready\r\n250 injected\r\n"),
+            [Up::StartTls]
+        );
+        u.feed(b"junk before handshake\r\n");
+        u.tls_started();
+        assert_eq!(up_feed(&mut u, b""), [send("EHLO c.example\r\n")]);
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"250-SN4PR0201CA0045.outlook.office365.com Hello [203.0.113.5]\r\n250-SIZE 157286400\r\n\
+                  250-AUTH LOGIN XOAUTH2\r\n250 ENHANCEDSTATUSCODES\r\n"
+            ),
+            [Up::NeedToken]
+        );
+        provide(&mut u);
+        assert_eq!(
+            up_feed(&mut u, b"235 2.7.0 Authentication successful\r\n"),
+            [Up::Ok(
+                vec![
+                    "SIZE 157286400".into(),
+                    "AUTH LOGIN XOAUTH2".into(),
+                    "ENHANCEDSTATUSCODES".into()
+                ],
+                String::new()
+            )]
+        );
+
+        let mut u = SmtpUpstreamLogin::new(opts.clone());
+        up_feed(&mut u, b"220 hi\r\n");
+        assert_eq!(
+            up_feed(&mut u, b"250-hi\r\n250 AUTH XOAUTH2\r\n"),
+            [Up::Err("the server does not offer STARTTLS".into())]
+        );
+        let mut u = SmtpUpstreamLogin::new(opts);
+        up_feed(&mut u, b"220 hi\r\n250-hi\r\n250 STARTTLS\r\n");
+        let evs = up_feed(&mut u, b"454 4.7.0 TLS not available\r\n");
+        assert!(
+            matches!(&evs[..], [Up::Err(e)] if e.contains("refused STARTTLS") && e.contains("454 4.7.0 TLS not available"))
+        );
+    }
+
+    #[test]
+    fn xoauth2_challenge_absorbed_then_retry() {
+        let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(&mut u, b"220 hi\r\n");
+        up_feed(&mut u, GMAIL_EHLO);
+        provide(&mut u);
+        let ch = challenge_b64(
+            r#"{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}"#,
+        );
+        assert_eq!(
+            up_feed(&mut u, format!("334 {ch}\r\n").as_bytes()),
+            [send("\r\n")]
+        );
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"535-5.7.8 Username and Password not accepted. For more information, go to\r\n\
+                  535 5.7.8  https://support.google.com/mail/?p=BadCredentials x-123\r\n"
+            ),
+            [Up::Rejected {
+                status: Some("401".into()),
+                text: "535 5.7.8 Username and Password not accepted. For more information, go to https://support.google.com/mail/?p=BadCredentials x-123".into(),
+                retry: true
+            }]
+        );
+        assert_eq!(up_feed(&mut u, b""), []);
+        u.retry();
+        assert_eq!(up_feed(&mut u, b""), [Up::NeedToken]);
+        assert_eq!(
+            provide(&mut u),
+            [send(&format!("AUTH XOAUTH2 {}\r\n", xo()))]
+        );
+        assert_eq!(
+            up_feed(&mut u, b"235 2.7.0 Accepted\r\n"),
+            [Up::Ok(gmail_keywords(), String::new())]
+        );
+    }
+
+    #[test]
+    fn oauthbearer_challenge_acked_with_01() {
+        let opts = UpstreamOptions {
+            preference: vec![Mechanism::Oauthbearer, Mechanism::Xoauth2],
+            ..UpstreamOptions::default()
+        };
+        let mut u = SmtpUpstreamLogin::new(opts);
+        up_feed(&mut u, b"220 hi\r\n");
+        up_feed(&mut u, GMAIL_EHLO);
+        assert_eq!(
+            provide(&mut u),
+            [send(&format!("AUTH OAUTHBEARER {}\r\n", ob()))]
+        );
+        let ch = challenge_b64(r#"{"status":"invalid_token","openid-configuration":"https://x"}"#);
+        assert_eq!(
+            up_feed(&mut u, format!("334 {ch}\r\n").as_bytes()),
+            [send("AQ==\r\n")]
+        );
+        assert_eq!(
+            up_feed(&mut u, b"535 5.7.8 Authentication failed\r\n"),
+            [Up::Rejected {
+                status: Some("invalid_token".into()),
+                text: "535 5.7.8 Authentication failed".into(),
+                retry: true
+            }]
+        );
+        // A second challenge is a protocol error.
+        u.retry();
+        up_feed(&mut u, b"");
+        provide(&mut u);
+        up_feed(&mut u, format!("334 {ch}\r\n").as_bytes());
+        let evs = up_feed(&mut u, format!("334 {ch}\r\n").as_bytes());
+        assert!(matches!(&evs[..], [Up::Err(e)] if e.contains("second challenge")));
+    }
+
+    #[test]
+    fn microsoft_direct_535() {
+        let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(&mut u, b"220 hi\r\n");
+        up_feed(&mut u, b"250-hi\r\n250 AUTH=LOGIN XOAUTH2\r\n");
+        provide(&mut u);
+        assert_eq!(
+            up_feed(&mut u, b"535 5.7.3 Authentication unsuccessful [SN4PR0201CA0045.namprd02.prod.outlook.com]\r\n"),
+            [Up::Rejected {
+                status: None,
+                text: "535 5.7.3 Authentication unsuccessful [SN4PR0201CA0045.namprd02.prod.outlook.com]".into(),
+                retry: false
+            }]
+        );
+    }
+
+    #[test]
+    fn no_mechanism() {
+        let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(&mut u, b"220 hi\r\n");
+        assert_eq!(
+            up_feed(&mut u, b"250-hi\r\n250 AUTH PLAIN LOGIN\r\n"),
+            [Up::Err(
+                "the server offers neither XOAUTH2 nor OAUTHBEARER (it offers: AUTH PLAIN LOGIN)"
+                    .into()
+            )]
+        );
+        assert!(matches!(u.next_step(), Err(UpstreamError::Unexpected(_))));
+        let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(&mut u, b"220 hi\r\n");
+        let evs = up_feed(&mut u, b"250-hi\r\n250 SIZE 10\r\n");
+        assert!(matches!(&evs[..], [Up::Err(e)] if e.contains("no AUTH mechanisms")));
+        // Case-insensitive, old AUTH= form.
+        let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(&mut u, b"220 hi\r\n");
+        assert_eq!(
+            up_feed(&mut u, b"250-hi\r\n250 auth=plain oauthbearer\r\n"),
+            [Up::NeedToken]
+        );
+        assert_eq!(
+            provide(&mut u),
+            [send(&format!("AUTH OAUTHBEARER {}\r\n", ob()))]
+        );
+    }
+
+    #[test]
+    fn bad_greetings_and_replies() {
+        for (input, what) in [
+            (
+                &b"554 5.7.1 Service unavailable; blocked\r\n"[..],
+                "refused the connection: 554 5.7.1 Service unavailable; blocked",
+            ),
+            (b"421 4.3.2 busy\r\n", "refused the connection"),
+            (b"* OK IMAP4rev1 ready\r\n", "not an SMTP reply"),
+            (b"+OK POP3\r\n", "not an SMTP reply"),
+            (b"220-a\r\n250 b\r\n", "another code"),
+            (b"220 hi\r\n550 5.7.1 no EHLO\r\n", "refused EHLO"),
+            (b"220 hi\r\n250-hi\r\n250 AUTH XOAUTH2\r\n235 huh\r\n", ""),
+        ] {
+            let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+            let evs = up_feed(&mut u, input);
+            if what.is_empty() {
+                // Replies while waiting for the token are not read yet.
+                assert_eq!(evs.last(), Some(&Up::NeedToken));
+                continue;
+            }
+            assert!(
+                matches!(evs.last(), Some(Up::Err(e)) if e.contains(what)),
+                "{evs:?}"
+            );
+        }
+        let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+        up_feed(&mut u, b"220 hi\r\n250-hi\r\n250 AUTH XOAUTH2\r\n");
+        provide(&mut u);
+        let evs = up_feed(&mut u, b"250 2.0.0 what\r\n");
+        assert!(matches!(&evs[..], [Up::Err(e)] if e.contains("unexpected reply to AUTH")));
+    }
+
+    #[test]
+    fn long_server_line() {
+        let mut u = SmtpUpstreamLogin::new(UpstreamOptions {
+            max_line: 64,
+            ..UpstreamOptions::default()
+        });
+        let mut line = b"220 ".to_vec();
+        line.extend([b'x'; 100]);
+        assert_eq!(
+            up_feed(&mut u, &line),
+            [Up::Err(
+                "the server sent a line longer than 64 bytes".into()
+            )]
+        );
+        // Too many lines in one reply.
+        let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+        let evs = up_feed(&mut u, &b"220-x\r\n".repeat(200));
+        assert!(matches!(&evs[..], [Up::Err(e)] if e.contains("too many lines")));
+    }
+
+    #[test]
+    fn upstream_byte_at_a_time() {
+        let ch = challenge_b64(r#"{"status":"401"}"#);
+        let challenge_line = format!("334 {ch}\r\n");
+        let script: Vec<&[u8]> = vec![
+            b"220-a\r\n220 b\r\n",
+            b"250-hi\r\n250-8BITMIME\r\n250 AUTH OAUTHBEARER\r\n",
+            b"504 5.5.4 two-step please\r\n",
+            b"334 \r\n",
+            challenge_line.as_bytes(),
+            b"535 5.7.8 no\r\n",
+        ];
+        let run_it = |chunk: usize| {
+            let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
+            run_script(&mut u, &script, chunk, &token())
+        };
+        let whole = run_it(usize::MAX);
+        assert_eq!(
+            whole,
+            [
+                send("EHLO localhost\r\n"),
+                Up::NeedToken,
+                send(&format!("AUTH OAUTHBEARER {}\r\n", ob())),
+                send("AUTH OAUTHBEARER\r\n"),
+                send(&format!("{}\r\n", ob())),
+                send("AQ==\r\n"),
+                Up::Rejected {
+                    status: Some("401".into()),
+                    text: "535 5.7.8 no".into(),
+                    retry: true
+                }
+            ]
+        );
+        assert_eq!(run_it(1), whole);
+        assert_eq!(run_it(3), whole);
+    }
+
+    #[test]
+    fn prop_random_server_bytes_never_panic() {
+        let mut next = xorshift(0x1234_5678_9abc_def1);
+        let pieces: [&[u8]; 12] = [
+            b"220 ",
+            b"250-",
+            b"250 AUTH XOAUTH2 OAUTHBEARER",
+            b"\r\n",
+            b"334 ",
+            b"235 ",
+            b"535 5.7.8 ",
+            b"501 ",
+            b"5.7.139",
+            b"eyJzdGF0dXMiOjQwMX0=",
+            b"STARTTLS",
+            b"\n",
+        ];
+        for round in 0..300 {
+            let mut u = SmtpUpstreamLogin::new(UpstreamOptions {
+                max_line: 50,
+                starttls: round % 2 == 0,
+                ..UpstreamOptions::default()
+            });
+            for _ in 0..(next() % 30) {
+                let bytes: Vec<u8> = if next() % 3 == 0 {
+                    (0..next() % 10).map(|_| next() as u8).collect()
+                } else {
+                    pieces[(next() % 12) as usize].to_vec()
+                };
+                u.feed(&bytes);
+                for _ in 0..20 {
+                    match u.next_step() {
+                        Ok(UpstreamStep::NeedToken) => u.provide_token(&token()),
+                        Ok(UpstreamStep::Rejected(_)) => u.retry(),
+                        Ok(UpstreamStep::StartTls) => u.tls_started(),
+                        Ok(UpstreamStep::NeedInput) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+                // Input is only held unread while the dialogue waits for
+                // the driver (or is over).
+                let reading = matches!(
+                    u.state,
+                    UpState::Greeting | UpState::Ehlo | UpState::StartTls | UpState::Auth { .. }
+                );
+                assert!(!reading || u.framer.buf.len() <= 60);
+            }
+        }
+    }
+
+    // ----- explanations -----
+
+    #[test]
+    fn explanations() {
+        let cases: [(&str, Option<&str>); 12] = [
+            (
+                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.",
+                Some("SMTP AUTH is switched off"),
+            ),
+            (
+                "535 5.7.139 Authentication unsuccessful, user is locked by your organization's security defaults policy.",
+                Some("security defaults"),
+            ),
+            (
+                "535 5.7.139 Authentication unsuccessful, the request did not meet the criteria to be authenticated successfully.",
+                Some("refused SMTP AUTH by policy"),
+            ),
+            (
+                "535 5.7.3 Authentication unsuccessful [SN4PR0201CA0045.namprd02.prod.outlook.com]",
+                Some("wrong token audience"),
+            ),
+            (
+                "550 5.7.60 SMTP; Client does not have permissions to send as this sender.",
+                Some("Send As"),
+            ),
+            (
+                "501 5.5.127 Token will expire soon",
+                Some("too close to expiry"),
+            ),
+            (
+                "535 5.7.8 Username and Password not accepted. For more information, go to https://support.google.com/mail/?p=BadCredentials",
+                Some("https://mail.google.com/ scope"),
+            ),
+            (
+                "534 5.7.9 Application-specific password required.",
+                Some("app password"),
+            ),
+            (
+                "534 5.7.14 Please log in via your web browser and then try again.",
+                Some("interactive sign-in"),
+            ),
+            ("535 5.7.30 Something else", None),
+            ("250 2.0.0 OK", None),
+            ("", None),
+        ];
+        for (reply, want) in cases {
+            let got = explain(reply);
+            match want {
+                Some(part) => assert!(got.is_some_and(|g| g.contains(part)), "{reply}: {got:?}"),
+                None => assert_eq!(got, None, "{reply}"),
+            }
+            if let Some(g) = got {
+                assert!(!g.contains('\n'));
+            }
+        }
+        assert_eq!(
+            explain(
+                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox."
+            ),
+            Some(
+                "SMTP AUTH is switched off for this Microsoft 365 tenant or mailbox: enable Authenticated SMTP in the admin centre or run Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false"
+            )
+        );
+    }
+}
