@@ -14,7 +14,9 @@ use crate::net::tls::{self, TlsError};
 use crate::net::upstream::{self, UpstreamConn, UpstreamFailure};
 use crate::oauth::{TokenError, TokenSource};
 use crate::vault::{Vault, VaultError};
-use mailbridge_proto::{self as proto, FailureKind, LoginFailure, LoginRequest, UpstreamLogin};
+use mailbridge_proto::{
+    self as proto, FailureKind, LoginFailure, LoginRequest, UpstreamLogin, text,
+};
 
 /// The configuration logins follow, replaced whole by a reload: accounts,
 /// providers, and each provider's upstream TLS config (its CA file, or
@@ -158,7 +160,7 @@ impl Gateway {
             .map_err(|e| {
                 failure(
                     FailureKind::Unavailable,
-                    crate::oauth::one_line(&format!(
+                    text::flatten(&format!(
                         "`{}` is not authorized yet and the authorization did not complete: {e}",
                         account.name
                     )),
@@ -240,7 +242,7 @@ impl Gateway {
                 FailureKind::BadCredentials,
                 format!(
                     "mailbridge has no account for `{}`; check the user name",
-                    printable(user)
+                    text::printable(user, 100)
                 ),
             ));
         };
@@ -395,7 +397,7 @@ fn upstream_failure(protocol: Protocol, account: &str, e: UpstreamFailure) -> Lo
     match e {
         UpstreamFailure::Token(t) => token_failure(account, t),
         UpstreamFailure::Rejected { server, rejection } => {
-            let text = crate::oauth::one_line(&rejection.server_text);
+            let text = text::flatten(&rejection.server_text);
             if crate::diagnose::is_temporary_refusal(protocol, &text) {
                 // The server could not check the token (e.g. Dovecot cannot
                 // reach its introspection endpoint): nothing to re-authorize,
@@ -423,10 +425,7 @@ fn upstream_failure(protocol: Protocol, account: &str, e: UpstreamFailure) -> Lo
                 upstream_reply: Some(text),
             }
         }
-        other => failure(
-            FailureKind::Unavailable,
-            crate::oauth::one_line(&other.to_string()),
-        ),
+        other => failure(FailureKind::Unavailable, text::flatten(&other.to_string())),
     }
 }
 
@@ -451,12 +450,7 @@ fn token_failure(account: &str, e: TokenError) -> LoginFailure {
             ));
         }
     }
-    failure(kind, crate::oauth::one_line(&reason))
-}
-
-/// A user name as it may appear in a reply: printable, bounded.
-fn printable(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control()).take(100).collect()
+    failure(kind, text::flatten(&reason))
 }
 
 fn unix_now() -> u64 {

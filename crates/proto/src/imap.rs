@@ -2,7 +2,8 @@
 //!
 //! Both halves first split the byte stream into whole IMAP messages (a line
 //! plus the literals it announces, with their continuation lines) under size
-//! limits, and only then hand a complete message to imap-codec. Literal
+//! limits ([`crate::framer`]), and only then hand a complete message to
+//! imap-codec. Literal
 //! handling stays exact (we alone decide when a client gets `+`), and a
 //! malformed or oversized message is dropped on its real boundaries, so
 //! literal bytes are never mistaken for a command.
@@ -22,48 +23,19 @@ use super::{
     ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, Rejection, UpstreamError,
     UpstreamLogin, UpstreamStep, UpstreamSuccess,
 };
+use crate::framer::{Frame, Framer, LiteralEvent, Literals};
 use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism};
+use crate::text::{one_line, strip_eol};
+use crate::unexpected;
 
 /// Default line and literal limit: 64 KiB is far above any real pre-auth
 /// command (RFC 7162 asks servers to accept 8 KiB lines) and keeps the
 /// memory a stranger can make us hold small.
 const DEFAULT_LIMIT: usize = 64 * 1024;
 
-/// How many bytes of a discarded line we keep to spot a literal announced at
-/// its end (`{4294967295+}\r\n` is 15 bytes).
-const TAIL: usize = 32;
-
 // ---------------------------------------------------------------------------
-// Framing
+// Tags
 // ---------------------------------------------------------------------------
-
-/// A literal announced at the end of a line: `{n}` (sync) or `{n+}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Announcement {
-    length: u64,
-    sync: bool,
-}
-
-/// The literal a line ending in `{n}\r\n` or `{n+}\r\n` announces.
-fn announcement(line: &[u8]) -> Option<Announcement> {
-    let body = line.strip_suffix(b"}\r\n")?;
-    let (body, sync) = match body.strip_suffix(b"+") {
-        Some(b) => (b, false),
-        None => (body, true),
-    };
-    let start = body
-        .iter()
-        .rposition(|b| !b.is_ascii_digit())
-        .map_or(0, |i| i + 1);
-    let digits = &body[start..];
-    if digits.is_empty() || body[..start].last() != Some(&b'{') {
-        return None;
-    }
-    let length = digits.iter().fold(0u64, |n, d| {
-        n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
-    });
-    Some(Announcement { length, sync })
-}
 
 /// IMAP tag characters: ASTRING-CHAR except `+`.
 fn is_tag_char(b: u8) -> bool {
@@ -79,268 +51,6 @@ fn tag_of(bytes: &[u8]) -> Option<String> {
         return None;
     }
     Some(String::from_utf8_lossy(tag).into_owned())
-}
-
-/// What the framer found next.
-#[derive(Debug)]
-enum Frame {
-    /// More input is needed.
-    NeedMore,
-    /// A complete message: lines and literals, ending with a line ending.
-    Message(Vec<u8>),
-    /// A line announced an acceptable literal; for a sync literal the peer
-    /// waits for a continuation request.
-    Literal { sync: bool },
-    /// A line went over the limit; it (and its message) is being dropped.
-    LineTooLong,
-    /// An announced literal is over the limit; the message is dropped. A
-    /// sync literal's bytes will not come; a non-sync literal's are skipped.
-    LiteralTooLarge { tag: Option<String> },
-    /// A dropped overlong line ended by announcing a sync literal: the
-    /// peer waits for a reply to that.
-    AbandonedSync { tag: Option<String> },
-    /// The end of a dropped message.
-    Discarded,
-}
-
-#[derive(Debug)]
-enum FrameState {
-    /// Reading a line into the message.
-    Line,
-    /// Copying an accepted literal into the message.
-    Literal { remaining: usize },
-    /// Dropping an overlong line up to its line ending.
-    Discard {
-        tail: Vec<u8>,
-        tag: Option<String>,
-        literals: bool,
-    },
-    /// Dropping the bytes of a refused non-sync literal, then the rest of
-    /// its message.
-    Skip { remaining: u64, tag: Option<String> },
-}
-
-/// Splits bytes into IMAP messages. Holds at most one message (bounded by
-/// `max_line + max_literal`) plus whatever was fed and not yet framed.
-struct Framer {
-    /// Received, not yet framed.
-    buf: Vec<u8>,
-    /// The current message so far.
-    msg: Vec<u8>,
-    state: FrameState,
-    max_line: usize,
-    max_literal: usize,
-}
-
-impl Framer {
-    fn new(max_line: usize, max_literal: usize) -> Self {
-        Framer {
-            buf: Vec::new(),
-            msg: Vec::new(),
-            state: FrameState::Line,
-            max_line: max_line.max(1),
-            max_literal,
-        }
-    }
-
-    /// The largest message we assemble.
-    fn cap(&self) -> usize {
-        self.max_line.saturating_add(self.max_literal)
-    }
-
-    /// Forgets everything: used at STARTTLS so no plaintext byte survives
-    /// into the encrypted session.
-    fn reset(&mut self) {
-        self.buf.zeroize();
-        self.msg.zeroize();
-        self.state = FrameState::Line;
-    }
-
-    fn start_discard(&mut self, literals: bool) -> Frame {
-        let tag = tag_of(if self.msg.is_empty() {
-            &self.buf
-        } else {
-            &self.msg
-        });
-        self.msg.zeroize();
-        self.state = FrameState::Discard {
-            tail: Vec::new(),
-            tag,
-            literals,
-        };
-        Frame::LineTooLong
-    }
-
-    /// The next frame of a command or response stream.
-    fn next_frame(&mut self) -> Frame {
-        loop {
-            match &mut self.state {
-                FrameState::Line => {
-                    let Some(pos) = self.buf.iter().position(|&b| b == b'\n') else {
-                        if self.buf.len() > self.max_line
-                            || self.msg.len() + self.buf.len() > self.cap()
-                        {
-                            return self.start_discard(true);
-                        }
-                        return Frame::NeedMore;
-                    };
-                    let len = pos + 1;
-                    if len > self.max_line || self.msg.len() + len > self.cap() {
-                        return self.start_discard(true);
-                    }
-                    let start = self.msg.len();
-                    self.msg.extend(self.buf.drain(..len));
-                    let Some(a) = announcement(&self.msg[start..]) else {
-                        return Frame::Message(std::mem::take(&mut self.msg));
-                    };
-                    let room = self.cap().saturating_sub(self.msg.len());
-                    let fits =
-                        usize::try_from(a.length).is_ok_and(|n| n <= self.max_literal && n <= room);
-                    if !fits {
-                        let tag = tag_of(&self.msg);
-                        self.msg.zeroize();
-                        if !a.sync {
-                            self.state = FrameState::Skip {
-                                remaining: a.length,
-                                tag: tag.clone(),
-                            };
-                        }
-                        return Frame::LiteralTooLarge { tag };
-                    }
-                    self.state = FrameState::Literal {
-                        remaining: usize::try_from(a.length).unwrap_or(usize::MAX),
-                    };
-                    return Frame::Literal { sync: a.sync };
-                }
-                FrameState::Literal { remaining } => {
-                    if *remaining > 0 {
-                        if self.buf.is_empty() {
-                            return Frame::NeedMore;
-                        }
-                        let n = (*remaining).min(self.buf.len());
-                        *remaining -= n;
-                        self.msg.extend(self.buf.drain(..n));
-                    }
-                    if *remaining == 0 {
-                        self.state = FrameState::Line;
-                    }
-                }
-                FrameState::Skip { remaining, tag } => {
-                    if *remaining > 0 {
-                        if self.buf.is_empty() {
-                            return Frame::NeedMore;
-                        }
-                        let n = usize::try_from(*remaining)
-                            .unwrap_or(usize::MAX)
-                            .min(self.buf.len());
-                        *remaining -= n as u64;
-                        self.buf.drain(..n);
-                    }
-                    if *remaining == 0 {
-                        let tag = tag.take();
-                        self.state = FrameState::Discard {
-                            tail: Vec::new(),
-                            tag,
-                            literals: true,
-                        };
-                    }
-                }
-                FrameState::Discard {
-                    tail,
-                    tag,
-                    literals,
-                } => {
-                    let end = self.buf.iter().position(|&b| b == b'\n');
-                    let upto = end.map_or(self.buf.len(), |p| p + 1);
-                    tail.extend(self.buf.drain(..upto));
-                    if tail.len() > TAIL {
-                        tail.drain(..tail.len() - TAIL);
-                    }
-                    if end.is_none() {
-                        return Frame::NeedMore;
-                    }
-                    let found = if *literals { announcement(tail) } else { None };
-                    let tag = tag.take();
-                    match found {
-                        None => {
-                            self.state = FrameState::Line;
-                            return Frame::Discarded;
-                        }
-                        Some(a) if a.sync => {
-                            self.state = FrameState::Line;
-                            return Frame::AbandonedSync { tag };
-                        }
-                        Some(a) => {
-                            self.state = FrameState::Skip {
-                                remaining: a.length,
-                                tag,
-                            };
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Refuses the sync literal just announced: its bytes will not come, so
-    /// the message ends here.
-    fn abort_literal(&mut self) {
-        if matches!(self.state, FrameState::Literal { .. }) {
-            self.msg.zeroize();
-            self.state = FrameState::Line;
-        }
-    }
-
-    /// The next line, with no literal semantics (a SASL response line).
-    fn next_raw_line(&mut self) -> Frame {
-        if !matches!(self.state, FrameState::Line) || !self.msg.is_empty() {
-            return self.next_frame();
-        }
-        match self.buf.iter().position(|&b| b == b'\n') {
-            Some(pos) if pos < self.max_line => Frame::Message(self.buf.drain(..=pos).collect()),
-            Some(_) => self.start_discard(false),
-            None if self.buf.len() > self.max_line => self.start_discard(false),
-            None => Frame::NeedMore,
-        }
-    }
-}
-
-impl Drop for Framer {
-    fn drop(&mut self) {
-        // Pre-auth buffers can hold passwords.
-        self.buf.zeroize();
-        self.msg.zeroize();
-    }
-}
-
-/// One line of text for a reply: no control characters, ASCII only,
-/// bounded, never empty.
-fn one_line(text: &str, fallback: &str) -> String {
-    let clean: String = text
-        .chars()
-        .map(|c| {
-            if c.is_ascii() && !c.is_ascii_control() {
-                c
-            } else if c.is_control() {
-                ' '
-            } else {
-                '?'
-            }
-        })
-        .take(300)
-        .collect();
-    let clean = clean.trim();
-    if clean.is_empty() {
-        fallback.to_owned()
-    } else {
-        clean.to_owned()
-    }
-}
-
-/// A line without its line ending.
-fn strip_eol(line: &[u8]) -> &[u8] {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    line.strip_suffix(b"\r").unwrap_or(line)
 }
 
 // ---------------------------------------------------------------------------
@@ -436,7 +146,7 @@ impl fmt::Debug for ImapClientSession {
         f.debug_struct("ImapClientSession")
             .field("state", &self.state.name())
             .field("in_tls", &self.in_tls)
-            .field("buffered", &(self.framer.buf.len() + self.framer.msg.len()))
+            .field("buffered", &self.framer.buffered())
             .field("client_info", &self.client_info)
             .finish()
     }
@@ -522,7 +232,13 @@ impl ImapClientSession {
     /// A new pre-auth session.
     pub fn new(opts: ClientOptions) -> Self {
         ImapClientSession {
-            framer: Framer::new(opts.max_line, opts.max_literal),
+            framer: Framer::messages(
+                opts.max_line,
+                Literals {
+                    max_literal: opts.max_literal,
+                    label: tag_of,
+                },
+            ),
             in_tls: opts.tls_active,
             opts,
             state: ClientState::Commands,
@@ -705,60 +421,55 @@ impl ClientSession for ImapClientSession {
         match self.state {
             // Bytes before the handshake are plaintext; after LOGOUT, noise.
             ClientState::TlsPending | ClientState::Closed => {}
-            _ => self.framer.buf.extend_from_slice(data),
+            _ => self.framer.push(data),
         }
     }
 
     fn next_step(&mut self) -> ClientStep {
-        loop {
-            let auth_tag = match &self.state {
-                ClientState::Commands => None,
-                ClientState::AuthPlain { tag } => Some(tag.clone()),
-                _ => return ClientStep::NeedInput,
-            };
-            let frame = if auth_tag.is_some() {
-                self.framer.next_raw_line()
-            } else {
-                self.framer.next_frame()
-            };
-            match (frame, auth_tag) {
-                (Frame::NeedMore, _) => return ClientStep::NeedInput,
-                (Frame::Message(mut line), Some(tag)) => {
-                    let step = self.auth_response(tag, &line);
-                    line.zeroize();
-                    return step;
+        let auth_tag = match &self.state {
+            ClientState::Commands => None,
+            ClientState::AuthPlain { tag } => Some(tag.clone()),
+            _ => return ClientStep::NeedInput,
+        };
+        let frame = if auth_tag.is_some() {
+            self.framer.next_line()
+        } else {
+            self.framer.next()
+        };
+        match (frame, auth_tag) {
+            (Frame::NeedMore, _) => ClientStep::NeedInput,
+            (Frame::Message(mut line), Some(tag)) => {
+                let step = self.auth_response(tag, &line);
+                line.zeroize();
+                step
+            }
+            (Frame::Message(mut msg), None) => {
+                let step = self.command(&msg);
+                msg.zeroize();
+                step
+            }
+            (Frame::LineTooLong, Some(tag)) => {
+                self.state = ClientState::Commands;
+                ClientStep::Send(tagged(Some(&tag), "BAD AUTHENTICATE response too long"))
+            }
+            (Frame::LineTooLong, None) => {
+                ClientStep::Send(b"* BAD Command line too long\r\n".to_vec())
+            }
+            (Frame::Literal(LiteralEvent::Sync), _) => {
+                let msg = self.framer.partial_message();
+                if !self.login_allowed() && is_login(msg) {
+                    // Refuse before the client sends a password in clear.
+                    let tag = tag_of(msg).unwrap_or_else(|| "*".into());
+                    self.framer.refuse_literal();
+                    return Self::privacy_required(&tag);
                 }
-                (Frame::Message(mut msg), None) => {
-                    let step = self.command(&msg);
-                    msg.zeroize();
-                    return step;
-                }
-                (Frame::LineTooLong, Some(tag)) => {
-                    self.state = ClientState::Commands;
-                    return ClientStep::Send(tagged(
-                        Some(&tag),
-                        "BAD AUTHENTICATE response too long",
-                    ));
-                }
-                (Frame::LineTooLong, None) => {
-                    return ClientStep::Send(b"* BAD Command line too long\r\n".to_vec());
-                }
-                (Frame::Literal { sync: true }, _) => {
-                    if !self.login_allowed() && is_login(&self.framer.msg) {
-                        // Refuse before the client sends a password in clear.
-                        let tag = tag_of(&self.framer.msg).unwrap_or_else(|| "*".into());
-                        self.framer.abort_literal();
-                        return Self::privacy_required(&tag);
-                    }
-                    return ClientStep::Send(b"+ Ready for literal\r\n".to_vec());
-                }
-                (Frame::LiteralTooLarge { tag, .. }, _) => {
-                    return ClientStep::Send(tagged(tag.as_deref(), "BAD Literal too large"));
-                }
-                (Frame::AbandonedSync { tag }, _) => {
-                    return ClientStep::Send(tagged(tag.as_deref(), "BAD Command line too long"));
-                }
-                (Frame::Literal { sync: false } | Frame::Discarded, _) => {}
+                ClientStep::Send(b"+ Ready for literal\r\n".to_vec())
+            }
+            (Frame::Literal(LiteralEvent::TooLarge { label }), _) => {
+                ClientStep::Send(tagged(label.as_deref(), "BAD Literal too large"))
+            }
+            (Frame::Literal(LiteralEvent::AbandonedSync { label }), _) => {
+                ClientStep::Send(tagged(label.as_deref(), "BAD Command line too long"))
             }
         }
     }
@@ -808,7 +519,7 @@ impl ClientSession for ImapClientSession {
     }
 
     fn take_pending(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.framer.buf)
+        self.framer.take()
     }
 
     fn timeout_message(&self) -> Vec<u8> {
@@ -1011,13 +722,6 @@ fn server_text(msg: &[u8]) -> String {
     one_line(&String::from_utf8_lossy(rest), "(no text)")
 }
 
-fn unexpected(what: &str, msg: &[u8]) -> UpstreamError {
-    UpstreamError::Unexpected(format!(
-        "{what}: {}",
-        one_line(&String::from_utf8_lossy(strip_eol(msg)), "(empty line)")
-    ))
-}
-
 enum UpState {
     /// Waiting for the greeting.
     Greeting,
@@ -1106,7 +810,14 @@ impl ImapUpstreamLogin {
     /// A new login dialogue; feed it the server's bytes from the start.
     pub fn new(opts: UpstreamOptions) -> Self {
         ImapUpstreamLogin {
-            framer: Framer::new(opts.max_line, opts.max_line),
+            // Server literals (in `* ID`, say) are bounded like lines.
+            framer: Framer::messages(
+                opts.max_line,
+                Literals {
+                    max_literal: opts.max_line,
+                    label: tag_of,
+                },
+            ),
             opts,
             state: UpState::Greeting,
             queue: VecDeque::new(),
@@ -1196,7 +907,7 @@ impl ImapUpstreamLogin {
 
     fn finish(&mut self, capabilities: Vec<String>) {
         self.state = UpState::Done;
-        let leftover = std::mem::take(&mut self.framer.buf);
+        let leftover = self.framer.take();
         self.queue
             .push_back(UpstreamStep::Authenticated(UpstreamSuccess {
                 capabilities,
@@ -1368,7 +1079,7 @@ impl UpstreamLogin for ImapUpstreamLogin {
         match self.state {
             // Plaintext bytes before the handshake must not be trusted.
             UpState::TlsHandshake => {}
-            _ => self.framer.buf.extend_from_slice(data),
+            _ => self.framer.push(data),
         }
     }
 
@@ -1388,19 +1099,19 @@ impl UpstreamLogin for ImapUpstreamLogin {
                 }
                 _ => {}
             }
-            let result = match self.framer.next_frame() {
+            let result = match self.framer.next() {
                 Frame::NeedMore => return Ok(UpstreamStep::NeedInput),
                 Frame::Message(mut msg) => {
                     let r = self.handle(&msg);
                     msg.zeroize();
                     r
                 }
-                Frame::Literal { .. } | Frame::Discarded => Ok(()),
+                // A server's literal needs no go-ahead: it just follows.
+                Frame::Literal(LiteralEvent::Sync) => Ok(()),
                 Frame::LineTooLong
-                | Frame::LiteralTooLarge { .. }
-                | Frame::AbandonedSync { .. } => {
-                    Err(UpstreamError::LineTooLong(self.opts.max_line))
-                }
+                | Frame::Literal(
+                    LiteralEvent::TooLarge { .. } | LiteralEvent::AbandonedSync { .. },
+                ) => Err(UpstreamError::LineTooLong(self.opts.max_line)),
             };
             if let Err(e) = result {
                 self.state = UpState::Failed;
@@ -1939,7 +1650,7 @@ mod tests {
         for _ in 0..100 {
             sess.feed(&[b'y'; 100]);
             let _ = sess.next_step();
-            assert!(sess.framer.buf.len() + sess.framer.msg.len() <= 64 + 32 + 100);
+            assert!(sess.framer.buffered() <= 64 + 32 + 100);
         }
     }
 
@@ -2136,7 +1847,7 @@ mod tests {
             for part in input.chunks(chunk) {
                 b.feed(part);
                 pump(&mut b, &mut evs);
-                assert!(b.framer.msg.len() <= 48);
+                assert!(b.framer.partial_message().len() <= 48);
                 if matches!(evs.last(), Some(Ev::StartTls(_))) {
                     b.tls_started();
                 }
@@ -2615,7 +2326,7 @@ mod tests {
                         Ok(_) => {}
                     }
                 }
-                assert!(u.framer.msg.len() <= 100);
+                assert!(u.framer.partial_message().len() <= 100);
             }
         }
     }

@@ -10,12 +10,14 @@
 
 #![forbid(unsafe_code)]
 
+mod framer;
 pub mod imap;
 pub mod pop3;
 pub mod sasl;
 pub mod smtp;
 #[cfg(test)]
 mod testkit;
+pub mod text;
 
 use crate::sasl::{BearerToken, Credentials, FailureChallenge};
 
@@ -171,4 +173,22 @@ pub trait UpstreamLogin: Send {
     /// After a `Rejected` with `retry_suggested`: start another
     /// authentication on the same connection (next step is `NeedToken`).
     fn retry(&mut self);
+}
+
+/// The server said something the dialogue cannot follow: `what`, then the
+/// offending line as one line of at most [`text::MAX_TEXT`] characters.
+pub(crate) fn unexpected(what: &str, line: &[u8]) -> UpstreamError {
+    unexpected_within(what, line, text::MAX_TEXT)
+}
+
+/// [`unexpected`] with another bound on the quoted line.
+pub(crate) fn unexpected_within(what: &str, line: &[u8], max_text: usize) -> UpstreamError {
+    UpstreamError::Unexpected(format!(
+        "{what}: {}",
+        text::one_line_within(
+            &String::from_utf8_lossy(text::strip_eol(line)),
+            "(empty line)",
+            max_text
+        )
+    ))
 }

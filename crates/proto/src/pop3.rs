@@ -1,7 +1,7 @@
 //! POP3: client-facing pre-auth session and upstream login dialogue.
 //!
-//! POP3 has no literals, so both halves share one small line splitter with
-//! a length cap and parse commands and responses by hand: RFC 1939 (USER,
+//! POP3 has no literals: both halves split lines with a length cap
+//! ([`crate::framer`]) and parse commands and responses by hand: RFC 1939 (USER,
 //! PASS, QUIT), RFC 2449 (CAPA, RESP-CODES, PIPELINING), RFC 2595 (STLS),
 //! RFC 5034 (AUTH, AUTH-RESP-CODE) and RFC 3206 (`[AUTH]`, `[SYS/TEMP]`).
 
@@ -14,7 +14,10 @@ use super::{
     ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, Rejection, UpstreamError,
     UpstreamLogin, UpstreamStep, UpstreamSuccess,
 };
+use crate::framer::{Frame, Framer};
 use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism};
+use crate::text::{one_line, strip_eol};
+use crate::unexpected;
 
 /// Default line limit, CRLF included. RFC 2449 caps commands at 255 octets
 /// and responses at 512, but an AUTH line with an initial response (RFC
@@ -22,124 +25,11 @@ use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism};
 /// keeps what a stranger can make us buffer small.
 const DEFAULT_MAX_LINE: usize = 4 * 1024;
 
-// ---------------------------------------------------------------------------
-// Lines
-// ---------------------------------------------------------------------------
-
-/// What the line splitter found next.
-#[derive(Debug)]
-enum Frame {
-    /// More input is needed.
-    NeedMore,
-    /// A complete line, line ending included.
-    Line(Vec<u8>),
-    /// A line went over the limit: reported once, then dropped up to and
-    /// including its line ending.
-    TooLong,
-}
-
-/// Splits bytes into lines of at most `max_line` bytes. Holds at most what
-/// was fed and not yet taken; while dropping an overlong line it keeps
-/// nothing of it.
-struct Lines {
-    /// Received, not yet split off.
-    buf: Vec<u8>,
-    /// Dropping the rest of an overlong line.
-    discarding: bool,
-    max_line: usize,
-}
-
-impl Lines {
-    fn new(max_line: usize) -> Self {
-        Lines {
-            buf: Vec::new(),
-            discarding: false,
-            max_line: max_line.max(1),
-        }
-    }
-
-    /// Forgets everything: used at STLS so no plaintext byte survives into
-    /// the encrypted session.
-    fn reset(&mut self) {
-        self.buf.zeroize();
-        self.discarding = false;
-    }
-
-    fn next_line(&mut self) -> Frame {
-        loop {
-            let end = self.buf.iter().position(|&b| b == b'\n');
-            if self.discarding {
-                match end {
-                    Some(pos) => {
-                        self.buf.drain(..=pos);
-                        self.discarding = false;
-                    }
-                    None => {
-                        self.buf.zeroize();
-                        return Frame::NeedMore;
-                    }
-                }
-                continue;
-            }
-            return match end {
-                Some(pos) if pos < self.max_line => Frame::Line(self.buf.drain(..=pos).collect()),
-                Some(pos) => {
-                    self.buf.drain(..=pos);
-                    Frame::TooLong
-                }
-                None if self.buf.len() > self.max_line => {
-                    self.buf.zeroize();
-                    self.discarding = true;
-                    Frame::TooLong
-                }
-                None => Frame::NeedMore,
-            };
-        }
-    }
-}
-
-impl Drop for Lines {
-    fn drop(&mut self) {
-        // Pre-auth buffers can hold passwords.
-        self.buf.zeroize();
-    }
-}
-
-/// A line without its line ending (CRLF, or a bare LF we tolerate).
-fn strip_eol(line: &[u8]) -> &[u8] {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    line.strip_suffix(b"\r").unwrap_or(line)
-}
-
 /// Splits off the first space-separated word; the rest is verbatim.
 fn split_word(bytes: &[u8]) -> (&[u8], Option<&[u8]>) {
     match bytes.iter().position(|&b| b == b' ') {
         Some(i) => (&bytes[..i], Some(&bytes[i + 1..])),
         None => (bytes, None),
-    }
-}
-
-/// One line of text for a reply: no control characters, ASCII only,
-/// bounded, never empty.
-fn one_line(text: &str, fallback: &str) -> String {
-    let clean: String = text
-        .chars()
-        .map(|c| {
-            if c.is_ascii() && !c.is_ascii_control() {
-                c
-            } else if c.is_control() {
-                ' '
-            } else {
-                '?'
-            }
-        })
-        .take(300)
-        .collect();
-    let clean = clean.trim();
-    if clean.is_empty() {
-        fallback.to_owned()
-    } else {
-        clean.to_owned()
     }
 }
 
@@ -218,7 +108,7 @@ impl ClientState {
 /// and has not yet drained with `next_step`.
 pub struct Pop3ClientSession {
     opts: ClientOptions,
-    lines: Lines,
+    framer: Framer,
     state: ClientState,
     /// TLS is on (implicit, or STLS done).
     in_tls: bool,
@@ -232,7 +122,7 @@ impl fmt::Debug for Pop3ClientSession {
         f.debug_struct("Pop3ClientSession")
             .field("state", &self.state.name())
             .field("in_tls", &self.in_tls)
-            .field("buffered", &self.lines.buf.len())
+            .field("buffered", &self.framer.buffered())
             .field("user_given", &self.user.is_some())
             .finish()
     }
@@ -246,7 +136,7 @@ impl Pop3ClientSession {
     /// A new pre-auth session.
     pub fn new(opts: ClientOptions) -> Self {
         Pop3ClientSession {
-            lines: Lines::new(opts.max_line),
+            framer: Framer::lines(opts.max_line),
             in_tls: opts.tls_active,
             opts,
             state: ClientState::Commands,
@@ -377,7 +267,7 @@ impl Pop3ClientSession {
         }
         // Whatever the client sent after STLS is plaintext that must not be
         // taken as coming from inside TLS.
-        self.lines.reset();
+        self.framer.reset();
         self.state = ClientState::TlsPending;
         ClientStep::StartTls(b"+OK Begin TLS negotiation\r\n".to_vec())
     }
@@ -392,7 +282,7 @@ impl Pop3ClientSession {
             b"STLS" => self.stls_command(),
             b"QUIT" => {
                 self.state = ClientState::Closed;
-                self.lines.reset();
+                self.framer.reset();
                 ClientStep::Close(b"+OK mailbridge signing off\r\n".to_vec())
             }
             // TRANSACTION-state commands (NOOP included, RFC 1939 section 5).
@@ -422,7 +312,7 @@ impl ClientSession for Pop3ClientSession {
         match self.state {
             // Bytes before the handshake are plaintext; after QUIT, noise.
             ClientState::TlsPending | ClientState::Closed => {}
-            _ => self.lines.buf.extend_from_slice(data),
+            _ => self.framer.push(data),
         }
     }
 
@@ -432,14 +322,15 @@ impl ClientSession for Pop3ClientSession {
             ClientState::AuthPlain => true,
             _ => return ClientStep::NeedInput,
         };
-        match self.lines.next_line() {
-            Frame::NeedMore => ClientStep::NeedInput,
-            Frame::TooLong => {
+        match self.framer.next() {
+            // POP3 and SMTP have no literals: a lines framer reports none.
+            Frame::NeedMore | Frame::Literal(_) => ClientStep::NeedInput,
+            Frame::LineTooLong => {
                 // An overlong AUTH response ends that exchange.
                 self.state = ClientState::Commands;
                 err("Line too long")
             }
-            Frame::Line(mut line) => {
+            Frame::Message(mut line) => {
                 let text = strip_eol(&line);
                 let step = if in_auth {
                     self.auth_response(text)
@@ -454,7 +345,7 @@ impl ClientSession for Pop3ClientSession {
 
     fn tls_started(&mut self) {
         self.in_tls = true;
-        self.lines.reset();
+        self.framer.reset();
         // RFC 2595 section 4: nothing from before TLS carries over.
         self.user = None;
         if matches!(self.state, ClientState::TlsPending) {
@@ -487,7 +378,7 @@ impl ClientSession for Pop3ClientSession {
     }
 
     fn take_pending(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.lines.buf)
+        self.framer.take()
     }
 
     fn timeout_message(&self) -> Vec<u8> {
@@ -561,13 +452,6 @@ fn status(line: &[u8]) -> Status {
     }
 }
 
-fn unexpected(what: &str, line: &[u8]) -> UpstreamError {
-    UpstreamError::Unexpected(format!(
-        "{what}: {}",
-        one_line(&String::from_utf8_lossy(line), "(empty line)")
-    ))
-}
-
 enum UpState {
     /// Waiting for the greeting.
     Greeting,
@@ -625,7 +509,7 @@ impl UpState {
 /// trip and comes back as an ordinary `Rejected` with the server's text.
 pub struct Pop3UpstreamLogin {
     opts: UpstreamOptions,
-    lines: Lines,
+    framer: Framer,
     state: UpState,
     /// Steps decided but not yet handed out (may hold the token: never
     /// printed).
@@ -654,7 +538,7 @@ impl Pop3UpstreamLogin {
     /// A new login dialogue; feed it the server's bytes from the start.
     pub fn new(opts: UpstreamOptions) -> Self {
         Pop3UpstreamLogin {
-            lines: Lines::new(opts.max_line),
+            framer: Framer::lines(opts.max_line),
             opts,
             state: UpState::Greeting,
             queue: VecDeque::new(),
@@ -778,7 +662,7 @@ impl Pop3UpstreamLogin {
                 Status::Ok => {
                     // Bytes after the +OK arrived in plaintext: never trust
                     // them.
-                    self.lines.reset();
+                    self.framer.reset();
                     self.state = UpState::TlsHandshake;
                     self.queue.push_back(UpstreamStep::StartTls);
                     Ok(())
@@ -818,7 +702,7 @@ impl Pop3UpstreamLogin {
                 )),
                 Status::Ok => {
                     self.state = UpState::Done;
-                    let leftover = std::mem::take(&mut self.lines.buf);
+                    let leftover = self.framer.take();
                     self.queue
                         .push_back(UpstreamStep::Authenticated(UpstreamSuccess {
                             capabilities: self.caps.clone(),
@@ -855,7 +739,7 @@ impl UpstreamLogin for Pop3UpstreamLogin {
         match self.state {
             // Plaintext bytes before the handshake must not be trusted.
             UpState::TlsHandshake => {}
-            _ => self.lines.buf.extend_from_slice(data),
+            _ => self.framer.push(data),
         }
     }
 
@@ -875,14 +759,14 @@ impl UpstreamLogin for Pop3UpstreamLogin {
                 }
                 _ => {}
             }
-            let result = match self.lines.next_line() {
-                Frame::NeedMore => return Ok(UpstreamStep::NeedInput),
-                Frame::Line(mut line) => {
+            let result = match self.framer.next() {
+                Frame::NeedMore | Frame::Literal(_) => return Ok(UpstreamStep::NeedInput),
+                Frame::Message(mut line) => {
                     let r = self.handle(strip_eol(&line));
                     line.zeroize();
                     r
                 }
-                Frame::TooLong => Err(UpstreamError::LineTooLong(self.opts.max_line)),
+                Frame::LineTooLong => Err(UpstreamError::LineTooLong(self.opts.max_line)),
             };
             if let Err(e) = result {
                 self.state = UpState::Failed;
@@ -897,7 +781,7 @@ impl UpstreamLogin for Pop3UpstreamLogin {
             self.tls_done = true;
             self.caps.clear();
             self.capa_refused = false;
-            self.lines.reset();
+            self.framer.reset();
             self.ask_capa();
         }
     }
@@ -1287,7 +1171,7 @@ mod tests {
         for _ in 0..100 {
             sess.feed(&[b'y'; 100]);
             let _ = sess.next_step();
-            assert!(sess.lines.buf.len() <= 32 + 100);
+            assert!(sess.framer.buffered() <= 32 + 100);
         }
     }
 
@@ -1441,7 +1325,7 @@ mod tests {
                         }
                         _ => {}
                     }
-                    assert!(sess.lines.buf.len() <= 24 + chunk.min(input.len()));
+                    assert!(sess.framer.buffered() <= 24 + chunk.min(input.len()));
                 }
             }
             // STLS throws away input fed with it, which depends on chunking.
@@ -1891,7 +1775,7 @@ mod tests {
                     u.state,
                     UpState::Greeting | UpState::Capa { .. } | UpState::Stls | UpState::Auth { .. }
                 ) {
-                    assert!(u.lines.buf.len() <= 50);
+                    assert!(u.framer.buffered() <= 50);
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! SMTP: client-facing pre-auth session and upstream login dialogue.
 //!
 //! Both halves first split the byte stream into lines under a length cap
+//! ([`crate::framer`])
 //! (smtp-proto has none), and only then hand a complete line to smtp-proto:
 //! `Request::parse` for the client's commands, `ResponseReceiver` for the
 //! server's (multi-line) replies. SASL is done by hand with
@@ -25,7 +26,9 @@ use super::{
     ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, Rejection, UpstreamError,
     UpstreamLogin, UpstreamStep, UpstreamSuccess,
 };
+use crate::framer::{Frame, Framer};
 use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism, SaslError};
+use crate::text::{self, strip_eol};
 
 /// Default line limit, CRLF included: far above any AUTH line a client
 /// sends (RFC 4954 asks for 12288 octets only for the server side of big
@@ -57,143 +60,9 @@ const MAX_TEXT: usize = 400;
 const PROMPT_USER: &[u8] = b"334 VXNlcm5hbWU6\r\n";
 const PROMPT_PASS: &[u8] = b"334 UGFzc3dvcmQ6\r\n";
 
-// ---------------------------------------------------------------------------
-// Framing
-// ---------------------------------------------------------------------------
-
-/// What the line framer found next.
-#[derive(Debug)]
-enum Frame {
-    /// More input is needed.
-    NeedMore,
-    /// A complete line, with its line ending (CRLF or a bare LF).
-    Line(Vec<u8>),
-    /// A line went over the limit; it is dropped up to its line ending.
-    TooLong,
-}
-
-/// Splits bytes into lines of at most `max_line` bytes (line ending
-/// included). Holds at most what was fed and not yet framed; while
-/// dropping an overlong line it holds nothing.
-struct LineFramer {
-    buf: Vec<u8>,
-    /// `buf[..scanned]` holds no line feed: no rescans when fed slowly.
-    scanned: usize,
-    /// Dropping the rest of an overlong line.
-    discarding: bool,
-    max_line: usize,
-}
-
-impl LineFramer {
-    fn new(max_line: usize) -> Self {
-        LineFramer {
-            buf: Vec::new(),
-            scanned: 0,
-            discarding: false,
-            max_line: max_line.max(3),
-        }
-    }
-
-    fn push(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
-    }
-
-    /// Forgets everything: used at STARTTLS so no plaintext byte survives
-    /// into the encrypted session.
-    fn reset(&mut self) {
-        self.buf.zeroize();
-        self.scanned = 0;
-        self.discarding = false;
-    }
-
-    /// Everything not yet framed.
-    fn take(&mut self) -> Vec<u8> {
-        self.scanned = 0;
-        self.discarding = false;
-        std::mem::take(&mut self.buf)
-    }
-
-    fn next_line(&mut self) -> Frame {
-        loop {
-            let found = self.buf[self.scanned..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map(|p| p + self.scanned);
-            if self.discarding {
-                match found {
-                    Some(p) => {
-                        self.buf.drain(..=p);
-                        self.scanned = 0;
-                        self.discarding = false;
-                        continue;
-                    }
-                    None => {
-                        self.buf.zeroize();
-                        self.scanned = 0;
-                        return Frame::NeedMore;
-                    }
-                }
-            }
-            return match found {
-                Some(p) if p < self.max_line => {
-                    self.scanned = 0;
-                    Frame::Line(self.buf.drain(..=p).collect())
-                }
-                Some(p) => {
-                    self.buf.drain(..=p);
-                    self.scanned = 0;
-                    Frame::TooLong
-                }
-                None if self.buf.len() >= self.max_line => {
-                    self.buf.zeroize();
-                    self.scanned = 0;
-                    self.discarding = true;
-                    Frame::TooLong
-                }
-                None => {
-                    self.scanned = self.buf.len();
-                    Frame::NeedMore
-                }
-            };
-        }
-    }
-}
-
-impl Drop for LineFramer {
-    fn drop(&mut self) {
-        // Pre-auth buffers can hold passwords.
-        self.buf.zeroize();
-    }
-}
-
-/// A line without its line ending.
-fn strip_eol(line: &[u8]) -> &[u8] {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    line.strip_suffix(b"\r").unwrap_or(line)
-}
-
-/// One line of text for a reply: no control characters, ASCII only,
-/// bounded, never empty unless `fallback` is.
-fn one_line(text: &str, fallback: &str) -> String {
-    let clean: String = text
-        .chars()
-        .map(|c| {
-            if c.is_ascii() && !c.is_ascii_control() {
-                c
-            } else if c.is_control() {
-                ' '
-            } else {
-                '?'
-            }
-        })
-        .take(MAX_TEXT)
-        .collect();
-    let clean = clean.trim();
-    if clean.is_empty() {
-        fallback.to_owned()
-    } else {
-        clean.to_owned()
-    }
+/// [`text::one_line`] with SMTP's longer bound ([`MAX_TEXT`]).
+fn one_line(s: &str, fallback: &str) -> String {
+    text::one_line_within(s, fallback, MAX_TEXT)
 }
 
 /// A host name for EHLO / HELO: visible ASCII, at most 255 characters.
@@ -305,7 +174,7 @@ impl ClientState {
 /// DATA right after AUTH) for `take_pending`, in order.
 pub struct SmtpClientSession {
     opts: ClientOptions,
-    framer: LineFramer,
+    framer: Framer,
     state: ClientState,
     /// TLS is on (implicit, or STARTTLS done).
     in_tls: bool,
@@ -323,7 +192,7 @@ impl fmt::Debug for SmtpClientSession {
             .field("in_tls", &self.in_tls)
             .field("greeted", &self.greeted)
             .field("client_name", &self.client_name)
-            .field("buffered", &self.framer.buf.len())
+            .field("buffered", &self.framer.buffered())
             .finish()
     }
 }
@@ -336,7 +205,7 @@ impl SmtpClientSession {
     /// A new pre-auth session.
     pub fn new(opts: ClientOptions) -> Self {
         SmtpClientSession {
-            framer: LineFramer::new(opts.max_line),
+            framer: Framer::lines(opts.max_line.max(3)),
             in_tls: opts.tls_active,
             opts,
             state: ClientState::Commands,
@@ -638,14 +507,15 @@ impl ClientSession for SmtpClientSession {
             | ClientState::AuthLoginPass { .. } => true,
             _ => return ClientStep::NeedInput,
         };
-        match self.framer.next_line() {
-            Frame::NeedMore => ClientStep::NeedInput,
-            Frame::TooLong => {
+        match self.framer.next() {
+            // POP3 and SMTP have no literals: a lines framer reports none.
+            Frame::NeedMore | Frame::Literal(_) => ClientStep::NeedInput,
+            Frame::LineTooLong => {
                 // An AUTH exchange ends with it.
                 self.state.clear();
                 reply("500 5.5.2 Line too long")
             }
-            Frame::Line(mut line) => {
+            Frame::Message(mut line) => {
                 let step = if in_auth {
                     self.auth_response(&line)
                 } else {
@@ -852,10 +722,7 @@ impl ReplyReader {
 }
 
 fn unexpected(what: &str, line: &[u8]) -> UpstreamError {
-    UpstreamError::Unexpected(format!(
-        "{what}: {}",
-        one_line(&String::from_utf8_lossy(strip_eol(line)), "(empty line)")
-    ))
+    crate::unexpected_within(what, line, MAX_TEXT)
 }
 
 fn refused(what: &str, reply: &Reply) -> UpstreamError {
@@ -917,7 +784,7 @@ impl UpState {
 /// final refusal is reported.
 pub struct SmtpUpstreamLogin {
     opts: UpstreamOptions,
-    framer: LineFramer,
+    framer: Framer,
     reader: ReplyReader,
     state: UpState,
     /// Steps decided but not yet handed out (may hold the token: never
@@ -948,7 +815,7 @@ impl SmtpUpstreamLogin {
     /// A new login dialogue; feed it the server's bytes from the start.
     pub fn new(opts: UpstreamOptions) -> Self {
         SmtpUpstreamLogin {
-            framer: LineFramer::new(opts.max_line),
+            framer: Framer::lines(opts.max_line.max(3)),
             opts,
             reader: ReplyReader::default(),
             state: UpState::Greeting,
@@ -1160,10 +1027,10 @@ impl UpstreamLogin for SmtpUpstreamLogin {
                 }
                 _ => {}
             }
-            let result = match self.framer.next_line() {
-                Frame::NeedMore => return Ok(UpstreamStep::NeedInput),
-                Frame::TooLong => Err(UpstreamError::LineTooLong(self.framer.max_line)),
-                Frame::Line(line) => match self.reader.line(&line) {
+            let result = match self.framer.next() {
+                Frame::NeedMore | Frame::Literal(_) => return Ok(UpstreamStep::NeedInput),
+                Frame::LineTooLong => Err(UpstreamError::LineTooLong(self.framer.max_line())),
+                Frame::Message(line) => match self.reader.line(&line) {
                     Ok(Some(reply)) => self.handle(reply),
                     Ok(None) => Ok(()),
                     Err(e) => Err(e),
@@ -1661,7 +1528,7 @@ mod tests {
         for _ in 0..100 {
             sess.feed(&[b'z'; 100]);
             let _ = sess.next_step();
-            assert!(sess.framer.buf.len() <= 100);
+            assert!(sess.framer.buffered() <= 100);
         }
     }
 
@@ -1852,7 +1719,7 @@ mod tests {
             for part in input.chunks(chunk) {
                 b.feed(part);
                 pump(&mut b, &mut evs);
-                assert!(b.framer.buf.len() <= 40 + chunk);
+                assert!(b.framer.buffered() <= 40 + chunk);
                 match evs.last() {
                     Some(Ev::StartTls(_)) => b.tls_started(),
                     Some(Ev::Login { .. }) if next() % 2 == 0 => {
@@ -2384,7 +2251,7 @@ mod tests {
                     u.state,
                     UpState::Greeting | UpState::Ehlo | UpState::StartTls | UpState::Auth { .. }
                 );
-                assert!(!reading || u.framer.buf.len() <= 60);
+                assert!(!reading || u.framer.buffered() <= 60);
             }
         }
     }
