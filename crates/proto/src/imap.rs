@@ -1173,17 +1173,11 @@ impl UpstreamLogin for ImapUpstreamLogin {
 
 #[cfg(test)]
 mod tests {
-    use base64::{Engine as _, engine::general_purpose::STANDARD};
-
     use super::*;
 
     // ----- client side -----
 
-    use crate::testkit::{Ev, drive, pump};
-
-    fn s(b: &[u8]) -> String {
-        String::from_utf8_lossy(b).into_owned()
-    }
+    use crate::testkit::{Ev, b64, drive, login, out, pump, run_both_ways, s};
 
     fn open() -> ClientOptions {
         ClientOptions {
@@ -1193,29 +1187,7 @@ mod tests {
     }
 
     fn run(opts: ClientOptions, input: &[u8]) -> (ImapClientSession, Vec<Ev>) {
-        let mut sess = ImapClientSession::new(opts.clone());
-        let evs = drive(&mut sess, input, usize::MAX);
-        // The same input one byte at a time gives the same result.
-        let mut slow = ImapClientSession::new(opts);
-        assert_eq!(drive(&mut slow, input, 1), evs, "byte-at-a-time differs");
-        assert_eq!(slow.take_pending(), {
-            let mut again = ImapClientSession::new(sess.opts.clone());
-            drive(&mut again, input, usize::MAX);
-            again.take_pending()
-        });
-        (sess, evs)
-    }
-
-    fn out(text: &str) -> Ev {
-        Ev::Out(text.to_owned())
-    }
-
-    fn login(user: &str, pass: &str, info: Option<&str>) -> Ev {
-        Ev::Login {
-            user: user.to_owned(),
-            pass: pass.to_owned(),
-            info: info.map(str::to_owned),
-        }
+        run_both_ways(|| ImapClientSession::new(opts.clone()), input)
     }
 
     #[test]
@@ -1345,29 +1317,19 @@ mod tests {
         );
     }
 
-    fn plain_b64(msg: &[u8]) -> String {
-        STANDARD.encode(msg)
-    }
-
     #[test]
     fn authenticate_plain_with_initial_response() {
-        let input = format!(
-            "x1 AUTHENTICATE PLAIN {}\r\n",
-            plain_b64(b"\0alice\0s3cret")
-        );
+        let input = format!("x1 AUTHENTICATE PLAIN {}\r\n", b64(b"\0alice\0s3cret"));
         let (_, evs) = run(open(), input.as_bytes());
         assert_eq!(evs, [login("alice", "s3cret", None)]);
-        let input = format!(
-            "x1 authenticate plain {}\r\n",
-            plain_b64(b"alice\0alice\0s3cret")
-        );
+        let input = format!("x1 authenticate plain {}\r\n", b64(b"alice\0alice\0s3cret"));
         let (_, evs) = run(open(), input.as_bytes());
         assert_eq!(evs, [login("alice", "s3cret", None)]);
     }
 
     #[test]
     fn authenticate_plain_with_continuation() {
-        let input = format!("x2 AUTHENTICATE PLAIN\r\n{}\r\n", plain_b64(b"\0bob\0pw"));
+        let input = format!("x2 AUTHENTICATE PLAIN\r\n{}\r\n", b64(b"\0bob\0pw"));
         let (_, evs) = run(open(), input.as_bytes());
         assert_eq!(evs, [out("+ \r\n"), login("bob", "pw", None)]);
     }
@@ -1400,7 +1362,7 @@ mod tests {
                 "x7 NO [AUTHENTICATIONFAILED] the PLAIN message is malformed (expected authzid NUL user NUL password)\r\n"
             )]
         );
-        let input = format!("x8 AUTHENTICATE PLAIN {}\r\n", plain_b64(b"eve\0alice\0pw"));
+        let input = format!("x8 AUTHENTICATE PLAIN {}\r\n", b64(b"eve\0alice\0pw"));
         let (_, evs) = run(open(), input.as_bytes());
         assert_eq!(
             evs,
@@ -1569,7 +1531,7 @@ mod tests {
     fn pipelined_bytes_after_authenticate_continuation() {
         let input = format!(
             "a1 AUTHENTICATE PLAIN\r\n{}\r\na2 LIST \"\" *\r\n",
-            plain_b64(b"\0u\0p")
+            b64(b"\0u\0p")
         );
         let (mut sess, evs) = run(open(), input.as_bytes());
         assert_eq!(evs, [out("+ \r\n"), login("u", "p", None)]);
@@ -1860,42 +1822,12 @@ mod tests {
 
     // ----- upstream side -----
 
-    use crate::testkit::{Up, run_script, up_feed, xorshift};
-
-    fn token() -> BearerToken {
-        BearerToken {
-            user: "alice@example.com".into(),
-            token: SecretString::from("tok-123".to_owned()),
-            host: "imap.example.com".into(),
-            port: 993,
-        }
-    }
-
-    fn xo() -> String {
-        sasl::xoauth2_response(&token()).expose_secret().to_owned()
-    }
-
-    fn ob() -> String {
-        sasl::oauthbearer_response(&token())
-            .expose_secret()
-            .to_owned()
-    }
-
-    fn send(text: &str) -> Up {
-        Up::Send(text.to_owned())
-    }
+    use crate::testkit::{
+        Up, challenge_b64, ob, provide, run_script, send, token, up_feed, xo, xorshift,
+    };
 
     fn caps(list: &str) -> Vec<String> {
         list.split(' ').map(str::to_owned).collect()
-    }
-
-    fn provide(u: &mut ImapUpstreamLogin) -> Vec<Up> {
-        u.provide_token(&token());
-        up_feed(u, b"")
-    }
-
-    fn challenge_b64(json: &str) -> String {
-        STANDARD.encode(json.as_bytes())
     }
 
     #[test]

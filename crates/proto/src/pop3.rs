@@ -822,17 +822,11 @@ impl UpstreamLogin for Pop3UpstreamLogin {
 
 #[cfg(test)]
 mod tests {
-    use base64::{Engine as _, engine::general_purpose::STANDARD};
-
     use super::*;
 
     // ----- client side -----
 
-    use crate::testkit::{Ev, drive, pump};
-
-    fn s(b: &[u8]) -> String {
-        String::from_utf8_lossy(b).into_owned()
-    }
+    use crate::testkit::{Ev, b64, drive, login, out, pump, run_both_ways, s};
 
     fn open() -> ClientOptions {
         ClientOptions {
@@ -842,31 +836,7 @@ mod tests {
     }
 
     fn run(opts: ClientOptions, input: &[u8]) -> (Pop3ClientSession, Vec<Ev>) {
-        let mut sess = Pop3ClientSession::new(opts.clone());
-        let evs = drive(&mut sess, input, usize::MAX);
-        // The same input one byte at a time gives the same result.
-        let mut slow = Pop3ClientSession::new(opts.clone());
-        assert_eq!(drive(&mut slow, input, 1), evs, "byte-at-a-time differs");
-        let mut again = Pop3ClientSession::new(opts);
-        drive(&mut again, input, usize::MAX);
-        assert_eq!(slow.take_pending(), again.take_pending());
-        (sess, evs)
-    }
-
-    fn out(text: &str) -> Ev {
-        Ev::Out(text.to_owned())
-    }
-
-    fn login(user: &str, pass: &str) -> Ev {
-        Ev::Login {
-            user: user.to_owned(),
-            pass: pass.to_owned(),
-            info: None,
-        }
-    }
-
-    fn b64(msg: &[u8]) -> String {
-        STANDARD.encode(msg)
+        run_both_ways(|| Pop3ClientSession::new(opts.clone()), input)
     }
 
     const CAPA_TAIL: &str =
@@ -925,7 +895,7 @@ mod tests {
             evs,
             [
                 out("+OK Send PASS\r\n"),
-                login("alice@example.com", " my secret pw ")
+                login("alice@example.com", " my secret pw ", None)
             ]
         );
         // Nothing more until the verdict.
@@ -939,7 +909,7 @@ mod tests {
         assert_eq!(s(&sess.take_pending()), "STAT\r\n");
         // Case-insensitive keywords, bare LF tolerated.
         let (_, evs) = run(open(), b"user bob\npass pw\n");
-        assert_eq!(evs, [out("+OK Send PASS\r\n"), login("bob", "pw")]);
+        assert_eq!(evs, [out("+OK Send PASS\r\n"), login("bob", "pw", None)]);
     }
 
     #[test]
@@ -965,10 +935,10 @@ mod tests {
     fn auth_plain_with_initial_response() {
         let input = format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0s3 cret"));
         let (_, evs) = run(open(), input.as_bytes());
-        assert_eq!(evs, [login("alice", "s3 cret")]);
+        assert_eq!(evs, [login("alice", "s3 cret", None)]);
         let input = format!("auth plain {}\r\n", b64(b"bob\0bob\0pw"));
         let (_, evs) = run(open(), input.as_bytes());
-        assert_eq!(evs, [login("bob", "pw")]);
+        assert_eq!(evs, [login("bob", "pw", None)]);
         let (_, evs) = run(open(), b"AUTH PLAIN =\r\n");
         assert_eq!(
             evs,
@@ -997,7 +967,7 @@ mod tests {
     fn auth_plain_with_continuation_and_cancel() {
         let input = format!("AUTH PLAIN\r\n{}\r\nSTAT\r\n", b64(b"\0bob\0pw"));
         let (mut sess, evs) = run(open(), input.as_bytes());
-        assert_eq!(evs, [out("+ \r\n"), login("bob", "pw")]);
+        assert_eq!(evs, [out("+ \r\n"), login("bob", "pw", None)]);
         assert_eq!(s(&sess.take_pending()), "STAT\r\n");
         let (_, evs) = run(open(), b"AUTH PLAIN\r\n*\r\nSTAT\r\n");
         assert_eq!(
@@ -1055,7 +1025,7 @@ mod tests {
             evs,
             [
                 out("-ERR TLS is already active\r\n+OK Send PASS\r\n"),
-                login("u", "p w")
+                login("u", "p w", None)
             ]
         );
         // No TLS at all on a non-loopback listener: no hint to use STLS.
@@ -1116,7 +1086,7 @@ mod tests {
                      -ERR Log in first\r\n-ERR Log in first\r\n-ERR Unknown command\r\n\
                      -ERR Unknown command\r\n+OK Send PASS\r\n"
                 ),
-                login("u", "p")
+                login("u", "p", None)
             ]
         );
     }
@@ -1185,7 +1155,7 @@ mod tests {
                 out(&format!(
                     "+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\n{CAPA_TAIL}+OK Send PASS\r\n"
                 )),
-                login("u", "p")
+                login("u", "p", None)
             ]
         );
         sess.feed(b"QUIT\r");
@@ -1200,7 +1170,7 @@ mod tests {
     #[test]
     fn pipelined_commands_after_failed_pass_run_preauth() {
         let (mut sess, evs) = run(open(), b"USER u\r\nPASS p\r\nPASS p\r\nSTAT\r\n");
-        assert_eq!(evs, [out("+OK Send PASS\r\n"), login("u", "p")]);
+        assert_eq!(evs, [out("+OK Send PASS\r\n"), login("u", "p", None)]);
         let reply = sess.login_failed(&LoginFailure {
             kind: FailureKind::BadCredentials,
             reason: "Wrong password".into(),
@@ -1236,7 +1206,7 @@ mod tests {
         let (mut sess, _) = run(open(), b"");
         for (kind, reason, expected) in cases {
             let evs = drive(&mut sess, b"USER u\r\nPASS p\r\n", usize::MAX);
-            assert_eq!(evs.last(), Some(&login("u", "p")));
+            assert_eq!(evs.last(), Some(&login("u", "p", None)));
             let reply = sess.login_failed(&LoginFailure {
                 kind,
                 reason: reason.into(),
@@ -1337,42 +1307,12 @@ mod tests {
 
     // ----- upstream side -----
 
-    use crate::testkit::{Up, run_script, up_feed, xorshift};
-
-    fn token() -> BearerToken {
-        BearerToken {
-            user: "alice@example.com".into(),
-            token: SecretString::from("tok-123".to_owned()),
-            host: "pop.example.com".into(),
-            port: 995,
-        }
-    }
-
-    fn xo() -> String {
-        sasl::xoauth2_response(&token()).expose_secret().to_owned()
-    }
-
-    fn ob() -> String {
-        sasl::oauthbearer_response(&token())
-            .expose_secret()
-            .to_owned()
-    }
-
-    fn send(text: &str) -> Up {
-        Up::Send(text.to_owned())
-    }
+    use crate::testkit::{
+        Up, challenge_b64, ob, provide, run_script, send, token, up_feed, xo, xorshift,
+    };
 
     fn lines(list: &[&str]) -> Vec<String> {
         list.iter().map(|l| (*l).to_owned()).collect()
-    }
-
-    fn provide(u: &mut Pop3UpstreamLogin) -> Vec<Up> {
-        u.provide_token(&token());
-        up_feed(u, b"")
-    }
-
-    fn challenge_b64(json: &str) -> String {
-        STANDARD.encode(json.as_bytes())
     }
 
     const GMAIL_CAPA: &[u8] = b"+OK Capability list follows\r\nUSER\r\nRESP-CODES\r\nEXPIRE 0\r\nLOGIN-DELAY 300\r\nTOP\r\nUIDL\r\nX-GOOGLE-RICO\r\nSASL PLAIN XOAUTH2 OAUTHBEARER\r\n.\r\n";

@@ -1163,21 +1163,11 @@ pub fn explain(reply: &str) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    use base64::{Engine as _, engine::general_purpose::STANDARD};
-
     use super::*;
 
     // ----- client side -----
 
-    use crate::testkit::{Ev, drive, pump};
-
-    fn s(b: &[u8]) -> String {
-        String::from_utf8_lossy(b).into_owned()
-    }
-
-    fn b64(data: &[u8]) -> String {
-        STANDARD.encode(data)
-    }
+    use crate::testkit::{Ev, b64, drive, login, out, pump, run_both_ways, s};
 
     fn open() -> ClientOptions {
         ClientOptions {
@@ -1188,27 +1178,7 @@ mod tests {
     }
 
     fn run(opts: ClientOptions, input: &[u8]) -> (SmtpClientSession, Vec<Ev>) {
-        let mut sess = SmtpClientSession::new(opts.clone());
-        let evs = drive(&mut sess, input, usize::MAX);
-        // The same input one byte at a time gives the same result.
-        let mut slow = SmtpClientSession::new(opts.clone());
-        assert_eq!(drive(&mut slow, input, 1), evs, "byte-at-a-time differs");
-        let mut again = SmtpClientSession::new(opts);
-        drive(&mut again, input, usize::MAX);
-        assert_eq!(slow.take_pending(), again.take_pending());
-        (sess, evs)
-    }
-
-    fn out(text: &str) -> Ev {
-        Ev::Out(text.to_owned())
-    }
-
-    fn login(user: &str, pass: &str, info: Option<&str>) -> Ev {
-        Ev::Login {
-            user: user.to_owned(),
-            pass: pass.to_owned(),
-            info: info.map(str::to_owned),
-        }
+        run_both_ways(|| SmtpClientSession::new(opts.clone()), input)
     }
 
     const EHLO_OPEN: &str = "250-mb.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n\
@@ -1740,39 +1710,9 @@ mod tests {
 
     // ----- upstream side -----
 
-    use crate::testkit::{Up, run_script, up_feed, xorshift};
-
-    fn token() -> BearerToken {
-        BearerToken {
-            user: "alice@example.com".into(),
-            token: SecretString::from("tok-123".to_owned()),
-            host: "smtp.example.com".into(),
-            port: 587,
-        }
-    }
-
-    fn xo() -> String {
-        sasl::xoauth2_response(&token()).expose_secret().to_owned()
-    }
-
-    fn ob() -> String {
-        sasl::oauthbearer_response(&token())
-            .expose_secret()
-            .to_owned()
-    }
-
-    fn send(text: &str) -> Up {
-        Up::Send(text.to_owned())
-    }
-
-    fn provide(u: &mut SmtpUpstreamLogin) -> Vec<Up> {
-        u.provide_token(&token());
-        up_feed(u, b"")
-    }
-
-    fn challenge_b64(json: &str) -> String {
-        STANDARD.encode(json.as_bytes())
-    }
+    use crate::testkit::{
+        Up, challenge_b64, ob, provide, run_script, send, token, up_feed, xo, xorshift,
+    };
 
     fn named(name: &str) -> UpstreamOptions {
         UpstreamOptions {
