@@ -397,32 +397,32 @@ fn upstream_failure(protocol: Protocol, account: &str, e: UpstreamFailure) -> Lo
     match e {
         UpstreamFailure::Token(t) => token_failure(account, t),
         UpstreamFailure::Rejected { server, rejection } => {
-            let text = text::flatten(&rejection.server_text);
-            if crate::diagnose::is_temporary_refusal(protocol, &text) {
+            let refusal = rejection.refusal;
+            if refusal.is_temporary() {
                 // The server could not check the token (e.g. Dovecot cannot
                 // reach its introspection endpoint): nothing to re-authorize,
                 // and clients should retry rather than ask for a password.
                 return LoginFailure {
                     kind: FailureKind::Unavailable,
                     reason: format!(
-                        "{server} could not check the access token just now ({text}); try again later"
+                        "{server} could not check the access token just now ({refusal}); try again later"
                     ),
-                    upstream_reply: Some(text),
+                    upstream_reply: Some(refusal),
                 };
             }
-            let reason = match crate::diagnose::explain(protocol, &text) {
+            let reason = match crate::diagnose::explain(&refusal) {
                 // SMTP clients see the server's own line too; IMAP and POP3
                 // replies carry only ours, so quote the server there.
                 Some(why) if protocol == Protocol::Smtp => why.to_string(),
-                Some(why) => format!("{why} (server said: {text})"),
+                Some(why) => format!("{why} (server said: {refusal})"),
                 None => format!(
-                    "{server} refused the access token ({text}); check the account's permissions or re-authorize it"
+                    "{server} refused the access token ({refusal}); check the account's permissions or re-authorize it"
                 ),
             };
             LoginFailure {
                 kind: FailureKind::Rejected,
                 reason,
-                upstream_reply: Some(text),
+                upstream_reply: Some(refusal),
             }
         }
         other => failure(FailureKind::Unavailable, text::flatten(&other.to_string())),

@@ -24,6 +24,7 @@ use super::{
     UpstreamLogin, UpstreamStep, UpstreamSuccess,
 };
 use crate::framer::{Frame, Framer, LiteralEvent, Literals};
+use crate::refusal::{ImapStatus, Refusal};
 use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism};
 use crate::text::{one_line, strip_eol};
 use crate::unexpected;
@@ -716,10 +717,24 @@ fn parse_greeting(msg: &[u8]) -> Parsed {
     }
 }
 
-/// The server's words after the tag (or `*` / `+`), for messages.
-fn server_text(msg: &[u8]) -> String {
-    let (_, rest) = split_word(strip_eol(msg));
-    one_line(&String::from_utf8_lossy(rest), "(no text)")
+/// A tagged response other than OK, as a refusal.
+fn refusal(kind: Kind, msg: &[u8]) -> Refusal {
+    let status = match kind {
+        Kind::No => ImapStatus::No,
+        Kind::Bad => ImapStatus::Bad,
+        _ => ImapStatus::Other,
+    };
+    let (_, after_tag) = split_word(strip_eol(msg));
+    Refusal::imap(status, after_tag)
+}
+
+/// Reads a refusal the way the upstream login does, from a tagged
+/// response without its tag (`NO [AUTHENTICATIONFAILED] Invalid
+/// credentials`); None unless it is a NO or a BAD.
+pub fn parse_refusal(response: &str) -> Option<Refusal> {
+    let line = format!("mb1 {response}");
+    let kind = parse_loosely(line.as_bytes()).kind;
+    matches!(kind, Kind::No | Kind::Bad).then(|| refusal(kind, line.as_bytes()))
 }
 
 enum UpState {
@@ -1059,7 +1074,7 @@ impl ImapUpstreamLogin {
                 self.state = UpState::Rejected;
                 self.queue.push_back(UpstreamStep::Rejected(Rejection {
                     challenge,
-                    server_text: server_text(msg),
+                    refusal: refusal(p.kind, msg),
                     retry_suggested,
                 }));
                 Ok(())

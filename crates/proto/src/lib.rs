@@ -13,12 +13,14 @@
 mod framer;
 pub mod imap;
 pub mod pop3;
+pub mod refusal;
 pub mod sasl;
 pub mod smtp;
 #[cfg(test)]
 mod testkit;
 pub mod text;
 
+pub use crate::refusal::Refusal;
 use crate::sasl::{BearerToken, Credentials, FailureChallenge};
 
 /// What the client-facing session wants the driver to do next.
@@ -75,7 +77,7 @@ pub struct LoginFailure {
     /// (e.g. `535 5.7.139 Authentication unsuccessful, ...` or
     /// `NO [AUTHENTICATIONFAILED] ...`). Protocols whose replies carry codes
     /// (SMTP) reuse its code and text; `reason` then explains it.
-    pub upstream_reply: Option<String>,
+    pub upstream_reply: Option<Refusal>,
 }
 
 /// The client-facing pre-auth half of a protocol.
@@ -136,8 +138,8 @@ pub struct UpstreamSuccess {
 pub struct Rejection {
     /// The failure challenge, if the server sent one.
     pub challenge: Option<FailureChallenge>,
-    /// The server's final refusal line, as text (response code and text).
-    pub server_text: String,
+    /// The server's final refusal, as its protocol reads it.
+    pub refusal: Refusal,
     /// True when the challenge's status (400/401) says: refresh the token
     /// and try once more. The session can `retry` on the same connection.
     pub retry_suggested: bool,

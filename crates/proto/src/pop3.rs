@@ -15,6 +15,7 @@ use super::{
     UpstreamLogin, UpstreamStep, UpstreamSuccess,
 };
 use crate::framer::{Frame, Framer};
+use crate::refusal::Refusal;
 use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism};
 use crate::text::{one_line, strip_eol};
 use crate::unexpected;
@@ -452,6 +453,13 @@ fn status(line: &[u8]) -> Status {
     }
 }
 
+/// Reads a refusal the way the upstream login does, from a server line
+/// (`-ERR [AUTH] Authentication failed`); None unless it is an `-ERR`.
+pub fn parse_refusal(line: &str) -> Option<Refusal> {
+    let line = strip_eol(line.as_bytes());
+    (status(line) == Status::Err).then(|| Refusal::pop3(line))
+}
+
 enum UpState {
     /// Waiting for the greeting.
     Greeting,
@@ -718,7 +726,7 @@ impl Pop3UpstreamLogin {
                     self.state = UpState::Rejected;
                     self.queue.push_back(UpstreamStep::Rejected(Rejection {
                         challenge,
-                        server_text: one_line(&String::from_utf8_lossy(line), "-ERR"),
+                        refusal: Refusal::pop3(line),
                         retry_suggested,
                     }));
                     Ok(())
@@ -1210,7 +1218,7 @@ mod tests {
             let reply = sess.login_failed(&LoginFailure {
                 kind,
                 reason: reason.into(),
-                upstream_reply: Some("-ERR [AUTH] upstream text".into()),
+                upstream_reply: parse_refusal("-ERR [AUTH] upstream text"),
             });
             assert_eq!(s(&reply), expected);
         }

@@ -27,6 +27,7 @@ use super::{
     UpstreamLogin, UpstreamStep, UpstreamSuccess,
 };
 use crate::framer::{Frame, Framer};
+use crate::refusal::{EnhancedCode, Refusal, RefusalCode};
 use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism, SaslError};
 use crate::text::{self, strip_eol};
 
@@ -414,15 +415,21 @@ impl SmtpClientSession {
         step
     }
 
-    /// The reply for a refused login.
+    /// The reply for a refused login: the upstream's own SMTP code and
+    /// text when it refused, then our reason.
     fn failure_reply(failure: &LoginFailure) -> Vec<u8> {
         let reason = one_line(&failure.reason, "Login failed");
-        if let Some(up) = failure.upstream_reply.as_deref().and_then(parse_reply_line) {
-            let code = up.code;
-            let esc = up
-                .esc_text()
-                .unwrap_or_else(|| default_esc(code).to_owned());
-            let text = one_line(&up.text(), "");
+        let upstream = match &failure.upstream_reply {
+            Some(Refusal {
+                code: RefusalCode::Smtp { code, enhanced },
+                text,
+                ..
+            }) if (400..600).contains(code) => Some((*code, *enhanced, text)),
+            _ => None,
+        };
+        if let Some((code, enhanced, text)) = upstream {
+            let esc = enhanced.map_or_else(|| default_esc(code).to_owned(), |e| e.to_string());
+            let text = one_line(text, "");
             return if text.is_empty() {
                 format!("{code} {esc} mailbridge: {reason}\r\n")
             } else {
@@ -460,30 +467,17 @@ fn default_esc(code: u16) -> &'static str {
     }
 }
 
-/// One upstream reply line (`535 5.7.139 Authentication unsuccessful`)
-/// read back from text: a 4xx or 5xx code, else None.
-fn parse_reply_line(line: &str) -> Option<Reply> {
-    let line = one_line(line, "");
-    let bytes = line.as_bytes();
-    let digits = bytes.get(..3)?;
-    if !digits.iter().all(u8::is_ascii_digit) || !matches!(digits[0], b'4' | b'5') {
-        return None;
+/// Reads a refusal the way the upstream login does, from a server reply
+/// of one or more lines (`535 5.7.8 Username and Password not accepted`);
+/// None unless it is a complete 4xx or 5xx reply.
+pub fn parse_refusal(reply: &str) -> Option<Refusal> {
+    let mut reader = ReplyReader::default();
+    let mut last = None;
+    for line in reply.lines() {
+        last = reader.line(format!("{line}\r\n").as_bytes()).ok()?;
     }
-    let rest = match bytes.get(3) {
-        None => "",
-        Some(b' ' | b'-') => &line[4..],
-        Some(_) => return None,
-    };
-    // One line, always final for the parser.
-    let normalized = format!("{} {rest}\r\n", &line[..3]);
-    let mut receiver = ResponseReceiver::default();
-    let resp = receiver.parse(&mut normalized.as_bytes().iter()).ok()?;
-    Some(Reply {
-        code: resp.code,
-        esc: resp.esc,
-        message: resp.message,
-        lines: vec![line],
-    })
+    last.filter(|r| (400..600).contains(&r.code))
+        .map(|r| r.refusal())
 }
 
 impl ClientSession for SmtpClientSession {
@@ -615,10 +609,11 @@ struct Reply {
 }
 
 impl Reply {
-    fn esc_text(&self) -> Option<String> {
+    /// The enhanced status code, when the reply had one of its own class.
+    fn enhanced(&self) -> Option<EnhancedCode> {
         let [class, subject, detail] = self.esc;
         (class != 0 && u16::from(class) == self.code / 100)
-            .then(|| format!("{class}.{subject}.{detail}"))
+            .then(|| EnhancedCode::new(class, subject.into(), detail.into()))
     }
 
     /// The text of all lines as one line, whitespace collapsed.
@@ -633,9 +628,9 @@ impl Reply {
     /// code and the text of every line, on one line.
     fn summary(&self) -> String {
         let mut out = self.code.to_string();
-        if let Some(esc) = self.esc_text() {
+        if let Some(esc) = self.enhanced() {
             out.push(' ');
-            out.push_str(&esc);
+            out.push_str(&esc.to_string());
         }
         let text = self.text();
         if !text.is_empty() {
@@ -643,6 +638,11 @@ impl Reply {
             out.push_str(&text);
         }
         one_line(&out, "(no text)")
+    }
+
+    /// The reply as a refusal.
+    fn refusal(&self) -> Refusal {
+        Refusal::smtp(self.code, self.enhanced(), &self.summary())
     }
 
     /// EHLO keywords with their parameters, one per line after the first.
@@ -985,7 +985,7 @@ impl SmtpUpstreamLogin {
                         self.state = UpState::Rejected;
                         self.queue.push_back(UpstreamStep::Rejected(Rejection {
                             challenge,
-                            server_text: reply.summary(),
+                            refusal: reply.refusal(),
                             retry_suggested,
                         }));
                         Ok(())
@@ -1088,77 +1088,6 @@ impl UpstreamLogin for SmtpUpstreamLogin {
             self.queue.push_back(UpstreamStep::NeedToken);
         }
     }
-}
-
-// ---------------------------------------------------------------------------
-// Explanations
-// ---------------------------------------------------------------------------
-
-/// A one-line explanation of a known upstream refusal (Microsoft 365,
-/// Google), for logs and the client's error text; None for replies we do
-/// not recognise.
-pub fn explain(reply: &str) -> Option<&'static str> {
-    let lower = reply.to_ascii_lowercase();
-    let has = |needle: &str| lower.contains(needle);
-    // Enhanced codes as whole words: 5.7.3 must not match 5.7.30.
-    let words: Vec<&str> = lower
-        .split(|c: char| c.is_whitespace() || matches!(c, ',' | ';' | '(' | ')' | '[' | ']'))
-        .map(|w| w.trim_end_matches(['.', ':']))
-        .collect();
-    let code = |esc: &str| words.contains(&esc);
-
-    if has("smtpclientauthentication is disabled") {
-        return Some(
-            "SMTP AUTH is switched off for this Microsoft 365 tenant or mailbox: enable Authenticated SMTP in the admin centre or run Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false",
-        );
-    }
-    if code("5.7.139") && has("security defaults") {
-        return Some(
-            "the Microsoft 365 tenant's security defaults block SMTP AUTH: an admin must turn security defaults off or allow Authenticated SMTP for this mailbox",
-        );
-    }
-    if code("5.7.139") {
-        return Some(
-            "Microsoft 365 refused SMTP AUTH by policy: check that Authenticated SMTP is enabled for the mailbox and that no Conditional Access policy blocks it",
-        );
-    }
-    if code("5.7.3") && has("authentication unsuccessful") {
-        return Some(
-            "Microsoft refused the token: wrong token audience (Graph instead of Outlook scopes), SMTP AUTH off for the mailbox, or missing SMTP.Send permission",
-        );
-    }
-    if code("5.7.60") || has("not have permissions to send as this sender") {
-        return Some(
-            "the mailbox may not send as this From address: grant Send As or use the account's own address",
-        );
-    }
-    if code("5.5.127") || has("token will expire soon") {
-        return Some("the token was too close to expiry for this endpoint");
-    }
-    if code("5.7.57") || has("client not authenticated to send mail") {
-        return Some(
-            "Microsoft saw no successful login before the mail: the client must log in before sending",
-        );
-    }
-    if (code("5.7.8") && has("username and password not accepted")) || has("badcredentials") {
-        return Some(
-            "Google refused the token: check that the grant has the https://mail.google.com/ scope and is not revoked",
-        );
-    }
-    if code("5.7.9") || has("application-specific password required") {
-        return Some(
-            "Google asked for an app password, so it did not take the login as OAuth2: check that the upstream login uses XOAUTH2 or OAUTHBEARER",
-        );
-    }
-    if code("5.7.14") || has("please log in via your web browser") {
-        return Some(
-            "Google wants an interactive sign-in for this account: sign in at https://accounts.google.com, then re-authorize the account",
-        );
-    }
-    if has("too many login attempts") {
-        return Some("the provider is throttling logins for this account: wait and try again");
-    }
-    None
 }
 
 #[cfg(test)]
@@ -1529,11 +1458,14 @@ mod tests {
         assert_eq!(s(&sess.take_pending()), "MAIL FROM:<>\r\n");
     }
 
+    /// A login failure; `upstream` is the server's refusal as it would
+    /// have come (SMTP, or IMAP in one case), read by the upstream parsers.
     fn failure(kind: FailureKind, reason: &str, upstream: Option<&str>) -> LoginFailure {
         LoginFailure {
             kind,
             reason: reason.to_owned(),
-            upstream_reply: upstream.map(str::to_owned),
+            upstream_reply: upstream
+                .and_then(|r| parse_refusal(r).or_else(|| crate::imap::parse_refusal(r))),
         }
     }
 
@@ -1612,6 +1544,14 @@ mod tests {
             let reply = sess.login_failed(&failure(kind, "Wrong password", upstream));
             assert_eq!(s(&reply), want);
         }
+        // The IMAP line is another protocol's refusal; the others are none.
+        let imap = failure(
+            FailureKind::Rejected,
+            "",
+            Some("NO [AUTHENTICATIONFAILED] x"),
+        );
+        assert!(imap.upstream_reply.is_some());
+        assert!(parse_refusal("250 OK").is_none() && parse_refusal("53").is_none());
         let mut sess = pending_session();
         let reply = sess.login_failed(&failure(FailureKind::Rejected, "", Some("535")));
         assert_eq!(s(&reply), "535 5.7.8 mailbridge: Login failed\r\n");
@@ -2194,70 +2134,5 @@ mod tests {
                 assert!(!reading || u.framer.buffered() <= 60);
             }
         }
-    }
-
-    // ----- explanations -----
-
-    #[test]
-    fn explanations() {
-        let cases: [(&str, Option<&str>); 12] = [
-            (
-                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.",
-                Some("SMTP AUTH is switched off"),
-            ),
-            (
-                "535 5.7.139 Authentication unsuccessful, user is locked by your organization's security defaults policy.",
-                Some("security defaults"),
-            ),
-            (
-                "535 5.7.139 Authentication unsuccessful, the request did not meet the criteria to be authenticated successfully.",
-                Some("refused SMTP AUTH by policy"),
-            ),
-            (
-                "535 5.7.3 Authentication unsuccessful [SN4PR0201CA0045.namprd02.prod.outlook.com]",
-                Some("wrong token audience"),
-            ),
-            (
-                "550 5.7.60 SMTP; Client does not have permissions to send as this sender.",
-                Some("Send As"),
-            ),
-            (
-                "501 5.5.127 Token will expire soon",
-                Some("too close to expiry"),
-            ),
-            (
-                "535 5.7.8 Username and Password not accepted. For more information, go to https://support.google.com/mail/?p=BadCredentials",
-                Some("https://mail.google.com/ scope"),
-            ),
-            (
-                "534 5.7.9 Application-specific password required.",
-                Some("app password"),
-            ),
-            (
-                "534 5.7.14 Please log in via your web browser and then try again.",
-                Some("interactive sign-in"),
-            ),
-            ("535 5.7.30 Something else", None),
-            ("250 2.0.0 OK", None),
-            ("", None),
-        ];
-        for (reply, want) in cases {
-            let got = explain(reply);
-            match want {
-                Some(part) => assert!(got.is_some_and(|g| g.contains(part)), "{reply}: {got:?}"),
-                None => assert_eq!(got, None, "{reply}"),
-            }
-            if let Some(g) = got {
-                assert!(!g.contains('\n'));
-            }
-        }
-        assert_eq!(
-            explain(
-                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox."
-            ),
-            Some(
-                "SMTP AUTH is switched off for this Microsoft 365 tenant or mailbox: enable Authenticated SMTP in the admin centre or run Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false"
-            )
-        );
     }
 }

@@ -75,7 +75,7 @@ pub fn up_pump(u: &mut dyn UpstreamLogin, evs: &mut Vec<Up>) {
             Ok(UpstreamStep::Authenticated(ok)) => Up::Ok(ok.capabilities, text(&ok.leftover)),
             Ok(UpstreamStep::Rejected(r)) => Up::Rejected {
                 status: r.challenge.and_then(|c| c.status),
-                text: r.server_text,
+                text: r.refusal.to_string(),
                 retry: r.retry_suggested,
             },
             Err(e) => {
