@@ -17,15 +17,16 @@ use imap_codec::imap_types::command::CommandBody;
 use imap_codec::imap_types::core::{IString, NString};
 use imap_codec::imap_types::response::{Code, Data, GreetingKind, Response, Status, StatusKind};
 use imap_codec::{AuthenticateDataCodec, CommandCodec, GreetingCodec, ResponseCodec};
-use secrecy::{ExposeSecret, SecretString, zeroize::Zeroize};
+use secrecy::zeroize::Zeroize;
 
 use super::{
-    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, Rejection, UpstreamError,
+    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, UpstreamError,
     UpstreamLogin, UpstreamStep, UpstreamSuccess,
 };
+use crate::bearer::{Bearer, InitialResponse, Offer};
 use crate::framer::{Frame, Framer, LiteralEvent, Literals};
 use crate::refusal::{ImapStatus, Refusal};
-use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism};
+use crate::sasl::{self, BearerToken, Mechanism};
 use crate::text::{one_line, strip_eol};
 use crate::unexpected;
 
@@ -752,21 +753,14 @@ enum UpState {
     TlsHandshake,
     /// Sent ID; its answer does not matter.
     Id { tag: String },
-    /// Emitted `NeedToken`.
-    WaitToken,
-    /// Sent AUTHENTICATE.
-    Auth {
+    /// The bearer login (waiting for a token, AUTHENTICATE sent, or
+    /// rejected).
+    Login {
+        /// The tag of the AUTHENTICATE command, once sent.
         tag: String,
-        mech: Mechanism,
-        /// The response still to send after the server's `+` (no SASL-IR).
-        pending: Option<SecretString>,
-        /// The failure challenge, once the server sent one and we answered.
-        challenge: Option<Option<FailureChallenge>>,
         /// `* CAPABILITY` seen during authentication.
         caps: Option<Vec<String>>,
     },
-    /// Emitted `Rejected`; `retry` may start over.
-    Rejected,
     /// Emitted `Authenticated`.
     Done,
     /// Returned an error.
@@ -781,9 +775,7 @@ impl UpState {
             UpState::StartTls { .. } => "starttls",
             UpState::TlsHandshake => "tls-handshake",
             UpState::Id { .. } => "id",
-            UpState::WaitToken => "wait-token",
-            UpState::Auth { .. } => "authenticate",
-            UpState::Rejected => "rejected",
+            UpState::Login { .. } => "login",
             UpState::Done => "done",
             UpState::Failed => "failed",
         }
@@ -791,8 +783,9 @@ impl UpState {
 }
 
 /// mailbridge's login to the real IMAP server: greeting, capabilities,
-/// optional STARTTLS and ID, then AUTHENTICATE XOAUTH2 or OAUTHBEARER with
-/// the failure challenge absorbed. Tags are `mb1`, `mb2`, ...
+/// optional STARTTLS and ID, then AUTHENTICATE XOAUTH2 or OAUTHBEARER
+/// ([`crate::bearer`]; with SASL-IR when the server announces it) with the
+/// failure challenge absorbed. Tags are `mb1`, `mb2`, ...
 pub struct ImapUpstreamLogin {
     opts: UpstreamOptions,
     framer: Framer,
@@ -806,16 +799,20 @@ pub struct ImapUpstreamLogin {
     caps: Vec<String>,
     tls_done: bool,
     id_sent: bool,
-    /// The mechanism chosen, once known.
-    mech: Option<Mechanism>,
+    /// The bearer login: mechanism, token, challenge, retry.
+    bearer: Bearer,
 }
 
 impl fmt::Debug for ImapUpstreamLogin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            UpState::Login { .. } => self.bearer.state_name(),
+            _ => self.state.name(),
+        };
         f.debug_struct("ImapUpstreamLogin")
-            .field("state", &self.state.name())
+            .field("state", &state)
             .field("caps", &self.caps)
-            .field("mech", &self.mech)
+            .field("mech", &self.bearer.mechanism())
             .field("queued_steps", &self.queue.len())
             .finish()
     }
@@ -833,14 +830,14 @@ impl ImapUpstreamLogin {
                     label: tag_of,
                 },
             ),
-            opts,
             state: UpState::Greeting,
             queue: VecDeque::new(),
             next_tag: 1,
             caps: Vec::new(),
             tls_done: false,
             id_sent: false,
-            mech: None,
+            bearer: Bearer::new(opts.preference.clone()),
+            opts,
         }
     }
 
@@ -895,28 +892,26 @@ impl ImapUpstreamLogin {
                 return Ok(());
             }
         }
-        let mech = self
-            .opts
-            .preference
+        // `AUTH=XOAUTH2` and the like.
+        let auth_caps: Vec<&str> = self
+            .caps
             .iter()
-            .copied()
-            .find(|m| self.has_cap(&format!("AUTH={}", m.name())));
-        let Some(mech) = mech else {
-            let offered: Vec<&str> = self
-                .caps
-                .iter()
-                .filter(|c| c.len() > 5 && c[..5].eq_ignore_ascii_case("AUTH="))
-                .map(String::as_str)
-                .collect();
-            return Err(UpstreamError::NoMechanism(if offered.is_empty() {
+            .filter(|c| c.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("AUTH=")))
+            .map(String::as_str)
+            .collect();
+        let names: Vec<&str> = auth_caps.iter().map(|c| &c[5..]).collect();
+        let Some(step) = self.bearer.choose(Offer::Listed(&names)) else {
+            return Err(UpstreamError::NoMechanism(if auth_caps.is_empty() {
                 "no AUTH= mechanisms".to_owned()
             } else {
-                offered.join(" ")
+                auth_caps.join(" ")
             }));
         };
-        self.mech = Some(mech);
-        self.state = UpState::WaitToken;
-        self.queue.push_back(UpstreamStep::NeedToken);
+        self.state = UpState::Login {
+            tag: String::new(),
+            caps: None,
+        };
+        self.queue.push_back(step);
         Ok(())
     }
 
@@ -1022,33 +1017,15 @@ impl ImapUpstreamLogin {
                 // OK, NO or BAD: ID is a courtesy, its outcome changes nothing.
                 self.proceed()
             }
-            UpState::Auth {
-                tag,
-                mech,
-                pending,
-                challenge,
-                caps,
-            } => {
+            UpState::Login { .. } if !self.bearer.awaits_server() => Ok(()),
+            UpState::Login { tag, caps } => {
                 if p.kind == Kind::Continue {
-                    if let Some(resp) = pending.take() {
-                        let line = format!("{}\r\n", resp.expose_secret());
-                        self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
-                        return Ok(());
-                    }
-                    if challenge.is_some() {
-                        return Err(unexpected(
-                            "a second challenge after the failure challenge",
-                            msg,
-                        ));
-                    }
                     let (_, data) = split_word(strip_eol(msg));
-                    *challenge = Some(sasl::parse_failure_challenge(data));
-                    // The exchange only ends once we answer the challenge.
-                    let ack: &[u8] = match mech {
-                        Mechanism::Xoauth2 => b"\r\n",
-                        Mechanism::Oauthbearer => b"AQ==\r\n",
-                    };
-                    self.queue.push_back(UpstreamStep::Send(ack.to_vec()));
+                    let step = self
+                        .bearer
+                        .continuation(data)
+                        .map_err(|what| unexpected(what, msg))?;
+                    self.queue.push_back(step);
                     return Ok(());
                 }
                 if p.tag.is_none() {
@@ -1061,30 +1038,18 @@ impl ImapUpstreamLogin {
                     return Err(unexpected("response with an unknown tag", msg));
                 }
                 if p.kind == Kind::Ok {
+                    self.bearer.succeeded();
                     match p.caps.or_else(|| caps.take()) {
                         Some(caps) => self.finish(caps),
                         None => self.ask_capabilities(true),
                     }
                     return Ok(());
                 }
-                let challenge = challenge.take().flatten();
-                let retry_suggested = challenge
-                    .as_ref()
-                    .is_some_and(FailureChallenge::suggests_retry);
-                self.state = UpState::Rejected;
-                self.queue.push_back(UpstreamStep::Rejected(Rejection {
-                    challenge,
-                    refusal: refusal(p.kind, msg),
-                    retry_suggested,
-                }));
+                let step = self.bearer.refused(refusal(p.kind, msg));
+                self.queue.push_back(step);
                 Ok(())
             }
-            UpState::Greeting
-            | UpState::TlsHandshake
-            | UpState::WaitToken
-            | UpState::Rejected
-            | UpState::Done
-            | UpState::Failed => Ok(()),
+            UpState::Greeting | UpState::TlsHandshake | UpState::Done | UpState::Failed => Ok(()),
         }
     }
 }
@@ -1109,7 +1074,11 @@ impl UpstreamLogin for ImapUpstreamLogin {
                         "the login dialogue already failed".to_owned(),
                     ));
                 }
-                UpState::TlsHandshake | UpState::WaitToken | UpState::Rejected | UpState::Done => {
+                UpState::TlsHandshake | UpState::Done => {
+                    return Ok(UpstreamStep::NeedInput);
+                }
+                // Waiting for a token, or rejected: nothing to read now.
+                UpState::Login { .. } if !self.bearer.awaits_server() => {
                     return Ok(UpstreamStep::NeedInput);
                 }
                 _ => {}
@@ -1146,42 +1115,28 @@ impl UpstreamLogin for ImapUpstreamLogin {
     }
 
     fn provide_token(&mut self, token: &BearerToken) {
-        if !matches!(self.state, UpState::WaitToken) {
+        if !matches!(self.state, UpState::Login { .. }) || !self.bearer.waits_for_token() {
             return;
         }
-        let Some(mech) = self.mech else {
-            return;
-        };
-        let response = match mech {
-            Mechanism::Xoauth2 => sasl::xoauth2_response(token),
-            Mechanism::Oauthbearer => sasl::oauthbearer_response(token),
-        };
         let tag = self.tag();
-        let pending = if self.has_cap("SASL-IR") {
-            let line = format!(
-                "{tag} AUTHENTICATE {} {}\r\n",
-                mech.name(),
-                response.expose_secret()
-            );
-            self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
-            None
+        let form = if self.has_cap("SASL-IR") {
+            InitialResponse::Always
         } else {
-            self.send(format!("{tag} AUTHENTICATE {}\r\n", mech.name()));
-            Some(response)
+            InitialResponse::Never
         };
-        self.state = UpState::Auth {
-            tag,
-            mech,
-            pending,
-            challenge: None,
-            caps: None,
-        };
+        let step = self
+            .bearer
+            .provide_token(token, form, |mech, response| match response {
+                Some(r) => format!("{tag} AUTHENTICATE {} {r}\r\n", mech.name()),
+                None => format!("{tag} AUTHENTICATE {}\r\n", mech.name()),
+            });
+        self.queue.extend(step);
+        self.state = UpState::Login { tag, caps: None };
     }
 
     fn retry(&mut self) {
-        if matches!(self.state, UpState::Rejected) {
-            self.state = UpState::WaitToken;
-            self.queue.push_back(UpstreamStep::NeedToken);
+        if matches!(self.state, UpState::Login { .. }) {
+            self.queue.extend(self.bearer.retry());
         }
     }
 }

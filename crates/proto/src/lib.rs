@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bearer;
 mod framer;
 pub mod imap;
 pub mod pop3;

@@ -8,15 +8,16 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use secrecy::{ExposeSecret, SecretString, zeroize::Zeroize};
+use secrecy::zeroize::Zeroize;
 
 use super::{
-    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, Rejection, UpstreamError,
+    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, UpstreamError,
     UpstreamLogin, UpstreamStep, UpstreamSuccess,
 };
+use crate::bearer::{Bearer, InitialResponse, Offer};
 use crate::framer::{Frame, Framer};
 use crate::refusal::Refusal;
-use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism};
+use crate::sasl::{self, BearerToken, Mechanism};
 use crate::text::{one_line, strip_eol};
 use crate::unexpected;
 
@@ -472,18 +473,8 @@ enum UpState {
     Stls,
     /// Emitted `StartTls`; waiting for `tls_started`.
     TlsHandshake,
-    /// Emitted `NeedToken`.
-    WaitToken,
-    /// Sent AUTH.
-    Auth {
-        mech: Mechanism,
-        /// The response still to send after the server's `+` (two-step).
-        pending: Option<SecretString>,
-        /// The failure challenge, once the server sent one and we answered.
-        challenge: Option<Option<FailureChallenge>>,
-    },
-    /// Emitted `Rejected`; `retry` may start over.
-    Rejected,
+    /// The bearer login (waiting for a token, AUTH sent, or rejected).
+    Login,
     /// Emitted `Authenticated`.
     Done,
     /// Returned an error.
@@ -497,9 +488,7 @@ impl UpState {
             UpState::Capa { .. } => "capa",
             UpState::Stls => "stls",
             UpState::TlsHandshake => "tls-handshake",
-            UpState::WaitToken => "wait-token",
-            UpState::Auth { .. } => "auth",
-            UpState::Rejected => "rejected",
+            UpState::Login => "login",
             UpState::Done => "done",
             UpState::Failed => "failed",
         }
@@ -507,7 +496,8 @@ impl UpState {
 }
 
 /// mailbridge's login to the real POP3 server: greeting, CAPA, optional
-/// STLS (then CAPA again), then AUTH XOAUTH2 or OAUTHBEARER with the
+/// STLS (then CAPA again), then AUTH XOAUTH2 or OAUTHBEARER
+/// ([`crate::bearer`]; two steps unless `initial_response`) with the
 /// failure challenge absorbed.
 ///
 /// When the server answers CAPA with `-ERR` it tells us nothing: STLS is
@@ -527,16 +517,20 @@ pub struct Pop3UpstreamLogin {
     /// The last CAPA was refused: no capability information.
     capa_refused: bool,
     tls_done: bool,
-    /// The mechanism chosen, once known.
-    mech: Option<Mechanism>,
+    /// The bearer login: mechanism, token, challenge, retry.
+    bearer: Bearer,
 }
 
 impl fmt::Debug for Pop3UpstreamLogin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            UpState::Login => self.bearer.state_name(),
+            _ => self.state.name(),
+        };
         f.debug_struct("Pop3UpstreamLogin")
-            .field("state", &self.state.name())
+            .field("state", &state)
             .field("caps", &self.caps)
-            .field("mech", &self.mech)
+            .field("mech", &self.bearer.mechanism())
             .field("queued_steps", &self.queue.len())
             .finish()
     }
@@ -547,13 +541,13 @@ impl Pop3UpstreamLogin {
     pub fn new(opts: UpstreamOptions) -> Self {
         Pop3UpstreamLogin {
             framer: Framer::lines(opts.max_line),
+            bearer: Bearer::new(opts.preference.clone()),
             opts,
             state: UpState::Greeting,
             queue: VecDeque::new(),
             caps: Vec::new(),
             capa_refused: false,
             tls_done: false,
-            mech: None,
         }
     }
 
@@ -572,8 +566,8 @@ impl Pop3UpstreamLogin {
 
     /// Capability lines whose first word is `name`, as their remaining
     /// words.
-    fn cap_args(&self, name: &str) -> impl Iterator<Item = &str> {
-        self.caps.iter().flat_map(move |line| {
+    fn cap_args<'a>(caps: &'a [String], name: &'a str) -> impl Iterator<Item = &'a str> {
+        caps.iter().flat_map(move |line| {
             let mut words = line.split_ascii_whitespace();
             let matched = words.next().is_some_and(|w| w.eq_ignore_ascii_case(name));
             words.filter(move |_| matched)
@@ -598,25 +592,21 @@ impl Pop3UpstreamLogin {
             self.state = UpState::Stls;
             return Ok(());
         }
-        let mech = if self.capa_refused {
-            self.opts.preference.first().copied()
+        let offered: Vec<&str> = Self::cap_args(&self.caps, "SASL").collect();
+        let offer = if self.capa_refused {
+            Offer::Unknown
         } else {
-            self.opts.preference.iter().copied().find(|m| {
-                self.cap_args("SASL")
-                    .any(|offered| offered.eq_ignore_ascii_case(m.name()))
-            })
+            Offer::Listed(&offered)
         };
-        let Some(mech) = mech else {
-            let offered: Vec<&str> = self.cap_args("SASL").collect();
+        let Some(step) = self.bearer.choose(offer) else {
             return Err(UpstreamError::NoMechanism(if offered.is_empty() {
                 "no SASL mechanisms".to_owned()
             } else {
                 offered.join(" ")
             }));
         };
-        self.mech = Some(mech);
-        self.state = UpState::WaitToken;
-        self.queue.push_back(UpstreamStep::NeedToken);
+        self.state = UpState::Login;
+        self.queue.push_back(step);
         Ok(())
     }
 
@@ -677,38 +667,23 @@ impl Pop3UpstreamLogin {
                 }
                 _ => Err(unexpected("the server refused STLS", line)),
             },
-            UpState::Auth {
-                mech,
-                pending,
-                challenge,
-            } => match st {
+            UpState::Login => match st {
+                _ if !self.bearer.awaits_server() => Ok(()),
                 Status::Continue => {
-                    if let Some(resp) = pending.take() {
-                        let line = format!("{}\r\n", resp.expose_secret());
-                        self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
-                        return Ok(());
-                    }
-                    if challenge.is_some() {
-                        return Err(unexpected(
-                            "a second challenge after the failure challenge",
-                            line,
-                        ));
-                    }
                     let data = line.get(2..).unwrap_or_default();
-                    *challenge = Some(sasl::parse_failure_challenge(data));
-                    // The exchange only ends once we answer the challenge.
-                    let ack: &[u8] = match mech {
-                        Mechanism::Xoauth2 => b"\r\n",
-                        Mechanism::Oauthbearer => b"AQ==\r\n",
-                    };
-                    self.queue.push_back(UpstreamStep::Send(ack.to_vec()));
+                    let step = self
+                        .bearer
+                        .continuation(data)
+                        .map_err(|what| unexpected(what, line))?;
+                    self.queue.push_back(step);
                     Ok(())
                 }
-                Status::Ok if pending.is_some() => Err(unexpected(
+                Status::Ok if self.bearer.response_pending() => Err(unexpected(
                     "the server accepted AUTH before it got the token",
                     line,
                 )),
                 Status::Ok => {
+                    self.bearer.succeeded();
                     self.state = UpState::Done;
                     let leftover = self.framer.take();
                     self.queue
@@ -719,25 +694,13 @@ impl Pop3UpstreamLogin {
                     Ok(())
                 }
                 Status::Err => {
-                    let challenge = challenge.take().flatten();
-                    let retry_suggested = challenge
-                        .as_ref()
-                        .is_some_and(FailureChallenge::suggests_retry);
-                    self.state = UpState::Rejected;
-                    self.queue.push_back(UpstreamStep::Rejected(Rejection {
-                        challenge,
-                        refusal: Refusal::pop3(line),
-                        retry_suggested,
-                    }));
+                    let step = self.bearer.refused(Refusal::pop3(line));
+                    self.queue.push_back(step);
                     Ok(())
                 }
                 Status::Other => Err(unexpected("unexpected answer to AUTH", line)),
             },
-            UpState::TlsHandshake
-            | UpState::WaitToken
-            | UpState::Rejected
-            | UpState::Done
-            | UpState::Failed => Ok(()),
+            UpState::TlsHandshake | UpState::Done | UpState::Failed => Ok(()),
         }
     }
 }
@@ -762,7 +725,11 @@ impl UpstreamLogin for Pop3UpstreamLogin {
                         "the login dialogue already failed".to_owned(),
                     ));
                 }
-                UpState::TlsHandshake | UpState::WaitToken | UpState::Rejected | UpState::Done => {
+                UpState::TlsHandshake | UpState::Done => {
+                    return Ok(UpstreamStep::NeedInput);
+                }
+                // Waiting for a token, or rejected: nothing to read now.
+                UpState::Login if !self.bearer.awaits_server() => {
                     return Ok(UpstreamStep::NeedInput);
                 }
                 _ => {}
@@ -795,35 +762,26 @@ impl UpstreamLogin for Pop3UpstreamLogin {
     }
 
     fn provide_token(&mut self, token: &BearerToken) {
-        if !matches!(self.state, UpState::WaitToken) {
+        if !matches!(self.state, UpState::Login) {
             return;
         }
-        let Some(mech) = self.mech else {
-            return;
-        };
-        let response = match mech {
-            Mechanism::Xoauth2 => sasl::xoauth2_response(token),
-            Mechanism::Oauthbearer => sasl::oauthbearer_response(token),
-        };
-        let pending = if self.opts.initial_response {
-            let line = format!("AUTH {} {}\r\n", mech.name(), response.expose_secret());
-            self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
-            None
+        let form = if self.opts.initial_response {
+            InitialResponse::Always
         } else {
-            self.send(&format!("AUTH {}\r\n", mech.name()));
-            Some(response)
+            InitialResponse::Never
         };
-        self.state = UpState::Auth {
-            mech,
-            pending,
-            challenge: None,
-        };
+        let step = self
+            .bearer
+            .provide_token(token, form, |mech, response| match response {
+                Some(r) => format!("AUTH {} {r}\r\n", mech.name()),
+                None => format!("AUTH {}\r\n", mech.name()),
+            });
+        self.queue.extend(step);
     }
 
     fn retry(&mut self) {
-        if matches!(self.state, UpState::Rejected) {
-            self.state = UpState::WaitToken;
-            self.queue.push_back(UpstreamStep::NeedToken);
+        if matches!(self.state, UpState::Login) {
+            self.queue.extend(self.bearer.retry());
         }
     }
 }
@@ -1719,10 +1677,12 @@ mod tests {
                     }
                 }
                 // While the dialogue reads, it holds at most one line.
-                if matches!(
-                    u.state,
-                    UpState::Greeting | UpState::Capa { .. } | UpState::Stls | UpState::Auth { .. }
-                ) {
+                let reading = match u.state {
+                    UpState::Greeting | UpState::Capa { .. } | UpState::Stls => true,
+                    UpState::Login => u.bearer.awaits_server(),
+                    _ => false,
+                };
+                if reading {
                     assert!(u.framer.buffered() <= 50);
                 }
             }

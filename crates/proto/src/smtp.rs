@@ -18,17 +18,18 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use secrecy::{ExposeSecret, SecretString, zeroize::Zeroize};
+use secrecy::zeroize::Zeroize;
 use smtp_proto::response::parser::ResponseReceiver;
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Request};
 
 use super::{
-    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, Rejection, UpstreamError,
+    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, UpstreamError,
     UpstreamLogin, UpstreamStep, UpstreamSuccess,
 };
+use crate::bearer::{Bearer, InitialResponse, Offer};
 use crate::framer::{Frame, Framer};
 use crate::refusal::{EnhancedCode, Refusal, RefusalCode};
-use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism, SaslError};
+use crate::sasl::{self, BearerToken, Mechanism, SaslError};
 use crate::text::{self, strip_eol};
 
 /// Default line limit, CRLF included: far above any AUTH line a client
@@ -738,21 +739,8 @@ enum UpState {
     StartTls,
     /// Emitted `StartTls`; waiting for `tls_started`.
     TlsHandshake,
-    /// Emitted `NeedToken`.
-    WaitToken,
-    /// Sent AUTH.
-    Auth {
-        mech: Mechanism,
-        /// The SASL response (kept for the two-step fallback; never
-        /// printed).
-        response: SecretString,
-        /// Two-step: the response still waits for the server's `334`.
-        pending: bool,
-        /// The failure challenge, once the server sent one and we answered.
-        challenge: Option<Option<FailureChallenge>>,
-    },
-    /// Emitted `Rejected`; `retry` may start over.
-    Rejected,
+    /// The bearer login (waiting for a token, AUTH sent, or rejected).
+    Login,
     /// Emitted `Authenticated`.
     Done,
     /// Returned an error.
@@ -766,9 +754,7 @@ impl UpState {
             UpState::Ehlo => "ehlo",
             UpState::StartTls => "starttls",
             UpState::TlsHandshake => "tls-handshake",
-            UpState::WaitToken => "wait-token",
-            UpState::Auth { .. } => "auth",
-            UpState::Rejected => "rejected",
+            UpState::Login => "login",
             UpState::Done => "done",
             UpState::Failed => "failed",
         }
@@ -776,10 +762,11 @@ impl UpState {
 }
 
 /// mailbridge's login to the real SMTP server: greeting, EHLO, optional
-/// STARTTLS and EHLO again, then AUTH XOAUTH2 or OAUTHBEARER with the
-/// initial response on the AUTH line; a server that answers that with
-/// 500/501/504 gets the two-step form (`AUTH MECH`, `334`, response) on
-/// the same connection. A failure challenge (`334 <base64 JSON>`) is
+/// STARTTLS and EHLO again, then AUTH XOAUTH2 or OAUTHBEARER
+/// ([`crate::bearer`]) with the initial response on the AUTH line when the
+/// line stays within 512 octets (RFC 4954); a server that answers that
+/// with 500/501/504 gets the two-step form (`AUTH MECH`, `334`, response)
+/// on the same connection. A failure challenge (`334 <base64 JSON>`) is
 /// answered (empty line for XOAUTH2, `AQ==` for OAUTHBEARER) before the
 /// final refusal is reported.
 pub struct SmtpUpstreamLogin {
@@ -793,19 +780,20 @@ pub struct SmtpUpstreamLogin {
     /// The current EHLO keywords.
     keywords: Vec<String>,
     tls_done: bool,
-    /// The server wants the two-step AUTH form.
-    two_step: bool,
-    /// The mechanism chosen, once known.
-    mech: Option<Mechanism>,
+    /// The bearer login: mechanism, token, form, challenge, retry.
+    bearer: Bearer,
 }
 
 impl fmt::Debug for SmtpUpstreamLogin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            UpState::Login => self.bearer.state_name(),
+            _ => self.state.name(),
+        };
         f.debug_struct("SmtpUpstreamLogin")
-            .field("state", &self.state.name())
+            .field("state", &state)
             .field("keywords", &self.keywords)
-            .field("mech", &self.mech)
-            .field("two_step", &self.two_step)
+            .field("bearer", &self.bearer)
             .field("queued_steps", &self.queue.len())
             .finish()
     }
@@ -816,14 +804,13 @@ impl SmtpUpstreamLogin {
     pub fn new(opts: UpstreamOptions) -> Self {
         SmtpUpstreamLogin {
             framer: Framer::lines(opts.max_line.max(3)),
+            bearer: Bearer::new(opts.preference.clone()),
             opts,
             reader: ReplyReader::default(),
             state: UpState::Greeting,
             queue: VecDeque::new(),
             keywords: Vec::new(),
             tls_done: false,
-            two_step: false,
-            mech: None,
         }
     }
 
@@ -851,8 +838,8 @@ impl SmtpUpstreamLogin {
     }
 
     /// The mechanisms of the `AUTH` keyword (or the old `AUTH=` form).
-    fn offered(&self) -> Vec<&str> {
-        self.keywords
+    fn offered(keywords: &[String]) -> Vec<&str> {
+        keywords
             .iter()
             .filter_map(|k| {
                 let head = k.get(..5)?;
@@ -873,23 +860,16 @@ impl SmtpUpstreamLogin {
             self.state = UpState::StartTls;
             return Ok(());
         }
-        let offered = self.offered();
-        let mech = self
-            .opts
-            .preference
-            .iter()
-            .copied()
-            .find(|m| offered.iter().any(|o| o.eq_ignore_ascii_case(m.name())));
-        let Some(mech) = mech else {
+        let offered = Self::offered(&self.keywords);
+        let Some(step) = self.bearer.choose(Offer::Listed(&offered)) else {
             return Err(UpstreamError::NoMechanism(if offered.is_empty() {
                 "no AUTH mechanisms".to_owned()
             } else {
                 format!("AUTH {}", offered.join(" "))
             }));
         };
-        self.mech = Some(mech);
-        self.state = UpState::WaitToken;
-        self.queue.push_back(UpstreamStep::NeedToken);
+        self.state = UpState::Login;
+        self.queue.push_back(step);
         Ok(())
     }
 
@@ -921,83 +901,43 @@ impl SmtpUpstreamLogin {
                 }
                 _ => Err(refused("the server refused STARTTLS", &reply)),
             },
-            UpState::Auth {
-                mech,
-                response,
-                pending,
-                challenge,
-            } => {
-                let mech = *mech;
-                match reply.code {
-                    235 => {
-                        self.state = UpState::Done;
-                        let leftover = self.framer.take();
-                        self.queue
-                            .push_back(UpstreamStep::Authenticated(UpstreamSuccess {
-                                capabilities: self.keywords.clone(),
-                                leftover,
-                            }));
-                        Ok(())
-                    }
-                    334 if *pending => {
-                        *pending = false;
-                        let line = format!("{}\r\n", response.expose_secret());
-                        self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
-                        Ok(())
-                    }
-                    334 => {
-                        if challenge.is_some() {
-                            return Err(refused(
-                                "a second challenge after the failure challenge",
-                                &reply,
-                            ));
-                        }
-                        *challenge =
-                            Some(sasl::parse_failure_challenge(reply.first_text().as_bytes()));
-                        // The exchange only ends once we answer the challenge.
-                        let ack: &[u8] = match mech {
-                            Mechanism::Xoauth2 => b"\r\n",
-                            Mechanism::Oauthbearer => b"AQ==\r\n",
-                        };
-                        self.queue.push_back(UpstreamStep::Send(ack.to_vec()));
-                        Ok(())
-                    }
-                    // The initial response was not welcome: some servers
-                    // want the two-step form. (5.5.127 is Microsoft refusing
-                    // the token itself, not the form.)
-                    500 | 501 | 504
-                        if !self.two_step
-                            && !*pending
-                            && challenge.is_none()
-                            && reply.esc != [5, 5, 127] =>
-                    {
-                        self.two_step = true;
-                        *pending = true;
-                        let line = format!("AUTH {}\r\n", mech.name());
-                        self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
-                        Ok(())
-                    }
-                    400..=599 => {
-                        let challenge = challenge.take().flatten();
-                        let retry_suggested = challenge
-                            .as_ref()
-                            .is_some_and(FailureChallenge::suggests_retry);
-                        self.state = UpState::Rejected;
-                        self.queue.push_back(UpstreamStep::Rejected(Rejection {
-                            challenge,
-                            refusal: reply.refusal(),
-                            retry_suggested,
+            UpState::Login if !self.bearer.awaits_server() => Ok(()),
+            UpState::Login => match reply.code {
+                235 => {
+                    self.bearer.succeeded();
+                    self.state = UpState::Done;
+                    let leftover = self.framer.take();
+                    self.queue
+                        .push_back(UpstreamStep::Authenticated(UpstreamSuccess {
+                            capabilities: self.keywords.clone(),
+                            leftover,
                         }));
-                        Ok(())
-                    }
-                    _ => Err(refused("unexpected reply to AUTH", &reply)),
+                    Ok(())
                 }
-            }
-            UpState::TlsHandshake
-            | UpState::WaitToken
-            | UpState::Rejected
-            | UpState::Done
-            | UpState::Failed => Ok(()),
+                334 => {
+                    let step = self
+                        .bearer
+                        .continuation(reply.first_text().as_bytes())
+                        .map_err(|what| refused(what, &reply))?;
+                    self.queue.push_back(step);
+                    Ok(())
+                }
+                // The initial response may not have been welcome: some
+                // servers want the two-step form. (5.5.127 is Microsoft
+                // refusing the token itself, not the form.)
+                500 | 501 | 504 if reply.esc != [5, 5, 127] => {
+                    let step = self.bearer.form_refused(reply.refusal());
+                    self.queue.push_back(step);
+                    Ok(())
+                }
+                400..=599 => {
+                    let step = self.bearer.refused(reply.refusal());
+                    self.queue.push_back(step);
+                    Ok(())
+                }
+                _ => Err(refused("unexpected reply to AUTH", &reply)),
+            },
+            UpState::TlsHandshake | UpState::Done | UpState::Failed => Ok(()),
         }
     }
 }
@@ -1022,7 +962,11 @@ impl UpstreamLogin for SmtpUpstreamLogin {
                         "the login dialogue already failed".to_owned(),
                     ));
                 }
-                UpState::TlsHandshake | UpState::WaitToken | UpState::Rejected | UpState::Done => {
+                UpState::TlsHandshake | UpState::Done => {
+                    return Ok(UpstreamStep::NeedInput);
+                }
+                // Waiting for a token, or rejected: nothing to read now.
+                UpState::Login if !self.bearer.awaits_server() => {
                     return Ok(UpstreamStep::NeedInput);
                 }
                 _ => {}
@@ -1055,43 +999,31 @@ impl UpstreamLogin for SmtpUpstreamLogin {
     }
 
     fn provide_token(&mut self, token: &BearerToken) {
-        if !matches!(self.state, UpState::WaitToken) {
+        if !matches!(self.state, UpState::Login) {
             return;
         }
-        let Some(mech) = self.mech else {
-            return;
-        };
-        let response = match mech {
-            Mechanism::Xoauth2 => sasl::xoauth2_response(token),
-            Mechanism::Oauthbearer => sasl::oauthbearer_response(token),
-        };
-        // "AUTH " MECH " " RESPONSE CRLF
-        let one_step_len = 5 + mech.name().len() + 1 + response.expose_secret().len() + 2;
-        let two_step = self.two_step || one_step_len > MAX_COMMAND_LINE;
-        let line = if two_step {
-            format!("AUTH {}\r\n", mech.name())
-        } else {
-            format!("AUTH {} {}\r\n", mech.name(), response.expose_secret())
-        };
-        self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
-        self.state = UpState::Auth {
-            mech,
-            response,
-            pending: two_step,
-            challenge: None,
-        };
+        let step = self.bearer.provide_token(
+            token,
+            InitialResponse::WithinLine(MAX_COMMAND_LINE),
+            |mech, response| match response {
+                Some(r) => format!("AUTH {} {r}\r\n", mech.name()),
+                None => format!("AUTH {}\r\n", mech.name()),
+            },
+        );
+        self.queue.extend(step);
     }
 
     fn retry(&mut self) {
-        if matches!(self.state, UpState::Rejected) {
-            self.state = UpState::WaitToken;
-            self.queue.push_back(UpstreamStep::NeedToken);
+        if matches!(self.state, UpState::Login) {
+            self.queue.extend(self.bearer.retry());
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use secrecy::{ExposeSecret, SecretString};
+
     use super::*;
 
     // ----- client side -----
@@ -2127,10 +2059,11 @@ mod tests {
                 }
                 // Input is only held unread while the dialogue waits for
                 // the driver (or is over).
-                let reading = matches!(
-                    u.state,
-                    UpState::Greeting | UpState::Ehlo | UpState::StartTls | UpState::Auth { .. }
-                );
+                let reading = match u.state {
+                    UpState::Greeting | UpState::Ehlo | UpState::StartTls => true,
+                    UpState::Login => u.bearer.awaits_server(),
+                    _ => false,
+                };
                 assert!(!reading || u.framer.buffered() <= 60);
             }
         }
