@@ -1,13 +1,13 @@
 //! Explanations for upstream refusals people can act on. The provider
 //! facts (which refusal means what, and what to do about it) live in one
-//! table, [`ROWS`], over the typed refusals the protocol crate reads; a new
+//! table, `ROWS`, over the typed refusals the protocol crate reads; a new
 //! Microsoft or Google error is one more row.
 
 use mailbridge_proto::Refusal;
 use mailbridge_proto::refusal::{EnhancedCode, RefusalCode};
 
 /// A one-line explanation of an upstream login refusal, if it is a known
-/// one: the first row of [`ROWS`] that matches.
+/// one: the first row of `ROWS` that matches.
 pub fn explain(refusal: &Refusal) -> Option<&'static str> {
     ROWS.iter()
         .find(|row| row.matches(refusal))

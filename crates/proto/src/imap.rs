@@ -2,7 +2,7 @@
 //!
 //! Both halves first split the byte stream into whole IMAP messages (a line
 //! plus the literals it announces, with their continuation lines) under size
-//! limits ([`crate::framer`]), and only then hand a complete message to
+//! limits (`crate::framer`), and only then hand a complete message to
 //! imap-codec. Literal
 //! handling stays exact (we alone decide when a client gets `+`), and a
 //! malformed or oversized message is dropped on its real boundaries, so
@@ -784,7 +784,7 @@ impl UpState {
 
 /// mailbridge's login to the real IMAP server: greeting, capabilities,
 /// optional STARTTLS and ID, then AUTHENTICATE XOAUTH2 or OAUTHBEARER
-/// ([`crate::bearer`]; with SASL-IR when the server announces it) with the
+/// (`crate::bearer`; with SASL-IR when the server announces it) with the
 /// failure challenge absorbed. Tags are `mb1`, `mb2`, ...
 pub struct ImapUpstreamLogin {
     opts: UpstreamOptions,

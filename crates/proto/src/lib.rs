@@ -7,6 +7,23 @@
 //! Each protocol has two halves: the client-facing pre-auth session (what
 //! the mail client talks to until it has logged in) and the upstream login
 //! dialogue (mailbridge logging in to the real server with a bearer token).
+//!
+//! # Layout
+//!
+//! - [`imap`], [`pop3`], [`smtp`]: the two halves of each protocol.
+//! - `framer`: the one line framer they all read with (line caps, IMAP
+//!   literals, no rescans, secrets wiped).
+//! - `bearer`: the one bearer-login driver the three upstream dialogues
+//!   configure (mechanism, initial response or two steps, failure
+//!   challenge, retry).
+//! - [`refusal`]: a server's refusal as typed values ([`Refusal`]), read
+//!   once by the protocol that received it.
+//! - [`sasl`]: PLAIN / LOGIN decoding, XOAUTH2 / OAUTHBEARER encoding,
+//!   failure challenges.
+//! - [`text`]: text on one line, for replies, reasons and logs.
+//!
+//! Everything that can hold a password, a token or a SASL response prints
+//! redacted under `{:?}` (`debug_never_shows_secrets`).
 
 #![forbid(unsafe_code)]
 

@@ -1,7 +1,7 @@
 //! POP3: client-facing pre-auth session and upstream login dialogue.
 //!
 //! POP3 has no literals: both halves split lines with a length cap
-//! ([`crate::framer`]) and parse commands and responses by hand: RFC 1939 (USER,
+//! (`crate::framer`) and parse commands and responses by hand: RFC 1939 (USER,
 //! PASS, QUIT), RFC 2449 (CAPA, RESP-CODES, PIPELINING), RFC 2595 (STLS),
 //! RFC 5034 (AUTH, AUTH-RESP-CODE) and RFC 3206 (`[AUTH]`, `[SYS/TEMP]`).
 
@@ -497,7 +497,7 @@ impl UpState {
 
 /// mailbridge's login to the real POP3 server: greeting, CAPA, optional
 /// STLS (then CAPA again), then AUTH XOAUTH2 or OAUTHBEARER
-/// ([`crate::bearer`]; two steps unless `initial_response`) with the
+/// (`crate::bearer`; two steps unless `initial_response`) with the
 /// failure challenge absorbed.
 ///
 /// When the server answers CAPA with `-ERR` it tells us nothing: STLS is

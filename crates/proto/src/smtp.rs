@@ -1,7 +1,7 @@
 //! SMTP: client-facing pre-auth session and upstream login dialogue.
 //!
 //! Both halves first split the byte stream into lines under a length cap
-//! ([`crate::framer`])
+//! (`crate::framer`)
 //! (smtp-proto has none), and only then hand a complete line to smtp-proto:
 //! `Request::parse` for the client's commands, `ResponseReceiver` for the
 //! server's (multi-line) replies. SASL is done by hand with
@@ -763,7 +763,7 @@ impl UpState {
 
 /// mailbridge's login to the real SMTP server: greeting, EHLO, optional
 /// STARTTLS and EHLO again, then AUTH XOAUTH2 or OAUTHBEARER
-/// ([`crate::bearer`]) with the initial response on the AUTH line when the
+/// (`crate::bearer`) with the initial response on the AUTH line when the
 /// line stays within 512 octets (RFC 4954); a server that answers that
 /// with 500/501/504 gets the two-step form (`AUTH MECH`, `334`, response)
 /// on the same connection. A failure challenge (`334 <base64 JSON>`) is
