@@ -14,7 +14,9 @@ use crate::net::tls::{self, TlsError};
 use crate::net::upstream::{self, UpstreamConn, UpstreamFailure};
 use crate::oauth::{TokenError, TokenSource};
 use crate::vault::{Vault, VaultError};
-use mailbridge_proto::{self as proto, FailureKind, LoginFailure, LoginRequest, UpstreamLogin};
+use mailbridge_proto::{
+    self as proto, FailureKind, LoginFailure, LoginRequest, UpstreamLogin, text,
+};
 
 /// The configuration logins follow, replaced whole by a reload: accounts,
 /// providers, and each provider's upstream TLS config (its CA file, or
@@ -158,7 +160,7 @@ impl Gateway {
             .map_err(|e| {
                 failure(
                     FailureKind::Unavailable,
-                    crate::oauth::one_line(&format!(
+                    text::flatten(&format!(
                         "`{}` is not authorized yet and the authorization did not complete: {e}",
                         account.name
                     )),
@@ -240,7 +242,7 @@ impl Gateway {
                 FailureKind::BadCredentials,
                 format!(
                     "mailbridge has no account for `{}`; check the user name",
-                    printable(user)
+                    text::printable(user, 100)
                 ),
             ));
         };
@@ -395,38 +397,35 @@ fn upstream_failure(protocol: Protocol, account: &str, e: UpstreamFailure) -> Lo
     match e {
         UpstreamFailure::Token(t) => token_failure(account, t),
         UpstreamFailure::Rejected { server, rejection } => {
-            let text = crate::oauth::one_line(&rejection.server_text);
-            if crate::diagnose::is_temporary_refusal(protocol, &text) {
+            let refusal = rejection.refusal;
+            if refusal.is_temporary() {
                 // The server could not check the token (e.g. Dovecot cannot
                 // reach its introspection endpoint): nothing to re-authorize,
                 // and clients should retry rather than ask for a password.
                 return LoginFailure {
                     kind: FailureKind::Unavailable,
                     reason: format!(
-                        "{server} could not check the access token just now ({text}); try again later"
+                        "{server} could not check the access token just now ({refusal}); try again later"
                     ),
-                    upstream_reply: Some(text),
+                    upstream_reply: Some(refusal),
                 };
             }
-            let reason = match crate::diagnose::explain(protocol, &text) {
+            let reason = match crate::diagnose::explain(&refusal) {
                 // SMTP clients see the server's own line too; IMAP and POP3
                 // replies carry only ours, so quote the server there.
                 Some(why) if protocol == Protocol::Smtp => why.to_string(),
-                Some(why) => format!("{why} (server said: {text})"),
+                Some(why) => format!("{why} (server said: {refusal})"),
                 None => format!(
-                    "{server} refused the access token ({text}); check the account's permissions or re-authorize it"
+                    "{server} refused the access token ({refusal}); check the account's permissions or re-authorize it"
                 ),
             };
             LoginFailure {
                 kind: FailureKind::Rejected,
                 reason,
-                upstream_reply: Some(text),
+                upstream_reply: Some(refusal),
             }
         }
-        other => failure(
-            FailureKind::Unavailable,
-            crate::oauth::one_line(&other.to_string()),
-        ),
+        other => failure(FailureKind::Unavailable, text::flatten(&other.to_string())),
     }
 }
 
@@ -451,12 +450,7 @@ fn token_failure(account: &str, e: TokenError) -> LoginFailure {
             ));
         }
     }
-    failure(kind, crate::oauth::one_line(&reason))
-}
-
-/// A user name as it may appear in a reply: printable, bounded.
-fn printable(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control()).take(100).collect()
+    failure(kind, text::flatten(&reason))
 }
 
 fn unix_now() -> u64 {

@@ -54,7 +54,7 @@ pub enum UpstreamFailure {
         source: UpstreamError,
     },
     /// The server refused the token.
-    #[error("{server} refused the token: {}", .rejection.server_text)]
+    #[error("{server} refused the token: {}", .rejection.refusal)]
     Rejected {
         /// host:port.
         server: String,

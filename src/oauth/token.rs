@@ -373,16 +373,7 @@ impl TokenSource {
 }
 
 /// Collapses whitespace and caps the length, for protocol reply lines.
-pub fn one_line(s: &str) -> String {
-    let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
-    if flat.chars().count() > 300 {
-        let mut t: String = flat.chars().take(297).collect();
-        t.push_str("...");
-        t
-    } else {
-        flat
-    }
-}
+pub use mailbridge_proto::text::flatten as one_line;
 
 fn unix_now() -> u64 {
     SystemTime::now()

@@ -7,20 +7,43 @@
 //! Each protocol has two halves: the client-facing pre-auth session (what
 //! the mail client talks to until it has logged in) and the upstream login
 //! dialogue (mailbridge logging in to the real server with a bearer token).
+//!
+//! # Layout
+//!
+//! - [`imap`], [`pop3`], [`smtp`]: the two halves of each protocol.
+//! - `framer`: the one line framer they all read with (line caps, IMAP
+//!   literals, no rescans, secrets wiped).
+//! - `bearer`: the one bearer-login driver the three upstream dialogues
+//!   configure (mechanism, initial response or two steps, failure
+//!   challenge, retry).
+//! - [`refusal`]: a server's refusal as typed values ([`Refusal`]), read
+//!   once by the protocol that received it.
+//! - [`sasl`]: PLAIN / LOGIN decoding, XOAUTH2 / OAUTHBEARER encoding,
+//!   failure challenges.
+//! - [`text`]: text on one line, for replies, reasons and logs.
+//!
+//! Everything that can hold a password, a token or a SASL response prints
+//! redacted under `{:?}` (`debug_never_shows_secrets`).
 
 #![forbid(unsafe_code)]
 
+use std::fmt;
+
+mod bearer;
+mod framer;
 pub mod imap;
 pub mod pop3;
+pub mod refusal;
 pub mod sasl;
 pub mod smtp;
 #[cfg(test)]
 mod testkit;
+pub mod text;
 
+pub use crate::refusal::Refusal;
 use crate::sasl::{BearerToken, Credentials, FailureChallenge};
 
 /// What the client-facing session wants the driver to do next.
-#[derive(Debug)]
 pub enum ClientStep {
     /// Read more bytes from the client and `feed` them.
     NeedInput,
@@ -37,7 +60,8 @@ pub enum ClientStep {
     Close(Vec<u8>),
 }
 
-/// A client's login request.
+/// A client's login request. Its `Debug` form shows the user name, never
+/// the password.
 #[derive(Debug)]
 pub struct LoginRequest {
     /// The local credentials.
@@ -73,7 +97,7 @@ pub struct LoginFailure {
     /// (e.g. `535 5.7.139 Authentication unsuccessful, ...` or
     /// `NO [AUTHENTICATIONFAILED] ...`). Protocols whose replies carry codes
     /// (SMTP) reuse its code and text; `reason` then explains it.
-    pub upstream_reply: Option<String>,
+    pub upstream_reply: Option<Refusal>,
 }
 
 /// The client-facing pre-auth half of a protocol.
@@ -101,11 +125,11 @@ pub trait ClientSession: Send {
 }
 
 /// What the upstream login dialogue wants the driver to do next.
-#[derive(Debug)]
 pub enum UpstreamStep {
     /// Read more bytes from the server and `feed` them.
     NeedInput,
-    /// Write these bytes to the server.
+    /// Write these bytes to the server. (A SASL line holds the token:
+    /// `Debug` shows the size only.)
     Send(Vec<u8>),
     /// Run the client side of a TLS handshake, then call `tls_started`.
     StartTls,
@@ -116,6 +140,42 @@ pub enum UpstreamStep {
     Authenticated(UpstreamSuccess),
     /// The server refused the token.
     Rejected(Rejection),
+}
+
+/// Bytes on their way to a peer, in a `Debug` form: their size only. A
+/// SASL line holds the access token, a pre-auth line may echo what a
+/// client typed; sizes are all a log needs.
+struct Payload<'a>(&'a [u8]);
+
+impl fmt::Debug for Payload<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
+}
+
+impl fmt::Debug for ClientStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientStep::NeedInput => f.write_str("NeedInput"),
+            ClientStep::Send(b) => f.debug_tuple("Send").field(&Payload(b)).finish(),
+            ClientStep::StartTls(b) => f.debug_tuple("StartTls").field(&Payload(b)).finish(),
+            ClientStep::Login(req) => f.debug_tuple("Login").field(req).finish(),
+            ClientStep::Close(b) => f.debug_tuple("Close").field(&Payload(b)).finish(),
+        }
+    }
+}
+
+impl fmt::Debug for UpstreamStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamStep::NeedInput => f.write_str("NeedInput"),
+            UpstreamStep::Send(b) => f.debug_tuple("Send").field(&Payload(b)).finish(),
+            UpstreamStep::StartTls => f.write_str("StartTls"),
+            UpstreamStep::NeedToken => f.write_str("NeedToken"),
+            UpstreamStep::Authenticated(ok) => f.debug_tuple("Authenticated").field(ok).finish(),
+            UpstreamStep::Rejected(r) => f.debug_tuple("Rejected").field(r).finish(),
+        }
+    }
 }
 
 /// A successful upstream login.
@@ -134,8 +194,8 @@ pub struct UpstreamSuccess {
 pub struct Rejection {
     /// The failure challenge, if the server sent one.
     pub challenge: Option<FailureChallenge>,
-    /// The server's final refusal line, as text (response code and text).
-    pub server_text: String,
+    /// The server's final refusal, as its protocol reads it.
+    pub refusal: Refusal,
     /// True when the challenge's status (400/401) says: refresh the token
     /// and try once more. The session can `retry` on the same connection.
     pub retry_suggested: bool,
@@ -171,4 +231,243 @@ pub trait UpstreamLogin: Send {
     /// After a `Rejected` with `retry_suggested`: start another
     /// authentication on the same connection (next step is `NeedToken`).
     fn retry(&mut self);
+}
+
+/// The server said something the dialogue cannot follow: `what`, then the
+/// offending line as one line of at most [`text::MAX_TEXT`] characters.
+pub(crate) fn unexpected(what: &str, line: &[u8]) -> UpstreamError {
+    unexpected_within(what, line, text::MAX_TEXT)
+}
+
+/// [`unexpected`] with another bound on the quoted line.
+pub(crate) fn unexpected_within(what: &str, line: &[u8], max_text: usize) -> UpstreamError {
+    UpstreamError::Unexpected(format!(
+        "{what}: {}",
+        text::one_line_within(
+            &String::from_utf8_lossy(text::strip_eol(line)),
+            "(empty line)",
+            max_text
+        )
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::{ExposeSecret, SecretString};
+
+    use super::*;
+    use crate::testkit::b64;
+
+    const PASSWORD: &str = "hunter2-pass";
+    const TOKEN: &str = "ya29.s3cr3t-access-token";
+
+    /// Fails when `dbg` shows any form of the secrets: as text, as base64,
+    /// inside the SASL responses that carry them, or as a list of bytes.
+    fn assert_redacted(what: &str, dbg: &str) {
+        let token = bearer_token();
+        let forms = [
+            PASSWORD.to_owned(),
+            TOKEN.to_owned(),
+            b64(PASSWORD.as_bytes()),
+            b64(TOKEN.as_bytes()),
+            b64(format!("\0alice\0{PASSWORD}").as_bytes()),
+            sasl::xoauth2_response(&token).expose_secret().to_owned(),
+            sasl::oauthbearer_response(&token)
+                .expose_secret()
+                .to_owned(),
+            // A `Vec<u8>` printed as numbers.
+            as_numbers(PASSWORD.as_bytes()),
+            as_numbers(TOKEN.as_bytes()),
+            as_numbers(sasl::xoauth2_response(&token).expose_secret().as_bytes()),
+            as_numbers(
+                sasl::oauthbearer_response(&token)
+                    .expose_secret()
+                    .as_bytes(),
+            ),
+        ];
+        for form in forms {
+            assert!(!dbg.contains(&form), "{what} shows {form:?}: {dbg}");
+        }
+    }
+
+    /// The first bytes of `secret` as `Debug` of a byte vector lists them.
+    fn as_numbers(secret: &[u8]) -> String {
+        let listed = format!("{:?}", secret);
+        listed[1..]
+            .split(", ")
+            .take(6)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Sessions and logins that can be printed.
+    trait DebugClient: ClientSession + fmt::Debug {}
+    impl<T: ClientSession + fmt::Debug> DebugClient for T {}
+    trait DebugLogin: UpstreamLogin + fmt::Debug {}
+    impl<T: UpstreamLogin + fmt::Debug> DebugLogin for T {}
+
+    fn bearer_token() -> BearerToken {
+        BearerToken {
+            user: "alice@example.com".into(),
+            token: SecretString::from(TOKEN.to_owned()),
+            host: "imap.example.com".into(),
+            port: 993,
+        }
+    }
+
+    /// Every protocol value that can hold a password, a token or a SASL
+    /// response prints redacted under `{:?}`.
+    #[test]
+    fn debug_never_shows_secrets() {
+        // The check itself catches the forms a leak would take.
+        let token = bearer_token();
+        for leak in [
+            format!("{:?}", format!("x {PASSWORD}\r\n").into_bytes()),
+            format!("{:?}", format!("{TOKEN}\r\n").as_bytes()),
+            sasl::xoauth2_response(&token).expose_secret().to_owned(),
+            b64(format!("\0alice\0{PASSWORD}").as_bytes()),
+            // What a derived `Debug` of `UpstreamStep::Send` printed.
+            format!(
+                "Send({:?})",
+                format!(
+                    "mb1 AUTHENTICATE XOAUTH2 {}\r\n",
+                    sasl::xoauth2_response(&token).expose_secret()
+                )
+                .into_bytes()
+            ),
+        ] {
+            let caught = std::panic::catch_unwind(|| assert_redacted("leak", &leak));
+            assert!(caught.is_err(), "not caught: {leak}");
+        }
+
+        assert_redacted("BearerToken", &format!("{token:?}"));
+        assert_redacted(
+            "XOAUTH2 response",
+            &format!("{:?}", sasl::xoauth2_response(&token)),
+        );
+        assert_redacted(
+            "OAUTHBEARER response",
+            &format!("{:?}", sasl::oauthbearer_response(&token)),
+        );
+        let credentials =
+            sasl::login_credentials(b"alice", PASSWORD.as_bytes()).expect("credentials");
+        assert_redacted("Credentials", &format!("{credentials:?}"));
+        let plain = sasl::decode_plain(format!("\0alice\0{PASSWORD}").as_bytes()).unwrap();
+        assert_redacted("Credentials (PLAIN)", &format!("{plain:?}"));
+
+        // Client side: the login request as each session hands it out, and
+        // each session with the password still buffered.
+        let sessions: Vec<(&str, Box<dyn DebugClient>, String)> = vec![
+            (
+                "IMAP",
+                Box::new(imap::ImapClientSession::new(imap::ClientOptions {
+                    plaintext_login_allowed: true,
+                    ..Default::default()
+                })),
+                format!("a1 LOGIN alice {PASSWORD}\r\na2 LOGIN alice {{12}}\r\n{PASSWORD}"),
+            ),
+            (
+                "POP3",
+                Box::new(pop3::Pop3ClientSession::new(pop3::ClientOptions {
+                    plaintext_login_allowed: true,
+                    ..Default::default()
+                })),
+                format!("USER alice\r\nPASS {PASSWORD}\r\nPASS {PASSWORD}"),
+            ),
+            (
+                "SMTP",
+                Box::new(smtp::SmtpClientSession::new(smtp::ClientOptions {
+                    plaintext_login_allowed: true,
+                    ..Default::default()
+                })),
+                format!(
+                    "EHLO c\r\nAUTH PLAIN {}\r\nAUTH PLAIN {}",
+                    b64(format!("\0alice\0{PASSWORD}").as_bytes()),
+                    b64(format!("\0alice\0{PASSWORD}").as_bytes())
+                ),
+            ),
+        ];
+        for (name, mut sess, input) in sessions {
+            sess.feed(input.as_bytes());
+            let mut logins = 0;
+            loop {
+                let step = sess.next_step();
+                assert_redacted(name, &format!("{step:?}"));
+                match step {
+                    ClientStep::NeedInput => break,
+                    ClientStep::Login(req) => {
+                        assert_eq!(req.credentials.password.expose_secret(), PASSWORD);
+                        assert_redacted(name, &format!("{req:?}"));
+                        assert_redacted(name, &format!("{sess:?}"));
+                        logins += 1;
+                        // Buffered, pipelined: the second login's password.
+                        let pending = sess.take_pending();
+                        assert_redacted(name, &format!("{:?}", ClientStep::Send(pending)));
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            assert_eq!(logins, 1, "{name}");
+        }
+
+        // Upstream side: the step that sends the SASL response, and each
+        // login with that step queued and after it left.
+        let logins: Vec<(&str, Box<dyn DebugLogin>, &[u8])> = vec![
+            (
+                "IMAP",
+                Box::new(imap::ImapUpstreamLogin::new(Default::default())),
+                b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] hi\r\n",
+            ),
+            (
+                "POP3",
+                Box::new(pop3::Pop3UpstreamLogin::new(pop3::UpstreamOptions {
+                    initial_response: true,
+                    ..Default::default()
+                })),
+                b"+OK hi\r\n+OK\r\nSASL XOAUTH2\r\n.\r\n",
+            ),
+            (
+                "SMTP",
+                Box::new(smtp::SmtpUpstreamLogin::new(Default::default())),
+                b"220 hi\r\n250-hi\r\n250 AUTH XOAUTH2\r\n",
+            ),
+        ];
+        for (name, mut login, script) in logins {
+            login.feed(script);
+            let mut sent_response = false;
+            for _ in 0..10 {
+                let step = login.next_step().expect("dialogue");
+                assert_redacted(name, &format!("{step:?}"));
+                match step {
+                    UpstreamStep::NeedToken => {
+                        login.provide_token(&token);
+                        assert_redacted(name, &format!("{login:?}"));
+                    }
+                    UpstreamStep::Send(bytes) => {
+                        let xo = sasl::xoauth2_response(&token);
+                        let line = String::from_utf8_lossy(&bytes);
+                        sent_response |= line.contains(xo.expose_secret());
+                    }
+                    UpstreamStep::NeedInput => break,
+                    _ => {}
+                }
+            }
+            assert!(sent_response, "{name} never sent the response");
+            assert_redacted(name, &format!("{login:?}"));
+        }
+
+        // The framer and the bearer driver, holding the secrets.
+        let mut framer = framer::Framer::lines(1024);
+        framer.push(format!("PASS {PASSWORD}").as_bytes());
+        assert_redacted("Framer", &format!("{framer:?}"));
+        let frame = framer::Frame::Message(format!("PASS {PASSWORD}\r\n").into_bytes());
+        assert_redacted("Frame", &format!("{frame:?}"));
+        let mut bearer = bearer::Bearer::new(vec![sasl::Mechanism::Xoauth2]);
+        bearer.choose(bearer::Offer::Unknown);
+        let step = bearer.provide_token(&token, bearer::InitialResponse::Never, |m, r| {
+            format!("AUTH {} {}\r\n", m.name(), r.unwrap_or_default())
+        });
+        assert_redacted("Bearer", &format!("{bearer:?} {step:?}"));
+    }
 }

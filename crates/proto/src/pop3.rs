@@ -1,20 +1,25 @@
 //! POP3: client-facing pre-auth session and upstream login dialogue.
 //!
-//! POP3 has no literals, so both halves share one small line splitter with
-//! a length cap and parse commands and responses by hand: RFC 1939 (USER,
+//! POP3 has no literals: both halves split lines with a length cap
+//! (`crate::framer`) and parse commands and responses by hand: RFC 1939 (USER,
 //! PASS, QUIT), RFC 2449 (CAPA, RESP-CODES, PIPELINING), RFC 2595 (STLS),
 //! RFC 5034 (AUTH, AUTH-RESP-CODE) and RFC 3206 (`[AUTH]`, `[SYS/TEMP]`).
 
 use std::collections::VecDeque;
 use std::fmt;
 
-use secrecy::{ExposeSecret, SecretString, zeroize::Zeroize};
+use secrecy::zeroize::Zeroize;
 
 use super::{
-    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, Rejection, UpstreamError,
+    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, UpstreamError,
     UpstreamLogin, UpstreamStep, UpstreamSuccess,
 };
-use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism};
+use crate::bearer::{Bearer, InitialResponse, Offer};
+use crate::framer::{Frame, Framer};
+use crate::refusal::Refusal;
+use crate::sasl::{self, BearerToken, Mechanism};
+use crate::text::{one_line, strip_eol};
+use crate::unexpected;
 
 /// Default line limit, CRLF included. RFC 2449 caps commands at 255 octets
 /// and responses at 512, but an AUTH line with an initial response (RFC
@@ -22,124 +27,11 @@ use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism};
 /// keeps what a stranger can make us buffer small.
 const DEFAULT_MAX_LINE: usize = 4 * 1024;
 
-// ---------------------------------------------------------------------------
-// Lines
-// ---------------------------------------------------------------------------
-
-/// What the line splitter found next.
-#[derive(Debug)]
-enum Frame {
-    /// More input is needed.
-    NeedMore,
-    /// A complete line, line ending included.
-    Line(Vec<u8>),
-    /// A line went over the limit: reported once, then dropped up to and
-    /// including its line ending.
-    TooLong,
-}
-
-/// Splits bytes into lines of at most `max_line` bytes. Holds at most what
-/// was fed and not yet taken; while dropping an overlong line it keeps
-/// nothing of it.
-struct Lines {
-    /// Received, not yet split off.
-    buf: Vec<u8>,
-    /// Dropping the rest of an overlong line.
-    discarding: bool,
-    max_line: usize,
-}
-
-impl Lines {
-    fn new(max_line: usize) -> Self {
-        Lines {
-            buf: Vec::new(),
-            discarding: false,
-            max_line: max_line.max(1),
-        }
-    }
-
-    /// Forgets everything: used at STLS so no plaintext byte survives into
-    /// the encrypted session.
-    fn reset(&mut self) {
-        self.buf.zeroize();
-        self.discarding = false;
-    }
-
-    fn next_line(&mut self) -> Frame {
-        loop {
-            let end = self.buf.iter().position(|&b| b == b'\n');
-            if self.discarding {
-                match end {
-                    Some(pos) => {
-                        self.buf.drain(..=pos);
-                        self.discarding = false;
-                    }
-                    None => {
-                        self.buf.zeroize();
-                        return Frame::NeedMore;
-                    }
-                }
-                continue;
-            }
-            return match end {
-                Some(pos) if pos < self.max_line => Frame::Line(self.buf.drain(..=pos).collect()),
-                Some(pos) => {
-                    self.buf.drain(..=pos);
-                    Frame::TooLong
-                }
-                None if self.buf.len() > self.max_line => {
-                    self.buf.zeroize();
-                    self.discarding = true;
-                    Frame::TooLong
-                }
-                None => Frame::NeedMore,
-            };
-        }
-    }
-}
-
-impl Drop for Lines {
-    fn drop(&mut self) {
-        // Pre-auth buffers can hold passwords.
-        self.buf.zeroize();
-    }
-}
-
-/// A line without its line ending (CRLF, or a bare LF we tolerate).
-fn strip_eol(line: &[u8]) -> &[u8] {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    line.strip_suffix(b"\r").unwrap_or(line)
-}
-
 /// Splits off the first space-separated word; the rest is verbatim.
 fn split_word(bytes: &[u8]) -> (&[u8], Option<&[u8]>) {
     match bytes.iter().position(|&b| b == b' ') {
         Some(i) => (&bytes[..i], Some(&bytes[i + 1..])),
         None => (bytes, None),
-    }
-}
-
-/// One line of text for a reply: no control characters, ASCII only,
-/// bounded, never empty.
-fn one_line(text: &str, fallback: &str) -> String {
-    let clean: String = text
-        .chars()
-        .map(|c| {
-            if c.is_ascii() && !c.is_ascii_control() {
-                c
-            } else if c.is_control() {
-                ' '
-            } else {
-                '?'
-            }
-        })
-        .take(300)
-        .collect();
-    let clean = clean.trim();
-    if clean.is_empty() {
-        fallback.to_owned()
-    } else {
-        clean.to_owned()
     }
 }
 
@@ -218,7 +110,7 @@ impl ClientState {
 /// and has not yet drained with `next_step`.
 pub struct Pop3ClientSession {
     opts: ClientOptions,
-    lines: Lines,
+    framer: Framer,
     state: ClientState,
     /// TLS is on (implicit, or STLS done).
     in_tls: bool,
@@ -232,7 +124,7 @@ impl fmt::Debug for Pop3ClientSession {
         f.debug_struct("Pop3ClientSession")
             .field("state", &self.state.name())
             .field("in_tls", &self.in_tls)
-            .field("buffered", &self.lines.buf.len())
+            .field("buffered", &self.framer.buffered())
             .field("user_given", &self.user.is_some())
             .finish()
     }
@@ -246,7 +138,7 @@ impl Pop3ClientSession {
     /// A new pre-auth session.
     pub fn new(opts: ClientOptions) -> Self {
         Pop3ClientSession {
-            lines: Lines::new(opts.max_line),
+            framer: Framer::lines(opts.max_line),
             in_tls: opts.tls_active,
             opts,
             state: ClientState::Commands,
@@ -377,7 +269,7 @@ impl Pop3ClientSession {
         }
         // Whatever the client sent after STLS is plaintext that must not be
         // taken as coming from inside TLS.
-        self.lines.reset();
+        self.framer.reset();
         self.state = ClientState::TlsPending;
         ClientStep::StartTls(b"+OK Begin TLS negotiation\r\n".to_vec())
     }
@@ -392,7 +284,7 @@ impl Pop3ClientSession {
             b"STLS" => self.stls_command(),
             b"QUIT" => {
                 self.state = ClientState::Closed;
-                self.lines.reset();
+                self.framer.reset();
                 ClientStep::Close(b"+OK mailbridge signing off\r\n".to_vec())
             }
             // TRANSACTION-state commands (NOOP included, RFC 1939 section 5).
@@ -422,7 +314,7 @@ impl ClientSession for Pop3ClientSession {
         match self.state {
             // Bytes before the handshake are plaintext; after QUIT, noise.
             ClientState::TlsPending | ClientState::Closed => {}
-            _ => self.lines.buf.extend_from_slice(data),
+            _ => self.framer.push(data),
         }
     }
 
@@ -432,14 +324,15 @@ impl ClientSession for Pop3ClientSession {
             ClientState::AuthPlain => true,
             _ => return ClientStep::NeedInput,
         };
-        match self.lines.next_line() {
-            Frame::NeedMore => ClientStep::NeedInput,
-            Frame::TooLong => {
+        match self.framer.next() {
+            // POP3 and SMTP have no literals: a lines framer reports none.
+            Frame::NeedMore | Frame::Literal(_) => ClientStep::NeedInput,
+            Frame::LineTooLong => {
                 // An overlong AUTH response ends that exchange.
                 self.state = ClientState::Commands;
                 err("Line too long")
             }
-            Frame::Line(mut line) => {
+            Frame::Message(mut line) => {
                 let text = strip_eol(&line);
                 let step = if in_auth {
                     self.auth_response(text)
@@ -454,7 +347,7 @@ impl ClientSession for Pop3ClientSession {
 
     fn tls_started(&mut self) {
         self.in_tls = true;
-        self.lines.reset();
+        self.framer.reset();
         // RFC 2595 section 4: nothing from before TLS carries over.
         self.user = None;
         if matches!(self.state, ClientState::TlsPending) {
@@ -487,7 +380,7 @@ impl ClientSession for Pop3ClientSession {
     }
 
     fn take_pending(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.lines.buf)
+        self.framer.take()
     }
 
     fn timeout_message(&self) -> Vec<u8> {
@@ -561,11 +454,11 @@ fn status(line: &[u8]) -> Status {
     }
 }
 
-fn unexpected(what: &str, line: &[u8]) -> UpstreamError {
-    UpstreamError::Unexpected(format!(
-        "{what}: {}",
-        one_line(&String::from_utf8_lossy(line), "(empty line)")
-    ))
+/// Reads a refusal the way the upstream login does, from a server line
+/// (`-ERR [AUTH] Authentication failed`); None unless it is an `-ERR`.
+pub fn parse_refusal(line: &str) -> Option<Refusal> {
+    let line = strip_eol(line.as_bytes());
+    (status(line) == Status::Err).then(|| Refusal::pop3(line))
 }
 
 enum UpState {
@@ -580,18 +473,8 @@ enum UpState {
     Stls,
     /// Emitted `StartTls`; waiting for `tls_started`.
     TlsHandshake,
-    /// Emitted `NeedToken`.
-    WaitToken,
-    /// Sent AUTH.
-    Auth {
-        mech: Mechanism,
-        /// The response still to send after the server's `+` (two-step).
-        pending: Option<SecretString>,
-        /// The failure challenge, once the server sent one and we answered.
-        challenge: Option<Option<FailureChallenge>>,
-    },
-    /// Emitted `Rejected`; `retry` may start over.
-    Rejected,
+    /// The bearer login (waiting for a token, AUTH sent, or rejected).
+    Login,
     /// Emitted `Authenticated`.
     Done,
     /// Returned an error.
@@ -605,9 +488,7 @@ impl UpState {
             UpState::Capa { .. } => "capa",
             UpState::Stls => "stls",
             UpState::TlsHandshake => "tls-handshake",
-            UpState::WaitToken => "wait-token",
-            UpState::Auth { .. } => "auth",
-            UpState::Rejected => "rejected",
+            UpState::Login => "login",
             UpState::Done => "done",
             UpState::Failed => "failed",
         }
@@ -615,7 +496,8 @@ impl UpState {
 }
 
 /// mailbridge's login to the real POP3 server: greeting, CAPA, optional
-/// STLS (then CAPA again), then AUTH XOAUTH2 or OAUTHBEARER with the
+/// STLS (then CAPA again), then AUTH XOAUTH2 or OAUTHBEARER
+/// (`crate::bearer`; two steps unless `initial_response`) with the
 /// failure challenge absorbed.
 ///
 /// When the server answers CAPA with `-ERR` it tells us nothing: STLS is
@@ -625,7 +507,7 @@ impl UpState {
 /// trip and comes back as an ordinary `Rejected` with the server's text.
 pub struct Pop3UpstreamLogin {
     opts: UpstreamOptions,
-    lines: Lines,
+    framer: Framer,
     state: UpState,
     /// Steps decided but not yet handed out (may hold the token: never
     /// printed).
@@ -635,16 +517,20 @@ pub struct Pop3UpstreamLogin {
     /// The last CAPA was refused: no capability information.
     capa_refused: bool,
     tls_done: bool,
-    /// The mechanism chosen, once known.
-    mech: Option<Mechanism>,
+    /// The bearer login: mechanism, token, challenge, retry.
+    bearer: Bearer,
 }
 
 impl fmt::Debug for Pop3UpstreamLogin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            UpState::Login => self.bearer.state_name(),
+            _ => self.state.name(),
+        };
         f.debug_struct("Pop3UpstreamLogin")
-            .field("state", &self.state.name())
+            .field("state", &state)
             .field("caps", &self.caps)
-            .field("mech", &self.mech)
+            .field("mech", &self.bearer.mechanism())
             .field("queued_steps", &self.queue.len())
             .finish()
     }
@@ -654,14 +540,14 @@ impl Pop3UpstreamLogin {
     /// A new login dialogue; feed it the server's bytes from the start.
     pub fn new(opts: UpstreamOptions) -> Self {
         Pop3UpstreamLogin {
-            lines: Lines::new(opts.max_line),
+            framer: Framer::lines(opts.max_line),
+            bearer: Bearer::new(opts.preference.clone()),
             opts,
             state: UpState::Greeting,
             queue: VecDeque::new(),
             caps: Vec::new(),
             capa_refused: false,
             tls_done: false,
-            mech: None,
         }
     }
 
@@ -680,8 +566,8 @@ impl Pop3UpstreamLogin {
 
     /// Capability lines whose first word is `name`, as their remaining
     /// words.
-    fn cap_args(&self, name: &str) -> impl Iterator<Item = &str> {
-        self.caps.iter().flat_map(move |line| {
+    fn cap_args<'a>(caps: &'a [String], name: &'a str) -> impl Iterator<Item = &'a str> {
+        caps.iter().flat_map(move |line| {
             let mut words = line.split_ascii_whitespace();
             let matched = words.next().is_some_and(|w| w.eq_ignore_ascii_case(name));
             words.filter(move |_| matched)
@@ -706,25 +592,21 @@ impl Pop3UpstreamLogin {
             self.state = UpState::Stls;
             return Ok(());
         }
-        let mech = if self.capa_refused {
-            self.opts.preference.first().copied()
+        let offered: Vec<&str> = Self::cap_args(&self.caps, "SASL").collect();
+        let offer = if self.capa_refused {
+            Offer::Unknown
         } else {
-            self.opts.preference.iter().copied().find(|m| {
-                self.cap_args("SASL")
-                    .any(|offered| offered.eq_ignore_ascii_case(m.name()))
-            })
+            Offer::Listed(&offered)
         };
-        let Some(mech) = mech else {
-            let offered: Vec<&str> = self.cap_args("SASL").collect();
+        let Some(step) = self.bearer.choose(offer) else {
             return Err(UpstreamError::NoMechanism(if offered.is_empty() {
                 "no SASL mechanisms".to_owned()
             } else {
                 offered.join(" ")
             }));
         };
-        self.mech = Some(mech);
-        self.state = UpState::WaitToken;
-        self.queue.push_back(UpstreamStep::NeedToken);
+        self.state = UpState::Login;
+        self.queue.push_back(step);
         Ok(())
     }
 
@@ -778,47 +660,32 @@ impl Pop3UpstreamLogin {
                 Status::Ok => {
                     // Bytes after the +OK arrived in plaintext: never trust
                     // them.
-                    self.lines.reset();
+                    self.framer.reset();
                     self.state = UpState::TlsHandshake;
                     self.queue.push_back(UpstreamStep::StartTls);
                     Ok(())
                 }
                 _ => Err(unexpected("the server refused STLS", line)),
             },
-            UpState::Auth {
-                mech,
-                pending,
-                challenge,
-            } => match st {
+            UpState::Login => match st {
+                _ if !self.bearer.awaits_server() => Ok(()),
                 Status::Continue => {
-                    if let Some(resp) = pending.take() {
-                        let line = format!("{}\r\n", resp.expose_secret());
-                        self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
-                        return Ok(());
-                    }
-                    if challenge.is_some() {
-                        return Err(unexpected(
-                            "a second challenge after the failure challenge",
-                            line,
-                        ));
-                    }
                     let data = line.get(2..).unwrap_or_default();
-                    *challenge = Some(sasl::parse_failure_challenge(data));
-                    // The exchange only ends once we answer the challenge.
-                    let ack: &[u8] = match mech {
-                        Mechanism::Xoauth2 => b"\r\n",
-                        Mechanism::Oauthbearer => b"AQ==\r\n",
-                    };
-                    self.queue.push_back(UpstreamStep::Send(ack.to_vec()));
+                    let step = self
+                        .bearer
+                        .continuation(data)
+                        .map_err(|what| unexpected(what, line))?;
+                    self.queue.push_back(step);
                     Ok(())
                 }
-                Status::Ok if pending.is_some() => Err(unexpected(
+                Status::Ok if self.bearer.response_pending() => Err(unexpected(
                     "the server accepted AUTH before it got the token",
                     line,
                 )),
                 Status::Ok => {
+                    self.bearer.succeeded();
                     self.state = UpState::Done;
-                    let leftover = std::mem::take(&mut self.lines.buf);
+                    let leftover = self.framer.take();
                     self.queue
                         .push_back(UpstreamStep::Authenticated(UpstreamSuccess {
                             capabilities: self.caps.clone(),
@@ -827,25 +694,13 @@ impl Pop3UpstreamLogin {
                     Ok(())
                 }
                 Status::Err => {
-                    let challenge = challenge.take().flatten();
-                    let retry_suggested = challenge
-                        .as_ref()
-                        .is_some_and(FailureChallenge::suggests_retry);
-                    self.state = UpState::Rejected;
-                    self.queue.push_back(UpstreamStep::Rejected(Rejection {
-                        challenge,
-                        server_text: one_line(&String::from_utf8_lossy(line), "-ERR"),
-                        retry_suggested,
-                    }));
+                    let step = self.bearer.refused(Refusal::pop3(line));
+                    self.queue.push_back(step);
                     Ok(())
                 }
                 Status::Other => Err(unexpected("unexpected answer to AUTH", line)),
             },
-            UpState::TlsHandshake
-            | UpState::WaitToken
-            | UpState::Rejected
-            | UpState::Done
-            | UpState::Failed => Ok(()),
+            UpState::TlsHandshake | UpState::Done | UpState::Failed => Ok(()),
         }
     }
 }
@@ -855,7 +710,7 @@ impl UpstreamLogin for Pop3UpstreamLogin {
         match self.state {
             // Plaintext bytes before the handshake must not be trusted.
             UpState::TlsHandshake => {}
-            _ => self.lines.buf.extend_from_slice(data),
+            _ => self.framer.push(data),
         }
     }
 
@@ -870,19 +725,23 @@ impl UpstreamLogin for Pop3UpstreamLogin {
                         "the login dialogue already failed".to_owned(),
                     ));
                 }
-                UpState::TlsHandshake | UpState::WaitToken | UpState::Rejected | UpState::Done => {
+                UpState::TlsHandshake | UpState::Done => {
+                    return Ok(UpstreamStep::NeedInput);
+                }
+                // Waiting for a token, or rejected: nothing to read now.
+                UpState::Login if !self.bearer.awaits_server() => {
                     return Ok(UpstreamStep::NeedInput);
                 }
                 _ => {}
             }
-            let result = match self.lines.next_line() {
-                Frame::NeedMore => return Ok(UpstreamStep::NeedInput),
-                Frame::Line(mut line) => {
+            let result = match self.framer.next() {
+                Frame::NeedMore | Frame::Literal(_) => return Ok(UpstreamStep::NeedInput),
+                Frame::Message(mut line) => {
                     let r = self.handle(strip_eol(&line));
                     line.zeroize();
                     r
                 }
-                Frame::TooLong => Err(UpstreamError::LineTooLong(self.opts.max_line)),
+                Frame::LineTooLong => Err(UpstreamError::LineTooLong(self.opts.max_line)),
             };
             if let Err(e) = result {
                 self.state = UpState::Failed;
@@ -897,58 +756,43 @@ impl UpstreamLogin for Pop3UpstreamLogin {
             self.tls_done = true;
             self.caps.clear();
             self.capa_refused = false;
-            self.lines.reset();
+            self.framer.reset();
             self.ask_capa();
         }
     }
 
     fn provide_token(&mut self, token: &BearerToken) {
-        if !matches!(self.state, UpState::WaitToken) {
+        if !matches!(self.state, UpState::Login) {
             return;
         }
-        let Some(mech) = self.mech else {
-            return;
-        };
-        let response = match mech {
-            Mechanism::Xoauth2 => sasl::xoauth2_response(token),
-            Mechanism::Oauthbearer => sasl::oauthbearer_response(token),
-        };
-        let pending = if self.opts.initial_response {
-            let line = format!("AUTH {} {}\r\n", mech.name(), response.expose_secret());
-            self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
-            None
+        let form = if self.opts.initial_response {
+            InitialResponse::Always
         } else {
-            self.send(&format!("AUTH {}\r\n", mech.name()));
-            Some(response)
+            InitialResponse::Never
         };
-        self.state = UpState::Auth {
-            mech,
-            pending,
-            challenge: None,
-        };
+        let step = self
+            .bearer
+            .provide_token(token, form, |mech, response| match response {
+                Some(r) => format!("AUTH {} {r}\r\n", mech.name()),
+                None => format!("AUTH {}\r\n", mech.name()),
+            });
+        self.queue.extend(step);
     }
 
     fn retry(&mut self) {
-        if matches!(self.state, UpState::Rejected) {
-            self.state = UpState::WaitToken;
-            self.queue.push_back(UpstreamStep::NeedToken);
+        if matches!(self.state, UpState::Login) {
+            self.queue.extend(self.bearer.retry());
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use base64::{Engine as _, engine::general_purpose::STANDARD};
-
     use super::*;
 
     // ----- client side -----
 
-    use crate::testkit::{Ev, drive, pump};
-
-    fn s(b: &[u8]) -> String {
-        String::from_utf8_lossy(b).into_owned()
-    }
+    use crate::testkit::{Ev, b64, drive, login, out, pump, run_both_ways, s};
 
     fn open() -> ClientOptions {
         ClientOptions {
@@ -958,31 +802,7 @@ mod tests {
     }
 
     fn run(opts: ClientOptions, input: &[u8]) -> (Pop3ClientSession, Vec<Ev>) {
-        let mut sess = Pop3ClientSession::new(opts.clone());
-        let evs = drive(&mut sess, input, usize::MAX);
-        // The same input one byte at a time gives the same result.
-        let mut slow = Pop3ClientSession::new(opts.clone());
-        assert_eq!(drive(&mut slow, input, 1), evs, "byte-at-a-time differs");
-        let mut again = Pop3ClientSession::new(opts);
-        drive(&mut again, input, usize::MAX);
-        assert_eq!(slow.take_pending(), again.take_pending());
-        (sess, evs)
-    }
-
-    fn out(text: &str) -> Ev {
-        Ev::Out(text.to_owned())
-    }
-
-    fn login(user: &str, pass: &str) -> Ev {
-        Ev::Login {
-            user: user.to_owned(),
-            pass: pass.to_owned(),
-            info: None,
-        }
-    }
-
-    fn b64(msg: &[u8]) -> String {
-        STANDARD.encode(msg)
+        run_both_ways(|| Pop3ClientSession::new(opts.clone()), input)
     }
 
     const CAPA_TAIL: &str =
@@ -1041,7 +861,7 @@ mod tests {
             evs,
             [
                 out("+OK Send PASS\r\n"),
-                login("alice@example.com", " my secret pw ")
+                login("alice@example.com", " my secret pw ", None)
             ]
         );
         // Nothing more until the verdict.
@@ -1055,7 +875,7 @@ mod tests {
         assert_eq!(s(&sess.take_pending()), "STAT\r\n");
         // Case-insensitive keywords, bare LF tolerated.
         let (_, evs) = run(open(), b"user bob\npass pw\n");
-        assert_eq!(evs, [out("+OK Send PASS\r\n"), login("bob", "pw")]);
+        assert_eq!(evs, [out("+OK Send PASS\r\n"), login("bob", "pw", None)]);
     }
 
     #[test]
@@ -1081,10 +901,10 @@ mod tests {
     fn auth_plain_with_initial_response() {
         let input = format!("AUTH PLAIN {}\r\n", b64(b"\0alice\0s3 cret"));
         let (_, evs) = run(open(), input.as_bytes());
-        assert_eq!(evs, [login("alice", "s3 cret")]);
+        assert_eq!(evs, [login("alice", "s3 cret", None)]);
         let input = format!("auth plain {}\r\n", b64(b"bob\0bob\0pw"));
         let (_, evs) = run(open(), input.as_bytes());
-        assert_eq!(evs, [login("bob", "pw")]);
+        assert_eq!(evs, [login("bob", "pw", None)]);
         let (_, evs) = run(open(), b"AUTH PLAIN =\r\n");
         assert_eq!(
             evs,
@@ -1113,7 +933,7 @@ mod tests {
     fn auth_plain_with_continuation_and_cancel() {
         let input = format!("AUTH PLAIN\r\n{}\r\nSTAT\r\n", b64(b"\0bob\0pw"));
         let (mut sess, evs) = run(open(), input.as_bytes());
-        assert_eq!(evs, [out("+ \r\n"), login("bob", "pw")]);
+        assert_eq!(evs, [out("+ \r\n"), login("bob", "pw", None)]);
         assert_eq!(s(&sess.take_pending()), "STAT\r\n");
         let (_, evs) = run(open(), b"AUTH PLAIN\r\n*\r\nSTAT\r\n");
         assert_eq!(
@@ -1171,7 +991,7 @@ mod tests {
             evs,
             [
                 out("-ERR TLS is already active\r\n+OK Send PASS\r\n"),
-                login("u", "p w")
+                login("u", "p w", None)
             ]
         );
         // No TLS at all on a non-loopback listener: no hint to use STLS.
@@ -1232,7 +1052,7 @@ mod tests {
                      -ERR Log in first\r\n-ERR Log in first\r\n-ERR Unknown command\r\n\
                      -ERR Unknown command\r\n+OK Send PASS\r\n"
                 ),
-                login("u", "p")
+                login("u", "p", None)
             ]
         );
     }
@@ -1287,7 +1107,7 @@ mod tests {
         for _ in 0..100 {
             sess.feed(&[b'y'; 100]);
             let _ = sess.next_step();
-            assert!(sess.lines.buf.len() <= 32 + 100);
+            assert!(sess.framer.buffered() <= 32 + 100);
         }
     }
 
@@ -1301,7 +1121,7 @@ mod tests {
                 out(&format!(
                     "+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\n{CAPA_TAIL}+OK Send PASS\r\n"
                 )),
-                login("u", "p")
+                login("u", "p", None)
             ]
         );
         sess.feed(b"QUIT\r");
@@ -1316,7 +1136,7 @@ mod tests {
     #[test]
     fn pipelined_commands_after_failed_pass_run_preauth() {
         let (mut sess, evs) = run(open(), b"USER u\r\nPASS p\r\nPASS p\r\nSTAT\r\n");
-        assert_eq!(evs, [out("+OK Send PASS\r\n"), login("u", "p")]);
+        assert_eq!(evs, [out("+OK Send PASS\r\n"), login("u", "p", None)]);
         let reply = sess.login_failed(&LoginFailure {
             kind: FailureKind::BadCredentials,
             reason: "Wrong password".into(),
@@ -1352,11 +1172,11 @@ mod tests {
         let (mut sess, _) = run(open(), b"");
         for (kind, reason, expected) in cases {
             let evs = drive(&mut sess, b"USER u\r\nPASS p\r\n", usize::MAX);
-            assert_eq!(evs.last(), Some(&login("u", "p")));
+            assert_eq!(evs.last(), Some(&login("u", "p", None)));
             let reply = sess.login_failed(&LoginFailure {
                 kind,
                 reason: reason.into(),
-                upstream_reply: Some("-ERR [AUTH] upstream text".into()),
+                upstream_reply: parse_refusal("-ERR [AUTH] upstream text"),
             });
             assert_eq!(s(&reply), expected);
         }
@@ -1441,7 +1261,7 @@ mod tests {
                         }
                         _ => {}
                     }
-                    assert!(sess.lines.buf.len() <= 24 + chunk.min(input.len()));
+                    assert!(sess.framer.buffered() <= 24 + chunk.min(input.len()));
                 }
             }
             // STLS throws away input fed with it, which depends on chunking.
@@ -1453,42 +1273,12 @@ mod tests {
 
     // ----- upstream side -----
 
-    use crate::testkit::{Up, run_script, up_feed, xorshift};
-
-    fn token() -> BearerToken {
-        BearerToken {
-            user: "alice@example.com".into(),
-            token: SecretString::from("tok-123".to_owned()),
-            host: "pop.example.com".into(),
-            port: 995,
-        }
-    }
-
-    fn xo() -> String {
-        sasl::xoauth2_response(&token()).expose_secret().to_owned()
-    }
-
-    fn ob() -> String {
-        sasl::oauthbearer_response(&token())
-            .expose_secret()
-            .to_owned()
-    }
-
-    fn send(text: &str) -> Up {
-        Up::Send(text.to_owned())
-    }
+    use crate::testkit::{
+        Up, challenge_b64, ob, provide, run_script, send, token, up_feed, xo, xorshift,
+    };
 
     fn lines(list: &[&str]) -> Vec<String> {
         list.iter().map(|l| (*l).to_owned()).collect()
-    }
-
-    fn provide(u: &mut Pop3UpstreamLogin) -> Vec<Up> {
-        u.provide_token(&token());
-        up_feed(u, b"")
-    }
-
-    fn challenge_b64(json: &str) -> String {
-        STANDARD.encode(json.as_bytes())
     }
 
     const GMAIL_CAPA: &[u8] = b"+OK Capability list follows\r\nUSER\r\nRESP-CODES\r\nEXPIRE 0\r\nLOGIN-DELAY 300\r\nTOP\r\nUIDL\r\nX-GOOGLE-RICO\r\nSASL PLAIN XOAUTH2 OAUTHBEARER\r\n.\r\n";
@@ -1887,11 +1677,13 @@ mod tests {
                     }
                 }
                 // While the dialogue reads, it holds at most one line.
-                if matches!(
-                    u.state,
-                    UpState::Greeting | UpState::Capa { .. } | UpState::Stls | UpState::Auth { .. }
-                ) {
-                    assert!(u.lines.buf.len() <= 50);
+                let reading = match u.state {
+                    UpState::Greeting | UpState::Capa { .. } | UpState::Stls => true,
+                    UpState::Login => u.bearer.awaits_server(),
+                    _ => false,
+                };
+                if reading {
+                    assert!(u.framer.buffered() <= 50);
                 }
             }
         }

@@ -216,13 +216,14 @@ impl FailureChallenge {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::{self, xorshift};
 
+    /// The shared test token for `user`, with a Google-looking token.
     fn token(user: &str) -> BearerToken {
         BearerToken {
             user: user.to_owned(),
             token: SecretString::from("ya29.tok".to_owned()),
-            host: "imap.example.com".to_owned(),
-            port: 993,
+            ..testkit::token()
         }
     }
 
@@ -368,42 +369,29 @@ mod tests {
         );
     }
 
-    /// A tiny deterministic generator: property tests without a dependency.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn bytes(&mut self, max: usize) -> Vec<u8> {
-            let n = (self.next() as usize) % (max + 1);
-            (0..n).map(|_| self.next() as u8).collect()
-        }
+    /// Up to `max` random bytes.
+    fn bytes(next: &mut impl FnMut() -> u64, max: usize) -> Vec<u8> {
+        let n = (next() as usize) % (max + 1);
+        (0..n).map(|_| next() as u8).collect()
     }
 
     #[test]
     fn prop_plain_roundtrip_and_no_panic() {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..5000 {
-            let junk = rng.bytes(40);
+            let junk = bytes(&mut next, 40);
             let _ = decode_plain(&junk);
             let _ = decode_base64(&junk);
             let _ = parse_failure_challenge(&junk);
             let _ = parse_failure_challenge(STANDARD.encode(&junk).as_bytes());
 
-            let user: String = (0..1 + rng.next() % 12)
-                .map(|_| char::from(b'a' + (rng.next() % 26) as u8))
+            let user: String = (0..1 + next() % 12)
+                .map(|_| char::from(b'a' + (next() % 26) as u8))
                 .collect();
-            let pw: String = (0..1 + rng.next() % 12)
-                .map(|_| char::from(0x20 + (rng.next() % 95) as u8))
+            let pw: String = (0..1 + next() % 12)
+                .map(|_| char::from(0x20 + (next() % 95) as u8))
                 .collect();
-            let authz = if rng.next() % 2 == 0 {
-                ""
-            } else {
-                user.as_str()
-            };
+            let authz = if next() % 2 == 0 { "" } else { user.as_str() };
             let msg = format!("{authz}\0{user}\0{pw}");
             let b64 = STANDARD.encode(msg.as_bytes());
             let c = decode_plain(&decode_base64(b64.as_bytes()).unwrap()).unwrap();

@@ -1,6 +1,7 @@
 //! SMTP: client-facing pre-auth session and upstream login dialogue.
 //!
 //! Both halves first split the byte stream into lines under a length cap
+//! (`crate::framer`)
 //! (smtp-proto has none), and only then hand a complete line to smtp-proto:
 //! `Request::parse` for the client's commands, `ResponseReceiver` for the
 //! server's (multi-line) replies. SASL is done by hand with
@@ -17,15 +18,19 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use secrecy::{ExposeSecret, SecretString, zeroize::Zeroize};
+use secrecy::zeroize::Zeroize;
 use smtp_proto::response::parser::ResponseReceiver;
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Request};
 
 use super::{
-    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, Rejection, UpstreamError,
+    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, UpstreamError,
     UpstreamLogin, UpstreamStep, UpstreamSuccess,
 };
-use crate::sasl::{self, BearerToken, FailureChallenge, Mechanism, SaslError};
+use crate::bearer::{Bearer, InitialResponse, Offer};
+use crate::framer::{Frame, Framer};
+use crate::refusal::{EnhancedCode, Refusal, RefusalCode};
+use crate::sasl::{self, BearerToken, Mechanism, SaslError};
+use crate::text::{self, strip_eol};
 
 /// Default line limit, CRLF included: far above any AUTH line a client
 /// sends (RFC 4954 asks for 12288 octets only for the server side of big
@@ -57,143 +62,9 @@ const MAX_TEXT: usize = 400;
 const PROMPT_USER: &[u8] = b"334 VXNlcm5hbWU6\r\n";
 const PROMPT_PASS: &[u8] = b"334 UGFzc3dvcmQ6\r\n";
 
-// ---------------------------------------------------------------------------
-// Framing
-// ---------------------------------------------------------------------------
-
-/// What the line framer found next.
-#[derive(Debug)]
-enum Frame {
-    /// More input is needed.
-    NeedMore,
-    /// A complete line, with its line ending (CRLF or a bare LF).
-    Line(Vec<u8>),
-    /// A line went over the limit; it is dropped up to its line ending.
-    TooLong,
-}
-
-/// Splits bytes into lines of at most `max_line` bytes (line ending
-/// included). Holds at most what was fed and not yet framed; while
-/// dropping an overlong line it holds nothing.
-struct LineFramer {
-    buf: Vec<u8>,
-    /// `buf[..scanned]` holds no line feed: no rescans when fed slowly.
-    scanned: usize,
-    /// Dropping the rest of an overlong line.
-    discarding: bool,
-    max_line: usize,
-}
-
-impl LineFramer {
-    fn new(max_line: usize) -> Self {
-        LineFramer {
-            buf: Vec::new(),
-            scanned: 0,
-            discarding: false,
-            max_line: max_line.max(3),
-        }
-    }
-
-    fn push(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
-    }
-
-    /// Forgets everything: used at STARTTLS so no plaintext byte survives
-    /// into the encrypted session.
-    fn reset(&mut self) {
-        self.buf.zeroize();
-        self.scanned = 0;
-        self.discarding = false;
-    }
-
-    /// Everything not yet framed.
-    fn take(&mut self) -> Vec<u8> {
-        self.scanned = 0;
-        self.discarding = false;
-        std::mem::take(&mut self.buf)
-    }
-
-    fn next_line(&mut self) -> Frame {
-        loop {
-            let found = self.buf[self.scanned..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map(|p| p + self.scanned);
-            if self.discarding {
-                match found {
-                    Some(p) => {
-                        self.buf.drain(..=p);
-                        self.scanned = 0;
-                        self.discarding = false;
-                        continue;
-                    }
-                    None => {
-                        self.buf.zeroize();
-                        self.scanned = 0;
-                        return Frame::NeedMore;
-                    }
-                }
-            }
-            return match found {
-                Some(p) if p < self.max_line => {
-                    self.scanned = 0;
-                    Frame::Line(self.buf.drain(..=p).collect())
-                }
-                Some(p) => {
-                    self.buf.drain(..=p);
-                    self.scanned = 0;
-                    Frame::TooLong
-                }
-                None if self.buf.len() >= self.max_line => {
-                    self.buf.zeroize();
-                    self.scanned = 0;
-                    self.discarding = true;
-                    Frame::TooLong
-                }
-                None => {
-                    self.scanned = self.buf.len();
-                    Frame::NeedMore
-                }
-            };
-        }
-    }
-}
-
-impl Drop for LineFramer {
-    fn drop(&mut self) {
-        // Pre-auth buffers can hold passwords.
-        self.buf.zeroize();
-    }
-}
-
-/// A line without its line ending.
-fn strip_eol(line: &[u8]) -> &[u8] {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    line.strip_suffix(b"\r").unwrap_or(line)
-}
-
-/// One line of text for a reply: no control characters, ASCII only,
-/// bounded, never empty unless `fallback` is.
-fn one_line(text: &str, fallback: &str) -> String {
-    let clean: String = text
-        .chars()
-        .map(|c| {
-            if c.is_ascii() && !c.is_ascii_control() {
-                c
-            } else if c.is_control() {
-                ' '
-            } else {
-                '?'
-            }
-        })
-        .take(MAX_TEXT)
-        .collect();
-    let clean = clean.trim();
-    if clean.is_empty() {
-        fallback.to_owned()
-    } else {
-        clean.to_owned()
-    }
+/// [`text::one_line`] with SMTP's longer bound ([`MAX_TEXT`]).
+fn one_line(s: &str, fallback: &str) -> String {
+    text::one_line_within(s, fallback, MAX_TEXT)
 }
 
 /// A host name for EHLO / HELO: visible ASCII, at most 255 characters.
@@ -305,7 +176,7 @@ impl ClientState {
 /// DATA right after AUTH) for `take_pending`, in order.
 pub struct SmtpClientSession {
     opts: ClientOptions,
-    framer: LineFramer,
+    framer: Framer,
     state: ClientState,
     /// TLS is on (implicit, or STARTTLS done).
     in_tls: bool,
@@ -323,7 +194,7 @@ impl fmt::Debug for SmtpClientSession {
             .field("in_tls", &self.in_tls)
             .field("greeted", &self.greeted)
             .field("client_name", &self.client_name)
-            .field("buffered", &self.framer.buf.len())
+            .field("buffered", &self.framer.buffered())
             .finish()
     }
 }
@@ -336,7 +207,7 @@ impl SmtpClientSession {
     /// A new pre-auth session.
     pub fn new(opts: ClientOptions) -> Self {
         SmtpClientSession {
-            framer: LineFramer::new(opts.max_line),
+            framer: Framer::lines(opts.max_line.max(3)),
             in_tls: opts.tls_active,
             opts,
             state: ClientState::Commands,
@@ -545,15 +416,21 @@ impl SmtpClientSession {
         step
     }
 
-    /// The reply for a refused login.
+    /// The reply for a refused login: the upstream's own SMTP code and
+    /// text when it refused, then our reason.
     fn failure_reply(failure: &LoginFailure) -> Vec<u8> {
         let reason = one_line(&failure.reason, "Login failed");
-        if let Some(up) = failure.upstream_reply.as_deref().and_then(parse_reply_line) {
-            let code = up.code;
-            let esc = up
-                .esc_text()
-                .unwrap_or_else(|| default_esc(code).to_owned());
-            let text = one_line(&up.text(), "");
+        let upstream = match &failure.upstream_reply {
+            Some(Refusal {
+                code: RefusalCode::Smtp { code, enhanced },
+                text,
+                ..
+            }) if (400..600).contains(code) => Some((*code, *enhanced, text)),
+            _ => None,
+        };
+        if let Some((code, enhanced, text)) = upstream {
+            let esc = enhanced.map_or_else(|| default_esc(code).to_owned(), |e| e.to_string());
+            let text = one_line(text, "");
             return if text.is_empty() {
                 format!("{code} {esc} mailbridge: {reason}\r\n")
             } else {
@@ -591,30 +468,17 @@ fn default_esc(code: u16) -> &'static str {
     }
 }
 
-/// One upstream reply line (`535 5.7.139 Authentication unsuccessful`)
-/// read back from text: a 4xx or 5xx code, else None.
-fn parse_reply_line(line: &str) -> Option<Reply> {
-    let line = one_line(line, "");
-    let bytes = line.as_bytes();
-    let digits = bytes.get(..3)?;
-    if !digits.iter().all(u8::is_ascii_digit) || !matches!(digits[0], b'4' | b'5') {
-        return None;
+/// Reads a refusal the way the upstream login does, from a server reply
+/// of one or more lines (`535 5.7.8 Username and Password not accepted`);
+/// None unless it is a complete 4xx or 5xx reply.
+pub fn parse_refusal(reply: &str) -> Option<Refusal> {
+    let mut reader = ReplyReader::default();
+    let mut last = None;
+    for line in reply.lines() {
+        last = reader.line(format!("{line}\r\n").as_bytes()).ok()?;
     }
-    let rest = match bytes.get(3) {
-        None => "",
-        Some(b' ' | b'-') => &line[4..],
-        Some(_) => return None,
-    };
-    // One line, always final for the parser.
-    let normalized = format!("{} {rest}\r\n", &line[..3]);
-    let mut receiver = ResponseReceiver::default();
-    let resp = receiver.parse(&mut normalized.as_bytes().iter()).ok()?;
-    Some(Reply {
-        code: resp.code,
-        esc: resp.esc,
-        message: resp.message,
-        lines: vec![line],
-    })
+    last.filter(|r| (400..600).contains(&r.code))
+        .map(|r| r.refusal())
 }
 
 impl ClientSession for SmtpClientSession {
@@ -638,14 +502,15 @@ impl ClientSession for SmtpClientSession {
             | ClientState::AuthLoginPass { .. } => true,
             _ => return ClientStep::NeedInput,
         };
-        match self.framer.next_line() {
-            Frame::NeedMore => ClientStep::NeedInput,
-            Frame::TooLong => {
+        match self.framer.next() {
+            // POP3 and SMTP have no literals: a lines framer reports none.
+            Frame::NeedMore | Frame::Literal(_) => ClientStep::NeedInput,
+            Frame::LineTooLong => {
                 // An AUTH exchange ends with it.
                 self.state.clear();
                 reply("500 5.5.2 Line too long")
             }
-            Frame::Line(mut line) => {
+            Frame::Message(mut line) => {
                 let step = if in_auth {
                     self.auth_response(&line)
                 } else {
@@ -745,10 +610,11 @@ struct Reply {
 }
 
 impl Reply {
-    fn esc_text(&self) -> Option<String> {
+    /// The enhanced status code, when the reply had one of its own class.
+    fn enhanced(&self) -> Option<EnhancedCode> {
         let [class, subject, detail] = self.esc;
         (class != 0 && u16::from(class) == self.code / 100)
-            .then(|| format!("{class}.{subject}.{detail}"))
+            .then(|| EnhancedCode::new(class, subject.into(), detail.into()))
     }
 
     /// The text of all lines as one line, whitespace collapsed.
@@ -763,9 +629,9 @@ impl Reply {
     /// code and the text of every line, on one line.
     fn summary(&self) -> String {
         let mut out = self.code.to_string();
-        if let Some(esc) = self.esc_text() {
+        if let Some(esc) = self.enhanced() {
             out.push(' ');
-            out.push_str(&esc);
+            out.push_str(&esc.to_string());
         }
         let text = self.text();
         if !text.is_empty() {
@@ -773,6 +639,11 @@ impl Reply {
             out.push_str(&text);
         }
         one_line(&out, "(no text)")
+    }
+
+    /// The reply as a refusal.
+    fn refusal(&self) -> Refusal {
+        Refusal::smtp(self.code, self.enhanced(), &self.summary())
     }
 
     /// EHLO keywords with their parameters, one per line after the first.
@@ -852,10 +723,7 @@ impl ReplyReader {
 }
 
 fn unexpected(what: &str, line: &[u8]) -> UpstreamError {
-    UpstreamError::Unexpected(format!(
-        "{what}: {}",
-        one_line(&String::from_utf8_lossy(strip_eol(line)), "(empty line)")
-    ))
+    crate::unexpected_within(what, line, MAX_TEXT)
 }
 
 fn refused(what: &str, reply: &Reply) -> UpstreamError {
@@ -871,21 +739,8 @@ enum UpState {
     StartTls,
     /// Emitted `StartTls`; waiting for `tls_started`.
     TlsHandshake,
-    /// Emitted `NeedToken`.
-    WaitToken,
-    /// Sent AUTH.
-    Auth {
-        mech: Mechanism,
-        /// The SASL response (kept for the two-step fallback; never
-        /// printed).
-        response: SecretString,
-        /// Two-step: the response still waits for the server's `334`.
-        pending: bool,
-        /// The failure challenge, once the server sent one and we answered.
-        challenge: Option<Option<FailureChallenge>>,
-    },
-    /// Emitted `Rejected`; `retry` may start over.
-    Rejected,
+    /// The bearer login (waiting for a token, AUTH sent, or rejected).
+    Login,
     /// Emitted `Authenticated`.
     Done,
     /// Returned an error.
@@ -899,9 +754,7 @@ impl UpState {
             UpState::Ehlo => "ehlo",
             UpState::StartTls => "starttls",
             UpState::TlsHandshake => "tls-handshake",
-            UpState::WaitToken => "wait-token",
-            UpState::Auth { .. } => "auth",
-            UpState::Rejected => "rejected",
+            UpState::Login => "login",
             UpState::Done => "done",
             UpState::Failed => "failed",
         }
@@ -909,15 +762,16 @@ impl UpState {
 }
 
 /// mailbridge's login to the real SMTP server: greeting, EHLO, optional
-/// STARTTLS and EHLO again, then AUTH XOAUTH2 or OAUTHBEARER with the
-/// initial response on the AUTH line; a server that answers that with
-/// 500/501/504 gets the two-step form (`AUTH MECH`, `334`, response) on
-/// the same connection. A failure challenge (`334 <base64 JSON>`) is
+/// STARTTLS and EHLO again, then AUTH XOAUTH2 or OAUTHBEARER
+/// (`crate::bearer`) with the initial response on the AUTH line when the
+/// line stays within 512 octets (RFC 4954); a server that answers that
+/// with 500/501/504 gets the two-step form (`AUTH MECH`, `334`, response)
+/// on the same connection. A failure challenge (`334 <base64 JSON>`) is
 /// answered (empty line for XOAUTH2, `AQ==` for OAUTHBEARER) before the
 /// final refusal is reported.
 pub struct SmtpUpstreamLogin {
     opts: UpstreamOptions,
-    framer: LineFramer,
+    framer: Framer,
     reader: ReplyReader,
     state: UpState,
     /// Steps decided but not yet handed out (may hold the token: never
@@ -926,19 +780,20 @@ pub struct SmtpUpstreamLogin {
     /// The current EHLO keywords.
     keywords: Vec<String>,
     tls_done: bool,
-    /// The server wants the two-step AUTH form.
-    two_step: bool,
-    /// The mechanism chosen, once known.
-    mech: Option<Mechanism>,
+    /// The bearer login: mechanism, token, form, challenge, retry.
+    bearer: Bearer,
 }
 
 impl fmt::Debug for SmtpUpstreamLogin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            UpState::Login => self.bearer.state_name(),
+            _ => self.state.name(),
+        };
         f.debug_struct("SmtpUpstreamLogin")
-            .field("state", &self.state.name())
+            .field("state", &state)
             .field("keywords", &self.keywords)
-            .field("mech", &self.mech)
-            .field("two_step", &self.two_step)
+            .field("bearer", &self.bearer)
             .field("queued_steps", &self.queue.len())
             .finish()
     }
@@ -948,15 +803,14 @@ impl SmtpUpstreamLogin {
     /// A new login dialogue; feed it the server's bytes from the start.
     pub fn new(opts: UpstreamOptions) -> Self {
         SmtpUpstreamLogin {
-            framer: LineFramer::new(opts.max_line),
+            framer: Framer::lines(opts.max_line.max(3)),
+            bearer: Bearer::new(opts.preference.clone()),
             opts,
             reader: ReplyReader::default(),
             state: UpState::Greeting,
             queue: VecDeque::new(),
             keywords: Vec::new(),
             tls_done: false,
-            two_step: false,
-            mech: None,
         }
     }
 
@@ -984,8 +838,8 @@ impl SmtpUpstreamLogin {
     }
 
     /// The mechanisms of the `AUTH` keyword (or the old `AUTH=` form).
-    fn offered(&self) -> Vec<&str> {
-        self.keywords
+    fn offered(keywords: &[String]) -> Vec<&str> {
+        keywords
             .iter()
             .filter_map(|k| {
                 let head = k.get(..5)?;
@@ -1006,23 +860,16 @@ impl SmtpUpstreamLogin {
             self.state = UpState::StartTls;
             return Ok(());
         }
-        let offered = self.offered();
-        let mech = self
-            .opts
-            .preference
-            .iter()
-            .copied()
-            .find(|m| offered.iter().any(|o| o.eq_ignore_ascii_case(m.name())));
-        let Some(mech) = mech else {
+        let offered = Self::offered(&self.keywords);
+        let Some(step) = self.bearer.choose(Offer::Listed(&offered)) else {
             return Err(UpstreamError::NoMechanism(if offered.is_empty() {
                 "no AUTH mechanisms".to_owned()
             } else {
                 format!("AUTH {}", offered.join(" "))
             }));
         };
-        self.mech = Some(mech);
-        self.state = UpState::WaitToken;
-        self.queue.push_back(UpstreamStep::NeedToken);
+        self.state = UpState::Login;
+        self.queue.push_back(step);
         Ok(())
     }
 
@@ -1054,83 +901,43 @@ impl SmtpUpstreamLogin {
                 }
                 _ => Err(refused("the server refused STARTTLS", &reply)),
             },
-            UpState::Auth {
-                mech,
-                response,
-                pending,
-                challenge,
-            } => {
-                let mech = *mech;
-                match reply.code {
-                    235 => {
-                        self.state = UpState::Done;
-                        let leftover = self.framer.take();
-                        self.queue
-                            .push_back(UpstreamStep::Authenticated(UpstreamSuccess {
-                                capabilities: self.keywords.clone(),
-                                leftover,
-                            }));
-                        Ok(())
-                    }
-                    334 if *pending => {
-                        *pending = false;
-                        let line = format!("{}\r\n", response.expose_secret());
-                        self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
-                        Ok(())
-                    }
-                    334 => {
-                        if challenge.is_some() {
-                            return Err(refused(
-                                "a second challenge after the failure challenge",
-                                &reply,
-                            ));
-                        }
-                        *challenge =
-                            Some(sasl::parse_failure_challenge(reply.first_text().as_bytes()));
-                        // The exchange only ends once we answer the challenge.
-                        let ack: &[u8] = match mech {
-                            Mechanism::Xoauth2 => b"\r\n",
-                            Mechanism::Oauthbearer => b"AQ==\r\n",
-                        };
-                        self.queue.push_back(UpstreamStep::Send(ack.to_vec()));
-                        Ok(())
-                    }
-                    // The initial response was not welcome: some servers
-                    // want the two-step form. (5.5.127 is Microsoft refusing
-                    // the token itself, not the form.)
-                    500 | 501 | 504
-                        if !self.two_step
-                            && !*pending
-                            && challenge.is_none()
-                            && reply.esc != [5, 5, 127] =>
-                    {
-                        self.two_step = true;
-                        *pending = true;
-                        let line = format!("AUTH {}\r\n", mech.name());
-                        self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
-                        Ok(())
-                    }
-                    400..=599 => {
-                        let challenge = challenge.take().flatten();
-                        let retry_suggested = challenge
-                            .as_ref()
-                            .is_some_and(FailureChallenge::suggests_retry);
-                        self.state = UpState::Rejected;
-                        self.queue.push_back(UpstreamStep::Rejected(Rejection {
-                            challenge,
-                            server_text: reply.summary(),
-                            retry_suggested,
+            UpState::Login if !self.bearer.awaits_server() => Ok(()),
+            UpState::Login => match reply.code {
+                235 => {
+                    self.bearer.succeeded();
+                    self.state = UpState::Done;
+                    let leftover = self.framer.take();
+                    self.queue
+                        .push_back(UpstreamStep::Authenticated(UpstreamSuccess {
+                            capabilities: self.keywords.clone(),
+                            leftover,
                         }));
-                        Ok(())
-                    }
-                    _ => Err(refused("unexpected reply to AUTH", &reply)),
+                    Ok(())
                 }
-            }
-            UpState::TlsHandshake
-            | UpState::WaitToken
-            | UpState::Rejected
-            | UpState::Done
-            | UpState::Failed => Ok(()),
+                334 => {
+                    let step = self
+                        .bearer
+                        .continuation(reply.first_text().as_bytes())
+                        .map_err(|what| refused(what, &reply))?;
+                    self.queue.push_back(step);
+                    Ok(())
+                }
+                // The initial response may not have been welcome: some
+                // servers want the two-step form. (5.5.127 is Microsoft
+                // refusing the token itself, not the form.)
+                500 | 501 | 504 if reply.esc != [5, 5, 127] => {
+                    let step = self.bearer.form_refused(reply.refusal());
+                    self.queue.push_back(step);
+                    Ok(())
+                }
+                400..=599 => {
+                    let step = self.bearer.refused(reply.refusal());
+                    self.queue.push_back(step);
+                    Ok(())
+                }
+                _ => Err(refused("unexpected reply to AUTH", &reply)),
+            },
+            UpState::TlsHandshake | UpState::Done | UpState::Failed => Ok(()),
         }
     }
 }
@@ -1155,15 +962,19 @@ impl UpstreamLogin for SmtpUpstreamLogin {
                         "the login dialogue already failed".to_owned(),
                     ));
                 }
-                UpState::TlsHandshake | UpState::WaitToken | UpState::Rejected | UpState::Done => {
+                UpState::TlsHandshake | UpState::Done => {
+                    return Ok(UpstreamStep::NeedInput);
+                }
+                // Waiting for a token, or rejected: nothing to read now.
+                UpState::Login if !self.bearer.awaits_server() => {
                     return Ok(UpstreamStep::NeedInput);
                 }
                 _ => {}
             }
-            let result = match self.framer.next_line() {
-                Frame::NeedMore => return Ok(UpstreamStep::NeedInput),
-                Frame::TooLong => Err(UpstreamError::LineTooLong(self.framer.max_line)),
-                Frame::Line(line) => match self.reader.line(&line) {
+            let result = match self.framer.next() {
+                Frame::NeedMore | Frame::Literal(_) => return Ok(UpstreamStep::NeedInput),
+                Frame::LineTooLong => Err(UpstreamError::LineTooLong(self.framer.max_line())),
+                Frame::Message(line) => match self.reader.line(&line) {
                     Ok(Some(reply)) => self.handle(reply),
                     Ok(None) => Ok(()),
                     Err(e) => Err(e),
@@ -1188,129 +999,36 @@ impl UpstreamLogin for SmtpUpstreamLogin {
     }
 
     fn provide_token(&mut self, token: &BearerToken) {
-        if !matches!(self.state, UpState::WaitToken) {
+        if !matches!(self.state, UpState::Login) {
             return;
         }
-        let Some(mech) = self.mech else {
-            return;
-        };
-        let response = match mech {
-            Mechanism::Xoauth2 => sasl::xoauth2_response(token),
-            Mechanism::Oauthbearer => sasl::oauthbearer_response(token),
-        };
-        // "AUTH " MECH " " RESPONSE CRLF
-        let one_step_len = 5 + mech.name().len() + 1 + response.expose_secret().len() + 2;
-        let two_step = self.two_step || one_step_len > MAX_COMMAND_LINE;
-        let line = if two_step {
-            format!("AUTH {}\r\n", mech.name())
-        } else {
-            format!("AUTH {} {}\r\n", mech.name(), response.expose_secret())
-        };
-        self.queue.push_back(UpstreamStep::Send(line.into_bytes()));
-        self.state = UpState::Auth {
-            mech,
-            response,
-            pending: two_step,
-            challenge: None,
-        };
+        let step = self.bearer.provide_token(
+            token,
+            InitialResponse::WithinLine(MAX_COMMAND_LINE),
+            |mech, response| match response {
+                Some(r) => format!("AUTH {} {r}\r\n", mech.name()),
+                None => format!("AUTH {}\r\n", mech.name()),
+            },
+        );
+        self.queue.extend(step);
     }
 
     fn retry(&mut self) {
-        if matches!(self.state, UpState::Rejected) {
-            self.state = UpState::WaitToken;
-            self.queue.push_back(UpstreamStep::NeedToken);
+        if matches!(self.state, UpState::Login) {
+            self.queue.extend(self.bearer.retry());
         }
     }
-}
-
-// ---------------------------------------------------------------------------
-// Explanations
-// ---------------------------------------------------------------------------
-
-/// A one-line explanation of a known upstream refusal (Microsoft 365,
-/// Google), for logs and the client's error text; None for replies we do
-/// not recognise.
-pub fn explain(reply: &str) -> Option<&'static str> {
-    let lower = reply.to_ascii_lowercase();
-    let has = |needle: &str| lower.contains(needle);
-    // Enhanced codes as whole words: 5.7.3 must not match 5.7.30.
-    let words: Vec<&str> = lower
-        .split(|c: char| c.is_whitespace() || matches!(c, ',' | ';' | '(' | ')' | '[' | ']'))
-        .map(|w| w.trim_end_matches(['.', ':']))
-        .collect();
-    let code = |esc: &str| words.contains(&esc);
-
-    if has("smtpclientauthentication is disabled") {
-        return Some(
-            "SMTP AUTH is switched off for this Microsoft 365 tenant or mailbox: enable Authenticated SMTP in the admin centre or run Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false",
-        );
-    }
-    if code("5.7.139") && has("security defaults") {
-        return Some(
-            "the Microsoft 365 tenant's security defaults block SMTP AUTH: an admin must turn security defaults off or allow Authenticated SMTP for this mailbox",
-        );
-    }
-    if code("5.7.139") {
-        return Some(
-            "Microsoft 365 refused SMTP AUTH by policy: check that Authenticated SMTP is enabled for the mailbox and that no Conditional Access policy blocks it",
-        );
-    }
-    if code("5.7.3") && has("authentication unsuccessful") {
-        return Some(
-            "Microsoft refused the token: wrong token audience (Graph instead of Outlook scopes), SMTP AUTH off for the mailbox, or missing SMTP.Send permission",
-        );
-    }
-    if code("5.7.60") || has("not have permissions to send as this sender") {
-        return Some(
-            "the mailbox may not send as this From address: grant Send As or use the account's own address",
-        );
-    }
-    if code("5.5.127") || has("token will expire soon") {
-        return Some("the token was too close to expiry for this endpoint");
-    }
-    if code("5.7.57") || has("client not authenticated to send mail") {
-        return Some(
-            "Microsoft saw no successful login before the mail: the client must log in before sending",
-        );
-    }
-    if (code("5.7.8") && has("username and password not accepted")) || has("badcredentials") {
-        return Some(
-            "Google refused the token: check that the grant has the https://mail.google.com/ scope and is not revoked",
-        );
-    }
-    if code("5.7.9") || has("application-specific password required") {
-        return Some(
-            "Google asked for an app password, so it did not take the login as OAuth2: check that the upstream login uses XOAUTH2 or OAUTHBEARER",
-        );
-    }
-    if code("5.7.14") || has("please log in via your web browser") {
-        return Some(
-            "Google wants an interactive sign-in for this account: sign in at https://accounts.google.com, then re-authorize the account",
-        );
-    }
-    if has("too many login attempts") {
-        return Some("the provider is throttling logins for this account: wait and try again");
-    }
-    None
 }
 
 #[cfg(test)]
 mod tests {
-    use base64::{Engine as _, engine::general_purpose::STANDARD};
+    use secrecy::{ExposeSecret, SecretString};
 
     use super::*;
 
     // ----- client side -----
 
-    use crate::testkit::{Ev, drive, pump};
-
-    fn s(b: &[u8]) -> String {
-        String::from_utf8_lossy(b).into_owned()
-    }
-
-    fn b64(data: &[u8]) -> String {
-        STANDARD.encode(data)
-    }
+    use crate::testkit::{Ev, b64, drive, login, out, pump, run_both_ways, s};
 
     fn open() -> ClientOptions {
         ClientOptions {
@@ -1321,27 +1039,7 @@ mod tests {
     }
 
     fn run(opts: ClientOptions, input: &[u8]) -> (SmtpClientSession, Vec<Ev>) {
-        let mut sess = SmtpClientSession::new(opts.clone());
-        let evs = drive(&mut sess, input, usize::MAX);
-        // The same input one byte at a time gives the same result.
-        let mut slow = SmtpClientSession::new(opts.clone());
-        assert_eq!(drive(&mut slow, input, 1), evs, "byte-at-a-time differs");
-        let mut again = SmtpClientSession::new(opts);
-        drive(&mut again, input, usize::MAX);
-        assert_eq!(slow.take_pending(), again.take_pending());
-        (sess, evs)
-    }
-
-    fn out(text: &str) -> Ev {
-        Ev::Out(text.to_owned())
-    }
-
-    fn login(user: &str, pass: &str, info: Option<&str>) -> Ev {
-        Ev::Login {
-            user: user.to_owned(),
-            pass: pass.to_owned(),
-            info: info.map(str::to_owned),
-        }
+        run_both_ways(|| SmtpClientSession::new(opts.clone()), input)
     }
 
     const EHLO_OPEN: &str = "250-mb.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n\
@@ -1661,7 +1359,7 @@ mod tests {
         for _ in 0..100 {
             sess.feed(&[b'z'; 100]);
             let _ = sess.next_step();
-            assert!(sess.framer.buf.len() <= 100);
+            assert!(sess.framer.buffered() <= 100);
         }
     }
 
@@ -1692,11 +1390,14 @@ mod tests {
         assert_eq!(s(&sess.take_pending()), "MAIL FROM:<>\r\n");
     }
 
+    /// A login failure; `upstream` is the server's refusal as it would
+    /// have come (SMTP, or IMAP in one case), read by the upstream parsers.
     fn failure(kind: FailureKind, reason: &str, upstream: Option<&str>) -> LoginFailure {
         LoginFailure {
             kind,
             reason: reason.to_owned(),
-            upstream_reply: upstream.map(str::to_owned),
+            upstream_reply: upstream
+                .and_then(|r| parse_refusal(r).or_else(|| crate::imap::parse_refusal(r))),
         }
     }
 
@@ -1775,6 +1476,14 @@ mod tests {
             let reply = sess.login_failed(&failure(kind, "Wrong password", upstream));
             assert_eq!(s(&reply), want);
         }
+        // The IMAP line is another protocol's refusal; the others are none.
+        let imap = failure(
+            FailureKind::Rejected,
+            "",
+            Some("NO [AUTHENTICATIONFAILED] x"),
+        );
+        assert!(imap.upstream_reply.is_some());
+        assert!(parse_refusal("250 OK").is_none() && parse_refusal("53").is_none());
         let mut sess = pending_session();
         let reply = sess.login_failed(&failure(FailureKind::Rejected, "", Some("535")));
         assert_eq!(s(&reply), "535 5.7.8 mailbridge: Login failed\r\n");
@@ -1852,7 +1561,7 @@ mod tests {
             for part in input.chunks(chunk) {
                 b.feed(part);
                 pump(&mut b, &mut evs);
-                assert!(b.framer.buf.len() <= 40 + chunk);
+                assert!(b.framer.buffered() <= 40 + chunk);
                 match evs.last() {
                     Some(Ev::StartTls(_)) => b.tls_started(),
                     Some(Ev::Login { .. }) if next() % 2 == 0 => {
@@ -1873,39 +1582,9 @@ mod tests {
 
     // ----- upstream side -----
 
-    use crate::testkit::{Up, run_script, up_feed, xorshift};
-
-    fn token() -> BearerToken {
-        BearerToken {
-            user: "alice@example.com".into(),
-            token: SecretString::from("tok-123".to_owned()),
-            host: "smtp.example.com".into(),
-            port: 587,
-        }
-    }
-
-    fn xo() -> String {
-        sasl::xoauth2_response(&token()).expose_secret().to_owned()
-    }
-
-    fn ob() -> String {
-        sasl::oauthbearer_response(&token())
-            .expose_secret()
-            .to_owned()
-    }
-
-    fn send(text: &str) -> Up {
-        Up::Send(text.to_owned())
-    }
-
-    fn provide(u: &mut SmtpUpstreamLogin) -> Vec<Up> {
-        u.provide_token(&token());
-        up_feed(u, b"")
-    }
-
-    fn challenge_b64(json: &str) -> String {
-        STANDARD.encode(json.as_bytes())
-    }
+    use crate::testkit::{
+        Up, challenge_b64, ob, provide, run_script, send, token, up_feed, xo, xorshift,
+    };
 
     fn named(name: &str) -> UpstreamOptions {
         UpstreamOptions {
@@ -2380,77 +2059,13 @@ mod tests {
                 }
                 // Input is only held unread while the dialogue waits for
                 // the driver (or is over).
-                let reading = matches!(
-                    u.state,
-                    UpState::Greeting | UpState::Ehlo | UpState::StartTls | UpState::Auth { .. }
-                );
-                assert!(!reading || u.framer.buf.len() <= 60);
+                let reading = match u.state {
+                    UpState::Greeting | UpState::Ehlo | UpState::StartTls => true,
+                    UpState::Login => u.bearer.awaits_server(),
+                    _ => false,
+                };
+                assert!(!reading || u.framer.buffered() <= 60);
             }
         }
-    }
-
-    // ----- explanations -----
-
-    #[test]
-    fn explanations() {
-        let cases: [(&str, Option<&str>); 12] = [
-            (
-                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.",
-                Some("SMTP AUTH is switched off"),
-            ),
-            (
-                "535 5.7.139 Authentication unsuccessful, user is locked by your organization's security defaults policy.",
-                Some("security defaults"),
-            ),
-            (
-                "535 5.7.139 Authentication unsuccessful, the request did not meet the criteria to be authenticated successfully.",
-                Some("refused SMTP AUTH by policy"),
-            ),
-            (
-                "535 5.7.3 Authentication unsuccessful [SN4PR0201CA0045.namprd02.prod.outlook.com]",
-                Some("wrong token audience"),
-            ),
-            (
-                "550 5.7.60 SMTP; Client does not have permissions to send as this sender.",
-                Some("Send As"),
-            ),
-            (
-                "501 5.5.127 Token will expire soon",
-                Some("too close to expiry"),
-            ),
-            (
-                "535 5.7.8 Username and Password not accepted. For more information, go to https://support.google.com/mail/?p=BadCredentials",
-                Some("https://mail.google.com/ scope"),
-            ),
-            (
-                "534 5.7.9 Application-specific password required.",
-                Some("app password"),
-            ),
-            (
-                "534 5.7.14 Please log in via your web browser and then try again.",
-                Some("interactive sign-in"),
-            ),
-            ("535 5.7.30 Something else", None),
-            ("250 2.0.0 OK", None),
-            ("", None),
-        ];
-        for (reply, want) in cases {
-            let got = explain(reply);
-            match want {
-                Some(part) => assert!(got.is_some_and(|g| g.contains(part)), "{reply}: {got:?}"),
-                None => assert_eq!(got, None, "{reply}"),
-            }
-            if let Some(g) = got {
-                assert!(!g.contains('\n'));
-            }
-        }
-        assert_eq!(
-            explain(
-                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox."
-            ),
-            Some(
-                "SMTP AUTH is switched off for this Microsoft 365 tenant or mailbox: enable Authenticated SMTP in the admin centre or run Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false"
-            )
-        );
     }
 }

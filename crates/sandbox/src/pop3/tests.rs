@@ -562,8 +562,14 @@ async fn upstream_login_dialogue_against_the_sandbox() {
         assert!(ok.leftover.is_empty());
         assert_eq!(rejections.len(), 1);
         assert_eq!(
-            rejections[0].server_text,
+            rejections[0].refusal.to_string(),
             "-ERR [AUTH] Authentication failed"
+        );
+        assert!(
+            rejections[0]
+                .refusal
+                .response_code()
+                .is_some_and(|c| c.is("AUTH"))
         );
         assert_eq!(
             rejections[0]

@@ -527,15 +527,17 @@ mod upstream {
     use tokio::io::AsyncReadExt;
 
     use super::*;
+    use mailbridge_proto::Refusal;
+    use mailbridge_proto::refusal::{EnhancedCode, RefusalCode};
     use mailbridge_proto::sasl::BearerToken;
-    use mailbridge_proto::smtp::{SmtpUpstreamLogin, UpstreamOptions, explain};
+    use mailbridge_proto::smtp::{SmtpUpstreamLogin, UpstreamOptions};
     use mailbridge_proto::{UpstreamLogin, UpstreamStep};
 
     #[derive(Debug)]
     enum End {
         StartTls,
         Authenticated(Vec<String>),
-        Rejected(String, bool),
+        Rejected(Refusal, bool),
         Error(String),
     }
 
@@ -577,7 +579,7 @@ mod upstream {
                         u.retry();
                         continue;
                     }
-                    return End::Rejected(r.server_text, r.retry_suggested);
+                    return End::Rejected(r.refusal, r.retry_suggested);
                 }
                 Err(e) => return End::Error(e.to_string()),
             }
@@ -648,10 +650,22 @@ mod upstream {
         let mut tls = tls_connect(&sb.pki, tcp).await;
         let mut u = SmtpUpstreamLogin::new(UpstreamOptions::default());
         match drive(&mut u, &mut tls, &mut vec!["bad".into()]).await {
-            End::Rejected(text, retry) => {
-                assert_eq!(text, "535 5.7.8 Username and Password not accepted");
+            End::Rejected(refusal, retry) => {
+                assert_eq!(
+                    refusal.to_string(),
+                    "535 5.7.8 Username and Password not accepted"
+                );
                 assert!(retry);
-                assert!(explain(&text).is_some());
+                // Read as Google's refusal; mailbridge's diagnose table
+                // explains this very line (its smtp_explanations test).
+                assert_eq!(
+                    refusal.code,
+                    RefusalCode::Smtp {
+                        code: 535,
+                        enhanced: Some(EnhancedCode::new(5, 7, 8))
+                    }
+                );
+                assert_eq!(refusal.text, "Username and Password not accepted");
             }
             other => panic!("{other:?}"),
         }
@@ -667,10 +681,19 @@ mod upstream {
         })
         .await;
         match login(&sb, starttls("c"), vec![sb.token(), sb.token()]).await {
-            End::Rejected(text, retry) => {
-                assert_eq!(text, reply);
+            End::Rejected(refusal, retry) => {
+                assert_eq!(refusal.to_string(), reply);
                 assert!(!retry);
-                assert!(explain(&text).is_some_and(|e| e.contains("Set-CASMailbox")));
+                // Read as Microsoft's policy refusal; mailbridge's diagnose
+                // table explains this very line with Set-CASMailbox (its
+                // known_refusals_are_explained test).
+                assert_eq!(refusal.enhanced(), Some(EnhancedCode::new(5, 7, 139)));
+                assert!(!refusal.is_temporary());
+                assert!(
+                    refusal
+                        .text
+                        .contains("SmtpClientAuthentication is disabled for the Tenant")
+                );
             }
             other => panic!("{other:?}"),
         }
