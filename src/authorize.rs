@@ -3,10 +3,11 @@
 //! token where one is needed, a Microsoft token for the right resource).
 //! Used by `mailbridge account add` and `account reauthorize`.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::clock::unix_now;
 use crate::config::{Account, GrantKind};
 use crate::oauth::flows::{self, BrowserOptions, FlowEndpoints, FlowError, FlowUi, Obtained};
 use crate::provider::{Preset, Provider};
@@ -305,11 +306,4 @@ impl FlowUi for ServerUi {
     ) {
         tracing::warn!(account = %self.account, %verification_uri, %user_code, "authorization needed: enter the code");
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

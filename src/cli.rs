@@ -5,12 +5,12 @@ use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::clock::unix_now;
 use crate::config::Settings;
 use crate::store::seal::GrantData;
 use crate::store::{AccountMeta, SledStore, TokenStore};
@@ -694,13 +694,6 @@ pub async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// UTC date and time of a Unix timestamp, `YYYY-MM-DD HH:MM:SS`.

@@ -28,11 +28,13 @@
 //!   `mailbridge demo`.
 //! - [`bench`]: clients, scenarios and the report of the benchmark
 //!   (`cargo bench --bench proxy`).
+//! - [`clock`]: `unix_now`, the one wall-clock helper.
 //! - [`cli`]: the command line (main.rs only calls it).
 #![forbid(unsafe_code)]
 
 pub mod authorize;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod diagnose;

@@ -5,10 +5,10 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::ClientConfig;
 
+use crate::clock::unix_now;
 use crate::config::{Protocol, Settings};
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::{self, UpstreamConn, UpstreamFailure};
@@ -457,11 +457,4 @@ fn token_failure(account: &str, e: TokenError) -> LoginFailure {
 /// A user name as it may appear in a reply: printable, bounded.
 fn printable(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).take(100).collect()
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

@@ -26,7 +26,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use rand::rngs::OsRng;
@@ -36,6 +36,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::OwnedMutexGuard;
 use zeroize::Zeroizing;
 
+use crate::clock::unix_now;
 use crate::store::seal::{self, GrantData, SealError, SealKey};
 use crate::store::{AccountMeta, KdfParams, SealedGrant, StoreError, TokenStore};
 
@@ -366,12 +367,6 @@ impl fmt::Debug for Vault {
     }
 }
 
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 fn task_stopped(what: &str) -> StoreError {
     StoreError::Backend {
         path: PathBuf::new(),
@@ -647,7 +642,7 @@ impl Vault {
         self.commit(slot, account, write, Some(verifier), None)
             .await?;
         if meta.created_at == 0 {
-            meta.created_at = now_unix();
+            meta.created_at = unix_now();
         }
         self.store.save_meta(account, &meta)?;
         tracing::info!(account, replaced = replace, "grant sealed and saved");
@@ -689,7 +684,7 @@ impl Vault {
         }
         let grant = GrantData {
             refresh_token: Some(new_refresh_token),
-            obtained_at: now_unix(),
+            obtained_at: unix_now(),
             // The grant stays with the client it was issued to.
             client_id: unlocked.client_id(),
         };

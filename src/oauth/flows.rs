@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use oauth2::StandardDeviceAuthorizationResponse;
 use oauth2::basic::BasicTokenResponse;
@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 
 use super::jwt::{JwtError, Rs256Key};
 use super::token::one_line;
+use crate::clock::unix_now;
 
 /// Where and as whom a flow talks to the provider.
 #[derive(Debug, Clone, Copy)]
@@ -788,13 +789,6 @@ pub async fn register_client(
             temporary: false,
         }),
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -3,13 +3,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use oauth2::{RefreshToken, Scope, TokenResponse};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::MIN_TOKEN_LIFETIME;
 use super::flows;
+use crate::clock::unix_now;
 use crate::config::{Account, GrantKind};
 use crate::provider::Provider;
 use crate::vault::{Unlocked, Vault, VaultError};
@@ -382,11 +383,4 @@ pub fn one_line(s: &str) -> String {
     } else {
         flat
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
