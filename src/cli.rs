@@ -203,7 +203,7 @@ fn init_logging() {
     }
 }
 
-fn load(args: &ConfigArgs) -> anyhow::Result<Settings> {
+fn load(args: &ConfigArgs) -> Result<Settings, crate::config::ConfigError> {
     let mut settings = Settings::load(&args.config)?;
     if let Some(dir) = &args.state_dir {
         settings.server.state_dir = Some(dir.clone());
@@ -217,8 +217,7 @@ async fn load_discovered(args: &ConfigArgs) -> anyhow::Result<Settings> {
     let mut settings = load(args)?;
     settings
         .discover(&crate::oauth::TokenSource::http_client())
-        .await
-        .map_err(anyhow::Error::msg)?;
+        .await?;
     Ok(settings)
 }
 
@@ -253,7 +252,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => {
             let settings = load(&args)?;
             let reread = args.clone();
-            let reloader = Box::new(move || load(&reread).map_err(|e| format!("{e:#}")));
+            let reloader = Box::new(move || load(&reread));
             crate::server::run(settings, shutdown_signal(), reloader).await?;
             Ok(())
         }

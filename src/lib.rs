@@ -29,6 +29,7 @@
 //! - [`bench`]: clients, scenarios and the report of the benchmark
 //!   (`cargo bench --bench proxy`).
 //! - [`clock`]: `unix_now`, the one wall-clock helper.
+//! - [`report`]: an error and its sources on one line, for logs.
 //! - [`cli`]: the command line (main.rs only calls it).
 #![forbid(unsafe_code)]
 
@@ -42,6 +43,7 @@ pub mod login;
 pub mod net;
 pub mod oauth;
 pub mod provider;
+pub mod report;
 pub mod server;
 pub mod store;
 pub mod vault;

@@ -11,13 +11,14 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
 use tracing::Instrument;
 
-use crate::config::{KeyMode, Listener, ListenerTls, Protocol, Settings};
+use crate::config::{ConfigError, KeyMode, Listener, ListenerTls, Protocol, Settings};
 use crate::login::Gateway;
 use crate::net::listener::accept_loop;
 use crate::net::session::{DriverSettings, drive};
 use crate::net::stream::Stream;
 use crate::net::tls::{self, TlsError};
 use crate::oauth::TokenSource;
+use crate::provider::DiscoveryError;
 use crate::store::{KdfParams, SledStore, StoreError, TokenStore};
 use crate::vault::{BackoffPolicy, Vault};
 use mailbridge_proto::{self as proto, ClientSession};
@@ -42,8 +43,8 @@ pub enum ServerError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// An `oidc` / `open` provider's metadata could not be read.
-    #[error("{0}")]
-    Discovery(String),
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
     /// The service key is unusable.
     #[error("{0}")]
     Key(String),
@@ -66,7 +67,21 @@ struct ListenerRuntime {
 
 /// Reads the configuration again (a reload): the file, with the command
 /// line's overrides.
-pub type Reloader = Box<dyn Fn() -> Result<Settings, String> + Send + Sync>;
+pub type Reloader = Box<dyn Fn() -> Result<Settings, ConfigError> + Send + Sync>;
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file does not read or validate.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// An `oidc` / `open` provider's metadata could not be read.
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+    /// A provider's CA file is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
 
 /// A bound, not yet running server.
 pub struct Server {
@@ -161,10 +176,7 @@ impl Server {
         mut settings: Settings,
         store: Arc<dyn TokenStore>,
     ) -> Result<Server, ServerError> {
-        settings
-            .discover(&TokenSource::http_client())
-            .await
-            .map_err(ServerError::Discovery)?;
+        settings.discover(&TokenSource::http_client()).await?;
         let settings = Arc::new(settings);
         let vault = Arc::new(vault_for(&settings, store)?);
         let tokens = TokenSource::new(TokenSource::http_client(), vault.clone());
@@ -231,8 +243,8 @@ impl Server {
     pub async fn reload(
         gateway: &Gateway,
         running: &Settings,
-        new: Result<Settings, String>,
-    ) -> Result<String, String> {
+        new: Result<Settings, ConfigError>,
+    ) -> Result<String, ReloadError> {
         let mut new = new?;
         new.discover(&TokenSource::http_client()).await?;
         let mut note = format!(
@@ -253,7 +265,7 @@ impl Server {
                 needs_restart.join(" and ")
             ));
         }
-        gateway.reload(Arc::new(new)).map_err(|e| e.to_string())?;
+        gateway.reload(Arc::new(new))?;
         Ok(note)
     }
 
@@ -313,7 +325,7 @@ impl Server {
                     match Server::reload(&gateway, &running, reloader()).await {
                         Ok(note) => tracing::info!(result = %note, "configuration reloaded"),
                         Err(e) => tracing::error!(
-                            error = %e,
+                            error = %crate::report::chain(&e),
                             "configuration not reloaded; the previous one stays in force"
                         ),
                     }
