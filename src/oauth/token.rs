@@ -297,14 +297,17 @@ impl TokenSource {
                 self.refresh(provider, unlocked).await?
             }
             GrantKind::ClientCredentials | GrantKind::ServiceAccount => {
-                let got = crate::authorize::app_token(provider, account, &self.http)
+                let got = super::app::app_token(provider, account, &self.http)
                     .await
                     .map_err(|e| TokenError::from_flow(provider, e))?;
                 (got.access_token, got.expires_in)
             }
         };
-        crate::authorize::check_audience(provider, &secret)
-            .map_err(|audience| TokenError::WrongAudience { audience })?;
+        super::checks::check_audience(provider, &secret).map_err(|w| {
+            TokenError::WrongAudience {
+                audience: w.audience,
+            }
+        })?;
         let lifetime = lifetime.unwrap_or(DEFAULT_LIFETIME);
         if lifetime < MIN_TOKEN_LIFETIME {
             tracing::warn!(
