@@ -7,13 +7,16 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use rustls::ClientConfig;
+use secrecy::SecretString;
 
 use crate::clock::unix_now;
+use crate::config::Account;
 use crate::config::{Protocol, Settings};
 use crate::net::tls::{self, TlsError};
-use crate::net::upstream::{self, UpstreamConn, UpstreamFailure};
-use crate::oauth::{TokenError, TokenSource};
-use crate::vault::{Vault, VaultError};
+use crate::net::upstream::{self, UpstreamConn};
+use crate::oauth::{AccessToken, TokenError, TokenSource};
+use crate::provider::Provider;
+use crate::vault::{Unlocked, Vault, VaultError};
 use mailbridge_proto::{self as proto, FailureKind, LoginFailure, LoginRequest, UpstreamLogin};
 
 /// The configuration logins follow, replaced whole by a reload: accounts,
@@ -210,8 +213,8 @@ impl Gateway {
                     .renew(provider, &account, &unlocked)
                     .await
                     .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                    .map_err(|e| crate::report::chain(&e)),
+                Err(e) => Err(crate::report::chain(&e)),
             };
             match result {
                 Ok(()) => ok += 1,
@@ -223,6 +226,15 @@ impl Gateway {
         }
         tracing::info!(refreshed = ok, failed, "background refresh done");
         (ok, failed)
+    }
+
+    /// Records what a login found in the account's metadata (for `account
+    /// list`). A store that cannot take it does not fail the login, but
+    /// it is logged.
+    fn note_meta(&self, account: &str, f: impl FnOnce(&mut crate::store::AccountMeta)) {
+        if let Err(e) = self.vault.update_meta(account, f) {
+            tracing::warn!(account, error = %crate::report::chain(&e), "cannot record the login in the account's metadata");
+        }
     }
 
     /// Logs in upstream for a client's login request.
@@ -282,38 +294,83 @@ impl Gateway {
                     "no TLS configuration for the provider".into(),
                 )
             })?;
+        let target = upstream::Target {
+            host: &endpoint.host,
+            port: endpoint.port,
+            tls: endpoint.tls,
+            user: &account.upstream_user,
+        };
+        let mut tokens = LoginTokens {
+            source: &self.tokens,
+            provider,
+            account: &account,
+            unlocked: &unlocked,
+            last: None,
+        };
         let result = upstream::login(
-            endpoint,
+            &target,
             tls,
             settings.server.connect_timeout(),
             session,
-            upstream::TokenAccess {
-                source: &self.tokens,
-                provider,
-                account: &account,
-                unlocked: &unlocked,
-            },
+            &mut tokens,
         )
         .await;
         match result {
             Ok(conn) => {
                 let now = unix_now();
-                let _ = self.vault.update_meta(&account.name, |m| {
+                self.note_meta(&account.name, |m| {
                     m.last_login_at = Some(now);
                     m.last_error = None;
                 });
                 Ok(conn)
             }
             Err(e) => {
+                // The client gets one sentence; the log gets the causes
+                // beneath it too (I/O and TLS errors, for instance).
+                let detail = crate::report::chain(&e);
                 let f = upstream_failure(protocol, &account.name, e);
                 let reason = f.reason.clone();
-                let _ = self
-                    .vault
-                    .update_meta(&account.name, |m| m.last_error = Some(reason));
-                tracing::warn!(account = %account.name, reason = %f.reason, "upstream login failed");
+                self.note_meta(&account.name, |m| m.last_error = Some(reason));
+                tracing::warn!(account = %account.name, reason = %f.reason, %detail, "upstream login failed");
                 Err(f)
             }
         }
+    }
+}
+
+/// One login's access tokens from the token source: what the upstream
+/// dialogue asks for, without it knowing of grants or providers.
+struct LoginTokens<'a> {
+    source: &'a TokenSource,
+    provider: &'a Provider,
+    account: &'a Account,
+    unlocked: &'a Unlocked,
+    /// The token last handed out: a fresh one must be newer.
+    last: Option<AccessToken>,
+}
+
+impl upstream::Tokens for LoginTokens<'_> {
+    type Error = TokenError;
+
+    async fn token(&mut self) -> Result<SecretString, TokenError> {
+        self.get(false).await
+    }
+
+    async fn fresh_token(&mut self) -> Result<SecretString, TokenError> {
+        self.get(true).await
+    }
+}
+
+impl LoginTokens<'_> {
+    async fn get(&mut self, fresh: bool) -> Result<SecretString, TokenError> {
+        let refused = if fresh { self.last.as_ref() } else { None };
+        let token = self
+            .source
+            .token(self.provider, self.account, self.unlocked, refused)
+            .await?;
+        let secret = token.secret.clone();
+        self.last = Some(token);
+        Ok(secret)
     }
 }
 
@@ -390,6 +447,8 @@ fn vault_failure(account: &str, e: VaultError) -> LoginFailure {
         }
     }
 }
+
+type UpstreamFailure = upstream::UpstreamFailure<TokenError>;
 
 fn upstream_failure(protocol: Protocol, account: &str, e: UpstreamFailure) -> LoginFailure {
     match e {

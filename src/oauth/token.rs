@@ -268,19 +268,26 @@ impl TokenSource {
                     + t.expires_at
                         .saturating_duration_since(Instant::now())
                         .as_secs();
-                let _ = self.vault.update_meta(unlocked.account(), |m| {
+                self.note_meta(unlocked.account(), |m| {
                     m.access_expires_at = Some(expires);
                     m.last_error = None;
                 });
             }
             Err(e) => {
                 let msg = e.to_string();
-                let _ = self
-                    .vault
-                    .update_meta(unlocked.account(), |m| m.last_error = Some(msg));
+                self.note_meta(unlocked.account(), |m| m.last_error = Some(msg));
             }
         }
         token
+    }
+
+    /// Records a refresh's outcome in the account's metadata (for `account
+    /// list`). A store that cannot take it does not fail the refresh, but
+    /// it is logged.
+    fn note_meta(&self, account: &str, f: impl FnOnce(&mut crate::store::AccountMeta)) {
+        if let Err(e) = self.vault.update_meta(account, f) {
+            tracing::warn!(account, error = %crate::report::chain(&e), "cannot record the refresh in the account's metadata");
+        }
     }
 
     /// A new access token, by the account's kind of grant, checked for the
