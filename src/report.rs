@@ -20,6 +20,23 @@ pub fn chain(e: &(dyn Error + 'static)) -> String {
     line.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// What an I/O error means, in a few words of ours, for the kinds a
+/// person can do something about; None for the rest (the log has them).
+pub fn io_phrase(e: &std::io::Error) -> Option<&'static str> {
+    use std::io::ErrorKind;
+    Some(match e.kind() {
+        ErrorKind::NotFound => "no such file or directory",
+        ErrorKind::PermissionDenied => "permission denied",
+        ErrorKind::AddrInUse => "the address is in use",
+        ErrorKind::AddrNotAvailable => "the address is not available here",
+        ErrorKind::ConnectionRefused => "connection refused",
+        ErrorKind::TimedOut => "timed out",
+        ErrorKind::UnexpectedEof => "input ended",
+        ErrorKind::InvalidData => "the content is not valid",
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #[derive(Debug, thiserror::Error)]

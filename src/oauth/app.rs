@@ -32,7 +32,7 @@ pub async fn app_token(
 ) -> Result<Obtained, FlowError> {
     let read = |path: &std::path::Path| {
         std::fs::read_to_string(path)
-            .map_err(|e| FlowError::Io(format!("cannot read {}: {e}", path.display())))
+            .map_err(|e| FlowError::io(format!("cannot read {}", path.display()), e))
     };
     match account.grant {
         GrantKind::ServiceAccount => {

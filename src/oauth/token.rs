@@ -58,12 +58,14 @@ pub enum TokenError {
         temporary: bool,
     },
     /// The token endpoint could not be reached.
-    #[error("cannot reach the token endpoint of provider `{provider}`: {reason}")]
+    #[error("cannot reach the token endpoint of provider `{provider}`{}", flows::network_cause(source.as_ref()))]
     Unreachable {
         /// The provider name.
         provider: String,
-        /// Why, without URLs' query strings or bodies.
-        reason: String,
+        /// The HTTP client's error (shared: a failed refresh is handed to
+        /// every login that waited for it).
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
     },
     /// The token endpoint answered something that is not a token response.
     #[error("the token endpoint of provider `{provider}` sent an unreadable answer")]
@@ -82,18 +84,19 @@ pub enum TokenError {
     /// The stored grant has no refresh token.
     #[error("the stored grant has no refresh token; re-authorize the account")]
     NoRefreshToken,
-    /// The provider's configuration is unusable (e.g. bad URL).
-    #[error("provider `{provider}`: {reason}")]
+    /// The provider's configuration is unusable (e.g. bad URL, unreadable
+    /// key file).
+    #[error("provider `{provider}`: {source}")]
     Config {
         /// The provider name.
         provider: String,
         /// Why.
-        reason: String,
+        source: Arc<flows::FlowError>,
     },
     /// The rotated refresh token could not be saved; the new access token is
     /// not used.
     #[error("cannot save the rotated refresh token: {0}")]
-    Store(String),
+    Store(#[source] Arc<VaultError>),
 }
 
 impl TokenError {
@@ -109,16 +112,16 @@ impl TokenError {
                 description,
                 temporary,
             },
-            flows::FlowError::Http(reason) => TokenError::Unreachable {
+            flows::FlowError::Http(source) => TokenError::Unreachable {
                 provider: provider.name.clone(),
-                reason,
+                source: Arc::from(source),
             },
             flows::FlowError::BadResponse(_) => TokenError::BadResponse {
                 provider: provider.name.clone(),
             },
             other => TokenError::Config {
                 provider: provider.name.clone(),
-                reason: other.to_string(),
+                source: Arc::new(other),
             },
         }
     }
@@ -372,7 +375,7 @@ impl TokenSource {
                 self.vault
                     .store_rotated(unlocked, SecretString::from(new_rt.secret().clone()))
                     .await
-                    .map_err(|e: VaultError| TokenError::Store(e.to_string()))?;
+                    .map_err(|e| TokenError::Store(Arc::new(e)))?;
                 tracing::debug!(provider = %provider.name, "rotated refresh token saved");
             }
         }
@@ -392,5 +395,45 @@ pub fn one_line(s: &str) -> String {
         t
     } else {
         flat
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(token_url: &str) -> Provider {
+        let c: crate::config::ProviderConfig = toml::from_str(&format!(
+            "preset = \"custom\"\nclient_id = \"id\"\ntoken_url = \"{token_url}\""
+        ))
+        .unwrap();
+        crate::provider::resolve("corp", &c).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_token_endpoint_is_a_sentence_with_its_cause_kept() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        drop(listener);
+        let http = TokenSource::http_client();
+        let e = http.post(&url).send().await.unwrap_err();
+        let e = TokenError::from_flow(&provider(&url), flows::FlowError::http(e));
+        assert!(e.is_temporary());
+        assert_eq!(
+            e.to_string(),
+            "cannot reach the token endpoint of provider `corp` (connection refused)"
+        );
+        // The HTTP client's own words are for the log.
+        let detail = crate::report::chain(&e);
+        assert!(detail.len() > e.to_string().len(), "{detail}");
+    }
+
+    #[test]
+    fn a_store_failure_keeps_the_vault_error() {
+        let e = TokenError::Store(Arc::new(VaultError::NotServiceMode));
+        let source = std::error::Error::source(&e).expect("source kept");
+        // Shared, as a failed refresh is handed to every waiting login.
+        assert!(source.downcast_ref::<Arc<VaultError>>().is_some());
+        assert!(e.is_temporary());
     }
 }
