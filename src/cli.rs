@@ -216,7 +216,7 @@ fn load(args: &ConfigArgs) -> Result<Settings, crate::config::ConfigError> {
 async fn load_discovered(args: &ConfigArgs) -> anyhow::Result<Settings> {
     let mut settings = load(args)?;
     settings
-        .discover(&crate::oauth::TokenSource::http_client())
+        .discover(&crate::oauth::TokenSource::http_client()?)
         .await?;
     Ok(settings)
 }
@@ -550,7 +550,7 @@ async fn run_flow(
         upstream_password,
     };
     let ui = TerminalUi::default();
-    let http = crate::oauth::TokenSource::http_client();
+    let http = crate::oauth::TokenSource::http_client()?;
     let result = crate::authorize::obtain(provider, account, &opts, &http, &ui).await;
     ui.stop_spinner();
     Ok(result?)

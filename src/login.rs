@@ -74,8 +74,8 @@ impl Gateway {
         Ok(Gateway {
             routing: std::sync::RwLock::new(Arc::new(Routing::new(settings)?)),
             vault,
+            http: tokens.http().clone(),
             tokens,
-            http: TokenSource::http_client(),
             authorizing: std::sync::Mutex::new(HashMap::new()),
         })
     }
@@ -119,6 +119,11 @@ impl Gateway {
     /// The vault, for the CLI and tests.
     pub fn vault(&self) -> &Arc<Vault> {
         &self.vault
+    }
+
+    /// The HTTP client for providers (token endpoints, discovery).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     /// Authorize on first login: runs the browser flow for an account with

@@ -17,7 +17,7 @@ use crate::net::listener::accept_loop;
 use crate::net::session::{DriverSettings, drive};
 use crate::net::stream::Stream;
 use crate::net::tls::{self, TlsError};
-use crate::oauth::TokenSource;
+use crate::oauth::{HttpClientError, TokenSource};
 use crate::provider::DiscoveryError;
 use crate::store::{KdfParams, SledStore, StoreError, TokenStore};
 use crate::vault::{BackoffPolicy, Vault};
@@ -45,6 +45,9 @@ pub enum ServerError {
     /// An `oidc` / `open` provider's metadata could not be read.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+    /// The HTTP client for token endpoints could not be built.
+    #[error(transparent)]
+    Http(#[from] HttpClientError),
     /// The service key is unusable.
     #[error("{0}")]
     Key(String),
@@ -176,10 +179,11 @@ impl Server {
         mut settings: Settings,
         store: Arc<dyn TokenStore>,
     ) -> Result<Server, ServerError> {
-        settings.discover(&TokenSource::http_client()).await?;
+        let http = TokenSource::http_client()?;
+        settings.discover(&http).await?;
         let settings = Arc::new(settings);
         let vault = Arc::new(vault_for(&settings, store)?);
-        let tokens = TokenSource::new(TokenSource::http_client(), vault.clone());
+        let tokens = TokenSource::new(http, vault.clone());
         let gateway = Arc::new(Gateway::new(settings.clone(), vault, tokens)?);
 
         let mut listeners = Vec::new();
@@ -246,7 +250,7 @@ impl Server {
         new: Result<Settings, ConfigError>,
     ) -> Result<String, ReloadError> {
         let mut new = new?;
-        new.discover(&TokenSource::http_client()).await?;
+        new.discover(gateway.http()).await?;
         let mut note = format!(
             "{} account(s), {} provider(s) in force",
             new.accounts.len(),

@@ -14,7 +14,7 @@ pub mod flows;
 pub mod jwt;
 mod token;
 
-pub use token::{AccessToken, TokenError, TokenSource, one_line};
+pub use token::{AccessToken, HttpClientError, TokenError, TokenSource, one_line};
 
 use std::time::Duration;
 

@@ -142,6 +142,12 @@ impl TokenError {
     }
 }
 
+/// The HTTP client for token endpoints could not be built (its TLS setup
+/// failed, for instance).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up the HTTP client for token endpoints")]
+pub struct HttpClientError(#[source] reqwest::Error);
+
 #[derive(Default)]
 struct Slot {
     cached: Mutex<Option<AccessToken>>,
@@ -177,15 +183,22 @@ impl TokenSource {
     }
 
     /// An HTTP client fit for token endpoints: no redirects (a redirected
-    /// token request could leak the grant), bounded time.
-    pub fn http_client() -> reqwest::Client {
+    /// token request could leak the grant), bounded time. Fails rather
+    /// than fall back to a default client, which would follow redirects
+    /// and wait forever.
+    pub fn http_client() -> Result<reqwest::Client, HttpClientError> {
         reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("mailbridge/", env!("CARGO_PKG_VERSION")))
             .build()
-            .unwrap_or_default()
+            .map_err(HttpClientError)
+    }
+
+    /// The HTTP client this source talks to token endpoints with.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     fn slot(&self, account: &str) -> Arc<Slot> {
@@ -415,7 +428,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/token", listener.local_addr().unwrap());
         drop(listener);
-        let http = TokenSource::http_client();
+        let http = TokenSource::http_client().unwrap();
         let e = http.post(&url).send().await.unwrap_err();
         let e = TokenError::from_flow(&provider(&url), flows::FlowError::http(e));
         assert!(e.is_temporary());
