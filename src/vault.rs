@@ -1409,10 +1409,11 @@ mod tests {
             other.unlock_service("a").await,
             Err(VaultError::ServiceKeyMismatch { .. })
         ));
-        let mut forged = store.load_grant("a").unwrap().unwrap();
+        let original = store.load_grant("a").unwrap().unwrap();
+        let mut forged = original.clone();
         forged.password_hash =
             Some(seal::hash_password(&pw("attacker"), KdfParams::for_tests()).unwrap());
-        store.save_grant("a", &forged).unwrap();
+        assert!(store.swap_grant("a", Some(&original), &forged).unwrap());
         let v2 = service_vault(store.clone(), &secret);
         let r = v2.unlock("a", &pw("attacker"), P1).await;
         assert!(
