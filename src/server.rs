@@ -644,10 +644,23 @@ mod tests {
         }
     }
 
+    #[cfg(unix)]
     #[test]
-    fn raising_never_lowers_the_limit() {
-        let r = raise_open_files_limit(64);
-        assert!(r.now >= r.before);
-        assert!(r.now >= 64);
+    fn raising_the_limit_reports_what_the_kernel_holds() {
+        use rlimit::Resource;
+        let (soft, hard) = Resource::NOFILE.get().unwrap();
+        let wanted = soft.saturating_add(64);
+        let r = raise_open_files_limit(wanted);
+        let (soft_now, hard_now) = Resource::NOFILE.get().unwrap();
+        assert_eq!((r.before, r.wanted), (soft, wanted));
+        assert_eq!(r.now, soft_now, "the reported limit is the one in force");
+        assert!(r.now >= r.before, "{r:?}");
+        assert!(hard_now >= hard, "the hard limit is never lowered");
+        // Up to what was wanted, or as far as an unprivileged process may.
+        assert!(r.now >= wanted.min(hard), "{r:?}, hard limit {hard}");
+        // Asking for less than there is changes nothing.
+        let again = raise_open_files_limit(1);
+        assert_eq!((again.before, again.now), (soft_now, soft_now));
+        assert_eq!(Resource::NOFILE.get().unwrap(), (soft_now, hard_now));
     }
 }
