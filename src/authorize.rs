@@ -27,6 +27,7 @@ pub enum Interaction {
 }
 
 /// What `obtain` needs besides the account.
+#[derive(Debug)]
 pub struct AuthorizeOptions {
     /// For authorization-code grants.
     pub interaction: Interaction,
@@ -37,6 +38,7 @@ pub struct AuthorizeOptions {
 }
 
 /// A grant ready to seal.
+#[derive(Debug)]
 pub struct Authorized {
     /// What to seal (no refresh token for app-only grants).
     pub grant: GrantData,

@@ -47,3 +47,6 @@ pub mod report;
 pub mod server;
 pub mod store;
 pub mod vault;
+
+#[cfg(test)]
+mod redaction_tests;

@@ -353,9 +353,22 @@ pub fn explain_authorization_error(code: &str, description: &str) -> String {
 }
 
 /// A redirect's query parameters.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Redirect {
     params: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for Redirect {
+    /// Parameter names only (and the `error` code): `code` is an
+    /// authorization code and `state` guards it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<&str> = self.params.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        f.debug_struct("Redirect")
+            .field("params", &names)
+            .field("error", &self.params.get("error"))
+            .finish()
+    }
 }
 
 impl Redirect {
@@ -846,6 +859,24 @@ mod tests {
         assert_eq!(messages.len(), codes.len());
         assert!(explain_authorization_error("weird", "").contains("weird"));
         assert!(explain_authorization_error("weird", "details here").contains("details here"));
+    }
+
+    #[test]
+    fn a_redirect_and_its_code_print_no_secret() {
+        let url = "http://127.0.0.1:1/?code=AUTHCODE-SECRET-1&state=STATE-SECRET-2";
+        let redirect = Redirect::from_url(&Url::parse(url).unwrap());
+        let printed = format!("{redirect:?}");
+        assert!(
+            printed.contains("\"code\"") && printed.contains("\"state\""),
+            "{printed}"
+        );
+        let code = redirect
+            .code(&CsrfToken::new("STATE-SECRET-2".into()))
+            .unwrap();
+        let printed = format!("{printed} {code:?}");
+        for secret in ["AUTHCODE-SECRET-1", "STATE-SECRET-2"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
     }
 
     #[test]
