@@ -443,8 +443,17 @@ fn vault_failure(account: &str, e: VaultError) -> LoginFailure {
                 "`{account}` has no stored authorization yet; run `mailbridge account add {account}` (or `account import` with a refresh token you already have)"
             ),
         ),
+        VaultError::Store(e) => {
+            // The store's own words (paths, the backend's errors) are for
+            // the administrator's log, not the mail client.
+            tracing::error!(account = %account, error = %crate::report::chain(&e), "token store failure");
+            failure(
+                FailureKind::Unavailable,
+                "mailbridge cannot read its token store just now; its log says why".into(),
+            )
+        }
         other => {
-            tracing::error!(account = %account, error = %other, "token store failure");
+            tracing::error!(account = %account, error = %crate::report::chain(&other), "token store failure");
             failure(
                 FailureKind::Unavailable,
                 format!("mailbridge cannot read its token store: {other}"),

@@ -95,8 +95,18 @@ pub enum TokenError {
     },
     /// The rotated refresh token could not be saved; the new access token is
     /// not used.
-    #[error("cannot save the rotated refresh token: {0}")]
+    #[error("cannot save the rotated refresh token{}", store_cause(.0))]
     Store(#[source] Arc<VaultError>),
+}
+
+/// What a failed save of a rotated token says to a person: the vault's
+/// sentence (another writer changed the grant, say), but not the storage
+/// backend's own words, which are for the log.
+fn store_cause(e: &VaultError) -> String {
+    match e {
+        VaultError::Store(_) => " (the token store failed; mailbridge's log says why)".into(),
+        other => format!(": {other}"),
+    }
 }
 
 impl TokenError {
@@ -448,5 +458,17 @@ mod tests {
         // Shared, as a failed refresh is handed to every waiting login.
         assert!(source.downcast_ref::<Arc<VaultError>>().is_some());
         assert!(e.is_temporary());
+        // The backend's words go to the log, not into the sentence.
+        let backend = TokenError::Store(Arc::new(VaultError::Store(
+            crate::store::StoreError::Backend {
+                path: "/var/lib/mailbridge".into(),
+                reason: "sled: io error: No space left".into(),
+            },
+        )));
+        assert_eq!(
+            backend.to_string(),
+            "cannot save the rotated refresh token (the token store failed; mailbridge's log says why)"
+        );
+        assert!(crate::report::chain(&backend).contains("No space left"));
     }
 }
