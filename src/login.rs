@@ -10,13 +10,11 @@ use rustls::ClientConfig;
 use secrecy::SecretString;
 
 use crate::clock::unix_now;
-use crate::config::Account;
 use crate::config::{Protocol, Settings};
 use crate::net::tls::{self, TlsError};
-use crate::net::upstream::{self, UpstreamConn};
-use crate::oauth::{AccessToken, TokenError, TokenSource};
-use crate::provider::Provider;
-use crate::vault::{Unlocked, Vault, VaultError};
+use crate::net::upstream::{self, UpstreamConn, UpstreamFailure};
+use crate::oauth::{TokenError, TokenSource};
+use crate::vault::{Vault, VaultError};
 use mailbridge_proto::{self as proto, FailureKind, LoginFailure, LoginRequest, UpstreamLogin};
 
 /// The configuration logins follow, replaced whole by a reload: accounts,
@@ -347,11 +345,11 @@ impl Gateway {
 /// dialogue asks for, without it knowing of grants or providers.
 struct LoginTokens<'a> {
     source: &'a TokenSource,
-    provider: &'a Provider,
-    account: &'a Account,
-    unlocked: &'a Unlocked,
+    provider: &'a crate::provider::Provider,
+    account: &'a crate::config::Account,
+    unlocked: &'a crate::vault::Unlocked,
     /// The token last handed out: a fresh one must be newer.
-    last: Option<AccessToken>,
+    last: Option<crate::oauth::AccessToken>,
 }
 
 impl upstream::Tokens for LoginTokens<'_> {
@@ -462,9 +460,11 @@ fn vault_failure(account: &str, e: VaultError) -> LoginFailure {
     }
 }
 
-type UpstreamFailure = upstream::UpstreamFailure<TokenError>;
-
-fn upstream_failure(protocol: Protocol, account: &str, e: UpstreamFailure) -> LoginFailure {
+fn upstream_failure(
+    protocol: Protocol,
+    account: &str,
+    e: UpstreamFailure<TokenError>,
+) -> LoginFailure {
     match e {
         UpstreamFailure::Token(t) => token_failure(account, t),
         UpstreamFailure::Rejected { server, rejection } => {
