@@ -3,11 +3,14 @@
 //! token where one is needed, a Microsoft token for the right resource).
 //! Used by `mailbridge account add` and `account reauthorize`.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 
+use crate::clock::unix_now;
 use crate::config::{Account, GrantKind};
+use crate::oauth::app::{app_token, endpoints};
+use crate::oauth::checks::check_audience;
 use crate::oauth::flows::{self, BrowserOptions, FlowEndpoints, FlowError, FlowUi, Obtained};
 use crate::provider::{Preset, Provider};
 use crate::store::seal::GrantData;
@@ -24,6 +27,7 @@ pub enum Interaction {
 }
 
 /// What `obtain` needs besides the account.
+#[derive(Debug)]
 pub struct AuthorizeOptions {
     /// For authorization-code grants.
     pub interaction: Interaction,
@@ -34,6 +38,7 @@ pub struct AuthorizeOptions {
 }
 
 /// A grant ready to seal.
+#[derive(Debug)]
 pub struct Authorized {
     /// What to seal (no refresh token for app-only grants).
     pub grant: GrantData,
@@ -58,18 +63,6 @@ pub enum AuthorizeError {
         "Microsoft issued a token for {0}, not for Outlook/Exchange Online, and the mail servers would refuse it: put https://outlook.office.com/IMAP.AccessAsUser.All first in the provider's scopes"
     )]
     WrongAudience(String),
-}
-
-/// The flow endpoints of a provider with the given scopes.
-pub fn endpoints<'a>(provider: &'a Provider, scopes: &'a [String]) -> FlowEndpoints<'a> {
-    FlowEndpoints {
-        client_id: &provider.client_id,
-        client_secret: provider.client_secret.as_ref(),
-        authorize_url: provider.authorize_url.as_deref(),
-        token_url: &provider.token_url,
-        device_url: provider.device_url.as_deref(),
-        scopes,
-    }
 }
 
 /// Runs the account's flow and checks the result.
@@ -160,7 +153,8 @@ pub async fn obtain(
             _ => "ask for offline_access (or the provider's equivalent) in the scopes",
         }));
     }
-    check_audience(provider, &got.access_token).map_err(AuthorizeError::WrongAudience)?;
+    check_audience(provider, &got.access_token)
+        .map_err(|w| AuthorizeError::WrongAudience(w.audience))?;
     Ok(Authorized {
         grant: GrantData {
             refresh_token: got.refresh_token,
@@ -169,69 +163,6 @@ pub async fn obtain(
         },
         flow,
     })
-}
-
-/// For Microsoft: a JWT access token must be for Exchange Online. Opaque
-/// tokens (personal accounts) are not judged. Returns the wrong audience.
-pub fn check_audience(provider: &Provider, token: &SecretString) -> Result<(), String> {
-    if provider.preset != Preset::Microsoft {
-        return Ok(());
-    }
-    match crate::oauth::jwt::audiences(token.expose_secret()) {
-        Some(aud) if !aud.iter().any(|a| crate::provider::is_outlook_audience(a)) => {
-            Err(aud.join(", "))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// App-only tokens: client credentials (secret or certificate), or a
-/// service account's JWT bearer assertion for the mailbox. Key material is
-/// read from its files each time (about once an hour).
-pub async fn app_token(
-    provider: &Provider,
-    account: &Account,
-    http: &reqwest::Client,
-) -> Result<Obtained, FlowError> {
-    let read = |path: &std::path::Path| {
-        std::fs::read_to_string(path)
-            .map_err(|e| FlowError::Io(format!("cannot read {}: {e}", path.display())))
-    };
-    match account.grant {
-        GrantKind::ServiceAccount => {
-            let path = provider.service_account_key_file.as_ref().ok_or_else(|| {
-                FlowError::Unsupported("the provider has no service_account_key_file".into())
-            })?;
-            let key = flows::ServiceAccountKey::from_json(&read(path)?)?;
-            flows::jwt_bearer(
-                &endpoints(provider, &provider.scopes),
-                http,
-                &key,
-                &account.upstream_user,
-            )
-            .await
-        }
-        _ => {
-            let ep = endpoints(provider, &provider.app_scopes);
-            match &provider.client_certificate {
-                Some((cert, key)) => {
-                    let cert_pem = read(cert)?;
-                    let key_pem = SecretString::from(read(key)?);
-                    let proof = flows::ClientProof::Certificate {
-                        key_pem: &key_pem,
-                        cert_pem: &cert_pem,
-                    };
-                    // The assertion is the client's proof: no secret beside it.
-                    let ep = FlowEndpoints {
-                        client_secret: None,
-                        ..ep
-                    };
-                    flows::client_credentials(&ep, http, proof).await
-                }
-                None => flows::client_credentials(&ep, http, flows::ClientProof::Secret).await,
-            }
-        }
-    }
 }
 
 /// Whether a browser can be opened here (a desktop session).
@@ -305,11 +236,4 @@ impl FlowUi for ServerUi {
     ) {
         tracing::warn!(account = %self.account, %verification_uri, %user_code, "authorization needed: enter the code");
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

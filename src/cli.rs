@@ -5,12 +5,12 @@ use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::clock::unix_now;
 use crate::config::Settings;
 use crate::store::seal::GrantData;
 use crate::store::{AccountMeta, SledStore, TokenStore};
@@ -203,7 +203,7 @@ fn init_logging() {
     }
 }
 
-fn load(args: &ConfigArgs) -> anyhow::Result<Settings> {
+fn load(args: &ConfigArgs) -> Result<Settings, crate::config::ConfigError> {
     let mut settings = Settings::load(&args.config)?;
     if let Some(dir) = &args.state_dir {
         settings.server.state_dir = Some(dir.clone());
@@ -216,9 +216,8 @@ fn load(args: &ConfigArgs) -> anyhow::Result<Settings> {
 async fn load_discovered(args: &ConfigArgs) -> anyhow::Result<Settings> {
     let mut settings = load(args)?;
     settings
-        .discover(&crate::oauth::TokenSource::http_client())
-        .await
-        .map_err(anyhow::Error::msg)?;
+        .discover(&crate::oauth::TokenSource::http_client()?)
+        .await?;
     Ok(settings)
 }
 
@@ -253,7 +252,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => {
             let settings = load(&args)?;
             let reread = args.clone();
-            let reloader = Box::new(move || load(&reread).map_err(|e| format!("{e:#}")));
+            let reloader = Box::new(move || load(&reread));
             crate::server::run(settings, shutdown_signal(), reloader).await?;
             Ok(())
         }
@@ -551,7 +550,7 @@ async fn run_flow(
         upstream_password,
     };
     let ui = TerminalUi::default();
-    let http = crate::oauth::TokenSource::http_client();
+    let http = crate::oauth::TokenSource::http_client()?;
     let result = crate::authorize::obtain(provider, account, &opts, &http, &ui).await;
     ui.stop_spinner();
     Ok(result?)
@@ -694,13 +693,6 @@ pub async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// UTC date and time of a Unix timestamp, `YYYY-MM-DD HH:MM:SS`.

@@ -5,10 +5,11 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::ClientConfig;
+use secrecy::SecretString;
 
+use crate::clock::unix_now;
 use crate::config::{Protocol, Settings};
 use crate::net::tls::{self, TlsError};
 use crate::net::upstream::{self, UpstreamConn, UpstreamFailure};
@@ -73,8 +74,8 @@ impl Gateway {
         Ok(Gateway {
             routing: std::sync::RwLock::new(Arc::new(Routing::new(settings)?)),
             vault,
+            http: tokens.http().clone(),
             tokens,
-            http: TokenSource::http_client(),
             authorizing: std::sync::Mutex::new(HashMap::new()),
         })
     }
@@ -118,6 +119,11 @@ impl Gateway {
     /// The vault, for the CLI and tests.
     pub fn vault(&self) -> &Arc<Vault> {
         &self.vault
+    }
+
+    /// The HTTP client for providers (token endpoints, discovery).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     /// Authorize on first login: runs the browser flow for an account with
@@ -212,8 +218,8 @@ impl Gateway {
                     .renew(provider, &account, &unlocked)
                     .await
                     .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                    .map_err(|e| crate::report::chain(&e)),
+                Err(e) => Err(crate::report::chain(&e)),
             };
             match result {
                 Ok(()) => ok += 1,
@@ -225,6 +231,15 @@ impl Gateway {
         }
         tracing::info!(refreshed = ok, failed, "background refresh done");
         (ok, failed)
+    }
+
+    /// Records what a login found in the account's metadata (for `account
+    /// list`). A store that cannot take it does not fail the login, but
+    /// it is logged.
+    fn note_meta(&self, account: &str, f: impl FnOnce(&mut crate::store::AccountMeta)) {
+        if let Err(e) = self.vault.update_meta(account, f) {
+            tracing::warn!(account, error = %crate::report::chain(&e), "cannot record the login in the account's metadata");
+        }
     }
 
     /// Logs in upstream for a client's login request.
@@ -284,38 +299,83 @@ impl Gateway {
                     "no TLS configuration for the provider".into(),
                 )
             })?;
+        let target = upstream::Target {
+            host: &endpoint.host,
+            port: endpoint.port,
+            tls: endpoint.tls,
+            user: &account.upstream_user,
+        };
+        let mut tokens = LoginTokens {
+            source: &self.tokens,
+            provider,
+            account: &account,
+            unlocked: &unlocked,
+            last: None,
+        };
         let result = upstream::login(
-            endpoint,
+            &target,
             tls,
             settings.server.connect_timeout(),
             session,
-            upstream::TokenAccess {
-                source: &self.tokens,
-                provider,
-                account: &account,
-                unlocked: &unlocked,
-            },
+            &mut tokens,
         )
         .await;
         match result {
             Ok(conn) => {
                 let now = unix_now();
-                let _ = self.vault.update_meta(&account.name, |m| {
+                self.note_meta(&account.name, |m| {
                     m.last_login_at = Some(now);
                     m.last_error = None;
                 });
                 Ok(conn)
             }
             Err(e) => {
+                // The client gets one sentence; the log gets the causes
+                // beneath it too (I/O and TLS errors, for instance).
+                let detail = crate::report::chain(&e);
                 let f = upstream_failure(protocol, &account.name, e);
                 let reason = f.reason.clone();
-                let _ = self
-                    .vault
-                    .update_meta(&account.name, |m| m.last_error = Some(reason));
-                tracing::warn!(account = %account.name, reason = %f.reason, "upstream login failed");
+                self.note_meta(&account.name, |m| m.last_error = Some(reason));
+                tracing::warn!(account = %account.name, reason = %f.reason, %detail, "upstream login failed");
                 Err(f)
             }
         }
+    }
+}
+
+/// One login's access tokens from the token source: what the upstream
+/// dialogue asks for, without it knowing of grants or providers.
+struct LoginTokens<'a> {
+    source: &'a TokenSource,
+    provider: &'a crate::provider::Provider,
+    account: &'a crate::config::Account,
+    unlocked: &'a crate::vault::Unlocked,
+    /// The token last handed out: a fresh one must be newer.
+    last: Option<crate::oauth::AccessToken>,
+}
+
+impl upstream::Tokens for LoginTokens<'_> {
+    type Error = TokenError;
+
+    async fn token(&mut self) -> Result<SecretString, TokenError> {
+        self.get(false).await
+    }
+
+    async fn fresh_token(&mut self) -> Result<SecretString, TokenError> {
+        self.get(true).await
+    }
+}
+
+impl LoginTokens<'_> {
+    async fn get(&mut self, fresh: bool) -> Result<SecretString, TokenError> {
+        let refused = if fresh { self.last.as_ref() } else { None };
+        let token = self
+            .source
+            .token(self.provider, self.account, self.unlocked, refused)
+            .await?;
+        let secret = token.secret.clone();
+        self.last = Some(token);
+        Ok(secret)
     }
 }
 
@@ -383,8 +443,17 @@ fn vault_failure(account: &str, e: VaultError) -> LoginFailure {
                 "`{account}` has no stored authorization yet; run `mailbridge account add {account}` (or `account import` with a refresh token you already have)"
             ),
         ),
+        VaultError::Store(e) => {
+            // The store's own words (paths, the backend's errors) are for
+            // the administrator's log, not the mail client.
+            tracing::error!(account = %account, error = %crate::report::chain(&e), "token store failure");
+            failure(
+                FailureKind::Unavailable,
+                "mailbridge cannot read its token store just now; its log says why".into(),
+            )
+        }
         other => {
-            tracing::error!(account = %account, error = %other, "token store failure");
+            tracing::error!(account = %account, error = %crate::report::chain(&other), "token store failure");
             failure(
                 FailureKind::Unavailable,
                 format!("mailbridge cannot read its token store: {other}"),
@@ -393,7 +462,11 @@ fn vault_failure(account: &str, e: VaultError) -> LoginFailure {
     }
 }
 
-fn upstream_failure(protocol: Protocol, account: &str, e: UpstreamFailure) -> LoginFailure {
+fn upstream_failure(
+    protocol: Protocol,
+    account: &str,
+    e: UpstreamFailure<TokenError>,
+) -> LoginFailure {
     match e {
         UpstreamFailure::Token(t) => token_failure(account, t),
         UpstreamFailure::Rejected { server, rejection } => {
@@ -451,11 +524,4 @@ fn token_failure(account: &str, e: TokenError) -> LoginFailure {
         }
     }
     failure(kind, text::flatten(&reason))
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use secrecy::SecretString;
 
-use crate::config::{Protocol, ProviderConfig, ServerEndpointConfig, UpstreamTls};
+use crate::config::schema::{self, Protocol, ProviderConfig, ServerEndpointConfig, UpstreamTls};
 use mailbridge_proto::sasl::Mechanism;
 
 /// A provider after presets and overrides were applied.
@@ -60,7 +60,7 @@ impl Provider {
     /// `oidc` / `open`: fills the endpoints the config left out from the
     /// issuer's metadata (OpenID Connect discovery, else RFC 8414). The
     /// metadata's `issuer` must be the configured one.
-    pub async fn discover(&mut self, http: &reqwest::Client) -> Result<(), String> {
+    pub async fn discover(&mut self, http: &reqwest::Client) -> Result<(), DiscoveryError> {
         let Some(issuer) = self.issuer.clone() else {
             return Ok(());
         };
@@ -78,37 +78,44 @@ impl Provider {
                 "{scheme}://{host}/.well-known/oauth-authorization-server{path}"
             ));
         }
-        let mut last_error = String::new();
+        let mut last_failure = None;
         for url in &urls {
             let response = match http.get(url).send().await {
                 Ok(r) => r,
                 Err(e) => {
-                    last_error = format!("{url}: {e}");
+                    last_failure = Some((url.clone(), MetadataFetch::Request(e)));
                     continue;
                 }
             };
             if !response.status().is_success() {
-                last_error = format!("{url}: HTTP {}", response.status());
+                let status = response.status().as_u16();
+                last_failure = Some((url.clone(), MetadataFetch::Status(status)));
                 continue;
             }
-            let meta: serde_json::Value = response.json().await.map_err(|e| {
-                format!("provider `{}`: {url} is not JSON metadata: {e}", self.name)
-            })?;
+            let meta: serde_json::Value =
+                response
+                    .json()
+                    .await
+                    .map_err(|source| DiscoveryError::NotMetadata {
+                        provider: self.name.clone(),
+                        url: url.clone(),
+                        source,
+                    })?;
             let field = |k: &str| meta.get(k).and_then(|v| v.as_str()).map(str::to_string);
             if field("issuer").as_deref().map(|i| i.trim_end_matches('/')) != Some(trimmed) {
-                return Err(format!(
-                    "provider `{}`: the metadata at {url} names issuer {:?}, not {issuer}; check the issuer setting",
-                    self.name,
-                    field("issuer")
-                ));
+                return Err(DiscoveryError::IssuerMismatch {
+                    provider: self.name.clone(),
+                    url: url.clone(),
+                    found: field("issuer"),
+                    configured: issuer.clone(),
+                });
             }
             if self.token_url.is_empty() {
-                self.token_url = field("token_endpoint").ok_or_else(|| {
-                    format!(
-                        "provider `{}`: the metadata has no token_endpoint",
-                        self.name
-                    )
-                })?;
+                self.token_url =
+                    field("token_endpoint").ok_or_else(|| DiscoveryError::NoTokenEndpoint {
+                        provider: self.name.clone(),
+                        url: url.clone(),
+                    })?;
             }
             self.authorize_url = self
                 .authorize_url
@@ -124,17 +131,29 @@ impl Provider {
                 ("authorization_endpoint", self.authorize_url.as_ref()),
             ] {
                 if let Some(u) = u {
-                    check_url(name, u)
-                        .map_err(|e| format!("provider `{}`: {}", self.name, e.message))?;
+                    check_url(name, u).map_err(|e| DiscoveryError::BadEndpoint {
+                        provider: self.name.clone(),
+                        message: e.message,
+                    })?;
                 }
             }
             tracing::info!(provider = %self.name, %url, "endpoints discovered");
             return Ok(());
         }
-        Err(format!(
-            "provider `{}`: cannot read the issuer's metadata ({last_error})",
-            self.name
-        ))
+        let (url, failure) =
+            last_failure.unwrap_or_else(|| (issuer.clone(), MetadataFetch::Status(0)));
+        Err(match failure {
+            MetadataFetch::Request(source) => DiscoveryError::Unreachable {
+                provider: self.name.clone(),
+                url,
+                source,
+            },
+            MetadataFetch::Status(status) => DiscoveryError::HttpStatus {
+                provider: self.name.clone(),
+                url,
+                status,
+            },
+        })
     }
 
     /// Whether this is Google's OAuth2 server: the `google` preset, or any
@@ -186,6 +205,118 @@ impl Provider {
             Protocol::Smtp => self.smtp.as_ref(),
         }
     }
+}
+
+/// How one metadata URL failed, before the next is tried.
+enum MetadataFetch {
+    Request(reqwest::Error),
+    Status(u16),
+}
+
+/// Why an `oidc` / `open` provider's endpoints could not be discovered.
+/// Messages name the provider and say what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// No well-known metadata URL could be reached (the last one's error
+    /// is the source).
+    #[error(
+        "provider `{provider}`: cannot read the issuer's metadata at {url}; check the issuer setting and that it is reachable"
+    )]
+    Unreachable {
+        /// The provider name.
+        provider: String,
+        /// The last URL tried.
+        url: String,
+        /// Why the request failed.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// Every well-known metadata URL answered with an HTTP error.
+    #[error(
+        "provider `{provider}`: cannot read the issuer's metadata ({url}: HTTP {status}); check the issuer setting"
+    )]
+    HttpStatus {
+        /// The provider name.
+        provider: String,
+        /// The last URL tried.
+        url: String,
+        /// Its HTTP status.
+        status: u16,
+    },
+    /// The metadata URL answered something that is not JSON.
+    #[error("provider `{provider}`: {url} is not JSON metadata")]
+    NotMetadata {
+        /// The provider name.
+        provider: String,
+        /// The URL.
+        url: String,
+        /// The decoding error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The metadata names another issuer than the configured one.
+    #[error(
+        "provider `{provider}`: the metadata at {url} names issuer {found:?}, not {configured}; check the issuer setting"
+    )]
+    IssuerMismatch {
+        /// The provider name.
+        provider: String,
+        /// The metadata URL.
+        url: String,
+        /// The `issuer` the metadata gives, if any.
+        found: Option<String>,
+        /// The configured issuer.
+        configured: String,
+    },
+    /// The metadata has no token endpoint and the config gives none.
+    #[error("provider `{provider}`: the metadata at {url} has no token_endpoint")]
+    NoTokenEndpoint {
+        /// The provider name.
+        provider: String,
+        /// The metadata URL.
+        url: String,
+    },
+    /// A discovered endpoint is not an acceptable URL.
+    #[error("provider `{provider}`: {message}")]
+    BadEndpoint {
+        /// The provider name.
+        provider: String,
+        /// Which endpoint and why.
+        message: String,
+    },
+}
+
+/// Why a Microsoft scope list would not get a token the mail servers
+/// accept (see [`check_microsoft_scopes`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScopeError {
+    /// Only directives such as `offline_access`, no permission.
+    #[error(
+        "no permission scope: list https://outlook.office.com/IMAP.AccessAsUser.All (and POP/SMTP) before offline_access"
+    )]
+    NoPermission,
+    /// The first permission is for Graph or another resource, so the token
+    /// would be for that resource.
+    #[error(
+        "`{scope}` comes first, so Entra ID would issue a token for {} which IMAP, POP and SMTP refuse (`NO AUTHENTICATE failed`, `535 5.7.3`); put the resource-prefixed Outlook scopes first, e.g. https://outlook.office.com/IMAP.AccessAsUser.All",
+        if *.graph { "Microsoft Graph" } else { "another resource" }
+    )]
+    WrongResourceFirst {
+        /// The first permission scope.
+        scope: String,
+        /// Whether it is a Microsoft Graph scope.
+        graph: bool,
+    },
+    /// An Outlook scope list with a scope of another resource in it.
+    #[error(
+        "`{0}` is not an Outlook scope: a token serves one resource, so Graph or bare scopes (like Mail.Read or SMTP.Send) must not be mixed with the Outlook ones; write them resource-prefixed (https://outlook.office.com/SMTP.Send) or drop them"
+    )]
+    Mixed(String),
+    /// No `offline_access`: no refresh token.
+    #[error(
+        "add offline_access, or Entra ID issues no refresh token and every grant dies within the hour"
+    )]
+    NoOfflineAccess,
 }
 
 /// A mail server to log in to.
@@ -534,7 +665,7 @@ fn merge_endpoint(
         .mechanisms
         .clone()
         .or_else(|| base.as_ref().map(|b| b.mechanisms.clone()))
-        .unwrap_or_else(crate::config::default_mechanisms);
+        .unwrap_or_else(schema::default_mechanisms);
     if mechanisms.is_empty() {
         return Err(err(
             &format!("{field}.mechanisms"),
@@ -614,7 +745,7 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
                 "set client_secret or client_secret_file, not both",
             ));
         }
-        (Some(s), None) => Some(SecretString::from(s.clone())),
+        (Some(s), None) => Some(s.clone()),
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 err(
@@ -703,7 +834,7 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
     }
     let scopes = c.scopes.clone().unwrap_or(d.scopes);
     if preset == Preset::Microsoft {
-        check_microsoft_scopes(&scopes).map_err(|m| err("scopes", m))?;
+        check_microsoft_scopes(&scopes).map_err(|m| err("scopes", m.to_string()))?;
     }
     let app_scopes = d.app_scopes.unwrap_or_else(|| scopes.clone());
     let client_certificate = match (&c.client_certificate_file, &c.client_key_file) {
@@ -832,36 +963,30 @@ fn ms_resource(scope: &str) -> MsResource {
 /// first permission decide the token's audience; IMAP, POP and SMTP accept
 /// only Outlook tokens. A list that would produce a Graph token, mixes
 /// resources, or gets no refresh token is refused with the reason.
-pub fn check_microsoft_scopes(scopes: &[String]) -> Result<(), String> {
+pub fn check_microsoft_scopes(scopes: &[String]) -> Result<(), ScopeError> {
     let first = scopes
         .iter()
         .find(|s| ms_resource(s) != MsResource::Directive);
     let Some(first) = first else {
-        return Err("no permission scope: list https://outlook.office.com/IMAP.AccessAsUser.All (and POP/SMTP) before offline_access".into());
+        return Err(ScopeError::NoPermission);
     };
     if ms_resource(first) != MsResource::Outlook {
-        return Err(format!(
-            "`{first}` comes first, so Entra ID would issue a token for {} which IMAP, POP and SMTP refuse (`NO AUTHENTICATE failed`, `535 5.7.3`); put the resource-prefixed Outlook scopes first, e.g. https://outlook.office.com/IMAP.AccessAsUser.All",
-            if ms_resource(first) == MsResource::Graph {
-                "Microsoft Graph"
-            } else {
-                "another resource"
-            }
-        ));
+        return Err(ScopeError::WrongResourceFirst {
+            scope: first.clone(),
+            graph: ms_resource(first) == MsResource::Graph,
+        });
     }
     if let Some(other) = scopes
         .iter()
         .find(|s| !matches!(ms_resource(s), MsResource::Directive | MsResource::Outlook))
     {
-        return Err(format!(
-            "`{other}` is not an Outlook scope: a token serves one resource, so Graph or bare scopes (like Mail.Read or SMTP.Send) must not be mixed with the Outlook ones; write them resource-prefixed (https://outlook.office.com/SMTP.Send) or drop them"
-        ));
+        return Err(ScopeError::Mixed(other.clone()));
     }
     if !scopes
         .iter()
         .any(|s| s.eq_ignore_ascii_case("offline_access"))
     {
-        return Err("add offline_access, or Entra ID issues no refresh token and every grant dies within the hour".into());
+        return Err(ScopeError::NoOfflineAccess);
     }
     Ok(())
 }
@@ -1071,17 +1196,27 @@ mod tests {
             "https://outlook.office.com/IMAP.AccessAsUser.All",
             "offline_access",
         ]);
-        assert!(graph_first.unwrap_err().contains("Microsoft Graph"));
+        assert!(
+            graph_first
+                .unwrap_err()
+                .to_string()
+                .contains("Microsoft Graph")
+        );
         let graph_url_first = ok(&["https://graph.microsoft.com/Mail.Read", "offline_access"]);
-        assert!(graph_url_first.unwrap_err().contains("Microsoft Graph"));
+        assert!(
+            graph_url_first
+                .unwrap_err()
+                .to_string()
+                .contains("Microsoft Graph")
+        );
         let mixed = ok(&[
             "https://outlook.office.com/IMAP.AccessAsUser.All",
             "Mail.Read",
             "offline_access",
         ]);
-        assert!(mixed.unwrap_err().contains("must not be mixed"));
+        assert!(mixed.unwrap_err().to_string().contains("must not be mixed"));
         let no_refresh = ok(&["https://outlook.office.com/IMAP.AccessAsUser.All"]);
-        assert!(no_refresh.unwrap_err().contains("offline_access"));
+        assert_eq!(no_refresh.unwrap_err(), ScopeError::NoOfflineAccess);
         assert!(ok(&["offline_access"]).is_err());
     }
 

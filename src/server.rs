@@ -11,13 +11,14 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
 use tracing::Instrument;
 
-use crate::config::{KeyMode, Listener, ListenerTls, Protocol, Settings};
+use crate::config::{ConfigError, KeyMode, Listener, ListenerTls, Protocol, Settings};
 use crate::login::Gateway;
 use crate::net::listener::accept_loop;
 use crate::net::session::{DriverSettings, drive};
 use crate::net::stream::Stream;
 use crate::net::tls::{self, TlsError};
-use crate::oauth::TokenSource;
+use crate::oauth::{HttpClientError, TokenSource};
+use crate::provider::DiscoveryError;
 use crate::store::{KdfParams, SledStore, StoreError, TokenStore};
 use crate::vault::{BackoffPolicy, Vault};
 use mailbridge_proto::{self as proto, ClientSession};
@@ -42,8 +43,11 @@ pub enum ServerError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// An `oidc` / `open` provider's metadata could not be read.
-    #[error("{0}")]
-    Discovery(String),
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+    /// The HTTP client for token endpoints could not be built.
+    #[error(transparent)]
+    Http(#[from] HttpClientError),
     /// The service key is unusable.
     #[error("{0}")]
     Key(String),
@@ -66,7 +70,21 @@ struct ListenerRuntime {
 
 /// Reads the configuration again (a reload): the file, with the command
 /// line's overrides.
-pub type Reloader = Box<dyn Fn() -> Result<Settings, String> + Send + Sync>;
+pub type Reloader = Box<dyn Fn() -> Result<Settings, ConfigError> + Send + Sync>;
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file does not read or validate.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// An `oidc` / `open` provider's metadata could not be read.
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+    /// A provider's CA file is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
 
 /// A bound, not yet running server.
 pub struct Server {
@@ -161,13 +179,11 @@ impl Server {
         mut settings: Settings,
         store: Arc<dyn TokenStore>,
     ) -> Result<Server, ServerError> {
-        settings
-            .discover(&TokenSource::http_client())
-            .await
-            .map_err(ServerError::Discovery)?;
+        let http = TokenSource::http_client()?;
+        settings.discover(&http).await?;
         let settings = Arc::new(settings);
         let vault = Arc::new(vault_for(&settings, store)?);
-        let tokens = TokenSource::new(TokenSource::http_client(), vault.clone());
+        let tokens = TokenSource::new(http, vault.clone());
         let gateway = Arc::new(Gateway::new(settings.clone(), vault, tokens)?);
 
         let mut listeners = Vec::new();
@@ -231,10 +247,10 @@ impl Server {
     pub async fn reload(
         gateway: &Gateway,
         running: &Settings,
-        new: Result<Settings, String>,
-    ) -> Result<String, String> {
+        new: Result<Settings, ConfigError>,
+    ) -> Result<String, ReloadError> {
         let mut new = new?;
-        new.discover(&TokenSource::http_client()).await?;
+        new.discover(gateway.http()).await?;
         let mut note = format!(
             "{} account(s), {} provider(s) in force",
             new.accounts.len(),
@@ -253,7 +269,7 @@ impl Server {
                 needs_restart.join(" and ")
             ));
         }
-        gateway.reload(Arc::new(new)).map_err(|e| e.to_string())?;
+        gateway.reload(Arc::new(new))?;
         Ok(note)
     }
 
@@ -313,7 +329,7 @@ impl Server {
                     match Server::reload(&gateway, &running, reloader()).await {
                         Ok(note) => tracing::info!(result = %note, "configuration reloaded"),
                         Err(e) => tracing::error!(
-                            error = %e,
+                            error = %crate::report::chain(&e),
                             "configuration not reloaded; the previous one stays in force"
                         ),
                     }
@@ -628,10 +644,23 @@ mod tests {
         }
     }
 
+    #[cfg(unix)]
     #[test]
-    fn raising_never_lowers_the_limit() {
-        let r = raise_open_files_limit(64);
-        assert!(r.now >= r.before);
-        assert!(r.now >= 64);
+    fn raising_the_limit_reports_what_the_kernel_holds() {
+        use rlimit::Resource;
+        let (soft, hard) = Resource::NOFILE.get().unwrap();
+        let wanted = soft.saturating_add(64);
+        let r = raise_open_files_limit(wanted);
+        let (soft_now, hard_now) = Resource::NOFILE.get().unwrap();
+        assert_eq!((r.before, r.wanted), (soft, wanted));
+        assert_eq!(r.now, soft_now, "the reported limit is the one in force");
+        assert!(r.now >= r.before, "{r:?}");
+        assert!(hard_now >= hard, "the hard limit is never lowered");
+        // Up to what was wanted, or as far as an unprivileged process may.
+        assert!(r.now >= wanted.min(hard), "{r:?}, hard limit {hard}");
+        // Asking for less than there is changes nothing.
+        let again = raise_open_files_limit(1);
+        assert_eq!((again.before, again.now), (soft_now, soft_now));
+        assert_eq!(Resource::NOFILE.get().unwrap(), (soft_now, hard_now));
     }
 }

@@ -26,7 +26,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use rand::rngs::OsRng;
@@ -36,6 +36,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::OwnedMutexGuard;
 use zeroize::Zeroizing;
 
+use crate::clock::unix_now;
 use crate::store::seal::{self, GrantData, SealError, SealKey};
 use crate::store::{AccountMeta, KdfParams, SealedGrant, StoreError, TokenStore};
 
@@ -366,12 +367,6 @@ impl fmt::Debug for Vault {
     }
 }
 
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 fn task_stopped(what: &str) -> StoreError {
     StoreError::Backend {
         path: PathBuf::new(),
@@ -647,7 +642,7 @@ impl Vault {
         self.commit(slot, account, write, Some(verifier), None)
             .await?;
         if meta.created_at == 0 {
-            meta.created_at = now_unix();
+            meta.created_at = unix_now();
         }
         self.store.save_meta(account, &meta)?;
         tracing::info!(account, replaced = replace, "grant sealed and saved");
@@ -689,7 +684,7 @@ impl Vault {
         }
         let grant = GrantData {
             refresh_token: Some(new_refresh_token),
-            obtained_at: now_unix(),
+            obtained_at: unix_now(),
             // The grant stays with the client it was issued to.
             client_id: unlocked.client_id(),
         };
@@ -1414,10 +1409,11 @@ mod tests {
             other.unlock_service("a").await,
             Err(VaultError::ServiceKeyMismatch { .. })
         ));
-        let mut forged = store.load_grant("a").unwrap().unwrap();
+        let original = store.load_grant("a").unwrap().unwrap();
+        let mut forged = original.clone();
         forged.password_hash =
             Some(seal::hash_password(&pw("attacker"), KdfParams::for_tests()).unwrap());
-        store.save_grant("a", &forged).unwrap();
+        assert!(store.swap_grant("a", Some(&original), &forged).unwrap());
         let v2 = service_vault(store.clone(), &secret);
         let r = v2.unlock("a", &pw("attacker"), P1).await;
         assert!(

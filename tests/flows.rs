@@ -91,7 +91,7 @@ async fn loopback_browser_flow_gets_a_working_grant() {
     let ui = Browser::default();
     let got = flows::authorization_code_loopback(
         &endpoints(&a, &t, &scopes),
-        &TokenSource::http_client(),
+        &TokenSource::http_client().unwrap(),
         &options(),
         &ui,
     )
@@ -122,7 +122,7 @@ async fn pasted_redirect_flow_and_a_forged_state() {
     let ui = Browser::default();
     let got = flows::authorization_code_paste(
         &endpoints(&a, &t, &scopes),
-        &TokenSource::http_client(),
+        &TokenSource::http_client().unwrap(),
         &options(),
         &ui,
     )
@@ -136,7 +136,7 @@ async fn pasted_redirect_flow_and_a_forged_state() {
     };
     let err = flows::authorization_code_paste(
         &endpoints(&a, &t, &scopes),
-        &TokenSource::http_client(),
+        &TokenSource::http_client().unwrap(),
         &options(),
         &ui,
     )
@@ -169,7 +169,7 @@ async fn loopback_flow_times_out_clearly() {
     };
     let err = flows::authorization_code_loopback(
         &endpoints(&a, &t, &scopes),
-        &TokenSource::http_client(),
+        &TokenSource::http_client().unwrap(),
         &opts,
         &Nobody,
     )
@@ -216,7 +216,7 @@ async fn device_flow_honours_slow_down_and_pending() {
     let ui = Browser::default();
     let got = flows::device_code(
         &ep,
-        &TokenSource::http_client(),
+        &TokenSource::http_client().unwrap(),
         Duration::from_secs(30),
         &ui,
     )
@@ -243,7 +243,7 @@ async fn extra_authorization_parameters_are_sent() {
     let ui = Browser::default();
     let got = flows::authorization_code_loopback(
         &endpoints(&a, &t, &scopes),
-        &TokenSource::http_client(),
+        &TokenSource::http_client().unwrap(),
         &BrowserOptions {
             extra_params: vec![
                 ("access_type".into(), "offline".into()),

@@ -470,6 +470,55 @@ async fn upstream_down_gives_unavailable() {
     h.stop().await;
 }
 
+/// An upstream that drops the TLS connection in the middle of the login,
+/// without a TLS close_notify: the client is told so in one sentence;
+/// rustls's wording (and its docs.rs link) stays in the log.
+#[tokio::test]
+async fn upstream_dropping_tls_mid_login_gives_one_sentence() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let h = Harness::start(Options {
+        imap_port: Some(port),
+        ..Options::default()
+    })
+    .await;
+    let acceptor = tokio_rustls::TlsAcceptor::from(h.pki.server_config());
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        tls.write_all(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready\r\n")
+            .await
+            .unwrap();
+        tls.flush().await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"\r\n") {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "mailbridge hung up first");
+            got.extend_from_slice(&buf[..n]);
+        }
+        // Drop the socket under the TLS session: no close_notify.
+        let (tcp, _) = tls.into_inner();
+        drop(tcp);
+        String::from_utf8_lossy(&got).into_owned()
+    });
+    let (_c, no) = h.login(PASSWORD).await;
+    let request = server.await.unwrap();
+    assert!(
+        request.starts_with("mb1 AUTHENTICATE XOAUTH2 "),
+        "{request}"
+    );
+    assert_eq!(
+        no,
+        format!("a1 NO [UNAVAILABLE] localhost:{port} closed the connection during login")
+    );
+    for library_text in ["docs.rs", "close_notify", "rustls", "peer closed"] {
+        assert!(!no.contains(library_text), "{no}");
+    }
+    h.stop().await;
+}
+
 /// Found by the interop suite: Dovecot answers `NO [UNAVAILABLE] Temporary
 /// authentication failure.` (no challenge) when it cannot reach its
 /// introspection endpoint. That is no reason to re-authorize, and a client

@@ -148,13 +148,6 @@ impl TokenStore for RemoteStore {
         })
     }
 
-    fn save_grant(&self, account: &str, grant: &SealedGrant) -> Result<(), StoreError> {
-        self.call(Request::SaveGrant {
-            account: account.into(),
-            grant: grant.clone(),
-        })
-    }
-
     fn swap_grant(
         &self,
         account: &str,

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use oauth2::StandardDeviceAuthorizationResponse;
 use oauth2::basic::BasicTokenResponse;
@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 
 use super::jwt::{JwtError, Rs256Key};
 use super::token::one_line;
+use crate::clock::unix_now;
 
 /// Where and as whom a flow talks to the provider.
 #[derive(Debug, Clone, Copy)]
@@ -95,9 +96,10 @@ pub enum FlowError {
         /// e.g. once an administrator unlocks the user).
         temporary: bool,
     },
-    /// The provider could not be reached.
-    #[error("cannot talk to the provider: {0}")]
-    Http(String),
+    /// The provider could not be reached, or the exchange broke off. The
+    /// HTTP client's error is the source, for logs and the command line.
+    #[error("cannot talk to the provider{}", network_cause(.0.as_ref()))]
+    Http(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The provider answered something that is not a token response (the
     /// body is not echoed: it may hold tokens).
     #[error("the {0} endpoint sent an unreadable answer")]
@@ -116,9 +118,58 @@ pub enum FlowError {
     /// A key or certificate problem.
     #[error(transparent)]
     Jwt(#[from] JwtError),
-    /// Local I/O (binding the redirect listener, reading input).
-    #[error("{0}")]
-    Io(String),
+    /// Local I/O (binding the redirect listener, reading input or a key
+    /// file).
+    #[error("{doing}{}", crate::report::io_phrase(source).map(|p| format!(" ({p})")).unwrap_or_default())]
+    Io {
+        /// What failed, e.g. `cannot read /etc/mailbridge/key.pem`.
+        doing: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl FlowError {
+    /// An HTTP client error, its cause kept.
+    pub(crate) fn http(e: impl std::error::Error + Send + Sync + 'static) -> FlowError {
+        FlowError::Http(Box::new(e))
+    }
+
+    /// Local I/O that failed while `doing` something.
+    pub(crate) fn io(doing: impl Into<String>, source: std::io::Error) -> FlowError {
+        FlowError::Io {
+            doing: doing.into(),
+            source,
+        }
+    }
+}
+
+/// A short reason for a failed HTTP exchange, in our words, from the
+/// errors underneath (`""` when the log's detail is all there is).
+pub(crate) fn network_cause(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    let (mut refused, mut timeout, mut connect) = (false, false, false);
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err.downcast_ref::<reqwest::Error>() {
+            timeout |= r.is_timeout();
+            connect |= r.is_connect();
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            refused |= io.kind() == std::io::ErrorKind::ConnectionRefused;
+            timeout |= io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        cur = err.source();
+    }
+    if refused {
+        " (connection refused)"
+    } else if timeout {
+        " (no answer in time)"
+    } else if connect {
+        " (cannot connect)"
+    } else {
+        ""
+    }
 }
 
 /// How a flow talks to the person running it.
@@ -225,7 +276,10 @@ fn scopes<'a>(ep: &'a FlowEndpoints<'a>) -> impl Iterator<Item = Scope> + 'a {
 }
 
 /// An `oauth2` request error as a [`FlowError`]; also used for refreshes.
-pub(crate) fn token_error<E: std::error::Error + 'static, T: oauth2::ErrorResponse + 'static>(
+pub(crate) fn token_error<
+    E: std::error::Error + Send + Sync + 'static,
+    T: oauth2::ErrorResponse + 'static,
+>(
     e: RequestTokenError<E, T>,
 ) -> FlowError {
     match e {
@@ -246,26 +300,10 @@ pub(crate) fn token_error<E: std::error::Error + 'static, T: oauth2::ErrorRespon
                 temporary: v.get("temporary").and_then(|x| x.as_bool()) == Some(true),
             }
         }
-        RequestTokenError::Request(err) => FlowError::Http(error_chain(&err)),
+        RequestTokenError::Request(err) => FlowError::http(err),
         RequestTokenError::Parse(..) => FlowError::BadResponse("token"),
-        RequestTokenError::Other(s) => FlowError::Http(one_line(&s)),
+        RequestTokenError::Other(s) => FlowError::Http(one_line(&s).into()),
     }
-}
-
-/// An error with its sources, on one line (reqwest puts the real cause,
-/// such as "connection refused", in a source).
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let part = c.to_string();
-        if !s.contains(&part) {
-            s.push_str(": ");
-            s.push_str(&part);
-        }
-        cur = c.source();
-    }
-    one_line(&s)
 }
 
 fn obtained(r: &BasicTokenResponse) -> Obtained {
@@ -315,9 +353,22 @@ pub fn explain_authorization_error(code: &str, description: &str) -> String {
 }
 
 /// A redirect's query parameters.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Redirect {
     params: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for Redirect {
+    /// Parameter names only (and the `error` code): `code` is an
+    /// authorization code and `state` guards it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<&str> = self.params.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        f.debug_struct("Redirect")
+            .field("params", &names)
+            .field("error", &self.params.get("error"))
+            .finish()
+    }
 }
 
 impl Redirect {
@@ -445,13 +496,14 @@ pub async fn authorization_code_loopback(
     let listener = TcpListener::bind(("127.0.0.1", bind_port))
         .await
         .map_err(|e| {
-            FlowError::Io(format!(
-                "cannot listen on 127.0.0.1:{bind_port} for the redirect: {e}"
-            ))
+            FlowError::io(
+                format!("cannot listen on 127.0.0.1:{bind_port} for the redirect"),
+                e,
+            )
         })?;
     let port = listener
         .local_addr()
-        .map_err(|e| FlowError::Io(e.to_string()))?
+        .map_err(|e| FlowError::io("cannot read the redirect listener's port", e))?
         .port();
     let redirect = if redirect.is_empty() {
         format!("http://127.0.0.1:{port}/")
@@ -524,7 +576,7 @@ pub async fn authorization_code_paste(
     )
     .await
     .map_err(|_| FlowError::Timeout(opts.timeout.as_secs()))?
-    .map_err(|e| FlowError::Io(format!("cannot read the pasted address: {e}")))?;
+    .map_err(|e| FlowError::io("cannot read the pasted address", e))?;
     let pasted = Url::parse(line.trim()).map_err(|_| {
         FlowError::BadRedirect(
             "that is not a URL; paste the whole address from the browser's address bar".into(),
@@ -710,11 +762,8 @@ pub async fn jwt_bearer(
         ])
         .send()
         .await
-        .map_err(|e| FlowError::Http(error_chain(&e)))?;
-    let body = response
-        .bytes()
-        .await
-        .map_err(|e| FlowError::Http(error_chain(&e)))?;
+        .map_err(FlowError::http)?;
+    let body = response.bytes().await.map_err(FlowError::http)?;
     let json: TokenJson =
         serde_json::from_slice(&body).map_err(|_| FlowError::BadResponse("token"))?;
     match (json.access_token, json.error) {
@@ -773,7 +822,7 @@ pub async fn register_client(
         .json(&body)
         .send()
         .await
-        .map_err(|e| FlowError::Http(error_chain(&e)))?;
+        .map_err(FlowError::http)?;
     let status = response.status();
     let json: serde_json::Value = response
         .json()
@@ -788,13 +837,6 @@ pub async fn register_client(
             temporary: false,
         }),
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -817,6 +859,24 @@ mod tests {
         assert_eq!(messages.len(), codes.len());
         assert!(explain_authorization_error("weird", "").contains("weird"));
         assert!(explain_authorization_error("weird", "details here").contains("details here"));
+    }
+
+    #[test]
+    fn a_redirect_and_its_code_print_no_secret() {
+        let url = "http://127.0.0.1:1/?code=AUTHCODE-SECRET-1&state=STATE-SECRET-2";
+        let redirect = Redirect::from_url(&Url::parse(url).unwrap());
+        let printed = format!("{redirect:?}");
+        assert!(
+            printed.contains("\"code\"") && printed.contains("\"state\""),
+            "{printed}"
+        );
+        let code = redirect
+            .code(&CsrfToken::new("STATE-SECRET-2".into()))
+            .unwrap();
+        let printed = format!("{printed} {code:?}");
+        for secret in ["AUTHCODE-SECRET-1", "STATE-SECRET-2"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
     }
 
     #[test]

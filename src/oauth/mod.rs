@@ -1,16 +1,20 @@
-//! OAuth2: access tokens from stored grants on the login path, and the
-//! flows that obtain grants in the first place ([`flows`]).
+//! OAuth2: access tokens from stored grants on the login path, app-only
+//! tokens ([`app`]), the checks a token must pass ([`checks`]), and the
+//! flows that obtain grants in the first place ([`flows`]). Nothing here
+//! depends on [`crate::authorize`], which runs these flows for a person.
 //!
 //! The token source owns the in-memory access-token cache and the refresh
 //! logic: one refresh per account at a time (single flight), a rotated
 //! refresh token sealed and flushed before the new access token is used,
 //! and at least [`MIN_TOKEN_LIFETIME`] left on any cached token handed out.
 
+pub mod app;
+pub mod checks;
 pub mod flows;
 pub mod jwt;
 mod token;
 
-pub use token::{AccessToken, TokenError, TokenSource, one_line};
+pub use token::{AccessToken, HttpClientError, TokenError, TokenSource, one_line};
 
 use std::time::Duration;
 

@@ -3,13 +3,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use oauth2::{RefreshToken, Scope, TokenResponse};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::MIN_TOKEN_LIFETIME;
 use super::flows;
+use crate::clock::unix_now;
 use crate::config::{Account, GrantKind};
 use crate::provider::Provider;
 use crate::vault::{Unlocked, Vault, VaultError};
@@ -57,12 +58,14 @@ pub enum TokenError {
         temporary: bool,
     },
     /// The token endpoint could not be reached.
-    #[error("cannot reach the token endpoint of provider `{provider}`: {reason}")]
+    #[error("cannot reach the token endpoint of provider `{provider}`{}", flows::network_cause(source.as_ref()))]
     Unreachable {
         /// The provider name.
         provider: String,
-        /// Why, without URLs' query strings or bodies.
-        reason: String,
+        /// The HTTP client's error (shared: a failed refresh is handed to
+        /// every login that waited for it).
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
     },
     /// The token endpoint answered something that is not a token response.
     #[error("the token endpoint of provider `{provider}` sent an unreadable answer")]
@@ -81,18 +84,29 @@ pub enum TokenError {
     /// The stored grant has no refresh token.
     #[error("the stored grant has no refresh token; re-authorize the account")]
     NoRefreshToken,
-    /// The provider's configuration is unusable (e.g. bad URL).
-    #[error("provider `{provider}`: {reason}")]
+    /// The provider's configuration is unusable (e.g. bad URL, unreadable
+    /// key file).
+    #[error("provider `{provider}`: {source}")]
     Config {
         /// The provider name.
         provider: String,
         /// Why.
-        reason: String,
+        source: Arc<flows::FlowError>,
     },
     /// The rotated refresh token could not be saved; the new access token is
     /// not used.
-    #[error("cannot save the rotated refresh token: {0}")]
-    Store(String),
+    #[error("cannot save the rotated refresh token{}", store_cause(.0))]
+    Store(#[source] Arc<VaultError>),
+}
+
+/// What a failed save of a rotated token says to a person: the vault's
+/// sentence (another writer changed the grant, say), but not the storage
+/// backend's own words, which are for the log.
+fn store_cause(e: &VaultError) -> String {
+    match e {
+        VaultError::Store(_) => " (the token store failed; mailbridge's log says why)".into(),
+        other => format!(": {other}"),
+    }
 }
 
 impl TokenError {
@@ -108,16 +122,16 @@ impl TokenError {
                 description,
                 temporary,
             },
-            flows::FlowError::Http(reason) => TokenError::Unreachable {
+            flows::FlowError::Http(source) => TokenError::Unreachable {
                 provider: provider.name.clone(),
-                reason,
+                source: Arc::from(source),
             },
             flows::FlowError::BadResponse(_) => TokenError::BadResponse {
                 provider: provider.name.clone(),
             },
             other => TokenError::Config {
                 provider: provider.name.clone(),
-                reason: other.to_string(),
+                source: Arc::new(other),
             },
         }
     }
@@ -137,6 +151,12 @@ impl TokenError {
         }
     }
 }
+
+/// The HTTP client for token endpoints could not be built (its TLS setup
+/// failed, for instance).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up the HTTP client for token endpoints")]
+pub struct HttpClientError(#[source] reqwest::Error);
 
 #[derive(Default)]
 struct Slot {
@@ -173,15 +193,22 @@ impl TokenSource {
     }
 
     /// An HTTP client fit for token endpoints: no redirects (a redirected
-    /// token request could leak the grant), bounded time.
-    pub fn http_client() -> reqwest::Client {
+    /// token request could leak the grant), bounded time. Fails rather
+    /// than fall back to a default client, which would follow redirects
+    /// and wait forever.
+    pub fn http_client() -> Result<reqwest::Client, HttpClientError> {
         reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("mailbridge/", env!("CARGO_PKG_VERSION")))
             .build()
-            .unwrap_or_default()
+            .map_err(HttpClientError)
+    }
+
+    /// The HTTP client this source talks to token endpoints with.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     fn slot(&self, account: &str) -> Arc<Slot> {
@@ -267,19 +294,26 @@ impl TokenSource {
                     + t.expires_at
                         .saturating_duration_since(Instant::now())
                         .as_secs();
-                let _ = self.vault.update_meta(unlocked.account(), |m| {
+                self.note_meta(unlocked.account(), |m| {
                     m.access_expires_at = Some(expires);
                     m.last_error = None;
                 });
             }
             Err(e) => {
                 let msg = e.to_string();
-                let _ = self
-                    .vault
-                    .update_meta(unlocked.account(), |m| m.last_error = Some(msg));
+                self.note_meta(unlocked.account(), |m| m.last_error = Some(msg));
             }
         }
         token
+    }
+
+    /// Records a refresh's outcome in the account's metadata (for `account
+    /// list`). A store that cannot take it does not fail the refresh, but
+    /// it is logged.
+    fn note_meta(&self, account: &str, f: impl FnOnce(&mut crate::store::AccountMeta)) {
+        if let Err(e) = self.vault.update_meta(account, f) {
+            tracing::warn!(account, error = %crate::report::chain(&e), "cannot record the refresh in the account's metadata");
+        }
     }
 
     /// A new access token, by the account's kind of grant, checked for the
@@ -296,14 +330,17 @@ impl TokenSource {
                 self.refresh(provider, unlocked).await?
             }
             GrantKind::ClientCredentials | GrantKind::ServiceAccount => {
-                let got = crate::authorize::app_token(provider, account, &self.http)
+                let got = super::app::app_token(provider, account, &self.http)
                     .await
                     .map_err(|e| TokenError::from_flow(provider, e))?;
                 (got.access_token, got.expires_in)
             }
         };
-        crate::authorize::check_audience(provider, &secret)
-            .map_err(|audience| TokenError::WrongAudience { audience })?;
+        super::checks::check_audience(provider, &secret).map_err(|w| {
+            TokenError::WrongAudience {
+                audience: w.audience,
+            }
+        })?;
         let lifetime = lifetime.unwrap_or(DEFAULT_LIFETIME);
         if lifetime < MIN_TOKEN_LIFETIME {
             tracing::warn!(
@@ -361,7 +398,7 @@ impl TokenSource {
                 self.vault
                     .store_rotated(unlocked, SecretString::from(new_rt.secret().clone()))
                     .await
-                    .map_err(|e: VaultError| TokenError::Store(e.to_string()))?;
+                    .map_err(|e| TokenError::Store(Arc::new(e)))?;
                 tracing::debug!(provider = %provider.name, "rotated refresh token saved");
             }
         }
@@ -375,9 +412,54 @@ impl TokenSource {
 /// Collapses whitespace and caps the length, for protocol reply lines.
 pub use mailbridge_proto::text::flatten as one_line;
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(token_url: &str) -> Provider {
+        let c: crate::config::ProviderConfig = toml::from_str(&format!(
+            "preset = \"custom\"\nclient_id = \"id\"\ntoken_url = \"{token_url}\""
+        ))
+        .unwrap();
+        crate::provider::resolve("corp", &c).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_token_endpoint_is_a_sentence_with_its_cause_kept() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        drop(listener);
+        let http = TokenSource::http_client().unwrap();
+        let e = http.post(&url).send().await.unwrap_err();
+        let e = TokenError::from_flow(&provider(&url), flows::FlowError::http(e));
+        assert!(e.is_temporary());
+        assert_eq!(
+            e.to_string(),
+            "cannot reach the token endpoint of provider `corp` (connection refused)"
+        );
+        // The HTTP client's own words are for the log.
+        let detail = crate::report::chain(&e);
+        assert!(detail.len() > e.to_string().len(), "{detail}");
+    }
+
+    #[test]
+    fn a_store_failure_keeps_the_vault_error() {
+        let e = TokenError::Store(Arc::new(VaultError::NotServiceMode));
+        let source = std::error::Error::source(&e).expect("source kept");
+        // Shared, as a failed refresh is handed to every waiting login.
+        assert!(source.downcast_ref::<Arc<VaultError>>().is_some());
+        assert!(e.is_temporary());
+        // The backend's words go to the log, not into the sentence.
+        let backend = TokenError::Store(Arc::new(VaultError::Store(
+            crate::store::StoreError::Backend {
+                path: "/var/lib/mailbridge".into(),
+                reason: "sled: io error: No space left".into(),
+            },
+        )));
+        assert_eq!(
+            backend.to_string(),
+            "cannot save the rotated refresh token (the token store failed; mailbridge's log says why)"
+        );
+        assert!(crate::report::chain(&backend).contains("No space left"));
+    }
 }

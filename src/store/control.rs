@@ -26,13 +26,6 @@ pub enum Request {
         /// The account.
         account: String,
     },
-    /// [`TokenStore::save_grant`].
-    SaveGrant {
-        /// The account.
-        account: String,
-        /// The record.
-        grant: SealedGrant,
-    },
     /// [`TokenStore::swap_grant`].
     SwapGrant {
         /// The account.
@@ -86,7 +79,6 @@ pub fn handle(store: &dyn TokenStore, request: Request) -> Response {
     }
     match request {
         Request::LoadGrant { account } => answer(store.load_grant(&account)),
-        Request::SaveGrant { account, grant } => answer(store.save_grant(&account, &grant)),
         Request::SwapGrant {
             account,
             expected,

@@ -115,13 +115,11 @@ pub struct AccountMeta {
 pub trait TokenStore: Send + Sync + 'static {
     /// The sealed grant of `account`, if there is one.
     fn load_grant(&self, account: &str) -> Result<Option<SealedGrant>, StoreError>;
-    /// Store `grant` for `account`, replacing any previous one. Durable
-    /// (flushed to disk) when it returns.
-    fn save_grant(&self, account: &str, grant: &SealedGrant) -> Result<(), StoreError>;
     /// Store `new` for `account` only if the stored grant is still
     /// `expected` (None: no grant). False, and nothing written, if another
     /// writer (the running service, say, saving a rotated refresh token)
-    /// changed it since. Durable when it returns true.
+    /// changed it since. Durable when it returns true. The only way to
+    /// write a grant: there is no blind overwrite.
     fn swap_grant(
         &self,
         account: &str,

@@ -146,11 +146,6 @@ impl TokenStore for SledStore {
         self.get(&self.grants, account)
     }
 
-    fn save_grant(&self, account: &str, grant: &SealedGrant) -> Result<(), StoreError> {
-        self.put(&self.grants, account, grant)?;
-        self.flush()
-    }
-
     fn swap_grant(
         &self,
         account: &str,
@@ -380,8 +375,8 @@ pub(crate) mod tests {
         {
             let s = SledStore::open(&state).expect("open");
             assert_eq!(s.load_grant("a").expect("load"), None);
-            s.save_grant("b@x", &grant(2)).expect("save");
-            s.save_grant("a@x", &grant(1)).expect("save");
+            assert!(s.swap_grant("b@x", None, &grant(2)).expect("save"));
+            assert!(s.swap_grant("a@x", None, &grant(1)).expect("save"));
             let meta = AccountMeta {
                 provider: "google".into(),
                 ..AccountMeta::default()
@@ -407,7 +402,7 @@ pub(crate) mod tests {
     #[test]
     fn temporary_store_works() {
         let s = SledStore::open_temporary().expect("temp");
-        s.save_grant("a", &grant(1)).expect("save");
+        assert!(s.swap_grant("a", None, &grant(1)).expect("save"));
         assert_eq!(s.load_grant("a").expect("load"), Some(grant(1)));
         assert_eq!(s.dir(), None);
     }
@@ -435,7 +430,7 @@ pub(crate) mod tests {
         std::fs::create_dir_all(&state).expect("mkdir");
         std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         let s = SledStore::open(&state).expect("open");
-        s.save_grant("a", &grant(1)).expect("save");
+        assert!(s.swap_grant("a", None, &grant(1)).expect("save"));
 
         let mut seen_files = 0;
         let mut stack = vec![state.clone()];

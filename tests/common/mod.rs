@@ -37,6 +37,9 @@ pub struct Options {
     pub provider: ProviderOptions,
     pub server_extra: String,
     pub mechanisms: Option<&'static str>,
+    /// Log in to IMAP at this port on localhost instead of the sandbox
+    /// server's (a test's own scripted server).
+    pub imap_port: Option<u16>,
 }
 
 impl Default for Options {
@@ -49,6 +52,7 @@ impl Default for Options {
             provider: ProviderOptions::default(),
             server_extra: String::new(),
             mechanisms: None,
+            imap_port: None,
         }
     }
 }
@@ -170,7 +174,7 @@ provider = "sandbox"
             ltls = ltls,
             token_url = provider.token_url(),
             ca = ca.display(),
-            port = imap.addr().port(),
+            port = opts.imap_port.unwrap_or(imap.addr().port()),
             pop3_port = pop3.addr().port(),
             smtp_port = smtp.addr().port(),
             imap_tls = tls_name(opts.upstream.tls),

@@ -313,15 +313,18 @@ impl Worker {
                 n,
             } => {
                 let route = self.route(&route)?;
-                let http = self
-                    .http
-                    .get_or_insert_with(|| {
-                        reqwest::Client::builder()
+                let http = match &self.http {
+                    Some(http) => http.clone(),
+                    None => {
+                        // No fallback to a default client: it would follow
+                        // redirects with the refresh token.
+                        let http = reqwest::Client::builder()
                             .redirect(reqwest::redirect::Policy::none())
                             .build()
-                            .unwrap_or_default()
-                    })
-                    .clone();
+                            .map_err(io::Error::other)?;
+                        self.http.insert(http).clone()
+                    }
+                };
                 let started = Instant::now();
                 let (token, rotated) =
                     refresh(&http, &token_url, &client_id, &refresh_token).await?;

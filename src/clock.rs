@@ -1,0 +1,21 @@
+//! Wall-clock time as stored and shown: whole seconds since the Unix
+//! epoch. Durations and deadlines use `Instant`; this is only for values
+//! that outlive the process (grant and metadata timestamps) or go on the
+//! wire (JWT claims).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Seconds since the Unix epoch; 0 if the system clock is set before it.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unix_now_is_after_2023() {
+        assert!(super::unix_now() > 1_700_000_000);
+    }
+}

@@ -1,0 +1,410 @@
+//! The configuration file's schema: the TOML tables as serde structs,
+//! their defaults, nothing else.
+//!
+//! Every struct denies unknown fields, so a typo is an error at start rather
+//! than a silently ignored setting. Every field is documented in
+//! `config.example.toml`, which a test parses. This module depends on no
+//! other module of the crate: [`crate::provider`] builds on it, and
+//! [`super::settings`] validates what it parsed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use toml::Spanned;
+
+use mailbridge_proto::sasl::Mechanism;
+
+/// The protocols mailbridge serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// IMAP4rev1.
+    Imap,
+    /// POP3.
+    Pop3,
+    /// SMTP submission.
+    Smtp,
+}
+
+impl Protocol {
+    /// Lower-case name, for logs and config keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Imap => "imap",
+            Protocol::Pop3 => "pop3",
+            Protocol::Smtp => "smtp",
+        }
+    }
+}
+
+/// Local TLS on a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerTls {
+    /// Plain text (fine on loopback).
+    #[default]
+    None,
+    /// Plain text with the protocol's STARTTLS / STLS upgrade offered.
+    Starttls,
+    /// TLS from the first byte (ports 993 / 995 / 465 style).
+    Implicit,
+}
+
+/// TLS towards the upstream server. Never off: mail servers that take
+/// bearer tokens must not see them in clear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    /// TLS from the first byte.
+    Implicit,
+    /// Plain connect, then STARTTLS before any credential.
+    Starttls,
+}
+
+/// How the sealing key is obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyMode {
+    /// The local password is the key (desktop default).
+    #[default]
+    Password,
+    /// The key comes from a key file or a systemd credential; local
+    /// passwords are checked against Argon2id hashes; grants are refreshed
+    /// in the background (gateways).
+    Service,
+}
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Process-wide settings.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Where clients connect.
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<Spanned<ListenerConfig>>,
+    /// OAuth2 providers and their mail servers, by name.
+    #[serde(default)]
+    pub providers: BTreeMap<String, Spanned<ProviderConfig>>,
+    /// Local logins and the upstream identities they map to.
+    #[serde(default, rename = "account")]
+    pub accounts: Vec<Spanned<AccountConfig>>,
+}
+
+/// `[server]`: process-wide settings.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Where grants are stored; default: `$STATE_DIRECTORY` under systemd,
+    /// else the XDG data directory (`~/.local/share/mailbridge`).
+    pub state_dir: Option<PathBuf>,
+    /// How grants are sealed.
+    #[serde(default)]
+    pub key_mode: KeyMode,
+    /// Service key mode: the key file (at least 32 random bytes). Default:
+    /// the systemd credential `$CREDENTIALS_DIRECTORY/mailbridge-key`.
+    pub key_file: Option<PathBuf>,
+    /// Service key mode: seconds between background refreshes of every
+    /// stored grant, so grants outlive long idle periods (Microsoft ends
+    /// refresh tokens unused for 90 days). Default: one day.
+    #[serde(default = "defaults::background_refresh")]
+    pub background_refresh_secs: u64,
+    /// The name mailbridge gives in SMTP greetings.
+    #[serde(default = "defaults::hostname")]
+    pub hostname: String,
+    /// Connections served at once, over all listeners; more wait in the
+    /// kernel's accept queue.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Seconds a client may stay silent before logging in.
+    #[serde(default = "defaults::preauth_timeout")]
+    pub preauth_timeout_secs: u64,
+    /// Seconds a relayed session may see no traffic either way before it
+    /// is closed (IMAP IDLE clients re-issue IDLE every 29 minutes).
+    #[serde(default = "defaults::relay_idle_timeout")]
+    pub relay_idle_timeout_secs: u64,
+    /// Seconds for TCP connect plus TLS handshake to an upstream server.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// Seconds for the whole upstream login dialogue, token refresh
+    /// included.
+    #[serde(default = "defaults::login_timeout")]
+    pub login_timeout_secs: u64,
+    /// At shutdown, seconds relayed sessions get to come to rest (a
+    /// message being sent or fetched, a command awaiting its answer)
+    /// before the rest are cut.
+    #[serde(default = "defaults::shutdown_grace")]
+    pub shutdown_grace_secs: u64,
+    /// First delay after a wrong local password, in milliseconds; it
+    /// doubles with each further failure for the same account or address.
+    #[serde(default = "defaults::backoff_base_ms")]
+    pub backoff_base_ms: u64,
+    /// Longest delay after repeated wrong passwords, in seconds.
+    #[serde(default = "defaults::backoff_max_secs")]
+    pub backoff_max_secs: u64,
+    /// Argon2id memory cost in KiB for newly sealed grants.
+    #[serde(default = "defaults::kdf_memory_kib")]
+    pub kdf_memory_kib: u32,
+    /// Argon2id iterations for newly sealed grants.
+    #[serde(default = "defaults::kdf_iterations")]
+    pub kdf_iterations: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            state_dir: None,
+            key_mode: KeyMode::default(),
+            key_file: None,
+            background_refresh_secs: defaults::background_refresh(),
+            hostname: defaults::hostname(),
+            max_connections: defaults::max_connections(),
+            preauth_timeout_secs: defaults::preauth_timeout(),
+            relay_idle_timeout_secs: defaults::relay_idle_timeout(),
+            connect_timeout_secs: defaults::connect_timeout(),
+            login_timeout_secs: defaults::login_timeout(),
+            shutdown_grace_secs: defaults::shutdown_grace(),
+            backoff_base_ms: defaults::backoff_base_ms(),
+            backoff_max_secs: defaults::backoff_max_secs(),
+            kdf_memory_kib: defaults::kdf_memory_kib(),
+            kdf_iterations: defaults::kdf_iterations(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Pre-auth idle timeout.
+    pub fn preauth_timeout(&self) -> Duration {
+        Duration::from_secs(self.preauth_timeout_secs)
+    }
+    /// Relay idle timeout.
+    pub fn relay_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.relay_idle_timeout_secs)
+    }
+    /// Upstream connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+    /// Upstream login timeout.
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_secs(self.login_timeout_secs)
+    }
+    /// Shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+mod defaults {
+    pub fn background_refresh() -> u64 {
+        24 * 3600
+    }
+    pub fn hostname() -> String {
+        "localhost".into()
+    }
+    pub fn max_connections() -> usize {
+        1000
+    }
+    pub fn preauth_timeout() -> u64 {
+        60
+    }
+    pub fn relay_idle_timeout() -> u64 {
+        31 * 60
+    }
+    pub fn connect_timeout() -> u64 {
+        15
+    }
+    pub fn login_timeout() -> u64 {
+        60
+    }
+    pub fn shutdown_grace() -> u64 {
+        30
+    }
+    pub fn backoff_base_ms() -> u64 {
+        1000
+    }
+    pub fn backoff_max_secs() -> u64 {
+        300
+    }
+    pub fn kdf_memory_kib() -> u32 {
+        19 * 1024
+    }
+    pub fn kdf_iterations() -> u32 {
+        2
+    }
+    pub fn mechanisms() -> Vec<mailbridge_proto::sasl::Mechanism> {
+        vec![
+            mailbridge_proto::sasl::Mechanism::Xoauth2,
+            mailbridge_proto::sasl::Mechanism::Oauthbearer,
+        ]
+    }
+}
+
+/// `[[listener]]`: one listening socket.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// `imap`, `pop3` or `smtp`.
+    pub protocol: Protocol,
+    /// `IP:port` to listen on, e.g. `127.0.0.1:1143` or `[::1]:1143`.
+    pub bind: String,
+    /// `none`, `starttls` or `implicit`.
+    #[serde(default)]
+    pub tls: ListenerTls,
+    /// PEM certificate chain for local TLS; with `key_file`. When both are
+    /// absent a self-signed certificate for localhost is generated at start.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key for `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Accept passwords over a plain-text connection on a non-loopback
+    /// address (old scanners on a trusted LAN). Off by default: such a
+    /// listener advertises LOGINDISABLED until STARTTLS.
+    #[serde(default)]
+    pub allow_plaintext_login: bool,
+}
+
+/// `[providers.NAME]`: an OAuth2 provider and its mail servers.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// `microsoft`, `google` or `custom`; presets fill in endpoints,
+    /// scopes and servers, and every value below overrides them.
+    pub preset: String,
+    /// Microsoft only: `common`, `organizations`, `consumers` or a tenant id.
+    pub tenant: Option<String>,
+    /// Microsoft only: `global` (default), `usgov` (GCC High / DoD) or
+    /// `china` (21Vianet): the login host, resource and mail servers.
+    pub cloud: Option<String>,
+    /// `oidc` and `open` presets: the issuer URL; the endpoints are read
+    /// from its `/.well-known/openid-configuration` (or RFC 8414
+    /// `/.well-known/oauth-authorization-server`) when mailbridge starts.
+    pub issuer: Option<String>,
+    /// The OAuth2 client (application) id. Preset `open`: default `open`.
+    pub client_id: Option<String>,
+    /// `oidc` / `open`: register a public client of mailbridge's own at the
+    /// issuer's registration endpoint (RFC 7591) for each grant, instead
+    /// of using `client_id`.
+    #[serde(default)]
+    pub dynamic_registration: bool,
+    /// The client secret, if the client has one. Prefer `client_secret_file`.
+    pub client_secret: Option<SecretString>,
+    /// A file holding the client secret (first line).
+    pub client_secret_file: Option<PathBuf>,
+    /// Token endpoint URL.
+    pub token_url: Option<String>,
+    /// Authorization endpoint URL.
+    pub authorize_url: Option<String>,
+    /// Device authorization endpoint URL (RFC 8628), for `account add --device`.
+    pub device_url: Option<String>,
+    /// Redirect URI registered for the client, for the browser flows
+    /// (default: `http://127.0.0.1:<random port>/` for the loopback flow,
+    /// `http://localhost/` for `--no-browser`).
+    pub redirect_uri: Option<String>,
+    /// Client credentials only: PEM certificate registered for the app,
+    /// used instead of a secret (with `client_key_file`).
+    pub client_certificate_file: Option<PathBuf>,
+    /// Client credentials only: the certificate's PKCS#8 PEM private key.
+    pub client_key_file: Option<PathBuf>,
+    /// Service accounts only: the JSON key file of a Google service account
+    /// with domain-wide delegation.
+    pub service_account_key_file: Option<PathBuf>,
+    /// Scopes to request, in order.
+    pub scopes: Option<Vec<String>>,
+    /// PEM file of CA certificates to trust for this provider's mail servers
+    /// instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// The IMAP server.
+    pub imap: Option<ServerEndpointConfig>,
+    /// The POP3 server.
+    pub pop3: Option<ServerEndpointConfig>,
+    /// The SMTP submission server.
+    pub smtp: Option<ServerEndpointConfig>,
+}
+
+/// A mail server of a provider.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ServerEndpointConfig {
+    /// Host name (also checked against the certificate).
+    pub host: Option<String>,
+    /// TCP port.
+    pub port: Option<u16>,
+    /// `implicit` or `starttls`.
+    pub tls: Option<UpstreamTls>,
+    /// Bearer mechanisms in order of preference; the first one the server
+    /// advertises is used.
+    pub mechanisms: Option<Vec<Mechanism>>,
+    /// SMTP only: the name mailbridge gives in its EHLO; default: the name
+    /// the client gave in its own EHLO.
+    pub ehlo_name: Option<String>,
+}
+
+/// `[[account]]`: a local login mapped to an upstream identity.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    /// The login name clients use, e.g. `alice@example.com`; or a
+    /// catch-all `*@example.com` matching any name at that domain.
+    pub user: String,
+    /// The name of a `[providers.NAME]` table.
+    pub provider: String,
+    /// The upstream login name, if it differs from `user` (not allowed for
+    /// a catch-all, where it is always the login name).
+    pub upstream_user: Option<String>,
+    /// How the account's tokens are obtained.
+    #[serde(default)]
+    pub grant: GrantKind,
+    /// When a client logs in and the account has no grant yet, start the
+    /// browser authorization right away (the URL is logged and printed, a
+    /// browser opened on a desktop), hold the login up to
+    /// `login_timeout_secs`, and seal the grant under the password the
+    /// client used. Only for grant = "authorization_code".
+    #[serde(default)]
+    pub authorize_on_login: bool,
+}
+
+/// How an account's access tokens are obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantKind {
+    /// A user's delegated grant: a refresh token obtained in a browser (or
+    /// with a device code) and sealed in the store.
+    #[default]
+    AuthorizationCode,
+    /// App-only access (Microsoft IMAP.AccessAsApp and friends): tokens from
+    /// the client secret or certificate; nothing but the local password's
+    /// check is stored.
+    ClientCredentials,
+    /// A Google service account with domain-wide delegation acting for the
+    /// mailbox (JWT bearer grant).
+    ServiceAccount,
+    /// The resource owner password grant, where the provider allows it: the
+    /// upstream password is given once to obtain a refresh token.
+    Password,
+}
+
+impl GrantKind {
+    /// Name as written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            GrantKind::AuthorizationCode => "authorization_code",
+            GrantKind::ClientCredentials => "client_credentials",
+            GrantKind::ServiceAccount => "service_account",
+            GrantKind::Password => "password",
+        }
+    }
+
+    /// Whether the grant lives in a stored refresh token.
+    pub fn has_refresh_token(self) -> bool {
+        matches!(self, GrantKind::AuthorizationCode | GrantKind::Password)
+    }
+}
+
+/// The mechanisms an endpoint offers when the config lists none.
+pub fn default_mechanisms() -> Vec<Mechanism> {
+    defaults::mechanisms()
+}

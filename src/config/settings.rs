@@ -1,0 +1,445 @@
+//! The validated configuration: [`Settings`] built from the schema with
+//! presets applied (through [`crate::provider`]), errors with line
+//! numbers, and the account lookup logins use.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+
+use super::schema::{AccountConfig, Config, GrantKind, ListenerTls, Protocol, ServerConfig};
+use crate::provider::{self, DiscoveryError, Provider};
+
+/// Everything that can go wrong loading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax or schema error (unknown field, wrong type, missing field).
+    #[error("{file}: line {line}: {message}")]
+    Parse {
+        /// The file name, for the message.
+        file: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value that parsed but makes no sense.
+    #[error("{file}: line {line}: {field}: {message}")]
+    Invalid {
+        /// The file name, for the message.
+        file: String,
+        /// 1-based line number of the table or field.
+        line: usize,
+        /// Which field, e.g. `listener.bind`.
+        field: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// A resolved account: which provider and upstream identity a login uses.
+#[derive(Debug, Clone)]
+pub struct Account {
+    /// The key of the grant in the store: the login name as configured (or,
+    /// for a catch-all, as the client typed it, lower-cased).
+    pub name: String,
+    /// The provider name.
+    pub provider: String,
+    /// The upstream login name.
+    pub upstream_user: String,
+    /// How its tokens are obtained.
+    pub grant: GrantKind,
+    /// See [`AccountConfig::authorize_on_login`].
+    pub authorize_on_login: bool,
+}
+
+/// A validated configuration, ready to run.
+#[derive(Debug)]
+pub struct Settings {
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// Listeners with parsed addresses.
+    pub listeners: Vec<Listener>,
+    /// Providers after presets were applied.
+    pub providers: BTreeMap<String, Provider>,
+    /// Accounts as configured.
+    pub accounts: Vec<AccountConfig>,
+}
+
+/// A validated listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    /// The protocol served.
+    pub protocol: Protocol,
+    /// The address to bind.
+    pub bind: SocketAddr,
+    /// Local TLS.
+    pub tls: ListenerTls,
+    /// Certificate and key files, if configured.
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// See [`super::schema::ListenerConfig::allow_plaintext_login`].
+    pub allow_plaintext_login: bool,
+}
+
+impl Listener {
+    /// Whether a password may be sent before TLS on this listener.
+    pub fn plaintext_login_allowed(&self) -> bool {
+        self.tls == ListenerTls::Implicit
+            || self.bind.ip().is_loopback()
+            || self.allow_plaintext_login
+    }
+}
+
+impl Settings {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Settings::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Settings, ConfigError> {
+        let raw: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_string(),
+            line: e.span().map(|s| line_of(text, s.start)).unwrap_or(1),
+            message: e.message().trim().to_string(),
+        })?;
+        let invalid = |span: Range<usize>, field: &str, message: String| ConfigError::Invalid {
+            file: file.to_string(),
+            line: line_of(text, span.start),
+            field: field.to_string(),
+            message,
+        };
+
+        let mut listeners = Vec::new();
+        for l in &raw.listeners {
+            let span = l.span();
+            let c = l.get_ref();
+            let bind: SocketAddr = c.bind.parse().map_err(|_| {
+                invalid(
+                    span.clone(),
+                    "listener.bind",
+                    format!(
+                        "`{}` is not an IP:port address (e.g. 127.0.0.1:1143 or [::1]:1143)",
+                        c.bind
+                    ),
+                )
+            })?;
+            let cert = match (&c.cert_file, &c.key_file) {
+                (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+                (None, None) => None,
+                _ => {
+                    return Err(invalid(
+                        span,
+                        "listener.cert_file",
+                        "cert_file and key_file go together: set both, or neither for a generated self-signed certificate".into(),
+                    ));
+                }
+            };
+            if cert.is_some() && c.tls == ListenerTls::None {
+                return Err(invalid(
+                    span,
+                    "listener.tls",
+                    "a certificate is configured but tls = \"none\"; set tls = \"starttls\" or \"implicit\"".into(),
+                ));
+            }
+            listeners.push(Listener {
+                protocol: c.protocol,
+                bind,
+                tls: c.tls,
+                cert,
+                allow_plaintext_login: c.allow_plaintext_login,
+            });
+        }
+
+        let mut providers = BTreeMap::new();
+        for (name, p) in &raw.providers {
+            let resolved = provider::resolve(name, p.get_ref()).map_err(|e| {
+                invalid(
+                    p.span(),
+                    &format!("providers.{name}.{}", e.field),
+                    e.message,
+                )
+            })?;
+            providers.insert(name.clone(), resolved);
+        }
+
+        let mut seen = std::collections::HashSet::new();
+        for a in &raw.accounts {
+            let c = a.get_ref();
+            let span = a.span();
+            if !providers.contains_key(&c.provider) {
+                let known: Vec<&str> = providers.keys().map(String::as_str).collect();
+                return Err(invalid(
+                    span,
+                    "account.provider",
+                    format!(
+                        "no provider named `{}` (configured: {})",
+                        c.provider,
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            }
+            let user = c.user.trim();
+            if user.is_empty() || user.chars().any(|ch| ch.is_control() || ch == ' ') {
+                return Err(invalid(
+                    span,
+                    "account.user",
+                    "the login name must be non-empty, without spaces or control characters".into(),
+                ));
+            }
+            if let Some(domain) = user.strip_prefix("*@") {
+                if domain.is_empty() || domain.contains('@') || domain.contains('*') {
+                    return Err(invalid(
+                        span,
+                        "account.user",
+                        format!("`{user}` is not a valid catch-all; write `*@example.com`"),
+                    ));
+                }
+                if c.upstream_user.is_some() {
+                    return Err(invalid(
+                        span,
+                        "account.upstream_user",
+                        "a catch-all account logs in upstream with the name the client typed; remove upstream_user".into(),
+                    ));
+                }
+            } else if user.contains('*') {
+                return Err(invalid(
+                    span,
+                    "account.user",
+                    format!(
+                        "`{user}`: `*` is only allowed as a whole local part, as in `*@example.com`"
+                    ),
+                ));
+            }
+            if providers
+                .get(&c.provider)
+                .map(|p| p.imap.is_none())
+                .unwrap_or(true)
+                && raw
+                    .listeners
+                    .iter()
+                    .any(|l| l.get_ref().protocol == Protocol::Imap)
+            {
+                return Err(invalid(
+                    span,
+                    "account.provider",
+                    format!(
+                        "provider `{}` has no IMAP server; add [providers.{}.imap] with host and port",
+                        c.provider, c.provider
+                    ),
+                ));
+            }
+            if let Some(p) = providers.get(&c.provider) {
+                let missing = match c.grant {
+                    GrantKind::ClientCredentials
+                        if p.client_secret.is_none() && p.client_certificate.is_none() =>
+                    {
+                        Some(
+                            "grant = \"client_credentials\" needs client_secret (or client_certificate_file and client_key_file) on the provider",
+                        )
+                    }
+                    GrantKind::ServiceAccount if p.service_account_key_file.is_none() => Some(
+                        "grant = \"service_account\" needs service_account_key_file on the provider",
+                    ),
+                    GrantKind::ServiceAccount if p.scopes.is_empty() => Some(
+                        "grant = \"service_account\" needs scopes on the provider (Google: https://mail.google.com/)",
+                    ),
+                    _ => None,
+                };
+                if let Some(m) = missing {
+                    return Err(invalid(span, "account.grant", m.to_string()));
+                }
+                if c.authorize_on_login && c.grant != GrantKind::AuthorizationCode {
+                    return Err(invalid(
+                        span,
+                        "account.authorize_on_login",
+                        "authorize_on_login works with grant = \"authorization_code\" only (the person signing in proves the mailbox is theirs)".into(),
+                    ));
+                }
+            }
+            if !seen.insert(user.to_lowercase()) {
+                return Err(invalid(
+                    span,
+                    "account.user",
+                    format!("`{user}` is configured twice"),
+                ));
+            }
+        }
+
+        Ok(Settings {
+            server: raw.server,
+            listeners,
+            providers,
+            accounts: raw.accounts.into_iter().map(Spanned::into_inner).collect(),
+        })
+    }
+
+    /// Reads the endpoints of `oidc` / `open` providers from their issuers.
+    pub async fn discover(&mut self, http: &reqwest::Client) -> Result<(), DiscoveryError> {
+        for p in self.providers.values_mut() {
+            p.discover(http).await?;
+        }
+        Ok(())
+    }
+
+    /// Finds the account for a login name: an exact match (case-insensitive)
+    /// first, then a catch-all for the name's domain.
+    pub fn account_for(&self, login: &str) -> Option<Account> {
+        let login = login.trim();
+        if login.is_empty() {
+            return None;
+        }
+        if let Some(a) = self
+            .accounts
+            .iter()
+            .find(|a| a.user.eq_ignore_ascii_case(login))
+        {
+            return Some(Account {
+                name: a.user.to_lowercase(),
+                provider: a.provider.clone(),
+                upstream_user: a.upstream_user.clone().unwrap_or_else(|| a.user.clone()),
+                grant: a.grant,
+                authorize_on_login: a.authorize_on_login,
+            });
+        }
+        let (local, domain) = login.rsplit_once('@')?;
+        if local.is_empty() || local.contains('*') {
+            return None;
+        }
+        self.accounts
+            .iter()
+            .find(|a| {
+                a.user
+                    .strip_prefix("*@")
+                    .is_some_and(|d| d.eq_ignore_ascii_case(domain))
+            })
+            .map(|a| Account {
+                name: login.to_lowercase(),
+                provider: a.provider.clone(),
+                upstream_user: login.to_string(),
+                grant: a.grant,
+                authorize_on_login: a.authorize_on_login,
+            })
+    }
+}
+
+/// 1-based line number of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    let offset = offset.min(text.len());
+    text.as_bytes()[..offset]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+impl ServerConfig {
+    /// The state directory in force.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(crate::store::default_state_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[listener]]
+protocol = "imap"
+bind = "127.0.0.1:1143"
+
+[providers.corp]
+preset = "microsoft"
+client_id = "00000000-0000-0000-0000-000000000000"
+
+[[account]]
+user = "alice@example.com"
+provider = "corp"
+upstream_user = "alice@contoso.com"
+
+[[account]]
+user = "*@shop.example"
+provider = "corp"
+"#;
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../config.example.toml");
+        let s = Settings::parse(text, "config.example.toml").expect("example config parses");
+        assert!(!s.listeners.is_empty());
+        assert!(!s.accounts.is_empty());
+    }
+
+    #[test]
+    fn minimal_config_and_account_lookup() {
+        let s = Settings::parse(MINIMAL, "t.toml").unwrap();
+        let a = s.account_for("ALICE@example.com").unwrap();
+        assert_eq!(a.name, "alice@example.com");
+        assert_eq!(a.upstream_user, "alice@contoso.com");
+        let b = s.account_for("Printer@Shop.example").unwrap();
+        assert_eq!(b.name, "printer@shop.example");
+        assert_eq!(b.upstream_user, "Printer@Shop.example");
+        assert!(s.account_for("bob@other.example").is_none());
+        assert!(s.account_for("@shop.example").is_none());
+        assert!(s.listeners[0].plaintext_login_allowed());
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_its_line() {
+        let text = MINIMAL.replace(
+            "bind = \"127.0.0.1:1143\"",
+            "bind = \"127.0.0.1:1143\"\nport = 3",
+        );
+        let e = Settings::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("line 5"), "{e}");
+        assert!(e.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn bad_bind_is_refused_with_its_line() {
+        let text = MINIMAL.replace("127.0.0.1:1143", "localhost");
+        let e = Settings::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("listener.bind"), "{e}");
+    }
+
+    #[test]
+    fn unknown_provider_is_refused() {
+        let text = MINIMAL.replace(
+            "provider = \"corp\"\nupstream_user",
+            "provider = \"nope\"\nupstream_user",
+        );
+        let e = Settings::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("no provider named `nope`") && e.contains("line 10"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn non_loopback_plain_listener_refuses_plaintext_login() {
+        let text = MINIMAL.replace("127.0.0.1:1143", "0.0.0.0:1143");
+        let s = Settings::parse(&text, "t.toml").unwrap();
+        assert!(!s.listeners[0].plaintext_login_allowed());
+    }
+}
