@@ -8,29 +8,38 @@
 //!
 //! # Layout
 //!
+//! This crate is the root of a workspace. Beside it:
+//! - `mailbridge-proto` (crates/proto): the sans-I/O protocol cores:
+//!   IMAP, POP3 and SMTP client-facing pre-auth sessions and upstream login
+//!   dialogues, one line framer, one bearer-login driver, SASL, typed
+//!   upstream refusals. No tokio, socket, TLS or HTTP crate in its graph.
+//! - `mailbridge-sandbox` (crates/sandbox): the strict fake OAuth2 provider
+//!   and IMAP, POP3 and SMTP servers behind the tests and `mailbridge demo`.
+//! - `mailbridge-bench` (crates/bench): the benchmark
+//!   (`cargo bench --bench proxy`).
+//!
+//! Here:
 //! - [`config`]: the TOML file: its serde schema (depending on nothing
 //!   else here) and the validated settings, with line numbers.
-//! - [`provider`]: presets (Microsoft, Google, custom), built on the
-//!   config schema.
-//! - [`sasl`]: PLAIN decoding, XOAUTH2 / OAUTHBEARER encoding, failure
-//!   challenges.
-//! - [`proto`]: sans-I/O protocol cores (client-facing pre-auth session and
-//!   upstream login dialogue); they never touch a socket.
-//! - [`store`]: the `TokenStore` trait, its sled backend, sealing.
-//! - [`vault`]: local password checks, backoff, the fast verifier cache.
+//! - [`provider`]: presets (microsoft, google, fastmail, yahoo, aol,
+//!   yandex, oidc, open, custom), issuer discovery, Microsoft scope rules;
+//!   built on the config schema.
+//! - [`store`]: the `TokenStore` trait, its sled backend, sealing, the
+//!   control protocol.
+//! - [`vault`]: local password checks, backoff, the fast verifier cache,
+//!   rotation persistence.
 //! - [`oauth`]: the token source (cache, single-flight refresh, rotation),
 //!   app-only tokens, token checks and the grant flows.
 //! - [`authorize`]: runs an account's flow to obtain its grant (builds on
 //!   [`oauth`], never the reverse).
 //! - [`login`]: the login path from credentials to a logged-in upstream.
-//! - [`diagnose`]: explanations for known upstream refusals.
+//! - [`diagnose`]: the one table of known provider refusals and what to do
+//!   about them.
 //! - [`net`]: listeners, TLS, the connection driver, the upstream
-//!   connector, the relay; it never parses a protocol.
+//!   connector (generic over the stream), the relay, the control socket;
+//!   it never parses a protocol.
 //! - [`server`]: binds and runs it all; used by `main` and the tests.
-//! - [`sandbox`]: strict fake OAuth2 provider and mail servers for tests and
-//!   `mailbridge demo`.
-//! - [`bench`]: clients, scenarios and the report of the benchmark
-//!   (`cargo bench --bench proxy`).
+//! - [`demo`]: `mailbridge demo` on top of the sandbox.
 //! - [`clock`]: `unix_now`, the one wall-clock helper.
 //! - [`report`]: an error and its sources on one line, for logs.
 //! - [`cli`]: the command line (main.rs only calls it).

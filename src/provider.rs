@@ -1024,6 +1024,25 @@ fn check_url(field: &str, url: &str) -> Result<(), ProviderError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn every_preset_is_documented() {
+        // The example config and the schema's field doc list the presets
+        // people can write; a preset added here must appear in both.
+        let example = include_str!("../config.example.toml");
+        let schema = include_str!("config/schema.rs");
+        for preset in Preset::ALL {
+            let name = preset.name();
+            assert!(
+                example.contains(&format!("\"{name}\"")),
+                "config.example.toml does not name the `{name}` preset"
+            );
+            assert!(
+                schema.contains(&format!("`{name}`")),
+                "src/config/schema.rs does not name the `{name}` preset"
+            );
+        }
+    }
     use super::*;
 
     fn cfg(preset: &str) -> ProviderConfig {

@@ -271,8 +271,10 @@ pub struct ListenerConfig {
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
-    /// `microsoft`, `google` or `custom`; presets fill in endpoints,
-    /// scopes and servers, and every value below overrides them.
+    /// `microsoft`, `google`, `fastmail`, `yahoo`, `aol`, `yandex`, `oidc`,
+    /// `open` or `custom` (`provider::Preset::ALL`); presets fill in
+    /// endpoints, scopes, servers and mechanisms, and every value below
+    /// overrides them.
     pub preset: String,
     /// Microsoft only: `common`, `organizations`, `consumers` or a tenant id.
     pub tenant: Option<String>,
