@@ -67,6 +67,8 @@ ACCOUNTS = {
     "frank": "op-xoauth2",      # mail clients (fetchmail, mutt)
     "grace": "op-bigtoken",     # access tokens of Microsoft's size (2 KB)
     "heidi": "op-xoauth2",      # authorized by `mailbridge account add`
+    "ivan": "op-xoauth2",       # its first refresh outlasts the login timeout
+    "judy": "op-reload",        # its provider changes by reload during a refresh
 }
 BIG_CLIENT = ("mailbridge-big", "mailbridge-big-client-secret")
 
@@ -265,6 +267,12 @@ class Ctx:
         return [e for e in self.events(event="grant.success", grant_type="refresh_token")
                 if e.get("account") == address(name)]
 
+    def set_token_delay(self, ms):
+        req = urllib.request.Request(self.op + "/_interop/token-delay?" + urllib.parse.urlencode(
+            {"ms": ms}), method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=WAIT) as r:
+            return json.load(r)["ms"]
+
     def revoke_account(self, name):
         req = urllib.request.Request(self.op + "/_interop/revoke?" + urllib.parse.urlencode(
             {"account": address(name)}), method="POST", data=b"")
@@ -303,7 +311,7 @@ class Ctx:
             "backoff_base_ms = 200",
             "backoff_max_secs = 1",
             "connect_timeout_secs = 10",
-            "login_timeout_secs = 30",
+            f"login_timeout_secs = {self.state.get('login_timeout', 30)}",
             "",
         ]
         for proto, port, mode in listeners:
@@ -327,13 +335,16 @@ class Ctx:
             "op-public": ((PUBLIC_CLIENT, None), [("imap", "imaps", "implicit"),
                                                   ("pop3", "pop3s", "implicit"),
                                                   ("smtp", "submission", "starttls")], None),
+            "op-reload": (CLIENT, [("imap", "imaps", "implicit")], "xoauth2"),
         }
         for name, ((cid, secret), servers, mech) in providers.items():
             lines += [f"[providers.{name}]", 'preset = "custom"', f'client_id = "{cid}"']
             if secret:
                 lines.append(f'client_secret = "{secret}"')
+            scopes = self.state.get("scopes", {}).get(name, ["mail", "offline_access"])
             lines += [f'token_url = "{self.op}/token"', f'authorize_url = "{self.op}/auth"',
-                      'scopes = ["mail", "offline_access"]', f'ca_file = "{tls / "ca.pem"}"']
+                      "scopes = [" + ", ".join(f'"{x}"' for x in scopes) + "]",
+                      f'ca_file = "{tls / "ca.pem"}"']
             for proto, port_key, mode in servers:
                 if proto in self.protocols:
                     lines.append(upstream(proto, ports[port_key], mode, mech))
@@ -1161,6 +1172,98 @@ def t_rotation_restart(c):
     check(len(after) == len(before) + 1, "no refresh after restart")
     grace = c.events(event="grant.error", client_id=CLIENT[0])
     check(not grace, f"the server saw a failed refresh: {grace}")
+
+
+def grant_trouble(c):
+    """Refreshes the server refused and grants it revoked so far: a replayed
+    refresh token shows as both (the server revokes the whole grant)."""
+    return len(c.events(event="grant.error")) + len(c.events(event="grant.revoked"))
+
+
+def restart_with_login_timeout(c, secs):
+    c.stop_mailbridge()
+    c.state["login_timeout"] = secs
+    c.write_config()
+    c.start_mailbridge()
+
+
+@case("a refresh that outlasts the login timeout: the client hears it is temporary, the rotated token is kept, no replay")
+def t_refresh_outlasts_login(c):
+    restart_with_login_timeout(c, 2)
+    try:
+        trouble = grant_trouble(c)
+        before = len(c.refreshes("ivan"))
+        c.set_token_delay(4000)
+        try:
+            t0 = time.time()
+            err = login_error(c, "ivan")
+            took = time.time() - t0
+            check("UNAVAILABLE" in err, f"not a temporary failure: {err}")
+            check(took < 3.5, f"the client waited {took:.1f} s with a 2 s login timeout")
+            # The server has rotated the grant; its answer is still held.
+            eventually(lambda: len(c.refreshes("ivan")) == before + 1,
+                       "the server did not see the refresh")
+            # Let the held answer reach mailbridge (and be saved there).
+            time.sleep(4.5)
+        finally:
+            c.set_token_delay(0)
+        m = c.imap("ivan")
+        m.select("INBOX", readonly=True)
+        m.logout()
+        check(grant_trouble(c) == trouble,
+              f"the server refused or revoked a grant: {c.events(event='grant.error')}")
+        print(f"    login cut after {took:.2f} s; refreshes at the server: "
+              f"{len(c.refreshes('ivan')) - before}; no replay")
+    finally:
+        restart_with_login_timeout(c, 30)
+
+
+@case("a reload that changes the provider during a refresh: the rotated token is kept, no replay")
+def t_reload_during_refresh(c):
+    trouble = grant_trouble(c)
+    before = len(c.refreshes("judy"))
+    reloads = c.mb_log_text().count("configuration reloaded")
+    results = []
+
+    def login():
+        m = c.imap()
+        try:
+            typ, _ = m.login(address("judy"), local_password("judy"))
+            results.append(typ)
+            m.logout()
+        except (imaplib.IMAP4.error, OSError) as e:
+            results.append(str(e))
+
+    c.set_token_delay(3000)
+    threads = [threading.Thread(target=login)]
+    try:
+        threads[0].start()
+        eventually(lambda: len(c.refreshes("judy")) == before + 1,
+                   "the server did not see the refresh")
+        # The grant has rotated at the server; the answer is held. Now the
+        # provider's scopes change and mailbridge reloads, and another
+        # login for the account arrives.
+        c.state.setdefault("scopes", {})["op-reload"] = ["offline_access", "mail"]
+        c.write_config()
+        c.mb_proc.send_signal(signal.SIGHUP)
+        eventually(lambda: c.mb_log_text().count("configuration reloaded") > reloads,
+                   "mailbridge did not reload")
+        threads.append(threading.Thread(target=login))
+        threads[1].start()
+        for t in threads:
+            t.join(WAIT)
+    finally:
+        c.set_token_delay(0)
+    check(len(results) == 2, f"logins did not finish: {results}")
+    for r in results:
+        check(r == "OK" or "UNAVAILABLE" in r, f"a login during the reload: {r}")
+    m = c.imap("judy")
+    m.select("INBOX", readonly=True)
+    m.logout()
+    check(grant_trouble(c) == trouble,
+          f"the server refused or revoked a grant: {c.events(event='grant.error')}")
+    print(f"    logins during the reload: {results}; refreshes at the server: "
+          f"{len(c.refreshes('judy')) - before}; no replay")
 
 
 @case("replayed refresh token: the server revokes the grant; the client gets a clear error")

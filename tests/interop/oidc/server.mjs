@@ -16,7 +16,10 @@
 // Test-only observation: GET /_interop/events lists what happened (grant
 // types, token issues and consumptions; no token values). POST
 // /_interop/revoke?account=NAME ends every grant of a user, like a user
-// removing an app's access in their account settings.
+// removing an app's access in their account settings. POST
+// /_interop/token-delay?ms=N holds every token endpoint answer N ms after
+// the server has done the work (a refresh has rotated the grant by then),
+// like a provider whose answers are slow to come back.
 
 import http from 'node:http';
 import { URL } from 'node:url';
@@ -44,6 +47,8 @@ const USERS = new Map(Object.entries({
   'frank@example.test': 'frank-idp-password',
   'grace@example.test': 'grace-idp-password',
   'heidi@example.test': 'heidi-idp-password',
+  'ivan@example.test': 'ivan-idp-password',
+  'judy@example.test': 'judy-idp-password',
 }));
 
 // Access-token lifetimes in seconds, by client. `mailbridge` gets tokens far
@@ -175,6 +180,17 @@ const configuration = {
 };
 
 const provider = new Provider(issuer, configuration);
+
+// The token endpoint's answer is held after the grant was processed (and a
+// refresh token rotated): what a client that gives up early has to survive.
+let tokenDelayMs = 0;
+provider.use(async (ctx, next) => {
+  await next();
+  if (tokenDelayMs > 0 && ctx.method === 'POST' && ctx.path === '/token') {
+    record('token.delayed', { ms: tokenDelayMs });
+    await new Promise((resolve) => { setTimeout(resolve, tokenDelayMs); });
+  }
+});
 
 provider.on('grant.success', (ctx) => {
   const at = ctx.oidc.entities.AccessToken || ctx.oidc.entities.ClientCredentials;
@@ -357,6 +373,10 @@ const server = http.createServer(async (req, res) => {
     } else if (url.pathname === '/_interop/events' && req.method === 'GET') {
       res.writeHead(200, { 'content-type': 'application/json' });
       res.end(JSON.stringify(events));
+    } else if (url.pathname === '/_interop/token-delay' && req.method === 'POST') {
+      tokenDelayMs = Math.max(0, Number(url.searchParams.get('ms') || 0));
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ ms: tokenDelayMs }));
     } else if (url.pathname === '/_interop/revoke' && req.method === 'POST') {
       const n = await revokeAccount(url.searchParams.get('account') || '');
       res.writeHead(200, { 'content-type': 'application/json' });
