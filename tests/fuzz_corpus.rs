@@ -11,7 +11,10 @@ mod targets;
 
 use std::path::Path;
 
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// A target's name (its folder under fuzz/corpus) and body.
+type Target = (&'static str, fn(&[u8]));
+
+const TARGETS: &[Target] = &[
     ("client_imap", targets::client_imap),
     ("client_pop3", targets::client_pop3),
     ("client_smtp", targets::client_smtp),
@@ -56,6 +59,10 @@ fn every_committed_fuzz_input_passes_its_target() {
     // Every target is listed in fuzz/Cargo.toml and here alike.
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("fuzz/Cargo.toml");
     let declared = manifest.matches("[[bin]]").count();
-    assert_eq!(declared, TARGETS.len(), "fuzz/Cargo.toml declares {declared} targets");
+    assert_eq!(
+        declared,
+        TARGETS.len(),
+        "fuzz/Cargo.toml declares {declared} targets"
+    );
     println!("{total} fuzz inputs replayed");
 }
