@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,7 @@ use mailbridge::clock::unix_now;
 use mailbridge::config::Settings;
 use mailbridge::server::Server;
 use mailbridge::store::seal::GrantData;
-use mailbridge::store::{AccountMeta, SledStore, TokenStore};
+use mailbridge::store::{AccountMeta, SealedGrant, SledStore, StoreError, TokenStore};
 use mailbridge_sandbox::{ImapServer, ImapServerOptions, Provider, ProviderOptions, TestPki};
 use secrecy::SecretString;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -203,6 +204,45 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     let _ = s.shutdown().await;
 }
 
+// ---- a store whose grant writes fail on demand (a full disk) ----
+
+struct FailingStore {
+    inner: SledStore,
+    fail_grant_writes: Arc<AtomicBool>,
+}
+
+impl TokenStore for FailingStore {
+    fn load_grant(&self, account: &str) -> Result<Option<SealedGrant>, StoreError> {
+        self.inner.load_grant(account)
+    }
+    fn swap_grant(
+        &self,
+        account: &str,
+        expected: Option<&SealedGrant>,
+        new: &SealedGrant,
+    ) -> Result<bool, StoreError> {
+        if self.fail_grant_writes.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend {
+                path: "/var/lib/mailbridge".into(),
+                reason: "io error: No space left on device (os error 28)".into(),
+            });
+        }
+        self.inner.swap_grant(account, expected, new)
+    }
+    fn load_meta(&self, account: &str) -> Result<Option<AccountMeta>, StoreError> {
+        self.inner.load_meta(account)
+    }
+    fn save_meta(&self, account: &str, meta: &AccountMeta) -> Result<(), StoreError> {
+        self.inner.save_meta(account, meta)
+    }
+    fn remove(&self, account: &str) -> Result<bool, StoreError> {
+        self.inner.remove(account)
+    }
+    fn accounts(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.accounts()
+    }
+}
+
 // ---- mailbridge in front of the sandbox ----
 
 #[derive(Default)]
@@ -220,6 +260,10 @@ struct Spec {
     alice_age: u64,
     /// Bob's grant was created this long ago.
     bob_age: u64,
+    /// `key_mode = "service"` with a key file (background refresh).
+    service: bool,
+    /// More `[server]` lines.
+    server_extra: String,
 }
 
 struct World {
@@ -229,6 +273,8 @@ struct World {
     dir: PathBuf,
     env_file: PathBuf,
     refresh_tokens: Vec<String>,
+    /// While true, the store fails every grant write.
+    fail_grant_writes: Arc<AtomicBool>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -262,6 +308,15 @@ impl World {
         } else {
             "custom"
         };
+        let mut server_extra = spec.server_extra.clone();
+        if spec.service {
+            let key = dir.join("service.key");
+            std::fs::write(&key, [7u8; 32]).unwrap();
+            server_extra.push_str(&format!(
+                "\nkey_mode = \"service\"\nkey_file = {}\n",
+                quote(&key.display().to_string())
+            ));
+        }
         let token_url = spec.token_url.unwrap_or_else(|| provider.token_url());
         let config = format!(
             r#"
@@ -270,6 +325,7 @@ kdf_memory_kib = 256
 kdf_iterations = 1
 backoff_base_ms = 20
 backoff_max_secs = 1
+{server_extra}
 
 [alerts]
 {command}{alerts}
@@ -298,7 +354,11 @@ provider = "p"
             port = imap.addr().port(),
         );
         let settings = Settings::parse(&config, "alerts test config").unwrap();
-        let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(&dir.join("state")).unwrap());
+        let fail_grant_writes = Arc::new(AtomicBool::new(false));
+        let store: Arc<dyn TokenStore> = Arc::new(FailingStore {
+            inner: SledStore::open(&dir.join("state")).unwrap(),
+            fail_grant_writes: fail_grant_writes.clone(),
+        });
         let scope = if spec.microsoft { MS_SCOPES } else { "mail" };
         let vault = mailbridge::server::vault_for(&settings, store.clone()).unwrap();
         let mut refresh_tokens = Vec::new();
@@ -339,6 +399,7 @@ provider = "p"
             dir,
             env_file,
             refresh_tokens,
+            fail_grant_writes,
             stop: Some(stop),
             task: Some(task),
         }
@@ -811,5 +872,65 @@ async fn a_graph_token_at_refresh_fails_the_login_with_the_cause() {
     let ok = w.login(USER, PASSWORD).await;
     assert!(ok.starts_with("a1 OK"), "{ok}");
     assert_eq!(w.provider.refresh_requests(), 2);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_that_cannot_be_saved_alerts() {
+    // The sandbox rotates refresh tokens; the store's grant writes fail as
+    // on a full disk.
+    let w = World::start(Spec::default()).await;
+    w.fail_grant_writes.store(true, Ordering::SeqCst);
+    let reply = w.login(USER, PASSWORD).await;
+    println!("client told: {reply}");
+    wait_until("the token_not_saved alert", || !w.alerts().is_empty()).await;
+    let a = &w.alerts()[0];
+    assert_eq!(a["MAILBRIDGE_EVENT"], "token_not_saved");
+    assert_eq!(a["MAILBRIDGE_ACCOUNT"], USER);
+    assert!(
+        a["MAILBRIDGE_REASON"].contains("cannot save the rotated refresh token"),
+        "{a:?}"
+    );
+    assert!(a["MAILBRIDGE_ADVICE"].contains("free space"), "{a:?}");
+    // The store's own words (paths) stay in the log.
+    assert!(
+        !a["MAILBRIDGE_REASON"].contains("/var/lib/mailbridge"),
+        "{a:?}"
+    );
+    assert_no_secret("the command's environment", &w.env_text(), &secrets(&w));
+    w.fail_grant_writes.store(false, Ordering::SeqCst);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_mode_background_refresh_failures_alert_and_no_unused_warning() {
+    // In service key mode the background refresh keeps grants alive, so an
+    // old Microsoft grant is no "grant_expiring"; a grant the provider
+    // revokes is found by the background refresh, with no client around.
+    let w = World::start(Spec {
+        microsoft: true,
+        service: true,
+        server_extra: "background_refresh_secs = 1".into(),
+        alice_age: 85 * DAY,
+        ..Spec::default()
+    })
+    .await;
+    wait_until("the first background refresh", || {
+        w.provider.refresh_requests() >= 2
+    })
+    .await;
+    w.provider.revoke_user(USER);
+    wait_until("the background refresh's alert", || !w.alerts().is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let alerts = w.alerts();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["MAILBRIDGE_EVENT"], "grant_refused");
+    assert_eq!(alerts[0]["MAILBRIDGE_ACCOUNT"], USER);
+    assert!(
+        alerts[0]["MAILBRIDGE_REASON"].contains("invalid_grant"),
+        "{alerts:?}"
+    );
+    // Bob's grant kept being refreshed meanwhile.
+    assert!(w.login(BOB, PASSWORD).await.starts_with("a1 OK"));
     w.stop().await;
 }
