@@ -934,3 +934,49 @@ async fn service_mode_background_refresh_failures_alert_and_no_unused_warning() 
     assert!(w.login(BOB, PASSWORD).await.starts_with("a1 OK"));
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn google_seven_day_expiry_is_named_when_the_grant_is_a_week_old() {
+    // Google's answer for a refresh token of an app left in "Testing",
+    // seven days after the grant.
+    let body = r#"{
+  "error": "invalid_grant",
+  "error_description": "Token has been expired or revoked."
+}"#;
+    let endpoint = Receiver::start(None, 400, body, Duration::ZERO).await;
+    let w = World::start(Spec {
+        token_url: Some(format!("http://127.0.0.1:{}/token", endpoint.addr.port())),
+        alice_age: 7 * DAY + 3600,
+        bob_age: 40 * DAY,
+        ..Spec::default()
+    })
+    .await;
+    let no = w.login(USER, PASSWORD).await;
+    println!("client told (7-day-old grant): {no}");
+    assert!(
+        no.starts_with("a1 NO [AUTHENTICATIONFAILED]")
+            && no.contains("invalid_grant")
+            && no.contains("\"Testing\"")
+            && no.contains("In production")
+            && no.contains("mailbridge account reauthorize alice@example.com"),
+        "{no}"
+    );
+    // A grant weeks old: expired or revoked, no Testing story.
+    let no = w.login(BOB, PASSWORD).await;
+    println!("client told (40-day-old grant): {no}");
+    assert!(
+        no.contains("expired or was revoked") && !no.contains("Testing"),
+        "{no}"
+    );
+    wait_until("both alerts", || w.alerts().len() == 2).await;
+    let advice: Vec<String> = w
+        .alerts()
+        .iter()
+        .map(|a| a["MAILBRIDGE_ADVICE"].clone())
+        .collect();
+    assert!(
+        advice.iter().any(|a| a.contains("\"Testing\"")),
+        "{advice:?}"
+    );
+    w.stop().await;
+}
