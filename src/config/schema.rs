@@ -103,7 +103,7 @@ pub struct Config {
 /// saved, refreshes failing for long, a grant about to expire unused, a
 /// wrong-password storm). Every alert is logged whether or not either is
 /// set.
-#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[derive(Deserialize, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AlertsConfig {
     /// A program and its arguments, run without a shell for each alert;
@@ -150,6 +150,36 @@ pub struct AlertsConfig {
     /// ... within this many seconds.
     #[serde(default = "defaults::alert_storm_window")]
     pub password_storm_window_secs: u64,
+}
+
+/// Shows the webhook's scheme and host only: a webhook URL often carries
+/// a secret in its path or query.
+impl std::fmt::Debug for AlertsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let webhook = self.webhook_url.as_ref().map(|u| {
+            let (scheme, rest) = u.split_once("://").unwrap_or(("", u));
+            let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+            let host = host.rsplit('@').next().unwrap_or(host);
+            format!("{scheme}://{host}/...")
+        });
+        f.debug_struct("AlertsConfig")
+            .field("command", &self.command)
+            .field("command_timeout_secs", &self.command_timeout_secs)
+            .field("webhook_url", &webhook)
+            .field("webhook_ca_file", &self.webhook_ca_file)
+            .field("webhook_secret_file", &self.webhook_secret_file)
+            .field("webhook_secret_header", &self.webhook_secret_header)
+            .field("webhook_timeout_secs", &self.webhook_timeout_secs)
+            .field("min_interval_secs", &self.min_interval_secs)
+            .field("refresh_failing_secs", &self.refresh_failing_secs)
+            .field("unused_warn_days", &self.unused_warn_days)
+            .field("password_storm_failures", &self.password_storm_failures)
+            .field(
+                "password_storm_window_secs",
+                &self.password_storm_window_secs,
+            )
+            .finish()
+    }
 }
 
 impl Default for AlertsConfig {

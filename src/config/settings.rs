@@ -563,6 +563,16 @@ provider = "corp"
             let e = with(extra).unwrap_err().to_string();
             assert!(e.contains(field) && e.contains("line 19"), "{extra}: {e}");
         }
+        let hooked =
+            with("webhook_url = \"https://user:pw@hooks.example/services/T0/B0/sekrit?token=x\"")
+                .unwrap();
+        let shown = format!("{hooked:?}");
+        assert!(
+            shown.contains("https://hooks.example/...")
+                && !shown.contains("sekrit")
+                && !shown.contains("pw@"),
+            "{shown}"
+        );
         let e = with("comand = []").unwrap_err().to_string();
         assert!(e.contains("comand"), "{e}");
     }
