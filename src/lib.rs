@@ -33,8 +33,10 @@
 //! - [`authorize`]: runs an account's flow to obtain its grant (builds on
 //!   [`oauth`], never the reverse).
 //! - [`login`]: the login path from credentials to a logged-in upstream.
-//! - [`diagnose`]: the one table of known provider refusals and what to do
-//!   about them.
+//! - [`diagnose`]: the tables of known provider refusals (upstream
+//!   logins, token endpoints) and what to do about them.
+//! - [`alerts`]: `[alerts]`: a command and/or webhook when a grant needs a
+//!   person, rate-limited, delivered without delaying logins.
 //! - [`net`]: listeners, TLS, the connection driver, the upstream
 //!   connector (generic over the stream), the relay, the control socket;
 //!   it never parses a protocol.
@@ -45,6 +47,7 @@
 //! - [`cli`]: the command line (main.rs only calls it).
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod authorize;
 pub mod cli;
 pub mod clock;

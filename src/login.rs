@@ -9,6 +9,7 @@ use std::sync::Arc;
 use rustls::ClientConfig;
 use secrecy::SecretString;
 
+use crate::alerts::{Alert, Alerts, Event};
 use crate::clock::unix_now;
 use crate::config::{Protocol, Settings};
 use crate::net::tls::{self, TlsError};
@@ -62,6 +63,8 @@ pub struct Gateway {
     http: reqwest::Client,
     /// Authorizations in progress, one per account.
     authorizing: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Who hears when a grant needs a person.
+    alerts: Alerts,
 }
 
 impl Gateway {
@@ -77,7 +80,57 @@ impl Gateway {
             http: tokens.http().clone(),
             tokens,
             authorizing: std::sync::Mutex::new(HashMap::new()),
+            alerts: Alerts::log_only(),
         })
+    }
+
+    /// The gateway, raising its alerts through `alerts` (the default
+    /// only logs them).
+    pub fn with_alerts(mut self, alerts: Alerts) -> Gateway {
+        self.alerts = alerts;
+        self
+    }
+
+    /// Where alerts go.
+    pub fn alerts(&self) -> &Alerts {
+        &self.alerts
+    }
+
+    /// The configuration logins follow now.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.routing().settings.clone()
+    }
+
+    /// Raises the alert a failed token request calls for: a refused
+    /// grant, a rotated token that could not be saved, or (once they
+    /// have lasted) temporary failures.
+    fn token_alert(&self, account: &str, e: &TokenError, grant_age: Option<u64>) {
+        match e {
+            TokenError::Store(_) => {
+                self.alerts.token_not_saved(account, &e.to_string());
+            }
+            e if e.is_temporary() => {
+                self.alerts.refresh_failed(account, &e.to_string());
+            }
+            TokenError::Refused { .. } | TokenError::WrongAudience { .. } => {
+                let advice = match explain_refusal(e, grant_age) {
+                    Some(x) => x.sentence(account),
+                    None if matches!(e, TokenError::WrongAudience { .. }) => format!(
+                        "put https://outlook.office.com/IMAP.AccessAsUser.All first in the provider's scopes, then run `mailbridge account reauthorize {account}`"
+                    ),
+                    None => format!(
+                        "someone must sign in again: `mailbridge account reauthorize {account}` (mailbridge's log has the provider's words)"
+                    ),
+                };
+                self.alerts.raise(Alert {
+                    event: Event::GrantRefused,
+                    account: account.to_string(),
+                    reason: e.to_string(),
+                    advice,
+                });
+            }
+            _ => {}
+        }
     }
 
     fn routing(&self) -> Arc<Routing> {
@@ -213,12 +266,16 @@ impl Gateway {
                 continue;
             };
             let result = match self.vault.unlock_service(&account.name).await {
-                Ok(unlocked) => self
-                    .tokens
-                    .renew(provider, &account, &unlocked)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| crate::report::chain(&e)),
+                Ok(unlocked) => match self.tokens.renew(provider, &account, &unlocked).await {
+                    Ok(_) => {
+                        self.alerts.refresh_succeeded(&account.name);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.token_alert(&account.name, &e, grant_age(&unlocked));
+                        Err(crate::report::chain(&e))
+                    }
+                },
                 Err(e) => Err(crate::report::chain(&e)),
             };
             match result {
@@ -286,7 +343,12 @@ impl Gateway {
             }
             other => other,
         }
-        .map_err(|e| vault_failure(&account.name, e))?;
+        .map_err(|e| {
+            if matches!(e, VaultError::WrongPassword | VaultError::Backoff { .. }) {
+                self.alerts.wrong_password(&account.name, peer);
+            }
+            vault_failure(&account.name, e)
+        })?;
 
         let session = upstream_session(protocol, endpoint, request.client_info);
         let tls = routing
@@ -322,6 +384,7 @@ impl Gateway {
         .await;
         match result {
             Ok(conn) => {
+                self.alerts.refresh_succeeded(&account.name);
                 let now = unix_now();
                 self.note_meta(&account.name, |m| {
                     m.last_login_at = Some(now);
@@ -333,7 +396,11 @@ impl Gateway {
                 // The client gets one sentence; the log gets the causes
                 // beneath it too (I/O and TLS errors, for instance).
                 let detail = crate::report::chain(&e);
-                let f = upstream_failure(protocol, &account.name, e);
+                let age = grant_age(&unlocked);
+                if let UpstreamFailure::Token(t) = &e {
+                    self.token_alert(&account.name, t, age);
+                }
+                let f = upstream_failure(protocol, &account.name, e, age);
                 let reason = f.reason.clone();
                 self.note_meta(&account.name, |m| m.last_error = Some(reason));
                 tracing::warn!(account = %account.name, reason = %f.reason, %detail, "upstream login failed");
@@ -462,13 +529,35 @@ fn vault_failure(account: &str, e: VaultError) -> LoginFailure {
     }
 }
 
+/// How long ago the unlocked grant (or its last rotation) was obtained,
+/// when known.
+fn grant_age(unlocked: &crate::vault::Unlocked) -> Option<u64> {
+    let at = unlocked.obtained_at();
+    (at > 0).then(|| unix_now().saturating_sub(at))
+}
+
+/// The diagnose table's cause and fix for a token request the provider
+/// refused for good, when it is a known refusal.
+fn explain_refusal(
+    e: &TokenError,
+    grant_age: Option<u64>,
+) -> Option<crate::diagnose::TokenExplanation> {
+    match e {
+        TokenError::Refused {
+            code, description, ..
+        } if !e.is_temporary() => crate::diagnose::explain_token(code, description, grant_age),
+        _ => None,
+    }
+}
+
 fn upstream_failure(
     protocol: Protocol,
     account: &str,
     e: UpstreamFailure<TokenError>,
+    grant_age: Option<u64>,
 ) -> LoginFailure {
     match e {
-        UpstreamFailure::Token(t) => token_failure(account, t),
+        UpstreamFailure::Token(t) => token_failure(account, t, grant_age),
         UpstreamFailure::Rejected { server, rejection } => {
             let refusal = rejection.refusal;
             if refusal.is_temporary() {
@@ -502,12 +591,27 @@ fn upstream_failure(
     }
 }
 
-fn token_failure(account: &str, e: TokenError) -> LoginFailure {
+fn token_failure(account: &str, e: TokenError, grant_age: Option<u64>) -> LoginFailure {
     let kind = if e.is_temporary() {
         FailureKind::Unavailable
     } else {
         FailureKind::Rejected
     };
+    if let (Some(x), TokenError::Refused { code, .. }) = (explain_refusal(&e, grant_age), &e) {
+        // The provider's code, then our cause and fix: the description
+        // itself (trace ids, timestamps) is for the log.
+        let aadsts = x
+            .aadsts
+            .map(|n| format!(" (AADSTS{n})"))
+            .unwrap_or_default();
+        return failure(
+            kind,
+            text::flatten(&format!(
+                "the provider refused the grant: {code}{aadsts}: {}",
+                x.sentence(account)
+            )),
+        );
+    }
     let mut reason = e.to_string();
     if let TokenError::Refused {
         code, temporary, ..

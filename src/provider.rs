@@ -295,11 +295,13 @@ pub enum ScopeError {
         "no permission scope: list https://outlook.office.com/IMAP.AccessAsUser.All (and POP/SMTP) before offline_access"
     )]
     NoPermission,
-    /// The first permission is for Graph or another resource, so the token
-    /// would be for that resource.
+    /// The first permission is for Graph (a bare scope such as
+    /// `Mail.Read` is Graph's when it comes first) or another resource, so
+    /// the token would be for that resource.
     #[error(
-        "`{scope}` comes first, so Entra ID would issue a token for {} which IMAP, POP and SMTP refuse (`NO AUTHENTICATE failed`, `535 5.7.3`); put the resource-prefixed Outlook scopes first, e.g. https://outlook.office.com/IMAP.AccessAsUser.All",
-        if *.graph { "Microsoft Graph" } else { "another resource" }
+        "`{scope}` comes first, so Entra ID would issue a token for {} (its `aud` would be {}) which IMAP, POP and SMTP refuse (`NO AUTHENTICATE failed`, `535 5.7.3`); put the resource-prefixed Outlook scopes first, e.g. https://outlook.office.com/IMAP.AccessAsUser.All",
+        if *.graph { "Microsoft Graph" } else { "another resource" },
+        if *.graph { "00000003-0000-0000-c000-000000000000, Graph's" } else { "that resource" }
     )]
     WrongResourceFirst {
         /// The first permission scope.
@@ -307,9 +309,10 @@ pub enum ScopeError {
         /// Whether it is a Microsoft Graph scope.
         graph: bool,
     },
-    /// An Outlook scope list with a scope of another resource in it.
+    /// An Outlook scope list with a scope prefixed with another resource
+    /// in it (a bare scope after an Outlook one is read as Outlook's).
     #[error(
-        "`{0}` is not an Outlook scope: a token serves one resource, so Graph or bare scopes (like Mail.Read or SMTP.Send) must not be mixed with the Outlook ones; write them resource-prefixed (https://outlook.office.com/SMTP.Send) or drop them"
+        "`{0}` names another resource than Outlook: a token serves one resource, so it must not be mixed with the Outlook scopes; write it with the Outlook prefix (https://outlook.office.com/...) or drop it"
     )]
     Mixed(String),
     /// No `offline_access`: no refresh token.
@@ -922,8 +925,12 @@ enum MsResource {
     Directive,
     /// Exchange Online: what IMAP, POP and SMTP accept.
     Outlook,
-    /// Microsoft Graph (also every bare scope such as `Mail.Read`).
+    /// Microsoft Graph, by its prefix.
     Graph,
+    /// No resource prefix (`Mail.Read`, `SMTP.Send`): Entra ID reads it as
+    /// a scope of the resource the first permission chose, and as Graph's
+    /// when it comes first.
+    Bare,
     /// Some other resource.
     Other,
 }
@@ -937,7 +944,7 @@ fn ms_resource(scope: &str) -> MsResource {
         return MsResource::Directive;
     }
     match lower.split_once("://") {
-        None => MsResource::Graph,
+        None => MsResource::Bare,
         Some((_, rest)) => {
             let host = rest.split('/').next().unwrap_or("");
             if matches!(
@@ -960,9 +967,12 @@ fn ms_resource(scope: &str) -> MsResource {
 }
 
 /// Entra ID reads the scope list in order, skips directives, and lets the
-/// first permission decide the token's audience; IMAP, POP and SMTP accept
-/// only Outlook tokens. A list that would produce a Graph token, mixes
-/// resources, or gets no refresh token is refused with the reason.
+/// first permission decide the token's audience (seed 000, PROVIDERS.md):
+/// a bare scope first (`Mail.Read`) makes it a Graph token, a bare scope
+/// after an Outlook one is read as an Outlook scope. IMAP, POP and SMTP
+/// accept only Outlook tokens. A list that would produce a Graph token,
+/// names another resource beside Outlook, or gets no refresh token is
+/// refused with the reason.
 pub fn check_microsoft_scopes(scopes: &[String]) -> Result<(), ScopeError> {
     let first = scopes
         .iter()
@@ -973,13 +983,15 @@ pub fn check_microsoft_scopes(scopes: &[String]) -> Result<(), ScopeError> {
     if ms_resource(first) != MsResource::Outlook {
         return Err(ScopeError::WrongResourceFirst {
             scope: first.clone(),
-            graph: ms_resource(first) == MsResource::Graph,
+            graph: matches!(ms_resource(first), MsResource::Graph | MsResource::Bare),
         });
     }
-    if let Some(other) = scopes
-        .iter()
-        .find(|s| !matches!(ms_resource(s), MsResource::Directive | MsResource::Outlook))
-    {
+    if let Some(other) = scopes.iter().find(|s| {
+        !matches!(
+            ms_resource(s),
+            MsResource::Directive | MsResource::Outlook | MsResource::Bare
+        )
+    }) {
         return Err(ScopeError::Mixed(other.clone()));
     }
     if !scopes
@@ -1228,15 +1240,72 @@ mod tests {
                 .to_string()
                 .contains("Microsoft Graph")
         );
+        // A bare scope after an Outlook one is Outlook's (seed 000); a
+        // scope prefixed with another resource is not.
+        assert!(
+            ok(&[
+                "https://outlook.office.com/IMAP.AccessAsUser.All",
+                "Mail.Read",
+                "offline_access",
+            ])
+            .is_ok()
+        );
         let mixed = ok(&[
             "https://outlook.office.com/IMAP.AccessAsUser.All",
-            "Mail.Read",
+            "https://graph.microsoft.com/Mail.Read",
             "offline_access",
         ]);
         assert!(mixed.unwrap_err().to_string().contains("must not be mixed"));
         let no_refresh = ok(&["https://outlook.office.com/IMAP.AccessAsUser.All"]);
         assert_eq!(no_refresh.unwrap_err(), ScopeError::NoOfflineAccess);
         assert!(ok(&["offline_access"]).is_err());
+    }
+
+    /// Seed 000's two worked examples, word for word.
+    #[test]
+    fn seed_000_worked_examples() {
+        let scopes = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        // (a) "will successfully create Refresh and Access tokens for EXO
+        // resource, and SMTP authenticates OK": the bare Mail.Read after
+        // an Outlook scope is read as https://outlook.office.com/Mail.Read.
+        assert_eq!(
+            check_microsoft_scopes(&scopes(
+                "offline_access https://outlook.office.com/SMTP.Send Mail.Read"
+            )),
+            Ok(())
+        );
+        // (b) "will successfully create Refresh and Access tokens but fail
+        // on SMTP authentication": read as Graph's Mail.Read and SMTP.Send,
+        // the token's aud is Graph.
+        let e = check_microsoft_scopes(&scopes(
+            "offline_access Mail.Read https://outlook.office.com/SMTP.Send",
+        ))
+        .unwrap_err();
+        assert_eq!(
+            e,
+            ScopeError::WrongResourceFirst {
+                scope: "Mail.Read".into(),
+                graph: true
+            }
+        );
+        let why = e.to_string();
+        assert!(
+            why.contains("Microsoft Graph")
+                && why.contains("00000003-0000-0000-c000-000000000000")
+                && why.contains("535 5.7.3"),
+            "{why}"
+        );
+        // The same rules at config time.
+        let mut c = cfg("microsoft");
+        c.scopes = Some(scopes(
+            "offline_access https://outlook.office.com/SMTP.Send Mail.Read",
+        ));
+        assert!(resolve("m", &c).is_ok());
+        c.scopes = Some(scopes(
+            "offline_access Mail.Read https://outlook.office.com/SMTP.Send",
+        ));
+        let e = resolve("m", &c).unwrap_err();
+        assert!(e.field == "scopes" && e.message.contains("aud"), "{e:?}");
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub enum ServerError {
     /// The service key is unusable.
     #[error("{0}")]
     Key(String),
+    /// `[alerts]` is unusable (its CA or secret file, say).
+    #[error(transparent)]
+    Alerts(#[from] crate::alerts::AlertsError),
     /// The control socket could not be created.
     #[error("cannot create the control socket {}: {source}; check that the state directory is writable", path.display())]
     Control {
@@ -184,7 +187,8 @@ impl Server {
         let settings = Arc::new(settings);
         let vault = Arc::new(vault_for(&settings, store)?);
         let tokens = TokenSource::new(http, vault.clone());
-        let gateway = Arc::new(Gateway::new(settings.clone(), vault, tokens)?);
+        let alerts = crate::alerts::Alerts::new(&settings.alerts)?;
+        let gateway = Arc::new(Gateway::new(settings.clone(), vault, tokens)?.with_alerts(alerts));
 
         let mut listeners = Vec::new();
         for l in &settings.listeners {
@@ -262,6 +266,9 @@ impl Server {
         }
         if new.listeners != running.listeners {
             needs_restart.push("[[listener]]");
+        }
+        if new.alerts != running.alerts {
+            needs_restart.push("[alerts]");
         }
         if !needs_restart.is_empty() {
             note.push_str(&format!(
@@ -349,7 +356,22 @@ impl Server {
                 }
             })
         });
+        // Password key mode: only a client's login uses a grant, so say
+        // when one nears Microsoft's 90 days unused (service mode's
+        // background refresh prevents that, and alerts when it fails).
+        let unused_check = (self.settings.server.key_mode == KeyMode::Password).then(|| {
+            let gateway = self.gateway.clone();
+            tokio::spawn(async move {
+                loop {
+                    check_unused_grants(&gateway);
+                    tokio::time::sleep(UNUSED_CHECK_EVERY).await;
+                }
+            })
+        });
         shutdown.await;
+        if let Some(r) = unused_check {
+            r.abort();
+        }
         if let Some(r) = refresher {
             r.abort();
         }
@@ -381,6 +403,27 @@ impl Server {
         // Keep `stop_tx` alive until here: sessions treat a dropped sender
         // as "never stopping".
         drop(stop_tx);
+    }
+}
+
+/// How often password key mode looks for grants about to expire unused.
+const UNUSED_CHECK_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// Raises an alert for each grant about to expire unused.
+fn check_unused_grants(gateway: &Gateway) {
+    let settings = gateway.settings();
+    let found = crate::alerts::unused_grants(
+        &settings,
+        gateway.vault().store().as_ref(),
+        crate::clock::unix_now(),
+        settings.alerts.unused_warn_days,
+    );
+    tracing::debug!(
+        found = found.len(),
+        "checked for grants about to expire unused"
+    );
+    for alert in found {
+        gateway.alerts().raise(alert);
     }
 }
 

@@ -9,7 +9,7 @@ pub mod schema;
 pub mod settings;
 
 pub use schema::{
-    AccountConfig, Config, GrantKind, KeyMode, ListenerConfig, ListenerTls, Protocol,
+    AccountConfig, AlertsConfig, Config, GrantKind, KeyMode, ListenerConfig, ListenerTls, Protocol,
     ProviderConfig, ServerConfig, ServerEndpointConfig, UpstreamTls,
 };
 pub use settings::{Account, ConfigError, Listener, Settings};

@@ -93,6 +93,112 @@ pub struct Config {
     /// Local logins and the upstream identities they map to.
     #[serde(default, rename = "account")]
     pub accounts: Vec<Spanned<AccountConfig>>,
+    /// Who hears when a grant needs a person.
+    #[serde(default)]
+    pub alerts: Option<Spanned<AlertsConfig>>,
+}
+
+/// `[alerts]`: a command to run and/or a webhook to call when a grant
+/// needs a person (refused by the provider, a rotated token that cannot be
+/// saved, refreshes failing for long, a grant about to expire unused, a
+/// wrong-password storm). Every alert is logged whether or not either is
+/// set.
+#[derive(Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// A program and its arguments, run without a shell for each alert;
+    /// the alert is in its environment (`MAILBRIDGE_EVENT`,
+    /// `MAILBRIDGE_ACCOUNT`, `MAILBRIDGE_REASON`, `MAILBRIDGE_ADVICE`,
+    /// `MAILBRIDGE_TIME`). Empty: none.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Seconds the command may run before it is killed.
+    #[serde(default = "defaults::alert_command_timeout")]
+    pub command_timeout_secs: u64,
+    /// An `https://` URL (or `http://` on loopback) that gets each alert as
+    /// a JSON POST. Redirects are not followed.
+    pub webhook_url: Option<String>,
+    /// PEM file of CA certificates to trust for the webhook instead of
+    /// the system's.
+    pub webhook_ca_file: Option<PathBuf>,
+    /// A file whose first line is sent with the webhook: as
+    /// `Authorization: Bearer <secret>`, or in `webhook_secret_header`.
+    pub webhook_secret_file: Option<PathBuf>,
+    /// The header that carries the secret of `webhook_secret_file`
+    /// instead of `Authorization: Bearer`.
+    pub webhook_secret_header: Option<String>,
+    /// Seconds the webhook may take to answer.
+    #[serde(default = "defaults::alert_webhook_timeout")]
+    pub webhook_timeout_secs: u64,
+    /// An account's alert of one kind goes out at most once in this many
+    /// seconds (later ones are logged only).
+    #[serde(default = "defaults::alert_min_interval")]
+    pub min_interval_secs: u64,
+    /// Refreshes failing for a temporary reason (provider unreachable,
+    /// server errors) raise an alert once they have failed for this many
+    /// seconds.
+    #[serde(default = "defaults::alert_refresh_failing")]
+    pub refresh_failing_secs: u64,
+    /// Password key mode, Microsoft: warn this many days after a grant's
+    /// last use that a client must log in before Microsoft ends it unused
+    /// at 90 days.
+    #[serde(default = "defaults::alert_unused_days")]
+    pub unused_warn_days: u64,
+    /// A wrong-password storm: this many failed logins of one account ...
+    #[serde(default = "defaults::alert_storm_failures")]
+    pub password_storm_failures: u32,
+    /// ... within this many seconds.
+    #[serde(default = "defaults::alert_storm_window")]
+    pub password_storm_window_secs: u64,
+}
+
+/// Shows the webhook's scheme and host only: a webhook URL often carries
+/// a secret in its path or query.
+impl std::fmt::Debug for AlertsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let webhook = self.webhook_url.as_ref().map(|u| {
+            let (scheme, rest) = u.split_once("://").unwrap_or(("", u));
+            let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+            let host = host.rsplit('@').next().unwrap_or(host);
+            format!("{scheme}://{host}/...")
+        });
+        f.debug_struct("AlertsConfig")
+            .field("command", &self.command)
+            .field("command_timeout_secs", &self.command_timeout_secs)
+            .field("webhook_url", &webhook)
+            .field("webhook_ca_file", &self.webhook_ca_file)
+            .field("webhook_secret_file", &self.webhook_secret_file)
+            .field("webhook_secret_header", &self.webhook_secret_header)
+            .field("webhook_timeout_secs", &self.webhook_timeout_secs)
+            .field("min_interval_secs", &self.min_interval_secs)
+            .field("refresh_failing_secs", &self.refresh_failing_secs)
+            .field("unused_warn_days", &self.unused_warn_days)
+            .field("password_storm_failures", &self.password_storm_failures)
+            .field(
+                "password_storm_window_secs",
+                &self.password_storm_window_secs,
+            )
+            .finish()
+    }
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            command: Vec::new(),
+            command_timeout_secs: defaults::alert_command_timeout(),
+            webhook_url: None,
+            webhook_ca_file: None,
+            webhook_secret_file: None,
+            webhook_secret_header: None,
+            webhook_timeout_secs: defaults::alert_webhook_timeout(),
+            min_interval_secs: defaults::alert_min_interval(),
+            refresh_failing_secs: defaults::alert_refresh_failing(),
+            unused_warn_days: defaults::alert_unused_days(),
+            password_storm_failures: defaults::alert_storm_failures(),
+            password_storm_window_secs: defaults::alert_storm_window(),
+        }
+    }
 }
 
 /// `[server]`: process-wide settings.
@@ -200,6 +306,27 @@ impl ServerConfig {
 }
 
 mod defaults {
+    pub fn alert_command_timeout() -> u64 {
+        30
+    }
+    pub fn alert_webhook_timeout() -> u64 {
+        10
+    }
+    pub fn alert_min_interval() -> u64 {
+        3600
+    }
+    pub fn alert_refresh_failing() -> u64 {
+        3600
+    }
+    pub fn alert_unused_days() -> u64 {
+        80
+    }
+    pub fn alert_storm_failures() -> u32 {
+        20
+    }
+    pub fn alert_storm_window() -> u64 {
+        600
+    }
     pub fn background_refresh() -> u64 {
         24 * 3600
     }

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use toml::Spanned;
 
-use super::schema::{AccountConfig, Config, GrantKind, ListenerTls, Protocol, ServerConfig};
+use super::schema::{
+    AccountConfig, AlertsConfig, Config, GrantKind, ListenerTls, Protocol, ServerConfig,
+};
 use crate::provider::{self, DiscoveryError, Provider};
 
 /// Everything that can go wrong loading a configuration.
@@ -74,6 +76,8 @@ pub struct Settings {
     pub providers: BTreeMap<String, Provider>,
     /// Accounts as configured.
     pub accounts: Vec<AccountConfig>,
+    /// `[alerts]`, checked.
+    pub alerts: AlertsConfig,
 }
 
 /// A validated listener.
@@ -284,7 +288,19 @@ impl Settings {
             }
         }
 
+        let alerts = match raw.alerts {
+            Some(a) => {
+                let span = a.span();
+                let a = a.into_inner();
+                check_alerts(&a)
+                    .map_err(|(field, m)| invalid(span.clone(), &format!("alerts.{field}"), m))?;
+                a
+            }
+            None => AlertsConfig::default(),
+        };
+
         Ok(Settings {
+            alerts,
             server: raw.server,
             listeners,
             providers,
@@ -339,6 +355,85 @@ impl Settings {
                 authorize_on_login: a.authorize_on_login,
             })
     }
+}
+
+/// What makes an `[alerts]` table unusable: the field and what to do.
+fn check_alerts(a: &AlertsConfig) -> Result<(), (&'static str, String)> {
+    if let Some(program) = a.command.first() {
+        if program.trim().is_empty() {
+            return Err((
+                "command",
+                "the first element is the program to run; it is empty".into(),
+            ));
+        }
+    }
+    if let Some(url) = &a.webhook_url {
+        let parsed = reqwest::Url::parse(url).map_err(|e| {
+            (
+                "webhook_url",
+                format!("`{url}` is not a URL ({e}); write https://host/path"),
+            )
+        })?;
+        let host = parsed.host_str().unwrap_or("");
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        match parsed.scheme() {
+            "https" => {}
+            "http" if loopback => {}
+            _ => {
+                return Err((
+                    "webhook_url",
+                    format!(
+                        "`{url}`: alerts go out over https (plain http only to a loopback address)"
+                    ),
+                ));
+            }
+        }
+    }
+    if a.webhook_url.is_none() && (a.webhook_ca_file.is_some() || a.webhook_secret_file.is_some()) {
+        return Err((
+            "webhook_url",
+            "webhook_ca_file and webhook_secret_file need webhook_url".into(),
+        ));
+    }
+    if let Some(h) = &a.webhook_secret_header {
+        if a.webhook_secret_file.is_none() {
+            return Err((
+                "webhook_secret_header",
+                "the header carries the secret of webhook_secret_file; set that too".into(),
+            ));
+        }
+        if reqwest::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            return Err((
+                "webhook_secret_header",
+                format!("`{h}` is not an HTTP header name"),
+            ));
+        }
+    }
+    for (field, value) in [
+        ("command_timeout_secs", a.command_timeout_secs),
+        ("webhook_timeout_secs", a.webhook_timeout_secs),
+        ("password_storm_window_secs", a.password_storm_window_secs),
+        (
+            "password_storm_failures",
+            u64::from(a.password_storm_failures),
+        ),
+    ] {
+        if value == 0 {
+            return Err((field, "must be at least 1".into()));
+        }
+    }
+    if a.unused_warn_days >= 90 {
+        return Err((
+            "unused_warn_days",
+            "Microsoft ends a grant unused for 90 days, so the warning must come before: at most 89".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// 1-based line number of a byte offset.
@@ -434,6 +529,52 @@ provider = "corp"
             e.contains("no provider named `nope`") && e.contains("line 10"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn alerts_are_checked_with_their_line() {
+        let s = Settings::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(s.alerts, AlertsConfig::default());
+        assert_eq!(s.alerts.min_interval_secs, 3600);
+        assert_eq!(s.alerts.refresh_failing_secs, 3600);
+        let with =
+            |extra: &str| Settings::parse(&format!("{MINIMAL}\n[alerts]\n{extra}\n"), "t.toml");
+        let ok = with("command = [\"/usr/local/bin/notify\", \"--urgent\"]\nwebhook_url = \"https://hooks.example/x\"").unwrap();
+        assert_eq!(ok.alerts.command.len(), 2);
+        assert!(with("webhook_url = \"http://127.0.0.1:9/x\"").is_ok());
+        for (extra, field) in [
+            (
+                "webhook_url = \"http://hooks.example/x\"",
+                "alerts.webhook_url",
+            ),
+            ("webhook_url = \"not a url\"", "alerts.webhook_url"),
+            ("command = [\"\"]", "alerts.command"),
+            ("webhook_ca_file = \"/x.pem\"", "alerts.webhook_url"),
+            (
+                "webhook_url = \"https://h.example/\"\nwebhook_secret_file = \"/s\"\nwebhook_secret_header = \"bad header\"",
+                "alerts.webhook_secret_header",
+            ),
+            ("unused_warn_days = 90", "alerts.unused_warn_days"),
+            (
+                "password_storm_failures = 0",
+                "alerts.password_storm_failures",
+            ),
+        ] {
+            let e = with(extra).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains("line 19"), "{extra}: {e}");
+        }
+        let hooked =
+            with("webhook_url = \"https://user:pw@hooks.example/services/T0/B0/sekrit?token=x\"")
+                .unwrap();
+        let shown = format!("{hooked:?}");
+        assert!(
+            shown.contains("https://hooks.example/...")
+                && !shown.contains("sekrit")
+                && !shown.contains("pw@"),
+            "{shown}"
+        );
+        let e = with("comand = []").unwrap_err().to_string();
+        assert!(e.contains("comand"), "{e}");
     }
 
     #[test]
