@@ -99,6 +99,9 @@ pub struct Server {
     background_refresh: Option<Duration>,
     /// How long sessions get to come to rest at shutdown.
     shutdown_grace: Duration,
+    /// The bound on a token request, and so on waiting for refreshes in
+    /// flight at shutdown.
+    refresh_timeout: Duration,
 }
 
 /// The service key of `[server]`: the key file, else the systemd
@@ -183,7 +186,8 @@ impl Server {
         settings.discover(&http).await?;
         let settings = Arc::new(settings);
         let vault = Arc::new(vault_for(&settings, store)?);
-        let tokens = TokenSource::new(http, vault.clone());
+        let refresh_http = TokenSource::refresh_client(settings.server.refresh_timeout())?;
+        let tokens = TokenSource::new(http, refresh_http, vault.clone());
         let gateway = Arc::new(Gateway::new(settings.clone(), vault, tokens)?);
 
         let mut listeners = Vec::new();
@@ -222,6 +226,7 @@ impl Server {
             listeners,
             max_connections: settings.server.max_connections.max(1),
             shutdown_grace: settings.server.shutdown_grace(),
+            refresh_timeout: settings.server.refresh_timeout(),
             background_refresh,
         })
     }
@@ -340,19 +345,22 @@ impl Server {
         let reloads: Option<tokio::task::JoinHandle<()>> = self.reloader.take().and(None);
         let refresher = self.background_refresh.map(|every| {
             let gateway = self.gateway.clone();
+            let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 // Right away (a restart after a long stop is when grants are
-                // closest to their end), then on schedule.
+                // closest to their end), then on schedule; at shutdown the
+                // account in hand is finished, the rest wait for the next
+                // start.
                 loop {
-                    gateway.refresh_all().await;
-                    tokio::time::sleep(every).await;
+                    gateway.refresh_all(&stop).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = stop.wait_for(|stopping| *stopping) => break,
+                    }
                 }
             })
         });
         shutdown.await;
-        if let Some(r) = refresher {
-            r.abort();
-        }
         if let Some(r) = reloads {
             r.abort();
         }
@@ -377,6 +385,18 @@ impl Server {
                     "grace period over; cutting the sessions still busy"
                 ),
             }
+        }
+        // A refresh in flight may hold a refresh token the provider has
+        // already rotated: it must reach the disk before the process ends.
+        // The background refresher finishes the account in hand (its
+        // refresh is one of those drained) and starts no other.
+        let tokens = self.gateway.tokens();
+        tokens.drain(self.refresh_timeout).await;
+        if let Some(r) = refresher {
+            if tokio::time::timeout(self.refresh_timeout, r).await.is_err() {
+                tracing::warn!("the background refresh did not finish in time");
+            }
+            tokens.drain(self.refresh_timeout).await;
         }
         // Keep `stop_tx` alive until here: sessions treat a dropped sender
         // as "never stopping".
