@@ -1113,7 +1113,7 @@ def t_big_tokens(c):
 # ---------------------------------------------------------------------------
 # Tokens against the real server: expiry, caching, rotation, revocation.
 
-@case("access-token expiry: after the server's token expired, the next login refreshes (rotating)")
+@case("access-token expiry: refreshed (rotating) once the server let the token expire; the new one reused for half its life, then refreshed")
 def t_expiry(c):
     t0 = c.state.get("expiry_t0")
     check(t0, "the first IMAP case did not run")
