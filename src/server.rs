@@ -398,6 +398,8 @@ impl Server {
             }
             tokens.drain(self.refresh_timeout).await;
         }
+        // A rotated token the store could not take: one last try.
+        self.gateway.vault().save_all_unsaved().await;
         // Keep `stop_tx` alive until here: sessions treat a dropped sender
         // as "never stopping".
         drop(stop_tx);

@@ -793,6 +793,38 @@ impl Vault {
         self.write_unsaved(slot, unlocked).await.map(|()| true)
     }
 
+    /// At shutdown: one last try to save every rotated refresh token that
+    /// is still only in memory. Each that stays unsaved is logged as an
+    /// error (its grant is lost when the process ends). Returns how many.
+    pub async fn save_all_unsaved(&self) -> usize {
+        let slots: Vec<_> = self
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        let mut left = 0;
+        for slot in slots {
+            let Some(shared) = slot.lock().await.shared.clone() else {
+                continue;
+            };
+            if shared.read().unsaved.is_none() {
+                continue;
+            }
+            let unlocked = Unlocked { shared };
+            if let Err(e) = self.save_unsaved(&unlocked).await {
+                left += 1;
+                tracing::error!(
+                    account = unlocked.account(),
+                    error = %crate::report::chain(&e),
+                    "the rotated refresh token could not be saved before exit: the grant is lost; authorize the account again (`mailbridge account reauthorize`)"
+                );
+            }
+        }
+        left
+    }
+
     /// Seals `unlocked`'s current grant over the record it is based on
     /// and saves it; on failure the grant stays in memory, unsaved.
     async fn write_unsaved(

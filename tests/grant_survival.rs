@@ -925,7 +925,34 @@ async fn a_store_that_cannot_write_keeps_the_rotated_token() {
     let _ = tokio::time::timeout(WAIT, task).await;
     drop(gateway);
 
-    // A new server over the same store: the grant works.
+    // A new server over the same store: the grant works. The disk fills
+    // again, and has room again just as the server stops: the shutdown
+    // saves the token (the background retry would come a second later).
+    let (addr, gateway, stop, task) = serve(settings(), dyn_store.clone()).await;
+    store.fail.store(true, Ordering::SeqCst);
+    let r = login(addr).await;
+    assert!(r.starts_with("a1 OK"), "{r}");
+    let unsaved_at = Instant::now();
+    assert_eq!(provider.refresh_token_replays(), 0);
+    assert!(!provider.refresh_token_is_live(&on_disk().await));
+    store.fail.store(false, Ordering::SeqCst);
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(WAIT, task).await;
+    let stopped_after = unsaved_at.elapsed();
+    let disk = on_disk().await;
+    assert!(
+        stopped_after < Duration::from_millis(900),
+        "too slow to tell the shutdown's save from the retry's: {stopped_after:?}"
+    );
+    assert!(
+        provider.refresh_token_is_live(&disk),
+        "the shutdown saved the rotated token"
+    );
+    println!(
+        "disk full until the shutdown: saved by it ({} ms after the failed save)",
+        stopped_after.as_millis()
+    );
+    drop(gateway);
     let (addr, gateway, stop, task) = serve(settings(), dyn_store.clone()).await;
     let r = login(addr).await;
     assert!(r.starts_with("a1 OK"), "{r}");
