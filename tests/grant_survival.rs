@@ -350,6 +350,14 @@ async fn read_line_or_nothing(io: &mut tokio::io::BufReader<tokio::net::TcpStrea
     }
 }
 
+/// No password and no token the provider issued is in the logs.
+fn assert_no_secret(logs: &str, w: &World) {
+    assert!(!logs.is_empty());
+    for secret in std::iter::once(PASSWORD.to_string()).chain(w.provider.issued_tokens()) {
+        assert!(!logs.contains(&secret), "a secret appeared in the logs");
+    }
+}
+
 /// The grant is alive: a restarted mailbridge (no cached token, so it
 /// refreshes from what is on disk) logs in, and the provider saw no replay.
 async fn assert_alive_after_restart(w: &World) {
@@ -363,6 +371,7 @@ async fn assert_alive_after_restart(w: &World) {
     assert!(r.starts_with("a1 OK"), "after a restart: {r}");
     let (status, _) = run.term().await;
     assert!(status.success(), "{status:?}");
+    assert_no_secret(&run.text(), w);
     assert_eq!(
         w.provider.refresh_token_replays(),
         0,
@@ -545,6 +554,7 @@ async fn sigterm_during_a_background_refresh_waits_for_it() {
     let (status, took) = run.term().await;
     assert!(status.success(), "{status:?}");
     let logs = run.text();
+    assert_no_secret(&logs, &w);
     assert!(logs.contains("waiting for 1 token refreshes"), "{logs}");
     assert!(
         logs.contains("rotated refresh token sealed and saved"),
