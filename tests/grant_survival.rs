@@ -442,6 +442,44 @@ async fn a_login_timeout_during_a_refresh_keeps_the_grant() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_answering_after_32_s_is_waited_for() {
+    // Past the 30 s that bound every other HTTP request: the refresh's own
+    // bound is refresh_timeout_secs (default 300 s).
+    let w = World::new(
+        "gs-slow",
+        "login_timeout_secs = 2",
+        ProviderOptions::default(),
+    )
+    .await;
+    w.provider.set_answer_delay(Duration::from_secs(32));
+    let mut run = w.start().await;
+    let from = run.lines();
+    let t0 = Instant::now();
+    let r = login(w.addr).await;
+    let cut = t0.elapsed();
+    assert!(r.starts_with("a1 NO [UNAVAILABLE]"), "{r}");
+    let saved = run
+        .wait_log(
+            "rotated refresh token sealed and saved",
+            from,
+            Duration::from_secs(45),
+        )
+        .await;
+    assert!(saved.is_some(), "{}", run.text());
+    println!(
+        "token endpoint answering after 32 s: login told to retry after {} ms, rotated token saved after {} ms",
+        cut.as_millis(),
+        (saved.unwrap().0 - t0).as_millis()
+    );
+    assert!(!run.text().contains("cannot reach the token endpoint"));
+    let (status, _) = run.term().await;
+    assert!(status.success());
+    w.provider.set_answer_delay(Duration::ZERO);
+    assert_alive_after_restart(&w).await;
+    w.cleanup();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_gone_during_a_refresh_keeps_the_grant() {
     let w = World::new("gs-gone", "", ProviderOptions::default()).await;
     w.provider.set_token_delay(Duration::from_millis(800));
