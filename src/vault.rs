@@ -311,6 +311,14 @@ impl Slot {
         (same_password && shared.read().matches(record)).then(|| shared.clone())
     }
 
+    /// The shared state if `verifier` is the cached one, whatever the
+    /// store holds (for when it cannot be read).
+    fn cached_in_memory(&self, verifier: &[u8; 32]) -> Option<Arc<Shared>> {
+        let cached = self.verifier.as_ref()?;
+        let same_password: bool = cached.ct_eq(verifier).into();
+        same_password.then(|| self.shared.clone()).flatten()
+    }
+
     /// Make `current` the account's state, updating the shared state in
     /// place so that existing [`Unlocked`] values see it. A record that
     /// holds the refresh token an unsaved rotation replaced is older than
@@ -551,12 +559,21 @@ impl Vault {
         let mut slot = slot.lock_owned().await;
         // Attempts that queued behind a failure are refused too.
         self.check_backoff(account, peer)?;
-        let record = self
-            .store
-            .load_grant(account)?
-            .ok_or_else(|| no_grant(account))?;
-
         let verifier = self.verifier(account, password);
+        let record = match self.store.load_grant(account) {
+            Ok(record) => record.ok_or_else(|| no_grant(account))?,
+            // The store cannot be read just now (sled on a full disk cannot
+            // even reopen): a password already seen opens the grant held
+            // in memory, so logins go on while a person frees the disk.
+            Err(e) => match slot.cached_in_memory(&verifier) {
+                Some(shared) => {
+                    tracing::warn!(account, error = %crate::report::chain(&e), "the token store cannot be read; using the grant in memory");
+                    self.succeeded(account, peer);
+                    return Ok(Unlocked { shared });
+                }
+                None => return Err(e.into()),
+            },
+        };
         if let Some(shared) = slot.cached(&verifier, &record) {
             self.succeeded(account, peer);
             return Ok(Unlocked { shared });
@@ -607,10 +624,14 @@ impl Vault {
         }
         let slot = self.slot(account);
         let mut slot = slot.lock_owned().await;
-        let record = self
-            .store
-            .load_grant(account)?
-            .ok_or_else(|| no_grant(account))?;
+        let record = match self.store.load_grant(account) {
+            Ok(record) => record.ok_or_else(|| no_grant(account))?,
+            // Unreadable store: the grant in memory, if there is one.
+            Err(e) => match slot.shared.clone() {
+                Some(shared) => return Ok(Unlocked { shared }),
+                None => return Err(e.into()),
+            },
+        };
         if let Some(shared) = slot.shared.as_ref().filter(|s| s.read().matches(&record)) {
             return Ok(Unlocked {
                 shared: shared.clone(),
@@ -1675,6 +1696,7 @@ mod tests {
     struct Flaky {
         inner: SledStore,
         fail: std::sync::atomic::AtomicBool,
+        fail_reads: std::sync::atomic::AtomicBool,
     }
 
     impl Flaky {
@@ -1691,6 +1713,12 @@ mod tests {
 
     impl TokenStore for Flaky {
         fn load_grant(&self, account: &str) -> Result<Option<SealedGrant>, StoreError> {
+            if self.fail_reads.load(Ordering::SeqCst) {
+                return Err(StoreError::Backend {
+                    path: PathBuf::from("/state"),
+                    reason: "cannot reopen: No space left on device".into(),
+                });
+            }
             self.inner.load_grant(account)
         }
         fn swap_grant(
@@ -1723,6 +1751,7 @@ mod tests {
         let flaky = Arc::new(Flaky {
             inner: SledStore::open_temporary().unwrap(),
             fail: std::sync::atomic::AtomicBool::new(false),
+            fail_reads: std::sync::atomic::AtomicBool::new(false),
         });
         let store: Arc<dyn TokenStore> = flaky.clone();
         let secret = [9u8; 32];
@@ -1763,6 +1792,19 @@ mod tests {
             events.try_recv(),
             Err(tokio::sync::broadcast::error::TryRecvError::Empty)
         ));
+        // A store that cannot even be read: a password already seen opens
+        // the grant in memory; another is not checked against anything.
+        flaky.fail_reads.store(true, Ordering::SeqCst);
+        assert_eq!(
+            token(&v.unlock("a", &pw("local"), P1).await.unwrap()),
+            "rt-3"
+        );
+        assert_eq!(token(&v.unlock_service("a").await.unwrap()), "rt-3");
+        assert!(matches!(
+            v.unlock("a", &pw("other"), P2).await,
+            Err(VaultError::Store(_))
+        ));
+        flaky.fail_reads.store(false, Ordering::SeqCst);
         // Room again.
         flaky.fail.store(false, Ordering::SeqCst);
         assert!(v.save_unsaved(&u).await.unwrap());
