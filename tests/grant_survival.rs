@@ -1017,3 +1017,98 @@ async fn a_store_that_cannot_write_keeps_the_rotated_token() {
     provider.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The sled store on a really full disk: a small tmpfs this test mounts
+/// (skipped, saying why, where mounting is not allowed). Through the
+/// binary the disk cannot be made to fail in reasonable time (sled writes
+/// into a 512 KiB log segment it allocated at start), so the store is
+/// driven directly: a write fails with ENOSPC, sled then refuses even to
+/// reopen while the disk is full, and once there is room the store
+/// reopens itself and the next write is durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sled_store_on_a_full_tmpfs_works_again_once_there_is_room() {
+    use mailbridge::store::KdfParams;
+    let dir = temp_dir("gs-tmpfs");
+    let mnt = dir.join("tmpfs");
+    std::fs::create_dir_all(&mnt).unwrap();
+    match Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&mnt)
+        .output()
+    {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            println!(
+                "SKIPPED: cannot mount a tmpfs here ({})",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+        Err(e) => {
+            println!("SKIPPED: cannot run mount ({e})");
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+    }
+    let unmount = Unmount(mnt.clone());
+    let grant = |n: usize| SealedGrant {
+        format: 1,
+        kdf: KdfParams::for_tests(),
+        salt: vec![1; 16],
+        nonce: vec![(n % 250) as u8; 24],
+        ciphertext: vec![7; 400],
+        password_hash: None,
+    };
+    let store = SledStore::open(&mnt.join("state")).unwrap();
+    assert!(store.swap_grant(USER, None, &grant(0)).unwrap());
+    let filler = mnt.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 4096];
+        for _ in 0..2048 {
+            if f.write_all(&chunk).and_then(|_| f.sync_all()).is_err() {
+                break;
+            }
+        }
+    }
+    let mut current = grant(0);
+    let mut failed = None;
+    for n in 1..2000 {
+        match store.swap_grant(USER, Some(&current), &grant(n)) {
+            Ok(true) => current = grant(n),
+            Ok(false) => panic!("nobody else writes"),
+            Err(e) => {
+                failed = Some((n, e));
+                break;
+            }
+        }
+    }
+    let (n, e) = failed.expect("a write failed on the full disk");
+    println!("full disk: write {n} failed: {e}");
+    let while_full = store.load_grant(USER);
+    println!("while full, a read: {while_full:?}");
+    std::fs::remove_file(&filler).unwrap();
+    let on_disk = store.load_grant(USER).unwrap().unwrap();
+    assert!(
+        store.swap_grant(USER, Some(&on_disk), &grant(777)).unwrap(),
+        "a write once there is room"
+    );
+    drop(store);
+    let again = SledStore::open(&mnt.join("state")).unwrap();
+    assert_eq!(again.load_grant(USER).unwrap(), Some(grant(777)));
+    println!("room again: the store reopened itself; the write is on disk");
+    drop(again);
+    drop(unmount);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Unmounts its path when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
