@@ -102,13 +102,12 @@ impl Gateway {
     }
 
     /// Raises the alert a failed token request calls for: a refused
-    /// grant, a rotated token that could not be saved, or (once they
-    /// have lasted) temporary failures.
+    /// grant, or (once they have lasted) temporary failures. A rotated
+    /// token that could not be saved does not fail the request; the
+    /// vault announces it ([`crate::vault::GrantEvent`]) and
+    /// `server::run` raises that alert.
     fn token_alert(&self, account: &str, e: &TokenError, grant_age: Option<u64>) {
         match e {
-            TokenError::Store(_) => {
-                self.alerts.token_not_saved(account, &e.to_string());
-            }
             e if e.is_temporary() => {
                 self.alerts.refresh_failed(account, &e.to_string());
             }
@@ -239,11 +238,21 @@ impl Gateway {
         Ok(())
     }
 
+    /// The token source.
+    pub fn tokens(&self) -> &TokenSource {
+        &self.tokens
+    }
+
     /// Service key mode: refreshes every stored grant that lives in a
     /// refresh token, so grants outlive long idle periods (Microsoft ends
     /// refresh tokens unused for 90 days). Returns (refreshed, failed);
-    /// failures are logged and kept in the account's `last_error`.
-    pub async fn refresh_all(&self) -> (usize, usize) {
+    /// failures are logged and kept in the account's `last_error`. Once
+    /// `stopping` says so, the account in hand is finished and the rest
+    /// are left for the next run.
+    pub async fn refresh_all(
+        &self,
+        stopping: &tokio::sync::watch::Receiver<bool>,
+    ) -> (usize, usize) {
         let names = match self.vault.store().accounts() {
             Ok(n) => n,
             Err(e) => {
@@ -254,7 +263,15 @@ impl Gateway {
         let (mut ok, mut failed) = (0, 0);
         let routing = self.routing();
         let settings = &routing.settings;
-        for name in names {
+        let total = names.len();
+        for (done, name) in names.into_iter().enumerate() {
+            if *stopping.borrow() {
+                tracing::info!(
+                    left = total - done,
+                    "background refresh: shutting down; the other accounts wait for the next start"
+                );
+                break;
+            }
             let Some(account) = settings.account_for(&name) else {
                 tracing::debug!(account = %name, "background refresh: not in the config; skipped");
                 continue;
@@ -373,6 +390,10 @@ impl Gateway {
             account: &account,
             unlocked: &unlocked,
             last: None,
+            floor: match protocol {
+                Protocol::Smtp => crate::oauth::MIN_TOKEN_LIFETIME,
+                Protocol::Imap | Protocol::Pop3 => settings.server.session_token_min(),
+            },
         };
         let result = upstream::login(
             &target,
@@ -419,6 +440,8 @@ struct LoginTokens<'a> {
     unlocked: &'a crate::vault::Unlocked,
     /// The token last handed out: a fresh one must be newer.
     last: Option<crate::oauth::AccessToken>,
+    /// The least life a cached token must have left for this protocol.
+    floor: std::time::Duration,
 }
 
 impl upstream::Tokens for LoginTokens<'_> {
@@ -438,7 +461,13 @@ impl LoginTokens<'_> {
         let refused = if fresh { self.last.as_ref() } else { None };
         let token = self
             .source
-            .token(self.provider, self.account, self.unlocked, refused)
+            .token(
+                self.provider,
+                self.account,
+                self.unlocked,
+                refused,
+                self.floor,
+            )
             .await?;
         let secret = token.secret.clone();
         self.last = Some(token);

@@ -97,6 +97,7 @@ fn token_and_grant_values() {
     let access = AccessToken {
         secret: SecretString::from(ACCESS_TOKEN),
         expires_at: Instant::now(),
+        lifetime: Duration::from_secs(3600),
         generation: 1,
     };
     assert_hidden("AccessToken", &format!("{access:?}"));

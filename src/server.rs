@@ -102,6 +102,9 @@ pub struct Server {
     background_refresh: Option<Duration>,
     /// How long sessions get to come to rest at shutdown.
     shutdown_grace: Duration,
+    /// The bound on a token request, and so on waiting for refreshes in
+    /// flight at shutdown.
+    refresh_timeout: Duration,
 }
 
 /// The service key of `[server]`: the key file, else the systemd
@@ -186,7 +189,8 @@ impl Server {
         settings.discover(&http).await?;
         let settings = Arc::new(settings);
         let vault = Arc::new(vault_for(&settings, store)?);
-        let tokens = TokenSource::new(http, vault.clone());
+        let refresh_http = TokenSource::refresh_client(settings.server.refresh_timeout())?;
+        let tokens = TokenSource::new(http, refresh_http, vault.clone());
         let alerts = crate::alerts::Alerts::new(&settings.alerts)?;
         let gateway = Arc::new(Gateway::new(settings.clone(), vault, tokens)?.with_alerts(alerts));
 
@@ -226,6 +230,7 @@ impl Server {
             listeners,
             max_connections: settings.server.max_connections.max(1),
             shutdown_grace: settings.server.shutdown_grace(),
+            refresh_timeout: settings.server.refresh_timeout(),
             background_refresh,
         })
     }
@@ -347,15 +352,47 @@ impl Server {
         let reloads: Option<tokio::task::JoinHandle<()>> = self.reloader.take().and(None);
         let refresher = self.background_refresh.map(|every| {
             let gateway = self.gateway.clone();
+            let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 // Right away (a restart after a long stop is when grants are
-                // closest to their end), then on schedule.
+                // closest to their end), then on schedule; at shutdown the
+                // account in hand is finished, the rest wait for the next
+                // start.
                 loop {
-                    gateway.refresh_all().await;
-                    tokio::time::sleep(every).await;
+                    gateway.refresh_all(&stop).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = stop.wait_for(|stopping| *stopping) => break,
+                    }
                 }
             })
         });
+        // A rotated refresh token the store could not take is kept in
+        // memory and retried by the token source; a person hears of it.
+        let grant_events = {
+            let mut events = self.gateway.vault().subscribe();
+            let alerts = self.gateway.alerts().clone();
+            tokio::spawn(async move {
+                use tokio::sync::broadcast::error::RecvError;
+                loop {
+                    match events.recv().await {
+                        // The store's own words (paths, the backend's
+                        // errors) are in the log already, not in alerts.
+                        Ok(crate::vault::GrantEvent::RotationNotSaved { account, .. }) => {
+                            alerts.token_not_saved(
+                                &account,
+                                "cannot save the rotated refresh token; it is kept in memory and the write is retried, and mailbridge's log has the store's error",
+                            );
+                        }
+                        Ok(_) => {}
+                        Err(RecvError::Lagged(missed)) => {
+                            tracing::warn!(missed, "grant events missed: the log above has them");
+                        }
+                        Err(RecvError::Closed) => break,
+                    }
+                }
+            })
+        };
         // Password key mode: only a client's login uses a grant, so say
         // when one nears Microsoft's 90 days unused (service mode's
         // background refresh prevents that, and alerts when it fails).
@@ -370,9 +407,6 @@ impl Server {
         });
         shutdown.await;
         if let Some(r) = unused_check {
-            r.abort();
-        }
-        if let Some(r) = refresher {
             r.abort();
         }
         if let Some(r) = reloads {
@@ -400,6 +434,21 @@ impl Server {
                 ),
             }
         }
+        // A refresh in flight may hold a refresh token the provider has
+        // already rotated: it must reach the disk before the process ends.
+        // The background refresher finishes the account in hand (its
+        // refresh is one of those drained) and starts no other.
+        let tokens = self.gateway.tokens();
+        tokens.drain(self.refresh_timeout).await;
+        if let Some(r) = refresher {
+            if tokio::time::timeout(self.refresh_timeout, r).await.is_err() {
+                tracing::warn!("the background refresh did not finish in time");
+            }
+            tokens.drain(self.refresh_timeout).await;
+        }
+        // A rotated token the store could not take: one last try.
+        self.gateway.vault().save_all_unsaved().await;
+        grant_events.abort();
         // Keep `stop_tx` alive until here: sessions treat a dropped sender
         // as "never stopping".
         drop(stop_tx);

@@ -13,6 +13,13 @@
 //!   ([`Unlocked`]), so a refresh token rotated by one session is what the
 //!   next refresh uses. A rotated token is sealed and flushed to the store
 //!   before [`Vault::store_rotated`] returns.
+//! - A rotated token that cannot be written (disk full, store error) is
+//!   kept in memory as the account's current refresh token, marked
+//!   unsaved: the provider has already spent the one on disk, so memory is
+//!   authoritative until [`Vault::save_unsaved`] gets it on disk. Reading
+//!   the (older) record again never replaces it: an install whose refresh
+//!   token is the spent one keeps the unsaved token. Each change of that
+//!   state is announced on [`Vault::subscribe`] ([`GrantEvent`]).
 //!
 //! Operations on one account are serialised by a per-account async mutex.
 //! The final "save, then update memory" step of each write runs on a
@@ -152,6 +159,59 @@ struct Current {
     kdf: KdfParams,
     /// Identifies the stored record this state matches (with `salt`).
     nonce: Vec<u8>,
+    /// Set while `grant` holds a rotated refresh token that is not in the
+    /// record identified by `salt` and `nonce`.
+    unsaved: Option<Unsaved>,
+}
+
+/// A rotation that is only in memory.
+#[derive(Clone)]
+struct Unsaved {
+    /// The refresh token of the record on disk, already spent at the
+    /// provider: a record read again that holds it is older than memory.
+    spent: Option<SecretString>,
+    /// When the rotation happened.
+    since: Instant,
+    /// A write of it has failed (and [`GrantEvent::RotationNotSaved`] was
+    /// sent).
+    failed: bool,
+}
+
+/// What happened to an account's grant that someone should hear about
+/// (the alerts subscribe with [`Vault::subscribe`]). Each is sent once per
+/// change of state, not per attempt; reasons are the store's words and
+/// never hold a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantEvent {
+    /// A rotated refresh token could not be written. It is kept in memory
+    /// and used for later refreshes, and the write is retried; if
+    /// mailbridge stops before it is saved, the grant is lost.
+    RotationNotSaved {
+        /// The account.
+        account: String,
+        /// Why the write failed.
+        reason: String,
+    },
+    /// The rotated refresh token that could not be written is on disk now.
+    RotationSaved {
+        /// The account.
+        account: String,
+        /// How long it was only in memory.
+        after: Duration,
+    },
+}
+
+/// Whether two optional secrets hold the same value.
+fn same_secret(a: Option<&SecretString>, b: Option<&SecretString>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a
+            .expose_secret()
+            .as_bytes()
+            .ct_eq(b.expose_secret().as_bytes())
+            .into(),
+        (None, None) => true,
+        _ => false,
+    }
 }
 
 impl Current {
@@ -213,6 +273,16 @@ impl Unlocked {
     pub fn obtained_at(&self) -> u64 {
         self.shared.read().grant.obtained_at
     }
+
+    /// How long the current refresh token has been in memory only (a
+    /// rotation whose write failed), if it is.
+    pub fn unsaved_for(&self) -> Option<Duration> {
+        self.shared
+            .read()
+            .unsaved
+            .as_ref()
+            .map(|u| u.since.elapsed())
+    }
 }
 
 impl fmt::Debug for Unlocked {
@@ -241,11 +311,31 @@ impl Slot {
         (same_password && shared.read().matches(record)).then(|| shared.clone())
     }
 
+    /// The shared state if `verifier` is the cached one, whatever the
+    /// store holds (for when it cannot be read).
+    fn cached_in_memory(&self, verifier: &[u8; 32]) -> Option<Arc<Shared>> {
+        let cached = self.verifier.as_ref()?;
+        let same_password: bool = cached.ct_eq(verifier).into();
+        same_password.then(|| self.shared.clone()).flatten()
+    }
+
     /// Make `current` the account's state, updating the shared state in
-    /// place so that existing [`Unlocked`] values see it.
-    fn install(&mut self, account: &str, current: Current) -> Arc<Shared> {
+    /// place so that existing [`Unlocked`] values see it. A record that
+    /// holds the refresh token an unsaved rotation replaced is older than
+    /// memory: the unsaved token stays (now to be saved over that record).
+    fn install(&mut self, account: &str, mut current: Current) -> Arc<Shared> {
         match &self.shared {
             Some(shared) => {
+                {
+                    let old = shared.read();
+                    if let Some(unsaved) = &old.unsaved {
+                        if same_secret(current.grant.refresh_token.as_ref(), unsaved.spent.as_ref())
+                        {
+                            current.grant = old.grant.clone();
+                            current.unsaved = Some(unsaved.clone());
+                        }
+                    }
+                }
                 shared.replace(current);
                 shared.clone()
             }
@@ -356,6 +446,8 @@ pub struct Vault {
     failures: Mutex<BackoffTable>,
     meta_lock: Mutex<()>,
     kdf_runs: AtomicU64,
+    /// Where [`GrantEvent`]s go.
+    events: tokio::sync::broadcast::Sender<GrantEvent>,
 }
 
 impl fmt::Debug for Vault {
@@ -415,7 +507,19 @@ impl Vault {
             }),
             meta_lock: Mutex::new(()),
             kdf_runs: AtomicU64::new(0),
+            events: tokio::sync::broadcast::channel(64).0,
         }
+    }
+
+    /// Events about grants from now on (see [`GrantEvent`]). A receiver
+    /// that falls more than 64 events behind loses the oldest.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<GrantEvent> {
+        self.events.subscribe()
+    }
+
+    fn announce(&self, event: GrantEvent) {
+        // Nobody listening is fine: the log has it too.
+        let _ = self.events.send(event);
     }
 
     /// The underlying store.
@@ -455,12 +559,21 @@ impl Vault {
         let mut slot = slot.lock_owned().await;
         // Attempts that queued behind a failure are refused too.
         self.check_backoff(account, peer)?;
-        let record = self
-            .store
-            .load_grant(account)?
-            .ok_or_else(|| no_grant(account))?;
-
         let verifier = self.verifier(account, password);
+        let record = match self.store.load_grant(account) {
+            Ok(record) => record.ok_or_else(|| no_grant(account))?,
+            // The store cannot be read just now (sled on a full disk cannot
+            // even reopen): a password already seen opens the grant held
+            // in memory, so logins go on while a person frees the disk.
+            Err(e) => match slot.cached_in_memory(&verifier) {
+                Some(shared) => {
+                    tracing::warn!(account, error = %crate::report::chain(&e), "the token store cannot be read; using the grant in memory");
+                    self.succeeded(account, peer);
+                    return Ok(Unlocked { shared });
+                }
+                None => return Err(e.into()),
+            },
+        };
         if let Some(shared) = slot.cached(&verifier, &record) {
             self.succeeded(account, peer);
             return Ok(Unlocked { shared });
@@ -484,6 +597,7 @@ impl Vault {
                         salt: record.salt,
                         kdf: record.kdf,
                         nonce: record.nonce,
+                        unsaved: None,
                     },
                 );
                 slot.verifier = Some(verifier);
@@ -510,10 +624,14 @@ impl Vault {
         }
         let slot = self.slot(account);
         let mut slot = slot.lock_owned().await;
-        let record = self
-            .store
-            .load_grant(account)?
-            .ok_or_else(|| no_grant(account))?;
+        let record = match self.store.load_grant(account) {
+            Ok(record) => record.ok_or_else(|| no_grant(account))?,
+            // Unreadable store: the grant in memory, if there is one.
+            Err(e) => match slot.shared.clone() {
+                Some(shared) => return Ok(Unlocked { shared }),
+                None => return Err(e.into()),
+            },
+        };
         if let Some(shared) = slot.shared.as_ref().filter(|s| s.read().matches(&record)) {
             return Ok(Unlocked {
                 shared: shared.clone(),
@@ -538,6 +656,7 @@ impl Vault {
                 salt: record.salt,
                 kdf: record.kdf,
                 nonce: record.nonce,
+                unsaved: None,
             },
         );
         // No verifier: a password login still checks its password.
@@ -649,9 +768,13 @@ impl Vault {
         Ok(())
     }
 
-    /// The refresh token rotated: reseal under the same key (new nonce),
-    /// save durably, then update the shared in-memory grant. Returns only
-    /// after the store flushed.
+    /// The refresh token rotated: make it the account's current token in
+    /// memory at once (the provider has spent the old one), then reseal
+    /// under the same key (new nonce) and save durably. Returns only after
+    /// the store flushed. If the write fails, the new token stays in memory
+    /// marked unsaved (see [`Vault::save_unsaved`]) and the error is
+    /// returned: the caller may use the access token that came with it,
+    /// and must get the write retried.
     pub async fn store_rotated(
         &self,
         unlocked: &Unlocked,
@@ -659,53 +782,171 @@ impl Vault {
     ) -> Result<(), VaultError> {
         let account = unlocked.account();
         let slot = self.slot(account).lock_owned().await;
-        let (key, salt, kdf, known) = {
-            let c = unlocked.shared.read();
-            let record_id = (c.salt.clone(), c.nonce.clone());
-            (c.key.clone(), c.salt.clone(), c.kdf, record_id)
-        };
-        let record = self
-            .store
-            .load_grant(account)?
-            .ok_or_else(|| no_grant(account))?;
-        if (&record.salt, &record.nonce) != (&known.0, &known.1) {
-            // Written since this session's state was loaded (e.g. a save
-            // whose caller was cancelled). Go on only if our key still
-            // opens it: otherwise the account was re-keyed elsewhere.
-            match seal::open(account, &key, &record) {
-                Ok(_) => {}
-                Err(SealError::WrongKey) => {
-                    return Err(VaultError::Changed {
-                        account: account.to_owned(),
-                    });
-                }
-                Err(e) => return Err(e.into()),
+        {
+            let mut c = unlocked
+                .shared
+                .current
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let spent = c.grant.refresh_token.clone();
+            c.unsaved.get_or_insert(Unsaved {
+                spent,
+                since: Instant::now(),
+                failed: false,
+            });
+            c.grant.refresh_token = Some(new_refresh_token);
+            c.grant.obtained_at = unix_now();
+        }
+        self.write_unsaved(slot, unlocked).await
+    }
+
+    /// Writes the account's unsaved rotated refresh token, if it has one
+    /// (a retry after a failed [`Vault::store_rotated`]). True if there was
+    /// one and it is on disk now.
+    pub async fn save_unsaved(&self, unlocked: &Unlocked) -> Result<bool, VaultError> {
+        if unlocked.shared.read().unsaved.is_none() {
+            return Ok(false);
+        }
+        let slot = self.slot(unlocked.account()).lock_owned().await;
+        if unlocked.shared.read().unsaved.is_none() {
+            return Ok(false);
+        }
+        self.write_unsaved(slot, unlocked).await.map(|()| true)
+    }
+
+    /// At shutdown: one last try to save every rotated refresh token that
+    /// is still only in memory. Each that stays unsaved is logged as an
+    /// error (its grant is lost when the process ends). Returns how many.
+    pub async fn save_all_unsaved(&self) -> usize {
+        let slots: Vec<_> = self
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        let mut left = 0;
+        for slot in slots {
+            let Some(shared) = slot.lock().await.shared.clone() else {
+                continue;
+            };
+            if shared.read().unsaved.is_none() {
+                continue;
+            }
+            let unlocked = Unlocked { shared };
+            if let Err(e) = self.save_unsaved(&unlocked).await {
+                left += 1;
+                tracing::error!(
+                    account = unlocked.account(),
+                    error = %crate::report::chain(&e),
+                    "the rotated refresh token could not be saved before exit: the grant is lost; authorize the account again (`mailbridge account reauthorize`)"
+                );
             }
         }
-        let grant = GrantData {
-            refresh_token: Some(new_refresh_token),
-            obtained_at: unix_now(),
-            // The grant stays with the client it was issued to.
-            client_id: unlocked.client_id(),
+        left
+    }
+
+    /// Seals `unlocked`'s current grant over the record it is based on
+    /// and saves it; on failure the grant stays in memory, unsaved.
+    async fn write_unsaved(
+        &self,
+        slot: OwnedMutexGuard<Slot>,
+        unlocked: &Unlocked,
+    ) -> Result<(), VaultError> {
+        let account = unlocked.account();
+        let (grant, key, salt, kdf, known, was_unsaved) = {
+            let c = unlocked.shared.read();
+            (
+                c.grant.clone(),
+                c.key.clone(),
+                c.salt.clone(),
+                c.kdf,
+                (c.salt.clone(), c.nonce.clone()),
+                c.unsaved.clone(),
+            )
         };
-        let sealed = seal::seal_with_hash(
-            account,
-            &key,
-            salt,
-            kdf,
-            record.password_hash.clone(),
-            &grant,
-        )?;
-        let write = Write {
-            expected: Some(record),
-            sealed,
-            grant,
-            key,
-        };
-        self.commit(slot, account, write, None, Some(unlocked.shared.clone()))
-            .await?;
-        tracing::info!(account, "rotated refresh token sealed and saved");
-        Ok(())
+        let result = async {
+            let record = self
+                .store
+                .load_grant(account)?
+                .ok_or_else(|| no_grant(account))?;
+            if (&record.salt, &record.nonce) != (&known.0, &known.1) {
+                // Written since this session's state was loaded (by another
+                // vault on the same store, say). Go on only if our key
+                // still opens it: otherwise the account was re-keyed
+                // elsewhere.
+                match seal::open(account, &key, &record) {
+                    Ok(_) => {}
+                    Err(SealError::WrongKey) => {
+                        return Err(VaultError::Changed {
+                            account: account.to_owned(),
+                        });
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let sealed = seal::seal_with_hash(
+                account,
+                &key,
+                salt,
+                kdf,
+                record.password_hash.clone(),
+                &grant,
+            )?;
+            let write = Write {
+                expected: Some(record),
+                sealed,
+                grant,
+                key,
+            };
+            self.commit(slot, account, write, None, Some(unlocked.shared.clone()))
+                .await
+        }
+        .await;
+        match &result {
+            Ok(()) => {
+                if let Some(u) = &was_unsaved {
+                    if u.failed {
+                        tracing::warn!(
+                            account,
+                            unsaved_secs = u.since.elapsed().as_secs(),
+                            "the rotated refresh token that could not be saved is on disk now"
+                        );
+                        self.announce(GrantEvent::RotationSaved {
+                            account: account.to_owned(),
+                            after: u.since.elapsed(),
+                        });
+                    }
+                }
+            }
+            Err(e) => {
+                let first = {
+                    let mut c = unlocked
+                        .shared
+                        .current
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    let first = c.unsaved.as_ref().is_none_or(|u| !u.failed);
+                    if let Some(u) = c.unsaved.as_mut() {
+                        u.failed = true;
+                    }
+                    first
+                };
+                let reason = crate::report::chain(e);
+                tracing::warn!(
+                    account,
+                    error = %reason,
+                    "cannot save the rotated refresh token; it is kept in memory and used for later refreshes, and the write is retried (if mailbridge stops before it is saved, the account must be authorized again)"
+                );
+                if first {
+                    self.announce(GrantEvent::RotationNotSaved {
+                        account: account.to_owned(),
+                        reason,
+                    });
+                }
+            }
+        }
+        result
     }
 
     /// Re-seal under a new password (new salt, this vault's KDF
@@ -843,6 +1084,7 @@ impl Vault {
                 salt: sealed.salt.clone(),
                 kdf: sealed.kdf,
                 nonce: sealed.nonce.clone(),
+                unsaved: None,
             };
             let installed = slot.install(&account, current(grant.clone(), key.clone()));
             if let Some(also) = also.filter(|a| !Arc::ptr_eq(a, &installed)) {
@@ -1448,5 +1690,131 @@ mod tests {
         sv.change_password("s", &pw("y"), &pw("z")).await.unwrap();
         let fresh = service_vault(store.clone(), &[1u8; 32]);
         assert_eq!(token(&fresh.unlock("s", &pw("z"), P2).await.unwrap()), "rt");
+    }
+
+    /// A store whose writes fail while `fail` is set (a full disk).
+    struct Flaky {
+        inner: SledStore,
+        fail: std::sync::atomic::AtomicBool,
+        fail_reads: std::sync::atomic::AtomicBool,
+    }
+
+    impl Flaky {
+        fn check(&self) -> Result<(), StoreError> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StoreError::Backend {
+                    path: PathBuf::from("/state"),
+                    reason: "No space left on device".into(),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    impl TokenStore for Flaky {
+        fn load_grant(&self, account: &str) -> Result<Option<SealedGrant>, StoreError> {
+            if self.fail_reads.load(Ordering::SeqCst) {
+                return Err(StoreError::Backend {
+                    path: PathBuf::from("/state"),
+                    reason: "cannot reopen: No space left on device".into(),
+                });
+            }
+            self.inner.load_grant(account)
+        }
+        fn swap_grant(
+            &self,
+            account: &str,
+            expected: Option<&SealedGrant>,
+            new: &SealedGrant,
+        ) -> Result<bool, StoreError> {
+            self.check()?;
+            self.inner.swap_grant(account, expected, new)
+        }
+        fn load_meta(&self, account: &str) -> Result<Option<AccountMeta>, StoreError> {
+            self.inner.load_meta(account)
+        }
+        fn save_meta(&self, account: &str, meta: &AccountMeta) -> Result<(), StoreError> {
+            self.check()?;
+            self.inner.save_meta(account, meta)
+        }
+        fn remove(&self, account: &str) -> Result<bool, StoreError> {
+            self.check()?;
+            self.inner.remove(account)
+        }
+        fn accounts(&self) -> Result<Vec<String>, StoreError> {
+            self.inner.accounts()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unsaved_rotation_stays_authoritative_until_saved() {
+        let flaky = Arc::new(Flaky {
+            inner: SledStore::open_temporary().unwrap(),
+            fail: std::sync::atomic::AtomicBool::new(false),
+            fail_reads: std::sync::atomic::AtomicBool::new(false),
+        });
+        let store: Arc<dyn TokenStore> = flaky.clone();
+        let secret = [9u8; 32];
+        let v = service_vault(store.clone(), &secret);
+        v.create(
+            "a",
+            &pw("local"),
+            grant("rt-1"),
+            AccountMeta::default(),
+            false,
+        )
+        .await
+        .unwrap();
+        let mut events = v.subscribe();
+        let bg = v.unlock_service("a").await.unwrap();
+        flaky.fail.store(true, Ordering::SeqCst);
+        let e = v.store_rotated(&bg, pw("rt-2")).await.unwrap_err();
+        assert!(matches!(e, VaultError::Store(_)), "{e}");
+        // Memory holds the new token; the disk the spent one.
+        assert_eq!(token(&bg), "rt-2");
+        assert!(bg.unsaved_for().is_some());
+        match events.try_recv() {
+            Ok(GrantEvent::RotationNotSaved { account, reason }) => {
+                assert_eq!(account, "a");
+                assert!(reason.contains("No space left"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A password login reads the (older) record again, the slow way
+        // (no verifier cached after the service unlock): memory stays.
+        let u = v.unlock("a", &pw("local"), P1).await.unwrap();
+        assert_eq!(token(&u), "rt-2");
+        assert_eq!(token(&v.unlock_service("a").await.unwrap()), "rt-2");
+        // Rotated again while the disk is still full: one event, not two.
+        assert!(v.store_rotated(&u, pw("rt-3")).await.is_err());
+        assert_eq!(token(&bg), "rt-3");
+        assert!(matches!(
+            events.try_recv(),
+            Err(tokio::sync::broadcast::error::TryRecvError::Empty)
+        ));
+        // A store that cannot even be read: a password already seen opens
+        // the grant in memory; another is not checked against anything.
+        flaky.fail_reads.store(true, Ordering::SeqCst);
+        assert_eq!(
+            token(&v.unlock("a", &pw("local"), P1).await.unwrap()),
+            "rt-3"
+        );
+        assert_eq!(token(&v.unlock_service("a").await.unwrap()), "rt-3");
+        assert!(matches!(
+            v.unlock("a", &pw("other"), P2).await,
+            Err(VaultError::Store(_))
+        ));
+        flaky.fail_reads.store(false, Ordering::SeqCst);
+        // Room again.
+        flaky.fail.store(false, Ordering::SeqCst);
+        assert!(v.save_unsaved(&u).await.unwrap());
+        assert!(!v.save_unsaved(&u).await.unwrap(), "nothing left to save");
+        assert!(bg.unsaved_for().is_none());
+        assert!(matches!(
+            events.try_recv(),
+            Ok(GrantEvent::RotationSaved { account, .. }) if account == "a"
+        ));
+        let fresh = service_vault(store, &secret);
+        assert_eq!(token(&fresh.unlock_service("a").await.unwrap()), "rt-3");
     }
 }

@@ -298,8 +298,10 @@ impl World {
         let command = if spec.no_command {
             String::new()
         } else {
+            // Each alert's record is written whole and appended with one
+            // write, so alerts delivered at the same time do not mix.
             format!(
-                "command = [\"/bin/sh\", \"-c\", 'env >> \"$1\"; echo --- >> \"$1\"', \"alert\", {}]\n",
+                "command = [\"/bin/sh\", \"-c\", '(env; echo ---) > \"$1.$$\" && cat \"$1.$$\" >> \"$1\"; rm -f \"$1.$$\"', \"alert\", {}]\n",
                 quote(&env_file.display().to_string())
             )
         };

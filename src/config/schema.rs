@@ -237,9 +237,22 @@ pub struct ServerConfig {
     #[serde(default = "defaults::connect_timeout")]
     pub connect_timeout_secs: u64,
     /// Seconds for the whole upstream login dialogue, token refresh
-    /// included.
+    /// included. A refresh the login gave up on runs on (see
+    /// `refresh_timeout_secs`) and its token is kept.
     #[serde(default = "defaults::login_timeout")]
     pub login_timeout_secs: u64,
+    /// Seconds a token request may take before mailbridge gives up on it.
+    /// Generous on purpose: a provider that answers late may already have
+    /// rotated the refresh token, and abandoning the answer loses the
+    /// grant. Shutdown waits up to this long for refreshes in flight.
+    #[serde(default = "defaults::refresh_timeout")]
+    pub refresh_timeout_secs: u64,
+    /// IMAP and POP3 sessions are handed access tokens with at least this
+    /// many seconds left (a token that lives less than twice this: half
+    /// its life), so long sessions are rarely ended by an expired token.
+    /// SMTP keeps a 10-minute floor.
+    #[serde(default = "defaults::session_token_min")]
+    pub session_token_min_secs: u64,
     /// At shutdown, seconds relayed sessions get to come to rest (a
     /// message being sent or fetched, a command awaiting its answer)
     /// before the rest are cut.
@@ -273,6 +286,8 @@ impl Default for ServerConfig {
             relay_idle_timeout_secs: defaults::relay_idle_timeout(),
             connect_timeout_secs: defaults::connect_timeout(),
             login_timeout_secs: defaults::login_timeout(),
+            refresh_timeout_secs: defaults::refresh_timeout(),
+            session_token_min_secs: defaults::session_token_min(),
             shutdown_grace_secs: defaults::shutdown_grace(),
             backoff_base_ms: defaults::backoff_base_ms(),
             backoff_max_secs: defaults::backoff_max_secs(),
@@ -302,6 +317,14 @@ impl ServerConfig {
     /// Shutdown grace period.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+    /// Bound on one token request.
+    pub fn refresh_timeout(&self) -> Duration {
+        Duration::from_secs(self.refresh_timeout_secs.max(1))
+    }
+    /// Least life left on a token handed to an IMAP or POP3 session.
+    pub fn session_token_min(&self) -> Duration {
+        Duration::from_secs(self.session_token_min_secs)
     }
 }
 
@@ -350,6 +373,12 @@ mod defaults {
     }
     pub fn shutdown_grace() -> u64 {
         30
+    }
+    pub fn refresh_timeout() -> u64 {
+        300
+    }
+    pub fn session_token_min() -> u64 {
+        30 * 60
     }
     pub fn backoff_base_ms() -> u64 {
         1000

@@ -482,6 +482,8 @@ provider = "corp"
     fn example_config_parses() {
         let text = include_str!("../../config.example.toml");
         let s = Settings::parse(text, "config.example.toml").expect("example config parses");
+        assert_eq!(s.server.session_token_min_secs, 1800);
+        assert_eq!(s.server.refresh_timeout_secs, 300);
         assert!(!s.listeners.is_empty());
         assert!(!s.accounts.is_empty());
     }

@@ -1,9 +1,13 @@
-//! The token source: cached access tokens and single-flight refresh.
+//! The token source: cached access tokens and single-flight refresh, each
+//! refresh in a task that owns it, so a rotated refresh token is saved
+//! whatever happens to the logins that asked for it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 use oauth2::{RefreshToken, Scope, TokenResponse};
 use secrecy::{ExposeSecret, SecretString};
@@ -15,7 +19,8 @@ use crate::config::{Account, GrantKind};
 use crate::provider::Provider;
 use crate::vault::{Unlocked, Vault, VaultError};
 
-/// Assumed lifetime when a token response has no `expires_in`.
+/// Assumed lifetime when a token response has no `expires_in` (which is
+/// then logged).
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// An access token with its expiry.
@@ -25,6 +30,9 @@ pub struct AccessToken {
     pub secret: SecretString,
     /// When it stops working, by the provider's `expires_in`.
     pub expires_at: Instant,
+    /// How long it lives in all (`expires_in`): a token that lives less
+    /// than a caller's floor is fresh for a share of this.
+    pub lifetime: Duration,
     /// Distinguishes tokens of one account, so a caller can say "this one
     /// was refused, give me a newer one".
     pub generation: u64,
@@ -93,20 +101,10 @@ pub enum TokenError {
         /// Why.
         source: Arc<flows::FlowError>,
     },
-    /// The rotated refresh token could not be saved; the new access token is
-    /// not used.
-    #[error("cannot save the rotated refresh token{}", store_cause(.0))]
-    Store(#[source] Arc<VaultError>),
-}
-
-/// What a failed save of a rotated token says to a person: the vault's
-/// sentence (another writer changed the grant, say), but not the storage
-/// backend's own words, which are for the log.
-fn store_cause(e: &VaultError) -> String {
-    match e {
-        VaultError::Store(_) => " (the token store failed; mailbridge's log says why)".into(),
-        other => format!(": {other}"),
-    }
+    /// The refresh this login waited for ended without an outcome (its
+    /// task failed), or reloads kept replacing it.
+    #[error("the token refresh was interrupted; try again")]
+    Interrupted,
 }
 
 impl TokenError {
@@ -141,7 +139,7 @@ impl TokenError {
         match self {
             TokenError::Unreachable { .. }
             | TokenError::BadResponse { .. }
-            | TokenError::Store(_) => true,
+            | TokenError::Interrupted => true,
             TokenError::Refused {
                 code, temporary, ..
             } => *temporary || code == "temporarily_unavailable" || code == "server_error",
@@ -158,37 +156,135 @@ impl TokenError {
 #[error("cannot set up the HTTP client for token endpoints")]
 pub struct HttpClientError(#[source] reqwest::Error);
 
-#[derive(Default)]
-struct Slot {
-    cached: Mutex<Option<AccessToken>>,
-    /// The outcome of the last refresh that failed, with the refresh count
-    /// at the time: callers that queued behind a failed refresh get its
-    /// error instead of each asking the provider again.
-    failed: Mutex<Option<(u64, TokenError)>>,
-    /// How many refreshes have finished.
-    refreshes: AtomicU64,
-    /// Held while refreshing: concurrent logins of one account wait here and
-    /// then find the fresh token in `cached`.
-    refreshing: tokio::sync::Mutex<()>,
+/// The share of its own lifetime a token must have left to be handed out
+/// when that is less than the floor asked for: a token that lives less
+/// than the floor is reused for its first half (so one refresh serves
+/// every login waiting for it) instead of never.
+const SHARE_DIVISOR: u32 = 2;
+
+/// Whether a token with `remaining` of its `lifetime` left may be handed
+/// out to a caller that wants at least `floor` left: it must have at least
+/// `min(floor, lifetime / 2)` left, and not be expired.
+pub fn fresh_enough(remaining: Duration, lifetime: Duration, floor: Duration) -> bool {
+    !remaining.is_zero() && remaining >= floor.min(lifetime / SHARE_DIVISOR)
 }
 
-/// Hands out access tokens for unlocked accounts.
-pub struct TokenSource {
+/// The outcome of one refresh, shared by every login that waited for it.
+type Outcome = Option<Result<AccessToken, TokenError>>;
+
+/// A refresh in progress: it runs in a task of its own, so it ends (and
+/// saves a rotated refresh token) whatever happens to the logins waiting
+/// for it.
+#[derive(Clone)]
+struct Flight {
+    id: u64,
+    outcome: watch::Receiver<Outcome>,
+    /// A reload changed how this account's tokens are obtained since the
+    /// refresh began: its token is neither cached nor handed to logins
+    /// that did not already wait for it.
+    stale: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    cached: Option<AccessToken>,
+    flight: Option<Flight>,
+}
+
+/// One account's tokens. Never removed while the process runs: two slots
+/// for one account could refresh with the same refresh token at once,
+/// which a provider with reuse detection treats as a replay.
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+    /// A background task is retrying the save of an unsaved rotation.
+    retrying: AtomicBool,
+}
+
+impl Slot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Counts refreshes in flight, for the drain at shutdown.
+struct InFlight(watch::Sender<usize>);
+
+impl InFlight {
+    fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.0.send_modify(|n| *n += 1);
+        InFlightGuard(self.clone())
+    }
+}
+
+struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Clears a slot's flight when its task ends, even by a panic, so later
+/// logins never wait on a refresh that will not answer.
+struct FlightEnd {
+    slot: Arc<Slot>,
+    id: u64,
+}
+
+impl Drop for FlightEnd {
+    fn drop(&mut self) {
+        let mut st = self.slot.lock();
+        if st.flight.as_ref().is_some_and(|f| f.id == self.id) {
+            st.flight = None;
+        }
+    }
+}
+
+struct Inner {
+    /// For token requests: bounded by the refresh timeout, not the flows'.
     http: reqwest::Client,
     vault: Arc<Vault>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     generation: AtomicU64,
+    flights: AtomicU64,
+    in_flight: Arc<InFlight>,
+}
+
+/// Hands out access tokens for unlocked accounts.
+///
+/// A refresh runs in a task that owns it (one per account at a time: a
+/// login that needs a token while one is in flight waits for it and
+/// shares its result). The task saves a rotated refresh token before it
+/// publishes the access token, and it runs to the end whatever happens to
+/// the logins that wait (a login timeout, a client gone, a reload, the
+/// shutdown drain, which waits for it: [`TokenSource::drain`]).
+pub struct TokenSource {
+    /// For the flows the server runs itself (bounded like any flow).
+    flows_http: reqwest::Client,
+    inner: Arc<Inner>,
 }
 
 impl TokenSource {
-    /// A token source that refreshes through `http` and saves rotated
-    /// refresh tokens through `vault`.
-    pub fn new(http: reqwest::Client, vault: Arc<Vault>) -> TokenSource {
+    /// A token source that asks for tokens through `http` (see
+    /// [`TokenSource::refresh_client`]) and saves rotated refresh tokens
+    /// through `vault`. `flows_http` is what [`TokenSource::http`] hands
+    /// out for flows and discovery.
+    pub fn new(
+        flows_http: reqwest::Client,
+        http: reqwest::Client,
+        vault: Arc<Vault>,
+    ) -> TokenSource {
         TokenSource {
-            http,
-            vault,
-            slots: Mutex::new(HashMap::new()),
-            generation: AtomicU64::new(1),
+            flows_http,
+            inner: Arc::new(Inner {
+                http,
+                vault,
+                slots: Mutex::new(HashMap::new()),
+                generation: AtomicU64::new(1),
+                flights: AtomicU64::new(1),
+                in_flight: Arc::new(InFlight(watch::channel(0).0)),
+            }),
         }
     }
 
@@ -197,37 +293,92 @@ impl TokenSource {
     /// than fall back to a default client, which would follow redirects
     /// and wait forever.
     pub fn http_client() -> Result<reqwest::Client, HttpClientError> {
+        Self::client_with_timeout(Duration::from_secs(30))
+    }
+
+    /// The HTTP client for refreshes: like [`TokenSource::http_client`]
+    /// but a request may take up to `timeout`, since a provider that is
+    /// slow to answer may already have rotated the refresh token.
+    pub fn refresh_client(timeout: Duration) -> Result<reqwest::Client, HttpClientError> {
+        Self::client_with_timeout(timeout)
+    }
+
+    fn client_with_timeout(timeout: Duration) -> Result<reqwest::Client, HttpClientError> {
         reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(30))
+            .timeout(timeout)
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("mailbridge/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(HttpClientError)
     }
 
-    /// The HTTP client this source talks to token endpoints with.
+    /// The HTTP client for flows and discovery.
     pub fn http(&self) -> &reqwest::Client {
-        &self.http
+        &self.flows_http
     }
 
     fn slot(&self, account: &str) -> Arc<Slot> {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.entry(account.to_string()).or_default().clone()
     }
 
     /// Forgets the cached access token of an account (e.g. after the
-    /// account was removed or re-authorized).
+    /// account was removed or re-authorized). A refresh in flight runs on
+    /// and saves its rotated refresh token, but its access token is not
+    /// kept, and the next login waits for it to end before refreshing.
     pub fn forget(&self, account: &str) {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.remove(account);
+        self.forget_where(|a| a == account);
     }
 
     /// Forgets the cached access tokens of the accounts for which `stale`
-    /// says so (a config reload changed how their tokens are obtained).
+    /// says so (a config reload changed how their tokens are obtained), as
+    /// [`TokenSource::forget`] does.
     pub fn forget_where(&self, mut stale: impl FnMut(&str) -> bool) {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.retain(|account, _| !stale(account));
+        let slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for (account, slot) in slots.iter() {
+            if !stale(account) {
+                continue;
+            }
+            let mut st = slot.lock();
+            st.cached = None;
+            if let Some(f) = &st.flight {
+                f.stale.store(true, Ordering::Release);
+                tracing::info!(account = %account, "a token refresh in flight finishes and saves its refresh token; its access token is not kept");
+            }
+        }
+    }
+
+    /// How many refreshes are in flight.
+    pub fn refreshes_in_flight(&self) -> usize {
+        *self.inner.in_flight.0.borrow()
+    }
+
+    /// Waits up to `limit` for the refreshes in flight to end (shutdown:
+    /// a rotated refresh token must reach the disk before the process
+    /// exits). Returns how many are still in flight.
+    pub async fn drain(&self, limit: Duration) -> usize {
+        let n = self.refreshes_in_flight();
+        if n == 0 {
+            return 0;
+        }
+        tracing::info!(
+            refreshes = n,
+            limit_secs = limit.as_secs(),
+            "waiting for {n} token refreshes"
+        );
+        let mut rx = self.inner.in_flight.0.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await;
+        let left = self.refreshes_in_flight();
+        if left == 0 {
+            tracing::info!("token refreshes done");
+        } else {
+            tracing::error!(
+                refreshes = left,
+                "gave up waiting for {left} token refreshes; a refresh token the provider rotated may be lost"
+            );
+        }
+        left
     }
 
     /// A freshly refreshed token, whatever is cached (the background
@@ -239,72 +390,174 @@ impl TokenSource {
         account: &Account,
         unlocked: &Unlocked,
     ) -> Result<AccessToken, TokenError> {
-        let cached = self
-            .slot(unlocked.account())
-            .cached
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        self.token(provider, account, unlocked, cached.as_ref())
-            .await
+        let cached = self.slot(unlocked.account()).lock().cached.clone();
+        self.token(
+            provider,
+            account,
+            unlocked,
+            cached.as_ref(),
+            MIN_TOKEN_LIFETIME,
+        )
+        .await
     }
 
-    /// An access token for the account: the cached one while it has at
-    /// least ten minutes left and is not `refused`, else a refreshed one.
-    /// Concurrent callers for one account share a single refresh.
+    /// An access token for the account: the cached one while it is fresh
+    /// enough for `floor` ([`fresh_enough`]: at least `floor` left, or half
+    /// its life for tokens that live less than twice that) and is not
+    /// `refused`, else a refreshed one. Concurrent callers for one account
+    /// share a single refresh.
     pub async fn token(
         &self,
         provider: &Provider,
         account: &Account,
         unlocked: &Unlocked,
         refused: Option<&AccessToken>,
+        floor: Duration,
     ) -> Result<AccessToken, TokenError> {
         let slot = self.slot(unlocked.account());
-        let usable = |slot: &Slot| -> Option<AccessToken> {
-            let cached = slot.cached.lock().unwrap_or_else(|p| p.into_inner());
-            let t = cached.as_ref()?;
-            let fresh =
-                t.expires_at.saturating_duration_since(Instant::now()) >= MIN_TOKEN_LIFETIME;
-            let not_refused = refused.is_none_or(|r| r.generation != t.generation);
-            (fresh && not_refused).then(|| t.clone())
+        // A reload between two refreshes can make a login wait for one
+        // refresh it cannot use; more than a few in a row is not worth
+        // waiting for.
+        const WAITS: usize = 4;
+        for attempt in 0..WAITS {
+            let (outcome, usable) = {
+                let mut st = slot.lock();
+                if let Some(t) = st.cached.as_ref() {
+                    let remaining = t.expires_at.saturating_duration_since(Instant::now());
+                    let not_refused = refused.is_none_or(|r| r.generation != t.generation);
+                    if not_refused && fresh_enough(remaining, t.lifetime, floor) {
+                        return Ok(t.clone());
+                    }
+                }
+                match st.flight.clone() {
+                    Some(f) => {
+                        // A refresh that began under settings a reload
+                        // replaced: wait for it to end (it is spending the
+                        // refresh token), then refresh anew.
+                        let usable = !f.stale.load(Ordering::Acquire) || attempt + 1 == WAITS;
+                        (f.outcome, usable)
+                    }
+                    None => {
+                        let f = self.start(&slot, provider, account, unlocked);
+                        let rx = f.outcome.clone();
+                        st.flight = Some(f);
+                        (rx, true)
+                    }
+                }
+            };
+            let result = wait(outcome).await;
+            if usable {
+                return result;
+            }
+        }
+        Err(TokenError::Interrupted)
+    }
+
+    /// Starts a refresh in a task of its own.
+    fn start(
+        &self,
+        slot: &Arc<Slot>,
+        provider: &Provider,
+        account: &Account,
+        unlocked: &Unlocked,
+    ) -> Flight {
+        let (tx, rx) = watch::channel(None);
+        let id = self.inner.flights.fetch_add(1, Ordering::Relaxed);
+        let stale = Arc::new(AtomicBool::new(false));
+        let flight = Flight {
+            id,
+            outcome: rx,
+            stale: stale.clone(),
         };
-        if let Some(t) = usable(&slot) {
-            return Ok(t);
-        }
-        let seen = slot.refreshes.load(Ordering::Acquire);
-        let _flight = slot.refreshing.lock().await;
-        // Whoever held the lock before us may have refreshed already.
-        if let Some(t) = usable(&slot) {
-            return Ok(t);
-        }
-        if slot.refreshes.load(Ordering::Acquire) != seen {
-            let failed = slot.failed.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((_, e)) = failed.as_ref().filter(|(n, _)| *n > seen) {
-                return Err(e.clone());
+        let inner = self.inner.clone();
+        let in_flight = inner.in_flight.enter();
+        let end = FlightEnd {
+            slot: slot.clone(),
+            id,
+        };
+        let (provider, account, unlocked) = (provider.clone(), account.clone(), unlocked.clone());
+        tokio::spawn(async move {
+            let _in_flight = in_flight;
+            let outcome = inner.fetch(&provider, &account, &unlocked).await;
+            {
+                let mut st = end.slot.lock();
+                if let Ok(t) = &outcome {
+                    if !stale.load(Ordering::Acquire) {
+                        st.cached = Some(t.clone());
+                    }
+                }
+                if st.flight.as_ref().is_some_and(|f| f.id == id) {
+                    st.flight = None;
+                }
             }
-        }
-        let token = self.fetch(provider, account, unlocked).await;
-        let n = slot.refreshes.fetch_add(1, Ordering::AcqRel) + 1;
-        *slot.failed.lock().unwrap_or_else(|p| p.into_inner()) =
-            token.as_ref().err().map(|e| (n, e.clone()));
-        match &token {
-            Ok(t) => {
-                *slot.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.clone());
-                let expires = unix_now()
-                    + t.expires_at
-                        .saturating_duration_since(Instant::now())
-                        .as_secs();
-                self.note_meta(unlocked.account(), |m| {
-                    m.access_expires_at = Some(expires);
-                    m.last_error = None;
-                });
+            let _ = tx.send(Some(outcome.clone()));
+            if unlocked.unsaved_for().is_some() {
+                Inner::retry_save(&inner, &end.slot, &unlocked);
             }
-            Err(e) => {
-                let msg = e.to_string();
-                self.note_meta(unlocked.account(), |m| m.last_error = Some(msg));
+            match &outcome {
+                Ok(t) => {
+                    let expires = unix_now()
+                        + t.expires_at
+                            .saturating_duration_since(Instant::now())
+                            .as_secs();
+                    inner.note_meta(unlocked.account(), |m| {
+                        m.access_expires_at = Some(expires);
+                        m.last_error = None;
+                    });
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    inner.note_meta(unlocked.account(), |m| m.last_error = Some(msg));
+                }
             }
+            drop(end);
+        });
+        flight
+    }
+}
+
+/// The outcome of a refresh, once it has one.
+async fn wait(mut outcome: watch::Receiver<Outcome>) -> Result<AccessToken, TokenError> {
+    match outcome.wait_for(Option::is_some).await {
+        Ok(v) => v.clone().unwrap_or(Err(TokenError::Interrupted)),
+        // The task ended without an outcome (it panicked).
+        Err(_) => Err(TokenError::Interrupted),
+    }
+}
+
+/// First and longest pause between retries of a failed save.
+const SAVE_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+
+impl Inner {
+    /// Retries the save of `unlocked`'s unsaved rotated refresh token in
+    /// the background, with backoff, until it is on disk or another
+    /// writer replaced the grant. One such task per account.
+    fn retry_save(inner: &Arc<Inner>, slot: &Arc<Slot>, unlocked: &Unlocked) {
+        if slot.retrying.swap(true, Ordering::AcqRel) {
+            return;
         }
-        token
+        let (inner, slot, unlocked) = (inner.clone(), slot.clone(), unlocked.clone());
+        tokio::spawn(async move {
+            let mut pause = SAVE_RETRY.0;
+            // Bounded: after a day of failures the next refresh retries.
+            for _ in 0..2000 {
+                if unlocked.unsaved_for().is_none() {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+                match inner.vault.save_unsaved(&unlocked).await {
+                    Ok(_) => break,
+                    Err(VaultError::Store(_)) => pause = (pause * 2).min(SAVE_RETRY.1),
+                    // Replaced or re-keyed by someone else: nothing of ours
+                    // to save over.
+                    Err(e) => {
+                        tracing::warn!(account = unlocked.account(), error = %crate::report::chain(&e), "stopped retrying the save of the rotated refresh token");
+                        break;
+                    }
+                }
+            }
+            slot.retrying.store(false, Ordering::Release);
+        });
     }
 
     /// Records a refresh's outcome in the account's metadata (for `account
@@ -341,12 +594,22 @@ impl TokenSource {
                 audience: w.audience,
             }
         })?;
-        let lifetime = lifetime.unwrap_or(DEFAULT_LIFETIME);
+        let lifetime = match lifetime {
+            Some(l) => l,
+            None => {
+                tracing::warn!(
+                    provider = %provider.name,
+                    assumed_secs = DEFAULT_LIFETIME.as_secs(),
+                    "the token endpoint sent no expires_in (the open profile makes it mandatory); assuming the token lives an hour, and a server's refusal of it is answered with a refresh"
+                );
+                DEFAULT_LIFETIME
+            }
+        };
         if lifetime < MIN_TOKEN_LIFETIME {
             tracing::warn!(
                 provider = %provider.name,
                 lifetime_secs = lifetime.as_secs(),
-                "the provider issues access tokens with less than 10 minutes of life"
+                "the provider issues access tokens with less than 10 minutes of life; each is reused for the first half of its life"
             );
         }
         tracing::info!(
@@ -359,17 +622,26 @@ impl TokenSource {
         Ok(AccessToken {
             secret,
             expires_at: started + lifetime,
+            lifetime,
             generation: self.generation.fetch_add(1, Ordering::Relaxed),
         })
     }
 
-    /// A new access token from the stored refresh token; a rotated refresh
-    /// token is sealed and flushed before the access token is returned.
+    /// A new access token from the current refresh token; a rotated
+    /// refresh token is sealed and flushed before the access token is
+    /// returned, with nothing in between. If it cannot be saved it is kept
+    /// in memory (and used for the next refresh) and the save retried; the
+    /// access token is used all the same.
     async fn refresh(
         &self,
         provider: &Provider,
         unlocked: &Unlocked,
     ) -> Result<(SecretString, Option<Duration>), TokenError> {
+        // An earlier rotation still only in memory: try to save it first
+        // (its token is what this refresh presents either way).
+        if unlocked.unsaved_for().is_some() {
+            let _ = self.vault.save_unsaved(unlocked).await;
+        }
         let refresh_token = unlocked.refresh_token().ok_or(TokenError::NoRefreshToken)?;
         // A dynamically registered client refreshes as itself, secretless.
         let registered = unlocked.client_id();
@@ -395,11 +667,21 @@ impl TokenSource {
         // if we crashed after using it, the stored one might already be dead.
         if let Some(new_rt) = response.refresh_token() {
             if new_rt.secret() != refresh_token.expose_secret() {
-                self.vault
+                let received = Instant::now();
+                let saved = self
+                    .vault
                     .store_rotated(unlocked, SecretString::from(new_rt.secret().clone()))
-                    .await
-                    .map_err(|e| TokenError::Store(Arc::new(e)))?;
-                tracing::debug!(provider = %provider.name, "rotated refresh token saved");
+                    .await;
+                let save_ms = received.elapsed().as_secs_f64() * 1000.0;
+                // A failure is logged and announced by the vault, which
+                // keeps the token in memory; the caller retries the save.
+                if saved.is_ok() {
+                    tracing::info!(
+                        account = unlocked.account(),
+                        save_ms = format!("{save_ms:.2}"),
+                        "rotated refresh token sealed and saved"
+                    );
+                }
             }
         }
         Ok((
@@ -443,23 +725,23 @@ mod tests {
     }
 
     #[test]
-    fn a_store_failure_keeps_the_vault_error() {
-        let e = TokenError::Store(Arc::new(VaultError::NotServiceMode));
-        let source = std::error::Error::source(&e).expect("source kept");
-        // Shared, as a failed refresh is handed to every waiting login.
-        assert!(source.downcast_ref::<Arc<VaultError>>().is_some());
-        assert!(e.is_temporary());
-        // The backend's words go to the log, not into the sentence.
-        let backend = TokenError::Store(Arc::new(VaultError::Store(
-            crate::store::StoreError::Backend {
-                path: "/var/lib/mailbridge".into(),
-                reason: "sled: io error: No space left".into(),
-            },
-        )));
-        assert_eq!(
-            backend.to_string(),
-            "cannot save the rotated refresh token (the token store failed; mailbridge's log says why)"
-        );
-        assert!(crate::report::chain(&backend).contains("No space left"));
+    fn short_lived_tokens_are_fresh_for_half_their_life() {
+        let s = Duration::from_secs;
+        let floor = MIN_TOKEN_LIFETIME;
+        // An hour-long token: the floor rules.
+        assert!(fresh_enough(s(601), s(3600), floor));
+        assert!(!fresh_enough(s(599), s(3600), floor));
+        // Five-minute tokens (Keycloak's default): fresh for 150 s.
+        assert!(fresh_enough(s(150), s(300), floor));
+        assert!(!fresh_enough(s(149), s(300), floor));
+        // IMAP's 30-minute floor: a 60-minute Microsoft token is refreshed
+        // once under 30 minutes remain; a 20-second token reused for 10 s.
+        let session = s(1800);
+        assert!(fresh_enough(s(1800), s(3600), session));
+        assert!(!fresh_enough(s(1799), s(3600), session));
+        assert!(fresh_enough(s(10), s(20), session));
+        assert!(!fresh_enough(s(9), s(20), session));
+        // Expired is never fresh, whatever the lifetime.
+        assert!(!fresh_enough(Duration::ZERO, Duration::ZERO, floor));
     }
 }

@@ -7,10 +7,17 @@
 //! [`AccountMeta`]). Every directory is 0700 and every file 0600; sled
 //! creates its files with the process umask, so modes are tightened after
 //! opening and after each flush instead of changing the umask.
+//!
+//! After a write fails (a full disk), sled refuses every later write until
+//! the database is opened again, so a store in a state directory reopens
+//! itself before its next operation: once the disk has room, writes work
+//! again without a restart.
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{PoisonError, RwLock};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -23,11 +30,20 @@ const META: &str = "meta";
 
 /// A [`TokenStore`] kept in a sled database under the state directory.
 pub struct SledStore {
+    /// The open database; `None` between a failed reopen and the next try.
+    handles: RwLock<Option<Handles>>,
+    /// A write failed: reopen before the next operation (state directory
+    /// stores only; a temporary one would lose its data).
+    reopen: AtomicBool,
+    /// The state directory; `None` for a temporary store.
+    dir: Option<PathBuf>,
+}
+
+/// The database and its two trees.
+struct Handles {
     db: sled::Db,
     grants: sled::Tree,
     meta: sled::Tree,
-    /// The state directory; `None` for a temporary store.
-    dir: Option<PathBuf>,
 }
 
 impl fmt::Debug for SledStore {
@@ -44,6 +60,17 @@ impl SledStore {
     /// [`StoreError::Locked`] while another process (or another `SledStore`
     /// in this process) has the same directory open.
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+        let handles = Self::open_handles(dir)?;
+        let store = SledStore {
+            handles: RwLock::new(Some(handles)),
+            reopen: AtomicBool::new(false),
+            dir: Some(dir.to_path_buf()),
+        };
+        store.tighten()?;
+        Ok(store)
+    }
+
+    fn open_handles(dir: &Path) -> Result<Handles, StoreError> {
         create_private_dir(dir)?;
         let db_dir = dir.join(DB_DIR);
         create_private_dir(&db_dir)?;
@@ -51,9 +78,7 @@ impl SledStore {
             .path(&db_dir)
             .open()
             .map_err(|e| open_error(dir, e))?;
-        let store = Self::with_db(db, Some(dir.to_path_buf()))?;
-        store.tighten()?;
-        Ok(store)
+        Self::handles_of(db, dir)
     }
 
     /// A store in a temporary location that disappears when dropped: for
@@ -66,7 +91,11 @@ impl SledStore {
                 path: PathBuf::from("(temporary)"),
                 reason: e.to_string(),
             })?;
-        Self::with_db(db, None)
+        Ok(SledStore {
+            handles: RwLock::new(Some(Self::handles_of(db, Path::new(""))?)),
+            reopen: AtomicBool::new(false),
+            dir: None,
+        })
     }
 
     /// The state directory, or `None` for a temporary store.
@@ -74,16 +103,44 @@ impl SledStore {
         self.dir.as_deref()
     }
 
-    fn with_db(db: sled::Db, dir: Option<PathBuf>) -> Result<SledStore, StoreError> {
-        let path = dir.clone().unwrap_or_default();
-        let grants = db.open_tree(GRANTS).map_err(|e| open_error(&path, e))?;
-        let meta = db.open_tree(META).map_err(|e| open_error(&path, e))?;
-        Ok(SledStore {
-            db,
-            grants,
-            meta,
-            dir,
-        })
+    fn handles_of(db: sled::Db, path: &Path) -> Result<Handles, StoreError> {
+        let grants = db.open_tree(GRANTS).map_err(|e| open_error(path, e))?;
+        let meta = db.open_tree(META).map_err(|e| open_error(path, e))?;
+        Ok(Handles { db, grants, meta })
+    }
+
+    /// Runs `f` on the open database, reopening it first after a failed
+    /// write; a failed write marks it for reopening.
+    fn with<T>(
+        &self,
+        write: bool,
+        f: impl FnOnce(&Handles) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if let Some(dir) = &self.dir {
+            if self.reopen.load(Ordering::Acquire) {
+                let mut handles = self.handles.write().unwrap_or_else(PoisonError::into_inner);
+                if self.reopen.load(Ordering::Acquire) {
+                    // Closed first: sled holds a lock on its files.
+                    *handles = None;
+                    let opened = Self::open_handles(dir)?;
+                    *handles = Some(opened);
+                    self.reopen.store(false, Ordering::Release);
+                    tracing::info!(state_dir = %dir.display(), "token store reopened after a failed write");
+                }
+            }
+        }
+        let handles = self.handles.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(h) = handles.as_ref() else {
+            return Err(StoreError::Backend {
+                path: self.dir.clone().unwrap_or_default(),
+                reason: "the store is closed".into(),
+            });
+        };
+        let result = f(h);
+        if write && result.is_err() && self.dir.is_some() {
+            self.reopen.store(true, Ordering::Release);
+        }
+        result
     }
 
     fn backend(&self, e: sled::Error) -> StoreError {
@@ -95,8 +152,8 @@ impl SledStore {
 
     /// Flush everything to disk, then re-tighten file modes (a flush may
     /// have created files).
-    fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(|e| self.backend(e))?;
+    fn flush(&self, h: &Handles) -> Result<(), StoreError> {
+        h.db.flush().map_err(|e| self.backend(e))?;
         self.tighten()
     }
 
@@ -143,7 +200,7 @@ impl SledStore {
 
 impl TokenStore for SledStore {
     fn load_grant(&self, account: &str) -> Result<Option<SealedGrant>, StoreError> {
-        self.get(&self.grants, account)
+        self.with(false, |h| self.get(&h.grants, account))
     }
 
     fn swap_grant(
@@ -153,64 +210,70 @@ impl TokenStore for SledStore {
         new: &SealedGrant,
     ) -> Result<bool, StoreError> {
         let new_bytes = self.encode(account, new)?;
-        // Compare records, not bytes (an older version may have encoded the
-        // same record differently); then swap against the bytes read, so a
-        // write in between makes the swap fail.
-        let current = self
-            .grants
-            .get(account.as_bytes())
-            .map_err(|e| self.backend(e))?;
-        let decoded: Option<SealedGrant> = match &current {
-            Some(bytes) => Some(decode(account, bytes)?),
-            None => None,
-        };
-        if decoded.as_ref() != expected {
-            return Ok(false);
-        }
-        let swapped = self
-            .grants
-            .compare_and_swap(account.as_bytes(), current, Some(new_bytes))
-            .map_err(|e| self.backend(e))?
-            .is_ok();
-        if swapped {
-            self.flush()?;
-        }
-        Ok(swapped)
+        self.with(true, |h| {
+            // Compare records, not bytes (an older version may have encoded
+            // the same record differently); then swap against the bytes
+            // read, so a write in between makes the swap fail.
+            let current = h
+                .grants
+                .get(account.as_bytes())
+                .map_err(|e| self.backend(e))?;
+            let decoded: Option<SealedGrant> = match &current {
+                Some(bytes) => Some(decode(account, bytes)?),
+                None => None,
+            };
+            if decoded.as_ref() != expected {
+                return Ok(false);
+            }
+            let swapped = h
+                .grants
+                .compare_and_swap(account.as_bytes(), current, Some(new_bytes))
+                .map_err(|e| self.backend(e))?
+                .is_ok();
+            if swapped {
+                self.flush(h)?;
+            }
+            Ok(swapped)
+        })
     }
 
     fn load_meta(&self, account: &str) -> Result<Option<AccountMeta>, StoreError> {
-        self.get(&self.meta, account)
+        self.with(false, |h| self.get(&h.meta, account))
     }
 
     fn save_meta(&self, account: &str, meta: &AccountMeta) -> Result<(), StoreError> {
         // Not flushed here: metadata changes on every login and losing the
         // last few hundred milliseconds of it in a crash is harmless; sled
         // flushes in the background.
-        self.put(&self.meta, account, meta)
+        self.with(true, |h| self.put(&h.meta, account, meta))
     }
 
     fn remove(&self, account: &str) -> Result<bool, StoreError> {
-        let g = self
-            .grants
-            .remove(account.as_bytes())
-            .map_err(|e| self.backend(e))?;
-        let m = self
-            .meta
-            .remove(account.as_bytes())
-            .map_err(|e| self.backend(e))?;
-        self.flush()?;
-        Ok(g.is_some() || m.is_some())
+        self.with(true, |h| {
+            let g = h
+                .grants
+                .remove(account.as_bytes())
+                .map_err(|e| self.backend(e))?;
+            let m = h
+                .meta
+                .remove(account.as_bytes())
+                .map_err(|e| self.backend(e))?;
+            self.flush(h)?;
+            Ok(g.is_some() || m.is_some())
+        })
     }
 
     fn accounts(&self) -> Result<Vec<String>, StoreError> {
-        let mut names = BTreeSet::new();
-        for tree in [&self.grants, &self.meta] {
-            for key in tree.iter().keys() {
-                let key = key.map_err(|e| self.backend(e))?;
-                names.insert(String::from_utf8_lossy(&key).into_owned());
+        self.with(false, |h| {
+            let mut names = BTreeSet::new();
+            for tree in [&h.grants, &h.meta] {
+                for key in tree.iter().keys() {
+                    let key = key.map_err(|e| self.backend(e))?;
+                    names.insert(String::from_utf8_lossy(&key).into_owned());
+                }
             }
-        }
-        Ok(names.into_iter().collect())
+            Ok(names.into_iter().collect())
+        })
     }
 }
 
@@ -386,7 +449,7 @@ pub(crate) mod tests {
                 s.accounts().expect("accounts"),
                 vec!["a@x".to_string(), "b@x".into(), "c@x".into()]
             );
-            s.db.flush().expect("flush");
+            s.with(false, |h| s.flush(h)).expect("flush");
         }
         let s = SledStore::open(&state).expect("reopen");
         assert_eq!(s.load_grant("a@x").expect("load"), Some(grant(1)));
@@ -400,6 +463,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_store_marked_after_a_failed_write_reopens_and_keeps_its_data() {
+        let tmp = TempDir::new("store-reopen");
+        let s = SledStore::open(&tmp.path().join("state")).expect("open");
+        assert!(s.swap_grant("a", None, &grant(1)).expect("save"));
+        // As after a write that failed on a full disk.
+        s.reopen.store(true, Ordering::SeqCst);
+        assert_eq!(s.load_grant("a").expect("load"), Some(grant(1)));
+        assert!(!s.reopen.load(Ordering::SeqCst), "reopened");
+        assert!(s.swap_grant("a", Some(&grant(1)), &grant(2)).expect("save"));
+        assert_eq!(s.load_grant("a").expect("load"), Some(grant(2)));
+        // A temporary store is never reopened (it would lose its data).
+        let t = SledStore::open_temporary().expect("temp");
+        assert!(t.swap_grant("a", None, &grant(1)).expect("save"));
+        assert!(!t.reopen.load(Ordering::SeqCst));
+    }
+
+    #[test]
     fn temporary_store_works() {
         let s = SledStore::open_temporary().expect("temp");
         assert!(s.swap_grant("a", None, &grant(1)).expect("save"));
@@ -410,9 +490,12 @@ pub(crate) mod tests {
     #[test]
     fn corrupt_record_is_reported_without_content() {
         let s = SledStore::open_temporary().expect("temp");
-        s.grants
-            .insert("a", &b"{\"format\":\"secret-looking\"}"[..])
-            .expect("insert");
+        s.with(true, |h| {
+            h.grants
+                .insert("a", &b"{\"format\":\"secret-looking\"}"[..])
+                .map_err(|e| s.backend(e))
+        })
+        .expect("insert");
         let err = s.load_grant("a").expect_err("corrupt");
         let msg = err.to_string();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{msg}");

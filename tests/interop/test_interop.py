@@ -52,16 +52,21 @@ REDIRECT = "http://127.0.0.1/callback"
 
 # OAuth2 clients registered in oidc/server.mjs.
 CLIENT = ("mailbridge", "mailbridge-client-secret")  # access tokens live 20 s
-PUBLIC_CLIENT = "mailbridge-public"                   # 625 s, no secret
+PUBLIC_CLIENT = "mailbridge-public"                   # 60 s, no secret
 SHORT_TTL = 20
-LONG_TTL = 625
+LONG_TTL = 60
+# mailbridge hands out a cached token while it has at least min(floor,
+# half its lifetime) left; both TTLs are far below the floors, so each
+# token is reused for the first half of its life.
+SHORT_FRESH = SHORT_TTL / 2
+LONG_FRESH = LONG_TTL / 2
 
 # Account -> mailbridge provider (and through it: OAuth2 client, upstream
 # mechanism and TLS mode).
 ACCOUNTS = {
     "alice": "op-xoauth2",      # XOAUTH2; IMAP/POP3 implicit TLS, SMTP STARTTLS
     "bob": "op-oauthbearer",    # OAUTHBEARER; IMAP/POP3 STARTTLS, SMTP implicit TLS
-    "carol": "op-public",       # public client, tokens longer than mailbridge's floor
+    "carol": "op-public",       # public client, one-minute tokens
     "dave": "op-xoauth2",       # its refresh token gets replayed
     "erin": "op-oauthbearer",   # its grant gets revoked
     "frank": "op-xoauth2",      # mail clients (fetchmail, mutt)
@@ -710,14 +715,16 @@ def account_add(c, name):
     check(any(e.get("account") == address(name) for e in grants), "the server saw no code exchange")
 
 
-@case("cached access token: reused while 10+ minutes remain (real expires_in)")
+@case("cached access token: reused for the first half of its life (real expires_in)")
 def t_cache_reused(c):
     c.state["cache_t0"] = time.time()
     before = len(c.refreshes("carol"))
     c.imap("carol").logout()
     check(len(c.refreshes("carol")) == before + 1, "first login did not refresh")
     c.imap("carol").logout()
-    check(len(c.refreshes("carol")) == before + 1, "second login refreshed although 10+ minutes remained")
+    check(time.time() - c.state["cache_t0"] < LONG_FRESH - 1, "the second login came too late to check")
+    check(len(c.refreshes("carol")) == before + 1,
+          "second login refreshed although more than half the token's life remained")
     c.state["cache_refreshes"] = before + 1
 
 
@@ -728,7 +735,7 @@ def t_introspection_down(c):
     challenge. The client must get a temporary failure ([UNAVAILABLE],
     try later), not "re-authorize" with AUTHENTICATIONFAILED, which makes
     clients ask the user for a new password."""
-    check(time.time() - c.state["cache_t0"] < LONG_TTL - 600 - 4, "carol's cached token is too old")
+    check(time.time() - c.state["cache_t0"] < LONG_FRESH - 4, "carol's cached token is too old")
     pid = c.stack.pids["oidc"]
     errors = {}
     os.kill(pid, signal.SIGSTOP)
@@ -1117,7 +1124,7 @@ def t_big_tokens(c):
 # ---------------------------------------------------------------------------
 # Tokens against the real server: expiry, caching, rotation, revocation.
 
-@case("access-token expiry: after the server's token expired, the next login refreshes (rotating)")
+@case("access-token expiry: refreshed (rotating) once the server let the token expire; the new one reused for half its life, then refreshed")
 def t_expiry(c):
     t0 = c.state.get("expiry_t0")
     check(t0, "the first IMAP case did not run")
@@ -1141,23 +1148,36 @@ def t_expiry(c):
     m.logout()
     after = c.refreshes("alice")
     check(len(after) == len(before) + 1, f"refreshes {len(before)} -> {len(after)}")
+    t_refresh = time.time()
     check(all(e["rotated"] for e in after), f"a refresh did not rotate: {after}")
     check(after[-1]["expires_in"] == SHORT_TTL, after[-1])
+    # The new token is reused for the first half of its life, then
+    # refreshed although the server would still take it.
+    c.imap("alice").logout()
+    check(time.time() - t_refresh < SHORT_FRESH - 1, "the reuse check came too late")
+    check(len(c.refreshes("alice")) == len(after), "refreshed within the first half of the token's life")
+    wait = t_refresh + SHORT_FRESH + 1 - time.time()
+    if wait > 0:
+        time.sleep(wait)
+    c.imap("alice").logout()
+    check(time.time() - t_refresh < SHORT_TTL - 2, "the half-life check came too late")
+    after = c.refreshes("alice")
+    check(len(after) == len(before) + 2, "not refreshed once under half the token's life remained")
     consumed = c.events(event="refresh_token.consumed", account=address("alice"))
     check(len({e["jti"] for e in consumed}) == len(consumed) == len(after),
           f"each refresh must consume the previous refresh token once: {consumed}")
     check("less than 10 minutes" in c.mb_log_text(), "mailbridge did not warn about short-lived tokens")
 
 
-@case("cached access token: refreshed once less than 10 minutes remain")
+@case("cached access token: refreshed once less than half its life remains")
 def t_cache_refreshed(c):
-    # The token was issued for LONG_TTL = 600 + 25 s: after 26 s it has less
-    # than ten minutes left and the next login asks for a new one.
-    wait = c.state["cache_t0"] + (LONG_TTL - 600) + 1.5 - time.time()
+    # The token was issued for LONG_TTL = 60 s: after 30 s it has less than
+    # half its life left and the next login asks for a new one.
+    wait = c.state["cache_t0"] + LONG_FRESH + 1.5 - time.time()
     if wait > 0:
         time.sleep(wait)
     c.imap("carol").logout()
-    check(len(c.refreshes("carol")) == c.state["cache_refreshes"] + 1, "no refresh once under ten minutes")
+    check(len(c.refreshes("carol")) == c.state["cache_refreshes"] + 1, "no refresh once under half its life")
 
 
 @case("refresh-token rotation survives a restart: mailbridge persisted the rotated token")

@@ -228,6 +228,10 @@ struct Shared {
     tunables: Mutex<Tunables>,
     token_requests: AtomicU64,
     refresh_requests: AtomicU64,
+    /// Rotated-out refresh tokens presented again (each revoked a grant).
+    refresh_replays: AtomicU64,
+    /// When a refresh token was last rotated.
+    last_rotation: Mutex<Option<Instant>>,
     /// Set to true to stop the HTTP server.
     shutdown: watch::Sender<bool>,
 }
@@ -327,6 +331,11 @@ struct Registry {
 struct Tunables {
     access_token_lifetime: Duration,
     token_delay: Duration,
+    /// Wait after a request was processed (a refresh token rotated)
+    /// before answering: the way back over a slow network.
+    answer_delay: Duration,
+    /// Token responses leave out `expires_in`.
+    omit_expires_in: bool,
     validation_unavailable: bool,
     offline_access_needs_consent: bool,
 }
@@ -359,11 +368,15 @@ impl Provider {
             tunables: Mutex::new(Tunables {
                 access_token_lifetime: opts.access_token_lifetime,
                 token_delay: Duration::ZERO,
+                answer_delay: Duration::ZERO,
+                omit_expires_in: false,
                 validation_unavailable: false,
                 offline_access_needs_consent: false,
             }),
             token_requests: AtomicU64::new(0),
             refresh_requests: AtomicU64::new(0),
+            refresh_replays: AtomicU64::new(0),
+            last_rotation: Mutex::new(None),
             shutdown,
         });
         let router = Router::new()
@@ -482,6 +495,40 @@ impl Provider {
     /// `/token` waits this long before answering (single-flight tests).
     pub fn set_token_delay(&self, d: Duration) {
         self.shared.tunables().token_delay = d;
+    }
+
+    /// `/token` processes each request at once (rotating a refresh
+    /// token), then waits this long before answering, as a provider far
+    /// away over a slow network does. A client that goes away meanwhile
+    /// has lost the answer, not the rotation.
+    pub fn set_answer_delay(&self, d: Duration) {
+        self.shared.tunables().answer_delay = d;
+    }
+
+    /// While true, token responses leave out `expires_in` (RFC 6749 only
+    /// recommends it; the open public-client profile makes it mandatory).
+    pub fn set_omit_expires_in(&self, omit: bool) {
+        self.shared.tunables().omit_expires_in = omit;
+    }
+
+    /// How many rotated-out refresh tokens were presented again (each one
+    /// revoked its grant).
+    pub fn refresh_token_replays(&self) -> u64 {
+        self.shared.refresh_replays.load(Ordering::SeqCst)
+    }
+
+    /// When a refresh token was last rotated (`None`: never).
+    pub fn last_rotation(&self) -> Option<Instant> {
+        *self
+            .shared
+            .last_rotation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `token` is a refresh token that works now.
+    pub fn refresh_token_is_live(&self, token: &str) -> bool {
+        self.shared.book().refresh.contains_key(token)
     }
 
     /// Every POST /token received, whatever its outcome.
@@ -907,12 +954,39 @@ async fn token_endpoint(
     form: Result<Form<Vec<(String, String)>>, FormRejection>,
 ) -> Response {
     shared.token_requests.fetch_add(1, Ordering::SeqCst);
-    let delay = shared.tunables().token_delay;
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    match token_request(&shared, &headers, form) {
-        Ok(body) => (StatusCode::OK, no_store(), axum::Json(body)).into_response(),
+    // Processed to the end even if the client goes away meanwhile, as a
+    // real server does: what it rotated stays rotated.
+    let processing = tokio::spawn(async move {
+        let delay = shared.tunables().token_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let result = token_request(&shared, &headers, form);
+        let Tunables {
+            answer_delay,
+            omit_expires_in,
+            ..
+        } = *shared.tunables();
+        result.map(|mut body| {
+            if omit_expires_in {
+                if let Some(o) = body.as_object_mut() {
+                    o.remove("expires_in");
+                }
+            }
+            (body, answer_delay)
+        })
+    });
+    let result = match processing.await {
+        Ok(r) => r,
+        Err(_) => Err(OAuthError::new("server_error", "the request failed")),
+    };
+    match result {
+        Ok((body, answer_delay)) => {
+            if !answer_delay.is_zero() {
+                tokio::time::sleep(answer_delay).await;
+            }
+            (StatusCode::OK, no_store(), axum::Json(body)).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -990,6 +1064,7 @@ fn token_request(
             let refresh_token = params.require("refresh_token")?;
             let mut book = shared.book();
             if let Some(old) = book.rotated_out.get(refresh_token).cloned() {
+                shared.refresh_replays.fetch_add(1, Ordering::SeqCst);
                 // A leaked or mishandled token: the whole grant goes.
                 book.refresh
                     .retain(|_, g| !(g.client_id == old.client_id && g.user == old.user));
@@ -1033,6 +1108,10 @@ fn token_request(
                 book.refresh.remove(refresh_token);
                 book.rotated_out
                     .insert(refresh_token.to_string(), grant.clone());
+                *shared
+                    .last_rotation
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 book.new_refresh_token(&client.id, &grant.user, &grant.scope)
             } else {
                 refresh_token.to_string()

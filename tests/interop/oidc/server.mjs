@@ -51,13 +51,15 @@ const USERS = new Map(Object.entries({
   'judy@example.test': 'judy-idp-password',
 }));
 
-// Access-token lifetimes in seconds, by client. `mailbridge` gets tokens far
-// shorter than mailbridge's ten-minute floor, so every login refreshes;
-// `mailbridge-public` gets tokens a little longer than the floor, so a
-// cached token is reused for a few seconds and then refreshed.
+// Access-token lifetimes in seconds, by client. Both are far shorter than
+// mailbridge's floors (10 minutes for SMTP, 30 for IMAP and POP3), so
+// mailbridge reuses each token for the first half of its life and then
+// refreshes: `mailbridge` gets 20-second tokens (reused for 10 s),
+// `mailbridge-public` one minute (reused for 30 s, long enough for the
+// cache cases to run while it is fresh).
 const ACCESS_TTL = {
   mailbridge: 20,
-  'mailbridge-public': 600 + 25,
+  'mailbridge-public': 60,
   'mailbridge-big': 20,
   reporter: 20,
 };

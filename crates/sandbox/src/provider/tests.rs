@@ -445,6 +445,81 @@ async fn token_delay_and_counters() {
 }
 
 #[tokio::test]
+async fn answer_delay_rotates_first_and_a_client_gone_loses_only_the_answer() {
+    let provider = Provider::start(ProviderOptions::default()).await.unwrap();
+    provider.set_answer_delay(Duration::from_millis(300));
+    let rt = provider.issue_refresh_token("a@example.com", "s");
+    assert!(provider.refresh_token_is_live(&rt));
+    assert_eq!(provider.last_rotation(), None);
+    // The client gives up before the answer comes.
+    let req = http()
+        .post(provider.token_url())
+        .timeout(Duration::from_millis(100))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", rt.as_str()),
+            ("client_id", "mailbridge-test"),
+        ])
+        .send()
+        .await;
+    assert!(req.is_err(), "answered within the delay");
+    // Rotated all the same: the old token is spent, and presenting it
+    // again is a replay that revokes the grant.
+    assert!(provider.last_rotation().is_some());
+    assert!(!provider.refresh_token_is_live(&rt));
+    assert_eq!(provider.refresh_token_replays(), 0);
+    let (status, body) = refresh(&provider, &rt).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+    assert_eq!(provider.refresh_token_replays(), 1);
+}
+
+#[tokio::test]
+async fn token_delay_processes_even_when_the_client_leaves() {
+    let provider = Provider::start(ProviderOptions::default()).await.unwrap();
+    provider.set_token_delay(Duration::from_millis(200));
+    let rt = provider.issue_refresh_token("a@example.com", "s");
+    let gone = http()
+        .post(provider.token_url())
+        .timeout(Duration::from_millis(50))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", rt.as_str()),
+            ("client_id", "mailbridge-test"),
+        ])
+        .send()
+        .await;
+    assert!(gone.is_err());
+    for _ in 0..100 {
+        if provider.last_rotation().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        !provider.refresh_token_is_live(&rt),
+        "processed after the client left"
+    );
+}
+
+#[tokio::test]
+async fn expires_in_can_be_left_out() {
+    let provider = Provider::start(ProviderOptions::default()).await.unwrap();
+    let rt = provider.issue_refresh_token("a@example.com", "s");
+    provider.set_omit_expires_in(true);
+    let (status, body) = refresh(&provider, &rt).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.get("expires_in").is_none(), "{body}");
+    assert!(body["access_token"].is_string());
+    provider.set_omit_expires_in(false);
+    let rt = body["refresh_token"].as_str().unwrap().to_string();
+    let (_, body) = refresh(&provider, &rt).await;
+    assert_eq!(body["expires_in"], 3600);
+}
+
+#[tokio::test]
 async fn rejects_json_body_and_duplicates() {
     let provider = Provider::start(ProviderOptions::default()).await.unwrap();
     let resp = http()
