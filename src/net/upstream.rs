@@ -253,20 +253,28 @@ pub async fn login<T: Tokens>(
     tokens: &T,
 ) -> Result<UpstreamConn, UpstreamFailure<T::Error>> {
     let mut first = Prefetch::new(tokens.token());
-    let connecting = tokio::time::timeout(connect_timeout, connect(target, &tls));
-    let stream = first
-        .alongside(connecting)
-        .await?
-        .map_err(|_| UpstreamFailure::Timeout {
-            server: target.server(),
-            after: connect_timeout,
-        })??;
-    let upgrade = RustlsUpgrade {
-        config: tls,
-        host: target.host,
-        timeout: connect_timeout,
-    };
-    run_dialogue(stream, target, session, tokens, first, &upgrade).await
+    let result = async {
+        let connecting = tokio::time::timeout(connect_timeout, connect(target, &tls));
+        let stream =
+            first
+                .alongside(connecting)
+                .await?
+                .map_err(|_| UpstreamFailure::Timeout {
+                    server: target.server(),
+                    after: connect_timeout,
+                })??;
+        let upgrade = RustlsUpgrade {
+            config: tls,
+            host: target.host,
+            timeout: connect_timeout,
+        };
+        run_dialogue(stream, target, session, tokens, &mut first, &upgrade).await
+    }
+    .await;
+    if result.is_err() {
+        first.settle().await;
+    }
+    result
 }
 
 /// The first token of a login, asked for before it is needed: polled
@@ -315,6 +323,18 @@ where
             io.as_mut().poll(cx).map(Ok)
         })
         .await
+    }
+
+    /// Lets a token request already under way finish when the login
+    /// fails for another reason (the server cannot be reached, say): its
+    /// refresh may have rotated the refresh token at the provider, and a
+    /// request dropped midway could lose the new one. The token is cached
+    /// for the next login.
+    async fn settle(&mut self) {
+        if let PrefetchState::Running(fut) = &mut self.state {
+            let got = fut.as_mut().await;
+            self.state = PrefetchState::Ready(got);
+        }
     }
 
     /// The token, waiting for it if need be; None once taken.
@@ -393,8 +413,12 @@ where
     U: StartTls<S>,
     T: Tokens,
 {
-    let first = Prefetch::new(tokens.token());
-    run_dialogue(stream, target, session, tokens, first, upgrade).await
+    let mut first = Prefetch::new(tokens.token());
+    let result = run_dialogue(stream, target, session, tokens, &mut first, upgrade).await;
+    if result.is_err() {
+        first.settle().await;
+    }
+    result
 }
 
 async fn run_dialogue<S, U, T, F>(
@@ -402,7 +426,7 @@ async fn run_dialogue<S, U, T, F>(
     target: &Target<'_>,
     mut session: Box<dyn UpstreamLogin>,
     tokens: &T,
-    mut first: Prefetch<F>,
+    first: &mut Prefetch<F>,
     upgrade: &U,
 ) -> Result<UpstreamConn<S>, UpstreamFailure<T::Error>>
 where
@@ -529,6 +553,8 @@ mod tests {
         fail: bool,
         /// What `last_was_cached` says.
         cached: bool,
+        /// How long a token takes.
+        delay: Duration,
     }
 
     impl FakeTokens {
@@ -543,6 +569,7 @@ mod tests {
         type Error = NoToken;
 
         async fn token(&self) -> Result<SecretString, NoToken> {
+            tokio::time::sleep(self.delay).await;
             if self.fail {
                 return Err(NoToken);
             }
@@ -889,6 +916,30 @@ mod tests {
         assert!(e.to_string().contains("Invalid credentials"), "{e}");
         assert_eq!(tokens.counts(), (2, 1));
         drop(script.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_login_that_fails_lets_its_token_request_finish() {
+        let (client, server) = pair();
+        // The server is gone before the token has come.
+        drop(server);
+        let tokens = FakeTokens {
+            delay: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let e = dialogue(
+            client,
+            &TARGET,
+            imap(false),
+            &tokens,
+            &FakeUpgrade::default(),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(e, UpstreamFailure::Closed { .. }), "{e:?}");
+        // The refresh it started was not cut off midway.
+        assert_eq!(tokens.counts(), (1, 0));
     }
 
     #[tokio::test]
