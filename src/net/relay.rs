@@ -56,6 +56,18 @@ pub struct RelayStats {
     pub upstream_tail: Vec<u8>,
 }
 
+/// A relay that ended on an I/O error (a reset, say), with what it moved
+/// until then: a server may have said why just before.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct RelayError {
+    /// The error.
+    #[source]
+    pub source: io::Error,
+    /// The session until the error.
+    pub stats: RelayStats,
+}
+
 /// The last [`TAIL`] bytes that went through one direction.
 struct Tail {
     bytes: [u8; TAIL],
@@ -283,7 +295,7 @@ pub async fn relay<C, U>(
     upstream: &mut U,
     idle: Duration,
     stop: impl std::future::Future<Output = ()>,
-) -> io::Result<RelayStats>
+) -> Result<RelayStats, RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -366,7 +378,10 @@ where
         // A peer that closes without TLS close_notify after its last word
         // (common after LOGOUT) ends the session like a clean close.
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(stats(End::Closed)),
-        Err(e) => Err(e),
+        Err(source) => Err(RelayError {
+            source,
+            stats: stats(End::Closed),
+        }),
     }
 }
 
@@ -380,7 +395,7 @@ mod tests {
         client: &mut C,
         upstream: &mut U,
         idle: Duration,
-    ) -> io::Result<RelayStats>
+    ) -> Result<RelayStats, RelayError>
     where
         C: AsyncRead + AsyncWrite + Unpin + ?Sized,
         U: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -638,6 +653,55 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+    }
+
+    /// Yields its chunks, then a connection reset.
+    struct Reset(Vec<&'static [u8]>);
+
+    impl AsyncRead for Reset {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            if this.0.is_empty() {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            buf.put_slice(this.0.remove(0));
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Reset {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_after_the_servers_last_words_keeps_them() {
+        let (_client_far, mut client_near) = tokio::io::duplex(1024);
+        let mut upstream = Reset(vec![b"* BYE Session invalidated - AccessTokenExpired\r\n"]);
+        let e = relay_unstopped(&mut client_near, &mut upstream, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(e.source.kind(), io::ErrorKind::ConnectionReset);
+        assert!(e.stats.upstream_ended);
+        assert_eq!(
+            e.stats.upstream_tail,
+            b"* BYE Session invalidated - AccessTokenExpired\r\n"
+        );
     }
 
     #[tokio::test]

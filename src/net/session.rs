@@ -61,39 +61,48 @@ pub async fn drive<L, F>(
     // `stream` was moved into `client` by preauth's success path.
     let started = std::time::Instant::now();
     let idle = settings.relay_idle_timeout;
-    match relay(&mut client, &mut upstream, idle, stopped(stop)).await {
-        Ok(stats) => {
-            // The server's own reason, when it ended the session and said
-            // why (the protocol crate reads it; the relay only kept bytes).
-            let server_said = stats
-                .upstream_ended
-                .then(|| {
-                    farewell(Tail {
-                        bytes: &stats.upstream_tail,
-                        from_line_start: stats.to_client == stats.upstream_tail.len() as u64,
-                    })
-                })
-                .flatten();
-            match server_said {
-                Some(said) => tracing::info!(
-                    to_upstream = stats.to_upstream,
-                    to_client = stats.to_client,
-                    secs = started.elapsed().as_secs(),
-                    server_said = %said,
-                    "session ended by the server"
-                ),
-                None => tracing::info!(
-                    to_upstream = stats.to_upstream,
-                    to_client = stats.to_client,
-                    idle_timeout = stats.idle_timeout,
-                    shutdown = stats.drained,
-                    upstream_closed = stats.upstream_ended,
-                    secs = started.elapsed().as_secs(),
-                    "session ended"
-                ),
-            }
-        }
-        Err(e) => tracing::info!(error = %e, "session ended with an error"),
+    let (stats, error) = match relay(&mut client, &mut upstream, idle, stopped(stop)).await {
+        Ok(stats) => (stats, None),
+        Err(e) => (e.stats, Some(e.source)),
+    };
+    // The server's own reason, when it ended the session and said why
+    // (the protocol crate reads it; the relay only kept bytes).
+    let server_said = stats
+        .upstream_ended
+        .then(|| {
+            farewell(Tail {
+                bytes: &stats.upstream_tail,
+                from_line_start: stats.to_client == stats.upstream_tail.len() as u64,
+            })
+        })
+        .flatten();
+    let secs = started.elapsed().as_secs();
+    match (server_said, error) {
+        (Some(said), None) => tracing::info!(
+            to_upstream = stats.to_upstream,
+            to_client = stats.to_client,
+            secs,
+            server_said = %said,
+            "session ended by the server"
+        ),
+        (Some(said), Some(e)) => tracing::info!(
+            to_upstream = stats.to_upstream,
+            to_client = stats.to_client,
+            secs,
+            server_said = %said,
+            error = %e,
+            "session ended by the server"
+        ),
+        (None, Some(e)) => tracing::info!(error = %e, "session ended with an error"),
+        (None, None) => tracing::info!(
+            to_upstream = stats.to_upstream,
+            to_client = stats.to_client,
+            idle_timeout = stats.idle_timeout,
+            shutdown = stats.drained,
+            upstream_closed = stats.upstream_ended,
+            secs,
+            "session ended"
+        ),
     }
     let _ = client.shutdown().await;
     let _ = upstream.shutdown().await;
