@@ -65,6 +65,11 @@ pub struct Gateway {
     authorizing: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Who hears when a grant needs a person.
     alerts: Alerts,
+    /// The newest token generation logins have been handed: a token at or
+    /// below it was handed out before (cached), one above it was just
+    /// issued. Only a cached token refused without a challenge is worth a
+    /// refresh and a second try.
+    newest_handed_out: std::sync::atomic::AtomicU64,
 }
 
 impl Gateway {
@@ -81,6 +86,7 @@ impl Gateway {
             tokens,
             authorizing: std::sync::Mutex::new(HashMap::new()),
             alerts: Alerts::log_only(),
+            newest_handed_out: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -384,12 +390,13 @@ impl Gateway {
             tls: endpoint.tls,
             user: &account.upstream_user,
         };
-        let mut tokens = LoginTokens {
+        let tokens = LoginTokens {
             source: &self.tokens,
             provider,
             account: &account,
             unlocked: &unlocked,
-            last: None,
+            newest_handed_out: &self.newest_handed_out,
+            last: std::sync::Mutex::new(None),
             floor: match protocol {
                 Protocol::Smtp => crate::oauth::MIN_TOKEN_LIFETIME,
                 Protocol::Imap | Protocol::Pop3 => settings.server.session_token_min(),
@@ -400,7 +407,7 @@ impl Gateway {
             tls,
             settings.server.connect_timeout(),
             session,
-            &mut tokens,
+            &tokens,
         )
         .await;
         match result {
@@ -438,8 +445,11 @@ struct LoginTokens<'a> {
     provider: &'a crate::provider::Provider,
     account: &'a crate::config::Account,
     unlocked: &'a crate::vault::Unlocked,
-    /// The token last handed out: a fresh one must be newer.
-    last: Option<crate::oauth::AccessToken>,
+    /// The gateway's newest generation handed out (see [`Gateway`]).
+    newest_handed_out: &'a std::sync::atomic::AtomicU64,
+    /// The token last handed out (a fresh one must be newer), and whether
+    /// it had been handed out before.
+    last: std::sync::Mutex<Option<(crate::oauth::AccessToken, bool)>>,
     /// The least life a cached token must have left for this protocol.
     floor: std::time::Duration,
 }
@@ -447,30 +457,56 @@ struct LoginTokens<'a> {
 impl upstream::Tokens for LoginTokens<'_> {
     type Error = TokenError;
 
-    async fn token(&mut self) -> Result<SecretString, TokenError> {
+    async fn token(&self) -> Result<SecretString, TokenError> {
         self.get(false).await
     }
 
-    async fn fresh_token(&mut self) -> Result<SecretString, TokenError> {
+    async fn fresh_token(&self) -> Result<SecretString, TokenError> {
         self.get(true).await
+    }
+
+    fn last_was_cached(&self) -> bool {
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|(_, cached)| *cached)
     }
 }
 
 impl LoginTokens<'_> {
-    async fn get(&mut self, fresh: bool) -> Result<SecretString, TokenError> {
-        let refused = if fresh { self.last.as_ref() } else { None };
+    async fn get(&self, fresh: bool) -> Result<SecretString, TokenError> {
+        use std::sync::atomic::Ordering;
+        // The token the server refused is not handed out again: the source
+        // skips its generation and refreshes.
+        let refused = if fresh {
+            self.last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .map(|(t, _)| t.clone())
+        } else {
+            None
+        };
+        let seen = self.newest_handed_out.load(Ordering::Acquire);
         let token = self
             .source
             .token(
                 self.provider,
                 self.account,
                 self.unlocked,
-                refused,
+                refused.as_ref(),
                 self.floor,
             )
             .await?;
+        let cached = token.generation <= seen;
+        self.newest_handed_out
+            .fetch_max(token.generation, Ordering::AcqRel);
         let secret = token.secret.clone();
-        self.last = Some(token);
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((token, cached));
         Ok(secret)
     }
 }
@@ -488,6 +524,7 @@ fn upstream_session(
                 starttls,
                 preference,
                 client_id: client_info,
+                software: Some(("mailbridge".into(), env!("CARGO_PKG_VERSION").into())),
                 ..Default::default()
             },
         )),

@@ -39,6 +39,10 @@ pub struct Provider {
     pub dynamic_registration: bool,
     /// Scopes to request, in order.
     pub scopes: Vec<String>,
+    /// The scopes are the preset's, none were configured: the `open`
+    /// preset picks them from the server's metadata at discovery
+    /// ([`open_scopes`]).
+    pub scopes_from_preset: bool,
     /// Scopes for app-only access (client credentials), e.g. Microsoft's
     /// `https://outlook.office365.com/.default`.
     pub app_scopes: Vec<String>,
@@ -126,6 +130,26 @@ impl Provider {
                 .take()
                 .or_else(|| field("device_authorization_endpoint"));
             self.registration_url = field("registration_endpoint");
+            if self.preset == Preset::Open && self.scopes_from_preset {
+                let supported: Option<Vec<String>> = meta.get("scopes_supported").and_then(|v| {
+                    v.as_array().map(|a| {
+                        a.iter()
+                            .filter_map(|s| s.as_str().map(str::to_string))
+                            .collect()
+                    })
+                });
+                let in_use = [
+                    (Protocol::Imap, self.imap.is_some()),
+                    (Protocol::Pop3, self.pop3.is_some()),
+                    (Protocol::Smtp, self.smtp.is_some()),
+                ]
+                .into_iter()
+                .filter_map(|(p, used)| used.then_some(p))
+                .collect::<Vec<_>>();
+                self.scopes = open_scopes(supported.as_deref(), &in_use);
+                self.app_scopes = self.scopes.clone();
+                tracing::info!(provider = %self.name, scopes = %self.scopes.join(" "), "scopes chosen from the server's metadata");
+            }
             for (name, u) in [
                 ("token_endpoint", Some(&self.token_url)),
                 ("authorization_endpoint", self.authorize_url.as_ref()),
@@ -211,6 +235,51 @@ impl Provider {
 enum MetadataFetch {
     Request(reqwest::Error),
     Status(u16),
+}
+
+/// The later draft of the open profile's one scope for mail.
+pub const OPEN_MAIL_SCOPE: &str = "urn:ietf:params:oauth:scope:mail";
+
+/// The scopes the `open` preset asks for, given the server metadata's
+/// `scopes_supported` (None when it has none) and the mail protocols the
+/// provider has servers for (all three when it has none yet).
+///
+/// The seed's literal scopes (`IMAP`, `SMTP`, `POP3`, as the protocols in
+/// use need) when the server lists them or lists nothing (the profile says
+/// servers MUST accept them); the later draft's
+/// `urn:ietf:params:oauth:scope:mail` with `offline_access` when the server
+/// lists that and not the literal ones; `offline_access` goes along with
+/// the literal scopes only when the server lists it.
+pub fn open_scopes(supported: Option<&[String]>, protocols: &[Protocol]) -> Vec<String> {
+    let all = [Protocol::Imap, Protocol::Pop3, Protocol::Smtp];
+    let protocols = if protocols.is_empty() {
+        &all[..]
+    } else {
+        protocols
+    };
+    // The seed's order: IMAP, SMTP, POP3.
+    let literal: Vec<String> = [
+        (Protocol::Imap, "IMAP"),
+        (Protocol::Smtp, "SMTP"),
+        (Protocol::Pop3, "POP3"),
+    ]
+    .into_iter()
+    .filter(|(p, _)| protocols.contains(p))
+    .map(|(_, s)| s.to_string())
+    .collect();
+    let Some(listed) = supported.filter(|l| !l.is_empty()) else {
+        return literal;
+    };
+    let lists = |scope: &str| listed.iter().any(|l| l == scope);
+    let literal_listed = literal.iter().all(|s| lists(s));
+    if !literal_listed && lists(OPEN_MAIL_SCOPE) {
+        return vec![OPEN_MAIL_SCOPE.to_string(), "offline_access".to_string()];
+    }
+    let mut scopes = literal;
+    if lists("offline_access") {
+        scopes.push("offline_access".to_string());
+    }
+    scopes
 }
 
 /// Why an `oidc` / `open` provider's endpoints could not be discovered.
@@ -835,6 +904,7 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
             ));
         }
     }
+    let scopes_from_preset = c.scopes.is_none();
     let scopes = c.scopes.clone().unwrap_or(d.scopes);
     if preset == Preset::Microsoft {
         check_microsoft_scopes(&scopes).map_err(|m| err("scopes", m.to_string()))?;
@@ -907,6 +977,7 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
         registration_url: None,
         dynamic_registration: c.dynamic_registration,
         scopes,
+        scopes_from_preset,
         app_scopes,
         client_certificate,
         service_account_key_file: c.service_account_key_file.clone(),
@@ -1181,6 +1252,42 @@ mod tests {
         g.client_secret = Some("s".into());
         g.issuer = Some("https://x.example".into());
         assert_eq!(resolve("g", &g).unwrap_err().field, "issuer");
+    }
+
+    #[test]
+    fn open_scopes_follow_the_server_metadata() {
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let imap_smtp = [Protocol::Imap, Protocol::Smtp];
+        // Nothing listed: the seed's literal scopes for the protocols used.
+        assert_eq!(open_scopes(None, &imap_smtp), list(&["IMAP", "SMTP"]));
+        assert_eq!(open_scopes(Some(&[]), &[Protocol::Pop3]), list(&["POP3"]));
+        assert_eq!(open_scopes(None, &[]), list(&["IMAP", "SMTP", "POP3"]));
+        // Listed: literal, with offline_access when that is listed too.
+        assert_eq!(
+            open_scopes(
+                Some(&list(&["openid", "IMAP", "SMTP", "POP3", "offline_access"])),
+                &imap_smtp
+            ),
+            list(&["IMAP", "SMTP", "offline_access"])
+        );
+        // Both drafts listed: the literal ones.
+        assert_eq!(
+            open_scopes(Some(&list(&["IMAP", "SMTP", OPEN_MAIL_SCOPE])), &imap_smtp),
+            list(&["IMAP", "SMTP"])
+        );
+        // Only the later draft's scope: that one.
+        assert_eq!(
+            open_scopes(
+                Some(&list(&["openid", OPEN_MAIL_SCOPE, "offline_access"])),
+                &imap_smtp
+            ),
+            list(&[OPEN_MAIL_SCOPE, "offline_access"])
+        );
+        // Neither: the literal ones, which the profile says must work.
+        assert_eq!(
+            open_scopes(Some(&list(&["openid", "email"])), &[Protocol::Imap]),
+            list(&["IMAP"])
+        );
     }
 
     #[test]

@@ -263,3 +263,136 @@ async fn extra_authorization_parameters_are_sent() {
     assert!(got.refresh_token.is_some(), "consented offline access");
     provider.shutdown();
 }
+
+/// An `open` provider on the sandbox with IMAP and SMTP servers, before
+/// discovery.
+fn open_provider(sandbox: &Provider) -> mailbridge::provider::Provider {
+    let c: mailbridge::config::ProviderConfig = toml::from_str(&format!(
+        "preset = \"open\"\nissuer = \"{}\"\nimap = {{ host = \"localhost\" }}\nsmtp = {{ host = \"localhost\" }}",
+        sandbox.base_url()
+    ))
+    .unwrap();
+    mailbridge::provider::resolve("open", &c).unwrap()
+}
+
+/// The `open` preset asks for the seed's literal scopes when the server
+/// lists them or lists none, and for the later draft's mail scope when
+/// only that is listed; each choice then gets a working grant through the
+/// browser flow, whose authorization URL carries it.
+#[tokio::test]
+async fn open_preset_picks_its_scopes_from_the_server_metadata() {
+    let sandbox = Provider::start(ProviderOptions::default()).await.unwrap();
+    let http = TokenSource::http_client().unwrap();
+    let mail = "urn:ietf:params:oauth:scope:mail";
+    // (what the metadata lists, what mailbridge asks for, the URL's scope)
+    type Case<'a> = (Option<Vec<&'a str>>, Vec<&'a str>, &'a str);
+    let cases: [Case; 3] = [
+        (None, vec!["IMAP", "SMTP"], "scope=IMAP+SMTP"),
+        (
+            Some(vec!["openid", "IMAP", "SMTP", "POP3", "offline_access"]),
+            vec!["IMAP", "SMTP", "offline_access"],
+            "scope=IMAP+SMTP+offline_access",
+        ),
+        (
+            Some(vec!["openid", mail, "offline_access"]),
+            vec![mail, "offline_access"],
+            "scope=urn%3Aietf%3Aparams%3Aoauth%3Ascope%3Amail+offline_access",
+        ),
+    ];
+    for (listed, want, in_url) in cases {
+        sandbox.set_scopes_supported(
+            listed
+                .as_ref()
+                .map(|l| l.iter().map(|s| s.to_string()).collect()),
+        );
+        let mut p = open_provider(&sandbox);
+        p.discover(&http).await.unwrap();
+        assert_eq!(p.scopes, want, "metadata listing {listed:?}");
+        println!("scopes_supported {listed:?} -> asks for {:?}", p.scopes);
+        let ui = Browser::default();
+        let ep = FlowEndpoints {
+            client_id: &p.client_id,
+            client_secret: None,
+            authorize_url: p.authorize_url.as_deref(),
+            token_url: &p.token_url,
+            device_url: None,
+            scopes: &p.scopes,
+        };
+        let got = flows::authorization_code_loopback(&ep, &http, &options(), &ui)
+            .await
+            .unwrap();
+        let url = ui.shown.lock().unwrap()[0].clone();
+        assert!(url.contains(in_url), "{url}");
+        assert!(got.refresh_token.is_some());
+    }
+    sandbox.shutdown();
+}
+
+/// mailbridge names itself (`mailbridge/VERSION`) on every OAuth2 request:
+/// discovery, dynamic registration, the device flow and the token
+/// endpoint.
+#[tokio::test]
+async fn every_oauth2_request_carries_mailbridges_user_agent() {
+    let sandbox = Provider::start(ProviderOptions {
+        device_interval: Duration::ZERO,
+        ..ProviderOptions::default()
+    })
+    .await
+    .unwrap();
+    let http = TokenSource::http_client().unwrap();
+    let mut p = open_provider(&sandbox);
+    p.discover(&http).await.unwrap();
+    let registered = flows::register_client(
+        &http,
+        p.registration_url
+            .as_deref()
+            .expect("registration endpoint"),
+        &["http://127.0.0.1/".to_string()],
+    )
+    .await
+    .unwrap();
+    let d = sandbox.device_authorization_url();
+    let ep = FlowEndpoints {
+        client_id: &registered,
+        client_secret: None,
+        authorize_url: None,
+        token_url: &p.token_url,
+        device_url: Some(&d),
+        scopes: &p.scopes,
+    };
+    let approver = {
+        let sandbox = sandbox.clone();
+        tokio::spawn(async move {
+            for _ in 0..200 {
+                if let Some(code) = sandbox.pending_device_codes().first() {
+                    assert!(sandbox.approve_device(code, "dora@example.com"));
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("no device code appeared");
+        })
+    };
+    flows::device_code(&ep, &http, Duration::from_secs(30), &Browser::default())
+        .await
+        .unwrap();
+    approver.await.unwrap();
+    let want = format!("mailbridge/{}", env!("CARGO_PKG_VERSION"));
+    let seen = sandbox.user_agents();
+    for path in [
+        "/.well-known/openid-configuration",
+        "/register",
+        "/device_authorization",
+        "/token",
+    ] {
+        let agents: Vec<&str> = seen
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, a)| a.as_str())
+            .collect();
+        assert!(!agents.is_empty(), "no request to {path}: {seen:?}");
+        assert!(agents.iter().all(|a| *a == want), "{path}: {agents:?}");
+        println!("{path}: {} request(s), User-Agent {want}", agents.len());
+    }
+    sandbox.shutdown();
+}

@@ -424,9 +424,13 @@ async fn pipelined_commands_after_login_arrive_in_order_and_id_is_forwarded() {
     assert!(r.last().unwrap().starts_with("s1 OK"), "{r:?}");
     let r = c.until_tagged("n1").await;
     assert!(r.last().unwrap().starts_with("n1 OK"), "{r:?}");
+    // The client's ID goes up first, mailbridge's own name after it.
     assert_eq!(
-        h.imap.last_client_id().as_deref(),
-        Some("(\"name\" \"pipeline-test\")")
+        h.imap.last_client_id(),
+        Some(format!(
+            "(\"name\" \"pipeline-test\" \"x-proxy-name\" \"mailbridge\" \"x-proxy-version\" \"{}\")",
+            env!("CARGO_PKG_VERSION")
+        ))
     );
     h.stop().await;
 }

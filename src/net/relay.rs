@@ -30,8 +30,15 @@ pub const BUFFER: usize = 64 * 1024;
 /// streaming a response is not cut between two reads.
 pub const DRAIN_QUIET: Duration = Duration::from_millis(500);
 
+/// How many of the server's last bytes a session keeps, so that the log
+/// can say why the server ended it (`* BYE Session invalidated -
+/// AccessTokenExpired` is 49 bytes; a POP3 `-ERR` or SMTP `421` line is
+/// rarely longer). Kept inline in the session's task: no allocation, and
+/// only copied into while data moves.
+pub const TAIL: usize = 256;
+
 /// What a relayed session moved.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct RelayStats {
     /// Bytes from the client to the upstream.
     pub to_upstream: u64,
@@ -41,6 +48,55 @@ pub struct RelayStats {
     pub idle_timeout: bool,
     /// Closed at rest because the server is shutting down.
     pub drained: bool,
+    /// The upstream ended the session: its side of the stream ended (or
+    /// broke) before the client's did.
+    pub upstream_ended: bool,
+    /// When `upstream_ended`: the last bytes (at most [`TAIL`]) the server
+    /// sent, for the protocol crate to read its reason from; else empty.
+    pub upstream_tail: Vec<u8>,
+}
+
+/// A relay that ended on an I/O error (a reset, say), with what it moved
+/// until then: a server may have said why just before.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct RelayError {
+    /// The error.
+    #[source]
+    pub source: io::Error,
+    /// The session until the error.
+    pub stats: RelayStats,
+}
+
+/// The last [`TAIL`] bytes that went through one direction.
+struct Tail {
+    bytes: [u8; TAIL],
+    len: usize,
+}
+
+impl Tail {
+    fn new() -> Tail {
+        Tail {
+            bytes: [0; TAIL],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        if data.len() >= TAIL {
+            self.bytes.copy_from_slice(&data[data.len() - TAIL..]);
+            self.len = TAIL;
+            return;
+        }
+        let keep = (TAIL - data.len()).min(self.len);
+        self.bytes.copy_within(self.len - keep..self.len, 0);
+        self.bytes[keep..keep + data.len()].copy_from_slice(data);
+        self.len = keep + data.len();
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// Why the relay ended, when not because a side closed.
@@ -112,6 +168,8 @@ struct Half {
     error: Option<io::Error>,
     /// The reader reached end of stream.
     eof: bool,
+    /// The reader ended: end of stream, or a read error.
+    read_ended: bool,
     /// The writer was shut down after EOF: this direction is finished.
     done: bool,
     /// Bytes read.
@@ -136,6 +194,7 @@ impl Half {
         r: &mut R,
         w: &mut W,
         active: &mut bool,
+        mut tail: Option<&mut Tail>,
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin + ?Sized,
@@ -183,6 +242,7 @@ impl Half {
                 }
                 Poll::Ready(Err(e)) => {
                     pool::give(buf);
+                    self.read_ended = true;
                     return Poll::Ready(Err(e));
                 }
                 Poll::Ready(Ok(())) => {
@@ -190,6 +250,7 @@ impl Half {
                     if n == 0 {
                         pool::give(buf);
                         self.eof = true;
+                        self.read_ended = true;
                         continue;
                     }
                     // Gather what is already there (a TLS stream yields
@@ -199,14 +260,19 @@ impl Half {
                             Poll::Ready(Ok(())) if rb.filled().len() > n => n = rb.filled().len(),
                             Poll::Ready(Ok(())) => {
                                 self.eof = true;
+                                self.read_ended = true;
                                 break;
                             }
                             Poll::Ready(Err(e)) => {
                                 self.error = Some(e);
+                                self.read_ended = true;
                                 break;
                             }
                             Poll::Pending => break,
                         }
+                    }
+                    if let Some(tail) = tail.as_deref_mut() {
+                        tail.push(&buf[..n]);
                     }
                     self.buf = Some(buf);
                     self.pos = 0;
@@ -229,13 +295,16 @@ pub async fn relay<C, U>(
     upstream: &mut U,
     idle: Duration,
     stop: impl std::future::Future<Output = ()>,
-) -> io::Result<RelayStats>
+) -> Result<RelayStats, RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut up = Half::default();
     let mut down = Half::default();
+    let mut tail = Tail::new();
+    // Which side's stream ended first (None while both are open).
+    let mut upstream_first: Option<bool> = None;
     let mut last = Instant::now();
     // Whether the client sent the last bytes (an answer is then owed).
     let mut client_last = false;
@@ -248,8 +317,12 @@ where
     tokio::pin!(sleep);
     let outcome = poll_fn(|cx| {
         let (mut sent, mut answered) = (false, false);
-        let a = up.poll_copy(cx, client, upstream, &mut sent)?;
-        let b = down.poll_copy(cx, upstream, client, &mut answered)?;
+        let a = up.poll_copy(cx, client, upstream, &mut sent, None);
+        let b = down.poll_copy(cx, upstream, client, &mut answered, Some(&mut tail));
+        if upstream_first.is_none() && (up.read_ended || down.read_ended) {
+            upstream_first = Some(down.read_ended);
+        }
+        let (a, b) = (a?, b?);
         if sent || answered {
             last = Instant::now();
             client_last = sent;
@@ -287,18 +360,28 @@ where
         Poll::Pending
     })
     .await;
+    let upstream_ended = upstream_first == Some(true);
     let stats = |end| RelayStats {
         to_upstream: up.bytes,
         to_client: down.bytes,
         idle_timeout: end == End::Idle,
         drained: end == End::Drained,
+        upstream_ended,
+        upstream_tail: if upstream_ended {
+            tail.as_slice().to_vec()
+        } else {
+            Vec::new()
+        },
     };
     match outcome {
         Ok(end) => Ok(stats(end)),
         // A peer that closes without TLS close_notify after its last word
         // (common after LOGOUT) ends the session like a clean close.
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(stats(End::Closed)),
-        Err(e) => Err(e),
+        Err(source) => Err(RelayError {
+            source,
+            stats: stats(End::Closed),
+        }),
     }
 }
 
@@ -312,7 +395,7 @@ mod tests {
         client: &mut C,
         upstream: &mut U,
         idle: Duration,
-    ) -> io::Result<RelayStats>
+    ) -> Result<RelayStats, RelayError>
     where
         C: AsyncRead + AsyncWrite + Unpin + ?Sized,
         U: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -343,6 +426,52 @@ mod tests {
         drop(up_far);
         let stats = task.await.unwrap().unwrap();
         assert_eq!((stats.to_upstream, stats.to_client), (9, 7));
+        // The client ended it: nothing of the server's is kept.
+        assert!(!stats.upstream_ended && stats.upstream_tail.is_empty());
+    }
+
+    #[test]
+    fn the_tail_keeps_the_last_bytes_whatever_the_chunks() {
+        let data: Vec<u8> = (0..2000u32).map(|i| (i % 251) as u8).collect();
+        for chunk in [1, 7, 100, 255, 256, 257, 1000] {
+            let mut tail = Tail::new();
+            let mut fed = 0;
+            for piece in data.chunks(chunk) {
+                tail.push(piece);
+                fed += piece.len();
+                let want = &data[fed.saturating_sub(TAIL)..fed];
+                assert_eq!(tail.as_slice(), want, "chunks of {chunk}, after {fed}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_server_ending_the_session_leaves_its_last_words() {
+        let (mut client_far, mut client_near) = tokio::io::duplex(4096);
+        let (mut up_near, mut up_far) = tokio::io::duplex(4096);
+        let task = tokio::spawn(async move {
+            relay_unstopped(&mut client_near, &mut up_near, Duration::from_secs(5)).await
+        });
+        let filler = vec![b'x'; 1000];
+        up_far.write_all(&filler).await.unwrap();
+        up_far
+            .write_all(b"\r\n* BYE Session invalidated - AccessTokenExpired\r\n")
+            .await
+            .unwrap();
+        up_far.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client_far.read_to_end(&mut got).await.unwrap();
+        assert!(got.ends_with(b"AccessTokenExpired\r\n"));
+        client_far.shutdown().await.unwrap();
+        drop(up_far);
+        let stats = task.await.unwrap().unwrap();
+        assert!(stats.upstream_ended);
+        assert_eq!(stats.upstream_tail.len(), TAIL);
+        assert!(
+            stats
+                .upstream_tail
+                .ends_with(b"* BYE Session invalidated - AccessTokenExpired\r\n")
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -526,6 +655,55 @@ mod tests {
         }
     }
 
+    /// Yields its chunks, then a connection reset.
+    struct Reset(Vec<&'static [u8]>);
+
+    impl AsyncRead for Reset {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            if this.0.is_empty() {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            buf.put_slice(this.0.remove(0));
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Reset {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_after_the_servers_last_words_keeps_them() {
+        let (_client_far, mut client_near) = tokio::io::duplex(1024);
+        let mut upstream = Reset(vec![b"* BYE Session invalidated - AccessTokenExpired\r\n"]);
+        let e = relay_unstopped(&mut client_near, &mut upstream, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(e.source.kind(), io::ErrorKind::ConnectionReset);
+        assert!(e.stats.upstream_ended);
+        assert_eq!(
+            e.stats.upstream_tail,
+            b"* BYE Session invalidated - AccessTokenExpired\r\n"
+        );
+    }
+
     #[tokio::test]
     async fn last_words_before_an_abrupt_close_reach_the_client() {
         let (mut client_far, mut client_near) = tokio::io::duplex(1024);
@@ -538,5 +716,7 @@ mod tests {
         client_far.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"* BYE bye\r\nz OK LOGOUT done\r\n");
         assert_eq!(stats.to_client, got.len() as u64);
+        assert!(stats.upstream_ended);
+        assert_eq!(stats.upstream_tail, got);
     }
 }

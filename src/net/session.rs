@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use super::relay::relay;
 use super::stream::Stream;
 use super::upstream::UpstreamConn;
+use mailbridge_proto::farewell::{Reader, Tail};
 use mailbridge_proto::{ClientSession, ClientStep, LoginFailure, LoginRequest};
 
 /// Per-connection settings the driver needs.
@@ -52,7 +53,7 @@ pub async fn drive<L, F>(
 {
     // The pre-auth session and read buffer live in `preauth` and are gone
     // once it returns: a relaying session keeps only its two streams.
-    let Some((mut client, mut upstream)) =
+    let Some((mut client, mut upstream, farewell)) =
         preauth(&mut stream, session, settings, login, stop.clone()).await
     else {
         return;
@@ -60,16 +61,48 @@ pub async fn drive<L, F>(
     // `stream` was moved into `client` by preauth's success path.
     let started = std::time::Instant::now();
     let idle = settings.relay_idle_timeout;
-    match relay(&mut client, &mut upstream, idle, stopped(stop)).await {
-        Ok(stats) => tracing::info!(
+    let (stats, error) = match relay(&mut client, &mut upstream, idle, stopped(stop)).await {
+        Ok(stats) => (stats, None),
+        Err(e) => (e.stats, Some(e.source)),
+    };
+    // The server's own reason, when it ended the session and said why
+    // (the protocol crate reads it; the relay only kept bytes).
+    let server_said = stats
+        .upstream_ended
+        .then(|| {
+            farewell(Tail {
+                bytes: &stats.upstream_tail,
+                from_line_start: stats.to_client == stats.upstream_tail.len() as u64,
+            })
+        })
+        .flatten();
+    let secs = started.elapsed().as_secs();
+    match (server_said, error) {
+        (Some(said), None) => tracing::info!(
+            to_upstream = stats.to_upstream,
+            to_client = stats.to_client,
+            secs,
+            server_said = %said,
+            "session ended by the server"
+        ),
+        (Some(said), Some(e)) => tracing::info!(
+            to_upstream = stats.to_upstream,
+            to_client = stats.to_client,
+            secs,
+            server_said = %said,
+            error = %e,
+            "session ended by the server"
+        ),
+        (None, Some(e)) => tracing::info!(error = %e, "session ended with an error"),
+        (None, None) => tracing::info!(
             to_upstream = stats.to_upstream,
             to_client = stats.to_client,
             idle_timeout = stats.idle_timeout,
             shutdown = stats.drained,
-            secs = started.elapsed().as_secs(),
+            upstream_closed = stats.upstream_ended,
+            secs,
             "session ended"
         ),
-        Err(e) => tracing::info!(error = %e, "session ended with an error"),
     }
     let _ = client.shutdown().await;
     let _ = upstream.shutdown().await;
@@ -81,14 +114,15 @@ async fn send(stream: &mut Stream, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// The pre-auth phase. Returns the client and upstream streams on a
-/// successful login, `None` when the connection ended.
+/// successful login, with how to read the server's reason should it end
+/// the session; `None` when the connection ended.
 async fn preauth<L, F>(
     stream: &mut Stream,
     mut session: Box<dyn ClientSession>,
     settings: &DriverSettings,
     login: L,
     stop: watch::Receiver<bool>,
-) -> Option<(Stream, Stream)>
+) -> Option<(Stream, Stream, Reader)>
 where
     L: Fn(LoginRequest) -> F,
     F: Future<Output = Result<UpstreamConn, LoginFailure>>,
@@ -158,6 +192,7 @@ where
                     Ok(UpstreamConn {
                         stream: mut upstream,
                         success,
+                        farewell,
                     }) => {
                         let reply = session.login_succeeded(&success);
                         send(stream, &reply).await.ok()?;
@@ -170,7 +205,7 @@ where
                         }
                         tracing::info!(user = %user, "logged in; relaying");
                         let client = std::mem::replace(stream, Stream::Gone);
-                        return Some((client, upstream));
+                        return Some((client, upstream, farewell));
                     }
                     Err(failure) => {
                         tracing::info!(user = %user, kind = ?failure.kind, reason = %failure.reason, "login refused");

@@ -13,7 +13,9 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use rustls::ClientConfig;
@@ -23,6 +25,7 @@ use tokio::net::TcpStream;
 
 use super::stream::Stream;
 use crate::config::schema::UpstreamTls;
+use mailbridge_proto::farewell;
 use mailbridge_proto::sasl::BearerToken;
 use mailbridge_proto::{Rejection, UpstreamError, UpstreamLogin, UpstreamStep, UpstreamSuccess};
 
@@ -32,22 +35,33 @@ pub struct UpstreamConn<S = Stream> {
     pub stream: S,
     /// What the server said on success.
     pub success: UpstreamSuccess,
+    /// How to read why the server ended the session, from the last bytes
+    /// it sent (the protocol crate's; the relay keeps the bytes).
+    pub farewell: farewell::Reader,
 }
 
-/// Where access tokens for one login come from. The dialogue asks for
-/// [`Tokens::token`] first and, only after the server refused that token
-/// with a status that suggests it (400/401), once for
-/// [`Tokens::fresh_token`].
-pub trait Tokens: Send {
+/// Where access tokens for one login come from. The login asks for
+/// [`Tokens::token`] as soon as it starts, while it connects; and, only
+/// after the server refused that token, once for [`Tokens::fresh_token`]:
+/// when a failure challenge suggests it (status 400/401), or when the
+/// server refused without a challenge a token that
+/// [`Tokens::last_was_cached`] (Microsoft's direct `NO AUTHENTICATE
+/// failed.` to a token revoked early). Methods take `&self` so the first
+/// request can run while the dialogue goes on.
+pub trait Tokens: Send + Sync {
     /// Why no token could be had.
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// A token to log in with (a cached one is fine).
-    fn token(&mut self) -> impl Future<Output = Result<SecretString, Self::Error>> + Send;
+    fn token(&self) -> impl Future<Output = Result<SecretString, Self::Error>> + Send;
 
     /// A token newer than the one last handed out, which the server
-    /// refused.
-    fn fresh_token(&mut self) -> impl Future<Output = Result<SecretString, Self::Error>> + Send;
+    /// refused (that one is not handed out again).
+    fn fresh_token(&self) -> impl Future<Output = Result<SecretString, Self::Error>> + Send;
+
+    /// Whether the token last handed out had been handed out before (a
+    /// cached one), rather than just issued.
+    fn last_was_cached(&self) -> bool;
 }
 
 /// How a stream becomes TLS when the dialogue says STARTTLS.
@@ -226,27 +240,114 @@ impl StartTls<Stream> for RustlsUpgrade<'_> {
 }
 
 /// Connects to `target` (TCP, and TLS when implicit) and logs in with
-/// tokens from `tokens`. A rejection whose challenge asks for it (status
-/// 400/401) gets one retry with a fresh token on the same connection.
+/// tokens from `tokens`. The first token is asked for at once, so a
+/// refresh runs while the connection is made and the server greets: a
+/// cold login costs the longer of the two, not their sum. A refused token
+/// gets one retry with a fresh token on the same connection (see
+/// [`Tokens`]).
 pub async fn login<T: Tokens>(
     target: &Target<'_>,
     tls: Arc<ClientConfig>,
     connect_timeout: Duration,
     session: Box<dyn UpstreamLogin>,
-    tokens: &mut T,
+    tokens: &T,
 ) -> Result<UpstreamConn, UpstreamFailure<T::Error>> {
-    let stream = tokio::time::timeout(connect_timeout, connect(target, &tls))
+    let mut first = Prefetch::new(tokens.token());
+    let result = async {
+        let connecting = tokio::time::timeout(connect_timeout, connect(target, &tls));
+        let stream =
+            first
+                .alongside(connecting)
+                .await?
+                .map_err(|_| UpstreamFailure::Timeout {
+                    server: target.server(),
+                    after: connect_timeout,
+                })??;
+        let upgrade = RustlsUpgrade {
+            config: tls,
+            host: target.host,
+            timeout: connect_timeout,
+        };
+        run_dialogue(stream, target, session, tokens, &mut first, &upgrade).await
+    }
+    .await;
+    if result.is_err() {
+        first.settle().await;
+    }
+    result
+}
+
+/// The first token of a login, asked for before it is needed: polled
+/// alongside the connection's I/O until it is there.
+struct Prefetch<F: Future> {
+    state: PrefetchState<F>,
+}
+
+enum PrefetchState<F: Future> {
+    Running(Pin<Box<F>>),
+    Ready(F::Output),
+    Taken,
+}
+
+impl<T, E, F> Prefetch<F>
+where
+    F: Future<Output = Result<T, E>>,
+{
+    fn new(fut: F) -> Self {
+        Prefetch {
+            state: PrefetchState::Running(Box::pin(fut)),
+        }
+    }
+
+    /// Drives `io` to its end, moving the token request on meanwhile. A
+    /// token request that fails ends the login at once: there is nothing
+    /// to log in with.
+    async fn alongside<R>(&mut self, io: impl Future<Output = R>) -> Result<R, UpstreamFailure<E>>
+    where
+        E: std::error::Error + 'static,
+    {
+        let mut io = std::pin::pin!(io);
+        std::future::poll_fn(|cx| {
+            if let PrefetchState::Running(fut) = &mut self.state {
+                if let Poll::Ready(got) = fut.as_mut().poll(cx) {
+                    self.state = PrefetchState::Ready(got);
+                }
+            }
+            if matches!(self.state, PrefetchState::Ready(Err(_))) {
+                if let PrefetchState::Ready(Err(e)) =
+                    std::mem::replace(&mut self.state, PrefetchState::Taken)
+                {
+                    return Poll::Ready(Err(UpstreamFailure::Token(e)));
+                }
+            }
+            io.as_mut().poll(cx).map(Ok)
+        })
         .await
-        .map_err(|_| UpstreamFailure::Timeout {
-            server: target.server(),
-            after: connect_timeout,
-        })??;
-    let upgrade = RustlsUpgrade {
-        config: tls,
-        host: target.host,
-        timeout: connect_timeout,
-    };
-    dialogue(stream, target, session, tokens, &upgrade).await
+    }
+
+    /// Lets a token request already under way finish when the login
+    /// fails for another reason (the server cannot be reached, say): its
+    /// refresh may have rotated the refresh token at the provider, and a
+    /// request dropped midway could lose the new one. The token is cached
+    /// for the next login.
+    async fn settle(&mut self) {
+        if let PrefetchState::Running(fut) = &mut self.state {
+            let got = fut.as_mut().await;
+            self.state = PrefetchState::Ready(got);
+        }
+    }
+
+    /// The token, waiting for it if need be; None once taken.
+    async fn take(&mut self) -> Option<Result<T, E>> {
+        if let PrefetchState::Running(fut) = &mut self.state {
+            let got = fut.as_mut().await;
+            self.state = PrefetchState::Ready(got);
+        }
+        match std::mem::replace(&mut self.state, PrefetchState::Taken) {
+            PrefetchState::Ready(got) => Some(got),
+            _ => None,
+        }
+    }
 }
 
 /// TCP to the first address of `target.host` that answers, then the TLS
@@ -298,19 +399,41 @@ async fn connect<E: std::error::Error + 'static>(
 
 /// The login dialogue on a connected `stream`: drives `session`, feeds it
 /// what the server sends, upgrades with `upgrade` on STARTTLS, and answers
-/// its requests for tokens from `tokens` (a fresh one once after a
-/// refusal that suggests a retry).
+/// its requests for tokens from `tokens` (asking for the first one at
+/// once; a fresh one once after a refusal, see [`Tokens`]).
 pub async fn dialogue<S, U, T>(
-    mut stream: S,
+    stream: S,
     target: &Target<'_>,
-    mut session: Box<dyn UpstreamLogin>,
-    tokens: &mut T,
+    session: Box<dyn UpstreamLogin>,
+    tokens: &T,
     upgrade: &U,
 ) -> Result<UpstreamConn<S>, UpstreamFailure<T::Error>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     U: StartTls<S>,
     T: Tokens,
+{
+    let mut first = Prefetch::new(tokens.token());
+    let result = run_dialogue(stream, target, session, tokens, &mut first, upgrade).await;
+    if result.is_err() {
+        first.settle().await;
+    }
+    result
+}
+
+async fn run_dialogue<S, U, T, F>(
+    mut stream: S,
+    target: &Target<'_>,
+    mut session: Box<dyn UpstreamLogin>,
+    tokens: &T,
+    first: &mut Prefetch<F>,
+    upgrade: &U,
+) -> Result<UpstreamConn<S>, UpstreamFailure<T::Error>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    U: StartTls<S>,
+    T: Tokens,
+    F: Future<Output = Result<SecretString, T::Error>>,
 {
     let closed = |source: Option<io::Error>| UpstreamFailure::Closed {
         server: target.server(),
@@ -327,36 +450,38 @@ where
             })?;
         match step {
             UpstreamStep::NeedInput => {
-                let n = stream.read(&mut buf).await.map_err(|e| closed(Some(e)))?;
+                let n = first
+                    .alongside(stream.read(&mut buf))
+                    .await?
+                    .map_err(|e| closed(Some(e)))?;
                 if n == 0 {
                     return Err(closed(None));
                 }
                 session.feed(&buf[..n]);
             }
             UpstreamStep::Send(bytes) => {
-                let written = async {
-                    stream.write_all(&bytes).await?;
-                    stream.flush().await
-                }
-                .await;
+                let written = first
+                    .alongside(async {
+                        stream.write_all(&bytes).await?;
+                        stream.flush().await
+                    })
+                    .await?;
                 written.map_err(|e| closed(Some(e)))?;
             }
             UpstreamStep::StartTls => {
-                stream =
-                    upgrade
-                        .start_tls(stream)
-                        .await
-                        .map_err(|source| UpstreamFailure::Tls {
-                            server: target.server(),
-                            source,
-                        })?;
+                stream = first
+                    .alongside(upgrade.start_tls(stream))
+                    .await?
+                    .map_err(|source| UpstreamFailure::Tls {
+                        server: target.server(),
+                        source,
+                    })?;
                 session.tls_started();
             }
             UpstreamStep::NeedToken => {
-                let token = if retried {
-                    tokens.fresh_token().await
-                } else {
-                    tokens.token().await
+                let token = match first.take().await {
+                    Some(got) => got,
+                    None => tokens.fresh_token().await,
                 }
                 .map_err(UpstreamFailure::Token)?;
                 session.provide_token(&BearerToken {
@@ -367,14 +492,29 @@ where
                 });
             }
             UpstreamStep::Authenticated(success) => {
-                return Ok(UpstreamConn { stream, success });
+                return Ok(UpstreamConn {
+                    stream,
+                    success,
+                    farewell: session.farewell(),
+                });
             }
             UpstreamStep::Rejected(rejection) => {
-                if rejection.retry_suggested && !retried {
-                    tracing::info!(server = %target.server(), "token refused with a retry status; refreshing once");
-                    retried = true;
-                    session.retry();
-                    continue;
+                if !retried {
+                    let why = if rejection.retry_suggested {
+                        Some("with a retry status")
+                    } else if rejection.may_be_stale_token() && tokens.last_was_cached() {
+                        Some("without a challenge, and it was a cached token")
+                    } else {
+                        None
+                    };
+                    if let Some(why) = why {
+                        tracing::info!(server = %target.server(), refusal = %rejection.refusal, "token refused {why}; refreshing and trying once more");
+                        retried = true;
+                        // The first token is spent: the next `NeedToken`
+                        // asks for a fresh one.
+                        session.retry();
+                        continue;
+                    }
                 }
                 return Err(UpstreamFailure::Rejected {
                     server: target.server(),
@@ -408,25 +548,46 @@ mod tests {
     /// Hands out `tok-1`, then `tok-2`, ... and counts the asks.
     #[derive(Default)]
     struct FakeTokens {
-        issued: u32,
-        fresh_asked: u32,
+        issued: std::sync::atomic::AtomicU32,
+        fresh_asked: std::sync::atomic::AtomicU32,
         fail: bool,
+        /// What `last_was_cached` says.
+        cached: bool,
+        /// How long a token takes.
+        delay: Duration,
+    }
+
+    impl FakeTokens {
+        /// (tokens issued, fresh tokens asked for).
+        fn counts(&self) -> (u32, u32) {
+            use std::sync::atomic::Ordering::Relaxed;
+            (self.issued.load(Relaxed), self.fresh_asked.load(Relaxed))
+        }
     }
 
     impl Tokens for FakeTokens {
         type Error = NoToken;
 
-        async fn token(&mut self) -> Result<SecretString, NoToken> {
+        async fn token(&self) -> Result<SecretString, NoToken> {
+            tokio::time::sleep(self.delay).await;
             if self.fail {
                 return Err(NoToken);
             }
-            self.issued += 1;
-            Ok(SecretString::from(format!("tok-{}", self.issued)))
+            let n = self
+                .issued
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            Ok(SecretString::from(format!("tok-{n}")))
         }
 
-        async fn fresh_token(&mut self) -> Result<SecretString, NoToken> {
-            self.fresh_asked += 1;
+        async fn fresh_token(&self) -> Result<SecretString, NoToken> {
+            self.fresh_asked
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.token().await
+        }
+
+        fn last_was_cached(&self) -> bool {
+            self.cached
         }
     }
 
@@ -522,9 +683,9 @@ mod tests {
             let relayed = server.line().await;
             (xoauth2_token(&auth), relayed)
         });
-        let mut tokens = FakeTokens::default();
+        let tokens = FakeTokens::default();
         let upgrade = FakeUpgrade::default();
-        let mut conn = dialogue(client, &TARGET, imap(false), &mut tokens, &upgrade)
+        let mut conn = dialogue(client, &TARGET, imap(false), &tokens, &upgrade)
             .await
             .unwrap();
         assert_eq!(conn.success.capabilities, ["IMAP4rev1", "IDLE"]);
@@ -533,7 +694,7 @@ mod tests {
         let (token, relayed) = script.await.unwrap();
         assert_eq!(token, "tok-1");
         assert_eq!(relayed, "a1 NOOP");
-        assert_eq!((tokens.issued, tokens.fresh_asked), (1, 0));
+        assert_eq!(tokens.counts(), (1, 0));
         assert_eq!(upgrade.calls.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 
@@ -557,19 +718,161 @@ mod tests {
             server.send("mb2 OK [CAPABILITY IMAP4rev1] done\r\n").await;
             (xoauth2_token(&first), xoauth2_token(&second))
         });
-        let mut tokens = FakeTokens::default();
+        let tokens = FakeTokens::default();
         let conn = dialogue(
             client,
             &TARGET,
             imap(false),
-            &mut tokens,
+            &tokens,
             &FakeUpgrade::default(),
         )
         .await
         .unwrap();
         assert_eq!(conn.success.capabilities, ["IMAP4rev1"]);
         assert_eq!(script.await.unwrap(), ("tok-1".into(), "tok-2".into()));
-        assert_eq!(tokens.fresh_asked, 1);
+        assert_eq!(tokens.counts().1, 1);
+    }
+
+    /// A server that refuses the first AUTHENTICATE as Microsoft does
+    /// (`reply`, no challenge) and accepts a second one if it comes.
+    fn refusing_without_challenge(
+        mut server: Server,
+        reply: &'static str,
+    ) -> tokio::task::JoinHandle<Vec<String>> {
+        tokio::spawn(async move {
+            server
+                .send("* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready\r\n")
+                .await;
+            let mut tokens = Vec::new();
+            let first = server.line().await;
+            tokens.push(xoauth2_token(&first));
+            server.send(&format!("mb1 {reply}\r\n")).await;
+            let second = server.line().await;
+            if second.starts_with("mb2 AUTHENTICATE XOAUTH2 ") {
+                tokens.push(xoauth2_token(&second));
+                server.send("mb2 OK [CAPABILITY IMAP4rev1] done\r\n").await;
+            }
+            tokens
+        })
+    }
+
+    #[tokio::test]
+    async fn a_cached_token_refused_without_a_challenge_is_replaced_once() {
+        let (client, server) = pair();
+        let script = refusing_without_challenge(server, "NO AUTHENTICATE failed.");
+        let tokens = FakeTokens {
+            cached: true,
+            ..Default::default()
+        };
+        let conn = dialogue(
+            client,
+            &TARGET,
+            imap(false),
+            &tokens,
+            &FakeUpgrade::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(conn.success.capabilities, ["IMAP4rev1"]);
+        assert_eq!(script.await.unwrap(), ["tok-1", "tok-2"]);
+        assert_eq!(tokens.counts(), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn a_new_token_or_a_temporary_refusal_is_not_retried() {
+        for (cached, reply) in [
+            // Just issued and refused: a newer one would fare no better.
+            (false, "NO AUTHENTICATE failed."),
+            // The server could not check it: not the token's fault.
+            (true, "NO [UNAVAILABLE] Temporary authentication failure."),
+            // Not understood: not the token's fault either.
+            (true, "BAD Invalid command"),
+        ] {
+            let (client, server) = pair();
+            let script = refusing_without_challenge(server, reply);
+            let tokens = FakeTokens {
+                cached,
+                ..Default::default()
+            };
+            let e = dialogue(
+                client,
+                &TARGET,
+                imap(false),
+                &tokens,
+                &FakeUpgrade::default(),
+            )
+            .await
+            .err()
+            .unwrap();
+            assert!(matches!(e, UpstreamFailure::Rejected { .. }), "{e:?}");
+            assert_eq!(tokens.counts(), (1, 0), "{reply}");
+            assert_eq!(script.await.unwrap(), ["tok-1"]);
+        }
+    }
+
+    /// A token source that answers only when told to, and says when it
+    /// was asked.
+    struct GatedTokens {
+        asked: tokio::sync::Notify,
+        answer: tokio::sync::Semaphore,
+    }
+
+    impl Tokens for GatedTokens {
+        type Error = NoToken;
+
+        async fn token(&self) -> Result<SecretString, NoToken> {
+            self.asked.notify_one();
+            let _permit = self.answer.acquire().await.map_err(|_| NoToken)?;
+            Ok(SecretString::from("tok-gated".to_string()))
+        }
+
+        async fn fresh_token(&self) -> Result<SecretString, NoToken> {
+            Err(NoToken)
+        }
+
+        fn last_was_cached(&self) -> bool {
+            false
+        }
+    }
+
+    #[tokio::test]
+    async fn the_token_is_asked_for_before_the_server_greets() {
+        let (client, mut server) = pair();
+        let tokens = std::sync::Arc::new(GatedTokens {
+            asked: tokio::sync::Notify::new(),
+            answer: tokio::sync::Semaphore::new(0),
+        });
+        let gate = tokens.clone();
+        let script = tokio::spawn(async move {
+            // The greeting waits until the token was asked for, and the
+            // token until the server has greeted: a login that asked only
+            // after the greeting would never finish.
+            tokio::time::timeout(Duration::from_secs(10), gate.asked.notified())
+                .await
+                .expect("the token is asked for before the greeting");
+            server
+                .send("* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] ready\r\n")
+                .await;
+            gate.answer.add_permits(1);
+            let auth = server.line().await;
+            server.send("mb1 OK [CAPABILITY IMAP4rev1] done\r\n").await;
+            xoauth2_token(&auth)
+        });
+        let conn = tokio::time::timeout(
+            Duration::from_secs(10),
+            dialogue(
+                client,
+                &TARGET,
+                imap(false),
+                tokens.as_ref(),
+                &FakeUpgrade::default(),
+            ),
+        )
+        .await
+        .expect("the login finishes")
+        .unwrap();
+        assert_eq!(conn.success.capabilities, ["IMAP4rev1"]);
+        assert_eq!(script.await.unwrap(), "tok-gated");
     }
 
     #[tokio::test]
@@ -592,12 +895,12 @@ mod tests {
             }
             server
         });
-        let mut tokens = FakeTokens::default();
+        let tokens = FakeTokens::default();
         let e = dialogue(
             client,
             &TARGET,
             imap(false),
-            &mut tokens,
+            &tokens,
             &FakeUpgrade::default(),
         )
         .await
@@ -611,8 +914,32 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(e.to_string().contains("Invalid credentials"), "{e}");
-        assert_eq!((tokens.issued, tokens.fresh_asked), (2, 1));
+        assert_eq!(tokens.counts(), (2, 1));
         drop(script.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_login_that_fails_lets_its_token_request_finish() {
+        let (client, server) = pair();
+        // The server is gone before the token has come.
+        drop(server);
+        let tokens = FakeTokens {
+            delay: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let e = dialogue(
+            client,
+            &TARGET,
+            imap(false),
+            &tokens,
+            &FakeUpgrade::default(),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(matches!(e, UpstreamFailure::Closed { .. }), "{e:?}");
+        // The refresh it started was not cut off midway.
+        assert_eq!(tokens.counts(), (1, 0));
     }
 
     #[tokio::test]
@@ -630,7 +957,7 @@ mod tests {
             client,
             &TARGET,
             imap(false),
-            &mut FakeTokens::default(),
+            &FakeTokens::default(),
             &FakeUpgrade::default(),
         )
         .await
@@ -660,7 +987,7 @@ mod tests {
             client,
             &TARGET,
             imap(false),
-            &mut FakeTokens::default(),
+            &FakeTokens::default(),
             &FakeUpgrade::default(),
         )
         .await
@@ -697,7 +1024,7 @@ mod tests {
             client,
             &TARGET,
             imap(true),
-            &mut FakeTokens::default(),
+            &FakeTokens::default(),
             &upgrade,
         )
         .await;
@@ -726,7 +1053,7 @@ mod tests {
             client,
             &TARGET,
             imap(true),
-            &mut FakeTokens::default(),
+            &FakeTokens::default(),
             &upgrade,
         )
         .await
@@ -749,7 +1076,7 @@ mod tests {
                 .await;
             server
         });
-        let mut tokens = FakeTokens {
+        let tokens = FakeTokens {
             fail: true,
             ..Default::default()
         };
@@ -757,7 +1084,7 @@ mod tests {
             client,
             &TARGET,
             imap(false),
-            &mut tokens,
+            &tokens,
             &FakeUpgrade::default(),
         )
         .await
@@ -785,7 +1112,7 @@ mod tests {
             tls,
             Duration::from_secs(5),
             imap(true),
-            &mut FakeTokens::default(),
+            &FakeTokens::default(),
         )
         .await
         .err()

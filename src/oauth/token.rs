@@ -422,10 +422,18 @@ impl TokenSource {
         for attempt in 0..WAITS {
             let (outcome, usable) = {
                 let mut st = slot.lock();
+                // A token the server refused is dropped, so no later login
+                // is handed it again, even if the refresh below fails.
+                if st
+                    .cached
+                    .as_ref()
+                    .is_some_and(|t| refused.is_some_and(|r| r.generation == t.generation))
+                {
+                    st.cached = None;
+                }
                 if let Some(t) = st.cached.as_ref() {
                     let remaining = t.expires_at.saturating_duration_since(Instant::now());
-                    let not_refused = refused.is_none_or(|r| r.generation != t.generation);
-                    if not_refused && fresh_enough(remaining, t.lifetime, floor) {
+                    if fresh_enough(remaining, t.lifetime, floor) {
                         return Ok(t.clone());
                     }
                 }

@@ -177,15 +177,16 @@ fn quote(bytes: &[u8]) -> String {
     out
 }
 
-/// Re-serializes an ID parameter list as IMAP text for upstream: at most 30
-/// pairs (RFC 2971), quoted strings only, `NIL` when empty.
+/// Re-serializes an ID parameter list as IMAP text for upstream: at most 28
+/// pairs (RFC 2971 allows 30; the upstream login adds mailbridge's two),
+/// quoted strings only, `NIL` when empty.
 fn render_id(params: Option<&[(IString<'_>, NString<'_>)]>) -> String {
     let Some(params) = params.filter(|p| !p.is_empty()) else {
         return "NIL".to_owned();
     };
     let items: Vec<String> = params
         .iter()
-        .take(30)
+        .take(28)
         .map(|(k, v)| {
             let value = v.0.as_ref().map_or("NIL".to_owned(), |s| quote(s.as_ref()));
             format!("{} {value}", quote(k.as_ref()))
@@ -547,6 +548,12 @@ pub struct UpstreamOptions {
     pub preference: Vec<Mechanism>,
     /// The client's ID parameter list to forward, e.g. `("name" "Thunderbird")`.
     pub client_id: Option<String>,
+    /// mailbridge's own name and version, sent in ID when the server
+    /// offers it (RFC 2971; the open public-client profile wants clients
+    /// to say who they are): as `name` / `version` when the client sent no
+    /// ID, else after the client's pairs as `x-proxy-name` /
+    /// `x-proxy-version`, the client's name staying the primary one.
+    pub software: Option<(String, String)>,
     /// Longest server line (and literal) accepted (default 64 KiB).
     pub max_line: usize,
 }
@@ -557,6 +564,7 @@ impl Default for UpstreamOptions {
             starttls: false,
             preference: vec![Mechanism::Xoauth2, Mechanism::Oauthbearer],
             client_id: None,
+            software: None,
             max_line: DEFAULT_LIMIT,
         }
     }
@@ -877,14 +885,7 @@ impl ImapUpstreamLogin {
             return Ok(());
         }
         if !self.id_sent && self.has_cap("ID") {
-            let id = self
-                .opts
-                .client_id
-                .as_deref()
-                .map(str::trim)
-                .filter(|id| !id.is_empty() && !id.bytes().any(|b| b == b'\r' || b == b'\n'))
-                .map(str::to_owned);
-            if let Some(id) = id {
+            if let Some(id) = self.id_parameters() {
                 self.id_sent = true;
                 let tag = self.tag();
                 self.send(format!("{tag} ID {id}\r\n"));
@@ -913,6 +914,37 @@ impl ImapUpstreamLogin {
         };
         self.queue.push_back(step);
         Ok(())
+    }
+
+    /// The ID parameter list to send: the client's pairs, then ours; ours
+    /// alone when the client sent none; None when there is neither.
+    fn id_parameters(&self) -> Option<String> {
+        let client = self
+            .opts
+            .client_id
+            .as_deref()
+            .map(str::trim)
+            .filter(|id| !id.is_empty() && !id.bytes().any(|b| b == b'\r' || b == b'\n'));
+        // The client's list as the client session rendered it: `NIL` or
+        // `("k" "v" ...)`, at most 28 pairs so ours fit in RFC 2971's 30.
+        let client_pairs = client
+            .and_then(|id| id.strip_prefix('(')?.strip_suffix(')'))
+            .map(str::trim)
+            .filter(|pairs| !pairs.is_empty());
+        let ours = self
+            .opts
+            .software
+            .as_ref()
+            .map(|(name, version)| (quote(name.as_bytes()), quote(version.as_bytes())));
+        match (client_pairs, ours) {
+            (Some(pairs), Some((name, version))) => Some(format!(
+                "({pairs} \"x-proxy-name\" {name} \"x-proxy-version\" {version})"
+            )),
+            (None, Some((name, version))) => {
+                Some(format!("(\"name\" {name} \"version\" {version})"))
+            }
+            (_, None) => client.map(str::to_owned),
+        }
     }
 
     fn finish(&mut self, capabilities: Vec<String>) {
@@ -1138,6 +1170,10 @@ impl UpstreamLogin for ImapUpstreamLogin {
         if matches!(self.state, UpState::Login { .. }) {
             self.queue.extend(self.bearer.retry());
         }
+    }
+
+    fn farewell(&self) -> crate::farewell::Reader {
+        crate::farewell::imap
     }
 }
 
@@ -2065,6 +2101,54 @@ mod tests {
             up_feed(&mut u, b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] hi\r\n"),
             [Up::NeedToken]
         );
+    }
+
+    #[test]
+    fn id_names_mailbridge_after_the_client() {
+        let first_line = |client_id: Option<&str>| {
+            let mut u = ImapUpstreamLogin::new(UpstreamOptions {
+                client_id: client_id.map(str::to_owned),
+                software: Some(("mailbridge".into(), "1.2.3".into())),
+                ..UpstreamOptions::default()
+            });
+            up_feed(
+                &mut u,
+                b"* OK [CAPABILITY IMAP4rev1 ID SASL-IR AUTH=XOAUTH2] hi\r\n",
+            )
+        };
+        assert_eq!(
+            first_line(None),
+            [send(
+                "mb1 ID (\"name\" \"mailbridge\" \"version\" \"1.2.3\")\r\n"
+            )]
+        );
+        assert_eq!(
+            first_line(Some("NIL")),
+            [send(
+                "mb1 ID (\"name\" \"mailbridge\" \"version\" \"1.2.3\")\r\n"
+            )]
+        );
+        assert_eq!(
+            first_line(Some("(\"name\" \"Thunderbird\" \"version\" \"115.0\")")),
+            [send(
+                "mb1 ID (\"name\" \"Thunderbird\" \"version\" \"115.0\" \"x-proxy-name\" \"mailbridge\" \"x-proxy-version\" \"1.2.3\")\r\n"
+            )]
+        );
+        // The client's list is cut so that ours fit in RFC 2971's 30 pairs.
+        let mut pairs = String::from("ID (");
+        for i in 0..40 {
+            pairs.push_str(&format!("\"k{i}\" \"v\" "));
+        }
+        pairs.push(')');
+        let (_, evs) = run(open(), format!("i1 {pairs}\r\ni2 LOGIN u p\r\n").as_bytes());
+        let info = evs
+            .iter()
+            .find_map(|e| match e {
+                Ev::Login { info, .. } => info.clone(),
+                _ => None,
+            })
+            .expect("a login with client info");
+        assert_eq!(info.matches("\"v\"").count(), 28, "{info}");
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //!   challenge, retry).
 //! - [`refusal`]: a server's refusal as typed values ([`Refusal`]), read
 //!   once by the protocol that received it.
+//! - [`farewell`]: why a server ended a relayed session, read from the
+//!   last bytes it sent (IMAP `* BYE`, POP3 `-ERR`, SMTP `421`).
 //! - [`sasl`]: PLAIN / LOGIN decoding, XOAUTH2 / OAUTHBEARER encoding,
 //!   failure challenges.
 //! - [`text`]: text on one line, for replies, reasons and logs.
@@ -30,6 +32,7 @@
 use std::fmt;
 
 mod bearer;
+pub mod farewell;
 mod framer;
 pub mod imap;
 pub mod pop3;
@@ -201,6 +204,27 @@ pub struct Rejection {
     pub retry_suggested: bool,
 }
 
+impl Rejection {
+    /// The server refused the token for good and sent no failure challenge
+    /// (Microsoft answers `NO AUTHENTICATE failed.` and `535 5.7.3
+    /// Authentication unsuccessful` directly, for instance to a token that
+    /// was revoked before its time): a token handed out from a cache may
+    /// be the cause, and a newer one may pass. A temporary refusal (IMAP
+    /// `[UNAVAILABLE]`, POP3 `[SYS/TEMP]`, SMTP 4xx), an IMAP `BAD` and an
+    /// SMTP reply other than 535 are about something else.
+    pub fn may_be_stale_token(&self) -> bool {
+        use crate::refusal::{ImapStatus, RefusalCode};
+        if self.challenge.is_some() || self.refusal.is_temporary() {
+            return false;
+        }
+        match &self.refusal.code {
+            RefusalCode::Imap { status, .. } => *status == ImapStatus::No,
+            RefusalCode::Pop3 { .. } => true,
+            RefusalCode::Smtp { code, .. } => *code == 535,
+        }
+    }
+}
+
 /// A protocol error from the upstream: it said something we cannot follow.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -228,9 +252,13 @@ pub trait UpstreamLogin: Send {
     fn tls_started(&mut self);
     /// The token to log in with, after `UpstreamStep::NeedToken`.
     fn provide_token(&mut self, token: &BearerToken);
-    /// After a `Rejected` with `retry_suggested`: start another
-    /// authentication on the same connection (next step is `NeedToken`).
+    /// After a `Rejected`: start another authentication on the same
+    /// connection (next step is `NeedToken`). IMAP, POP3 and SMTP all
+    /// allow another AUTH after a refusal.
     fn retry(&mut self);
+    /// How to read why this protocol's server ended a session, from the
+    /// last bytes it sent (see [`farewell`]).
+    fn farewell(&self) -> farewell::Reader;
 }
 
 /// The server said something the dialogue cannot follow: `what`, then the

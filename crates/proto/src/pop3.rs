@@ -784,6 +784,10 @@ impl UpstreamLogin for Pop3UpstreamLogin {
             self.queue.extend(self.bearer.retry());
         }
     }
+
+    fn farewell(&self) -> crate::farewell::Reader {
+        crate::farewell::pop3
+    }
 }
 
 #[cfg(test)]

@@ -1018,6 +1018,10 @@ impl UpstreamLogin for SmtpUpstreamLogin {
             self.queue.extend(self.bearer.retry());
         }
     }
+
+    fn farewell(&self) -> crate::farewell::Reader {
+        crate::farewell::smtp
+    }
 }
 
 #[cfg(test)]

@@ -232,6 +232,11 @@ struct Shared {
     refresh_replays: AtomicU64,
     /// When a refresh token was last rotated.
     last_rotation: Mutex<Option<Instant>>,
+    /// What the metadata lists as `scopes_supported` (None: the field is
+    /// left out).
+    scopes_supported: Mutex<Option<Vec<String>>>,
+    /// Every request's path and `User-Agent` (empty when none), in order.
+    user_agents: Mutex<Vec<(String, String)>>,
     /// Set to true to stop the HTTP server.
     shutdown: watch::Sender<bool>,
 }
@@ -377,6 +382,8 @@ impl Provider {
             refresh_requests: AtomicU64::new(0),
             refresh_replays: AtomicU64::new(0),
             last_rotation: Mutex::new(None),
+            scopes_supported: Mutex::new(None),
+            user_agents: Mutex::new(Vec::new()),
             shutdown,
         });
         let router = Router::new()
@@ -390,6 +397,10 @@ impl Provider {
             .route("/register", post(register::register_endpoint))
             .route("/.well-known/oauth-authorization-server", get(metadata))
             .route("/.well-known/openid-configuration", get(metadata))
+            .layer(axum::middleware::from_fn_with_state(
+                shared.clone(),
+                record_user_agent,
+            ))
             .with_state(shared.clone());
         tokio::spawn(async move {
             let stop = async move {
@@ -659,6 +670,26 @@ impl Provider {
         self.shared.registry().clients.keys().cloned().collect()
     }
 
+    /// Lists `scopes` as `scopes_supported` in the server metadata, or
+    /// leaves the field out (`None`, the default), as servers may.
+    pub fn set_scopes_supported(&self, scopes: Option<Vec<String>>) {
+        *self
+            .shared
+            .scopes_supported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = scopes;
+    }
+
+    /// Every request so far as (path, `User-Agent`), oldest first; the
+    /// agent is empty when the request had none.
+    pub fn user_agents(&self) -> Vec<(String, String)> {
+        self.shared
+            .user_agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// A validator for mail servers; keeps working after shutdown.
     pub fn validator(&self) -> TokenValidator {
         TokenValidator {
@@ -920,6 +951,28 @@ impl Params {
     }
 }
 
+/// Notes each request's path and `User-Agent` for
+/// [`Provider::user_agents`].
+async fn record_user_agent(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let agent = request
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let path = request.uri().path().to_string();
+    shared
+        .user_agents
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((path, agent));
+    next.run(request).await
+}
+
 async fn metadata(State(shared): State<Arc<Shared>>) -> Response {
     let base = shared.base_url();
     let mut grant_types = vec![
@@ -932,7 +985,12 @@ async fn metadata(State(shared): State<Arc<Shared>>) -> Response {
     if shared.allow_password_grant {
         grant_types.push("password");
     }
-    axum::Json(json!({
+    let scopes = shared
+        .scopes_supported
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let mut doc = json!({
         "issuer": base,
         "authorization_endpoint": format!("{base}/authorize"),
         "token_endpoint": format!("{base}/token"),
@@ -944,8 +1002,11 @@ async fn metadata(State(shared): State<Arc<Shared>>) -> Response {
         "token_endpoint_auth_methods_supported":
             ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS256"],
-    }))
-    .into_response()
+    });
+    if let Some(scopes) = scopes {
+        doc["scopes_supported"] = json!(scopes);
+    }
+    axum::Json(doc).into_response()
 }
 
 async fn token_endpoint(

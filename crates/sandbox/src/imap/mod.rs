@@ -71,6 +71,20 @@ pub struct ImapServerOptions {
     /// Default true: `TAG OK [CAPABILITY ...]` after authentication; false
     /// gives a plain `TAG OK`, so the client must ask.
     pub capability_in_login_ok: bool,
+    /// Default true: a refused token gets the JSON failure challenge, as
+    /// Gmail and Dovecot send it. False plays Microsoft 365, which answers
+    /// `TAG NO AUTHENTICATE failed.` at once (a temporary failure stays
+    /// `NO [UNAVAILABLE]`).
+    pub failure_challenge: bool,
+    /// Default false. True plays Microsoft 365 after login: every command
+    /// first checks the session's token again, and one that was revoked
+    /// or has expired ends the session with `* BYE Session invalidated -
+    /// AccessTokenExpired`.
+    pub bye_on_invalid_token: bool,
+    /// Wait this long before the greeting (after the TLS handshake when
+    /// TLS is implicit): a server far away or slow to start a session.
+    /// Default zero.
+    pub greeting_delay: std::time::Duration,
 }
 
 impl Default for ImapServerOptions {
@@ -81,6 +95,9 @@ impl Default for ImapServerOptions {
             sasl_ir: true,
             capability_in_greeting: true,
             capability_in_login_ok: true,
+            failure_challenge: true,
+            bye_on_invalid_token: false,
+            greeting_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -302,8 +319,20 @@ struct Session {
     tls: bool,
     /// The authenticated mailbox owner.
     user: Option<String>,
+    /// The token the session logged in with, when it is to be checked
+    /// again ([`ImapServerOptions::bye_on_invalid_token`]).
+    token: Option<HeldToken>,
     /// The selected mailbox and whether it was opened with EXAMINE.
     selected: Option<(String, bool)>,
+}
+
+/// A bearer token kept for later checks; `Debug` does not show it.
+struct HeldToken(String);
+
+impl std::fmt::Debug for HeldToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HeldToken(..)")
+    }
 }
 
 /// How a session loop ended.
@@ -407,6 +436,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     greet: bool,
 ) -> io::Result<Outcome<S>> {
     let mut conn = Conn::new(stream, MAX_LINE);
+    if greet && !shared.opts.greeting_delay.is_zero() {
+        tokio::time::sleep(shared.opts.greeting_delay).await;
+    }
     if greet {
         let greeting = if shared.opts.capability_in_greeting {
             format!(
@@ -479,6 +511,17 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin>(
     let tag = cmd.tag.as_str();
     let no_args = cmd.args.is_empty();
     let name = cmd.name.as_str();
+    if let Some(HeldToken(token)) = &session.token {
+        if let Err(rejection) = shared
+            .validator
+            .validate(token, session.user.as_deref().unwrap_or_default())
+        {
+            tracing::debug!("sandbox IMAP ends a session: {}", rejection.reason);
+            conn.send_line("* BYE Session invalidated - AccessTokenExpired")
+                .await?;
+            return Ok(Next::Close);
+        }
+    }
     // Commands valid in any state.
     match name {
         "CAPABILITY" | "NOOP" | "LOGOUT" | "STARTTLS" | "IDLE" | "NAMESPACE" | "CHECK"
@@ -674,6 +717,9 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     match shared.validator.validate(&login.token, &login.user) {
         Ok(()) => {
             shared.logins.fetch_add(1, Ordering::SeqCst);
+            if shared.opts.bye_on_invalid_token {
+                session.token = Some(HeldToken(login.token.clone()));
+            }
             session.user = Some(login.user);
             Ok(if shared.opts.capability_in_login_ok {
                 format!("{tag} OK [CAPABILITY {AUTHENTICATED_CAPABILITIES}] Authenticated")
@@ -689,6 +735,9 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(format!(
                     "{tag} NO [UNAVAILABLE] Temporary authentication failure."
                 ));
+            }
+            if !shared.opts.failure_challenge {
+                return Ok(format!("{tag} NO AUTHENTICATE failed."));
             }
             let challenge = super::failure_challenge(mechanism, &rejection, CHALLENGE_SCOPE);
             conn.send_line(&format!("+ {}", STANDARD.encode(challenge)))

@@ -551,3 +551,40 @@ async fn oversized_literal_before_login_is_refused() {
     c.send(" \"pw\"").await;
     assert!(c.line().await.starts_with("b NO"));
 }
+
+#[tokio::test]
+async fn like_microsoft_no_challenge_and_bye_when_the_token_goes() {
+    let sb = sandbox(ImapServerOptions {
+        tls: SandboxTls::Plain,
+        failure_challenge: false,
+        bye_on_invalid_token: true,
+        ..Default::default()
+    })
+    .await;
+    let mut c = sb.plain().await;
+    assert!(c.line().await.starts_with("* OK"));
+    // A refused token: the NO at once, no challenge.
+    let r = c
+        .cmd(
+            "a",
+            &format!("AUTHENTICATE XOAUTH2 {}", xoauth2(USER, "not-a-token")),
+        )
+        .await;
+    assert_eq!(r, ["a NO AUTHENTICATE failed."]);
+    let r = c
+        .cmd(
+            "b",
+            &format!("AUTHENTICATE XOAUTH2 {}", xoauth2(USER, &sb.token())),
+        )
+        .await;
+    assert!(last(&r).starts_with("b OK"), "{r:?}");
+    assert!(last(&c.cmd("c", "NOOP").await).starts_with("c OK"));
+    // The token is revoked: the next command ends the session.
+    sb.provider.revoke_access_tokens(USER);
+    c.send("d NOOP").await;
+    assert_eq!(
+        c.line().await,
+        "* BYE Session invalidated - AccessTokenExpired"
+    );
+    assert!(c.closed().await);
+}

@@ -61,6 +61,11 @@ pub struct Pop3ServerOptions {
     /// Default true: accept `AUTH MECH <initial-response>`. When false an
     /// initial response gets `-ERR` and only the two-step form works.
     pub accept_initial_response: bool,
+    /// Default true: a refused token gets the failure challenge. False
+    /// plays Microsoft 365, which answers `-ERR Authentication failure:
+    /// unknown user name or bad password.` at once (a temporary failure
+    /// stays `-ERR [SYS/TEMP]`).
+    pub failure_challenge: bool,
 }
 
 impl Default for Pop3ServerOptions {
@@ -69,6 +74,7 @@ impl Default for Pop3ServerOptions {
             tls: SandboxTls::Implicit,
             mechanisms: vec![Mechanism::Xoauth2, Mechanism::Oauthbearer],
             accept_initial_response: true,
+            failure_challenge: true,
         }
     }
 }
@@ -548,6 +554,11 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             if rejection.temporary {
                 // Dovecot, when its token check cannot run: no challenge.
                 return Ok("-ERR [SYS/TEMP] Temporary authentication failure.".to_string());
+            }
+            if !shared.opts.failure_challenge {
+                return Ok(
+                    "-ERR Authentication failure: unknown user name or bad password.".to_string(),
+                );
             }
             let challenge = super::failure_challenge(mechanism, &rejection, CHALLENGE_SCOPE);
             conn.send_line(&format!("+ {}", STANDARD.encode(challenge)))

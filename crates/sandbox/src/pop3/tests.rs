@@ -290,6 +290,7 @@ async fn initial_response_refused_when_disabled_and_cancel() {
         tls: SandboxTls::Plain,
         mechanisms: vec![Mechanism::Xoauth2],
         accept_initial_response: false,
+        ..Default::default()
     })
     .await;
     let mut c = sb.plain().await;

@@ -74,6 +74,11 @@ pub struct SmtpServerOptions {
     /// Invalid base64 data in initial response`). SASL responses after a
     /// `334` may be longer (Postfix: 12288 octets).
     pub max_auth_line: usize,
+    /// Default true: a refused token gets the `334` failure challenge, as
+    /// Gmail sends it. False plays Microsoft 365, which answers `535 5.7.3
+    /// Authentication unsuccessful` at once (a temporary failure stays
+    /// `454`).
+    pub failure_challenge: bool,
 }
 
 impl Default for SmtpServerOptions {
@@ -85,6 +90,7 @@ impl Default for SmtpServerOptions {
             auth_failure_reply: None,
             max_size: 64 * 1024 * 1024,
             max_auth_line: 2048,
+            failure_challenge: true,
         }
     }
 }
@@ -643,6 +649,9 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             if rejection.temporary {
                 // RFC 4954's temporary authentication failure, no challenge.
                 return Ok("454 4.7.0 Temporary authentication failure".to_owned());
+            }
+            if !shared.opts.failure_challenge {
+                return Ok("535 5.7.3 Authentication unsuccessful".to_owned());
             }
             let challenge = super::failure_challenge(mechanism, &rejection, CHALLENGE_SCOPE);
             conn.send_line(&format!("334 {}", STANDARD.encode(challenge)))
