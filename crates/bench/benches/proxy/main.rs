@@ -700,6 +700,14 @@ fn login_samples(
     Ok([ms(a), ms(b)])
 }
 
+/// To make mailbridge refresh on its next login: its cached token is
+/// issued with this lifetime, and after [`STALE_AFTER`] less than half of
+/// it is left, which no login accepts (the freshness floor adapts to
+/// short-lived tokens: min(floor, half the lifetime)).
+const STALE_SOON: Duration = Duration::from_secs(4);
+/// See [`STALE_SOON`].
+const STALE_AFTER: Duration = Duration::from_millis(2500);
+
 /// One-way delay of the long-distance link in the `wan` scenario.
 const WAN_DELAY: Duration = Duration::from_millis(5);
 
@@ -817,12 +825,12 @@ async fn cold_token_logins(
     let result: anyhow::Result<()> = async {
         for _ in 0..rounds {
             env.provider
-                .set_access_token_lifetime(Duration::from_secs(601));
+                .set_access_token_lifetime(STALE_SOON);
             env.provider.revoke_access_tokens(ALICE);
             env.login(proxy)?;
             env.provider
                 .set_access_token_lifetime(Duration::from_secs(3600));
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+            tokio::time::sleep(STALE_AFTER).await;
             let before = env.provider.refresh_requests();
             samples[0].push(ms(env.elapsed(Job::ConcurrentLogins {
                 route: proxy.clone(),
@@ -1071,15 +1079,15 @@ async fn refresh(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
         })?;
         cached[1].push(ms(t));
 
-        // mailbridge: make its cached token one with under ten minutes
-        // left, so the next login must refresh.
+        // mailbridge: make its cached token one past half its life, so the
+        // next login must refresh.
         env.provider
-            .set_access_token_lifetime(Duration::from_secs(601));
+            .set_access_token_lifetime(STALE_SOON);
         env.provider.revoke_access_tokens(BOB);
         env.login(&bob_proxy)?;
         env.provider
             .set_access_token_lifetime(Duration::from_secs(3600));
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::time::sleep(STALE_AFTER).await;
         let before = env.provider.refresh_requests();
         let t = env.elapsed(Job::ConcurrentLogins {
             route: bob_proxy.clone(),
