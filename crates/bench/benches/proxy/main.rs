@@ -824,8 +824,7 @@ async fn cold_token_logins(
     env.provider.set_token_delay(2 * WAN_DELAY);
     let result: anyhow::Result<()> = async {
         for _ in 0..rounds {
-            env.provider
-                .set_access_token_lifetime(STALE_SOON);
+            env.provider.set_access_token_lifetime(STALE_SOON);
             env.provider.revoke_access_tokens(ALICE);
             env.login(proxy)?;
             env.provider
@@ -1081,8 +1080,7 @@ async fn refresh(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
 
         // mailbridge: make its cached token one past half its life, so the
         // next login must refresh.
-        env.provider
-            .set_access_token_lifetime(STALE_SOON);
+        env.provider.set_access_token_lifetime(STALE_SOON);
         env.provider.revoke_access_tokens(BOB);
         env.login(&bob_proxy)?;
         env.provider
