@@ -156,67 +156,63 @@ impl ClientFlags {
     }
 }
 
+/// Reads a client target's input (option bits, chunking seed, the bytes)
+/// and drives the session `make` builds from the option bits.
+fn fuzz_client(data: &[u8], make: impl FnOnce(&ClientFlags) -> Box<dyn ClientSession>) {
+    let ([flags, seed], input) = header::<2>(data);
+    let mut session = make(&ClientFlags::from(flags));
+    drive_client(session.as_mut(), input, Chunks::new(seed));
+}
+
 /// IMAP's client-facing pre-auth session (LOGIN, AUTHENTICATE, literals,
 /// ID, STARTTLS) fed arbitrary bytes in arbitrary reads.
 pub fn client_imap(data: &[u8]) {
-    let ([flags, seed], input) = header::<2>(data);
-    let f = ClientFlags::from(flags);
-    let mut opts = imap::ClientOptions {
-        starttls_offered: f.starttls_offered,
-        tls_active: f.tls_active,
-        plaintext_login_allowed: f.plaintext_login_allowed,
-        ..Default::default()
-    };
-    if f.small_limits {
-        opts.max_line = 64;
-        opts.max_literal = 128;
-    }
-    drive_client(
-        &mut imap::ImapClientSession::new(opts),
-        input,
-        Chunks::new(seed),
-    );
+    fuzz_client(data, |f| {
+        let mut opts = imap::ClientOptions {
+            starttls_offered: f.starttls_offered,
+            tls_active: f.tls_active,
+            plaintext_login_allowed: f.plaintext_login_allowed,
+            ..Default::default()
+        };
+        if f.small_limits {
+            opts.max_line = 64;
+            opts.max_literal = 128;
+        }
+        Box::new(imap::ImapClientSession::new(opts))
+    });
 }
 
 /// POP3's client-facing pre-auth session (USER/PASS, AUTH, STLS, CAPA).
 pub fn client_pop3(data: &[u8]) {
-    let ([flags, seed], input) = header::<2>(data);
-    let f = ClientFlags::from(flags);
-    let mut opts = pop3::ClientOptions {
-        starttls_offered: f.starttls_offered,
-        tls_active: f.tls_active,
-        plaintext_login_allowed: f.plaintext_login_allowed,
-        ..Default::default()
-    };
-    if f.small_limits {
-        opts.max_line = 64;
-    }
-    drive_client(
-        &mut pop3::Pop3ClientSession::new(opts),
-        input,
-        Chunks::new(seed),
-    );
+    fuzz_client(data, |f| {
+        let mut opts = pop3::ClientOptions {
+            starttls_offered: f.starttls_offered,
+            tls_active: f.tls_active,
+            plaintext_login_allowed: f.plaintext_login_allowed,
+            ..Default::default()
+        };
+        if f.small_limits {
+            opts.max_line = 64;
+        }
+        Box::new(pop3::Pop3ClientSession::new(opts))
+    });
 }
 
 /// SMTP's client-facing pre-auth session (EHLO/HELO, AUTH PLAIN/LOGIN,
 /// STARTTLS, MAIL before AUTH).
 pub fn client_smtp(data: &[u8]) {
-    let ([flags, seed], input) = header::<2>(data);
-    let f = ClientFlags::from(flags);
-    let mut opts = smtp::ClientOptions {
-        starttls_offered: f.starttls_offered,
-        tls_active: f.tls_active,
-        plaintext_login_allowed: f.plaintext_login_allowed,
-        ..Default::default()
-    };
-    if f.small_limits {
-        opts.max_line = 64;
-    }
-    drive_client(
-        &mut smtp::SmtpClientSession::new(opts),
-        input,
-        Chunks::new(seed),
-    );
+    fuzz_client(data, |f| {
+        let mut opts = smtp::ClientOptions {
+            starttls_offered: f.starttls_offered,
+            tls_active: f.tls_active,
+            plaintext_login_allowed: f.plaintext_login_allowed,
+            ..Default::default()
+        };
+        if f.small_limits {
+            opts.max_line = 64;
+        }
+        Box::new(smtp::SmtpClientSession::new(opts))
+    });
 }
 
 fn token() -> BearerToken {
