@@ -265,6 +265,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 s.providers.len(),
                 s.accounts.len()
             );
+            for note in s.notes() {
+                println!("note: {note}");
+            }
             Ok(())
         }
         Command::Account(cmd) => account(cmd).await,

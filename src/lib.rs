@@ -49,6 +49,7 @@
 
 pub mod alerts;
 pub mod authorize;
+pub mod backoff;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -322,6 +322,68 @@ impl Gateway {
         }
     }
 
+    /// A login name with no account: one more failure for the client's
+    /// address, and for a client that is not local the same reply as a
+    /// wrong password after the same work.
+    async fn unknown_user(&self, user: &str, peer: IpAddr, local: bool) -> LoginFailure {
+        let backoff = self.vault.backoff();
+        if let Some(retry_after) = backoff.check(peer, user) {
+            return vault_failure(user, VaultError::Backoff { retry_after });
+        }
+        let tally = backoff.failed(peer, user);
+        tracing::warn!(
+            user = %text::printable(user, 100),
+            %peer,
+            names_failed_here = tally.names,
+            "login for a name with no account"
+        );
+        if local {
+            return failure(
+                FailureKind::BadCredentials,
+                format!(
+                    "mailbridge has no account for `{}`; check the user name",
+                    text::printable(user, 100)
+                ),
+            );
+        }
+        self.vault.dummy_verification().await;
+        refused()
+    }
+
+    /// The vault did not open the account's grant. A wrong password, and
+    /// an account with no grant yet, are told apart only to local clients.
+    async fn not_unlocked(
+        &self,
+        account: &crate::config::Account,
+        e: VaultError,
+        peer: IpAddr,
+        local: bool,
+    ) -> LoginFailure {
+        match e {
+            VaultError::WrongPassword | VaultError::Backoff { .. } => {
+                self.alerts.wrong_password(&account.name, peer);
+                if matches!(e, VaultError::WrongPassword) && !local {
+                    return refused();
+                }
+            }
+            VaultError::NoGrant { .. } if !local => {
+                // As for an unknown name: a failure, the same work, the
+                // same reply; the log says what a person must do.
+                self.vault.backoff().failed(peer, &account.name);
+                tracing::warn!(
+                    account = %account.name,
+                    %peer,
+                    authorize_on_login = account.authorize_on_login,
+                    "login for an account with no grant yet; add it with `mailbridge account add` (authorize_on_login acts only for clients in local_networks)"
+                );
+                self.vault.dummy_verification().await;
+                return refused();
+            }
+            _ => {}
+        }
+        vault_failure(&account.name, e)
+    }
+
     /// Logs in upstream for a client's login request.
     pub async fn login(
         &self,
@@ -332,21 +394,34 @@ impl Gateway {
         let user = request.credentials.user.as_str();
         let routing = self.routing();
         let settings = &routing.settings;
+        // This machine's own user is told exactly why a login failed;
+        // anyone else learns nothing from a refusal (see `refused`).
+        let local = settings.is_local_client(peer);
         let Some(account) = settings.account_for(user) else {
-            return Err(failure(
-                FailureKind::BadCredentials,
-                format!(
-                    "mailbridge has no account for `{}`; check the user name",
-                    text::printable(user, 100)
-                ),
-            ));
+            return Err(self.unknown_user(user, peer, local).await);
         };
-        let provider = settings.providers.get(&account.provider).ok_or_else(|| {
-            failure(
-                FailureKind::Unavailable,
-                "the account's provider is not configured".into(),
-            )
-        })?;
+
+        let password = &request.credentials.password;
+        let unlocked = match self.vault.unlock(&account.name, password, peer).await {
+            Err(VaultError::NoGrant { .. }) if account.authorize_on_login && local => {
+                self.authorize_now(
+                    &account,
+                    provider_of(settings, &account).ok_or_else(no_provider)?,
+                    password,
+                )
+                .await?;
+                self.vault.unlock(&account.name, password, peer).await
+            }
+            other => other,
+        };
+        let unlocked = match unlocked {
+            Ok(u) => u,
+            Err(e) => return Err(self.not_unlocked(&account, e, peer, local).await),
+        };
+
+        // The password is proven: from here on the client hears the
+        // details, whoever it is.
+        let provider = provider_of(settings, &account).ok_or_else(no_provider)?;
         let endpoint = provider.endpoint(protocol).ok_or_else(|| {
             failure(
                 FailureKind::Unavailable,
@@ -356,21 +431,6 @@ impl Gateway {
                     protocol.name()
                 ),
             )
-        })?;
-
-        let password = &request.credentials.password;
-        let unlocked = match self.vault.unlock(&account.name, password, peer).await {
-            Err(VaultError::NoGrant { .. }) if account.authorize_on_login => {
-                self.authorize_now(&account, provider, password).await?;
-                self.vault.unlock(&account.name, password, peer).await
-            }
-            other => other,
-        }
-        .map_err(|e| {
-            if matches!(e, VaultError::WrongPassword | VaultError::Backoff { .. }) {
-                self.alerts.wrong_password(&account.name, peer);
-            }
-            vault_failure(&account.name, e)
         })?;
 
         let session = upstream_session(protocol, endpoint, request.client_info);
@@ -545,6 +605,30 @@ fn upstream_session(
             },
         )),
     }
+}
+
+/// The one reply a client that is not local gets for an unknown name, a
+/// wrong password or an account with no grant.
+fn refused() -> LoginFailure {
+    failure(
+        FailureKind::BadCredentials,
+        "wrong user name or password (the mailbridge log says more)".into(),
+    )
+}
+
+/// The account's provider.
+fn provider_of<'s>(
+    settings: &'s Settings,
+    account: &crate::config::Account,
+) -> Option<&'s crate::provider::Provider> {
+    settings.providers.get(&account.provider)
+}
+
+fn no_provider() -> LoginFailure {
+    failure(
+        FailureKind::Unavailable,
+        "the account's provider is not configured".into(),
+    )
 }
 
 fn failure(kind: FailureKind, reason: String) -> LoginFailure {

@@ -7,14 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::ServerConfig;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::config::{ConfigError, KeyMode, Listener, ListenerTls, Protocol, Settings};
 use crate::login::Gateway;
-use crate::net::listener::accept_loop;
-use crate::net::session::{DriverSettings, drive};
+use crate::net::listener::{Admission, Admitted, Refused, accept_loop};
+use crate::net::session::{DriverSettings, SEND_BEFORE_CLOSE, drive, send_within};
 use crate::net::stream::Stream;
 use crate::net::tls::{self, TlsError};
 use crate::oauth::{HttpClientError, TokenSource};
@@ -69,6 +70,11 @@ struct ListenerRuntime {
     driver: DriverSettings,
     /// Our name in SMTP greetings.
     hostname: String,
+    /// What a connection may ask before it logs in.
+    allowance: proto::limits::Allowance,
+    /// Connections being turned away right now (each is told why, within
+    /// a few seconds): beyond this many, further ones are just closed.
+    turning_away: Arc<tokio::sync::Semaphore>,
 }
 
 /// Reads the configuration again (a reload): the file, with the command
@@ -98,6 +104,7 @@ pub struct Server {
     reloader: Option<Reloader>,
     listeners: Vec<(TcpListener, Arc<ListenerRuntime>)>,
     max_connections: usize,
+    per_address: usize,
     /// Service key mode: how often to refresh every grant.
     background_refresh: Option<Duration>,
     /// How long sessions get to come to rest at shutdown.
@@ -209,6 +216,7 @@ impl Server {
             let driver = DriverSettings {
                 tls,
                 preauth_timeout: settings.server.preauth_timeout(),
+                preauth_deadline: settings.server.preauth_deadline(),
                 relay_idle_timeout: settings.server.relay_idle_timeout(),
                 login_timeout: settings.server.login_timeout(),
             };
@@ -218,6 +226,11 @@ impl Server {
                     config: l.clone(),
                     driver,
                     hostname: settings.server.hostname.clone(),
+                    allowance: proto::limits::Allowance {
+                        max_commands: settings.server.preauth_max_commands.max(1),
+                        max_failed_logins: settings.server.preauth_max_failed_logins.max(1),
+                    },
+                    turning_away: Arc::new(tokio::sync::Semaphore::new(TURNING_AWAY_AT_ONCE)),
                 }),
             ));
         }
@@ -229,6 +242,7 @@ impl Server {
             reloader: None,
             listeners,
             max_connections: settings.server.max_connections.max(1),
+            per_address: settings.server.per_address_limit(),
             shutdown_grace: settings.server.shutdown_grace(),
             refresh_timeout: settings.server.refresh_timeout(),
             background_refresh,
@@ -296,7 +310,12 @@ impl Server {
     /// grace period is over (the caller's exit then cuts what is left).
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let limit = Arc::new(Semaphore::new(self.max_connections));
+        let limit = Admission::new(self.max_connections, self.per_address);
+        tracing::info!(
+            max_connections = self.max_connections,
+            per_address = self.per_address,
+            "connection limits"
+        );
         let mut tasks = Vec::new();
         for (tcp, rt) in self.listeners {
             let addr = tcp.local_addr().ok();
@@ -312,13 +331,22 @@ impl Server {
                 tcp,
                 limit,
                 stop,
-                move |tcp, peer| {
+                move |tcp, peer, admitted| {
                     let rt = rt.clone();
                     let gateway = gateway.clone();
                     let stop = stop_for_sessions.clone();
                     let span =
                         tracing::info_span!("conn", %peer, protocol = rt.config.protocol.name());
-                    async move { serve(rt, gateway, tcp, peer, stop).await }.instrument(span)
+                    async move {
+                        match admitted {
+                            Admitted::Yes(ticket) => {
+                                serve(rt, gateway, tcp, peer, stop).await;
+                                drop(ticket);
+                            }
+                            Admitted::No(why) => turn_away(rt, tcp, why).await,
+                        }
+                    }
+                    .instrument(span)
                 },
             ))));
         }
@@ -417,19 +445,18 @@ impl Server {
         for t in tasks {
             let _ = t.await;
         }
-        // Every session holds a permit until it ends.
-        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
-        let open = self.max_connections - limit.available_permits();
+        // Every session holds a ticket until it ends.
+        let open = limit.open();
         if open > 0 {
             tracing::info!(
                 sessions = open,
                 grace_secs = self.shutdown_grace.as_secs(),
                 "waiting for sessions to come to rest"
             );
-            match tokio::time::timeout(self.shutdown_grace, limit.acquire_many(all)).await {
-                Ok(_) => tracing::info!("all sessions ended"),
+            match tokio::time::timeout(self.shutdown_grace, limit.all_closed()).await {
+                Ok(()) => tracing::info!("all sessions ended"),
                 Err(_) => tracing::warn!(
-                    sessions = self.max_connections - limit.available_permits(),
+                    sessions = limit.open(),
                     "grace period over; cutting the sessions still busy"
                 ),
             }
@@ -484,12 +511,14 @@ async fn serve(
     stop: watch::Receiver<bool>,
 ) {
     tracing::debug!("connected");
+    let deadline = tokio::time::Instant::now() + rt.driver.preauth_deadline;
     let mut stream = Stream::Plain(tcp);
     if rt.config.tls == ListenerTls::Implicit {
         let Some(config) = rt.driver.tls.clone() else {
             return;
         };
-        match tokio::time::timeout(rt.driver.preauth_timeout, stream.accept_tls(config)).await {
+        let until = (tokio::time::Instant::now() + rt.driver.preauth_timeout).min(deadline);
+        match tokio::time::timeout_at(until, stream.accept_tls(config)).await {
             Ok(Ok(s)) => stream = s,
             Ok(Err(e)) => {
                 tracing::info!(error = %e, "client TLS handshake failed");
@@ -504,12 +533,49 @@ async fn serve(
         rt.driver.tls.as_ref(),
         stream.is_tls(),
     );
+    let session = Box::new(proto::limits::Limited::new(session, rt.allowance));
     let protocol = rt.config.protocol;
     let login = |request| {
         let gateway = gateway.clone();
         async move { gateway.login(protocol, request, peer.ip()).await }
     };
-    drive(stream, session, &rt.driver, login, stop).await;
+    drive(stream, session, &rt.driver, deadline, login, stop).await;
+}
+
+/// How many connections beyond the limits are being told so at once.
+const TURNING_AWAY_AT_ONCE: usize = 64;
+
+/// A connection beyond the limits: tell the client why in its protocol
+/// (after the TLS handshake on an implicit-TLS listener), then close.
+/// Bounded in time, and in number: beyond [`TURNING_AWAY_AT_ONCE`] at
+/// once, connections are closed without a word.
+async fn turn_away(rt: Arc<ListenerRuntime>, tcp: tokio::net::TcpStream, why: Refused) {
+    let Ok(_slot) = rt.turning_away.clone().try_acquire_owned() else {
+        return;
+    };
+    let mut stream = Stream::Plain(tcp);
+    if rt.config.tls == ListenerTls::Implicit {
+        let Some(config) = rt.driver.tls.clone() else {
+            return;
+        };
+        match tokio::time::timeout(SEND_BEFORE_CLOSE, stream.accept_tls(config)).await {
+            Ok(Ok(s)) => stream = s,
+            _ => return,
+        }
+    }
+    let session = client_session(
+        &rt.config,
+        &rt.hostname,
+        rt.driver.tls.as_ref(),
+        stream.is_tls(),
+    );
+    let _ = send_within(
+        &mut stream,
+        &session.goodbye(&why.reason()),
+        SEND_BEFORE_CLOSE,
+    )
+    .await;
+    let _ = tokio::time::timeout(SEND_BEFORE_CLOSE, stream.shutdown()).await;
 }
 
 fn client_session(
@@ -558,6 +624,9 @@ pub async fn run(
     reloader: Reloader,
 ) -> Result<(), ServerError> {
     raise_open_files_limit(open_files_wanted(settings.server.max_connections));
+    for note in settings.notes() {
+        tracing::warn!("{note}");
+    }
     let dir = settings.server.state_dir();
     let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(&dir)?);
     tracing::info!(state_dir = %dir.display(), "token store opened");

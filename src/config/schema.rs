@@ -222,13 +222,36 @@ pub struct ServerConfig {
     /// The name mailbridge gives in SMTP greetings.
     #[serde(default = "defaults::hostname")]
     pub hostname: String,
-    /// Connections served at once, over all listeners; more wait in the
-    /// kernel's accept queue.
+    /// Connections served at once, over all listeners; a client beyond it
+    /// is told so at once (`* BYE [UNAVAILABLE]`, `421 4.7.0`,
+    /// `-ERR [SYS/TEMP]`) and disconnected.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Connections served at once from one address (IPv6: one /64),
+    /// refused like those beyond `max_connections`. Default (0): an eighth
+    /// of `max_connections`, at least 8.
+    #[serde(default)]
+    pub max_connections_per_address: usize,
     /// Seconds a client may stay silent before logging in.
     #[serde(default = "defaults::preauth_timeout")]
     pub preauth_timeout_secs: u64,
+    /// Seconds a connection may take to log in, from its first byte,
+    /// whatever it sends meanwhile.
+    #[serde(default = "defaults::preauth_deadline")]
+    pub preauth_deadline_secs: u64,
+    /// Commands (replies and prompts) one connection gets before login.
+    #[serde(default = "defaults::preauth_max_commands")]
+    pub preauth_max_commands: u32,
+    /// Failed logins one connection gets before it is closed.
+    #[serde(default = "defaults::preauth_max_failed_logins")]
+    pub preauth_max_failed_logins: u32,
+    /// Addresses or networks (CIDR) whose clients are this machine's own
+    /// user: they are told why a login failed in full (unknown user, no
+    /// grant yet, the command that fixes it) and may start an
+    /// `authorize_on_login`. Everyone else gets one reply for any wrong
+    /// name or password, and the log gets the details.
+    #[serde(default = "defaults::local_networks")]
+    pub local_networks: Vec<String>,
     /// Seconds a relayed session may see no traffic either way before it
     /// is closed (IMAP IDLE clients re-issue IDLE every 29 minutes).
     #[serde(default = "defaults::relay_idle_timeout")]
@@ -282,7 +305,12 @@ impl Default for ServerConfig {
             background_refresh_secs: defaults::background_refresh(),
             hostname: defaults::hostname(),
             max_connections: defaults::max_connections(),
+            max_connections_per_address: 0,
             preauth_timeout_secs: defaults::preauth_timeout(),
+            preauth_deadline_secs: defaults::preauth_deadline(),
+            preauth_max_commands: defaults::preauth_max_commands(),
+            preauth_max_failed_logins: defaults::preauth_max_failed_logins(),
+            local_networks: defaults::local_networks(),
             relay_idle_timeout_secs: defaults::relay_idle_timeout(),
             connect_timeout_secs: defaults::connect_timeout(),
             login_timeout_secs: defaults::login_timeout(),
@@ -301,6 +329,18 @@ impl ServerConfig {
     /// Pre-auth idle timeout.
     pub fn preauth_timeout(&self) -> Duration {
         Duration::from_secs(self.preauth_timeout_secs)
+    }
+    /// Time from accept to login.
+    pub fn preauth_deadline(&self) -> Duration {
+        Duration::from_secs(self.preauth_deadline_secs.max(1))
+    }
+    /// Connections from one address (see `max_connections_per_address`).
+    pub fn per_address_limit(&self) -> usize {
+        let total = self.max_connections.max(1);
+        match self.max_connections_per_address {
+            0 => (total / 8).max(8).min(total),
+            n => n.min(total),
+        }
     }
     /// Relay idle timeout.
     pub fn relay_idle_timeout(&self) -> Duration {
@@ -361,6 +401,18 @@ mod defaults {
     }
     pub fn preauth_timeout() -> u64 {
         60
+    }
+    pub fn preauth_deadline() -> u64 {
+        60
+    }
+    pub fn preauth_max_commands() -> u32 {
+        50
+    }
+    pub fn preauth_max_failed_logins() -> u32 {
+        3
+    }
+    pub fn local_networks() -> Vec<String> {
+        vec!["127.0.0.1/32".into(), "::1/128".into()]
     }
     pub fn relay_idle_timeout() -> u64 {
         31 * 60

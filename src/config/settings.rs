@@ -78,6 +78,8 @@ pub struct Settings {
     pub accounts: Vec<AccountConfig>,
     /// `[alerts]`, checked.
     pub alerts: AlertsConfig,
+    /// `[server] local_networks`, parsed.
+    pub local_networks: Vec<ipnet::IpNet>,
 }
 
 /// A validated listener.
@@ -299,13 +301,52 @@ impl Settings {
             None => AlertsConfig::default(),
         };
 
+        let mut local_networks = Vec::new();
+        for entry in &raw.server.local_networks {
+            let net = parse_network(entry).ok_or_else(|| {
+                let at = text.find("local_networks").unwrap_or(0);
+                invalid(
+                    at..at,
+                    "server.local_networks",
+                    format!(
+                        "`{entry}` is not an address or network (e.g. 127.0.0.1, ::1 or 192.168.1.0/24)"
+                    ),
+                )
+            })?;
+            local_networks.push(net);
+        }
+
         Ok(Settings {
             alerts,
+            local_networks,
             server: raw.server,
             listeners,
             providers,
             accounts: raw.accounts.into_iter().map(Spanned::into_inner).collect(),
         })
+    }
+
+    /// Things that are allowed but that a person should know, for
+    /// `check-config` and the log at start.
+    pub fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        let local: Vec<String> = self.local_networks.iter().map(|n| n.to_string()).collect();
+        for a in self.accounts.iter().filter(|a| a.authorize_on_login) {
+            notes.push(format!(
+                "account `{}`: authorize_on_login acts only for clients in local_networks ({}); a login from elsewhere is refused like a wrong password until the account is added (`mailbridge account add {}`)",
+                a.user,
+                if local.is_empty() { "none".to_string() } else { local.join(", ") },
+                a.user
+            ));
+        }
+        notes
+    }
+
+    /// Whether a client at `ip` is this machine's own user (see
+    /// `[server] local_networks`).
+    pub fn is_local_client(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.local_networks.iter().any(|n| n.contains(&ip))
     }
 
     /// Reads the endpoints of `oidc` / `open` providers from their issuers.
@@ -453,6 +494,18 @@ impl ServerConfig {
             .clone()
             .unwrap_or_else(crate::store::default_state_dir)
     }
+}
+
+/// An address (`192.0.2.7`, `::1`) or a network in CIDR form
+/// (`192.168.1.0/24`); host bits set in a network are an error, since
+/// `192.168.1.5/24` usually means a typo.
+pub fn parse_network(entry: &str) -> Option<ipnet::IpNet> {
+    let entry = entry.trim();
+    if let Ok(ip) = entry.parse::<std::net::IpAddr>() {
+        return Some(ipnet::IpNet::from(ip));
+    }
+    let net: ipnet::IpNet = entry.parse().ok()?;
+    (net.trunc() == net).then_some(net)
 }
 
 #[cfg(test)]

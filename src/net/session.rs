@@ -9,6 +9,7 @@ use std::time::Duration;
 use rustls::ServerConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::relay::relay;
 use super::stream::Stream;
@@ -22,6 +23,10 @@ pub struct DriverSettings {
     pub tls: Option<Arc<ServerConfig>>,
     /// Pre-auth silence allowed.
     pub preauth_timeout: Duration,
+    /// Longest a connection may stay without logging in, from accept,
+    /// whatever the client sends (a login in progress is bounded by
+    /// `login_timeout` instead).
+    pub preauth_deadline: Duration,
     /// Relay silence allowed.
     pub relay_idle_timeout: Duration,
     /// Longest a login (token refresh and upstream dialogue) may take.
@@ -45,6 +50,7 @@ pub async fn drive<L, F>(
     mut stream: Stream,
     session: Box<dyn ClientSession>,
     settings: &DriverSettings,
+    deadline: Instant,
     login: L,
     stop: watch::Receiver<bool>,
 ) where
@@ -53,8 +59,15 @@ pub async fn drive<L, F>(
 {
     // The pre-auth session and read buffer live in `preauth` and are gone
     // once it returns: a relaying session keeps only its two streams.
-    let Some((mut client, mut upstream, farewell)) =
-        preauth(&mut stream, session, settings, login, stop.clone()).await
+    let Some((mut client, mut upstream, farewell)) = preauth(
+        &mut stream,
+        session,
+        settings,
+        deadline,
+        login,
+        stop.clone(),
+    )
+    .await
     else {
         return;
     };
@@ -113,6 +126,32 @@ async fn send(stream: &mut Stream, bytes: &[u8]) -> std::io::Result<()> {
     stream.flush().await
 }
 
+/// How long a last word before closing may take to go out: a client that
+/// does not read must not hold the connection open.
+pub const SEND_BEFORE_CLOSE: Duration = Duration::from_secs(5);
+
+/// [`send`] in the pre-auth phase: by the deadline (or a few seconds from
+/// now, for the answer to a login that ran past it).
+async fn send_by(stream: &mut Stream, bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
+    let until = deadline.max(Instant::now()) + SEND_BEFORE_CLOSE;
+    match tokio::time::timeout_at(until, send(stream, bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// [`send`] within `limit`.
+pub async fn send_within(
+    stream: &mut Stream,
+    bytes: &[u8],
+    limit: Duration,
+) -> std::io::Result<()> {
+    match tokio::time::timeout(limit, send(stream, bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
 /// The pre-auth phase. Returns the client and upstream streams on a
 /// successful login, with how to read the server's reason should it end
 /// the session; `None` when the connection ended.
@@ -120,6 +159,7 @@ async fn preauth<L, F>(
     stream: &mut Stream,
     mut session: Box<dyn ClientSession>,
     settings: &DriverSettings,
+    deadline: Instant,
     login: L,
     stop: watch::Receiver<bool>,
 ) -> Option<(Stream, Stream, Reader)>
@@ -128,7 +168,7 @@ where
     F: Future<Output = Result<UpstreamConn, LoginFailure>>,
 {
     let greeting = session.greeting();
-    send(stream, &greeting).await.ok()?;
+    send_by(stream, &greeting, deadline).await.ok()?;
     // On the heap, not in the task: the task outlives the pre-auth phase.
     let mut buf = vec![0u8; 4096];
     let stopping = stopped(stop);
@@ -136,19 +176,33 @@ where
     loop {
         match session.next_step() {
             ClientStep::NeedInput => {
-                let read = tokio::time::timeout(settings.preauth_timeout, stream.read(&mut buf));
+                // Silence is allowed `preauth_timeout` at a time, and the
+                // whole pre-auth phase ends at `deadline`.
+                let idle_until = Instant::now() + settings.preauth_timeout;
+                let read = tokio::time::timeout_at(idle_until.min(deadline), stream.read(&mut buf));
                 let read = tokio::select! {
                     r = read => r,
                     () = &mut stopping => {
-                        let _ = send(stream, &session.shutdown_message()).await;
+                        let _ = send_within(stream, &session.shutdown_message(), SEND_BEFORE_CLOSE).await;
                         let _ = stream.shutdown().await;
                         tracing::debug!("pre-auth connection closed for shutdown");
                         return None;
                     }
                 };
                 let n = match read {
+                    Err(_) if Instant::now() >= deadline => {
+                        let bye = session.goodbye(&format!(
+                            "No login within {} s; connect again and log in",
+                            settings.preauth_deadline.as_secs()
+                        ));
+                        let _ = send_within(stream, &bye, SEND_BEFORE_CLOSE).await;
+                        let _ = stream.shutdown().await;
+                        tracing::info!("pre-auth deadline passed: connection closed");
+                        return None;
+                    }
                     Err(_) => {
-                        let _ = send(stream, &session.timeout_message()).await;
+                        let _ = send_within(stream, &session.timeout_message(), SEND_BEFORE_CLOSE)
+                            .await;
                         let _ = stream.shutdown().await;
                         tracing::debug!("pre-auth idle timeout");
                         return None;
@@ -158,13 +212,13 @@ where
                 };
                 session.feed(&buf[..n]);
             }
-            ClientStep::Send(bytes) => send(stream, &bytes).await.ok()?,
+            ClientStep::Send(bytes) => send_by(stream, &bytes, deadline).await.ok()?,
             ClientStep::StartTls(bytes) => {
-                send(stream, &bytes).await.ok()?;
+                send_by(stream, &bytes, deadline).await.ok()?;
                 let config = settings.tls.clone()?;
                 let plain = std::mem::replace(stream, Stream::Gone);
-                match tokio::time::timeout(settings.preauth_timeout, plain.accept_tls(config)).await
-                {
+                let until = (Instant::now() + settings.preauth_timeout).min(deadline);
+                match tokio::time::timeout_at(until, plain.accept_tls(config)).await {
                     Ok(Ok(tls)) => *stream = tls,
                     Ok(Err(e)) => {
                         tracing::info!(error = %e, "client TLS handshake failed");
@@ -195,9 +249,9 @@ where
                         farewell,
                     }) => {
                         let reply = session.login_succeeded(&success);
-                        send(stream, &reply).await.ok()?;
+                        send_by(stream, &reply, deadline).await.ok()?;
                         if !success.leftover.is_empty() {
-                            send(stream, &success.leftover).await.ok()?;
+                            send_by(stream, &success.leftover, deadline).await.ok()?;
                         }
                         let pending = session.take_pending();
                         if !pending.is_empty() {
@@ -210,12 +264,12 @@ where
                     Err(failure) => {
                         tracing::info!(user = %user, kind = ?failure.kind, reason = %failure.reason, "login refused");
                         let reply = session.login_failed(&failure);
-                        send(stream, &reply).await.ok()?;
+                        send_by(stream, &reply, deadline).await.ok()?;
                     }
                 }
             }
             ClientStep::Close(bytes) => {
-                let _ = send(stream, &bytes).await;
+                let _ = send_within(stream, &bytes, SEND_BEFORE_CLOSE).await;
                 let _ = stream.shutdown().await;
                 return None;
             }

@@ -121,6 +121,14 @@ pub enum UpstreamFailure<E: std::error::Error + 'static> {
         /// The connect timeout.
         after: Duration,
     },
+    /// The server took the connection and said nothing.
+    #[error("{server} accepted the connection but did not greet within {} s", .after.as_secs())]
+    Silent {
+        /// host:port.
+        server: String,
+        /// The wait.
+        after: Duration,
+    },
     /// The TLS handshake failed (implicit TLS, or after STARTTLS).
     #[error("the TLS handshake with {server} failed{}", tls_cause(source))]
     Tls {
@@ -268,7 +276,16 @@ pub async fn login<T: Tokens>(
             host: target.host,
             timeout: connect_timeout,
         };
-        run_dialogue(stream, target, session, tokens, &mut first, &upgrade).await
+        run_dialogue(
+            stream,
+            target,
+            session,
+            tokens,
+            &mut first,
+            &upgrade,
+            connect_timeout,
+        )
+        .await
     }
     .await;
     if result.is_err() {
@@ -400,13 +417,16 @@ async fn connect<E: std::error::Error + 'static>(
 /// The login dialogue on a connected `stream`: drives `session`, feeds it
 /// what the server sends, upgrades with `upgrade` on STARTTLS, and answers
 /// its requests for tokens from `tokens` (asking for the first one at
-/// once; a fresh one once after a refusal, see [`Tokens`]).
+/// once; a fresh one once after a refusal, see [`Tokens`]). A server that
+/// sends nothing within `greeting_timeout` is given up on
+/// ([`UpstreamFailure::Silent`]); the login timeout bounds the rest.
 pub async fn dialogue<S, U, T>(
     stream: S,
     target: &Target<'_>,
     session: Box<dyn UpstreamLogin>,
     tokens: &T,
     upgrade: &U,
+    greeting_timeout: Duration,
 ) -> Result<UpstreamConn<S>, UpstreamFailure<T::Error>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -414,7 +434,16 @@ where
     T: Tokens,
 {
     let mut first = Prefetch::new(tokens.token());
-    let result = run_dialogue(stream, target, session, tokens, &mut first, upgrade).await;
+    let result = run_dialogue(
+        stream,
+        target,
+        session,
+        tokens,
+        &mut first,
+        upgrade,
+        greeting_timeout,
+    )
+    .await;
     if result.is_err() {
         first.settle().await;
     }
@@ -428,6 +457,7 @@ async fn run_dialogue<S, U, T, F>(
     tokens: &T,
     first: &mut Prefetch<F>,
     upgrade: &U,
+    greeting_timeout: Duration,
 ) -> Result<UpstreamConn<S>, UpstreamFailure<T::Error>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -441,6 +471,10 @@ where
     };
     let mut buf = vec![0u8; 8 * 1024];
     let mut retried = false;
+    // Until the server has said something, its silence is bounded like
+    // the connect (the same for every protocol, implicit TLS or not).
+    let greeting_by = tokio::time::Instant::now() + greeting_timeout;
+    let mut heard = false;
     loop {
         let step = session
             .next_step()
@@ -450,13 +484,23 @@ where
             })?;
         match step {
             UpstreamStep::NeedInput => {
-                let n = first
-                    .alongside(stream.read(&mut buf))
-                    .await?
-                    .map_err(|e| closed(Some(e)))?;
+                let read = stream.read(&mut buf);
+                let n = if heard {
+                    first.alongside(read).await?
+                } else {
+                    first
+                        .alongside(tokio::time::timeout_at(greeting_by, read))
+                        .await?
+                        .map_err(|_| UpstreamFailure::Silent {
+                            server: target.server(),
+                            after: greeting_timeout,
+                        })?
+                }
+                .map_err(|e| closed(Some(e)))?;
                 if n == 0 {
                     return Err(closed(None));
                 }
+                heard = true;
                 session.feed(&buf[..n]);
             }
             UpstreamStep::Send(bytes) => {
@@ -533,6 +577,54 @@ mod tests {
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
 
     use super::*;
+
+    /// The dialogue with a greeting timeout no test reaches by accident.
+    async fn dialogue<S, U, T>(
+        stream: S,
+        target: &Target<'_>,
+        session: Box<dyn UpstreamLogin>,
+        tokens: &T,
+        upgrade: &U,
+    ) -> Result<UpstreamConn<S>, UpstreamFailure<T::Error>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+        U: StartTls<S>,
+        T: Tokens,
+    {
+        super::dialogue(
+            stream,
+            target,
+            session,
+            tokens,
+            upgrade,
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_never_greets_costs_the_greeting_timeout() {
+        let (client, _server) = tokio::io::duplex(1024);
+        let tokens = FakeTokens::default();
+        let started = tokio::time::Instant::now();
+        let e = super::dialogue(
+            client,
+            &TARGET,
+            imap(false),
+            &tokens,
+            &FakeUpgrade::default(),
+            Duration::from_secs(15),
+        )
+        .await
+        .err()
+        .expect("no greeting, no login");
+        assert!(matches!(e, UpstreamFailure::Silent { .. }), "{e}");
+        assert_eq!(started.elapsed(), Duration::from_secs(15));
+        assert_eq!(
+            e.to_string(),
+            "imap.example:993 accepted the connection but did not greet within 15 s"
+        );
+    }
 
     const TARGET: Target<'static> = Target {
         host: "imap.example",

@@ -532,6 +532,14 @@ impl ClientSession for ImapClientSession {
     fn shutdown_message(&self) -> Vec<u8> {
         b"* BYE [UNAVAILABLE] mailbridge is shutting down; connect again shortly\r\n".to_vec()
     }
+
+    fn goodbye(&self, reason: &str) -> Vec<u8> {
+        format!(
+            "* BYE [UNAVAILABLE] {}\r\n",
+            one_line(reason, "Closing connection")
+        )
+        .into_bytes()
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -23,6 +23,8 @@
 //! - [`sasl`]: PLAIN / LOGIN decoding, XOAUTH2 / OAUTHBEARER encoding,
 //!   failure challenges.
 //! - [`text`]: text on one line, for replies, reasons and logs.
+//! - [`limits`]: the pre-auth allowance (commands, failed logins) around
+//!   any client session.
 //!
 //! Everything that can hold a password, a token or a SASL response prints
 //! redacted under `{:?}` (`debug_never_shows_secrets`).
@@ -35,6 +37,7 @@ mod bearer;
 pub mod farewell;
 mod framer;
 pub mod imap;
+pub mod limits;
 pub mod pop3;
 pub mod refusal;
 pub mod sasl;
@@ -125,6 +128,11 @@ pub trait ClientSession: Send {
     /// What to send before closing a pre-auth connection because mailbridge
     /// is shutting down.
     fn shutdown_message(&self) -> Vec<u8>;
+    /// A temporary refusal that ends the connection, with `reason` (one
+    /// line): IMAP `* BYE [UNAVAILABLE]`, POP3 `-ERR [SYS/TEMP]`, SMTP
+    /// `421 4.7.0`. For connections over a limit and sessions that used up
+    /// their pre-auth allowance.
+    fn goodbye(&self, reason: &str) -> Vec<u8>;
 }
 
 /// What the upstream login dialogue wants the driver to do next.

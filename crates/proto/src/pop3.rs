@@ -390,6 +390,14 @@ impl ClientSession for Pop3ClientSession {
     fn shutdown_message(&self) -> Vec<u8> {
         b"-ERR [SYS/TEMP] mailbridge is shutting down; connect again shortly\r\n".to_vec()
     }
+
+    fn goodbye(&self, reason: &str) -> Vec<u8> {
+        format!(
+            "-ERR [SYS/TEMP] {}\r\n",
+            one_line(reason, "Closing connection")
+        )
+        .into_bytes()
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -565,6 +565,15 @@ impl ClientSession for SmtpClientSession {
         )
         .into_bytes()
     }
+
+    fn goodbye(&self, reason: &str) -> Vec<u8> {
+        format!(
+            "421 4.7.0 {} {}\r\n",
+            self.hostname(),
+            text::one_line(reason, "Closing connection")
+        )
+        .into_bytes()
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -310,7 +310,10 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
 [server]
 state_dir = "{state}"
 max_connections = {max_connections}
+max_connections_per_address = {max_connections}
+preauth_max_failed_logins = 1000
 preauth_timeout_secs = 300
+preauth_deadline_secs = 600
 login_timeout_secs = 300
 connect_timeout_secs = 120
 
