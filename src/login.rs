@@ -651,7 +651,7 @@ fn vault_failure(account: &str, e: VaultError) -> LoginFailure {
             FailureKind::Throttled,
             format!(
                 "too many failed logins; try again in {} s",
-                retry_after.as_secs().max(1)
+                retry_after.as_secs_f64().ceil().max(1.0) as u64
             ),
         ),
         VaultError::NoGrant { .. } => failure(

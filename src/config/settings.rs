@@ -532,6 +532,53 @@ provider = "corp"
 "#;
 
     #[test]
+    fn local_networks_and_connection_shares() {
+        let s = Settings::parse(MINIMAL, "t").expect("parses");
+        assert!(s.is_local_client("127.0.0.1".parse().unwrap()));
+        assert!(s.is_local_client("::1".parse().unwrap()));
+        assert!(s.is_local_client("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!s.is_local_client("127.0.0.2".parse().unwrap()));
+        assert!(!s.is_local_client("192.168.1.20".parse().unwrap()));
+        assert_eq!(s.server.per_address_limit(), 125);
+
+        let text = format!(
+            "[server]\nlocal_networks = [\"192.168.1.0/24\", \"10.0.0.7\"]\nmax_connections = 20\n{MINIMAL}"
+        );
+        let s = Settings::parse(&text, "t").expect("parses");
+        assert!(s.is_local_client("192.168.1.20".parse().unwrap()));
+        assert!(s.is_local_client("10.0.0.7".parse().unwrap()));
+        assert!(!s.is_local_client("127.0.0.1".parse().unwrap()));
+        assert_eq!(s.server.per_address_limit(), 8);
+
+        for bad in ["192.168.1.5/24", "localhost", "10.0.0.0/33"] {
+            let text = format!("[server]\nlocal_networks = [\"{bad}\"]\n{MINIMAL}");
+            let e = Settings::parse(&text, "t").expect_err(bad).to_string();
+            assert!(
+                e.contains("server.local_networks") && e.contains(bad),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn authorize_on_login_comes_with_a_note() {
+        let text = MINIMAL.replace(
+            "upstream_user = \"alice@contoso.com\"",
+            "upstream_user = \"alice@contoso.com\"\nauthorize_on_login = true",
+        );
+        let s = Settings::parse(&text, "t").expect("parses");
+        let notes = s.notes();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].contains(
+                "authorize_on_login acts only for clients in local_networks (127.0.0.1/32, ::1/128)"
+            ),
+            "{notes:?}"
+        );
+        assert!(Settings::parse(MINIMAL, "t").unwrap().notes().is_empty());
+    }
+
+    #[test]
     fn example_config_parses() {
         let text = include_str!("../../config.example.toml");
         let s = Settings::parse(text, "config.example.toml").expect("example config parses");

@@ -40,6 +40,18 @@ pub struct Options {
     /// Log in to IMAP at this port on localhost instead of the sandbox
     /// server's (a test's own scripted server).
     pub imap_port: Option<u16>,
+    /// The same for POP3 and SMTP.
+    pub pop3_port: Option<u16>,
+    pub smtp_port: Option<u16>,
+    /// More accounts beside USER: (user, local password), each with a
+    /// grant; a password of "" configures the account without a grant.
+    pub extra_accounts: Vec<(&'static str, &'static str)>,
+    /// Extra accounts without a grant have `authorize_on_login = true`.
+    pub authorize_on_login: bool,
+    /// `backoff_base_ms`, `backoff_max_secs` (default 300 ms, 2 s).
+    pub backoff: (u64, u64),
+    /// `kdf_memory_kib` (default 256: fast; 19456 is the real default).
+    pub kdf_memory_kib: u32,
 }
 
 impl Default for Options {
@@ -53,6 +65,12 @@ impl Default for Options {
             server_extra: String::new(),
             mechanisms: None,
             imap_port: None,
+            pop3_port: None,
+            smtp_port: None,
+            extra_accounts: Vec::new(),
+            authorize_on_login: false,
+            backoff: (300, 2),
+            kdf_memory_kib: 256,
         }
     }
 }
@@ -133,10 +151,10 @@ impl Harness {
         let config = format!(
             r#"
 [server]
-kdf_memory_kib = 256
+kdf_memory_kib = {kdf_memory_kib}
 kdf_iterations = 1
-backoff_base_ms = 300
-backoff_max_secs = 2
+backoff_base_ms = {backoff_base_ms}
+backoff_max_secs = {backoff_max_secs}
 {extra}
 
 [[listener]]
@@ -169,14 +187,28 @@ smtp = {{ host = "localhost", port = {smtp_port}, tls = "{smtp_tls}"{mechanisms}
 [[account]]
 user = "{USER}"
 provider = "sandbox"
+{extra_accounts}
 "#,
+            kdf_memory_kib = opts.kdf_memory_kib,
+            backoff_base_ms = opts.backoff.0,
+            backoff_max_secs = opts.backoff.1,
+            extra_accounts = opts
+                .extra_accounts
+                .iter()
+                .map(|(user, password)| {
+                    format!(
+                        "[[account]]\nuser = \"{user}\"\nprovider = \"sandbox\"\nauthorize_on_login = {}\n",
+                        opts.authorize_on_login && password.is_empty()
+                    )
+                })
+                .collect::<String>(),
             extra = opts.server_extra,
             ltls = ltls,
             token_url = provider.token_url(),
             ca = ca.display(),
             port = opts.imap_port.unwrap_or(imap.addr().port()),
-            pop3_port = pop3.addr().port(),
-            smtp_port = smtp.addr().port(),
+            pop3_port = opts.pop3_port.unwrap_or(pop3.addr().port()),
+            smtp_port = opts.smtp_port.unwrap_or(smtp.addr().port()),
             imap_tls = tls_name(opts.upstream.tls),
             pop3_tls = tls_name(opts.pop3.tls),
             smtp_tls = tls_name(opts.smtp.tls),
@@ -203,6 +235,28 @@ provider = "sandbox"
             )
             .await
             .unwrap();
+        for (user, password) in opts.extra_accounts.iter().filter(|(_, p)| !p.is_empty()) {
+            vault
+                .create(
+                    user,
+                    &SecretString::from(password.to_string()),
+                    GrantData {
+                        refresh_token: Some(SecretString::from(
+                            provider.issue_refresh_token(user, "mail"),
+                        )),
+                        obtained_at: 0,
+                        client_id: None,
+                    },
+                    AccountMeta {
+                        provider: "sandbox".into(),
+                        upstream_user: user.to_string(),
+                        ..AccountMeta::default()
+                    },
+                    false,
+                )
+                .await
+                .unwrap();
+        }
         drop(vault);
         let server = Server::bind(settings, store.clone()).await.unwrap();
         let addrs = server.local_addrs();
@@ -307,6 +361,18 @@ pub fn client_tls(ca_pem: &str) -> Arc<rustls::ClientConfig> {
     )
 }
 
+/// A TCP connection to `addr` from the loopback address `from`.
+pub async fn tcp_from(from: &str, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(from.parse().unwrap(), 0))
+        .unwrap();
+    tokio::time::timeout(WAIT, socket.connect(addr))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
@@ -323,6 +389,25 @@ impl Client {
             .unwrap();
         Client {
             io: BufReader::new(Box::new(tcp)),
+        }
+    }
+
+    /// A plain connection from the loopback address `from` (127.0.0.2
+    /// and 127.0.0.3 stand in for other hosts on the LAN).
+    pub async fn plain_from(from: &str, addr: SocketAddr) -> Client {
+        Client {
+            io: BufReader::new(Box::new(tcp_from(from, addr).await)),
+        }
+    }
+
+    /// Reads one line, or "" when none comes within `limit` (or EOF).
+    pub async fn line_within(&mut self, limit: Duration) -> String {
+        let mut buf = Vec::new();
+        match tokio::time::timeout(limit, self.io.read_until(b'\n', &mut buf)).await {
+            Ok(Ok(_)) => String::from_utf8_lossy(&buf)
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+            _ => String::new(),
         }
     }
 
