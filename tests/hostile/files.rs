@@ -1,0 +1,1 @@
+//! Keys and files (issue 12, point 7).
