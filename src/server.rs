@@ -12,6 +12,7 @@ use tokio::sync::{Semaphore, watch};
 use tracing::Instrument;
 
 use crate::config::{ConfigError, KeyMode, Listener, ListenerTls, Protocol, Settings};
+use crate::kdf::KdfGate;
 use crate::login::Gateway;
 use crate::net::listener::accept_loop;
 use crate::net::session::{DriverSettings, drive};
@@ -173,10 +174,12 @@ pub fn vault_for(settings: &Settings, store: Arc<dyn TokenStore>) -> Result<Vaul
         base: Duration::from_millis(s.backoff_base_ms),
         max: Duration::from_secs(s.backoff_max_secs),
     };
+    let gate = Arc::new(KdfGate::for_config(s.kdf_concurrency, s.kdf_memory_kib));
     Ok(match s.key_mode {
         KeyMode::Password => Vault::new(store, kdf, backoff),
         KeyMode::Service => Vault::new_service(store, service_secret(settings)?, kdf, backoff),
-    })
+    }
+    .with_kdf_gate(gate))
 }
 
 impl Server {
@@ -189,6 +192,12 @@ impl Server {
         settings.discover(&http).await?;
         let settings = Arc::new(settings);
         let vault = Arc::new(vault_for(&settings, store)?);
+        tracing::info!(
+            kdf_concurrency = vault.kdf_gate().cap(),
+            automatic = settings.server.kdf_concurrency == 0,
+            kdf_memory_kib = settings.server.kdf_memory_kib,
+            "key derivations capped: at most this many Argon2id runs at once, the others queue"
+        );
         let refresh_http = TokenSource::refresh_client(settings.server.refresh_timeout())?;
         let tokens = TokenSource::new(http, refresh_http, vault.clone());
         let alerts = crate::alerts::Alerts::new(&settings.alerts)?;

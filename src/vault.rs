@@ -44,6 +44,7 @@ use tokio::sync::OwnedMutexGuard;
 use zeroize::Zeroizing;
 
 use crate::clock::unix_now;
+use crate::kdf::KdfGate;
 use crate::store::seal::{self, GrantData, SealError, SealKey};
 use crate::store::{AccountMeta, KdfParams, SealedGrant, StoreError, TokenStore};
 
@@ -446,6 +447,11 @@ pub struct Vault {
     failures: Mutex<BackoffTable>,
     meta_lock: Mutex<()>,
     kdf_runs: AtomicU64,
+    /// Every Argon2 run goes through it: a fair cap on runs at once.
+    gate: Arc<KdfGate>,
+    /// Service mode: a PHC hash with this vault's KDF parameters that no
+    /// password matches, for [`Vault::dummy_verification`].
+    dummy_hash: Option<String>,
     /// Where [`GrantEvent`]s go.
     events: tokio::sync::broadcast::Sender<GrantEvent>,
 }
@@ -456,6 +462,12 @@ impl fmt::Debug for Vault {
             .field("kdf", &self.kdf)
             .field("backoff", &self.backoff)
             .finish_non_exhaustive()
+    }
+}
+
+fn gate_stopped(e: crate::kdf::KdfGateError) -> SealError {
+    SealError::Kdf {
+        reason: e.to_string(),
     }
 }
 
@@ -494,6 +506,12 @@ impl Vault {
     ) -> Vault {
         let mut pepper = Zeroizing::new([0u8; 32]);
         OsRng.fill_bytes(&mut *pepper);
+        // Out-of-range parameters fail every real run the same way; the
+        // dummy then has nothing to imitate.
+        let dummy_hash = match mode {
+            KeyMode::Service(_) => seal::dummy_password_hash(kdf).ok(),
+            KeyMode::Password => None,
+        };
         Vault {
             store,
             mode,
@@ -507,7 +525,45 @@ impl Vault {
             }),
             meta_lock: Mutex::new(()),
             kdf_runs: AtomicU64::new(0),
+            gate: Arc::new(KdfGate::new(crate::kdf::automatic_cap(kdf.m_cost_kib))),
+            dummy_hash,
             events: tokio::sync::broadcast::channel(64).0,
+        }
+    }
+
+    /// The same vault with its Argon2 runs going through `gate` (shared
+    /// with whatever else runs them in the process) instead of a gate of
+    /// its own with the automatic cap.
+    pub fn with_kdf_gate(mut self, gate: Arc<KdfGate>) -> Vault {
+        self.gate = gate;
+        self
+    }
+
+    /// The gate this vault's Argon2 runs go through.
+    pub fn kdf_gate(&self) -> &Arc<KdfGate> {
+        &self.gate
+    }
+
+    /// Costs what checking a wrong password costs, and checks nothing: one
+    /// Argon2 run with this vault's parameters through the same gate (in
+    /// password mode a key derivation over a fixed salt, in service mode a
+    /// check against a fixed PHC hash). For a login whose user has no
+    /// account, so that its refusal takes as long as a wrong password's.
+    pub async fn dummy_verification(&self) {
+        const DUMMY_PASSWORD: &str = "mailbridge dummy verification";
+        let password = SecretString::from(DUMMY_PASSWORD);
+        let result = match (&self.mode, &self.dummy_hash) {
+            (KeyMode::Password, _) => {
+                self.run_derive(&password, &seal::DUMMY_SALT, self.kdf)
+                    .await
+                    .map(drop)
+            }
+            (KeyMode::Service(_), Some(hash)) => self.verify(&password, hash).await.map(drop),
+            // Out-of-range parameters: a real check fails at once too.
+            (KeyMode::Service(_), None) => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %crate::report::chain(&e), "dummy verification failed");
         }
     }
 
@@ -709,11 +765,11 @@ impl Vault {
         self.kdf_runs.fetch_add(1, Ordering::Relaxed);
         let password = password.clone();
         let kdf = self.kdf;
-        let hash = tokio::task::spawn_blocking(move || seal::hash_password(&password, kdf))
+        let hash = self
+            .gate
+            .run(move || seal::hash_password(&password, kdf))
             .await
-            .map_err(|_| SealError::Kdf {
-                reason: "the password hashing task stopped unexpectedly".into(),
-            })??;
+            .map_err(gate_stopped)??;
         Ok(Some(hash))
     }
 
@@ -721,11 +777,11 @@ impl Vault {
         self.kdf_runs.fetch_add(1, Ordering::Relaxed);
         let password = password.clone();
         let hash = hash.to_owned();
-        let ok = tokio::task::spawn_blocking(move || seal::verify_password(&password, &hash))
+        let ok = self
+            .gate
+            .run(move || seal::verify_password(&password, &hash))
             .await
-            .map_err(|_| SealError::Kdf {
-                reason: "the password check task stopped unexpectedly".into(),
-            })??;
+            .map_err(gate_stopped)??;
         Ok(ok)
     }
 
@@ -1041,14 +1097,24 @@ impl Vault {
         if matches!(self.mode, KeyMode::Service(_)) {
             return self.service_key(salt);
         }
+        self.run_derive(password, salt, kdf).await
+    }
+
+    /// One Argon2id key derivation through the gate.
+    async fn run_derive(
+        &self,
+        password: &SecretString,
+        salt: &[u8],
+        kdf: KdfParams,
+    ) -> Result<SealKey, VaultError> {
         self.kdf_runs.fetch_add(1, Ordering::Relaxed);
         let password = password.clone();
         let salt = salt.to_vec();
-        let key = tokio::task::spawn_blocking(move || seal::derive_key(&password, &salt, kdf))
+        let key = self
+            .gate
+            .run(move || seal::derive_key(&password, &salt, kdf))
             .await
-            .map_err(|_| SealError::Kdf {
-                reason: "the key derivation task stopped unexpectedly".into(),
-            })??;
+            .map_err(gate_stopped)??;
         Ok(key)
     }
 
