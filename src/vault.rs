@@ -553,11 +553,10 @@ impl Vault {
         const DUMMY_PASSWORD: &str = "mailbridge dummy verification";
         let password = SecretString::from(DUMMY_PASSWORD);
         let result = match (&self.mode, &self.dummy_hash) {
-            (KeyMode::Password, _) => {
-                self.run_derive(&password, &seal::DUMMY_SALT, self.kdf)
-                    .await
-                    .map(drop)
-            }
+            (KeyMode::Password, _) => self
+                .run_derive(&password, &seal::DUMMY_SALT, self.kdf)
+                .await
+                .map(drop),
             (KeyMode::Service(_), Some(hash)) => self.verify(&password, hash).await.map(drop),
             // Out-of-range parameters: a real check fails at once too.
             (KeyMode::Service(_), None) => Ok(()),
@@ -767,7 +766,7 @@ impl Vault {
         let kdf = self.kdf;
         let hash = self
             .gate
-            .run(move || seal::hash_password(&password, kdf))
+            .run(move |memory| seal::hash_password_in(&password, kdf, memory))
             .await
             .map_err(gate_stopped)??;
         Ok(Some(hash))
@@ -779,7 +778,7 @@ impl Vault {
         let hash = hash.to_owned();
         let ok = self
             .gate
-            .run(move || seal::verify_password(&password, &hash))
+            .run(move |memory| seal::verify_password_in(&password, &hash, memory))
             .await
             .map_err(gate_stopped)??;
         Ok(ok)
@@ -1112,7 +1111,7 @@ impl Vault {
         let salt = salt.to_vec();
         let key = self
             .gate
-            .run(move || seal::derive_key(&password, &salt, kdf))
+            .run(move |memory| seal::derive_key_in(&password, &salt, kdf, memory))
             .await
             .map_err(gate_stopped)??;
         Ok(key)

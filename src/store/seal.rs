@@ -165,19 +165,40 @@ pub fn derive_key(
     salt: &[u8],
     kdf: KdfParams,
 ) -> Result<SealKey, SealError> {
+    derive_key_in(password, salt, kdf, &mut Blocks::default())
+}
+
+/// [`derive_key`] in the given working memory.
+pub fn derive_key_in(
+    password: &SecretString,
+    salt: &[u8],
+    kdf: KdfParams,
+    memory: &mut Blocks,
+) -> Result<SealKey, SealError> {
     let params = check_params(kdf)?;
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
     let mut out = Zeroizing::new([0u8; KEY_LEN]);
-    argon_into(&argon, password.expose_secret().as_bytes(), salt, &mut *out)?;
+    argon_into(
+        &argon,
+        password.expose_secret().as_bytes(),
+        salt,
+        &mut *out,
+        memory,
+    )?;
     Ok(SealKey(out))
 }
 
 /// One Argon2 run into `out`, in working memory that goes back to the
 /// operating system afterwards (see [`crate::kdf`]).
-fn argon_into(argon: &Argon2<'_>, pwd: &[u8], salt: &[u8], out: &mut [u8]) -> Result<(), SealError> {
-    let mut blocks = Blocks::new(argon.params().block_count());
+fn argon_into(
+    argon: &Argon2<'_>,
+    pwd: &[u8],
+    salt: &[u8],
+    out: &mut [u8],
+    memory: &mut Blocks,
+) -> Result<(), SealError> {
     argon
-        .hash_password_into_with_memory(pwd, salt, out, blocks.as_mut_slice())
+        .hash_password_into_with_memory(pwd, salt, out, memory.get(argon.params().block_count()))
         .map_err(|e| SealError::Kdf {
             reason: e.to_string(),
         })
@@ -348,11 +369,26 @@ pub fn service_key(secret: &[u8], salt: &[u8]) -> SealKey {
 /// Service key mode: an Argon2id PHC hash of the local login password.
 /// Slow by design: run it through the [`crate::kdf::KdfGate`].
 pub fn hash_password(password: &SecretString, kdf: KdfParams) -> Result<String, SealError> {
+    hash_password_in(password, kdf, &mut Blocks::default())
+}
+
+/// [`hash_password`] in the given working memory.
+pub fn hash_password_in(
+    password: &SecretString,
+    kdf: KdfParams,
+    memory: &mut Blocks,
+) -> Result<String, SealError> {
     let params = check_params(kdf)?;
     let salt = new_salt();
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
     let mut out = Zeroizing::new([0u8; KEY_LEN]);
-    argon_into(&argon, password.expose_secret().as_bytes(), &salt, &mut *out)?;
+    argon_into(
+        &argon,
+        password.expose_secret().as_bytes(),
+        &salt,
+        &mut *out,
+        memory,
+    )?;
     phc_string(&params, &salt, &*out)
 }
 
@@ -377,6 +413,15 @@ fn phc_string(params: &Params, salt: &[u8], output: &[u8]) -> Result<String, Sea
 /// bounds, is an error, not a mismatch. Slow by design: run it through the
 /// [`crate::kdf::KdfGate`].
 pub fn verify_password(password: &SecretString, hash: &str) -> Result<bool, SealError> {
+    verify_password_in(password, hash, &mut Blocks::default())
+}
+
+/// [`verify_password`] in the given working memory.
+pub fn verify_password_in(
+    password: &SecretString,
+    hash: &str,
+    memory: &mut Blocks,
+) -> Result<bool, SealError> {
     use argon2::password_hash::phc::PasswordHash;
     let malformed = |what: &dyn fmt::Display| SealError::Malformed {
         reason: format!("stored password hash: {what}"),
@@ -400,7 +445,13 @@ pub fn verify_password(password: &SecretString, hash: &str) -> Result<bool, Seal
     };
     let argon = Argon2::new(algorithm, version, params);
     let mut out = Zeroizing::new(vec![0u8; expected.len()]);
-    argon_into(&argon, password.expose_secret().as_bytes(), salt.as_ref(), &mut out)?;
+    argon_into(
+        &argon,
+        password.expose_secret().as_bytes(),
+        salt.as_ref(),
+        &mut out,
+        memory,
+    )?;
     Ok(expected.as_bytes().ct_eq(&out).into())
 }
 
@@ -520,10 +571,14 @@ mod tests {
         // Hashes made by the argon2 crate itself verify too (records
         // written before the KDF gate).
         use argon2::password_hash::PasswordHasher;
-        let theirs = Argon2::new(Algorithm::Argon2id, Version::V0x13, check_params(kdf).unwrap())
-            .hash_password_with_salt(b"right", &new_salt())
-            .unwrap()
-            .to_string();
+        let theirs = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            check_params(kdf).unwrap(),
+        )
+        .hash_password_with_salt(b"right", &new_salt())
+        .unwrap()
+        .to_string();
         assert!(verify_password(&pw("right"), &theirs).expect("verify"));
         assert!(!verify_password(&pw("wrong"), &theirs).expect("verify"));
     }
@@ -548,7 +603,10 @@ mod tests {
     fn the_dummy_hash_costs_a_run_and_matches_nothing() {
         let kdf = KdfParams::for_tests();
         let dummy = dummy_password_hash(kdf).expect("dummy");
-        assert!(dummy.starts_with("$argon2id$v=19$m=256,t=1,p=1$"), "{dummy}");
+        assert!(
+            dummy.starts_with("$argon2id$v=19$m=256,t=1,p=1$"),
+            "{dummy}"
+        );
         assert!(!verify_password(&pw(""), &dummy).expect("verify"));
         assert!(!verify_password(&pw("anything"), &dummy).expect("verify"));
     }
