@@ -55,6 +55,9 @@ pub enum ServerError {
     /// `[alerts]` is unusable (its CA or secret file, say).
     #[error(transparent)]
     Alerts(#[from] crate::alerts::AlertsError),
+    /// The state directory is open to other users and cannot be repaired.
+    #[error("the state directory is not private: {0}")]
+    StateDir(#[from] crate::store::modes::ModeError),
     /// The control socket could not be created.
     #[error("cannot create the control socket {}: {source}; check that the state directory is writable", path.display())]
     Control {
@@ -123,6 +126,9 @@ pub fn service_secret(settings: &Settings) -> Result<zeroize::Zeroizing<Vec<u8>>
             ));
         }
     };
+    // Refused before it is read: a key other users can read gives away
+    // every grant (see store::modes for what passes).
+    crate::store::modes::check_key_file(&path).map_err(ServerError::Key)?;
     let mut bytes = zeroize::Zeroizing::new(std::fs::read(&path).map_err(|e| {
         ServerError::Key(format!("cannot read the key file {}: {e}", path.display()))
     })?);
@@ -568,6 +574,14 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     raise_open_files_limit(open_files_wanted(settings.server.max_connections));
     let dir = settings.server.state_dir();
+    for r in crate::store::modes::secure_state_dir(&dir)? {
+        tracing::warn!(
+            path = %r.path.display(),
+            "the state directory was accessible to other users: changed mode {:04o} to {:04o}",
+            r.from,
+            r.to
+        );
+    }
     let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(&dir)?);
     tracing::info!(state_dir = %dir.display(), "token store opened");
     // `mailbridge account ...` reaches the store through this while we
