@@ -1667,6 +1667,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn dummy_verification_runs_the_kdf_once_in_both_modes() {
+        let store: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary().unwrap());
+        let gate = Arc::new(KdfGate::new(1));
+        let password_mode = Vault::new(store.clone(), KdfParams::for_tests(), tiny_backoff())
+            .with_kdf_gate(gate.clone());
+        password_mode.dummy_verification().await;
+        assert_eq!(password_mode.kdf_runs(), 1);
+        let service_mode = service_vault(store, &[7u8; 32]).with_kdf_gate(gate.clone());
+        assert!(service_mode.dummy_hash.is_some());
+        service_mode.dummy_verification().await;
+        assert_eq!(service_mode.kdf_runs(), 1);
+        assert!(Arc::ptr_eq(service_mode.kdf_gate(), &gate));
+    }
+
+    #[tokio::test]
     async fn service_mode_checks_the_password_hash_and_unlocks_without_it() {
         let store: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary().unwrap());
         let secret = [7u8; 32];
