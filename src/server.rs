@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::config::{ConfigError, KeyMode, Listener, ListenerTls, Protocol, Settings};
+use crate::kdf::KdfGate;
 use crate::login::Gateway;
 use crate::net::listener::{Admission, Admitted, Refused, accept_loop};
 use crate::net::session::{DriverSettings, SEND_BEFORE_CLOSE, drive, send_within};
@@ -55,6 +56,9 @@ pub enum ServerError {
     /// `[alerts]` is unusable (its CA or secret file, say).
     #[error(transparent)]
     Alerts(#[from] crate::alerts::AlertsError),
+    /// The state directory is open to other users and cannot be repaired.
+    #[error("the state directory is not private: {0}")]
+    StateDir(#[from] crate::store::modes::ModeError),
     /// The control socket could not be created.
     #[error("cannot create the control socket {}: {source}; check that the state directory is writable", path.display())]
     Control {
@@ -129,6 +133,9 @@ pub fn service_secret(settings: &Settings) -> Result<zeroize::Zeroizing<Vec<u8>>
             ));
         }
     };
+    // Refused before it is read: a key other users can read gives away
+    // every grant (see store::modes for what passes).
+    crate::store::modes::check_key_file(&path).map_err(ServerError::Key)?;
     let mut bytes = zeroize::Zeroizing::new(std::fs::read(&path).map_err(|e| {
         ServerError::Key(format!("cannot read the key file {}: {e}", path.display()))
     })?);
@@ -180,10 +187,12 @@ pub fn vault_for(settings: &Settings, store: Arc<dyn TokenStore>) -> Result<Vaul
         base: Duration::from_millis(s.backoff_base_ms),
         max: Duration::from_secs(s.backoff_max_secs),
     };
+    let gate = Arc::new(KdfGate::for_config(s.kdf_concurrency, s.kdf_memory_kib));
     Ok(match s.key_mode {
         KeyMode::Password => Vault::new(store, kdf, backoff),
         KeyMode::Service => Vault::new_service(store, service_secret(settings)?, kdf, backoff),
-    })
+    }
+    .with_kdf_gate(gate))
 }
 
 impl Server {
@@ -196,6 +205,12 @@ impl Server {
         settings.discover(&http).await?;
         let settings = Arc::new(settings);
         let vault = Arc::new(vault_for(&settings, store)?);
+        tracing::info!(
+            kdf_concurrency = vault.kdf_gate().cap(),
+            automatic = settings.server.kdf_concurrency == 0,
+            kdf_memory_kib = settings.server.kdf_memory_kib,
+            "key derivations capped: at most this many Argon2id runs at once, the others queue"
+        );
         let refresh_http = TokenSource::refresh_client(settings.server.refresh_timeout())?;
         let tokens = TokenSource::new(http, refresh_http, vault.clone());
         let alerts = crate::alerts::Alerts::new(&settings.alerts)?;
@@ -539,7 +554,7 @@ async fn serve(
         let gateway = gateway.clone();
         async move { gateway.login(protocol, request, peer.ip()).await }
     };
-    drive(stream, session, &rt.driver, deadline, login, stop).await;
+    drive(stream, session, &rt.driver, deadline, login, None, stop).await;
 }
 
 /// How many connections beyond the limits are being told so at once.
@@ -628,6 +643,14 @@ pub async fn run(
         tracing::warn!("{note}");
     }
     let dir = settings.server.state_dir();
+    for r in crate::store::modes::secure_state_dir(&dir)? {
+        tracing::warn!(
+            path = %r.path.display(),
+            "the state directory was accessible to other users: changed mode {:04o} to {:04o}",
+            r.from,
+            r.to
+        );
+    }
     let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(&dir)?);
     tracing::info!(state_dir = %dir.display(), "token store opened");
     // `mailbridge account ...` reaches the store through this while we

@@ -294,6 +294,13 @@ pub struct ServerConfig {
     /// Argon2id iterations for newly sealed grants.
     #[serde(default = "defaults::kdf_iterations")]
     pub kdf_iterations: u32,
+    /// Argon2id runs allowed at once (unlocking grants, checking password
+    /// hashes); more wait in arrival order. Each holds `kdf_memory_kib`, so
+    /// this bounds the memory a burst of logins can take. 0 (the default):
+    /// automatic, `min(CPUs, min(256 MiB, RAM / 8) / kdf_memory_kib)`, at
+    /// least 1.
+    #[serde(default)]
+    pub kdf_concurrency: usize,
 }
 
 impl Default for ServerConfig {
@@ -321,6 +328,7 @@ impl Default for ServerConfig {
             backoff_max_secs: defaults::backoff_max_secs(),
             kdf_memory_kib: defaults::kdf_memory_kib(),
             kdf_iterations: defaults::kdf_iterations(),
+            kdf_concurrency: 0,
         }
     }
 }

@@ -459,8 +459,16 @@ impl SmtpClientSession {
                     return reply("503 5.5.1 Nested MAIL command; send RSET first");
                 }
                 let address = from.address.trim().to_owned();
-                if !device.senders.iter().any(|s| s.eq_ignore_ascii_case(&address)) {
-                    let shown = if address.is_empty() { "<>" } else { address.as_str() };
+                if !device
+                    .senders
+                    .iter()
+                    .any(|s| s.eq_ignore_ascii_case(&address))
+                {
+                    let shown = if address.is_empty() {
+                        "<>"
+                    } else {
+                        address.as_str()
+                    };
                     return reply(&one_line(
                         &format!(
                             "550 5.7.1 this device may not send as {shown}: by the [[device]] rule for its address it sends as {}",
@@ -515,9 +523,7 @@ impl SmtpClientSession {
             }
             Request::Data => match &self.transaction {
                 None => reply("503 5.5.1 Send MAIL first"),
-                Some(tx) if tx.recipients.is_empty() => {
-                    reply("554 5.5.1 No valid recipients")
-                }
+                Some(tx) if tx.recipients.is_empty() => reply("554 5.5.1 No valid recipients"),
                 Some(_) => {
                     let raw = self.framer.take();
                     self.state = ClientState::Data(DataIn {
@@ -829,7 +835,10 @@ impl ClientSession for SmtpClientSession {
             SpoolOutcome::Failed {
                 temporary: true,
                 reason,
-            } => format!("452 4.3.1 {}\r\n", one_line(reason, "Insufficient system storage")),
+            } => format!(
+                "452 4.3.1 {}\r\n",
+                one_line(reason, "Insufficient system storage")
+            ),
             SpoolOutcome::Failed { reason, .. } => {
                 format!("554 5.3.0 {}\r\n", one_line(reason, "Message not stored"))
             }
@@ -1606,11 +1615,9 @@ mod tests {
         assert_eq!(
             evs,
             [
-                out(
-                    "503 5.5.1 TLS is already active\r\n\
+                out("503 5.5.1 TLS is already active\r\n\
                      250-localhost\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n\
-                     250-SIZE 52428800\r\n250 AUTH PLAIN LOGIN\r\n"
-                ),
+                     250-SIZE 52428800\r\n250 AUTH PLAIN LOGIN\r\n"),
                 login("u", "p", Some("again"))
             ]
         );
