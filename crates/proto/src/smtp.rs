@@ -972,6 +972,189 @@ impl Reply {
     }
 }
 
+/// What a [`Submission`] wants next.
+#[derive(Debug)]
+pub enum SubmitStep {
+    /// Write these bytes to the server.
+    Send(Vec<u8>),
+    /// Read from the server and `feed` it.
+    NeedInput,
+    /// The transaction is over.
+    Done(SubmitOutcome),
+}
+
+/// How a [`Submission`] ended.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitOutcome {
+    /// Recipients the server took the message for.
+    pub delivered: Vec<String>,
+    /// Recipients it refused, with its refusal (temporary or not).
+    pub refused: Vec<(String, Refusal)>,
+}
+
+enum SubmitState {
+    Mail,
+    Rcpt(usize),
+    Data,
+    Content,
+    Done,
+}
+
+/// Sends one stored message on a logged-in SMTP connection, one command
+/// at a time: `MAIL FROM`, `RCPT TO` per recipient, `DATA`, the content
+/// dot-stuffed, the final dot. A refusal of `MAIL`, `DATA` or the content
+/// applies to every recipient not yet refused; a refusal of one `RCPT` to
+/// that recipient only.
+pub struct Submission {
+    framer: Framer,
+    reader: ReplyReader,
+    state: SubmitState,
+    from: String,
+    recipients: Vec<String>,
+    params: String,
+    content: Vec<u8>,
+    accepted: Vec<String>,
+    outcome: SubmitOutcome,
+    first: bool,
+}
+
+impl fmt::Debug for Submission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Submission")
+            .field("from", &self.from)
+            .field("recipients", &self.recipients)
+            .field("size", &self.content.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Submission {
+    /// A transaction for `message` (its `data` unstuffed, as spooled).
+    pub fn new(message: &Message) -> Submission {
+        let mut params = String::new();
+        if message.eight_bit {
+            params.push_str(" BODY=8BITMIME");
+        }
+        if message.smtputf8 {
+            params.push_str(" SMTPUTF8");
+        }
+        let mut content = dot_stuff(&message.data);
+        content.extend_from_slice(b".\r\n");
+        Submission {
+            framer: Framer::lines(DEFAULT_MAX_LINE),
+            reader: ReplyReader::default(),
+            state: SubmitState::Mail,
+            from: message.from.clone(),
+            recipients: message.recipients.clone(),
+            params,
+            content,
+            accepted: Vec::new(),
+            outcome: SubmitOutcome::default(),
+            first: true,
+        }
+    }
+
+    /// Bytes from the server.
+    pub fn feed(&mut self, data: &[u8]) {
+        self.framer.push(data);
+    }
+
+    /// Everyone not yet refused is refused with `refusal`.
+    fn refuse_rest(&mut self, refusal: Refusal) -> SubmitStep {
+        let mut rest: Vec<String> = std::mem::take(&mut self.accepted);
+        if let SubmitState::Rcpt(i) = self.state {
+            rest.extend(self.recipients[i..].iter().cloned());
+        } else if matches!(self.state, SubmitState::Mail) {
+            rest = self.recipients.clone();
+        }
+        for r in rest {
+            self.outcome.refused.push((r, refusal.clone()));
+        }
+        self.state = SubmitState::Done;
+        SubmitStep::Done(std::mem::take(&mut self.outcome))
+    }
+
+    /// What to do next.
+    pub fn next_step(&mut self) -> Result<SubmitStep, UpstreamError> {
+        if self.first {
+            self.first = false;
+            return Ok(SubmitStep::Send(
+                format!("MAIL FROM:<{}>{}\r\n", self.from, self.params).into_bytes(),
+            ));
+        }
+        if matches!(self.state, SubmitState::Done) {
+            return Ok(SubmitStep::Done(self.outcome.clone()));
+        }
+        let reply = loop {
+            match self.framer.next() {
+                Frame::NeedMore | Frame::Literal(_) => return Ok(SubmitStep::NeedInput),
+                Frame::LineTooLong => {
+                    return Err(UpstreamError::Unexpected(
+                        "the server sent a reply line that is too long".into(),
+                    ));
+                }
+                Frame::Message(line) => {
+                    if let Some(reply) = self.reader.line(&line)? {
+                        break reply;
+                    }
+                }
+            }
+        };
+        let ok = (200..300).contains(&reply.code);
+        match self.state {
+            SubmitState::Mail => {
+                if !ok {
+                    return Ok(self.refuse_rest(reply.refusal()));
+                }
+                self.state = SubmitState::Rcpt(0);
+                Ok(self.next_rcpt())
+            }
+            SubmitState::Rcpt(i) => {
+                let rcpt = self.recipients[i].clone();
+                if ok {
+                    self.accepted.push(rcpt);
+                } else {
+                    self.outcome.refused.push((rcpt, reply.refusal()));
+                }
+                self.state = SubmitState::Rcpt(i + 1);
+                Ok(self.next_rcpt())
+            }
+            SubmitState::Data => {
+                if reply.code != 354 {
+                    return Ok(self.refuse_rest(reply.refusal()));
+                }
+                self.state = SubmitState::Content;
+                Ok(SubmitStep::Send(std::mem::take(&mut self.content)))
+            }
+            SubmitState::Content => {
+                if !ok {
+                    return Ok(self.refuse_rest(reply.refusal()));
+                }
+                self.outcome.delivered = std::mem::take(&mut self.accepted);
+                self.state = SubmitState::Done;
+                Ok(SubmitStep::Done(std::mem::take(&mut self.outcome)))
+            }
+            SubmitState::Done => Ok(SubmitStep::Done(self.outcome.clone())),
+        }
+    }
+
+    fn next_rcpt(&mut self) -> SubmitStep {
+        let SubmitState::Rcpt(i) = self.state else {
+            return SubmitStep::NeedInput;
+        };
+        if let Some(r) = self.recipients.get(i) {
+            return SubmitStep::Send(format!("RCPT TO:<{r}>\r\n").into_bytes());
+        }
+        if self.accepted.is_empty() {
+            // Nobody left: end the transaction politely.
+            self.state = SubmitState::Done;
+            return SubmitStep::Send(b"RSET\r\n".to_vec());
+        }
+        self.state = SubmitState::Data;
+        SubmitStep::Send(b"DATA\r\n".to_vec())
+    }
+}
+
 /// Collects the lines of one reply and reads it with smtp-proto.
 #[derive(Default)]
 struct ReplyReader {
@@ -2375,5 +2558,195 @@ mod tests {
                 assert!(!reading || u.framer.buffered() <= 60);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+    use crate::testkit::{Ev, drive};
+
+    fn device(spool: bool) -> ClientOptions {
+        ClientOptions {
+            hostname: "gw".into(),
+            max_message_size: 1000,
+            device: Some(DeviceOptions {
+                senders: vec!["scanner@contoso.com".into()],
+                spool,
+            }),
+            ..ClientOptions::default()
+        }
+    }
+
+    #[test]
+    fn a_spooling_device_hands_over_the_whole_message() {
+        let input = b"HELO printer\r\nMAIL FROM:<Scanner@Contoso.com> BODY=8BITMIME\r\n\
+RCPT TO:<a@x.example>\r\nRCPT TO:<b@x.example>\r\nDATA\r\nSubject: s\r\n\r\n..dot\r\nend\r\n.\r\nQUIT\r\n";
+        for chunk in [usize::MAX, 1, 7] {
+            let mut s = SmtpClientSession::new(device(true));
+            let evs = drive(&mut s, input, chunk);
+            assert_eq!(
+                evs,
+                [
+                    Ev::Out(
+                        "250 gw\r\n250 2.1.0 OK\r\n250 2.1.5 OK\r\n250 2.1.5 OK\r\n\
+                         354 End data with <CR><LF>.<CR><LF>\r\n"
+                            .into()
+                    ),
+                    Ev::Spool {
+                        from: "Scanner@Contoso.com".into(),
+                        to: vec!["a@x.example".into(), "b@x.example".into()],
+                        data: "Subject: s\r\n\r\n.dot\r\nend\r\n".into(),
+                    }
+                ],
+                "chunk {chunk}"
+            );
+            let reply = s.spooled(&SpoolOutcome::Queued { id: "Q1".into() });
+            assert_eq!(reply, b"250 2.0.0 OK: queued as Q1\r\n");
+            let mut evs = Vec::new();
+            crate::testkit::pump(&mut s, &mut evs);
+            assert_eq!(evs, [Ev::Close("221 2.0.0 Bye\r\n".into())]);
+        }
+    }
+
+    #[test]
+    fn device_refusals() {
+        let mut s = SmtpClientSession::new(device(true));
+        let evs = drive(
+            &mut s,
+            b"MAIL FROM:<ceo@contoso.com>\r\nMAIL FROM:<scanner@contoso.com> SIZE=5000\r\n\
+RCPT TO:<a@x>\r\nDATA\r\nMAIL FROM:<scanner@contoso.com>\r\nDATA\r\nRCPT TO:<>\r\n",
+            usize::MAX,
+        );
+        assert_eq!(
+            evs,
+            [Ev::Out(
+                "550 5.7.1 this device may not send as ceo@contoso.com: by the [[device]] rule for its address it sends as scanner@contoso.com\r\n\
+                 552 5.3.4 Message too big: at most 1000 bytes\r\n\
+                 503 5.5.1 Send MAIL first\r\n503 5.5.1 Send MAIL first\r\n\
+                 250 2.1.0 OK\r\n554 5.5.1 No valid recipients\r\n\
+                 501 5.1.3 An empty recipient address is not allowed\r\n"
+                    .into()
+            )]
+        );
+        // A message over the limit is read to its end and refused.
+        let mut s = SmtpClientSession::new(device(true));
+        let mut input = b"MAIL FROM:<scanner@contoso.com>\r\nRCPT TO:<a@x>\r\nDATA\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 5000));
+        input.extend_from_slice(b"\r\n.\r\nNOOP\r\n");
+        let evs = drive(&mut s, &input, 100);
+        let Ev::Out(text) = &evs[0] else {
+            panic!("{evs:?}")
+        };
+        assert!(
+            text.ends_with("552 5.3.4 Message too big: at most 1000 bytes\r\n250 2.0.0 OK\r\n"),
+            "{text}"
+        );
+        // A storage failure is a 452.
+        let mut s = SmtpClientSession::new(device(true));
+        drive(
+            &mut s,
+            b"MAIL FROM:<scanner@contoso.com>\r\nRCPT TO:<a@x>\r\nDATA\r\nhi\r\n.\r\n",
+            usize::MAX,
+        );
+        let reply = s.spooled(&SpoolOutcome::Failed {
+            temporary: true,
+            reason: "the disk is full".into(),
+        });
+        assert_eq!(reply, b"452 4.3.1 the disk is full\r\n");
+    }
+
+    #[test]
+    fn a_live_device_logs_in_at_mail_and_the_server_answers_it() {
+        let mut s = SmtpClientSession::new(device(false));
+        let mut evs = drive(
+            &mut s,
+            b"EHLO mfp\r\nMAIL FROM:<scanner@contoso.com>\r\nRCPT TO:<a@x>\r\n",
+            usize::MAX,
+        );
+        assert!(matches!(evs.pop(), Some(Ev::Login { .. })), "{evs:?}");
+        assert!(s.login_succeeded(&UpstreamSuccess::default()).is_empty());
+        assert_eq!(
+            s.take_pending(),
+            b"MAIL FROM:<scanner@contoso.com>\r\nRCPT TO:<a@x>\r\n"
+        );
+        // A failed live login answers the MAIL.
+        let mut s = SmtpClientSession::new(device(false));
+        drive(&mut s, b"MAIL FROM:<scanner@contoso.com>\r\n", usize::MAX);
+        let reply = s.login_failed(&LoginFailure {
+            kind: FailureKind::Unavailable,
+            reason: "provider down".into(),
+            upstream_reply: None,
+        });
+        assert_eq!(reply, b"451 4.4.0 provider down\r\n");
+        // Without a device, MAIL still needs AUTH.
+        let mut s = SmtpClientSession::new(ClientOptions::default());
+        let evs = drive(&mut s, b"MAIL FROM:<scanner@contoso.com>\r\n", usize::MAX);
+        assert_eq!(
+            evs,
+            [Ev::Out("530 5.7.0 Authentication required\r\n".into())]
+        );
+    }
+
+    fn message() -> Message {
+        Message {
+            from: "scanner@contoso.com".into(),
+            recipients: vec!["a@x".into(), "b@x".into(), "c@x".into()],
+            data: b"Subject: s\r\n\r\n.dot".to_vec(),
+            smtputf8: true,
+            eight_bit: false,
+            client_name: None,
+        }
+    }
+
+    fn sub_run(sub: &mut Submission, replies: &[&str]) -> (String, Option<SubmitOutcome>) {
+        let mut sent = String::new();
+        let mut replies = replies.iter();
+        loop {
+            match sub.next_step().unwrap() {
+                SubmitStep::Send(b) => sent.push_str(&String::from_utf8(b).unwrap()),
+                SubmitStep::NeedInput => match replies.next() {
+                    Some(r) => sub.feed(r.as_bytes()),
+                    None => return (sent, None),
+                },
+                SubmitStep::Done(o) => return (sent, Some(o)),
+            }
+        }
+    }
+
+    #[test]
+    fn a_submission_sends_the_message_and_reads_each_recipient() {
+        let mut sub = Submission::new(&message());
+        let (sent, outcome) = sub_run(
+            &mut sub,
+            &[
+                "250 2.1.0 ok\r\n",
+                "250 2.1.5 ok\r\n",
+                "550 5.1.1 no such user\r\n",
+                "451 4.7.500 Server busy\r\n",
+                "354 go\r\n",
+                "250 2.0.0 queued\r\n",
+            ],
+        );
+        assert_eq!(
+            sent,
+            "MAIL FROM:<scanner@contoso.com> SMTPUTF8\r\nRCPT TO:<a@x>\r\nRCPT TO:<b@x>\r\n\
+             RCPT TO:<c@x>\r\nDATA\r\nSubject: s\r\n\r\n..dot\r\n.\r\n"
+        );
+        let o = outcome.unwrap();
+        assert_eq!(o.delivered, ["a@x"]);
+        assert_eq!(o.refused.len(), 2);
+        assert!(!o.refused[0].1.is_temporary() && o.refused[1].1.is_temporary());
+
+        // A refused MAIL refuses everyone.
+        let mut sub = Submission::new(&message());
+        let (_, outcome) = sub_run(
+            &mut sub,
+            &["451 4.7.500 Server busy. Please try again later\r\n"],
+        );
+        let o = outcome.unwrap();
+        assert!(o.delivered.is_empty());
+        assert_eq!(o.refused.len(), 3);
+        assert!(o.refused.iter().all(|(_, r)| r.is_temporary()));
     }
 }
