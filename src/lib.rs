@@ -64,6 +64,7 @@ pub mod oauth;
 pub mod provider;
 pub mod report;
 pub mod server;
+pub mod spool;
 pub mod store;
 pub mod vault;
 

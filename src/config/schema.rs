@@ -143,6 +143,13 @@ pub struct SpoolConfig {
     /// limit per mailbox).
     #[serde(default = "defaults::spool_rate")]
     pub rate_per_minute: u32,
+    /// Seconds before the first retry of a message that could not go; it
+    /// doubles with each attempt (default 60).
+    #[serde(default = "defaults::spool_retry_base")]
+    pub retry_base_secs: u64,
+    /// Longest wait between two attempts (default 3600).
+    #[serde(default = "defaults::spool_retry_max")]
+    pub retry_max_secs: u64,
 }
 
 impl Default for SpoolConfig {
@@ -151,6 +158,8 @@ impl Default for SpoolConfig {
             dir: None,
             max_age_hours: defaults::spool_max_age_hours(),
             rate_per_minute: defaults::spool_rate(),
+            retry_base_secs: defaults::spool_retry_base(),
+            retry_max_secs: defaults::spool_retry_max(),
         }
     }
 }
@@ -478,6 +487,12 @@ mod defaults {
     }
     pub fn spool_rate() -> u32 {
         30
+    }
+    pub fn spool_retry_base() -> u64 {
+        60
+    }
+    pub fn spool_retry_max() -> u64 {
+        3600
     }
     pub fn preauth_max_commands() -> u32 {
         50
