@@ -244,11 +244,10 @@ impl Server {
             .clone()
             .unwrap_or_else(|| settings.server.state_dir().join("spool"));
         let spool = if !settings.devices.is_empty() || settings.spool.dir.is_some() {
-            let spool = crate::spool::Spool::open(&spool_dir).map_err(|source| {
-                ServerError::Spool {
+            let spool =
+                crate::spool::Spool::open(&spool_dir).map_err(|source| ServerError::Spool {
                     source: Box::new(source),
-                }
-            })?;
+                })?;
             tracing::info!(dir = %spool_dir.display(), "spool opened");
             Some(Arc::new(SpoolRuntime {
                 spool,
@@ -674,7 +673,13 @@ fn spooler(
             let spool = rt.spool.clone();
             let stored = tokio::task::spawn_blocking(move || {
                 let client = peer.ip().to_string();
-                spool.store(&device.account, &device.name, &client, device.bounce, &message)
+                spool.store(
+                    &device.account,
+                    &device.name,
+                    &client,
+                    device.bounce,
+                    &message,
+                )
             })
             .await;
             match stored {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mailbridge_proto::Message;
-use mailbridge_proto::smtp::{SubmitOutcome, Submission};
+use mailbridge_proto::smtp::{Submission, SubmitOutcome};
 use tokio::sync::{Notify, watch};
 
 use super::{Area, Envelope, Spool};
@@ -82,7 +82,10 @@ impl Pace {
     }
 
     fn note(&mut self, account: &str, now: Instant) {
-        self.sent.entry(account.to_owned()).or_default().push_back(now);
+        self.sent
+            .entry(account.to_owned())
+            .or_default()
+            .push_back(now);
     }
 }
 
@@ -134,7 +137,8 @@ async fn pass(
             wait = wait.min(Duration::from_secs(envelope.next_attempt_at - now));
             continue;
         }
-        if let Some(at) = pace.next_slot(&envelope.account, policy.rate_per_minute, Instant::now()) {
+        if let Some(at) = pace.next_slot(&envelope.account, policy.rate_per_minute, Instant::now())
+        {
             tracing::debug!(id = %envelope.id, account = %envelope.account, "paced: the account's rate per minute is used up");
             wait = wait.min(at.saturating_duration_since(Instant::now()));
             continue;
@@ -241,7 +245,13 @@ fn settle(
 }
 
 /// A temporary failure: try again later, or give up once too old.
-fn defer(spool: &Spool, gateway: &Gateway, policy: &Policy, mut envelope: Envelope, reason: String) {
+fn defer(
+    spool: &Spool,
+    gateway: &Gateway,
+    policy: &Policy,
+    mut envelope: Envelope,
+    reason: String,
+) {
     let now = unix_now();
     envelope.last_error = Some(mailbridge_proto::text::flatten(&reason));
     if now.saturating_sub(envelope.received_at) >= policy.max_age.as_secs() {
@@ -352,7 +362,10 @@ mod tests {
             assert_eq!(pace.next_slot("a", 3, t0), None, "{i}");
             pace.note("a", t0);
         }
-        assert_eq!(pace.next_slot("a", 3, t0), Some(t0 + Duration::from_secs(60)));
+        assert_eq!(
+            pace.next_slot("a", 3, t0),
+            Some(t0 + Duration::from_secs(60))
+        );
         assert_eq!(pace.next_slot("b", 3, t0), None);
         assert_eq!(pace.next_slot("a", 3, t0 + Duration::from_secs(60)), None);
     }

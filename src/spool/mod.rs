@@ -176,6 +176,17 @@ impl Spool {
         Ok(spool)
     }
 
+    /// The spool at `dir` as it is, for the `queue` commands while the
+    /// service may be running (nothing is cleaned up: a message being
+    /// written in `tmp/` is the service's).
+    pub fn open_existing(dir: &Path) -> Result<Spool, SpoolError> {
+        let queue = dir.join("queue");
+        fs::metadata(&queue).map_err(io_at(&queue))?;
+        Ok(Spool {
+            dir: dir.to_path_buf(),
+        })
+    }
+
     /// The spool directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -279,7 +290,10 @@ impl Spool {
 
     /// Replaces a queued envelope (new state after an attempt).
     pub fn update(&self, area: Area, envelope: &Envelope) -> Result<(), SpoolError> {
-        let tmp = self.dir.join("tmp").join(format!("{}.json.new", envelope.id));
+        let tmp = self
+            .dir
+            .join("tmp")
+            .join(format!("{}.json.new", envelope.id));
         write_synced(&tmp, &to_json(envelope))?;
         let path = self.path(area, &envelope.id, "json");
         fs::rename(&tmp, &path).map_err(io_at(&path))?;
@@ -440,10 +454,7 @@ mod tests {
             .store("scanner@contoso.com", "mfp", "192.0.2.7", false, &message())
             .unwrap();
         assert_eq!(spool.list(Area::Queue).unwrap(), [e.clone()]);
-        assert_eq!(
-            spool.content(Area::Queue, &e.id).unwrap(),
-            message().data
-        );
+        assert_eq!(spool.content(Area::Queue, &e.id).unwrap(), message().data);
         for f in ["queue", "failed", "tmp"] {
             let mode = fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o700, "{f}");

@@ -1,0 +1,9 @@
+//! "The office gateway": scanners, printers and apps that cannot log in
+//! well, and mail that is never lost. Loopback stands in for the LAN:
+//! 127.0.0.2 is an allowed device, 127.0.0.3 is not.
+
+#[path = "common/mod.rs"]
+mod common;
+
+#[path = "devices/spool.rs"]
+mod spool;
