@@ -7,3 +7,6 @@ mod common;
 
 #[path = "devices/spool.rs"]
 mod spool;
+
+#[path = "devices/crash.rs"]
+mod crash;

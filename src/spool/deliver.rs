@@ -173,36 +173,35 @@ async fn attempt(spool: &Spool, gateway: &Gateway, policy: &Policy, mut envelope
         eight_bit: envelope.eight_bit,
         client_name: None,
     };
-    let result = send(gateway, policy, &envelope.account, &message).await;
-    match result {
+    let mut conn = match gateway
+        .login_as(Protocol::Smtp, &envelope.account, None)
+        .await
+    {
+        Ok(conn) => conn,
+        Err(f) => {
+            tracing::info!(%id, account = %envelope.account, attempt = envelope.attempts, reason = %f.reason, "delivery failed for now: no login");
+            defer(spool, gateway, policy, envelope, f.reason);
+            return;
+        }
+    };
+    let sent = crate::net::upstream::submit(
+        &mut conn.stream,
+        &conn.success.leftover,
+        Submission::new(&message),
+        policy.patience,
+    )
+    .await;
+    match sent {
+        // Recorded before anything else is said to the server: a crash
+        // from here to the record sends the message again.
         Ok(outcome) => settle(spool, gateway, policy, envelope, outcome),
-        Err(reason) => {
+        Err(e) => {
+            let reason = crate::report::chain(&e);
             tracing::info!(%id, account = %envelope.account, attempt = envelope.attempts, %reason, "delivery failed for now");
             defer(spool, gateway, policy, envelope, reason);
         }
     }
-}
-
-/// Logs in as the account and sends; Err(reason) when no outcome was
-/// reached (login refused or failed, connection lost).
-async fn send(
-    gateway: &Gateway,
-    policy: &Policy,
-    account: &str,
-    message: &Message,
-) -> Result<SubmitOutcome, String> {
-    let mut conn = gateway
-        .login_as(Protocol::Smtp, account, None)
-        .await
-        .map_err(|f| f.reason)?;
-    crate::net::upstream::submit(
-        &mut conn.stream,
-        &conn.success.leftover,
-        Submission::new(message),
-        policy.patience,
-    )
-    .await
-    .map_err(|e| crate::report::chain(&e))
+    crate::net::upstream::quit(&mut conn.stream).await;
 }
 
 /// After an outcome: delivered recipients are done, those refused for
