@@ -288,3 +288,36 @@ async fn a_full_disk_gives_452_never_250() {
     h.stop().await;
     let _ = std::process::Command::new("umount").arg(&spool).status();
 }
+
+#[tokio::test]
+async fn a_swaks_like_helo_and_auth_login_dialogue_sends() {
+    // A client that logs in: HELO (no EHLO), AUTH LOGIN with the exact
+    // prompts devices wait for, a multi-recipient message.
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let (h, _dir) = harness("dev-authlogin", true, false).await;
+    let mut c = Client::plain_from("127.0.0.3", h.smtp_addr).await;
+    c.smtp_reply().await;
+    assert_eq!(c.smtp("HELO swaks").await, "250 localhost");
+    assert_eq!(c.smtp("AUTH LOGIN").await, "334 VXNlcm5hbWU6");
+    assert_eq!(c.smtp(&b64(USER)).await, "334 UGFzc3dvcmQ6");
+    let ok = c.smtp(&b64(crate::common::PASSWORD)).await;
+    assert!(ok.starts_with("235 2.7.0"), "{ok}");
+    assert!(
+        c.smtp(&format!("MAIL FROM:<{USER}>"))
+            .await
+            .starts_with("250")
+    );
+    for r in ["a@x.example", "b@x.example", "c@x.example"] {
+        assert!(c.smtp(&format!("RCPT TO:<{r}>")).await.starts_with("250"));
+    }
+    assert!(c.smtp("DATA").await.starts_with("354"));
+    c.send(b"Subject: swaks\r\n\r\nhello\r\n.\r\n").await;
+    let reply = c.smtp_reply().await.pop().unwrap_or_default();
+    println!("AUTH LOGIN client: {reply}");
+    assert!(reply.starts_with("250"), "{reply}");
+    let got = h.smtp.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].to, ["a@x.example", "b@x.example", "c@x.example"]);
+    h.stop().await;
+}
