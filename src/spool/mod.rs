@@ -409,10 +409,7 @@ fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
 /// A queue id: milliseconds since the epoch and 32 random bits, in hex
 /// (ordered by arrival, unique without coordination).
 fn new_id() -> String {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
+    let ms = crate::clock::unix_millis();
     format!("{ms:011X}{:08X}", rand::random::<u32>())
 }
 
