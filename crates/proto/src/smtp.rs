@@ -58,7 +58,8 @@ const MAX_REPLY_LINES: usize = 100;
 /// lines at 512 octets).
 const MAX_TEXT: usize = 400;
 
-/// `334` prompts of AUTH LOGIN: base64 of `Username:` and `Password:`.
+/// `334` prompts of AUTH LOGIN: base64 of `Username:` and `Password:`
+/// ([`sasl::LOGIN_PROMPT_USER`], [`sasl::LOGIN_PROMPT_PASSWORD`]).
 const PROMPT_USER: &[u8] = b"334 VXNlcm5hbWU6\r\n";
 const PROMPT_PASS: &[u8] = b"334 UGFzc3dvcmQ6\r\n";
 
@@ -167,8 +168,9 @@ enum ClientState {
     AuthPlain,
     /// Sent the `Username:` prompt of AUTH LOGIN.
     AuthLoginUser,
-    /// Sent the `Password:` prompt; holds the decoded user name.
-    AuthLoginPass { user: Vec<u8> },
+    /// Sent the `Password:` prompt; holds the decoded user name (wiped on
+    /// drop, never printed).
+    AuthLoginPass { user: sasl::PendingUser },
     /// Sent the STARTTLS `220`; waiting for `tls_started`.
     TlsPending,
     /// Emitted `ClientStep::Login`; waiting for the driver's verdict.
@@ -199,11 +201,8 @@ impl ClientState {
         }
     }
 
-    /// Leaves an AUTH exchange, wiping a pending user name.
+    /// Leaves an AUTH exchange (a pending user name is wiped on drop).
     fn clear(&mut self) {
-        if let ClientState::AuthLoginPass { user } = self {
-            user.zeroize();
-        }
         *self = ClientState::Commands;
     }
 }
@@ -361,7 +360,9 @@ impl SmtpClientSession {
             }
             return match decode_response(initial.as_bytes()) {
                 Ok(user) => {
-                    self.state = ClientState::AuthLoginPass { user };
+                    self.state = ClientState::AuthLoginPass {
+                        user: sasl::PendingUser::new(user),
+                    };
                     ClientStep::Send(PROMPT_PASS.to_vec())
                 }
                 Err(_) => reply("501 5.5.2 Invalid base64 data"),
@@ -603,13 +604,12 @@ impl SmtpClientSession {
             ClientState::AuthPlain => self.login(sasl::decode_plain(&data)),
             ClientState::AuthLoginUser => {
                 self.state = ClientState::AuthLoginPass {
-                    user: std::mem::take(&mut data),
+                    user: sasl::PendingUser::new(std::mem::take(&mut data)),
                 };
                 ClientStep::Send(PROMPT_PASS.to_vec())
             }
-            ClientState::AuthLoginPass { mut user } => {
-                let creds = sasl::login_credentials(&user, &data);
-                user.zeroize();
+            ClientState::AuthLoginPass { user } => {
+                let creds = user.with_password(&data);
                 self.login(creds)
             }
             other => {
