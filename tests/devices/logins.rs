@@ -165,5 +165,8 @@ async fn pop3_auth_login_prompted_initial_response_and_cancel() {
     assert!(no.starts_with("-ERR [AUTH]"), "{no}");
     assert_eq!(h.sealed_bytes(), before);
     h.stop().await;
-    println!("POP3 AUTH LOGIN, two logins and a refusal: {:?}", started.elapsed());
+    println!(
+        "POP3 AUTH LOGIN, two logins and a refusal: {:?}",
+        started.elapsed()
+    );
 }
