@@ -7,3 +7,6 @@ mod common;
 
 #[path = "devices/logins.rs"]
 mod logins;
+
+#[path = "devices/caps.rs"]
+mod caps;
