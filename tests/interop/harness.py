@@ -36,6 +36,9 @@ REPO = HERE.parent.parent
 # login page (see oidc/server.mjs) and a local password for mailbridge.
 USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
 DOMAIN = "example.test"
+# An internationalized address Postfix takes (an alias of a mailbox).
+UTF8_ADDRESS = "j\u00f6rg@example.test"
+UTF8_ALIAS_OF = "bob"
 
 
 def address(name):
@@ -126,7 +129,7 @@ def render(template, dest, values):
             for m in re.findall(r"@[A-Z_]+@", line)]
     if left:
         raise StackError(f"unrendered placeholders in {template}: {sorted(set(left))}")
-    Path(dest).write_text(text)
+    Path(dest).write_text(text, encoding="utf-8")
 
 
 def find_exe(name, extra=()):
@@ -319,6 +322,7 @@ class Stack:
             "SUBMISSIONS_PORT": self.ports["submissions"],
             "VIRTUAL_MAILBOX_MAPS": f"inline:{{ {users} }}",
             "SENDER_LOGIN_MAPS": f"inline:{{ {logins} }}",
+            "VIRTUAL_ALIAS_MAPS": f"inline:{{ {UTF8_ADDRESS}={address(UTF8_ALIAS_OF)} }}",
         }
         render(HERE / "postfix" / "main.cf", d / "etc" / "main.cf", values)
         render(HERE / "postfix" / "master.cf", d / "etc" / "master.cf", values)
