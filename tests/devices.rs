@@ -1,6 +1,7 @@
 //! "The office gateway": scanners, printers and apps that cannot log in
 //! well, and mail that is never lost. Loopback stands in for the LAN:
-//! 127.0.0.2 is an allowed device, 127.0.0.3 is not.
+//! 127.0.0.2 is an allowed device, 127.0.0.3 is not. Each file is one part
+//! of the issue.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -10,3 +11,9 @@ mod spool;
 
 #[path = "devices/crash.rs"]
 mod crash;
+
+#[path = "devices/logins.rs"]
+mod logins;
+
+#[path = "devices/caps.rs"]
+mod caps;

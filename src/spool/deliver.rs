@@ -266,17 +266,30 @@ fn defer(
         return;
     }
     envelope.next_attempt_at = now + policy.retry_delay(envelope.attempts).as_secs();
-    if let Err(e) = spool.update(Area::Queue, &envelope) {
-        tracing::error!(id = %envelope.id, error = %crate::report::chain(&e), "cannot record the attempt in the spool");
+    match spool.update(Area::Queue, &envelope) {
+        Ok(()) => {}
+        Err(super::SpoolError::NotFound { .. }) => {
+            tracing::info!(id = %envelope.id, "deleted during the attempt (`queue delete`)");
+        }
+        Err(e) => {
+            tracing::error!(id = %envelope.id, error = %crate::report::chain(&e), "cannot record the attempt in the spool")
+        }
     }
 }
 
 /// Refused for good: to the failed area, an alert, and the report.
 fn fail(spool: &Spool, gateway: &Gateway, envelope: Envelope, why: &str) {
     let id = envelope.id.clone();
-    if let Err(e) = spool.move_to(&envelope, Area::Queue, Area::Failed) {
-        tracing::error!(%id, error = %crate::report::chain(&e), "cannot move a failed message out of the queue");
-        return;
+    match spool.move_to(&envelope, Area::Queue, Area::Failed) {
+        Ok(()) => {}
+        Err(super::SpoolError::NotFound { .. }) => {
+            tracing::info!(%id, "deleted during the attempt (`queue delete`)");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(%id, error = %crate::report::chain(&e), "cannot move a failed message out of the queue");
+            return;
+        }
     }
     let who: Vec<String> = envelope
         .failed_recipients

@@ -11,6 +11,8 @@
 //!   `.eml` without its `.json` was never acknowledged and is removed.
 //! - `failed/`: the same pair for messages refused for good or too old,
 //!   kept for a person (`mailbridge queue list`, `retry`, `delete`).
+//! - `lock`: held (an advisory file lock) while an entry's state changes,
+//!   by the service and by the `queue` commands alike.
 //!
 //! Durability: both files are written to `tmp/`, flushed (`fsync`), renamed
 //! into `queue/`, and the directory flushed, all before the `250`. After
@@ -288,8 +290,39 @@ impl Spool {
         fs::read(&path).map_err(io_at(&path))
     }
 
-    /// Replaces a queued envelope (new state after an attempt).
+    /// Runs `f` holding the spool's lock (`lock`, an advisory lock on a
+    /// file): the service's record of an attempt and a `queue` command
+    /// never cross, so a deleted message is not brought back by the
+    /// attempt that was under way.
+    fn locked<T>(&self, f: impl FnOnce() -> Result<T, SpoolError>) -> Result<T, SpoolError> {
+        let path = self.dir.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        file.lock().map_err(io_at(&path))?;
+        let result = f();
+        drop(file);
+        result
+    }
+
+    /// Replaces a queued envelope (new state after an attempt), unless it
+    /// was deleted meanwhile ([`SpoolError::NotFound`]).
     pub fn update(&self, area: Area, envelope: &Envelope) -> Result<(), SpoolError> {
+        self.locked(|| {
+            if !self.path(area, &envelope.id, "json").exists() {
+                return Err(SpoolError::NotFound {
+                    id: envelope.id.clone(),
+                });
+            }
+            self.update_unlocked(area, envelope)
+        })
+    }
+
+    fn update_unlocked(&self, area: Area, envelope: &Envelope) -> Result<(), SpoolError> {
         let tmp = self
             .dir
             .join("tmp")
@@ -303,6 +336,10 @@ impl Spool {
     /// Delivered: the envelope goes first (the commit point), then the
     /// content.
     pub fn remove(&self, area: Area, id: &str) -> Result<(), SpoolError> {
+        self.locked(|| self.remove_unlocked(area, id))
+    }
+
+    fn remove_unlocked(&self, area: Area, id: &str) -> Result<(), SpoolError> {
         let json = self.path(area, id, "json");
         match fs::remove_file(&json) {
             Ok(()) => {}
@@ -318,8 +355,20 @@ impl Spool {
     }
 
     /// Moves an entry between areas (content first, so the envelope's
-    /// arrival is the commit point in the new area too).
+    /// arrival is the commit point in the new area too), unless it was
+    /// deleted meanwhile.
     pub fn move_to(&self, envelope: &Envelope, from: Area, to: Area) -> Result<(), SpoolError> {
+        self.locked(|| {
+            if !self.path(from, &envelope.id, "json").exists() {
+                return Err(SpoolError::NotFound {
+                    id: envelope.id.clone(),
+                });
+            }
+            self.move_unlocked(envelope, from, to)
+        })
+    }
+
+    fn move_unlocked(&self, envelope: &Envelope, from: Area, to: Area) -> Result<(), SpoolError> {
         let id = &envelope.id;
         let eml_to = self.path(to, id, "eml");
         fs::rename(self.path(from, id, "eml"), &eml_to).map_err(io_at(&eml_to))?;
@@ -335,6 +384,10 @@ impl Spool {
     /// `queue retry ID`: a failed message back in the queue, or a queued
     /// one due now.
     pub fn retry(&self, id: &str) -> Result<Envelope, SpoolError> {
+        self.locked(|| self.retry_unlocked(id))
+    }
+
+    fn retry_unlocked(&self, id: &str) -> Result<Envelope, SpoolError> {
         let (area, mut envelope) = self.find(id)?;
         envelope.next_attempt_at = 0;
         if area == Area::Failed {
@@ -347,18 +400,20 @@ impl Spool {
                 .map(|(r, _)| r)
                 .collect();
             envelope.recipients.extend(refused);
-            self.move_to(&envelope, Area::Failed, Area::Queue)?;
+            self.move_unlocked(&envelope, Area::Failed, Area::Queue)?;
         } else {
-            self.update(Area::Queue, &envelope)?;
+            self.update_unlocked(Area::Queue, &envelope)?;
         }
         Ok(envelope)
     }
 
     /// `queue delete ID`.
     pub fn delete(&self, id: &str) -> Result<Area, SpoolError> {
-        let (area, _) = self.find(id)?;
-        self.remove(area, id)?;
-        Ok(area)
+        self.locked(|| {
+            let (area, _) = self.find(id)?;
+            self.remove_unlocked(area, id)?;
+            Ok(area)
+        })
     }
 }
 

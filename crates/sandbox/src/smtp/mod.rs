@@ -79,6 +79,10 @@ pub struct SmtpServerOptions {
     /// Authentication unsuccessful` at once (a temporary failure stays
     /// `454`).
     pub failure_challenge: bool,
+    /// More EHLO keywords, advertised after SIZE (e.g. `SMTPUTF8`, `DSN`,
+    /// as Postfix offers them): only advertised, their parameters are not
+    /// taken. Default none.
+    pub extra_ehlo: Vec<String>,
 }
 
 impl Default for SmtpServerOptions {
@@ -91,6 +95,7 @@ impl Default for SmtpServerOptions {
             max_size: 64 * 1024 * 1024,
             max_auth_line: 2048,
             failure_challenge: true,
+            extra_ehlo: Vec::new(),
         }
     }
 }
@@ -488,6 +493,7 @@ fn ehlo_reply(shared: &Shared, session: &Session, host: &str) -> String {
         "ENHANCEDSTATUSCODES".to_owned(),
         format!("SIZE {}", shared.opts.max_size),
     ];
+    lines.extend(shared.opts.extra_ehlo.iter().cloned());
     if needs_tls_first(shared, session) {
         lines.push("STARTTLS".to_owned());
     } else if !shared.opts.mechanisms.is_empty() {
