@@ -530,10 +530,10 @@ impl Server {
         }
         // A delivery in progress ends at its next step; what it had not
         // finished stays queued for the next start.
-        if let Some(d) = delivery {
-            if tokio::time::timeout(self.shutdown_grace, d).await.is_err() {
-                tracing::warn!("the spool delivery did not stop in time; its message stays queued");
-            }
+        if let Some(d) = delivery
+            && tokio::time::timeout(self.shutdown_grace, d).await.is_err()
+        {
+            tracing::warn!("the spool delivery did not stop in time; its message stays queued");
         }
         // A refresh in flight may hold a refresh token the provider has
         // already rotated: it must reach the disk before the process ends.

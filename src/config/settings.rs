@@ -516,13 +516,13 @@ impl Settings {
 
 /// What makes an `[alerts]` table unusable: the field and what to do.
 fn check_alerts(a: &AlertsConfig) -> Result<(), (&'static str, String)> {
-    if let Some(program) = a.command.first() {
-        if program.trim().is_empty() {
-            return Err((
-                "command",
-                "the first element is the program to run; it is empty".into(),
-            ));
-        }
+    if let Some(program) = a.command.first()
+        && program.trim().is_empty()
+    {
+        return Err((
+            "command",
+            "the first element is the program to run; it is empty".into(),
+        ));
     }
     if let Some(url) = &a.webhook_url {
         let parsed = reqwest::Url::parse(url).map_err(|e| {

@@ -325,17 +325,16 @@ where
     {
         let mut io = std::pin::pin!(io);
         std::future::poll_fn(|cx| {
-            if let PrefetchState::Running(fut) = &mut self.state {
-                if let Poll::Ready(got) = fut.as_mut().poll(cx) {
-                    self.state = PrefetchState::Ready(got);
-                }
+            if let PrefetchState::Running(fut) = &mut self.state
+                && let Poll::Ready(got) = fut.as_mut().poll(cx)
+            {
+                self.state = PrefetchState::Ready(got);
             }
-            if matches!(self.state, PrefetchState::Ready(Err(_))) {
-                if let PrefetchState::Ready(Err(e)) =
+            if matches!(self.state, PrefetchState::Ready(Err(_)))
+                && let PrefetchState::Ready(Err(e)) =
                     std::mem::replace(&mut self.state, PrefetchState::Taken)
-                {
-                    return Poll::Ready(Err(UpstreamFailure::Token(e)));
-                }
+            {
+                return Poll::Ready(Err(UpstreamFailure::Token(e)));
             }
             io.as_mut().poll(cx).map(Ok)
         })

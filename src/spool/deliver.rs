@@ -309,10 +309,11 @@ fn fail(spool: &Spool, gateway: &Gateway, envelope: Envelope, why: &str) {
             "see `mailbridge queue list`; fix the cause, then `mailbridge queue retry {id}` (or `queue delete {id}`)"
         ),
     });
-    if envelope.bounce && !envelope.from.is_empty() {
-        if let Err(e) = queue_report(spool, &envelope, why) {
-            tracing::warn!(%id, error = %crate::report::chain(&e), "cannot queue the failure report");
-        }
+    if envelope.bounce
+        && !envelope.from.is_empty()
+        && let Err(e) = queue_report(spool, &envelope, why)
+    {
+        tracing::warn!(%id, error = %crate::report::chain(&e), "cannot queue the failure report");
     }
 }
 

@@ -948,14 +948,15 @@ impl ImapUpstreamLogin {
             self.state = UpState::StartTls { tag };
             return Ok(());
         }
-        if !self.id_sent && self.has_cap("ID") {
-            if let Some(id) = self.id_parameters() {
-                self.id_sent = true;
-                let tag = self.tag();
-                self.send(format!("{tag} ID {id}\r\n"));
-                self.state = UpState::Id { tag };
-                return Ok(());
-            }
+        if !self.id_sent
+            && self.has_cap("ID")
+            && let Some(id) = self.id_parameters()
+        {
+            self.id_sent = true;
+            let tag = self.tag();
+            self.send(format!("{tag} ID {id}\r\n"));
+            self.state = UpState::Id { tag };
+            return Ok(());
         }
         // `AUTH=XOAUTH2` and the like.
         let auth_caps: Vec<&str> = self
@@ -1993,7 +1994,7 @@ mod tests {
         for round in 0..300 {
             let mut input = Vec::new();
             for _ in 0..(next() % 40) {
-                if next() % 3 == 0 {
+                if next().is_multiple_of(3) {
                     input.extend((0..next() % 20).map(|_| next() as u8));
                 } else {
                     input.extend(pieces[(next() % 17) as usize]);
@@ -2496,7 +2497,7 @@ mod tests {
                 ..UpstreamOptions::default()
             });
             for _ in 0..(next() % 30) {
-                let bytes: Vec<u8> = if next() % 3 == 0 {
+                let bytes: Vec<u8> = if next().is_multiple_of(3) {
                     (0..next() % 10).map(|_| next() as u8).collect()
                 } else {
                     pieces[(next() % 10) as usize].to_vec()

@@ -1414,7 +1414,7 @@ mod tests {
         for round in 0..300 {
             let mut input = Vec::new();
             for _ in 0..(next() % 40) {
-                if next() % 3 == 0 {
+                if next().is_multiple_of(3) {
                     input.extend((0..next() % 20).map(|_| next() as u8));
                 } else {
                     input.extend(pieces[(next() % 15) as usize]);
@@ -1849,7 +1849,7 @@ mod tests {
                 ..UpstreamOptions::default()
             });
             for _ in 0..(next() % 30) {
-                let bytes: Vec<u8> = if next() % 3 == 0 {
+                let bytes: Vec<u8> = if next().is_multiple_of(3) {
                     (0..next() % 10).map(|_| next() as u8).collect()
                 } else {
                     pieces[(next() % 10) as usize].to_vec()

@@ -452,7 +452,11 @@ mod tests {
             let pw: String = (0..1 + next() % 12)
                 .map(|_| char::from(0x20 + (next() % 95) as u8))
                 .collect();
-            let authz = if next() % 2 == 0 { "" } else { user.as_str() };
+            let authz = if next().is_multiple_of(2) {
+                ""
+            } else {
+                user.as_str()
+            };
             let msg = format!("{authz}\0{user}\0{pw}");
             let b64 = STANDARD.encode(msg.as_bytes());
             let c = decode_plain(&decode_base64(b64.as_bytes()).unwrap()).unwrap();

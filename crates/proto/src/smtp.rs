@@ -2311,7 +2311,7 @@ mod tests {
         for round in 0..300 {
             let mut input = Vec::new();
             for _ in 0..(next() % 40) {
-                if next() % 3 == 0 {
+                if next().is_multiple_of(3) {
                     input.extend((0..next() % 20).map(|_| next() as u8));
                 } else {
                     input.extend(pieces[(next() % 16) as usize]);
@@ -2334,7 +2334,7 @@ mod tests {
                 assert!(b.framer.buffered() <= 40 + chunk);
                 match evs.last() {
                     Some(Ev::StartTls(_)) => b.tls_started(),
-                    Some(Ev::Login { .. }) if next() % 2 == 0 => {
+                    Some(Ev::Login { .. }) if next().is_multiple_of(2) => {
                         let _ = b.login_failed(&failure(FailureKind::Rejected, "no", None));
                         pump(&mut b, &mut evs);
                     }
@@ -2812,7 +2812,7 @@ mod tests {
                 ..UpstreamOptions::default()
             });
             for _ in 0..(next() % 30) {
-                let bytes: Vec<u8> = if next() % 3 == 0 {
+                let bytes: Vec<u8> = if next().is_multiple_of(3) {
                     (0..next() % 10).map(|_| next() as u8).collect()
                 } else {
                     pieces[(next() % 12) as usize].to_vec()
