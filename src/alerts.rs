@@ -141,6 +141,8 @@ struct Inner {
     failing_since: Mutex<HashMap<String, Instant>>,
     /// Recent wrong-password times per account (at most `storm_failures`).
     failures: Mutex<HashMap<String, VecDeque<Instant>>>,
+    /// Where alerts are counted, once the server has set it.
+    metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
 }
 
 /// The alerting handle: cheap to clone, shared by logins, the server's
@@ -203,8 +205,22 @@ impl Alerts {
                 last_sent: Mutex::new(HashMap::new()),
                 failing_since: Mutex::new(HashMap::new()),
                 failures: Mutex::new(HashMap::new()),
+                metrics: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Counts the alerts that go out in `metrics` from now on.
+    pub fn count_into(&self, metrics: Arc<crate::metrics::Metrics>) {
+        let _ = self.inner.metrics.set(metrics);
+    }
+
+    /// Since when refreshes of `account` have failed for a temporary
+    /// reason, if they are failing now.
+    pub fn failing_for(&self, account: &str) -> Option<Duration> {
+        lock(&self.inner.failing_since)
+            .get(account)
+            .map(|t| t.elapsed())
     }
 
     /// Raises an alert: logs it (one warn line) and delivers it in a task,
@@ -238,6 +254,9 @@ impl Alerts {
                 last.retain(|_, at| now.duration_since(*at) < keep);
             }
             last.insert(key, now);
+        }
+        if let Some(m) = self.inner.metrics.get() {
+            m.alert(alert.event.name());
         }
         tracing::warn!(
             event = alert.event.name(),

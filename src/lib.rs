@@ -59,6 +59,7 @@ pub mod demo;
 pub mod diagnose;
 pub mod kdf;
 pub mod login;
+pub mod metrics;
 pub mod net;
 pub mod oauth;
 pub mod provider;

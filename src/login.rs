@@ -437,8 +437,41 @@ impl Gateway {
         vault_failure(&account.name, e)
     }
 
-    /// Logs in upstream for a client's login request.
+    /// The process's metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        self.tokens.metrics()
+    }
+
+    /// Logs in upstream for a client's login request (counted in the
+    /// metrics by result, with its time).
     pub async fn login(
+        &self,
+        protocol: Protocol,
+        request: LoginRequest,
+        peer: IpAddr,
+    ) -> Result<UpstreamConn, LoginFailure> {
+        let started = std::time::Instant::now();
+        let result = if request.by_address {
+            self.login_by_address(protocol, request.client_info, peer)
+                .await
+        } else {
+            self.login_with_password(protocol, request, peer).await
+        };
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(f) => match f.kind {
+                FailureKind::BadCredentials => "bad_credentials",
+                FailureKind::Throttled => "throttled",
+                FailureKind::Rejected => "rejected",
+                FailureKind::Unavailable => "unavailable",
+            },
+        };
+        self.metrics()
+            .login(protocol.name(), outcome, started.elapsed());
+        result
+    }
+
+    async fn login_with_password(
         &self,
         protocol: Protocol,
         request: LoginRequest,
@@ -481,7 +514,7 @@ impl Gateway {
     /// Logs in upstream as a `[[device]]`'s account, for a device at
     /// `peer` sending without AUTH (service key mode: the grant opens
     /// without a password).
-    pub async fn login_by_address(
+    async fn login_by_address(
         &self,
         protocol: Protocol,
         client_info: Option<String>,

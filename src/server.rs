@@ -233,6 +233,7 @@ impl Server {
         let refresh_http = TokenSource::refresh_client(settings.server.refresh_timeout())?;
         let tokens = TokenSource::new(http, refresh_http, vault.clone());
         let alerts = crate::alerts::Alerts::new(&settings.alerts)?;
+        alerts.count_into(tokens.metrics().clone());
         let gateway = Arc::new(Gateway::new(settings.clone(), vault, tokens)?.with_alerts(alerts));
 
         // The spool is opened when there is a device or `[spool] dir` is
@@ -275,6 +276,7 @@ impl Server {
                 preauth_deadline: settings.server.preauth_deadline(),
                 relay_idle_timeout: settings.server.relay_idle_timeout(),
                 login_timeout: settings.server.login_timeout(),
+                relayed: Some((gateway.metrics().clone(), l.protocol.name())),
             };
             listeners.push((
                 tcp,
@@ -396,12 +398,22 @@ impl Server {
                     let span =
                         tracing::info_span!("conn", %peer, protocol = rt.config.protocol.name());
                     async move {
+                        let protocol = rt.config.protocol.name();
                         match admitted {
                             Admitted::Yes(ticket) => {
+                                let counted = gateway.metrics().connection(protocol);
                                 serve(rt, gateway, tcp, peer, stop).await;
+                                drop(counted);
                                 drop(ticket);
                             }
-                            Admitted::No(why) => turn_away(rt, tcp, why).await,
+                            Admitted::No(why) => {
+                                let reason = match why {
+                                    Refused::Full { .. } => "full",
+                                    Refused::PerAddress { .. } => "per_address",
+                                };
+                                gateway.metrics().refused(protocol, reason);
+                                turn_away(rt, tcp, why).await
+                            }
                         }
                     }
                     .instrument(span)
@@ -634,15 +646,7 @@ async fn serve(
     let protocol = rt.config.protocol;
     let login = |request: proto::LoginRequest| {
         let gateway = gateway.clone();
-        async move {
-            if request.by_address {
-                gateway
-                    .login_by_address(protocol, request.client_info, peer.ip())
-                    .await
-            } else {
-                gateway.login(protocol, request, peer.ip()).await
-            }
-        }
+        async move { gateway.login(protocol, request, peer.ip()).await }
     };
     let spooler = match (&device, &rt.spool) {
         (Some(d), Some(spool)) if d.spool => Some(spooler(spool.clone(), d.clone(), peer)),

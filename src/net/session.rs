@@ -37,6 +37,8 @@ pub struct DriverSettings {
     pub relay_idle_timeout: Duration,
     /// Longest a login (token refresh and upstream dialogue) may take.
     pub login_timeout: Duration,
+    /// Where relayed bytes are counted, and as which protocol.
+    pub relayed: Option<(Arc<crate::metrics::Metrics>, &'static str)>,
 }
 
 /// Resolves once `stop` turns true (or its sender is gone: nobody can
@@ -98,6 +100,9 @@ pub async fn drive<L, F>(
         })
         .flatten();
     let secs = started.elapsed().as_secs();
+    if let Some((metrics, protocol)) = &settings.relayed {
+        metrics.relayed(protocol, stats.to_upstream, stats.to_client);
+    }
     match (server_said, error) {
         (Some(said), None) => tracing::info!(
             to_upstream = stats.to_upstream,

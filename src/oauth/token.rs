@@ -249,6 +249,8 @@ struct Inner {
     generation: AtomicU64,
     flights: AtomicU64,
     in_flight: Arc<InFlight>,
+    /// The process's metrics (token requests are counted here).
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Hands out access tokens for unlocked accounts.
@@ -284,8 +286,14 @@ impl TokenSource {
                 generation: AtomicU64::new(1),
                 flights: AtomicU64::new(1),
                 in_flight: Arc::new(InFlight(watch::channel(0).0)),
+                metrics: Arc::new(crate::metrics::Metrics::new()),
             }),
         }
+    }
+
+    /// The process's metrics (made here, shared by the server).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.inner.metrics
     }
 
     /// An HTTP client fit for token endpoints: no redirects (a redirected
@@ -641,6 +649,17 @@ impl Inner {
     /// in memory (and used for the next refresh) and the save retried; the
     /// access token is used all the same.
     async fn refresh(
+        &self,
+        provider: &Provider,
+        unlocked: &Unlocked,
+    ) -> Result<(SecretString, Option<Duration>), TokenError> {
+        let started = Instant::now();
+        let result = self.refresh_uncounted(provider, unlocked).await;
+        self.metrics.refresh(result.is_ok(), started.elapsed());
+        result
+    }
+
+    async fn refresh_uncounted(
         &self,
         provider: &Provider,
         unlocked: &Unlocked,

@@ -231,6 +231,7 @@ fn settle(
     envelope.recipients = later;
     if envelope.recipients.is_empty() {
         if envelope.failed_recipients.is_empty() {
+            gateway.metrics().delivery("delivered");
             if let Err(e) = spool.remove(Area::Queue, &id) {
                 tracing::error!(%id, error = %crate::report::chain(&e), "delivered, but the spool entry could not be removed: it may be sent again");
             }
@@ -266,6 +267,7 @@ fn defer(
         return;
     }
     envelope.next_attempt_at = now + policy.retry_delay(envelope.attempts).as_secs();
+    gateway.metrics().delivery("deferred");
     match spool.update(Area::Queue, &envelope) {
         Ok(()) => {}
         Err(super::SpoolError::NotFound { .. }) => {
@@ -280,6 +282,7 @@ fn defer(
 /// Refused for good: to the failed area, an alert, and the report.
 fn fail(spool: &Spool, gateway: &Gateway, envelope: Envelope, why: &str) {
     let id = envelope.id.clone();
+    gateway.metrics().delivery("failed");
     match spool.move_to(&envelope, Area::Queue, Area::Failed) {
         Ok(()) => {}
         Err(super::SpoolError::NotFound { .. }) => {
