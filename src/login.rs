@@ -76,6 +76,32 @@ pub struct Gateway {
     /// default holds until the first login, which costs a client at most
     /// one connection's worth of SMTPUTF8 or DSN.
     smtp_seen: std::sync::Mutex<HashMap<String, proto::smtp::Extensions>>,
+    /// Accounts whose grant the provider refused for good, with why, until
+    /// a login succeeds again (for the status page).
+    refused: std::sync::Mutex<HashMap<String, String>>,
+    /// Relayed sessions open now, per account (for the status page).
+    open_sessions: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+}
+
+/// Holds a place in an account's count of open sessions.
+pub struct AccountSession {
+    account: String,
+    counts: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for AccountSession {
+    fn drop(&mut self) {
+        let mut c = self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = c.get_mut(&self.account) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.account);
+            }
+        }
+    }
 }
 
 impl Gateway {
@@ -94,6 +120,8 @@ impl Gateway {
             alerts: Alerts::log_only(),
             newest_handed_out: std::sync::atomic::AtomicU64::new(0),
             smtp_seen: std::sync::Mutex::new(HashMap::new()),
+            refused: std::sync::Mutex::new(HashMap::new()),
+            open_sessions: Arc::new(std::sync::Mutex::new(HashMap::new())),
         })
     }
 
@@ -165,12 +193,49 @@ impl Gateway {
     /// token that could not be saved does not fail the request; the
     /// vault announces it ([`crate::vault::GrantEvent`]) and
     /// `server::run` raises that alert.
+    /// Why the provider refused `account`'s grant for good, if it did
+    /// since the last successful login.
+    pub fn refused_because(&self, account: &str) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(account)
+            .cloned()
+    }
+
+    /// Relayed sessions of `account` open now.
+    pub fn sessions_of(&self, account: &str) -> usize {
+        self.open_sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(account)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn session_opened(&self, account: &str) -> AccountSession {
+        *self
+            .open_sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(account.to_owned())
+            .or_default() += 1;
+        AccountSession {
+            account: account.to_owned(),
+            counts: self.open_sessions.clone(),
+        }
+    }
+
     fn token_alert(&self, account: &str, e: &TokenError, grant_age: Option<u64>) {
         match e {
             e if e.is_temporary() => {
                 self.alerts.refresh_failed(account, &e.to_string());
             }
             TokenError::Refused { .. } | TokenError::WrongAudience { .. } => {
+                self.refused
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(account.to_owned(), e.to_string());
                 let advice = match explain_refusal(e, grant_age) {
                     Some(x) => x.sentence(account),
                     None if matches!(e, TokenError::WrongAudience { .. }) => format!(

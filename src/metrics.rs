@@ -185,7 +185,9 @@ impl Metrics {
     /// A connection was accepted and is served; the gauge goes down when
     /// the returned guard is dropped.
     pub fn connection(self: &std::sync::Arc<Self>, protocol: &str) -> SessionGuard {
-        self.connections.get_or_create(&Self::protocol(protocol)).inc();
+        self.connections
+            .get_or_create(&Self::protocol(protocol))
+            .inc();
         self.sessions.get_or_create(&Self::protocol(protocol)).inc();
         SessionGuard {
             metrics: self.clone(),
@@ -331,6 +333,9 @@ mod tests {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
         drop(guard);
-        assert!(m.encode().contains("mailbridge_sessions{protocol=\"imap\"} 0"));
+        assert!(
+            m.encode()
+                .contains("mailbridge_sessions{protocol=\"imap\"} 0")
+        );
     }
 }

@@ -68,7 +68,7 @@ pub async fn drive<L, F>(
 {
     // The pre-auth session and read buffer live in `preauth` and are gone
     // once it returns: a relaying session keeps only its two streams.
-    let Some((mut client, mut upstream, farewell)) = preauth(
+    let Some((mut client, mut upstream, farewell, _held)) = preauth(
         &mut stream,
         session,
         settings,
@@ -176,7 +176,7 @@ async fn preauth<L, F>(
     login: L,
     spool: Option<&Spooler>,
     stop: watch::Receiver<bool>,
-) -> Option<(Stream, Stream, Reader)>
+) -> Option<(Stream, Stream, Reader, Option<Box<dyn Send + Sync>>)>
 where
     L: Fn(LoginRequest) -> F,
     F: Future<Output = Result<UpstreamConn, LoginFailure>>,
@@ -261,6 +261,7 @@ where
                         stream: mut upstream,
                         success,
                         farewell,
+                        held,
                     }) => {
                         let reply = session.login_succeeded(&success);
                         send_by(stream, &reply, deadline).await.ok()?;
@@ -273,7 +274,7 @@ where
                         }
                         tracing::info!(user = %user, "logged in; relaying");
                         let client = std::mem::replace(stream, Stream::Gone);
-                        return Some((client, upstream, farewell));
+                        return Some((client, upstream, farewell, held));
                     }
                     Err(failure) => {
                         tracing::info!(user = %user, kind = ?failure.kind, reason = %failure.reason, "login refused");

@@ -38,6 +38,9 @@ pub struct UpstreamConn<S = Stream> {
     /// How to read why the server ended the session, from the last bytes
     /// it sent (the protocol crate's; the relay keeps the bytes).
     pub farewell: farewell::Reader,
+    /// Kept for as long as the session lasts (e.g. its place in an
+    /// account's count of open sessions).
+    pub held: Option<Box<dyn Send + Sync>>,
 }
 
 /// Where access tokens for one login come from. The login asks for
@@ -539,6 +542,7 @@ where
                     stream,
                     success,
                     farewell: session.farewell(),
+                    held: None,
                 });
             }
             UpstreamStep::Rejected(rejection) => {
