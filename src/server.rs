@@ -356,15 +356,15 @@ impl Server {
                     let rt = rt.clone();
                     let gateway = gateway.clone();
                     let stop = stop_for_sessions.clone();
-                    let span = tracing::info_span!(
-                        "conn",
-                        %peer,
-                        via = tracing::field::Empty,
-                        protocol = rt.config.protocol.name()
-                    );
-                    if let Some(proxy) = via {
-                        span.record("via", tracing::field::display(proxy));
-                    }
+                    let protocol = rt.config.protocol.name();
+                    // Behind a proxy: the client, then the proxy it came
+                    // through.
+                    let span = match via {
+                        Some(proxy) => {
+                            tracing::info_span!("conn", %peer, via = %proxy, protocol)
+                        }
+                        None => tracing::info_span!("conn", %peer, protocol),
+                    };
                     async move {
                         match admitted {
                             Admitted::Yes(ticket) => {
