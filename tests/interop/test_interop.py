@@ -1466,7 +1466,7 @@ def main():
             return 1
         print(f"SKIPPED: the interop suite did not run: {why}")
         print("(it needs root, Dovecot, Postfix, Node.js with `npm ci` in tests/interop/oidc, "
-              "curl, fetchmail and mutt; see README.md, section Interop suite)")
+              "curl, fetchmail, mutt and haproxy; see README.md, section Interop suite)")
         print("0 passed, 0 failed")
         return 0
 
