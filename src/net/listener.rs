@@ -461,6 +461,48 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn reads_the_proxy_header_and_not_a_byte_more() {
+        let peer: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let mut input: &[u8] = b"PROXY TCP4 192.0.2.7 192.0.2.1 5000 143\r\na1 NOOP\r\n";
+        let h = read_proxy_header(&mut input).await.unwrap();
+        assert_eq!(h.client_or(peer), "192.0.2.7:5000".parse().unwrap());
+        assert_eq!(input, b"a1 NOOP\r\n");
+
+        let mut input: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00\x16\x03\x01";
+        let h = read_proxy_header(&mut input).await.unwrap();
+        assert_eq!(h.client_or(peer), peer, "LOCAL: the proxy's own address");
+        assert_eq!(input, b"\x16\x03\x01");
+
+        let mut cut: &[u8] = b"PROXY TCP4 192.0.2.7";
+        assert!(matches!(
+            read_proxy_header(&mut cut).await,
+            Err(HeaderError::Io(_))
+        ));
+        let mut garbage: &[u8] = b"a1 LOGIN alice secret\r\n";
+        assert!(matches!(
+            read_proxy_header(&mut garbage).await,
+            Err(HeaderError::Invalid(proxy::ProxyError::NotAHeader))
+        ));
+    }
+
+    #[test]
+    fn trusted_proxies_by_network_and_mapped_addresses() {
+        let p = ProxyProtocol {
+            trusted: vec![
+                "127.0.0.1/32".parse().unwrap(),
+                "10.1.0.0/16".parse().unwrap(),
+            ]
+            .into(),
+            timeout: PROXY_HEADER_TIMEOUT,
+        };
+        assert!(p.trusts(ip("127.0.0.1")));
+        assert!(p.trusts(ip("::ffff:127.0.0.1")));
+        assert!(p.trusts(ip("10.1.200.3")));
+        assert!(!p.trusts(ip("127.0.0.3")));
+        assert!(!p.trusts(ip("::1")));
+    }
+
     #[test]
     fn limits_total_and_per_address_and_give_back_on_drop() {
         let a = Admission::new(3, 2);
