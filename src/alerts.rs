@@ -44,6 +44,9 @@ pub enum Event {
     GrantExpiring,
     /// Many wrong passwords for one account in a short time.
     PasswordStorm,
+    /// A spooled message from a device was refused for good or could not
+    /// be delivered in `[spool] max_age_hours`: it is in the failed area.
+    MessageFailed,
 }
 
 impl Event {
@@ -55,6 +58,7 @@ impl Event {
             Event::RefreshFailing => "refresh_failing",
             Event::GrantExpiring => "grant_expiring",
             Event::PasswordStorm => "password_storm",
+            Event::MessageFailed => "message_failed",
         }
     }
 }

@@ -258,6 +258,14 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::CheckConfig(args) => {
             let s = load(&args)?;
+            // The service key, where this shell can see it: readable, long
+            // enough, private.
+            if s.server.key_mode == crate::config::KeyMode::Service
+                && (s.server.key_file.is_some()
+                    || std::env::var_os("CREDENTIALS_DIRECTORY").is_some())
+            {
+                crate::server::service_secret(&s)?;
+            }
             println!(
                 "{}: OK ({} listener(s), {} provider(s), {} account(s))",
                 args.config.display(),

@@ -26,6 +26,8 @@
 //!   built on the config schema.
 //! - [`store`]: the `TokenStore` trait, its sled backend, sealing, the
 //!   control protocol.
+//! - [`kdf`]: the gate every Argon2 run goes through: a fair cap on runs
+//!   at once, working memory that goes back to the OS.
 //! - [`vault`]: local password checks, backoff, the fast verifier cache,
 //!   rotation persistence.
 //! - [`oauth`]: the token source (cache, single-flight refresh, rotation),
@@ -55,12 +57,14 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod diagnose;
+pub mod kdf;
 pub mod login;
 pub mod net;
 pub mod oauth;
 pub mod provider;
 pub mod report;
 pub mod server;
+pub mod spool;
 pub mod store;
 pub mod vault;
 

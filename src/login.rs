@@ -421,7 +421,65 @@ impl Gateway {
 
         // The password is proven: from here on the client hears the
         // details, whoever it is.
-        let provider = provider_of(settings, &account).ok_or_else(no_provider)?;
+        self.upstream(protocol, &routing, &account, &unlocked, request.client_info)
+            .await
+    }
+
+    /// Logs in upstream as a `[[device]]`'s account, for a device at
+    /// `peer` sending without AUTH (service key mode: the grant opens
+    /// without a password).
+    pub async fn login_by_address(
+        &self,
+        protocol: Protocol,
+        client_info: Option<String>,
+        peer: IpAddr,
+    ) -> Result<UpstreamConn, LoginFailure> {
+        let routing = self.routing();
+        let Some(device) = routing.settings.device_for(peer) else {
+            return Err(failure(
+                FailureKind::BadCredentials,
+                "this address is not a [[device]] any more; log in with AUTH".into(),
+            ));
+        };
+        self.login_as(protocol, &device.account.clone(), client_info)
+            .await
+    }
+
+    /// Logs in upstream as `account` with the grant opened by the service
+    /// key: devices and the spool's delivery.
+    pub async fn login_as(
+        &self,
+        protocol: Protocol,
+        account: &str,
+        client_info: Option<String>,
+    ) -> Result<UpstreamConn, LoginFailure> {
+        let routing = self.routing();
+        let Some(account) = routing.settings.account_for(account) else {
+            return Err(failure(
+                FailureKind::Rejected,
+                format!("the account `{account}` is not configured any more"),
+            ));
+        };
+        let unlocked = self
+            .vault
+            .unlock_service(&account.name)
+            .await
+            .map_err(|e| vault_failure(&account.name, e))?;
+        self.upstream(protocol, &routing, &account, &unlocked, client_info)
+            .await
+    }
+
+    /// The upstream half of a login, once the grant is open.
+    async fn upstream(
+        &self,
+        protocol: Protocol,
+        routing: &Routing,
+        account: &crate::config::Account,
+        unlocked: &crate::vault::Unlocked,
+        client_info: Option<String>,
+    ) -> Result<UpstreamConn, LoginFailure> {
+        let settings = &routing.settings;
+        let provider = provider_of(settings, account).ok_or_else(no_provider)?;
         let endpoint = provider.endpoint(protocol).ok_or_else(|| {
             failure(
                 FailureKind::Unavailable,
@@ -433,7 +491,7 @@ impl Gateway {
             )
         })?;
 
-        let session = upstream_session(protocol, endpoint, request.client_info);
+        let session = upstream_session(protocol, endpoint, client_info);
         let tls = routing
             .upstream_tls
             .get(&provider.name)
@@ -453,8 +511,8 @@ impl Gateway {
         let tokens = LoginTokens {
             source: &self.tokens,
             provider,
-            account: &account,
-            unlocked: &unlocked,
+            account,
+            unlocked,
             newest_handed_out: &self.newest_handed_out,
             last: std::sync::Mutex::new(None),
             floor: match protocol {
@@ -484,7 +542,7 @@ impl Gateway {
                 // The client gets one sentence; the log gets the causes
                 // beneath it too (I/O and TLS errors, for instance).
                 let detail = crate::report::chain(&e);
-                let age = grant_age(&unlocked);
+                let age = grant_age(unlocked);
                 if let UpstreamFailure::Token(t) = &e {
                     self.token_alert(&account.name, t, age);
                 }

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::config::{ConfigError, KeyMode, Listener, ListenerTls, Protocol, Settings};
+use crate::kdf::KdfGate;
 use crate::login::Gateway;
 use crate::net::listener::{
     Accepted, Admission, Admitted, PROXY_HEADER_TIMEOUT, ProxyProtocol, Refused, accept_loop,
@@ -57,6 +58,9 @@ pub enum ServerError {
     /// `[alerts]` is unusable (its CA or secret file, say).
     #[error(transparent)]
     Alerts(#[from] crate::alerts::AlertsError),
+    /// The state directory is open to other users and cannot be repaired.
+    #[error("the state directory is not private: {0}")]
+    StateDir(#[from] crate::store::modes::ModeError),
     /// The control socket could not be created.
     #[error("cannot create the control socket {}: {source}; check that the state directory is writable", path.display())]
     Control {
@@ -64,6 +68,13 @@ pub enum ServerError {
         path: std::path::PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// The spool directory cannot be used.
+    #[error("cannot open the spool: {source}")]
+    Spool {
+        /// Why.
+        #[source]
+        source: Box<crate::spool::SpoolError>,
     },
 }
 
@@ -74,6 +85,8 @@ struct ListenerRuntime {
     hostname: String,
     /// What a connection may ask before it logs in.
     allowance: proto::limits::Allowance,
+    /// Where spooling devices' messages go.
+    spool: Option<Arc<SpoolRuntime>>,
     /// Connections being turned away right now (each is told why, within
     /// a few seconds): beyond this many, further ones are just closed.
     turning_away: Arc<tokio::sync::Semaphore>,
@@ -116,6 +129,16 @@ pub struct Server {
     /// The bound on a token request, and so on waiting for refreshes in
     /// flight at shutdown.
     refresh_timeout: Duration,
+    /// Messages from spooling devices, when there are any.
+    spool: Option<Arc<SpoolRuntime>>,
+}
+
+/// The spool and what its writers and its delivery task share.
+struct SpoolRuntime {
+    spool: crate::spool::Spool,
+    /// Rings when a message was stored.
+    wake: Arc<tokio::sync::Notify>,
+    policy: crate::spool::deliver::Policy,
 }
 
 /// The service key of `[server]`: the key file, else the systemd
@@ -133,6 +156,9 @@ pub fn service_secret(settings: &Settings) -> Result<zeroize::Zeroizing<Vec<u8>>
             ));
         }
     };
+    // Refused before it is read: a key other users can read gives away
+    // every grant (see store::modes for what passes).
+    crate::store::modes::check_key_file(&path).map_err(ServerError::Key)?;
     let mut bytes = zeroize::Zeroizing::new(std::fs::read(&path).map_err(|e| {
         ServerError::Key(format!("cannot read the key file {}: {e}", path.display()))
     })?);
@@ -184,10 +210,12 @@ pub fn vault_for(settings: &Settings, store: Arc<dyn TokenStore>) -> Result<Vaul
         base: Duration::from_millis(s.backoff_base_ms),
         max: Duration::from_secs(s.backoff_max_secs),
     };
+    let gate = Arc::new(KdfGate::for_config(s.kdf_concurrency, s.kdf_memory_kib));
     Ok(match s.key_mode {
         KeyMode::Password => Vault::new(store, kdf, backoff),
         KeyMode::Service => Vault::new_service(store, service_secret(settings)?, kdf, backoff),
-    })
+    }
+    .with_kdf_gate(gate))
 }
 
 impl Server {
@@ -200,11 +228,39 @@ impl Server {
         settings.discover(&http).await?;
         let settings = Arc::new(settings);
         let vault = Arc::new(vault_for(&settings, store)?);
+        tracing::info!(
+            kdf_concurrency = vault.kdf_gate().cap(),
+            automatic = settings.server.kdf_concurrency == 0,
+            kdf_memory_kib = settings.server.kdf_memory_kib,
+            "key derivations capped: at most this many Argon2id runs at once, the others queue"
+        );
         let refresh_http = TokenSource::refresh_client(settings.server.refresh_timeout())?;
         let tokens = TokenSource::new(http, refresh_http, vault.clone());
         let alerts = crate::alerts::Alerts::new(&settings.alerts)?;
         let gateway = Arc::new(Gateway::new(settings.clone(), vault, tokens)?.with_alerts(alerts));
 
+        // The spool is opened when there is a device or `[spool] dir` is
+        // set (so messages queued by a device since removed, or turned to
+        // live sending, still go out).
+        let spool_dir = settings
+            .spool
+            .dir
+            .clone()
+            .unwrap_or_else(|| settings.server.state_dir().join("spool"));
+        let spool = if !settings.devices.is_empty() || settings.spool.dir.is_some() {
+            let spool =
+                crate::spool::Spool::open(&spool_dir).map_err(|source| ServerError::Spool {
+                    source: Box::new(source),
+                })?;
+            tracing::info!(dir = %spool_dir.display(), "spool opened");
+            Some(Arc::new(SpoolRuntime {
+                spool,
+                wake: Arc::new(tokio::sync::Notify::new()),
+                policy: crate::spool::deliver::Policy::from_config(&settings.spool),
+            }))
+        } else {
+            None
+        };
         let mut listeners = Vec::new();
         for l in &settings.listeners {
             let tls = match (l.tls, &l.cert) {
@@ -235,6 +291,7 @@ impl Server {
                         max_failed_logins: settings.server.preauth_max_failed_logins.max(1),
                     },
                     turning_away: Arc::new(tokio::sync::Semaphore::new(TURNING_AWAY_AT_ONCE)),
+                    spool: spool.clone(),
                     proxy: l.proxy_protocol.then(|| ProxyProtocol {
                         trusted: settings.trusted_proxies.clone().into(),
                         timeout: PROXY_HEADER_TIMEOUT,
@@ -254,6 +311,7 @@ impl Server {
             shutdown_grace: settings.server.shutdown_grace(),
             refresh_timeout: settings.server.refresh_timeout(),
             background_refresh,
+            spool,
         })
     }
 
@@ -406,6 +464,15 @@ impl Server {
         });
         #[cfg(not(unix))]
         let reloads: Option<tokio::task::JoinHandle<()>> = self.reloader.take().and(None);
+        let delivery = self.spool.as_ref().map(|rt| {
+            tokio::spawn(crate::spool::deliver::run(
+                rt.spool.clone(),
+                self.gateway.clone(),
+                rt.policy,
+                rt.wake.clone(),
+                stop_rx.clone(),
+            ))
+        });
         let refresher = self.background_refresh.map(|every| {
             let gateway = self.gateway.clone();
             let mut stop = stop_rx.clone();
@@ -489,6 +556,13 @@ impl Server {
                 ),
             }
         }
+        // A delivery in progress ends at its next step; what it had not
+        // finished stays queued for the next start.
+        if let Some(d) = delivery {
+            if tokio::time::timeout(self.shutdown_grace, d).await.is_err() {
+                tracing::warn!("the spool delivery did not stop in time; its message stays queued");
+            }
+        }
         // A refresh in flight may hold a refresh token the provider has
         // already rotated: it must reach the disk before the process ends.
         // The background refresher finishes the account in hand (its
@@ -539,7 +613,17 @@ async fn serve(
     stop: watch::Receiver<bool>,
 ) {
     tracing::debug!("connected");
-    let deadline = tokio::time::Instant::now() + rt.driver.preauth_deadline;
+    let settings = gateway.settings();
+    let device = (rt.config.protocol == Protocol::Smtp)
+        .then(|| settings.device_for(peer.ip()).cloned())
+        .flatten();
+    // A device's messages can be large and its link slow: it gets ten
+    // minutes, renewed with each message it stores.
+    let allowed = match &device {
+        Some(_) => rt.driver.preauth_deadline.max(DEVICE_DEADLINE),
+        None => rt.driver.preauth_deadline,
+    };
+    let deadline = tokio::time::Instant::now() + allowed;
     let mut stream = Stream::Plain(tcp);
     if rt.config.tls == ListenerTls::Implicit {
         let Some(config) = rt.driver.tls.clone() else {
@@ -555,19 +639,104 @@ async fn serve(
             Err(_) => return,
         }
     }
+    let device_options = device.as_ref().map(|d| {
+        tracing::debug!(device = %d.name, account = %d.account, spool = d.spool, "a device, by its address");
+        proto::smtp::DeviceOptions {
+            senders: settings.senders_for(&d.account),
+            spool: d.spool,
+        }
+    });
     let session = client_session(
         &rt.config,
         &rt.hostname,
         rt.driver.tls.as_ref(),
         stream.is_tls(),
+        device_options,
     );
     let session = Box::new(proto::limits::Limited::new(session, rt.allowance));
     let protocol = rt.config.protocol;
-    let login = |request| {
+    let login = |request: proto::LoginRequest| {
         let gateway = gateway.clone();
-        async move { gateway.login(protocol, request, peer.ip()).await }
+        async move {
+            if request.by_address {
+                gateway
+                    .login_by_address(protocol, request.client_info, peer.ip())
+                    .await
+            } else {
+                gateway.login(protocol, request, peer.ip()).await
+            }
+        }
     };
-    drive(stream, session, &rt.driver, deadline, login, stop).await;
+    let spooler = match (&device, &rt.spool) {
+        (Some(d), Some(spool)) if d.spool => Some(spooler(spool.clone(), d.clone(), peer)),
+        _ => None,
+    };
+    drive(
+        stream,
+        session,
+        &rt.driver,
+        deadline,
+        login,
+        spooler.as_deref(),
+        stop,
+    )
+    .await;
+}
+
+/// How long a device's connection may take before it has stored a
+/// message (and again after each one).
+const DEVICE_DEADLINE: Duration = Duration::from_secs(600);
+
+/// Stores a device's messages in the spool (on the blocking pool: it
+/// writes and flushes files), waking the delivery task.
+fn spooler(
+    rt: Arc<SpoolRuntime>,
+    device: crate::config::settings::Device,
+    peer: SocketAddr,
+) -> Box<crate::net::session::Spooler> {
+    Box::new(move |message: proto::Message| {
+        let rt = rt.clone();
+        let device = device.clone();
+        Box::pin(async move {
+            let spool = rt.spool.clone();
+            let stored = tokio::task::spawn_blocking(move || {
+                let client = peer.ip().to_string();
+                spool.store(
+                    &device.account,
+                    &device.name,
+                    &client,
+                    device.bounce,
+                    &message,
+                )
+            })
+            .await;
+            match stored {
+                Ok(Ok(envelope)) => {
+                    tracing::info!(
+                        id = %envelope.id,
+                        account = %envelope.account,
+                        from = %envelope.from,
+                        recipients = envelope.recipients.len(),
+                        size = envelope.size,
+                        "message queued"
+                    );
+                    rt.wake.notify_one();
+                    proto::SpoolOutcome::Queued { id: envelope.id }
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %crate::report::chain(&e), "cannot store a device's message");
+                    proto::SpoolOutcome::Failed {
+                        temporary: true,
+                        reason: "Insufficient system storage: mailbridge cannot store the message just now (its log says why); try again later".into(),
+                    }
+                }
+                Err(_) => proto::SpoolOutcome::Failed {
+                    temporary: true,
+                    reason: "mailbridge could not store the message; try again later".into(),
+                },
+            }
+        })
+    })
 }
 
 /// How many connections beyond the limits are being told so at once.
@@ -596,6 +765,7 @@ async fn turn_away(rt: Arc<ListenerRuntime>, tcp: tokio::net::TcpStream, why: Re
         &rt.hostname,
         rt.driver.tls.as_ref(),
         stream.is_tls(),
+        None,
     );
     let _ = send_within(
         &mut stream,
@@ -611,6 +781,7 @@ fn client_session(
     hostname: &str,
     tls: Option<&Arc<ServerConfig>>,
     tls_active: bool,
+    device: Option<proto::smtp::DeviceOptions>,
 ) -> Box<dyn ClientSession> {
     let starttls_offered = l.tls == ListenerTls::Starttls && tls.is_some();
     let plaintext_login_allowed = l.plaintext_login_allowed();
@@ -637,6 +808,7 @@ fn client_session(
                 tls_active,
                 plaintext_login_allowed,
                 hostname: hostname.to_string(),
+                device,
                 ..Default::default()
             },
         )),
@@ -656,6 +828,14 @@ pub async fn run(
         tracing::warn!("{note}");
     }
     let dir = settings.server.state_dir();
+    for r in crate::store::modes::secure_state_dir(&dir)? {
+        tracing::warn!(
+            path = %r.path.display(),
+            "the state directory was accessible to other users: changed mode {:04o} to {:04o}",
+            r.from,
+            r.to
+        );
+    }
     let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(&dir)?);
     tracing::info!(state_dir = %dir.display(), "token store opened");
     // `mailbridge account ...` reaches the store through this while we

@@ -43,6 +43,7 @@ use tokio::sync::OwnedMutexGuard;
 use zeroize::Zeroizing;
 
 use crate::clock::unix_now;
+use crate::kdf::KdfGate;
 use crate::store::seal::{self, GrantData, SealError, SealKey};
 use crate::store::{AccountMeta, KdfParams, SealedGrant, StoreError, TokenStore};
 
@@ -353,6 +354,11 @@ pub struct Vault {
     slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
     meta_lock: Mutex<()>,
     kdf_runs: AtomicU64,
+    /// Every Argon2 run goes through it: a fair cap on runs at once.
+    gate: Arc<KdfGate>,
+    /// Service mode: a PHC hash with this vault's KDF parameters that no
+    /// password matches, for [`Vault::dummy_verification`].
+    dummy_hash: Option<String>,
     /// Where [`GrantEvent`]s go.
     events: tokio::sync::broadcast::Sender<GrantEvent>,
 }
@@ -363,6 +369,12 @@ impl fmt::Debug for Vault {
             .field("kdf", &self.kdf)
             .field("backoff", &self.backoff.policy())
             .finish_non_exhaustive()
+    }
+}
+
+fn gate_stopped(e: crate::kdf::KdfGateError) -> SealError {
+    SealError::Kdf {
+        reason: e.to_string(),
     }
 }
 
@@ -401,6 +413,12 @@ impl Vault {
     ) -> Vault {
         let mut pepper = Zeroizing::new([0u8; 32]);
         OsRng.fill_bytes(&mut *pepper);
+        // Out-of-range parameters fail every real run the same way; the
+        // dummy then has nothing to imitate.
+        let dummy_hash = match mode {
+            KeyMode::Service(_) => seal::dummy_password_hash(kdf).ok(),
+            KeyMode::Password => None,
+        };
         Vault {
             store,
             mode,
@@ -410,7 +428,44 @@ impl Vault {
             slots: Mutex::new(HashMap::new()),
             meta_lock: Mutex::new(()),
             kdf_runs: AtomicU64::new(0),
+            gate: Arc::new(KdfGate::new(crate::kdf::automatic_cap(kdf.m_cost_kib))),
+            dummy_hash,
             events: tokio::sync::broadcast::channel(64).0,
+        }
+    }
+
+    /// The same vault with its Argon2 runs going through `gate` (shared
+    /// with whatever else runs them in the process) instead of a gate of
+    /// its own with the automatic cap.
+    pub fn with_kdf_gate(mut self, gate: Arc<KdfGate>) -> Vault {
+        self.gate = gate;
+        self
+    }
+
+    /// The gate this vault's Argon2 runs go through.
+    pub fn kdf_gate(&self) -> &Arc<KdfGate> {
+        &self.gate
+    }
+
+    /// Costs what checking a wrong password costs, and checks nothing: one
+    /// Argon2 run with this vault's parameters through the same gate (in
+    /// password mode a key derivation over a fixed salt, in service mode a
+    /// check against a fixed PHC hash). For a login whose user has no
+    /// account, so that its refusal takes as long as a wrong password's.
+    pub async fn dummy_verification(&self) {
+        const DUMMY_PASSWORD: &str = "mailbridge dummy verification";
+        let password = SecretString::from(DUMMY_PASSWORD);
+        let result = match (&self.mode, &self.dummy_hash) {
+            (KeyMode::Password, _) => self
+                .run_derive(&password, &seal::DUMMY_SALT, self.kdf)
+                .await
+                .map(drop),
+            (KeyMode::Service(_), Some(hash)) => self.verify(&password, hash).await.map(drop),
+            // Out-of-range parameters: a real check fails at once too.
+            (KeyMode::Service(_), None) => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %crate::report::chain(&e), "dummy verification failed");
         }
     }
 
@@ -613,11 +668,11 @@ impl Vault {
         self.kdf_runs.fetch_add(1, Ordering::Relaxed);
         let password = password.clone();
         let kdf = self.kdf;
-        let hash = tokio::task::spawn_blocking(move || seal::hash_password(&password, kdf))
+        let hash = self
+            .gate
+            .run(move |memory| seal::hash_password_in(&password, kdf, memory))
             .await
-            .map_err(|_| SealError::Kdf {
-                reason: "the password hashing task stopped unexpectedly".into(),
-            })??;
+            .map_err(gate_stopped)??;
         Ok(Some(hash))
     }
 
@@ -625,11 +680,11 @@ impl Vault {
         self.kdf_runs.fetch_add(1, Ordering::Relaxed);
         let password = password.clone();
         let hash = hash.to_owned();
-        let ok = tokio::task::spawn_blocking(move || seal::verify_password(&password, &hash))
+        let ok = self
+            .gate
+            .run(move |memory| seal::verify_password_in(&password, &hash, memory))
             .await
-            .map_err(|_| SealError::Kdf {
-                reason: "the password check task stopped unexpectedly".into(),
-            })??;
+            .map_err(gate_stopped)??;
         Ok(ok)
     }
 
@@ -945,14 +1000,24 @@ impl Vault {
         if matches!(self.mode, KeyMode::Service(_)) {
             return self.service_key(salt);
         }
+        self.run_derive(password, salt, kdf).await
+    }
+
+    /// One Argon2id key derivation through the gate.
+    async fn run_derive(
+        &self,
+        password: &SecretString,
+        salt: &[u8],
+        kdf: KdfParams,
+    ) -> Result<SealKey, VaultError> {
         self.kdf_runs.fetch_add(1, Ordering::Relaxed);
         let password = password.clone();
         let salt = salt.to_vec();
-        let key = tokio::task::spawn_blocking(move || seal::derive_key(&password, &salt, kdf))
+        let key = self
+            .gate
+            .run(move |memory| seal::derive_key_in(&password, &salt, kdf, memory))
             .await
-            .map_err(|_| SealError::Kdf {
-                reason: "the key derivation task stopped unexpectedly".into(),
-            })??;
+            .map_err(gate_stopped)??;
         Ok(key)
     }
 
@@ -1016,18 +1081,6 @@ impl Vault {
 
     fn succeeded(&self, account: &str, peer: IpAddr) {
         self.backoff.succeeded(peer, account);
-    }
-
-    /// Work as costly as checking a wrong password (one Argon2id run with
-    /// the configured parameters), for a login that has nothing to check,
-    /// so the time taken does not tell an unknown name from a known one.
-    pub async fn dummy_verification(&self) {
-        let kdf = self.kdf;
-        let password = SecretString::from("mailbridge-dummy".to_string());
-        let _ = tokio::task::spawn_blocking(move || {
-            seal::derive_key(&password, b"mailbridge dummy salt", kdf)
-        })
-        .await;
     }
 
     /// The failed-login bookkeeping (the login path records unknown names
@@ -1486,6 +1539,21 @@ mod tests {
             KdfParams::for_tests(),
             tiny_backoff(),
         )
+    }
+
+    #[tokio::test]
+    async fn dummy_verification_runs_the_kdf_once_in_both_modes() {
+        let store: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary().unwrap());
+        let gate = Arc::new(KdfGate::new(1));
+        let password_mode = Vault::new(store.clone(), KdfParams::for_tests(), tiny_backoff())
+            .with_kdf_gate(gate.clone());
+        password_mode.dummy_verification().await;
+        assert_eq!(password_mode.kdf_runs(), 1);
+        let service_mode = service_vault(store, &[7u8; 32]).with_kdf_gate(gate.clone());
+        assert!(service_mode.dummy_hash.is_some());
+        service_mode.dummy_verification().await;
+        assert_eq!(service_mode.kdf_runs(), 1);
+        assert!(Arc::ptr_eq(service_mode.kdf_gate(), &gate));
     }
 
     #[tokio::test]

@@ -597,6 +597,12 @@ async fn service_key_mode_refreshes_grants_in_the_background() {
     let creds = w.dir.join("credentials");
     std::fs::create_dir_all(&creds).unwrap();
     std::fs::write(creds.join("mailbridge-key"), [42u8; 32]).unwrap();
+    // As systemd hands it over: readable by its owner only.
+    std::fs::set_permissions(
+        creds.join("mailbridge-key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o400),
+    )
+    .unwrap();
     let text = std::fs::read_to_string(&w.config).unwrap().replace(
         "[server]\n",
         "[server]\nkey_mode = \"service\"\nbackground_refresh_secs = 1\n",

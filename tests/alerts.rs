@@ -314,6 +314,9 @@ impl World {
         if spec.service {
             let key = dir.join("service.key");
             std::fs::write(&key, [7u8; 32]).unwrap();
+            // A key other users can read is refused.
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
             server_extra.push_str(&format!(
                 "\nkey_mode = \"service\"\nkey_file = {}\n",
                 quote(&key.display().to_string())

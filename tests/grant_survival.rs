@@ -42,6 +42,11 @@ struct World {
     addr: SocketAddr,
 }
 
+/// Permissions `mode` (a key file other users can read is refused).
+fn private(mode: u32) -> std::fs::Permissions {
+    std::os::unix::fs::PermissionsExt::from_mode(mode)
+}
+
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
@@ -101,6 +106,8 @@ impl World {
         std::fs::write(&ca, &pki.ca_pem).unwrap();
         let key = dir.join("service.key");
         std::fs::write(&key, [42u8; 32]).unwrap();
+        // A key other users can read is refused.
+        std::fs::set_permissions(&key, private(0o600)).unwrap();
         let port = free_port();
         let config = dir.join("mailbridge.toml");
         let server_extra = server_extra.replace("KEY_FILE", &key.display().to_string());

@@ -131,6 +131,10 @@ fn drive_client(session: &mut dyn ClientSession, input: &[u8], mut chunks: Chunk
                 assert_whole_lines("closing reply", &bytes);
                 break;
             }
+            ClientStep::Spool(_message) => {
+                let outcome = mailbridge_proto::SpoolOutcome::Queued { id: "q1".into() };
+                assert_whole_lines("spool reply", &session.spooled(&outcome));
+            }
         }
     }
     assert_whole_lines("timeout message", &session.timeout_message());

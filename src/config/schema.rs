@@ -96,6 +96,72 @@ pub struct Config {
     /// Who hears when a grant needs a person.
     #[serde(default)]
     pub alerts: Option<Spanned<AlertsConfig>>,
+    /// LAN devices (scanners, printers, apps) that send mail without AUTH,
+    /// recognised by their address.
+    #[serde(default, rename = "device")]
+    pub devices: Vec<Spanned<DeviceConfig>>,
+    /// Where messages from spooling devices wait for delivery.
+    #[serde(default)]
+    pub spool: SpoolConfig,
+}
+
+/// `[[device]]`: a device on the LAN that may send through the SMTP
+/// listeners without AUTH. Needs `key_mode = "service"`: nobody types a
+/// password to open the account's grant.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// A name for logs and the queue (default: the first address).
+    pub name: Option<String>,
+    /// Addresses or networks (CIDR) the device sends from.
+    pub from: Vec<String>,
+    /// The account it sends as (an `[[account]]`'s `user`).
+    pub account: String,
+    /// Store and forward (default): the message is on disk before the
+    /// device hears `250`, and mailbridge delivers it, retrying. Without
+    /// it the device's transaction is relayed live and a refusal upstream
+    /// is the device's to handle.
+    #[serde(default = "defaults::yes")]
+    pub spool: bool,
+    /// When a spooled message is refused for good, send a report to its
+    /// sender (as the account).
+    #[serde(default)]
+    pub bounce: bool,
+}
+
+/// `[spool]`: the queue of messages from spooling devices.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Where (default: `<state_dir>/spool`).
+    pub dir: Option<PathBuf>,
+    /// How long a message is retried before it fails (default 120 hours,
+    /// five days, as mail servers do).
+    #[serde(default = "defaults::spool_max_age_hours")]
+    pub max_age_hours: u64,
+    /// Messages per minute sent per account (default 30, Microsoft 365's
+    /// limit per mailbox).
+    #[serde(default = "defaults::spool_rate")]
+    pub rate_per_minute: u32,
+    /// Seconds before the first retry of a message that could not go; it
+    /// doubles with each attempt (default 60).
+    #[serde(default = "defaults::spool_retry_base")]
+    pub retry_base_secs: u64,
+    /// Longest wait between two attempts (default 3600).
+    #[serde(default = "defaults::spool_retry_max")]
+    pub retry_max_secs: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            dir: None,
+            max_age_hours: defaults::spool_max_age_hours(),
+            rate_per_minute: defaults::spool_rate(),
+            retry_base_secs: defaults::spool_retry_base(),
+            retry_max_secs: defaults::spool_retry_max(),
+        }
+    }
 }
 
 /// `[alerts]`: a command to run and/or a webhook to call when a grant
@@ -301,6 +367,13 @@ pub struct ServerConfig {
     /// Argon2id iterations for newly sealed grants.
     #[serde(default = "defaults::kdf_iterations")]
     pub kdf_iterations: u32,
+    /// Argon2id runs allowed at once (unlocking grants, checking password
+    /// hashes); more wait in arrival order. Each holds `kdf_memory_kib`, so
+    /// this bounds the memory a burst of logins can take. 0 (the default):
+    /// automatic, `min(CPUs, min(256 MiB, RAM / 8) / kdf_memory_kib)`, at
+    /// least 1.
+    #[serde(default)]
+    pub kdf_concurrency: usize,
 }
 
 impl Default for ServerConfig {
@@ -329,6 +402,7 @@ impl Default for ServerConfig {
             backoff_max_secs: defaults::backoff_max_secs(),
             kdf_memory_kib: defaults::kdf_memory_kib(),
             kdf_iterations: defaults::kdf_iterations(),
+            kdf_concurrency: 0,
         }
     }
 }
@@ -412,6 +486,21 @@ mod defaults {
     }
     pub fn preauth_deadline() -> u64 {
         60
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn spool_max_age_hours() -> u64 {
+        120
+    }
+    pub fn spool_rate() -> u32 {
+        30
+    }
+    pub fn spool_retry_base() -> u64 {
+        60
+    }
+    pub fn spool_retry_max() -> u64 {
+        3600
     }
     pub fn preauth_max_commands() -> u32 {
         50
@@ -592,6 +681,11 @@ pub struct AccountConfig {
     /// client used. Only for grant = "authorization_code".
     #[serde(default)]
     pub authorize_on_login: bool,
+    /// More envelope senders a device sending as this account may use
+    /// (shared mailboxes it has Send As rights to, say), besides
+    /// `upstream_user` and `user`.
+    #[serde(default)]
+    pub send_as: Vec<String>,
 }
 
 /// How an account's access tokens are obtained.

@@ -65,6 +65,21 @@ pub struct Account {
     pub authorize_on_login: bool,
 }
 
+/// A validated `[[device]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Device {
+    /// For logs and the queue.
+    pub name: String,
+    /// Where it sends from.
+    pub from: Vec<ipnet::IpNet>,
+    /// The account it sends as (the `[[account]]`'s `user`).
+    pub account: String,
+    /// Store and forward.
+    pub spool: bool,
+    /// Report permanent failures to the sender.
+    pub bounce: bool,
+}
+
 /// A validated configuration, ready to run.
 #[derive(Debug)]
 pub struct Settings {
@@ -82,6 +97,10 @@ pub struct Settings {
     pub local_networks: Vec<ipnet::IpNet>,
     /// `[server] trusted_proxies`, parsed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `[[device]]` entries, checked, in order (the first match wins).
+    pub devices: Vec<Device>,
+    /// `[spool]`.
+    pub spool: super::schema::SpoolConfig,
 }
 
 /// A validated listener.
@@ -345,10 +364,68 @@ impl Settings {
             }
         }
 
+        let mut devices = Vec::new();
+        for d in &raw.devices {
+            let span = d.span();
+            let c = d.get_ref();
+            if raw.server.key_mode != super::schema::KeyMode::Service {
+                return Err(invalid(
+                    span,
+                    "device",
+                    "a device sends without a password, so mailbridge must open the account's grant itself: set key_mode = \"service\" in [server] (with a key file or systemd credential)".into(),
+                ));
+            }
+            let Some(account) = raw
+                .accounts
+                .iter()
+                .map(|a| a.get_ref())
+                .find(|a| a.user.eq_ignore_ascii_case(c.account.trim()))
+            else {
+                return Err(invalid(
+                    span,
+                    "device.account",
+                    format!("no [[account]] with user = \"{}\"", c.account),
+                ));
+            };
+            if account.user.starts_with("*@") {
+                return Err(invalid(
+                    span,
+                    "device.account",
+                    "a device sends as one mailbox, not a catch-all".into(),
+                ));
+            }
+            if c.from.is_empty() {
+                return Err(invalid(
+                    span,
+                    "device.from",
+                    "list the device's address (e.g. \"192.168.1.50\") or network (\"192.168.1.0/28\")".into(),
+                ));
+            }
+            let mut from = Vec::new();
+            for entry in &c.from {
+                from.push(parse_network(entry).ok_or_else(|| {
+                    invalid(
+                        span.clone(),
+                        "device.from",
+                        format!("`{entry}` is not an address or network (e.g. 192.168.1.50 or 192.168.1.0/28)"),
+                    )
+                })?);
+            }
+            devices.push(Device {
+                name: c.name.clone().unwrap_or_else(|| c.from[0].clone()),
+                from,
+                account: account.user.to_lowercase(),
+                spool: c.spool,
+                bounce: c.bounce,
+            });
+        }
+
         Ok(Settings {
             alerts,
             local_networks,
             trusted_proxies,
+            devices,
+            spool: raw.spool,
             server: raw.server,
             listeners,
             providers,
@@ -360,6 +437,19 @@ impl Settings {
     /// `check-config` and the log at start.
     pub fn notes(&self) -> Vec<String> {
         let mut notes = Vec::new();
+        for l in &self.listeners {
+            if l.protocol == Protocol::Smtp
+                && l.tls == ListenerTls::None
+                && !l.bind.ip().is_loopback()
+                && !l.allow_plaintext_login
+                && self.devices.is_empty()
+            {
+                notes.push(format!(
+                    "the SMTP listener on {} is plain text on a non-loopback address: clients there can neither log in (no allow_plaintext_login) nor send as a [[device]] (none configured), so it serves nobody",
+                    l.bind
+                ));
+            }
+        }
         let local: Vec<String> = self.local_networks.iter().map(|n| n.to_string()).collect();
         for a in self.accounts.iter().filter(|a| a.authorize_on_login) {
             notes.push(format!(
@@ -370,6 +460,32 @@ impl Settings {
             ));
         }
         notes
+    }
+
+    /// The `[[device]]` a client at `ip` is, if any.
+    pub fn device_for(&self, ip: std::net::IpAddr) -> Option<&Device> {
+        let ip = ip.to_canonical();
+        self.devices
+            .iter()
+            .find(|d| d.from.iter().any(|n| n.contains(&ip)))
+    }
+
+    /// The envelope senders a device sending as `account` may use: its
+    /// upstream address, its login name and its `send_as` list.
+    pub fn senders_for(&self, account: &str) -> Vec<String> {
+        let Some(a) = self
+            .accounts
+            .iter()
+            .find(|a| a.user.eq_ignore_ascii_case(account))
+        else {
+            return Vec::new();
+        };
+        let mut out = vec![a.upstream_user.clone().unwrap_or_else(|| a.user.clone())];
+        out.push(a.user.clone());
+        out.extend(a.send_as.iter().cloned());
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|s| seen.insert(s.to_lowercase()));
+        out
     }
 
     /// Whether a client at `ip` is this machine's own user (see

@@ -15,7 +15,13 @@ use super::relay::relay;
 use super::stream::Stream;
 use super::upstream::UpstreamConn;
 use mailbridge_proto::farewell::{Reader, Tail};
-use mailbridge_proto::{ClientSession, ClientStep, LoginFailure, LoginRequest};
+use mailbridge_proto::{
+    ClientSession, ClientStep, LoginFailure, LoginRequest, Message, SpoolOutcome,
+};
+
+/// Stores a message a device handed over whole (see `crate::spool`).
+pub type Spooler =
+    dyn Fn(Message) -> std::pin::Pin<Box<dyn Future<Output = SpoolOutcome> + Send>> + Send + Sync;
 
 /// Per-connection settings the driver needs.
 pub struct DriverSettings {
@@ -52,6 +58,7 @@ pub async fn drive<L, F>(
     settings: &DriverSettings,
     deadline: Instant,
     login: L,
+    spool: Option<&Spooler>,
     stop: watch::Receiver<bool>,
 ) where
     L: Fn(LoginRequest) -> F,
@@ -65,6 +72,7 @@ pub async fn drive<L, F>(
         settings,
         deadline,
         login,
+        spool,
         stop.clone(),
     )
     .await
@@ -159,8 +167,9 @@ async fn preauth<L, F>(
     stream: &mut Stream,
     mut session: Box<dyn ClientSession>,
     settings: &DriverSettings,
-    deadline: Instant,
+    mut deadline: Instant,
     login: L,
+    spool: Option<&Spooler>,
     stop: watch::Receiver<bool>,
 ) -> Option<(Stream, Stream, Reader)>
 where
@@ -267,6 +276,21 @@ where
                         send_by(stream, &reply, deadline).await.ok()?;
                     }
                 }
+            }
+            ClientStep::Spool(message) => {
+                let outcome = match spool {
+                    Some(spool) => spool(message).await,
+                    None => SpoolOutcome::Failed {
+                        temporary: false,
+                        reason: "this listener does not store messages".into(),
+                    },
+                };
+                let reply = session.spooled(&outcome);
+                send_by(stream, &reply, deadline).await.ok()?;
+                // A device sends one message after another: each stored
+                // message gives the connection its time again.
+                let renewed = Instant::now() + settings.preauth_deadline;
+                deadline = deadline.max(renewed);
             }
             ClientStep::Close(bytes) => {
                 let _ = send_within(stream, &bytes, SEND_BEFORE_CLOSE).await;

@@ -569,6 +569,75 @@ where
     }
 }
 
+/// Sends one message on a logged-in SMTP connection, driving
+/// `submission`; each wait for the server is bounded by `patience` (RFC
+/// 5321 section 4.5.3.2 asks for minutes; the final dot's reply can take
+/// long). Then `QUIT`. A connection that fails before the outcome leaves
+/// the message where it was: whether the server took it is unknown only
+/// if it failed after the final dot (see `crate::spool`).
+pub async fn submit<S>(
+    stream: &mut S,
+    leftover: &[u8],
+    mut submission: mailbridge_proto::smtp::Submission,
+    patience: Duration,
+) -> Result<mailbridge_proto::smtp::SubmitOutcome, SubmitError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    use mailbridge_proto::smtp::SubmitStep;
+    if !leftover.is_empty() {
+        submission.feed(leftover);
+    }
+    let mut buf = vec![0u8; 8 * 1024];
+    loop {
+        match submission.next_step().map_err(SubmitError::Protocol)? {
+            SubmitStep::Send(bytes) => {
+                tokio::time::timeout(patience, async {
+                    stream.write_all(&bytes).await?;
+                    stream.flush().await
+                })
+                .await
+                .map_err(|_| SubmitError::Timeout(patience))?
+                .map_err(SubmitError::Io)?;
+            }
+            SubmitStep::NeedInput => {
+                let n = tokio::time::timeout(patience, stream.read(&mut buf))
+                    .await
+                    .map_err(|_| SubmitError::Timeout(patience))?
+                    .map_err(SubmitError::Io)?;
+                if n == 0 {
+                    return Err(SubmitError::Io(io::ErrorKind::UnexpectedEof.into()));
+                }
+                submission.feed(&buf[..n]);
+            }
+            SubmitStep::Done(outcome) => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    stream.write_all(b"QUIT\r\n").await?;
+                    stream.flush().await?;
+                    let _ = stream.read(&mut buf).await;
+                    stream.shutdown().await
+                })
+                .await;
+                return Ok(outcome);
+            }
+        }
+    }
+}
+
+/// Why [`submit`] did not reach an outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The connection failed.
+    #[error("the connection failed while sending: {0}")]
+    Io(#[source] io::Error),
+    /// The server said nothing for too long.
+    #[error("the server did not answer within {} s while sending", .0.as_secs())]
+    Timeout(Duration),
+    /// The server's reply made no sense.
+    #[error("the server's reply was not understood: {0}")]
+    Protocol(#[source] UpstreamError),
+}
+
 #[cfg(test)]
 mod tests {
     use base64::Engine;

@@ -13,7 +13,10 @@ use rand::RngCore;
 use rand::rngs::OsRng;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
+
+use crate::kdf::Blocks;
 
 use super::{KdfParams, SealedGrant};
 
@@ -156,21 +159,49 @@ fn check_params(kdf: KdfParams) -> Result<Params, SealError> {
 }
 
 /// Derive the sealing key from `password` with Argon2id v0x13. Slow by
-/// design: run it on a blocking thread.
+/// design: run it through the [`crate::kdf::KdfGate`].
 pub fn derive_key(
     password: &SecretString,
     salt: &[u8],
     kdf: KdfParams,
 ) -> Result<SealKey, SealError> {
+    derive_key_in(password, salt, kdf, &mut Blocks::default())
+}
+
+/// [`derive_key`] in the given working memory.
+pub fn derive_key_in(
+    password: &SecretString,
+    salt: &[u8],
+    kdf: KdfParams,
+    memory: &mut Blocks,
+) -> Result<SealKey, SealError> {
     let params = check_params(kdf)?;
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
     let mut out = Zeroizing::new([0u8; KEY_LEN]);
+    argon_into(
+        &argon,
+        password.expose_secret().as_bytes(),
+        salt,
+        &mut *out,
+        memory,
+    )?;
+    Ok(SealKey(out))
+}
+
+/// One Argon2 run into `out`, in working memory that goes back to the
+/// operating system afterwards (see [`crate::kdf`]).
+fn argon_into(
+    argon: &Argon2<'_>,
+    pwd: &[u8],
+    salt: &[u8],
+    out: &mut [u8],
+    memory: &mut Blocks,
+) -> Result<(), SealError> {
     argon
-        .hash_password_into(password.expose_secret().as_bytes(), salt, &mut *out)
+        .hash_password_into_with_memory(pwd, salt, out, memory.get(argon.params().block_count()))
         .map_err(|e| SealError::Kdf {
             reason: e.to_string(),
-        })?;
-    Ok(SealKey(out))
+        })
 }
 
 /// Associated data: everything in the record except nonce and ciphertext,
@@ -336,30 +367,105 @@ pub fn service_key(secret: &[u8], salt: &[u8]) -> SealKey {
 }
 
 /// Service key mode: an Argon2id PHC hash of the local login password.
+/// Slow by design: run it through the [`crate::kdf::KdfGate`].
 pub fn hash_password(password: &SecretString, kdf: KdfParams) -> Result<String, SealError> {
-    use argon2::password_hash::PasswordHasher;
+    hash_password_in(password, kdf, &mut Blocks::default())
+}
+
+/// [`hash_password`] in the given working memory.
+pub fn hash_password_in(
+    password: &SecretString,
+    kdf: KdfParams,
+    memory: &mut Blocks,
+) -> Result<String, SealError> {
     let params = check_params(kdf)?;
-    let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
-    let hash = argon
-        .hash_password_with_salt(password.expose_secret().as_bytes(), &new_salt())
-        .map_err(|e| SealError::Kdf {
-            reason: e.to_string(),
-        })?;
+    let salt = new_salt();
+    let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
+    let mut out = Zeroizing::new([0u8; KEY_LEN]);
+    argon_into(
+        &argon,
+        password.expose_secret().as_bytes(),
+        &salt,
+        &mut *out,
+        memory,
+    )?;
+    phc_string(&params, &salt, &*out)
+}
+
+/// The PHC string of an Argon2id v0x13 hash.
+fn phc_string(params: &Params, salt: &[u8], output: &[u8]) -> Result<String, SealError> {
+    use argon2::password_hash::phc::{Output, ParamsString, PasswordHash, Salt};
+    let kdf_error = |e: &dyn fmt::Display| SealError::Kdf {
+        reason: e.to_string(),
+    };
+    let hash = PasswordHash {
+        algorithm: argon2::ARGON2ID_IDENT,
+        version: Some(Version::V0x13.into()),
+        params: ParamsString::try_from(params).map_err(|e| kdf_error(&e))?,
+        salt: Some(Salt::new(salt).map_err(|e| kdf_error(&e))?),
+        hash: Some(Output::new(output).map_err(|e| kdf_error(&e))?),
+    };
     Ok(hash.to_string())
 }
 
 /// Service key mode: whether `password` matches a PHC hash from
-/// [`hash_password`]. A malformed hash is an error, not a mismatch.
+/// [`hash_password`]. A malformed hash, or one whose parameters are out of
+/// bounds, is an error, not a mismatch. Slow by design: run it through the
+/// [`crate::kdf::KdfGate`].
 pub fn verify_password(password: &SecretString, hash: &str) -> Result<bool, SealError> {
-    use argon2::password_hash::PasswordVerifier;
-    match Argon2::default().verify_password(password.expose_secret().as_bytes(), hash) {
-        Ok(()) => Ok(true),
-        Err(argon2::password_hash::Error::PasswordInvalid) => Ok(false),
-        Err(e) => Err(SealError::Malformed {
-            reason: format!("stored password hash: {e}"),
-        }),
-    }
+    verify_password_in(password, hash, &mut Blocks::default())
 }
+
+/// [`verify_password`] in the given working memory.
+pub fn verify_password_in(
+    password: &SecretString,
+    hash: &str,
+    memory: &mut Blocks,
+) -> Result<bool, SealError> {
+    use argon2::password_hash::phc::PasswordHash;
+    let malformed = |what: &dyn fmt::Display| SealError::Malformed {
+        reason: format!("stored password hash: {what}"),
+    };
+    let parsed = PasswordHash::new(hash).map_err(|e| malformed(&e))?;
+    let algorithm = Algorithm::try_from(parsed.algorithm.as_str()).map_err(|e| malformed(&e))?;
+    let version = match parsed.version {
+        Some(v) => Version::try_from(v).map_err(|e| malformed(&e))?,
+        None => Version::default(),
+    };
+    let params = Params::try_from(&parsed).map_err(|e| malformed(&e))?;
+    // The same bounds as a record's own parameters: a damaged or hostile
+    // hash must not make the process allocate without limit.
+    check_params(KdfParams {
+        m_cost_kib: params.m_cost(),
+        t_cost: params.t_cost(),
+        p_cost: params.p_cost(),
+    })?;
+    let (Some(salt), Some(expected)) = (&parsed.salt, &parsed.hash) else {
+        return Err(malformed(&"no salt or no hash"));
+    };
+    let argon = Argon2::new(algorithm, version, params);
+    let mut out = Zeroizing::new(vec![0u8; expected.len()]);
+    argon_into(
+        &argon,
+        password.expose_secret().as_bytes(),
+        salt.as_ref(),
+        &mut out,
+        memory,
+    )?;
+    Ok(expected.as_bytes().ct_eq(&out).into())
+}
+
+/// A PHC hash with `kdf`'s parameters and a fixed salt that no password
+/// matches in practice (its output is all zeros): checking a password
+/// against it costs what checking a real one costs. For the dummy
+/// verification an unknown user pays. No Argon2 run is needed to make it.
+pub fn dummy_password_hash(kdf: KdfParams) -> Result<String, SealError> {
+    let params = check_params(kdf)?;
+    phc_string(&params, &DUMMY_SALT, &[0u8; KEY_LEN])
+}
+
+/// The salt of dummy verifications: any fixed value will do.
+pub const DUMMY_SALT: [u8; SALT_LEN] = *b"mailbridge-dummy";
 
 #[cfg(test)]
 mod tests {
@@ -453,6 +559,56 @@ mod tests {
         assert_eq!(format!("{key:?}"), "SealKey(..)");
         let g = open("alice", &key, &s).expect("open");
         assert!(!format!("{g:?}").contains("rt-very-secret"));
+    }
+
+    #[test]
+    fn password_hashes_verify() {
+        let kdf = KdfParams::for_tests();
+        let hash = hash_password(&pw("right"), kdf).expect("hash");
+        assert!(hash.starts_with("$argon2id$v=19$m=256,t=1,p=1$"), "{hash}");
+        assert!(verify_password(&pw("right"), &hash).expect("verify"));
+        assert!(!verify_password(&pw("wrong"), &hash).expect("verify"));
+        // Hashes made by the argon2 crate itself verify too (records
+        // written before the KDF gate).
+        use argon2::password_hash::PasswordHasher;
+        let theirs = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            check_params(kdf).unwrap(),
+        )
+        .hash_password_with_salt(b"right", &new_salt())
+        .unwrap()
+        .to_string();
+        assert!(verify_password(&pw("right"), &theirs).expect("verify"));
+        assert!(!verify_password(&pw("wrong"), &theirs).expect("verify"));
+    }
+
+    #[test]
+    fn bad_password_hashes_are_errors() {
+        for bad in [
+            "",
+            "not a hash",
+            "$argon2id$v=19$m=256,t=1,p=1$c2FsdHNhbHRzYWx0",
+            // 8 GiB: above the bound, refused before any allocation.
+            "$argon2id$v=19$m=8388608,t=1,p=1$c2FsdHNhbHRzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            assert!(
+                verify_password(&pw("x"), bad).is_err(),
+                "{bad:?} should not verify"
+            );
+        }
+    }
+
+    #[test]
+    fn the_dummy_hash_costs_a_run_and_matches_nothing() {
+        let kdf = KdfParams::for_tests();
+        let dummy = dummy_password_hash(kdf).expect("dummy");
+        assert!(
+            dummy.starts_with("$argon2id$v=19$m=256,t=1,p=1$"),
+            "{dummy}"
+        );
+        assert!(!verify_password(&pw(""), &dummy).expect("verify"));
+        assert!(!verify_password(&pw("anything"), &dummy).expect("verify"));
     }
 
     #[test]

@@ -285,6 +285,7 @@ impl ImapClientSession {
                 ClientStep::Login(LoginRequest {
                     credentials,
                     client_info: self.client_info.clone(),
+                    by_address: false,
                 })
             }
             Err(e) => ClientStep::Send(tagged(

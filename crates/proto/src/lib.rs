@@ -67,6 +67,55 @@ pub enum ClientStep {
     Login(LoginRequest),
     /// Write these bytes and close the connection.
     Close(Vec<u8>),
+    /// A whole message to store and forward (an SMTP device in spool
+    /// mode): store it durably, then call `spooled` with the outcome.
+    Spool(Message),
+}
+
+/// A message taken in full from a client, to be stored and sent later.
+/// Its `Debug` form shows the envelope and the size, not the content.
+pub struct Message {
+    /// The envelope sender (`MAIL FROM`), empty for `<>`.
+    pub from: String,
+    /// The envelope recipients (`RCPT TO`), in order.
+    pub recipients: Vec<String>,
+    /// The content, dot-unstuffed, CRLF line ends, without the final
+    /// `.` line.
+    pub data: Vec<u8>,
+    /// `MAIL FROM ... SMTPUTF8`: the envelope has UTF-8 addresses.
+    pub smtputf8: bool,
+    /// `BODY=8BITMIME`.
+    pub eight_bit: bool,
+    /// The client's EHLO/HELO name.
+    pub client_name: Option<String>,
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("from", &self.from)
+            .field("recipients", &self.recipients)
+            .field("size", &self.data.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What became of a [`ClientStep::Spool`].
+#[derive(Debug, Clone)]
+pub enum SpoolOutcome {
+    /// On disk, under this queue id.
+    Queued {
+        /// The queue id.
+        id: String,
+    },
+    /// Not stored.
+    Failed {
+        /// Storage is full or unavailable for now (`452`) rather than the
+        /// message refused (`554`).
+        temporary: bool,
+        /// One line, for the client.
+        reason: String,
+    },
 }
 
 /// A client's login request. Its `Debug` form shows the user name, never
@@ -79,6 +128,9 @@ pub struct LoginRequest {
     /// raw parameter list of the client's `ID` command (e.g.
     /// `("name" "Thunderbird")`), for SMTP the client's EHLO name.
     pub client_info: Option<String>,
+    /// No password: an SMTP device sending by its address (the driver
+    /// checks the address again; `credentials.user` is empty).
+    pub by_address: bool,
 }
 
 /// Why a login failed, as far as the client-facing protocol cares.
@@ -136,6 +188,10 @@ pub trait ClientSession: Send {
     /// `421 4.7.0`. For connections over a limit and sessions that used up
     /// their pre-auth allowance.
     fn goodbye(&self, reason: &str) -> Vec<u8>;
+    /// The reply once a [`ClientStep::Spool`] was stored (or not).
+    fn spooled(&mut self, _outcome: &SpoolOutcome) -> Vec<u8> {
+        Vec::new()
+    }
 }
 
 /// What the upstream login dialogue wants the driver to do next.
@@ -175,6 +231,7 @@ impl fmt::Debug for ClientStep {
             ClientStep::StartTls(b) => f.debug_tuple("StartTls").field(&Payload(b)).finish(),
             ClientStep::Login(req) => f.debug_tuple("Login").field(req).finish(),
             ClientStep::Close(b) => f.debug_tuple("Close").field(&Payload(b)).finish(),
+            ClientStep::Spool(m) => f.debug_tuple("Spool").field(m).finish(),
         }
     }
 }

@@ -9,7 +9,7 @@
 //! continuation prompt (`+ Ready for literal`, `334 ...`) or login request
 //! is one. A real client needs fewer than ten before it logs in.
 
-use crate::{ClientSession, ClientStep, LoginFailure, UpstreamSuccess};
+use crate::{ClientSession, ClientStep, LoginFailure, SpoolOutcome, UpstreamSuccess};
 
 /// The allowance of one connection before login.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +82,10 @@ impl ClientSession for Limited {
         }
         let step = self.inner.next_step();
         match step {
-            ClientStep::Send(_) | ClientStep::StartTls(_) | ClientStep::Login(_) => {
+            ClientStep::Send(_)
+            | ClientStep::StartTls(_)
+            | ClientStep::Login(_)
+            | ClientStep::Spool(_) => {
                 self.commands = self.commands.saturating_add(1);
                 if self.commands > self.allowance.max_commands {
                     // A login request dropped here takes its password
@@ -133,6 +136,10 @@ impl ClientSession for Limited {
 
     fn goodbye(&self, reason: &str) -> Vec<u8> {
         self.inner.goodbye(reason)
+    }
+
+    fn spooled(&mut self, outcome: &SpoolOutcome) -> Vec<u8> {
+        self.inner.spooled(outcome)
     }
 }
 

@@ -186,6 +186,7 @@ impl Pop3ClientSession {
                 ClientStep::Login(LoginRequest {
                     credentials,
                     client_info: None,
+                    by_address: false,
                 })
             }
             Err(e) => err(&format!(

@@ -23,8 +23,8 @@ use smtp_proto::response::parser::ResponseReceiver;
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Request};
 
 use super::{
-    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, UpstreamError,
-    UpstreamLogin, UpstreamStep, UpstreamSuccess,
+    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, Message, SpoolOutcome,
+    UpstreamError, UpstreamLogin, UpstreamStep, UpstreamSuccess,
 };
 use crate::bearer::{Bearer, InitialResponse, Offer};
 use crate::framer::{Frame, Framer};
@@ -105,7 +105,27 @@ pub struct ClientOptions {
     pub max_line: usize,
     /// The advertised SIZE (default 50 MiB).
     pub max_message_size: u64,
+    /// The client is a device allowed by its address: it may send without
+    /// AUTH (see [`DeviceOptions`]).
+    pub device: Option<DeviceOptions>,
 }
+
+/// A device that sends without AUTH, as the account its address maps to.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceOptions {
+    /// The envelope senders it may use (compared without case); anything
+    /// else gets `550 5.7.1`.
+    pub senders: Vec<String>,
+    /// Store and forward: the session takes the whole message and hands it
+    /// over with [`ClientStep::Spool`]; otherwise `MAIL` starts a live
+    /// login as the account ([`LoginRequest::by_address`]) and the rest of
+    /// the transaction is relayed.
+    pub spool: bool,
+}
+
+/// Recipients one spooled message may have (RFC 5321 section 4.5.3.1.8's
+/// minimum).
+const MAX_RECIPIENTS: usize = 100;
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -116,8 +136,28 @@ impl Default for ClientOptions {
             hostname: "localhost".to_owned(),
             max_line: DEFAULT_MAX_LINE,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            device: None,
         }
     }
+}
+
+/// A mail transaction a spooling device is building.
+struct Transaction {
+    from: String,
+    recipients: Vec<String>,
+    smtputf8: bool,
+    eight_bit: bool,
+}
+
+/// The content after `DATA`, until the lone dot.
+struct DataIn {
+    /// Bytes as received (still dot-stuffed), or only the last few once
+    /// the message is over the size limit.
+    raw: Vec<u8>,
+    /// Where the search for the end stopped.
+    scanned: usize,
+    /// Over `max_message_size`: the rest is read and dropped.
+    too_big: bool,
 }
 
 enum ClientState {
@@ -133,6 +173,10 @@ enum ClientState {
     TlsPending,
     /// Emitted `ClientStep::Login`; waiting for the driver's verdict.
     LoginPending,
+    /// Sent `354`: reading a spooled message's content.
+    Data(DataIn),
+    /// Emitted `ClientStep::Spool`; waiting for `spooled`.
+    SpoolPending,
     /// Logged in: the session is over, bytes go upstream.
     LoggedIn,
     /// QUIT: the connection is closing.
@@ -148,6 +192,8 @@ impl ClientState {
             ClientState::AuthLoginPass { .. } => "auth-login-password",
             ClientState::TlsPending => "tls-pending",
             ClientState::LoginPending => "login-pending",
+            ClientState::Data(_) => "data",
+            ClientState::SpoolPending => "spool-pending",
             ClientState::LoggedIn => "logged-in",
             ClientState::Closed => "closed",
         }
@@ -184,6 +230,11 @@ pub struct SmtpClientSession {
     greeted: bool,
     /// The client's EHLO/HELO name, when it is a usable host name.
     client_name: Option<String>,
+    /// A spooling device's transaction in progress.
+    transaction: Option<Transaction>,
+    /// A device's `MAIL` line, sent upstream ahead of the rest once its
+    /// live login succeeded.
+    replay: Vec<u8>,
 }
 
 impl fmt::Debug for SmtpClientSession {
@@ -213,6 +264,8 @@ impl SmtpClientSession {
             state: ClientState::Commands,
             greeted: false,
             client_name: None,
+            transaction: None,
+            replay: Vec::new(),
         }
     }
 
@@ -261,6 +314,7 @@ impl SmtpClientSession {
                 ClientStep::Login(LoginRequest {
                     credentials,
                     client_info: self.client_name.clone(),
+                    by_address: false,
                 })
             }
             Err(SaslError::Base64) => reply("501 5.5.2 Invalid base64 data"),
@@ -319,10 +373,13 @@ impl SmtpClientSession {
     fn command(&mut self, line: &[u8]) -> ClientStep {
         let verb = verb(line);
         match verb.as_str() {
+            // A device allowed by its address sends without AUTH.
+            "MAIL" | "RCPT" | "DATA" if self.opts.device.is_some() => {
+                return self.device_command(line);
+            }
             // No mail transaction before login, whatever its syntax: the
             // proxy must never relay for an anonymous client.
             "MAIL" | "RCPT" | "DATA" => return reply("530 5.7.0 Authentication required"),
-            "AUTH" if !self.greeted => return reply("503 5.5.1 Send EHLO first"),
             "AUTH" if !self.login_allowed() => {
                 return reply(
                     "538 5.7.11 Encryption required for requested authentication mechanism",
@@ -360,7 +417,11 @@ impl SmtpClientSession {
                 step
             }
             Request::StartTls => self.starttls(),
-            Request::Noop { .. } | Request::Rset => reply("250 2.0.0 OK"),
+            Request::Noop { .. } => reply("250 2.0.0 OK"),
+            Request::Rset => {
+                self.transaction = None;
+                reply("250 2.0.0 OK")
+            }
             Request::Quit => {
                 self.state = ClientState::Closed;
                 self.framer.reset();
@@ -378,6 +439,150 @@ impl SmtpClientSession {
             }
             other => reply(&format!("502 5.5.1 {} is not implemented", other.name())),
         }
+    }
+
+    /// MAIL, RCPT and DATA from a device allowed by its address.
+    fn device_command(&mut self, line: &[u8]) -> ClientStep {
+        let Some(device) = self.opts.device.clone() else {
+            return reply("530 5.7.0 Authentication required");
+        };
+        let request = match Request::parse(&mut line.iter()) {
+            Ok(r) => r,
+            Err(smtp_proto::Error::SyntaxError { syntax }) => {
+                return reply(&format!("501 5.5.2 Syntax: {syntax}"));
+            }
+            Err(_) => return reply("501 5.5.2 Syntax error"),
+        };
+        match request {
+            Request::Mail { from } => {
+                if self.transaction.is_some() {
+                    return reply("503 5.5.1 Nested MAIL command; send RSET first");
+                }
+                let address = from.address.trim().to_owned();
+                if !device
+                    .senders
+                    .iter()
+                    .any(|s| s.eq_ignore_ascii_case(&address))
+                {
+                    let shown = if address.is_empty() {
+                        "<>"
+                    } else {
+                        address.as_str()
+                    };
+                    return reply(&one_line(
+                        &format!(
+                            "550 5.7.1 this device may not send as {shown}: by the [[device]] rule for its address it sends as {}",
+                            device.senders.join(", ")
+                        ),
+                        "550 5.7.1 sender not allowed",
+                    ));
+                }
+                if from.size as u64 > self.opts.max_message_size {
+                    return reply(&format!(
+                        "552 5.3.4 Message too big: at most {} bytes",
+                        self.opts.max_message_size
+                    ));
+                }
+                if !device.spool {
+                    // Live: log in as the account, then let the server
+                    // answer this MAIL and the rest.
+                    self.replay = line.to_vec();
+                    self.state = ClientState::LoginPending;
+                    return ClientStep::Login(LoginRequest {
+                        credentials: sasl::Credentials {
+                            user: String::new(),
+                            password: secrecy::SecretString::from(String::new()),
+                        },
+                        client_info: self.client_name.clone(),
+                        by_address: true,
+                    });
+                }
+                self.transaction = Some(Transaction {
+                    from: address,
+                    recipients: Vec::new(),
+                    smtputf8: from.flags & smtp_proto::MAIL_SMTPUTF8 != 0,
+                    eight_bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
+                });
+                reply("250 2.1.0 OK")
+            }
+            Request::Rcpt { to } => {
+                let Some(tx) = self.transaction.as_mut() else {
+                    return reply("503 5.5.1 Send MAIL first");
+                };
+                let address = to.address.trim().to_owned();
+                if address.is_empty() {
+                    return reply("501 5.1.3 An empty recipient address is not allowed");
+                }
+                if tx.recipients.len() >= MAX_RECIPIENTS {
+                    return reply(&format!(
+                        "452 4.5.3 Too many recipients: at most {MAX_RECIPIENTS} per message"
+                    ));
+                }
+                tx.recipients.push(address);
+                reply("250 2.1.5 OK")
+            }
+            Request::Data => match &self.transaction {
+                None => reply("503 5.5.1 Send MAIL first"),
+                Some(tx) if tx.recipients.is_empty() => reply("554 5.5.1 No valid recipients"),
+                Some(_) => {
+                    let raw = self.framer.take();
+                    self.state = ClientState::Data(DataIn {
+                        raw,
+                        scanned: 0,
+                        too_big: false,
+                    });
+                    reply("354 End data with <CR><LF>.<CR><LF>")
+                }
+            },
+            _ => reply("500 5.5.1 Unknown command"),
+        }
+    }
+
+    /// The content after `DATA`: the message once its lone dot arrived.
+    fn data_step(&mut self) -> ClientStep {
+        let ClientState::Data(data) = &mut self.state else {
+            return ClientStep::NeedInput;
+        };
+        let end = find_data_end(&data.raw, data.scanned);
+        let Some((body_end, after)) = end else {
+            data.scanned = data.raw.len().saturating_sub(4);
+            let limit = usize::try_from(self.opts.max_message_size)
+                .unwrap_or(usize::MAX)
+                .saturating_add(MAX_COMMAND_LINE);
+            if data.raw.len() > limit {
+                // Keep reading to the end, without keeping it.
+                data.too_big = true;
+                let keep = data.raw.split_off(data.raw.len() - 4);
+                data.raw = keep;
+                data.scanned = 0;
+            }
+            return ClientStep::NeedInput;
+        };
+        let rest = data.raw.split_off(after);
+        let too_big = data.too_big;
+        let mut raw = std::mem::take(&mut data.raw);
+        raw.truncate(body_end);
+        self.state = ClientState::Commands;
+        self.framer.push(&rest);
+        let tx = self.transaction.take();
+        if too_big || raw.len() as u64 > self.opts.max_message_size {
+            return reply(&format!(
+                "552 5.3.4 Message too big: at most {} bytes",
+                self.opts.max_message_size
+            ));
+        }
+        let Some(tx) = tx else {
+            return reply("503 5.5.1 Send MAIL first");
+        };
+        self.state = ClientState::SpoolPending;
+        ClientStep::Spool(Message {
+            from: tx.from,
+            recipients: tx.recipients,
+            data: unstuff(&raw),
+            smtputf8: tx.smtputf8,
+            eight_bit: tx.eight_bit,
+            client_name: self.client_name.clone(),
+        })
     }
 
     /// The client's response line in an AUTH exchange.
@@ -468,6 +673,53 @@ fn default_esc(code: u16) -> &'static str {
     }
 }
 
+/// Where a message's content ends: the index of the CRLF before the lone
+/// dot (the content keeps it) and the index after the dot line; searched
+/// from `from` on. An empty message is just `.` CRLF.
+fn find_data_end(raw: &[u8], from: usize) -> Option<(usize, usize)> {
+    if raw.starts_with(b".\r\n") {
+        return Some((0, 3));
+    }
+    let start = from.min(raw.len());
+    raw[start..]
+        .windows(5)
+        .position(|w| w == b"\r\n.\r\n")
+        .map(|i| (start + i + 2, start + i + 5))
+}
+
+/// Removes the dot SMTP adds before each line that starts with one.
+fn unstuff(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut at_line_start = true;
+    for (i, &b) in raw.iter().enumerate() {
+        if at_line_start && b == b'.' {
+            at_line_start = false;
+            continue;
+        }
+        at_line_start = b == b'\n' && i > 0 && raw[i - 1] == b'\r';
+        out.push(b);
+    }
+    out
+}
+
+/// Adds the dot SMTP needs before each line that starts with one, and the
+/// CRLF the end marker needs before it.
+pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 64 + 8);
+    let mut at_line_start = true;
+    for (i, &b) in data.iter().enumerate() {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        at_line_start = b == b'\n' && i > 0 && data[i - 1] == b'\r';
+        out.push(b);
+    }
+    if !data.is_empty() && !data.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
 /// Reads a refusal the way the upstream login does, from a server reply
 /// of one or more lines (`535 5.7.8 Username and Password not accepted`);
 /// None unless it is a complete 4xx or 5xx reply.
@@ -487,14 +739,18 @@ impl ClientSession for SmtpClientSession {
     }
 
     fn feed(&mut self, data: &[u8]) {
-        match self.state {
+        match &mut self.state {
             // Bytes before the handshake are plaintext; after QUIT, noise.
             ClientState::TlsPending | ClientState::Closed => {}
+            ClientState::Data(d) => d.raw.extend_from_slice(data),
             _ => self.framer.push(data),
         }
     }
 
     fn next_step(&mut self) -> ClientStep {
+        if matches!(self.state, ClientState::Data(_)) {
+            return self.data_step();
+        }
         let in_auth = match self.state {
             ClientState::Commands => false,
             ClientState::AuthPlain
@@ -535,6 +791,10 @@ impl ClientSession for SmtpClientSession {
             return Vec::new();
         }
         self.state = ClientState::LoggedIn;
+        if !self.replay.is_empty() {
+            // A device's MAIL: the server answers it.
+            return Vec::new();
+        }
         b"235 2.7.0 Authentication successful\r\n".to_vec()
     }
 
@@ -543,11 +803,47 @@ impl ClientSession for SmtpClientSession {
             return Vec::new();
         }
         self.state = ClientState::Commands;
+        if !std::mem::take(&mut self.replay).is_empty() {
+            // The answer to the device's MAIL.
+            let reason = one_line(&failure.reason, "cannot send just now");
+            return match failure.kind {
+                FailureKind::Throttled | FailureKind::Unavailable => {
+                    format!("451 4.4.0 {reason}\r\n")
+                }
+                FailureKind::BadCredentials | FailureKind::Rejected => {
+                    format!("554 5.7.0 {reason}\r\n")
+                }
+            }
+            .into_bytes();
+        }
         Self::failure_reply(failure)
     }
 
     fn take_pending(&mut self) -> Vec<u8> {
-        self.framer.take()
+        let mut out = std::mem::take(&mut self.replay);
+        out.extend_from_slice(&self.framer.take());
+        out
+    }
+
+    fn spooled(&mut self, outcome: &SpoolOutcome) -> Vec<u8> {
+        if !matches!(self.state, ClientState::SpoolPending) {
+            return Vec::new();
+        }
+        self.state = ClientState::Commands;
+        match outcome {
+            SpoolOutcome::Queued { id } => format!("250 2.0.0 OK: queued as {id}\r\n"),
+            SpoolOutcome::Failed {
+                temporary: true,
+                reason,
+            } => format!(
+                "452 4.3.1 {}\r\n",
+                one_line(reason, "Insufficient system storage")
+            ),
+            SpoolOutcome::Failed { reason, .. } => {
+                format!("554 5.3.0 {}\r\n", one_line(reason, "Message not stored"))
+            }
+        }
+        .into_bytes()
     }
 
     fn timeout_message(&self) -> Vec<u8> {
@@ -673,6 +969,189 @@ impl Reply {
             .and_then(|l| l.get(4..))
             .unwrap_or("")
             .trim()
+    }
+}
+
+/// What a [`Submission`] wants next.
+#[derive(Debug)]
+pub enum SubmitStep {
+    /// Write these bytes to the server.
+    Send(Vec<u8>),
+    /// Read from the server and `feed` it.
+    NeedInput,
+    /// The transaction is over.
+    Done(SubmitOutcome),
+}
+
+/// How a [`Submission`] ended.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitOutcome {
+    /// Recipients the server took the message for.
+    pub delivered: Vec<String>,
+    /// Recipients it refused, with its refusal (temporary or not).
+    pub refused: Vec<(String, Refusal)>,
+}
+
+enum SubmitState {
+    Mail,
+    Rcpt(usize),
+    Data,
+    Content,
+    Done,
+}
+
+/// Sends one stored message on a logged-in SMTP connection, one command
+/// at a time: `MAIL FROM`, `RCPT TO` per recipient, `DATA`, the content
+/// dot-stuffed, the final dot. A refusal of `MAIL`, `DATA` or the content
+/// applies to every recipient not yet refused; a refusal of one `RCPT` to
+/// that recipient only.
+pub struct Submission {
+    framer: Framer,
+    reader: ReplyReader,
+    state: SubmitState,
+    from: String,
+    recipients: Vec<String>,
+    params: String,
+    content: Vec<u8>,
+    accepted: Vec<String>,
+    outcome: SubmitOutcome,
+    first: bool,
+}
+
+impl fmt::Debug for Submission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Submission")
+            .field("from", &self.from)
+            .field("recipients", &self.recipients)
+            .field("size", &self.content.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Submission {
+    /// A transaction for `message` (its `data` unstuffed, as spooled).
+    pub fn new(message: &Message) -> Submission {
+        let mut params = String::new();
+        if message.eight_bit {
+            params.push_str(" BODY=8BITMIME");
+        }
+        if message.smtputf8 {
+            params.push_str(" SMTPUTF8");
+        }
+        let mut content = dot_stuff(&message.data);
+        content.extend_from_slice(b".\r\n");
+        Submission {
+            framer: Framer::lines(DEFAULT_MAX_LINE),
+            reader: ReplyReader::default(),
+            state: SubmitState::Mail,
+            from: message.from.clone(),
+            recipients: message.recipients.clone(),
+            params,
+            content,
+            accepted: Vec::new(),
+            outcome: SubmitOutcome::default(),
+            first: true,
+        }
+    }
+
+    /// Bytes from the server.
+    pub fn feed(&mut self, data: &[u8]) {
+        self.framer.push(data);
+    }
+
+    /// Everyone not yet refused is refused with `refusal`.
+    fn refuse_rest(&mut self, refusal: Refusal) -> SubmitStep {
+        let mut rest: Vec<String> = std::mem::take(&mut self.accepted);
+        if let SubmitState::Rcpt(i) = self.state {
+            rest.extend(self.recipients[i..].iter().cloned());
+        } else if matches!(self.state, SubmitState::Mail) {
+            rest = self.recipients.clone();
+        }
+        for r in rest {
+            self.outcome.refused.push((r, refusal.clone()));
+        }
+        self.state = SubmitState::Done;
+        SubmitStep::Done(std::mem::take(&mut self.outcome))
+    }
+
+    /// What to do next.
+    pub fn next_step(&mut self) -> Result<SubmitStep, UpstreamError> {
+        if self.first {
+            self.first = false;
+            return Ok(SubmitStep::Send(
+                format!("MAIL FROM:<{}>{}\r\n", self.from, self.params).into_bytes(),
+            ));
+        }
+        if matches!(self.state, SubmitState::Done) {
+            return Ok(SubmitStep::Done(self.outcome.clone()));
+        }
+        let reply = loop {
+            match self.framer.next() {
+                Frame::NeedMore | Frame::Literal(_) => return Ok(SubmitStep::NeedInput),
+                Frame::LineTooLong => {
+                    return Err(UpstreamError::Unexpected(
+                        "the server sent a reply line that is too long".into(),
+                    ));
+                }
+                Frame::Message(line) => {
+                    if let Some(reply) = self.reader.line(&line)? {
+                        break reply;
+                    }
+                }
+            }
+        };
+        let ok = (200..300).contains(&reply.code);
+        match self.state {
+            SubmitState::Mail => {
+                if !ok {
+                    return Ok(self.refuse_rest(reply.refusal()));
+                }
+                self.state = SubmitState::Rcpt(0);
+                Ok(self.next_rcpt())
+            }
+            SubmitState::Rcpt(i) => {
+                let rcpt = self.recipients[i].clone();
+                if ok {
+                    self.accepted.push(rcpt);
+                } else {
+                    self.outcome.refused.push((rcpt, reply.refusal()));
+                }
+                self.state = SubmitState::Rcpt(i + 1);
+                Ok(self.next_rcpt())
+            }
+            SubmitState::Data => {
+                if reply.code != 354 {
+                    return Ok(self.refuse_rest(reply.refusal()));
+                }
+                self.state = SubmitState::Content;
+                Ok(SubmitStep::Send(std::mem::take(&mut self.content)))
+            }
+            SubmitState::Content => {
+                if !ok {
+                    return Ok(self.refuse_rest(reply.refusal()));
+                }
+                self.outcome.delivered = std::mem::take(&mut self.accepted);
+                self.state = SubmitState::Done;
+                Ok(SubmitStep::Done(std::mem::take(&mut self.outcome)))
+            }
+            SubmitState::Done => Ok(SubmitStep::Done(self.outcome.clone())),
+        }
+    }
+
+    fn next_rcpt(&mut self) -> SubmitStep {
+        let SubmitState::Rcpt(i) = self.state else {
+            return SubmitStep::NeedInput;
+        };
+        if let Some(r) = self.recipients.get(i) {
+            return SubmitStep::Send(format!("RCPT TO:<{r}>\r\n").into_bytes());
+        }
+        if self.accepted.is_empty() {
+            // Nobody left: end the transaction politely.
+            self.state = SubmitState::Done;
+            return SubmitStep::Send(b"RSET\r\n".to_vec());
+        }
+        self.state = SubmitState::Data;
+        SubmitStep::Send(b"DATA\r\n".to_vec())
     }
 }
 
@@ -1231,10 +1710,11 @@ mod tests {
     }
 
     #[test]
-    fn auth_needs_ehlo_and_encryption() {
+    fn auth_needs_encryption_not_ehlo() {
+        // Devices that never say EHLO (or HELO) still log in.
         let input = format!("AUTH PLAIN {}\r\n", b64(b"\0u\0p"));
         let (_, evs) = run(open(), input.as_bytes());
-        assert_eq!(evs, [out("503 5.5.1 Send EHLO first\r\n")]);
+        assert_eq!(evs, [login("u", "p", None)]);
         let opts = ClientOptions {
             starttls_offered: true,
             ..ClientOptions::default()
@@ -1309,20 +1789,18 @@ mod tests {
         // Byte at a time: the same.
         let mut slow = SmtpClientSession::new(opts);
         assert_eq!(drive(&mut slow, input.as_bytes(), 1), evs);
-        // After TLS the client must EHLO again; then AUTH is offered.
+        // After TLS the EHLO name is forgotten; EHLO again offers AUTH.
         let input = format!(
-            "AUTH PLAIN {0}\r\nSTARTTLS\r\nEHLO again\r\nAUTH PLAIN {0}\r\n",
+            "STARTTLS\r\nEHLO again\r\nAUTH PLAIN {0}\r\n",
             b64(b"\0u\0p")
         );
         let evs = drive(&mut sess, input.as_bytes(), usize::MAX);
         assert_eq!(
             evs,
             [
-                out(
-                    "503 5.5.1 Send EHLO first\r\n503 5.5.1 TLS is already active\r\n\
+                out("503 5.5.1 TLS is already active\r\n\
                      250-localhost\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n\
-                     250-SIZE 52428800\r\n250 AUTH PLAIN LOGIN\r\n"
-                ),
+                     250-SIZE 52428800\r\n250 AUTH PLAIN LOGIN\r\n"),
                 login("u", "p", Some("again"))
             ]
         );
@@ -2080,5 +2558,195 @@ mod tests {
                 assert!(!reading || u.framer.buffered() <= 60);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+    use crate::testkit::{Ev, drive};
+
+    fn device(spool: bool) -> ClientOptions {
+        ClientOptions {
+            hostname: "gw".into(),
+            max_message_size: 1000,
+            device: Some(DeviceOptions {
+                senders: vec!["scanner@contoso.com".into()],
+                spool,
+            }),
+            ..ClientOptions::default()
+        }
+    }
+
+    #[test]
+    fn a_spooling_device_hands_over_the_whole_message() {
+        let input = b"HELO printer\r\nMAIL FROM:<Scanner@Contoso.com> BODY=8BITMIME\r\n\
+RCPT TO:<a@x.example>\r\nRCPT TO:<b@x.example>\r\nDATA\r\nSubject: s\r\n\r\n..dot\r\nend\r\n.\r\nQUIT\r\n";
+        for chunk in [usize::MAX, 1, 7] {
+            let mut s = SmtpClientSession::new(device(true));
+            let evs = drive(&mut s, input, chunk);
+            assert_eq!(
+                evs,
+                [
+                    Ev::Out(
+                        "250 gw\r\n250 2.1.0 OK\r\n250 2.1.5 OK\r\n250 2.1.5 OK\r\n\
+                         354 End data with <CR><LF>.<CR><LF>\r\n"
+                            .into()
+                    ),
+                    Ev::Spool {
+                        from: "Scanner@Contoso.com".into(),
+                        to: vec!["a@x.example".into(), "b@x.example".into()],
+                        data: "Subject: s\r\n\r\n.dot\r\nend\r\n".into(),
+                    }
+                ],
+                "chunk {chunk}"
+            );
+            let reply = s.spooled(&SpoolOutcome::Queued { id: "Q1".into() });
+            assert_eq!(reply, b"250 2.0.0 OK: queued as Q1\r\n");
+            let mut evs = Vec::new();
+            crate::testkit::pump(&mut s, &mut evs);
+            assert_eq!(evs, [Ev::Close("221 2.0.0 Bye\r\n".into())]);
+        }
+    }
+
+    #[test]
+    fn device_refusals() {
+        let mut s = SmtpClientSession::new(device(true));
+        let evs = drive(
+            &mut s,
+            b"MAIL FROM:<ceo@contoso.com>\r\nMAIL FROM:<scanner@contoso.com> SIZE=5000\r\n\
+RCPT TO:<a@x>\r\nDATA\r\nMAIL FROM:<scanner@contoso.com>\r\nDATA\r\nRCPT TO:<>\r\n",
+            usize::MAX,
+        );
+        assert_eq!(
+            evs,
+            [Ev::Out(
+                "550 5.7.1 this device may not send as ceo@contoso.com: by the [[device]] rule for its address it sends as scanner@contoso.com\r\n\
+                 552 5.3.4 Message too big: at most 1000 bytes\r\n\
+                 503 5.5.1 Send MAIL first\r\n503 5.5.1 Send MAIL first\r\n\
+                 250 2.1.0 OK\r\n554 5.5.1 No valid recipients\r\n\
+                 501 5.1.3 An empty recipient address is not allowed\r\n"
+                    .into()
+            )]
+        );
+        // A message over the limit is read to its end and refused.
+        let mut s = SmtpClientSession::new(device(true));
+        let mut input = b"MAIL FROM:<scanner@contoso.com>\r\nRCPT TO:<a@x>\r\nDATA\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 5000));
+        input.extend_from_slice(b"\r\n.\r\nNOOP\r\n");
+        let evs = drive(&mut s, &input, 100);
+        let Ev::Out(text) = &evs[0] else {
+            panic!("{evs:?}")
+        };
+        assert!(
+            text.ends_with("552 5.3.4 Message too big: at most 1000 bytes\r\n250 2.0.0 OK\r\n"),
+            "{text}"
+        );
+        // A storage failure is a 452.
+        let mut s = SmtpClientSession::new(device(true));
+        drive(
+            &mut s,
+            b"MAIL FROM:<scanner@contoso.com>\r\nRCPT TO:<a@x>\r\nDATA\r\nhi\r\n.\r\n",
+            usize::MAX,
+        );
+        let reply = s.spooled(&SpoolOutcome::Failed {
+            temporary: true,
+            reason: "the disk is full".into(),
+        });
+        assert_eq!(reply, b"452 4.3.1 the disk is full\r\n");
+    }
+
+    #[test]
+    fn a_live_device_logs_in_at_mail_and_the_server_answers_it() {
+        let mut s = SmtpClientSession::new(device(false));
+        let mut evs = drive(
+            &mut s,
+            b"EHLO mfp\r\nMAIL FROM:<scanner@contoso.com>\r\nRCPT TO:<a@x>\r\n",
+            usize::MAX,
+        );
+        assert!(matches!(evs.pop(), Some(Ev::Login { .. })), "{evs:?}");
+        assert!(s.login_succeeded(&UpstreamSuccess::default()).is_empty());
+        assert_eq!(
+            s.take_pending(),
+            b"MAIL FROM:<scanner@contoso.com>\r\nRCPT TO:<a@x>\r\n"
+        );
+        // A failed live login answers the MAIL.
+        let mut s = SmtpClientSession::new(device(false));
+        drive(&mut s, b"MAIL FROM:<scanner@contoso.com>\r\n", usize::MAX);
+        let reply = s.login_failed(&LoginFailure {
+            kind: FailureKind::Unavailable,
+            reason: "provider down".into(),
+            upstream_reply: None,
+        });
+        assert_eq!(reply, b"451 4.4.0 provider down\r\n");
+        // Without a device, MAIL still needs AUTH.
+        let mut s = SmtpClientSession::new(ClientOptions::default());
+        let evs = drive(&mut s, b"MAIL FROM:<scanner@contoso.com>\r\n", usize::MAX);
+        assert_eq!(
+            evs,
+            [Ev::Out("530 5.7.0 Authentication required\r\n".into())]
+        );
+    }
+
+    fn message() -> Message {
+        Message {
+            from: "scanner@contoso.com".into(),
+            recipients: vec!["a@x".into(), "b@x".into(), "c@x".into()],
+            data: b"Subject: s\r\n\r\n.dot".to_vec(),
+            smtputf8: true,
+            eight_bit: false,
+            client_name: None,
+        }
+    }
+
+    fn sub_run(sub: &mut Submission, replies: &[&str]) -> (String, Option<SubmitOutcome>) {
+        let mut sent = String::new();
+        let mut replies = replies.iter();
+        loop {
+            match sub.next_step().unwrap() {
+                SubmitStep::Send(b) => sent.push_str(&String::from_utf8(b).unwrap()),
+                SubmitStep::NeedInput => match replies.next() {
+                    Some(r) => sub.feed(r.as_bytes()),
+                    None => return (sent, None),
+                },
+                SubmitStep::Done(o) => return (sent, Some(o)),
+            }
+        }
+    }
+
+    #[test]
+    fn a_submission_sends_the_message_and_reads_each_recipient() {
+        let mut sub = Submission::new(&message());
+        let (sent, outcome) = sub_run(
+            &mut sub,
+            &[
+                "250 2.1.0 ok\r\n",
+                "250 2.1.5 ok\r\n",
+                "550 5.1.1 no such user\r\n",
+                "451 4.7.500 Server busy\r\n",
+                "354 go\r\n",
+                "250 2.0.0 queued\r\n",
+            ],
+        );
+        assert_eq!(
+            sent,
+            "MAIL FROM:<scanner@contoso.com> SMTPUTF8\r\nRCPT TO:<a@x>\r\nRCPT TO:<b@x>\r\n\
+             RCPT TO:<c@x>\r\nDATA\r\nSubject: s\r\n\r\n..dot\r\n.\r\n"
+        );
+        let o = outcome.unwrap();
+        assert_eq!(o.delivered, ["a@x"]);
+        assert_eq!(o.refused.len(), 2);
+        assert!(!o.refused[0].1.is_temporary() && o.refused[1].1.is_temporary());
+
+        // A refused MAIL refuses everyone.
+        let mut sub = Submission::new(&message());
+        let (_, outcome) = sub_run(
+            &mut sub,
+            &["451 4.7.500 Server busy. Please try again later\r\n"],
+        );
+        let o = outcome.unwrap();
+        assert!(o.delivered.is_empty());
+        assert_eq!(o.refused.len(), 3);
+        assert!(o.refused.iter().all(|(_, r)| r.is_temporary()));
     }
 }

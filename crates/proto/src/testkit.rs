@@ -117,6 +117,11 @@ pub enum Ev {
         info: Option<String>,
     },
     Close(String),
+    Spool {
+        from: String,
+        to: Vec<String>,
+        data: String,
+    },
 }
 
 /// Runs the session until it needs input, merging consecutive sends.
@@ -138,6 +143,11 @@ pub fn pump(sess: &mut dyn ClientSession, evs: &mut Vec<Ev>) {
                 info: req.client_info.clone(),
             },
             ClientStep::Close(b) => Ev::Close(text(&b)),
+            ClientStep::Spool(m) => Ev::Spool {
+                from: m.from,
+                to: m.recipients,
+                data: text(&m.data),
+            },
         };
         evs.push(ev);
     }

@@ -1,0 +1,498 @@
+//! The spool: messages from devices that cannot retry, on disk before the
+//! device hears `250`, until they are delivered or fail for good.
+//!
+//! Layout under the spool directory (0700, files 0600):
+//!
+//! - `tmp/`: a message being written. Nothing here was acknowledged; it
+//!   is removed at start.
+//! - `queue/ID.eml` and `queue/ID.json`: the content (as received, dot-
+//!   unstuffed) and the envelope with its delivery state. The envelope is
+//!   written last, so its presence is what makes a message queued: an
+//!   `.eml` without its `.json` was never acknowledged and is removed.
+//! - `failed/`: the same pair for messages refused for good or too old,
+//!   kept for a person (`mailbridge queue list`, `retry`, `delete`).
+//!
+//! Durability: both files are written to `tmp/`, flushed (`fsync`), renamed
+//! into `queue/`, and the directory flushed, all before the `250`. After
+//! delivery the envelope is removed first (the commit point), then the
+//! content. A crash between the server's `250` and that removal sends the
+//! message again at the next start: at least once, never lost.
+
+pub mod deliver;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use mailbridge_proto::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::unix_now;
+
+/// A queued message's envelope and delivery state (`ID.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Envelope {
+    /// The queue id (also the file names).
+    pub id: String,
+    /// The account it is sent as.
+    pub account: String,
+    /// The device that sent it (its `[[device]]` name) and its address.
+    pub device: String,
+    /// The client's address.
+    pub client: String,
+    /// `MAIL FROM`.
+    pub from: String,
+    /// Recipients still to deliver to.
+    pub recipients: Vec<String>,
+    /// `SMTPUTF8` was asked for.
+    #[serde(default)]
+    pub smtputf8: bool,
+    /// `BODY=8BITMIME` was asked for.
+    #[serde(default)]
+    pub eight_bit: bool,
+    /// Content size in bytes.
+    pub size: u64,
+    /// When it was accepted (unix seconds).
+    pub received_at: u64,
+    /// Delivery attempts so far.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Not before (unix seconds).
+    #[serde(default)]
+    pub next_attempt_at: u64,
+    /// The last failure, in words.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// Recipients refused for good, with the server's reply.
+    #[serde(default)]
+    pub failed_recipients: Vec<(String, String)>,
+    /// Send a report to the sender if it fails for good.
+    #[serde(default)]
+    pub bounce: bool,
+}
+
+/// Where an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Area {
+    /// Waiting for delivery.
+    Queue,
+    /// Refused for good or too old.
+    Failed,
+}
+
+impl Area {
+    fn dir(self) -> &'static str {
+        match self {
+            Area::Queue => "queue",
+            Area::Failed => "failed",
+        }
+    }
+
+    /// As shown by `queue list`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Area::Queue => "queued",
+            Area::Failed => "failed",
+        }
+    }
+}
+
+/// Why the spool failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// A file operation failed.
+    #[error("spool {}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// An envelope does not parse.
+    #[error("spool envelope {} is damaged: {reason}", path.display())]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// No such message.
+    #[error("no message {id} in the spool (see `mailbridge queue list`)")]
+    NotFound {
+        /// The id asked for.
+        id: String,
+    },
+}
+
+impl SpoolError {
+    /// A full or failing disk rather than a missing message.
+    pub fn is_storage(&self) -> bool {
+        matches!(self, SpoolError::Io { .. })
+    }
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The spool directory.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    dir: PathBuf,
+}
+
+impl Spool {
+    /// Opens (creating) the spool at `dir`: the directories 0700, `tmp/`
+    /// emptied, content without an envelope removed.
+    pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
+        for sub in ["", "tmp", "queue", "failed"] {
+            let d = dir.join(sub);
+            fs::create_dir_all(&d).map_err(io_at(&d))?;
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).map_err(io_at(&d))?;
+        }
+        let spool = Spool {
+            dir: dir.to_path_buf(),
+        };
+        let tmp = dir.join("tmp");
+        for entry in fs::read_dir(&tmp).map_err(io_at(&tmp))? {
+            let path = entry.map_err(io_at(&tmp))?.path();
+            tracing::info!(file = %path.display(), "removing a message that was never acknowledged");
+            let _ = fs::remove_file(&path);
+        }
+        let queue = dir.join("queue");
+        for entry in fs::read_dir(&queue).map_err(io_at(&queue))? {
+            let path = entry.map_err(io_at(&queue))?.path();
+            if path.extension().is_some_and(|e| e == "eml") && !path.with_extension("json").exists()
+            {
+                tracing::info!(file = %path.display(), "removing content whose envelope was never written (never acknowledged)");
+                let _ = fs::remove_file(&path);
+            }
+        }
+        Ok(spool)
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, area: Area, id: &str, ext: &str) -> PathBuf {
+        self.dir.join(area.dir()).join(format!("{id}.{ext}"))
+    }
+
+    /// Stores a message durably; returns its envelope. Only after this
+    /// returns may the device hear `250`.
+    pub fn store(
+        &self,
+        account: &str,
+        device: &str,
+        client: &str,
+        bounce: bool,
+        message: &Message,
+    ) -> Result<Envelope, SpoolError> {
+        let id = new_id();
+        let envelope = Envelope {
+            id: id.clone(),
+            account: account.to_owned(),
+            device: device.to_owned(),
+            client: client.to_owned(),
+            from: message.from.clone(),
+            recipients: message.recipients.clone(),
+            smtputf8: message.smtputf8,
+            eight_bit: message.eight_bit,
+            size: message.data.len() as u64,
+            received_at: unix_now(),
+            attempts: 0,
+            next_attempt_at: 0,
+            last_error: None,
+            failed_recipients: Vec::new(),
+            bounce,
+        };
+        let tmp_eml = self.dir.join("tmp").join(format!("{id}.eml"));
+        let tmp_json = self.dir.join("tmp").join(format!("{id}.json"));
+        let done = (|| {
+            write_synced(&tmp_eml, &message.data)?;
+            write_synced(&tmp_json, &to_json(&envelope))?;
+            let eml = self.path(Area::Queue, &id, "eml");
+            fs::rename(&tmp_eml, &eml).map_err(io_at(&eml))?;
+            let json = self.path(Area::Queue, &id, "json");
+            fs::rename(&tmp_json, &json).map_err(io_at(&json))?;
+            sync_dir(&self.dir.join("queue"))
+        })();
+        if let Err(e) = done {
+            let _ = fs::remove_file(&tmp_eml);
+            let _ = fs::remove_file(&tmp_json);
+            let _ = fs::remove_file(self.path(Area::Queue, &id, "json"));
+            let _ = fs::remove_file(self.path(Area::Queue, &id, "eml"));
+            return Err(e);
+        }
+        Ok(envelope)
+    }
+
+    /// Every entry of `area`, oldest first. Damaged envelopes are logged
+    /// and skipped.
+    pub fn list(&self, area: Area) -> Result<Vec<Envelope>, SpoolError> {
+        let dir = self.dir.join(area.dir());
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_at(&dir))? {
+            let path = entry.map_err(io_at(&dir))?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match read_envelope(&path) {
+                Ok(e) => out.push(e),
+                // Delivered or deleted while we looked.
+                Err(SpoolError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(error = %e, "skipping a spool envelope"),
+            }
+        }
+        out.sort_by(|a, b| (a.received_at, &a.id).cmp(&(b.received_at, &b.id)));
+        Ok(out)
+    }
+
+    /// The entry `id` and where it is.
+    pub fn find(&self, id: &str) -> Result<(Area, Envelope), SpoolError> {
+        if !valid_id(id) {
+            return Err(SpoolError::NotFound { id: id.to_owned() });
+        }
+        for area in [Area::Queue, Area::Failed] {
+            let path = self.path(area, id, "json");
+            match read_envelope(&path) {
+                Ok(e) => return Ok((area, e)),
+                Err(SpoolError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(SpoolError::NotFound { id: id.to_owned() })
+    }
+
+    /// A queued message's content.
+    pub fn content(&self, area: Area, id: &str) -> Result<Vec<u8>, SpoolError> {
+        let path = self.path(area, id, "eml");
+        fs::read(&path).map_err(io_at(&path))
+    }
+
+    /// Replaces a queued envelope (new state after an attempt).
+    pub fn update(&self, area: Area, envelope: &Envelope) -> Result<(), SpoolError> {
+        let tmp = self
+            .dir
+            .join("tmp")
+            .join(format!("{}.json.new", envelope.id));
+        write_synced(&tmp, &to_json(envelope))?;
+        let path = self.path(area, &envelope.id, "json");
+        fs::rename(&tmp, &path).map_err(io_at(&path))?;
+        sync_dir(&self.dir.join(area.dir()))
+    }
+
+    /// Delivered: the envelope goes first (the commit point), then the
+    /// content.
+    pub fn remove(&self, area: Area, id: &str) -> Result<(), SpoolError> {
+        let json = self.path(area, id, "json");
+        match fs::remove_file(&json) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(SpoolError::NotFound { id: id.to_owned() });
+            }
+            Err(e) => return Err(io_at(&json)(e)),
+        }
+        sync_dir(&self.dir.join(area.dir()))?;
+        let eml = self.path(area, id, "eml");
+        let _ = fs::remove_file(&eml);
+        Ok(())
+    }
+
+    /// Moves an entry between areas (content first, so the envelope's
+    /// arrival is the commit point in the new area too).
+    pub fn move_to(&self, envelope: &Envelope, from: Area, to: Area) -> Result<(), SpoolError> {
+        let id = &envelope.id;
+        let eml_to = self.path(to, id, "eml");
+        fs::rename(self.path(from, id, "eml"), &eml_to).map_err(io_at(&eml_to))?;
+        let tmp = self.dir.join("tmp").join(format!("{id}.json.new"));
+        write_synced(&tmp, &to_json(envelope))?;
+        let json_to = self.path(to, id, "json");
+        fs::rename(&tmp, &json_to).map_err(io_at(&json_to))?;
+        sync_dir(&self.dir.join(to.dir()))?;
+        let _ = fs::remove_file(self.path(from, id, "json"));
+        sync_dir(&self.dir.join(from.dir()))
+    }
+
+    /// `queue retry ID`: a failed message back in the queue, or a queued
+    /// one due now.
+    pub fn retry(&self, id: &str) -> Result<Envelope, SpoolError> {
+        let (area, mut envelope) = self.find(id)?;
+        envelope.next_attempt_at = 0;
+        if area == Area::Failed {
+            envelope.received_at = unix_now();
+            envelope.attempts = 0;
+            // Recipients refused for good get another try too.
+            let refused: Vec<String> = envelope
+                .failed_recipients
+                .drain(..)
+                .map(|(r, _)| r)
+                .collect();
+            envelope.recipients.extend(refused);
+            self.move_to(&envelope, Area::Failed, Area::Queue)?;
+        } else {
+            self.update(Area::Queue, &envelope)?;
+        }
+        Ok(envelope)
+    }
+
+    /// `queue delete ID`.
+    pub fn delete(&self, id: &str) -> Result<Area, SpoolError> {
+        let (area, _) = self.find(id)?;
+        self.remove(area, id)?;
+        Ok(area)
+    }
+}
+
+fn to_json(envelope: &Envelope) -> Vec<u8> {
+    let mut v = serde_json::to_vec_pretty(envelope).unwrap_or_default();
+    v.push(b'\n');
+    v
+}
+
+fn read_envelope(path: &Path) -> Result<Envelope, SpoolError> {
+    let bytes = fs::read(path).map_err(io_at(path))?;
+    serde_json::from_slice(&bytes).map_err(|e| SpoolError::Damaged {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Writes `data` to a new 0600 file and flushes it to the disk.
+fn write_synced(path: &Path, data: &[u8]) -> Result<(), SpoolError> {
+    let mut f: File = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .or_else(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                fs::remove_file(path)?;
+                OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+            } else {
+                Err(e)
+            }
+        })
+        .map_err(io_at(path))?;
+    f.write_all(data).map_err(io_at(path))?;
+    f.sync_all().map_err(io_at(path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_at(dir))
+}
+
+/// A queue id: milliseconds since the epoch and 32 random bits, in hex
+/// (ordered by arrival, unique without coordination).
+fn new_id() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("{ms:011X}{:08X}", rand::random::<u32>())
+}
+
+/// Ids are what `new_id` makes: nothing that could name another path.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message() -> Message {
+        Message {
+            from: "scanner@contoso.com".into(),
+            recipients: vec!["a@x".into()],
+            data: b"Subject: s\r\n\r\nbody\r\n".to_vec(),
+            smtputf8: false,
+            eight_bit: true,
+            client_name: None,
+        }
+    }
+
+    fn temp() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "mailbridge-spool-unit-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn store_list_update_fail_retry_delete() {
+        let dir = temp();
+        let spool = Spool::open(&dir).unwrap();
+        let e = spool
+            .store("scanner@contoso.com", "mfp", "192.0.2.7", false, &message())
+            .unwrap();
+        assert_eq!(spool.list(Area::Queue).unwrap(), [e.clone()]);
+        assert_eq!(spool.content(Area::Queue, &e.id).unwrap(), message().data);
+        for f in ["queue", "failed", "tmp"] {
+            let mode = fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{f}");
+        }
+        let mode = fs::metadata(spool.path(Area::Queue, &e.id, "eml"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+
+        let mut later = e.clone();
+        later.attempts = 2;
+        later.last_error = Some("busy".into());
+        spool.update(Area::Queue, &later).unwrap();
+        assert_eq!(spool.find(&e.id).unwrap(), (Area::Queue, later.clone()));
+
+        spool.move_to(&later, Area::Queue, Area::Failed).unwrap();
+        assert!(spool.list(Area::Queue).unwrap().is_empty());
+        assert_eq!(spool.list(Area::Failed).unwrap().len(), 1);
+        let back = spool.retry(&e.id).unwrap();
+        assert_eq!(back.attempts, 0);
+        assert_eq!(spool.find(&e.id).unwrap().0, Area::Queue);
+        assert_eq!(spool.delete(&e.id).unwrap(), Area::Queue);
+        assert!(matches!(
+            spool.find(&e.id),
+            Err(SpoolError::NotFound { .. })
+        ));
+        assert!(matches!(
+            spool.find("../../etc/passwd"),
+            Err(SpoolError::NotFound { .. })
+        ));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn what_was_never_acknowledged_is_removed_at_open() {
+        let dir = temp();
+        let spool = Spool::open(&dir).unwrap();
+        let kept = spool
+            .store("a", "mfp", "192.0.2.7", false, &message())
+            .unwrap();
+        // A crash mid-store: content in tmp, content without envelope.
+        fs::write(dir.join("tmp/0000000000100000000.eml"), b"x").unwrap();
+        fs::write(dir.join("queue/0000000000200000000.eml"), b"x").unwrap();
+        let spool = Spool::open(&dir).unwrap();
+        assert_eq!(fs::read_dir(dir.join("tmp")).unwrap().count(), 0);
+        assert!(!dir.join("queue/0000000000200000000.eml").exists());
+        assert_eq!(spool.list(Area::Queue).unwrap(), [kept]);
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
