@@ -6,7 +6,8 @@
 //!
 //! The PROXY protocol (point 5): hand-made v1 and v2 headers from a
 //! trusted address name the client whose address then counts for the
-//! connection limits, the backoff and `local_networks`; headers from
+//! connection limits, the backoff, `local_networks` and the device
+//! allow-list; headers from
 //! anyone else, and garbage from a trusted proxy, close the connection.
 
 #[path = "common/mod.rs"]
@@ -332,4 +333,57 @@ async fn on_implicit_tls_the_header_comes_before_the_handshake() {
         .await;
     assert!(reply.last().unwrap().starts_with("a1 OK"), "{reply:?}");
     h.stop().await;
+}
+
+#[tokio::test]
+async fn a_device_behind_the_proxy_is_known_by_the_address_in_the_header() {
+    // A scanner at 192.0.2.50 may send as alice without AUTH (live, not
+    // spooled); devices need service key mode.
+    let keys = common::temp_dir("proxy-device-key");
+    let key = keys.join("key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let h = Harness::start(Options {
+        server_extra: format!(
+            "trusted_proxies = [\"{PROXY}/32\"]\nkey_mode = \"service\"\nkey_file = \"{}\"\n\n[[device]]\nname = \"scanner\"\nfrom = [\"192.0.2.50\"]\naccount = \"{USER}\"\nspool = false\n",
+            key.display()
+        ),
+        listener_extra: "proxy_protocol = true\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let send = |client: &'static str| {
+        let addr = h.smtp_addr;
+        async move {
+            let mut c = proxied(addr, &v2(client, addr)).await;
+            assert!(c.smtp_reply().await[0].starts_with("220"));
+            let helo = c.smtp("HELO scanner").await;
+            assert!(helo.starts_with("250"), "{helo}");
+            let mail = c.smtp(&format!("MAIL FROM:<{USER}>")).await;
+            if !mail.starts_with("250") {
+                return mail;
+            }
+            let rcpt = c.smtp("RCPT TO:<bob@example.com>").await;
+            assert!(rcpt.starts_with("250"), "{rcpt}");
+            let data = c.smtp("DATA").await;
+            assert!(data.starts_with("354"), "{data}");
+            c.smtp("Subject: scan\r\n\r\nscanned through a proxy\r\n.")
+                .await
+        }
+    };
+    let other = send("192.0.2.51:1").await;
+    assert!(other.starts_with("530"), "{other}");
+    assert_eq!(h.smtp.message_count(), 0);
+    let device = send("192.0.2.50:1").await;
+    println!(
+        "through the proxy: 192.0.2.51 got {other:?}; the scanner at 192.0.2.50 got {device:?}"
+    );
+    assert!(device.starts_with("250"), "{device}");
+    assert_eq!(h.smtp.message_count(), 1);
+    h.stop().await;
+    let _ = std::fs::remove_dir_all(keys);
 }
