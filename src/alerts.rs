@@ -222,16 +222,16 @@ impl Alerts {
         {
             let mut last = lock(&self.inner.last_sent);
             let key = (alert.account.clone(), alert.event);
-            if let Some(at) = last.get(&key) {
-                if now.duration_since(*at) < self.inner.min_interval {
-                    tracing::info!(
-                        event = alert.event.name(),
-                        account = %alert.account,
-                        reason = %alert.reason,
-                        "alert not sent again: one went out for this account less than min_interval_secs ago"
-                    );
-                    return false;
-                }
+            if let Some(at) = last.get(&key)
+                && now.duration_since(*at) < self.inner.min_interval
+            {
+                tracing::info!(
+                    event = alert.event.name(),
+                    account = %alert.account,
+                    reason = %alert.reason,
+                    "alert not sent again: one went out for this account less than min_interval_secs ago"
+                );
+                return false;
             }
             if last.len() >= 10_000 {
                 let keep = self.inner.min_interval;
@@ -475,11 +475,11 @@ async fn post(w: &Webhook, alert: &Alert) {
         "time": unix_now(),
     });
     let mut request = w.client.post(w.url.clone()).json(&body);
-    if let Some((name, secret)) = &w.secret {
-        if let Ok(mut value) = reqwest::header::HeaderValue::from_str(secret.expose_secret()) {
-            value.set_sensitive(true);
-            request = request.header(name.clone(), value);
-        }
+    if let Some((name, secret)) = &w.secret
+        && let Ok(mut value) = reqwest::header::HeaderValue::from_str(secret.expose_secret())
+    {
+        value.set_sensitive(true);
+        request = request.header(name.clone(), value);
     }
     match request.send().await {
         Ok(r) if r.status().is_success() => {

@@ -275,12 +275,12 @@ impl Backoff {
         let t = self.lock();
         let pair = (group, name);
         let mut wait = t.pairs.remaining(&pair, now);
-        if t.pairs.known(&pair, now) {
-            if let Some(a) = t.accounts.get(&name) {
-                let left = a.until.saturating_duration_since(now);
-                if !left.is_zero() {
-                    wait = wait.max(Some(left));
-                }
+        if t.pairs.known(&pair, now)
+            && let Some(a) = t.accounts.get(&name)
+        {
+            let left = a.until.saturating_duration_since(now);
+            if !left.is_zero() {
+                wait = wait.max(Some(left));
             }
         }
         if let Some(spray) = t.sprays.get(&group) {

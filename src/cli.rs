@@ -49,6 +49,11 @@ enum Command {
     /// Manage stored grants.
     #[command(subcommand)]
     Account(AccountCommand),
+    /// The spool of messages from devices: list, retry, delete (also while
+    /// the service runs: its delivery task reads the queue every few
+    /// seconds).
+    #[command(subcommand)]
+    Queue(QueueCommand),
     /// Run a self-contained demo: a sandbox OAuth2 provider, sandbox IMAP,
     /// POP3 and SMTP servers and mailbridge in front of them, all on loopback.
     Demo {
@@ -61,6 +66,27 @@ enum Command {
         /// Port for mailbridge's SMTP listener on 127.0.0.1 (0: any free port).
         #[arg(long, default_value_t = 1587)]
         smtp_port: u16,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum QueueCommand {
+    /// Every message queued or failed, oldest first.
+    List(ConfigArgs),
+    /// Send a message again: a failed one goes back to the queue, a queued
+    /// one is due at once.
+    Retry {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The message's id, as `queue list` shows it.
+        id: String,
+    },
+    /// Remove a message for good.
+    Delete {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The message's id.
+        id: String,
     },
 }
 
@@ -279,6 +305,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Account(cmd) => account(cmd).await,
+        Command::Queue(cmd) => queue(cmd),
         Command::Demo {
             imap_port,
             pop3_port,
@@ -290,6 +317,87 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 smtp: smtp_port,
             };
             crate::demo::run(ports, shutdown_signal()).await
+        }
+    }
+}
+
+/// The spool the configuration names.
+fn open_spool(args: &ConfigArgs) -> anyhow::Result<crate::spool::Spool> {
+    let settings = load(args)?;
+    let dir = settings
+        .spool
+        .dir
+        .clone()
+        .unwrap_or_else(|| settings.server.state_dir().join("spool"));
+    if !dir.exists() {
+        anyhow::bail!(
+            "there is no spool at {} (it is created when mailbridge runs with a [[device]])",
+            dir.display()
+        );
+    }
+    Ok(crate::spool::Spool::open_existing(&dir)?)
+}
+
+fn queue(cmd: QueueCommand) -> anyhow::Result<()> {
+    use crate::spool::Area;
+    match cmd {
+        QueueCommand::List(args) => {
+            let spool = open_spool(&args)?;
+            let mut any = false;
+            for area in [Area::Queue, Area::Failed] {
+                for e in spool.list(area)? {
+                    any = true;
+                    let when = time::OffsetDateTime::from_unix_timestamp(e.received_at as i64)
+                        .map(|t| {
+                            t.format(&time::format_description::well_known::Rfc3339)
+                                .unwrap_or_default()
+                        })
+                        .unwrap_or_default();
+                    println!(
+                        "{id}  {state:<6}  {when}  {size:>9} B  {account}  from {from} ({device})  to {to}  attempts {attempts}{err}",
+                        id = e.id,
+                        state = area.name(),
+                        size = e.size,
+                        account = e.account,
+                        from = if e.from.is_empty() {
+                            "<>"
+                        } else {
+                            e.from.as_str()
+                        },
+                        device = e.device,
+                        to = e
+                            .recipients
+                            .iter()
+                            .chain(e.failed_recipients.iter().map(|(r, _)| r))
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        attempts = e.attempts,
+                        err = e
+                            .last_error
+                            .as_deref()
+                            .map(|s| format!("  last error: {s}"))
+                            .unwrap_or_default(),
+                    );
+                    for (r, why) in &e.failed_recipients {
+                        println!("    refused {r}: {why}");
+                    }
+                }
+            }
+            if !any {
+                println!("the spool is empty");
+            }
+            Ok(())
+        }
+        QueueCommand::Retry { config, id } => {
+            let e = open_spool(&config)?.retry(&id)?;
+            println!("{id}: queued for delivery to {}", e.recipients.join(", "));
+            Ok(())
+        }
+        QueueCommand::Delete { config, id } => {
+            let area = open_spool(&config)?.delete(&id)?;
+            println!("{id}: deleted (it was {})", area.name());
+            Ok(())
         }
     }
 }

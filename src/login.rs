@@ -70,6 +70,12 @@ pub struct Gateway {
     /// issued. Only a cached token refused without a challenge is worth a
     /// refresh and a second try.
     newest_handed_out: std::sync::atomic::AtomicU64,
+    /// What each provider's SMTP server (`host:port`) advertised in its
+    /// EHLO at the last successful login through it, for the pre-auth EHLO
+    /// ([`Gateway::smtp_extensions`]). In memory only: after a restart the
+    /// default holds until the first login, which costs a client at most
+    /// one connection's worth of SMTPUTF8 or DSN.
+    smtp_seen: std::sync::Mutex<HashMap<String, proto::smtp::Extensions>>,
 }
 
 impl Gateway {
@@ -87,7 +93,54 @@ impl Gateway {
             authorizing: std::sync::Mutex::new(HashMap::new()),
             alerts: Alerts::log_only(),
             newest_handed_out: std::sync::atomic::AtomicU64::new(0),
+            smtp_seen: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The SMTP extensions the pre-auth EHLO advertises, before the client
+    /// has said who it is: the extensions every provider's SMTP server
+    /// supports, each as last seen (a server not yet seen counts as
+    /// [`proto::smtp::Extensions::default`], today's safe list), over the
+    /// providers that some account uses and that have an SMTP server;
+    /// with one such provider, simply its server's. A client is never told
+    /// of an extension (or a size) its account's server may lack: the
+    /// account is unknown until AUTH, and after AUTH the client's commands
+    /// go to that server unchanged. Nothing configured: the default.
+    pub fn smtp_extensions(&self) -> proto::smtp::Extensions {
+        let routing = self.routing();
+        let settings = &routing.settings;
+        let seen = self
+            .smtp_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut servers: Vec<String> = settings
+            .accounts
+            .iter()
+            .filter_map(|a| settings.providers.get(&a.provider))
+            .filter_map(|p| p.endpoint(Protocol::Smtp))
+            .map(server_key)
+            .collect();
+        servers.sort();
+        servers.dedup();
+        servers
+            .iter()
+            .map(|key| seen.get(key).copied().unwrap_or_default())
+            .reduce(proto::smtp::Extensions::common)
+            .unwrap_or_default()
+    }
+
+    /// Remembers what an SMTP server advertised (the EHLO keywords of a
+    /// successful login).
+    fn learn_smtp(&self, endpoint: &crate::provider::ServerEndpoint, keywords: &[String]) {
+        let ext = proto::smtp::Extensions::from_ehlo(keywords);
+        let key = server_key(endpoint);
+        let mut seen = self
+            .smtp_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.insert(key.clone(), ext) != Some(ext) {
+            tracing::debug!(server = %key, extensions = ?ext, "SMTP server extensions learned");
+        }
     }
 
     /// The gateway, raising its alerts through `alerts` (the default
@@ -530,6 +583,9 @@ impl Gateway {
         .await;
         match result {
             Ok(conn) => {
+                if protocol == Protocol::Smtp {
+                    self.learn_smtp(endpoint, &conn.success.capabilities);
+                }
                 self.alerts.refresh_succeeded(&account.name);
                 let now = unix_now();
                 self.note_meta(&account.name, |m| {
@@ -663,6 +719,11 @@ fn upstream_session(
             },
         )),
     }
+}
+
+/// An upstream server's key in [`Gateway`]'s memory of SMTP extensions.
+fn server_key(endpoint: &crate::provider::ServerEndpoint) -> String {
+    format!("{}:{}", endpoint.host, endpoint.port)
 }
 
 /// The one reply a client that is not local gets for an unknown name, a

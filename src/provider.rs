@@ -896,13 +896,13 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
     if let Some(u) = &device_url {
         check_url("device_url", u)?;
     }
-    if let Some(u) = &c.redirect_uri {
-        if !(u.starts_with("http://") || u.starts_with("https://")) {
-            return Err(err(
-                "redirect_uri",
-                format!("`{u}` must be an http:// or https:// URL"),
-            ));
-        }
+    if let Some(u) = &c.redirect_uri
+        && !(u.starts_with("http://") || u.starts_with("https://"))
+    {
+        return Err(err(
+            "redirect_uri",
+            format!("`{u}` must be an http:// or https:// URL"),
+        ));
     }
     let scopes_from_preset = c.scopes.is_none();
     let scopes = c.scopes.clone().unwrap_or(d.scopes);
@@ -930,13 +930,13 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
             ));
         }
     };
-    if let Some(f) = &c.service_account_key_file {
-        if !f.is_file() {
-            return Err(err(
-                "service_account_key_file",
-                format!("{} is not a readable file", f.display()),
-            ));
-        }
+    if let Some(f) = &c.service_account_key_file
+        && !f.is_file()
+    {
+        return Err(err(
+            "service_account_key_file",
+            format!("{} is not a readable file", f.display()),
+        ));
     }
     let mut imap = merge_endpoint("imap", d.imap, c.imap.as_ref(), 993)?;
     let mut pop3 = merge_endpoint("pop3", d.pop3, c.pop3.as_ref(), 995)?;
@@ -956,13 +956,13 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
             }
         }
     }
-    if let Some(ca) = &c.ca_file {
-        if !ca.is_file() {
-            return Err(err(
-                "ca_file",
-                format!("{} is not a readable file", ca.display()),
-            ));
-        }
+    if let Some(ca) = &c.ca_file
+        && !ca.is_file()
+    {
+        return Err(err(
+            "ca_file",
+            format!("{} is not a readable file", ca.display()),
+        ));
     }
     Ok(Provider {
         name: name.to_string(),

@@ -558,10 +558,10 @@ impl Server {
         }
         // A delivery in progress ends at its next step; what it had not
         // finished stays queued for the next start.
-        if let Some(d) = delivery {
-            if tokio::time::timeout(self.shutdown_grace, d).await.is_err() {
-                tracing::warn!("the spool delivery did not stop in time; its message stays queued");
-            }
+        if let Some(d) = delivery
+            && tokio::time::timeout(self.shutdown_grace, d).await.is_err()
+        {
+            tracing::warn!("the spool delivery did not stop in time; its message stays queued");
         }
         // A refresh in flight may hold a refresh token the provider has
         // already rotated: it must reach the disk before the process ends.
@@ -646,11 +646,16 @@ async fn serve(
             spool: d.spool,
         }
     });
+    let smtp_extensions = match rt.config.protocol {
+        Protocol::Smtp => gateway.smtp_extensions(),
+        Protocol::Imap | Protocol::Pop3 => proto::smtp::Extensions::default(),
+    };
     let session = client_session(
         &rt.config,
         &rt.hostname,
         rt.driver.tls.as_ref(),
         stream.is_tls(),
+        smtp_extensions,
         device_options,
     );
     let session = Box::new(proto::limits::Limited::new(session, rt.allowance));
@@ -760,11 +765,13 @@ async fn turn_away(rt: Arc<ListenerRuntime>, tcp: tokio::net::TcpStream, why: Re
             _ => return,
         }
     }
+    // Only a goodbye is sent: the extensions do not matter.
     let session = client_session(
         &rt.config,
         &rt.hostname,
         rt.driver.tls.as_ref(),
         stream.is_tls(),
+        proto::smtp::Extensions::default(),
         None,
     );
     let _ = send_within(
@@ -776,11 +783,17 @@ async fn turn_away(rt: Arc<ListenerRuntime>, tcp: tokio::net::TcpStream, why: Re
     let _ = tokio::time::timeout(SEND_BEFORE_CLOSE, stream.shutdown()).await;
 }
 
+/// The pre-auth session for a new connection on `l`. `smtp_extensions`
+/// is what an SMTP session's EHLO advertises ([`Gateway::smtp_extensions`]:
+/// the extensions, and the size limit, that the SMTP servers of all
+/// configured providers support as last seen); SIZE is both advertised and
+/// enforced from it.
 fn client_session(
     l: &Listener,
     hostname: &str,
     tls: Option<&Arc<ServerConfig>>,
     tls_active: bool,
+    smtp_extensions: proto::smtp::Extensions,
     device: Option<proto::smtp::DeviceOptions>,
 ) -> Box<dyn ClientSession> {
     let starttls_offered = l.tls == ListenerTls::Starttls && tls.is_some();
@@ -808,6 +821,8 @@ fn client_session(
                 tls_active,
                 plaintext_login_allowed,
                 hostname: hostname.to_string(),
+                max_message_size: smtp_extensions.message_size_limit(),
+                extensions: smtp_extensions,
                 device,
                 ..Default::default()
             },

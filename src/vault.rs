@@ -301,12 +301,11 @@ impl Slot {
             Some(shared) => {
                 {
                     let old = shared.read();
-                    if let Some(unsaved) = &old.unsaved {
-                        if same_secret(current.grant.refresh_token.as_ref(), unsaved.spent.as_ref())
-                        {
-                            current.grant = old.grant.clone();
-                            current.unsaved = Some(unsaved.clone());
-                        }
+                    if let Some(unsaved) = &old.unsaved
+                        && same_secret(current.grant.refresh_token.as_ref(), unsaved.spent.as_ref())
+                    {
+                        current.grant = old.grant.clone();
+                        current.unsaved = Some(unsaved.clone());
                     }
                 }
                 shared.replace(current);
@@ -537,10 +536,10 @@ impl Vault {
             return Ok(Unlocked { shared });
         }
         self.check_mode(account, &record)?;
-        if let Some(hash) = &record.password_hash {
-            if !self.verify(password, hash).await? {
-                return Err(self.wrong_password(account, peer));
-            }
+        if let Some(hash) = &record.password_hash
+            && !self.verify(password, hash).await?
+        {
+            return Err(self.wrong_password(account, peer));
         }
 
         let key = self.derive(password, &record.salt, record.kdf).await?;
@@ -864,18 +863,18 @@ impl Vault {
         .await;
         match &result {
             Ok(()) => {
-                if let Some(u) = &was_unsaved {
-                    if u.failed {
-                        tracing::warn!(
-                            account,
-                            unsaved_secs = u.since.elapsed().as_secs(),
-                            "the rotated refresh token that could not be saved is on disk now"
-                        );
-                        self.announce(GrantEvent::RotationSaved {
-                            account: account.to_owned(),
-                            after: u.since.elapsed(),
-                        });
-                    }
+                if let Some(u) = &was_unsaved
+                    && u.failed
+                {
+                    tracing::warn!(
+                        account,
+                        unsaved_secs = u.since.elapsed().as_secs(),
+                        "the rotated refresh token that could not be saved is on disk now"
+                    );
+                    self.announce(GrantEvent::RotationSaved {
+                        account: account.to_owned(),
+                        after: u.since.elapsed(),
+                    });
                 }
             }
             Err(e) => {
@@ -925,10 +924,10 @@ impl Vault {
             .load_grant(account)?
             .ok_or_else(|| no_grant(account))?;
         self.check_mode(account, &record)?;
-        if let Some(hash) = &record.password_hash {
-            if !self.verify(old, hash).await? {
-                return Err(VaultError::WrongPassword);
-            }
+        if let Some(hash) = &record.password_hash
+            && !self.verify(old, hash).await?
+        {
+            return Err(VaultError::WrongPassword);
         }
         let grant = match slot.cached(&self.verifier(account, old), &record) {
             Some(shared) => shared.read().grant.clone(),

@@ -453,10 +453,10 @@ fn env_records(path: &Path) -> Vec<HashMap<String, String>> {
     for line in text.lines() {
         if line == "---" {
             records.push(std::mem::take(&mut current));
-        } else if let Some((k, v)) = line.split_once('=') {
-            if k.starts_with("MAILBRIDGE_") {
-                current.insert(k.to_string(), v.to_string());
-            }
+        } else if let Some((k, v)) = line.split_once('=')
+            && k.starts_with("MAILBRIDGE_")
+        {
+            current.insert(k.to_string(), v.to_string());
         }
     }
     records

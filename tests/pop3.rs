@@ -171,7 +171,7 @@ async fn tls_on_both_sides_and_a_large_retr() {
         let mut n = 0u32;
         while big.len() < 12 * 1024 * 1024 {
             n += 1;
-            if n % 5 == 0 {
+            if n.is_multiple_of(5) {
                 big.extend_from_slice(b".a line that starts with a dot\r\n");
             } else {
                 big.extend_from_slice(

@@ -253,7 +253,7 @@ async fn pipelined_mail_after_auth_and_a_30_mib_message() {
     while big.len() < 30 * 1024 * 1024 {
         n += 1;
         // Lines starting with a dot must survive dot-stuffing both ways.
-        if n % 7 == 0 {
+        if n.is_multiple_of(7) {
             big.extend_from_slice(b"..leading dot line\r\n");
         } else {
             big.extend_from_slice(

@@ -355,12 +355,12 @@ pub fn sasl(data: &[u8]) {
 
 /// The configuration loader: TOML, validation with line numbers.
 pub fn config(data: &[u8]) {
-    if let Ok(text) = std::str::from_utf8(data) {
-        if let Err(e) = mailbridge::config::Settings::parse(text, "fuzz.toml") {
-            // The message names a line of the input and is one line.
-            let msg = e.to_string();
-            assert!(!msg.is_empty());
-        }
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Err(e) = mailbridge::config::Settings::parse(text, "fuzz.toml")
+    {
+        // The message names a line of the input and is one line.
+        let msg = e.to_string();
+        assert!(!msg.is_empty());
     }
 }
 

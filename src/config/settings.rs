@@ -546,13 +546,13 @@ impl Settings {
 
 /// What makes an `[alerts]` table unusable: the field and what to do.
 fn check_alerts(a: &AlertsConfig) -> Result<(), (&'static str, String)> {
-    if let Some(program) = a.command.first() {
-        if program.trim().is_empty() {
-            return Err((
-                "command",
-                "the first element is the program to run; it is empty".into(),
-            ));
-        }
+    if let Some(program) = a.command.first()
+        && program.trim().is_empty()
+    {
+        return Err((
+            "command",
+            "the first element is the program to run; it is empty".into(),
+        ));
     }
     if let Some(url) = &a.webhook_url {
         let parsed = reqwest::Url::parse(url).map_err(|e| {
@@ -736,6 +736,59 @@ provider = "corp"
             .expect_err("host bits")
             .to_string();
         assert!(e.contains("server.trusted_proxies"), "{e}");
+    }
+
+    #[test]
+    fn devices_need_service_mode_and_a_known_account() {
+        let device = "\n[[device]]\nfrom = [\"192.168.1.50\", \"10.1.0.0/24\"]\naccount = \"Alice@Example.com\"\n";
+        let text = format!("{MINIMAL}{device}");
+        let e = Settings::parse(&text, "t")
+            .expect_err("password mode")
+            .to_string();
+        assert!(e.contains("key_mode = \"service\""), "{e}");
+        let service = format!("[server]\nkey_mode = \"service\"\n{MINIMAL}");
+        let s = Settings::parse(&format!("{service}{device}"), "t").expect("parses");
+        let d = s
+            .device_for("10.1.0.9".parse().unwrap())
+            .expect("in the network");
+        assert_eq!(d.account, "alice@example.com");
+        assert!(d.spool, "spooling is the default");
+        assert!(s.device_for("192.168.1.51".parse().unwrap()).is_none());
+        assert_eq!(
+            s.senders_for("alice@example.com"),
+            ["alice@contoso.com", "alice@example.com"]
+        );
+        let bad = device.replace("Alice@Example.com", "bob@example.com");
+        let e = Settings::parse(&format!("{service}{bad}"), "t").expect_err("unknown account");
+        assert!(e.to_string().contains("no [[account]]"), "{e}");
+        let bad = device.replace("Alice@Example.com", "*@shop.example");
+        let e = Settings::parse(&format!("{service}{bad}"), "t").expect_err("catch-all");
+        assert!(e.to_string().contains("catch-all"), "{e}");
+    }
+
+    #[test]
+    fn an_smtp_listener_that_serves_nobody_gets_a_note() {
+        let lan = MINIMAL.replace(
+            "protocol = \"imap\"\nbind = \"127.0.0.1:1143\"",
+            "protocol = \"smtp\"\nbind = \"192.168.1.10:25\"",
+        );
+        let s = Settings::parse(&lan, "t").expect("parses");
+        let notes = s.notes();
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("192.168.1.10:25") && n.contains("serves nobody")),
+            "{notes:?}"
+        );
+        let with_device = format!(
+            "[server]\nkey_mode = \"service\"\n{lan}\n[[device]]\nfrom = [\"192.168.1.50\"]\naccount = \"alice@example.com\"\n"
+        );
+        assert!(
+            Settings::parse(&with_device, "t")
+                .unwrap()
+                .notes()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -214,10 +214,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             let n = out.remaining().min(this.len - this.pos);
             out.put_slice(&buf[this.pos..this.pos + n]);
             this.pos += n;
-            if this.pos == this.len {
-                if let Some(buf) = this.buf.take() {
-                    pool::give(buf);
-                }
+            if this.pos == this.len
+                && let Some(buf) = this.buf.take()
+            {
+                pool::give(buf);
             }
         }
         Poll::Ready(Ok(()))

@@ -325,17 +325,16 @@ where
     {
         let mut io = std::pin::pin!(io);
         std::future::poll_fn(|cx| {
-            if let PrefetchState::Running(fut) = &mut self.state {
-                if let Poll::Ready(got) = fut.as_mut().poll(cx) {
-                    self.state = PrefetchState::Ready(got);
-                }
+            if let PrefetchState::Running(fut) = &mut self.state
+                && let Poll::Ready(got) = fut.as_mut().poll(cx)
+            {
+                self.state = PrefetchState::Ready(got);
             }
-            if matches!(self.state, PrefetchState::Ready(Err(_))) {
-                if let PrefetchState::Ready(Err(e)) =
+            if matches!(self.state, PrefetchState::Ready(Err(_)))
+                && let PrefetchState::Ready(Err(e)) =
                     std::mem::replace(&mut self.state, PrefetchState::Taken)
-                {
-                    return Poll::Ready(Err(UpstreamFailure::Token(e)));
-                }
+            {
+                return Poll::Ready(Err(UpstreamFailure::Token(e)));
             }
             io.as_mut().poll(cx).map(Ok)
         })
@@ -572,7 +571,9 @@ where
 /// Sends one message on a logged-in SMTP connection, driving
 /// `submission`; each wait for the server is bounded by `patience` (RFC
 /// 5321 section 4.5.3.2 asks for minutes; the final dot's reply can take
-/// long). Then `QUIT`. A connection that fails before the outcome leaves
+/// long). The caller records the outcome, then says [`quit`]: the time
+/// between the server's `250` and the spool's record is what a crash can
+/// turn into a second delivery. A connection that fails before the outcome leaves
 /// the message where it was: whether the server took it is unknown only
 /// if it failed after the final dot (see `crate::spool`).
 pub async fn submit<S>(
@@ -610,18 +611,24 @@ where
                 }
                 submission.feed(&buf[..n]);
             }
-            SubmitStep::Done(outcome) => {
-                let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                    stream.write_all(b"QUIT\r\n").await?;
-                    stream.flush().await?;
-                    let _ = stream.read(&mut buf).await;
-                    stream.shutdown().await
-                })
-                .await;
-                return Ok(outcome);
-            }
+            SubmitStep::Done(outcome) => return Ok(outcome),
         }
     }
+}
+
+/// Ends an SMTP session politely (`QUIT`, its reply, close), within 5 s.
+pub async fn quit<S>(stream: &mut S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        stream.write_all(b"QUIT\r\n").await?;
+        stream.flush().await?;
+        let mut buf = [0u8; 512];
+        let _ = stream.read(&mut buf).await;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 /// Why [`submit`] did not reach an outcome.

@@ -489,10 +489,10 @@ impl TokenSource {
             let outcome = inner.fetch(&provider, &account, &unlocked).await;
             {
                 let mut st = end.slot.lock();
-                if let Ok(t) = &outcome {
-                    if !stale.load(Ordering::Acquire) {
-                        st.cached = Some(t.clone());
-                    }
+                if let Ok(t) = &outcome
+                    && !stale.load(Ordering::Acquire)
+                {
+                    st.cached = Some(t.clone());
                 }
                 if st.flight.as_ref().is_some_and(|f| f.id == id) {
                     st.flight = None;
@@ -673,23 +673,23 @@ impl Inner {
 
         // Persist a rotated refresh token before the access token is used:
         // if we crashed after using it, the stored one might already be dead.
-        if let Some(new_rt) = response.refresh_token() {
-            if new_rt.secret() != refresh_token.expose_secret() {
-                let received = Instant::now();
-                let saved = self
-                    .vault
-                    .store_rotated(unlocked, SecretString::from(new_rt.secret().clone()))
-                    .await;
-                let save_ms = received.elapsed().as_secs_f64() * 1000.0;
-                // A failure is logged and announced by the vault, which
-                // keeps the token in memory; the caller retries the save.
-                if saved.is_ok() {
-                    tracing::info!(
-                        account = unlocked.account(),
-                        save_ms = format!("{save_ms:.2}"),
-                        "rotated refresh token sealed and saved"
-                    );
-                }
+        if let Some(new_rt) = response.refresh_token()
+            && new_rt.secret() != refresh_token.expose_secret()
+        {
+            let received = Instant::now();
+            let saved = self
+                .vault
+                .store_rotated(unlocked, SecretString::from(new_rt.secret().clone()))
+                .await;
+            let save_ms = received.elapsed().as_secs_f64() * 1000.0;
+            // A failure is logged and announced by the vault, which
+            // keeps the token in memory; the caller retries the save.
+            if saved.is_ok() {
+                tracing::info!(
+                    account = unlocked.account(),
+                    save_ms = format!("{save_ms:.2}"),
+                    "rotated refresh token sealed and saved"
+                );
             }
         }
         Ok((

@@ -173,36 +173,35 @@ async fn attempt(spool: &Spool, gateway: &Gateway, policy: &Policy, mut envelope
         eight_bit: envelope.eight_bit,
         client_name: None,
     };
-    let result = send(gateway, policy, &envelope.account, &message).await;
-    match result {
+    let mut conn = match gateway
+        .login_as(Protocol::Smtp, &envelope.account, None)
+        .await
+    {
+        Ok(conn) => conn,
+        Err(f) => {
+            tracing::info!(%id, account = %envelope.account, attempt = envelope.attempts, reason = %f.reason, "delivery failed for now: no login");
+            defer(spool, gateway, policy, envelope, f.reason);
+            return;
+        }
+    };
+    let sent = crate::net::upstream::submit(
+        &mut conn.stream,
+        &conn.success.leftover,
+        Submission::new(&message),
+        policy.patience,
+    )
+    .await;
+    match sent {
+        // Recorded before anything else is said to the server: a crash
+        // from here to the record sends the message again.
         Ok(outcome) => settle(spool, gateway, policy, envelope, outcome),
-        Err(reason) => {
+        Err(e) => {
+            let reason = crate::report::chain(&e);
             tracing::info!(%id, account = %envelope.account, attempt = envelope.attempts, %reason, "delivery failed for now");
             defer(spool, gateway, policy, envelope, reason);
         }
     }
-}
-
-/// Logs in as the account and sends; Err(reason) when no outcome was
-/// reached (login refused or failed, connection lost).
-async fn send(
-    gateway: &Gateway,
-    policy: &Policy,
-    account: &str,
-    message: &Message,
-) -> Result<SubmitOutcome, String> {
-    let mut conn = gateway
-        .login_as(Protocol::Smtp, account, None)
-        .await
-        .map_err(|f| f.reason)?;
-    crate::net::upstream::submit(
-        &mut conn.stream,
-        &conn.success.leftover,
-        Submission::new(message),
-        policy.patience,
-    )
-    .await
-    .map_err(|e| crate::report::chain(&e))
+    crate::net::upstream::quit(&mut conn.stream).await;
 }
 
 /// After an outcome: delivered recipients are done, those refused for
@@ -267,17 +266,30 @@ fn defer(
         return;
     }
     envelope.next_attempt_at = now + policy.retry_delay(envelope.attempts).as_secs();
-    if let Err(e) = spool.update(Area::Queue, &envelope) {
-        tracing::error!(id = %envelope.id, error = %crate::report::chain(&e), "cannot record the attempt in the spool");
+    match spool.update(Area::Queue, &envelope) {
+        Ok(()) => {}
+        Err(super::SpoolError::NotFound { .. }) => {
+            tracing::info!(id = %envelope.id, "deleted during the attempt (`queue delete`)");
+        }
+        Err(e) => {
+            tracing::error!(id = %envelope.id, error = %crate::report::chain(&e), "cannot record the attempt in the spool")
+        }
     }
 }
 
 /// Refused for good: to the failed area, an alert, and the report.
 fn fail(spool: &Spool, gateway: &Gateway, envelope: Envelope, why: &str) {
     let id = envelope.id.clone();
-    if let Err(e) = spool.move_to(&envelope, Area::Queue, Area::Failed) {
-        tracing::error!(%id, error = %crate::report::chain(&e), "cannot move a failed message out of the queue");
-        return;
+    match spool.move_to(&envelope, Area::Queue, Area::Failed) {
+        Ok(()) => {}
+        Err(super::SpoolError::NotFound { .. }) => {
+            tracing::info!(%id, "deleted during the attempt (`queue delete`)");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(%id, error = %crate::report::chain(&e), "cannot move a failed message out of the queue");
+            return;
+        }
     }
     let who: Vec<String> = envelope
         .failed_recipients
@@ -297,10 +309,11 @@ fn fail(spool: &Spool, gateway: &Gateway, envelope: Envelope, why: &str) {
             "see `mailbridge queue list`; fix the cause, then `mailbridge queue retry {id}` (or `queue delete {id}`)"
         ),
     });
-    if envelope.bounce && !envelope.from.is_empty() {
-        if let Err(e) = queue_report(spool, &envelope, why) {
-            tracing::warn!(%id, error = %crate::report::chain(&e), "cannot queue the failure report");
-        }
+    if envelope.bounce
+        && !envelope.from.is_empty()
+        && let Err(e) = queue_report(spool, &envelope, why)
+    {
+        tracing::warn!(%id, error = %crate::report::chain(&e), "cannot queue the failure report");
     }
 }
 

@@ -116,17 +116,17 @@ impl SledStore {
         write: bool,
         f: impl FnOnce(&Handles) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        if let Some(dir) = &self.dir {
+        if let Some(dir) = &self.dir
+            && self.reopen.load(Ordering::Acquire)
+        {
+            let mut handles = self.handles.write().unwrap_or_else(PoisonError::into_inner);
             if self.reopen.load(Ordering::Acquire) {
-                let mut handles = self.handles.write().unwrap_or_else(PoisonError::into_inner);
-                if self.reopen.load(Ordering::Acquire) {
-                    // Closed first: sled holds a lock on its files.
-                    *handles = None;
-                    let opened = Self::open_handles(dir)?;
-                    *handles = Some(opened);
-                    self.reopen.store(false, Ordering::Release);
-                    tracing::info!(state_dir = %dir.display(), "token store reopened after a failed write");
-                }
+                // Closed first: sled holds a lock on its files.
+                *handles = None;
+                let opened = Self::open_handles(dir)?;
+                *handles = Some(opened);
+                self.reopen.store(false, Ordering::Release);
+                tracing::info!(state_dir = %dir.display(), "token store reopened after a failed write");
             }
         }
         let handles = self.handles.read().unwrap_or_else(PoisonError::into_inner);

@@ -36,6 +36,8 @@ REPO = HERE.parent.parent
 # login page (see oidc/server.mjs) and a local password for mailbridge.
 USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
 DOMAIN = "example.test"
+# An internationalized address Postfix takes (and discards: see main.cf).
+UTF8_ADDRESS = "j\u00f6rg@example.test"
 
 
 def address(name):
@@ -126,7 +128,7 @@ def render(template, dest, values):
             for m in re.findall(r"@[A-Z_]+@", line)]
     if left:
         raise StackError(f"unrendered placeholders in {template}: {sorted(set(left))}")
-    Path(dest).write_text(text)
+    Path(dest).write_text(text, encoding="utf-8")
 
 
 def find_exe(name, extra=()):
@@ -312,7 +314,7 @@ class Stack:
             (d / sub).mkdir(exist_ok=True)
         postfix = pwd.getpwnam("postfix")
         os.chown(d / "data", postfix.pw_uid, postfix.pw_gid)
-        users = ", ".join(f"{address(u)}=OK" for u in USERS)
+        users = ", ".join([f"{address(u)}=OK" for u in USERS] + [f"{UTF8_ADDRESS}=OK"])
         logins = ", ".join(f"{address(u)}={address(u)}" for u in USERS)
         values = {
             "DIR": self.dir,
@@ -320,6 +322,7 @@ class Stack:
             "SUBMISSIONS_PORT": self.ports["submissions"],
             "VIRTUAL_MAILBOX_MAPS": f"inline:{{ {users} }}",
             "SENDER_LOGIN_MAPS": f"inline:{{ {logins} }}",
+            "TRANSPORT_MAPS": f"inline:{{ {UTF8_ADDRESS}=discard:smtputf8-delivered }}",
         }
         render(HERE / "postfix" / "main.cf", d / "etc" / "main.cf", values)
         render(HERE / "postfix" / "master.cf", d / "etc" / "master.cf", values)

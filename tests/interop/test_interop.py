@@ -19,6 +19,7 @@ otherwise. Usually run through run.sh.
 import argparse
 import base64
 import email
+import email.policy
 import hashlib
 import http.cookiejar
 import imaplib
@@ -45,7 +46,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
-from harness import DOMAIN, address, idp_password, local_password  # noqa: E402
+from harness import (  # noqa: E402
+    DOMAIN, UTF8_ADDRESS, address, idp_password, local_password)
 
 WAIT = 20  # seconds: bound on every network wait
 REDIRECT = "http://127.0.0.1/callback"
@@ -1064,6 +1066,48 @@ def t_smtp_refusals(c):
     code, msg = s.rcpt("nobody@" + DOMAIN)
     check(code >= 500, f"unknown mailbox: {code} {msg}")
     s.quit()
+
+
+@case("smtp: EHLO repeats Postfix's SMTPUTF8, DSN and SIZE once learned; send_message to an "
+      "internationalized address with NOTIFY=SUCCESS,FAILURE reaches Postfix", needs=["smtp"])
+def t_smtp_truthful_ehlo(c):
+    # One login to each Postfix port the providers use (submission for
+    # op-xoauth2, submissions for op-oauthbearer) teaches mailbridge what
+    # each advertises; before AUTH it repeats what all of them support.
+    for name in ["alice", "bob"]:
+        s = c.smtp()
+        s.login(address(name), local_password(name))
+        s.quit()
+    direct = smtplib.SMTP("127.0.0.1", c.ports["submission"], timeout=WAIT)
+    direct.starttls(context=c.tls)
+    direct.ehlo("interop-client.example.test")
+    postfix_size = int(direct.esmtp_features["size"])
+    direct.quit()
+
+    marker = f"smtputf8-dsn-{secrets.token_hex(4)}"
+    s = c.smtp()
+    # A client that checks EHLO first, as msmtp does for DSN and Python's
+    # send_message does for SMTPUTF8 (it raises SMTPNotSupportedError).
+    for ext in ["smtputf8", "dsn", "8bitmime", "pipelining", "enhancedstatuscodes"]:
+        check(s.has_extn(ext), f"{ext} not advertised: {s.esmtp_features}")
+    check(not s.has_extn("chunking"), f"CHUNKING advertised: {s.esmtp_features}")
+    check(int(s.esmtp_features["size"]) == postfix_size,
+          f"SIZE {s.esmtp_features.get('size')}, Postfix says {postfix_size}")
+    s.login(address("alice"), local_password("alice"))
+    msg = email.message_from_bytes(message(address("alice"), address("bob"), marker),
+                                   policy=email.policy.default)
+    refused = s.send_message(msg, from_addr=address("alice"), to_addrs=[UTF8_ADDRESS],
+                             rcpt_options=["NOTIFY=SUCCESS,FAILURE"])
+    check(not refused, refused)
+    s.quit()
+    # Postfix took it for the UTF-8 address and, as NOTIFY=SUCCESS asked,
+    # tells alice it was delivered (the notification quotes the subject).
+    dsn = c.wait_for_message("alice", marker)
+    check(b"delivery status notification" in dsn.lower() or b"delivery-status" in dsn.lower(),
+          dsn[:400])
+    log = c.postfix_log()
+    check(f"to=<{UTF8_ADDRESS}>" in log and "smtputf8-delivered" in log,
+          "Postfix did not log the delivery to the internationalized address")
 
 
 @case("curl (SMTP) -> mailbridge -> Postfix -> Dovecot", needs=["smtp"])

@@ -93,6 +93,14 @@ enum ClientState {
     Commands,
     /// Sent `+ ` for AUTHENTICATE PLAIN; the next line is the response.
     AuthPlain { tag: String },
+    /// Sent the `Username:` prompt of AUTHENTICATE LOGIN.
+    AuthLoginUser { tag: String },
+    /// Sent the `Password:` prompt; holds the decoded user name (wiped on
+    /// drop, never printed).
+    AuthLoginPass {
+        tag: String,
+        user: sasl::PendingUser,
+    },
     /// Sent the STARTTLS OK; waiting for `tls_started`.
     TlsPending,
     /// Emitted `ClientStep::Login`; waiting for the driver's verdict.
@@ -108,6 +116,8 @@ impl ClientState {
         match self {
             ClientState::Commands => "commands",
             ClientState::AuthPlain { .. } => "authenticate-plain",
+            ClientState::AuthLoginUser { .. } => "authenticate-login-user",
+            ClientState::AuthLoginPass { .. } => "authenticate-login-password",
             ClientState::TlsPending => "tls-pending",
             ClientState::LoginPending { .. } => "login-pending",
             ClientState::LoggedIn => "logged-in",
@@ -117,7 +127,9 @@ impl ClientState {
 }
 
 /// The IMAP server side until login: greeting, CAPABILITY, ID, STARTTLS,
-/// LOGIN and AUTHENTICATE PLAIN; everything else is refused until login.
+/// LOGIN and AUTHENTICATE PLAIN and LOGIN (with or without a SASL-IR
+/// initial response; the LOGIN prompts are exactly `+ VXNlcm5hbWU6` and
+/// `+ UGFzc3dvcmQ6`, `*` cancels); everything else is refused until login.
 ///
 /// Over-limit input: a line over `max_line` gets `* BAD Command line too
 /// long` and is dropped up to its line ending (a sync literal announced at
@@ -152,6 +164,11 @@ impl fmt::Debug for ImapClientSession {
             .field("client_info", &self.client_info)
             .finish()
     }
+}
+
+/// A continuation request carrying a SASL challenge (base64).
+fn prompt(challenge: &str) -> ClientStep {
+    ClientStep::Send(format!("+ {challenge}\r\n").into_bytes())
 }
 
 fn tagged(tag: Option<&str>, text: &str) -> Vec<u8> {
@@ -259,7 +276,7 @@ impl ImapClientSession {
             caps.push_str(" STARTTLS");
         }
         caps.push_str(if self.login_allowed() {
-            " AUTH=PLAIN"
+            " AUTH=PLAIN AUTH=LOGIN"
         } else {
             " LOGINDISABLED"
         });
@@ -366,21 +383,31 @@ impl ImapClientSession {
                 if !self.login_allowed() {
                     return Self::privacy_required(&tag);
                 }
-                if mechanism != AuthMechanism::Plain {
-                    return ClientStep::Send(tagged(
-                        Some(&tag),
-                        "NO [CANNOT] Unsupported mechanism; only AUTHENTICATE PLAIN is available",
-                    ));
-                }
-                match initial_response {
-                    Some(ir) => {
+                match (mechanism, initial_response) {
+                    (AuthMechanism::Plain, Some(ir)) => {
                         let creds = sasl::decode_plain(ir.declassify());
                         self.login(tag, creds)
                     }
-                    None => {
+                    (AuthMechanism::Plain, None) => {
                         self.state = ClientState::AuthPlain { tag };
                         ClientStep::Send(b"+ \r\n".to_vec())
                     }
+                    // SASL-IR: the initial response is the user name (`=`,
+                    // an empty one, fails once the password is in, as a
+                    // LOGIN without a name would).
+                    (AuthMechanism::Login, Some(ir)) => {
+                        let user = sasl::PendingUser::new(ir.declassify().to_vec());
+                        self.state = ClientState::AuthLoginPass { tag, user };
+                        prompt(sasl::LOGIN_PROMPT_PASSWORD)
+                    }
+                    (AuthMechanism::Login, None) => {
+                        self.state = ClientState::AuthLoginUser { tag };
+                        prompt(sasl::LOGIN_PROMPT_USER)
+                    }
+                    _ => ClientStep::Send(tagged(
+                        Some(&tag),
+                        "NO [CANNOT] Unsupported mechanism; use AUTHENTICATE PLAIN or LOGIN",
+                    )),
                 }
             }
             other => ClientStep::Send(tagged(
@@ -393,22 +420,48 @@ impl ImapClientSession {
         }
     }
 
-    /// The client's response line to our `+ ` for AUTHENTICATE PLAIN.
-    fn auth_response(&mut self, tag: String, line: &[u8]) -> ClientStep {
-        self.state = ClientState::Commands;
-        match AuthenticateDataCodec::new().decode(line) {
-            Ok(([], AuthenticateData::Continue(data))) => {
-                let creds = sasl::decode_plain(data.declassify());
+    /// The client's response line to our `+ ` prompt of AUTHENTICATE
+    /// PLAIN or LOGIN (the state says which); `*` cancels the exchange.
+    fn auth_response(&mut self, line: &[u8]) -> ClientStep {
+        let state = std::mem::replace(&mut self.state, ClientState::Commands);
+        let (ClientState::AuthPlain { tag }
+        | ClientState::AuthLoginUser { tag }
+        | ClientState::AuthLoginPass { tag, .. }) = &state
+        else {
+            self.state = state;
+            return ClientStep::NeedInput;
+        };
+        let tag = tag.clone();
+        let data = match AuthenticateDataCodec::new().decode(line) {
+            Ok(([], AuthenticateData::Continue(data))) => data,
+            Ok(([], AuthenticateData::Cancel)) => {
+                return ClientStep::Send(tagged(Some(&tag), "BAD AUTHENTICATE cancelled"));
+            }
+            _ => {
+                return ClientStep::Send(tagged(
+                    Some(&tag),
+                    "BAD AUTHENTICATE response is not valid base64",
+                ));
+            }
+        };
+        let mut data = data.declassify().to_vec();
+        let step = match state {
+            ClientState::AuthLoginUser { tag } => {
+                let user = sasl::PendingUser::new(std::mem::take(&mut data));
+                self.state = ClientState::AuthLoginPass { tag, user };
+                prompt(sasl::LOGIN_PROMPT_PASSWORD)
+            }
+            ClientState::AuthLoginPass { tag, user } => {
+                let creds = user.with_password(&data);
                 self.login(tag, creds)
             }
-            Ok(([], AuthenticateData::Cancel)) => {
-                ClientStep::Send(tagged(Some(&tag), "BAD AUTHENTICATE cancelled"))
+            _ => {
+                let creds = sasl::decode_plain(&data);
+                self.login(tag, creds)
             }
-            _ => ClientStep::Send(tagged(
-                Some(&tag),
-                "BAD AUTHENTICATE response is not valid base64",
-            )),
-        }
+        };
+        data.zeroize();
+        step
     }
 }
 
@@ -432,7 +485,9 @@ impl ClientSession for ImapClientSession {
     fn next_step(&mut self) -> ClientStep {
         let auth_tag = match &self.state {
             ClientState::Commands => None,
-            ClientState::AuthPlain { tag } => Some(tag.clone()),
+            ClientState::AuthPlain { tag }
+            | ClientState::AuthLoginUser { tag }
+            | ClientState::AuthLoginPass { tag, .. } => Some(tag.clone()),
             _ => return ClientStep::NeedInput,
         };
         let frame = if auth_tag.is_some() {
@@ -442,8 +497,8 @@ impl ClientSession for ImapClientSession {
         };
         match (frame, auth_tag) {
             (Frame::NeedMore, _) => ClientStep::NeedInput,
-            (Frame::Message(mut line), Some(tag)) => {
-                let step = self.auth_response(tag, &line);
+            (Frame::Message(mut line), Some(_)) => {
+                let step = self.auth_response(&line);
                 line.zeroize();
                 step
             }
@@ -893,14 +948,15 @@ impl ImapUpstreamLogin {
             self.state = UpState::StartTls { tag };
             return Ok(());
         }
-        if !self.id_sent && self.has_cap("ID") {
-            if let Some(id) = self.id_parameters() {
-                self.id_sent = true;
-                let tag = self.tag();
-                self.send(format!("{tag} ID {id}\r\n"));
-                self.state = UpState::Id { tag };
-                return Ok(());
-            }
+        if !self.id_sent
+            && self.has_cap("ID")
+            && let Some(id) = self.id_parameters()
+        {
+            self.id_sent = true;
+            let tag = self.tag();
+            self.send(format!("{tag} ID {id}\r\n"));
+            self.state = UpState::Id { tag };
+            return Ok(());
         }
         // `AUTH=XOAUTH2` and the like.
         let auth_caps: Vec<&str> = self
@@ -1210,7 +1266,7 @@ mod tests {
         let mut sess = ImapClientSession::new(open());
         assert_eq!(
             s(&sess.greeting()),
-            "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN] mailbridge ready\r\n"
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN] mailbridge ready\r\n"
         );
         let mut sess = ImapClientSession::new(ClientOptions {
             starttls_offered: true,
@@ -1226,13 +1282,13 @@ mod tests {
         });
         assert_eq!(
             s(&sess.greeting()),
-            "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN] mailbridge ready\r\n"
+            "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN] mailbridge ready\r\n"
         );
         let (_, evs) = run(open(), b"c1 capability\r\nc2 NOOP\r\n");
         assert_eq!(
             evs,
             [out(
-                "* CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN\r\nc1 OK CAPABILITY completed\r\nc2 OK NOOP completed\r\n"
+                "* CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN\r\nc1 OK CAPABILITY completed\r\nc2 OK NOOP completed\r\n"
             )]
         );
     }
@@ -1392,9 +1448,143 @@ mod tests {
         assert_eq!(
             evs,
             [out(
-                "x9 NO [CANNOT] Unsupported mechanism; only AUTHENTICATE PLAIN is available\r\n\
-                 x10 NO [CANNOT] Unsupported mechanism; only AUTHENTICATE PLAIN is available\r\n"
+                "x9 NO [CANNOT] Unsupported mechanism; use AUTHENTICATE PLAIN or LOGIN\r\n\
+                 x10 NO [CANNOT] Unsupported mechanism; use AUTHENTICATE PLAIN or LOGIN\r\n"
             )]
+        );
+    }
+
+    #[test]
+    fn authenticate_login_with_prompts() {
+        // curl and neomutt without SASL-IR: both prompts, exactly.
+        let input = format!(
+            "x1 AUTHENTICATE LOGIN\r\n{}\r\n{}\r\n",
+            b64(b"alice@example.com"),
+            b64(b"pa ss")
+        );
+        let (sess, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs,
+            [
+                out("+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n"),
+                login("alice@example.com", "pa ss", None)
+            ]
+        );
+        // The success reply carries the tag of the AUTHENTICATE command.
+        let mut sess = sess;
+        assert_eq!(
+            s(&sess.login_succeeded(&UpstreamSuccess::default())),
+            "x1 OK Logged in\r\n"
+        );
+    }
+
+    #[test]
+    fn authenticate_login_with_initial_response() {
+        // SASL-IR: the user name on the command line, then one prompt.
+        let input = format!(
+            "x2 authenticate login {}\r\n{}\r\nx3 LIST \"\" *\r\n",
+            b64(b"bob"),
+            b64(b"s3cret")
+        );
+        let (mut sess, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs,
+            [out("+ UGFzc3dvcmQ6\r\n"), login("bob", "s3cret", None)]
+        );
+        assert_eq!(s(&sess.take_pending()), "x3 LIST \"\" *\r\n");
+        // `=` is an empty user name: refused once the password is in.
+        let input = format!("x4 AUTHENTICATE LOGIN =\r\n{}\r\n", b64(b"pw"));
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs,
+            [out(
+                "+ UGFzc3dvcmQ6\r\nx4 NO [AUTHENTICATIONFAILED] the user name is empty\r\n"
+            )]
+        );
+    }
+
+    #[test]
+    fn authenticate_login_cancel_and_errors() {
+        // `*` at either prompt cancels; the session stays usable.
+        let input = format!(
+            "a1 AUTHENTICATE LOGIN\r\n*\r\na2 AUTHENTICATE LOGIN {}\r\n*\r\na3 NOOP\r\n",
+            b64(b"u")
+        );
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs,
+            [out("+ VXNlcm5hbWU6\r\na1 BAD AUTHENTICATE cancelled\r\n\
+                 + UGFzc3dvcmQ6\r\na2 BAD AUTHENTICATE cancelled\r\na3 OK NOOP completed\r\n")]
+        );
+        let input = format!(
+            "b1 AUTHENTICATE LOGIN\r\n!!\r\nb2 AUTHENTICATE LOGIN\r\n{}\r\n@@\r\n\
+             b3 AUTHENTICATE LOGIN AGVs!G8=\r\nb4 AUTHENTICATE LOGIN\r\n{}\r\n\r\n",
+            b64(b"u"),
+            b64(b"u")
+        );
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs,
+            [out(
+                "+ VXNlcm5hbWU6\r\nb1 BAD AUTHENTICATE response is not valid base64\r\n\
+                 + VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\nb2 BAD AUTHENTICATE response is not valid base64\r\n\
+                 b3 BAD Initial response is not valid base64\r\n\
+                 + VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\nb4 NO [AUTHENTICATIONFAILED] the password is empty\r\n"
+            )]
+        );
+        // Not before TLS when plaintext login is off.
+        let (_, evs) = run(
+            ClientOptions {
+                starttls_offered: true,
+                ..ClientOptions::default()
+            },
+            b"c1 AUTHENTICATE LOGIN\r\n",
+        );
+        assert_eq!(
+            evs,
+            [out(
+                "c1 NO [PRIVACYREQUIRED] Plaintext login is disabled; use STARTTLS first\r\n"
+            )]
+        );
+    }
+
+    #[test]
+    fn authenticate_login_response_too_long() {
+        let mut sess = ImapClientSession::new(small());
+        let input = format!(
+            "t1 AUTHENTICATE LOGIN\r\n{}\r\nt2 NOOP\r\n",
+            "A".repeat(200)
+        );
+        let evs = drive(&mut sess, input.as_bytes(), usize::MAX);
+        assert_eq!(
+            evs,
+            [out(
+                "+ VXNlcm5hbWU6\r\nt1 BAD AUTHENTICATE response too long\r\nt2 OK NOOP completed\r\n"
+            )]
+        );
+    }
+
+    #[test]
+    fn debug_hides_authenticate_login_user() {
+        let mut sess = ImapClientSession::new(open());
+        let input = format!(
+            "a1 AUTHENTICATE LOGIN {}\r\n{}",
+            b64(b"secret-user"),
+            b64(b"hunter2")
+        );
+        sess.feed(input.as_bytes());
+        let mut evs = Vec::new();
+        pump(&mut sess, &mut evs);
+        assert_eq!(evs, [out("+ UGFzc3dvcmQ6\r\n")]);
+        let dbg = format!("{sess:?}");
+        assert!(dbg.contains("authenticate-login-password"), "{dbg}");
+        assert!(
+            !dbg.contains("secret-user") && !dbg.contains(&b64(b"secret-user")),
+            "{dbg}"
+        );
+        assert!(
+            !dbg.contains("hunter2") && !dbg.contains(&b64(b"hunter2")),
+            "{dbg}"
         );
     }
 
@@ -1459,7 +1649,7 @@ mod tests {
             evs,
             [
                 out(
-                    "* CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN\r\nb1 OK CAPABILITY completed\r\n\
+                    "* CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN\r\nb1 OK CAPABILITY completed\r\n\
                      b2 BAD TLS is already active\r\n"
                 ),
                 login("u", "p", None)
@@ -1782,8 +1972,9 @@ mod tests {
     #[test]
     fn prop_random_input_never_panics() {
         let mut next = xorshift(0x2545_f491_4f6c_dd1d);
-        let pieces: [&[u8]; 16] = [
+        let pieces: [&[u8]; 17] = [
             b"a LOGIN ",
+            b"AUTHENTICATE LOGIN ",
             b"{5}\r\n",
             b"{3+}\r\n",
             b"\r\n",
@@ -1803,10 +1994,10 @@ mod tests {
         for round in 0..300 {
             let mut input = Vec::new();
             for _ in 0..(next() % 40) {
-                if next() % 3 == 0 {
+                if next().is_multiple_of(3) {
                     input.extend((0..next() % 20).map(|_| next() as u8));
                 } else {
-                    input.extend(pieces[(next() % 16) as usize]);
+                    input.extend(pieces[(next() % 17) as usize]);
                 }
             }
             let opts = ClientOptions {
@@ -2306,7 +2497,7 @@ mod tests {
                 ..UpstreamOptions::default()
             });
             for _ in 0..(next() % 30) {
-                let bytes: Vec<u8> = if next() % 3 == 0 {
+                let bytes: Vec<u8> = if next().is_multiple_of(3) {
                     (0..next() % 10).map(|_| next() as u8).collect()
                 } else {
                     pieces[(next() % 10) as usize].to_vec()

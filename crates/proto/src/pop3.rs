@@ -71,6 +71,11 @@ enum ClientState {
     Commands,
     /// Sent `+ ` for AUTH PLAIN; the next line is the response.
     AuthPlain,
+    /// Sent the `Username:` prompt of AUTH LOGIN.
+    AuthLoginUser,
+    /// Sent the `Password:` prompt; holds the decoded user name (wiped on
+    /// drop, never printed).
+    AuthLoginPass(sasl::PendingUser),
     /// Sent the STLS `+OK`; waiting for `tls_started`.
     TlsPending,
     /// Emitted `ClientStep::Login`; waiting for the driver's verdict.
@@ -86,6 +91,8 @@ impl ClientState {
         match self {
             ClientState::Commands => "commands",
             ClientState::AuthPlain => "auth-plain",
+            ClientState::AuthLoginUser => "auth-login-user",
+            ClientState::AuthLoginPass(_) => "auth-login-password",
             ClientState::TlsPending => "tls-pending",
             ClientState::LoginPending => "login-pending",
             ClientState::LoggedIn => "logged-in",
@@ -95,7 +102,8 @@ impl ClientState {
 }
 
 /// The POP3 server side until login (the AUTHORIZATION state): greeting,
-/// CAPA, STLS, USER/PASS, AUTH PLAIN and QUIT; TRANSACTION commands are
+/// CAPA, STLS, USER/PASS, AUTH PLAIN, AUTH LOGIN (prompts exactly
+/// `+ VXNlcm5hbWU6` and `+ UGFzc3dvcmQ6`, as devices expect) and QUIT; TRANSACTION commands are
 /// refused with `-ERR Log in first` until login.
 ///
 /// Pipelining (RFC 2449) is handled: commands are answered one line at a
@@ -114,8 +122,8 @@ pub struct Pop3ClientSession {
     state: ClientState,
     /// TLS is on (implicit, or STLS done).
     in_tls: bool,
-    /// The name from USER, until PASS uses (and forgets) it.
-    user: Option<Vec<u8>>,
+    /// The name from USER, until PASS uses (and forgets) it; wiped on drop.
+    user: Option<sasl::PendingUser>,
 }
 
 impl fmt::Debug for Pop3ClientSession {
@@ -128,6 +136,11 @@ impl fmt::Debug for Pop3ClientSession {
             .field("user_given", &self.user.is_some())
             .finish()
     }
+}
+
+/// A continuation carrying a SASL challenge (base64), RFC 5034 section 4.
+fn prompt(challenge: &str) -> ClientStep {
+    ClientStep::Send(format!("+ {challenge}\r\n").into_bytes())
 }
 
 fn err(text: &str) -> ClientStep {
@@ -159,7 +172,7 @@ impl Pop3ClientSession {
     fn capa(&self) -> Vec<u8> {
         let mut out = String::from("+OK Capability list follows\r\n");
         if self.login_allowed() {
-            out.push_str("USER\r\nSASL PLAIN\r\n");
+            out.push_str("USER\r\nSASL PLAIN LOGIN\r\n");
         }
         if self.stls_offered() {
             out.push_str("STLS\r\n");
@@ -202,7 +215,7 @@ impl Pop3ClientSession {
         }
         match arg.filter(|name| !name.is_empty()) {
             Some(name) => {
-                self.user = Some(name.to_vec());
+                self.user = Some(sasl::PendingUser::new(name.to_vec()));
                 ClientStep::Send(b"+OK Send PASS\r\n".to_vec())
             }
             None => err("USER needs a name"),
@@ -218,7 +231,7 @@ impl Pop3ClientSession {
             return err("Send USER first");
         };
         // The whole rest of the line: passwords may contain spaces.
-        self.login(sasl::login_credentials(&user, arg.unwrap_or_default()))
+        self.login(user.with_password(arg.unwrap_or_default()))
     }
 
     /// A base64 PLAIN message, from the AUTH line or a continuation line.
@@ -237,7 +250,7 @@ impl Pop3ClientSession {
         let Some(arg) = arg.filter(|a| !a.is_empty()) else {
             // RFC 1734-style list of mechanisms.
             return ClientStep::Send(if self.login_allowed() {
-                b"+OK SASL mechanisms follow\r\nPLAIN\r\n.\r\n".to_vec()
+                b"+OK SASL mechanisms follow\r\nPLAIN\r\nLOGIN\r\n.\r\n".to_vec()
             } else {
                 b"+OK SASL mechanisms follow\r\n.\r\n".to_vec()
             });
@@ -246,8 +259,11 @@ impl Pop3ClientSession {
             return self.plaintext_refused();
         }
         let (mechanism, initial) = split_word(arg);
+        if mechanism.eq_ignore_ascii_case(b"LOGIN") {
+            return self.auth_login(initial);
+        }
         if !mechanism.eq_ignore_ascii_case(b"PLAIN") {
-            return err("Unsupported SASL mechanism");
+            return err("Unsupported SASL mechanism; use PLAIN or LOGIN");
         }
         match initial {
             None => {
@@ -259,6 +275,26 @@ impl Pop3ClientSession {
             Some(b"=") => self.login(sasl::decode_plain(b"")),
             Some(ir) => self.plain_response(ir),
         }
+    }
+
+    /// AUTH LOGIN: the user name prompt, or with an initial response
+    /// (RFC 5034; the user name) straight to the password prompt. An empty
+    /// one (`=`) is an empty user name, refused once the password is in.
+    fn auth_login(&mut self, initial: Option<&[u8]>) -> ClientStep {
+        let user = match initial {
+            None => {
+                self.state = ClientState::AuthLoginUser;
+                return prompt(sasl::LOGIN_PROMPT_USER);
+            }
+            Some(ir) if ir.contains(&b' ') => return err("Invalid AUTH arguments"),
+            Some(b"=") => Vec::new(),
+            Some(ir) => match sasl::decode_base64(ir) {
+                Ok(user) => user,
+                Err(_) => return err("SASL response is not valid base64"),
+            },
+        };
+        self.state = ClientState::AuthLoginPass(sasl::PendingUser::new(user));
+        prompt(sasl::LOGIN_PROMPT_PASSWORD)
     }
 
     fn stls_command(&mut self) -> ClientStep {
@@ -291,18 +327,37 @@ impl Pop3ClientSession {
             // TRANSACTION-state commands (NOOP included, RFC 1939 section 5).
             b"STAT" | b"LIST" | b"RETR" | b"DELE" | b"NOOP" | b"RSET" | b"TOP" | b"UIDL"
             | b"LAST" => err("Log in first"),
-            b"APOP" => err("APOP is not supported; use USER and PASS or AUTH PLAIN"),
+            b"APOP" => err("APOP is not supported; use USER and PASS, AUTH PLAIN or AUTH LOGIN"),
             _ => err("Unknown command"),
         }
     }
 
-    /// The client's response line to our `+ ` for AUTH PLAIN.
+    /// The client's response line to our `+ ` prompt of AUTH PLAIN or
+    /// LOGIN (the state says which); `*` cancels the exchange.
     fn auth_response(&mut self, line: &[u8]) -> ClientStep {
-        self.state = ClientState::Commands;
+        let state = std::mem::replace(&mut self.state, ClientState::Commands);
         if line == b"*" {
             return err("AUTH cancelled");
         }
-        self.plain_response(line)
+        if matches!(state, ClientState::AuthPlain) {
+            return self.plain_response(line);
+        }
+        let Ok(mut data) = sasl::decode_base64(line) else {
+            return err("SASL response is not valid base64");
+        };
+        let step = match state {
+            ClientState::AuthLoginPass(user) => {
+                let creds = user.with_password(&data);
+                self.login(creds)
+            }
+            _ => {
+                let user = sasl::PendingUser::new(std::mem::take(&mut data));
+                self.state = ClientState::AuthLoginPass(user);
+                prompt(sasl::LOGIN_PROMPT_PASSWORD)
+            }
+        };
+        data.zeroize();
+        step
     }
 }
 
@@ -322,7 +377,9 @@ impl ClientSession for Pop3ClientSession {
     fn next_step(&mut self) -> ClientStep {
         let in_auth = match self.state {
             ClientState::Commands => false,
-            ClientState::AuthPlain => true,
+            ClientState::AuthPlain | ClientState::AuthLoginUser | ClientState::AuthLoginPass(_) => {
+                true
+            }
             _ => return ClientStep::NeedInput,
         };
         match self.framer.next() {
@@ -826,7 +883,8 @@ mod tests {
         let mut sess = Pop3ClientSession::new(open());
         assert_eq!(s(&sess.greeting()), "+OK mailbridge POP3 ready\r\n");
         let (_, evs) = run(open(), b"CAPA\r\ncapa\r\n");
-        let capa = format!("+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\n{CAPA_TAIL}");
+        let capa =
+            format!("+OK Capability list follows\r\nUSER\r\nSASL PLAIN LOGIN\r\n{CAPA_TAIL}");
         assert_eq!(evs, [out(&format!("{capa}{capa}"))]);
         // STLS offered on a non-loopback listener: no plaintext login.
         let opts = ClientOptions {
@@ -849,7 +907,7 @@ mod tests {
         assert_eq!(
             evs,
             [out(&format!(
-                "+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\nSTLS\r\n{CAPA_TAIL}"
+                "+OK Capability list follows\r\nUSER\r\nSASL PLAIN LOGIN\r\nSTLS\r\n{CAPA_TAIL}"
             ))]
         );
         // Implicit TLS.
@@ -862,7 +920,7 @@ mod tests {
         assert_eq!(
             evs,
             [out(&format!(
-                "+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\n{CAPA_TAIL}"
+                "+OK Capability list follows\r\nUSER\r\nSASL PLAIN LOGIN\r\n{CAPA_TAIL}"
             ))]
         );
     }
@@ -968,10 +1026,126 @@ mod tests {
         );
         assert_eq!(
             evs,
-            [out("-ERR Unsupported SASL mechanism\r\n\
-                 -ERR Unsupported SASL mechanism\r\n\
-                 +OK SASL mechanisms follow\r\nPLAIN\r\n.\r\n\
-                 -ERR APOP is not supported; use USER and PASS or AUTH PLAIN\r\n")]
+            [out(
+                "-ERR Unsupported SASL mechanism; use PLAIN or LOGIN\r\n\
+                 -ERR Unsupported SASL mechanism; use PLAIN or LOGIN\r\n\
+                 +OK SASL mechanisms follow\r\nPLAIN\r\nLOGIN\r\n.\r\n\
+                 -ERR APOP is not supported; use USER and PASS, AUTH PLAIN or AUTH LOGIN\r\n"
+            )]
+        );
+    }
+
+    #[test]
+    fn auth_login_with_prompts() {
+        let input = format!(
+            "AUTH LOGIN\r\n{}\r\n{}\r\nSTAT\r\n",
+            b64(b"alice@example.com"),
+            b64(b"pa ss")
+        );
+        let (mut sess, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs,
+            [
+                out("+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n"),
+                login("alice@example.com", "pa ss", None)
+            ]
+        );
+        assert_eq!(s(&sess.take_pending()), "STAT\r\n");
+        assert_eq!(
+            s(&sess.login_succeeded(&UpstreamSuccess::default())),
+            "+OK Logged in\r\n"
+        );
+    }
+
+    #[test]
+    fn auth_login_with_initial_response() {
+        let input = format!("auth login {}\r\n{}\r\n", b64(b"bob"), b64(b"s3cret"));
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs,
+            [out("+ UGFzc3dvcmQ6\r\n"), login("bob", "s3cret", None)]
+        );
+        // `=` is an empty user name: refused once the password is in.
+        let input = format!("AUTH LOGIN =\r\n{}\r\n", b64(b"pw"));
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs,
+            [out(
+                "+ UGFzc3dvcmQ6\r\n-ERR [AUTH] the user name is empty\r\n"
+            )]
+        );
+    }
+
+    #[test]
+    fn auth_login_cancel_and_errors() {
+        let input = format!(
+            "AUTH LOGIN\r\n*\r\nAUTH LOGIN {}\r\n*\r\nAUTH LOGIN\r\n!!\r\n\
+             AUTH LOGIN\r\n{}\r\n@@\r\nAUTH LOGIN AGVs!G8=\r\nAUTH LOGIN a b\r\n\
+             AUTH LOGIN\r\n{}\r\n\r\nSTAT\r\n",
+            b64(b"u"),
+            b64(b"u"),
+            b64(b"u")
+        );
+        let (_, evs) = run(open(), input.as_bytes());
+        assert_eq!(
+            evs,
+            [out("+ VXNlcm5hbWU6\r\n-ERR AUTH cancelled\r\n\
+                 + UGFzc3dvcmQ6\r\n-ERR AUTH cancelled\r\n\
+                 + VXNlcm5hbWU6\r\n-ERR SASL response is not valid base64\r\n\
+                 + VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n-ERR SASL response is not valid base64\r\n\
+                 -ERR SASL response is not valid base64\r\n\
+                 -ERR Invalid AUTH arguments\r\n\
+                 + VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n-ERR [AUTH] the password is empty\r\n\
+                 -ERR Log in first\r\n")]
+        );
+        // Neither offered nor accepted before TLS when plaintext is off.
+        let opts = ClientOptions {
+            starttls_offered: true,
+            ..ClientOptions::default()
+        };
+        let (_, evs) = run(opts, b"AUTH LOGIN\r\n");
+        assert_eq!(
+            evs,
+            [out(
+                "-ERR Plaintext authentication disallowed on non-secure connection; use STLS first\r\n"
+            )]
+        );
+    }
+
+    #[test]
+    fn auth_login_response_too_long() {
+        let opts = ClientOptions {
+            max_line: 32,
+            ..open()
+        };
+        let input = format!("AUTH LOGIN\r\n{}\r\nSTAT\r\n", "A".repeat(100));
+        let mut sess = Pop3ClientSession::new(opts);
+        let evs = drive(&mut sess, input.as_bytes(), usize::MAX);
+        assert_eq!(
+            evs,
+            [out(
+                "+ VXNlcm5hbWU6\r\n-ERR Line too long\r\n-ERR Log in first\r\n"
+            )]
+        );
+    }
+
+    #[test]
+    fn debug_hides_auth_login_user() {
+        let mut sess = Pop3ClientSession::new(open());
+        let input = format!("AUTH LOGIN {}\r\n{}", b64(b"secret-user"), b64(b"hunter2"));
+        sess.feed(input.as_bytes());
+        let mut evs = Vec::new();
+        pump(&mut sess, &mut evs);
+        assert_eq!(evs, [out("+ UGFzc3dvcmQ6\r\n")]);
+        let dbg = format!("{sess:?}");
+        assert!(dbg.contains("auth-login-password"), "{dbg}");
+        assert!(
+            !dbg.contains("secret-user") && !dbg.contains(&b64(b"secret-user")),
+            "{dbg}"
+        );
+        assert!(
+            !dbg.contains("hunter2") && !dbg.contains(&b64(b"hunter2")),
+            "{dbg}"
         );
     }
 
@@ -1132,7 +1306,7 @@ mod tests {
             evs,
             [
                 out(&format!(
-                    "+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\n{CAPA_TAIL}+OK Send PASS\r\n"
+                    "+OK Capability list follows\r\nUSER\r\nSASL PLAIN LOGIN\r\n{CAPA_TAIL}+OK Send PASS\r\n"
                 )),
                 login("u", "p", None)
             ]
@@ -1220,7 +1394,8 @@ mod tests {
     #[test]
     fn prop_random_input_never_panics() {
         let mut next = xorshift(0x2545_f491_4f6c_dd1d);
-        let pieces: [&[u8]; 14] = [
+        let pieces: [&[u8]; 15] = [
+            b"AUTH LOGIN ",
             b"USER u\r\n",
             b"PASS ",
             b"\r\n",
@@ -1239,10 +1414,10 @@ mod tests {
         for round in 0..300 {
             let mut input = Vec::new();
             for _ in 0..(next() % 40) {
-                if next() % 3 == 0 {
+                if next().is_multiple_of(3) {
                     input.extend((0..next() % 20).map(|_| next() as u8));
                 } else {
-                    input.extend(pieces[(next() % 14) as usize]);
+                    input.extend(pieces[(next() % 15) as usize]);
                 }
             }
             let opts = ClientOptions {
@@ -1674,7 +1849,7 @@ mod tests {
                 ..UpstreamOptions::default()
             });
             for _ in 0..(next() % 30) {
-                let bytes: Vec<u8> = if next() % 3 == 0 {
+                let bytes: Vec<u8> = if next().is_multiple_of(3) {
                     (0..next() % 10).map(|_| next() as u8).collect()
                 } else {
                     pieces[(next() % 10) as usize].to_vec()

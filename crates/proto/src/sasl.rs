@@ -3,7 +3,8 @@
 //! JSON failure challenge a server sends when it refuses a bearer token.
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
-use secrecy::{ExposeSecret, SecretString, zeroize::Zeroize};
+use secrecy::zeroize::{Zeroize, Zeroizing};
+use secrecy::{ExposeSecret, SecretString};
 
 /// A local login as the client typed it.
 #[derive(Debug)]
@@ -129,6 +130,39 @@ pub fn login_credentials(user: &[u8], password: &[u8]) -> Result<Credentials, Sa
         user: user.to_owned(),
         password: SecretString::from(password.to_owned()),
     })
+}
+
+/// The server's first prompt of the LOGIN mechanism: base64 of
+/// `Username:`. LOGIN (draft-murchison-sasl-login) was never standardized,
+/// and devices compare its prompts byte for byte: some give up on any other
+/// text.
+pub const LOGIN_PROMPT_USER: &str = "VXNlcm5hbWU6";
+
+/// The LOGIN mechanism's second prompt: base64 of `Password:`.
+pub const LOGIN_PROMPT_PASSWORD: &str = "UGFzc3dvcmQ6";
+
+/// The decoded user name of a LOGIN exchange (SASL LOGIN, POP3 USER)
+/// between its two steps. It is part of a credential: wiped when dropped,
+/// whichever way the exchange ends, and never shown by Debug.
+pub struct PendingUser(Zeroizing<Vec<u8>>);
+
+impl PendingUser {
+    /// Holds `user` (already decoded) until the password comes.
+    pub fn new(user: Vec<u8>) -> Self {
+        PendingUser(Zeroizing::new(user))
+    }
+
+    /// The credentials, checked like [`login_credentials`]; the held name
+    /// is wiped.
+    pub fn with_password(self, password: &[u8]) -> Result<Credentials, SaslError> {
+        login_credentials(&self.0, password)
+    }
+}
+
+impl std::fmt::Debug for PendingUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PendingUser(<redacted>)")
+    }
 }
 
 /// Encodes a message that holds a secret as base64, wiping the clear copy.
@@ -288,6 +322,33 @@ mod tests {
     }
 
     #[test]
+    fn login_prompts_and_pending_user() {
+        assert_eq!(
+            decode_base64(LOGIN_PROMPT_USER.as_bytes()).unwrap(),
+            b"Username:"
+        );
+        assert_eq!(
+            decode_base64(LOGIN_PROMPT_PASSWORD.as_bytes()).unwrap(),
+            b"Password:"
+        );
+        let user = PendingUser::new(b"alice-secret-name".to_vec());
+        assert!(!format!("{user:?}").contains("alice"));
+        let c = user.with_password(b"pw").unwrap();
+        assert_eq!(
+            (c.user.as_str(), c.password.expose_secret()),
+            ("alice-secret-name", "pw")
+        );
+        assert_eq!(
+            PendingUser::new(Vec::new()).with_password(b"pw").err(),
+            Some(SaslError::EmptyUser)
+        );
+        assert_eq!(
+            PendingUser::new(b"u".to_vec()).with_password(b"").err(),
+            Some(SaslError::EmptyPassword)
+        );
+    }
+
+    #[test]
     fn xoauth2_format() {
         let r = xoauth2_response(&token("alice@example.com"));
         let raw = decode_base64(r.expose_secret().as_bytes()).unwrap();
@@ -391,7 +452,11 @@ mod tests {
             let pw: String = (0..1 + next() % 12)
                 .map(|_| char::from(0x20 + (next() % 95) as u8))
                 .collect();
-            let authz = if next() % 2 == 0 { "" } else { user.as_str() };
+            let authz = if next().is_multiple_of(2) {
+                ""
+            } else {
+                user.as_str()
+            };
             let msg = format!("{authz}\0{user}\0{pw}");
             let b64 = STANDARD.encode(msg.as_bytes());
             let c = decode_plain(&decode_base64(b64.as_bytes()).unwrap()).unwrap();

@@ -48,7 +48,8 @@ const DEFAULT_MAX_LINE: usize = 4 * 1024;
 /// 12288 octets. Google-sized tokens stay one-step.
 const MAX_COMMAND_LINE: usize = 512;
 
-/// Default advertised SIZE: 50 MiB.
+/// Default advertised SIZE: 50 MiB. Also mailbridge's own bound when the
+/// upstream declares no limit (a spooled message is held whole).
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 50 * 1024 * 1024;
 
 /// Most lines one server reply may have (a long EHLO list has about 20).
@@ -58,7 +59,8 @@ const MAX_REPLY_LINES: usize = 100;
 /// lines at 512 octets).
 const MAX_TEXT: usize = 400;
 
-/// `334` prompts of AUTH LOGIN: base64 of `Username:` and `Password:`.
+/// `334` prompts of AUTH LOGIN: base64 of `Username:` and `Password:`
+/// ([`sasl::LOGIN_PROMPT_USER`], [`sasl::LOGIN_PROMPT_PASSWORD`]).
 const PROMPT_USER: &[u8] = b"334 VXNlcm5hbWU6\r\n";
 const PROMPT_PASS: &[u8] = b"334 UGFzc3dvcmQ6\r\n";
 
@@ -103,8 +105,16 @@ pub struct ClientOptions {
     pub hostname: String,
     /// Longest command line accepted, CRLF included (default 4 KiB).
     pub max_line: usize,
-    /// The advertised SIZE (default 50 MiB).
+    /// The advertised SIZE, also enforced on a device's `MAIL ... SIZE=`
+    /// and spooled content (default 50 MiB). Keep it equal to
+    /// [`Extensions::message_size_limit`] of `extensions`: the limit a
+    /// client is told is the real server's.
     pub max_message_size: u64,
+    /// The optional extensions the EHLO reply repeats from the real
+    /// server, as last seen (default: [`Extensions::default`], the fixed
+    /// list mailbridge advertised before it learned any). Its `size` is
+    /// not read here: SIZE comes from `max_message_size`.
+    pub extensions: Extensions,
     /// The client is a device allowed by its address: it may send without
     /// AUTH (see [`DeviceOptions`]).
     pub device: Option<DeviceOptions>,
@@ -136,8 +146,118 @@ impl Default for ClientOptions {
             hostname: "localhost".to_owned(),
             max_line: DEFAULT_MAX_LINE,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            extensions: Extensions::default(),
             device: None,
         }
+    }
+}
+
+/// The ESMTP extensions a server advertised in its EHLO reply, as far as
+/// mailbridge's own pre-auth EHLO repeats them: after AUTH the client's
+/// bytes go to that server unchanged, so the client must be told what that
+/// server does (SMTPUTF8, DSN, its real SIZE), not a fixed list.
+///
+/// Never repeated: CHUNKING (RFC 3030). Before AUTH mailbridge's session
+/// does not take BDAT (a spooling device's message comes by DATA), and
+/// after AUTH a client that saw CHUNKING here would send BDAT whose binary
+/// chunks the relay passes on blindly; that works only while the upstream
+/// offers CHUNKING too, which a config reload or another account's
+/// provider can change under the client. STARTTLS and AUTH are mailbridge's
+/// own (see [`SmtpClientSession`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extensions {
+    /// RFC 1870 SIZE: the server's limit in octets; `None` when it
+    /// declared none (no SIZE keyword, or `SIZE` / `SIZE 0`).
+    pub size: Option<u64>,
+    /// RFC 2920 PIPELINING.
+    pub pipelining: bool,
+    /// RFC 6152 8BITMIME.
+    pub eight_bit_mime: bool,
+    /// RFC 6531 SMTPUTF8.
+    pub smtputf8: bool,
+    /// RFC 3461 DSN.
+    pub dsn: bool,
+    /// RFC 2034 ENHANCEDSTATUSCODES.
+    pub enhanced_status_codes: bool,
+}
+
+impl Default for Extensions {
+    /// What mailbridge advertised before it learned anything, and still
+    /// does until an account's server has been seen: PIPELINING, 8BITMIME,
+    /// ENHANCEDSTATUSCODES and SIZE 50 MiB, which every submission server
+    /// mailbridge fronts offers; no SMTPUTF8, no DSN.
+    fn default() -> Self {
+        Extensions {
+            size: Some(DEFAULT_MAX_MESSAGE_SIZE),
+            pipelining: true,
+            eight_bit_mime: true,
+            smtputf8: false,
+            dsn: false,
+            enhanced_status_codes: true,
+        }
+    }
+}
+
+impl Extensions {
+    /// Reads a server's EHLO keywords, one per reply line after the first
+    /// (`SIZE 35882577`, `8BITMIME`, ...; case-insensitive), as the
+    /// upstream login reports them in [`UpstreamSuccess::capabilities`].
+    /// Anything not understood is left out.
+    pub fn from_ehlo(keywords: &[String]) -> Extensions {
+        let mut ext = Extensions {
+            size: None,
+            pipelining: false,
+            eight_bit_mime: false,
+            smtputf8: false,
+            dsn: false,
+            enhanced_status_codes: false,
+        };
+        for line in keywords {
+            let mut words = line.split_whitespace();
+            let Some(keyword) = words.next() else {
+                continue;
+            };
+            match keyword.to_ascii_uppercase().as_str() {
+                // RFC 1870: a missing or zero parameter means no fixed
+                // limit; a malformed one is taken as none too.
+                "SIZE" => {
+                    ext.size = words
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .filter(|&n| n > 0);
+                }
+                "PIPELINING" => ext.pipelining = true,
+                "8BITMIME" => ext.eight_bit_mime = true,
+                "SMTPUTF8" => ext.smtputf8 = true,
+                "DSN" => ext.dsn = true,
+                "ENHANCEDSTATUSCODES" => ext.enhanced_status_codes = true,
+                _ => {}
+            }
+        }
+        ext
+    }
+
+    /// What both support: each extension only when both offer it, the
+    /// smaller of the two limits (no limit counts as larger than any).
+    pub fn common(self, other: Extensions) -> Extensions {
+        Extensions {
+            size: match (self.size, other.size) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            pipelining: self.pipelining && other.pipelining,
+            eight_bit_mime: self.eight_bit_mime && other.eight_bit_mime,
+            smtputf8: self.smtputf8 && other.smtputf8,
+            dsn: self.dsn && other.dsn,
+            enhanced_status_codes: self.enhanced_status_codes && other.enhanced_status_codes,
+        }
+    }
+
+    /// The SIZE to advertise and enforce ([`ClientOptions::max_message_size`]):
+    /// the server's limit, or mailbridge's default of 50 MiB when it has
+    /// none.
+    pub fn message_size_limit(&self) -> u64 {
+        self.size.unwrap_or(DEFAULT_MAX_MESSAGE_SIZE)
     }
 }
 
@@ -167,8 +287,9 @@ enum ClientState {
     AuthPlain,
     /// Sent the `Username:` prompt of AUTH LOGIN.
     AuthLoginUser,
-    /// Sent the `Password:` prompt; holds the decoded user name.
-    AuthLoginPass { user: Vec<u8> },
+    /// Sent the `Password:` prompt; holds the decoded user name (wiped on
+    /// drop, never printed).
+    AuthLoginPass { user: sasl::PendingUser },
     /// Sent the STARTTLS `220`; waiting for `tls_started`.
     TlsPending,
     /// Emitted `ClientStep::Login`; waiting for the driver's verdict.
@@ -199,11 +320,8 @@ impl ClientState {
         }
     }
 
-    /// Leaves an AUTH exchange, wiping a pending user name.
+    /// Leaves an AUTH exchange (a pending user name is wiped on drop).
     fn clear(&mut self) {
-        if let ClientState::AuthLoginPass { user } = self {
-            user.zeroize();
-        }
         *self = ClientState::Commands;
     }
 }
@@ -277,14 +395,26 @@ impl SmtpClientSession {
         self.in_tls || self.opts.plaintext_login_allowed
     }
 
+    /// The EHLO reply: the real server's extensions as last seen (see
+    /// [`Extensions`]; never CHUNKING), then our own STARTTLS and AUTH.
     fn ehlo_reply(&self) -> Vec<u8> {
-        let mut lines = vec![
-            self.hostname(),
-            "PIPELINING".to_owned(),
-            "8BITMIME".to_owned(),
-            "ENHANCEDSTATUSCODES".to_owned(),
-            format!("SIZE {}", self.opts.max_message_size),
-        ];
+        let ext = &self.opts.extensions;
+        let mut lines = vec![self.hostname()];
+        for (offered, keyword) in [
+            (ext.pipelining, "PIPELINING"),
+            (ext.eight_bit_mime, "8BITMIME"),
+            (ext.enhanced_status_codes, "ENHANCEDSTATUSCODES"),
+        ] {
+            if offered {
+                lines.push(keyword.to_owned());
+            }
+        }
+        lines.push(format!("SIZE {}", self.opts.max_message_size));
+        for (offered, keyword) in [(ext.smtputf8, "SMTPUTF8"), (ext.dsn, "DSN")] {
+            if offered {
+                lines.push(keyword.to_owned());
+            }
+        }
         if self.opts.starttls_offered && !self.in_tls {
             lines.push("STARTTLS".to_owned());
         }
@@ -361,7 +491,9 @@ impl SmtpClientSession {
             }
             return match decode_response(initial.as_bytes()) {
                 Ok(user) => {
-                    self.state = ClientState::AuthLoginPass { user };
+                    self.state = ClientState::AuthLoginPass {
+                        user: sasl::PendingUser::new(user),
+                    };
                     ClientStep::Send(PROMPT_PASS.to_vec())
                 }
                 Err(_) => reply("501 5.5.2 Invalid base64 data"),
@@ -603,13 +735,12 @@ impl SmtpClientSession {
             ClientState::AuthPlain => self.login(sasl::decode_plain(&data)),
             ClientState::AuthLoginUser => {
                 self.state = ClientState::AuthLoginPass {
-                    user: std::mem::take(&mut data),
+                    user: sasl::PendingUser::new(std::mem::take(&mut data)),
                 };
                 ClientStep::Send(PROMPT_PASS.to_vec())
             }
-            ClientState::AuthLoginPass { mut user } => {
-                let creds = sasl::login_credentials(&user, &data);
-                user.zeroize();
+            ClientState::AuthLoginPass { user } => {
+                let creds = user.with_password(&data);
                 self.login(creds)
             }
             other => {
@@ -1537,6 +1668,154 @@ mod tests {
     const EHLO_OPEN: &str = "250-mb.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n\
         250-ENHANCEDSTATUSCODES\r\n250-SIZE 52428800\r\n250 AUTH PLAIN LOGIN\r\n";
 
+    /// Postfix's EHLO keywords after STARTTLS, as the upstream login
+    /// reports them (the interop suite's Postfix says the same).
+    fn postfix_keywords() -> Vec<String> {
+        [
+            "PIPELINING",
+            "SIZE 10240000",
+            "ETRN",
+            "AUTH PLAIN XOAUTH2 OAUTHBEARER",
+            "ENHANCEDSTATUSCODES",
+            "8BITMIME",
+            "DSN",
+            "SMTPUTF8",
+            "CHUNKING",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    #[test]
+    fn extensions_from_ehlo() {
+        let ext = Extensions::from_ehlo(&postfix_keywords());
+        assert_eq!(
+            ext,
+            Extensions {
+                size: Some(10_240_000),
+                pipelining: true,
+                eight_bit_mime: true,
+                smtputf8: true,
+                dsn: true,
+                enhanced_status_codes: true,
+            }
+        );
+        assert_eq!(ext.message_size_limit(), 10_240_000);
+        // Lower case, no limit (`SIZE`, `SIZE 0`, junk), nothing known.
+        let ext = Extensions::from_ehlo(&["size".into(), "smtputf8".into(), "X-FOO".into()]);
+        assert_eq!(
+            (ext.size, ext.smtputf8, ext.pipelining, ext.dsn),
+            (None, true, false, false)
+        );
+        assert_eq!(ext.message_size_limit(), 52_428_800);
+        for size in ["SIZE 0", "SIZE lots", "SIZE -1", ""] {
+            assert_eq!(Extensions::from_ehlo(&[size.into()]).size, None, "{size}");
+        }
+        assert_eq!(
+            Extensions::from_ehlo(&["SIZE 35882577".into()]).size,
+            Some(35_882_577)
+        );
+    }
+
+    #[test]
+    fn extensions_in_common() {
+        let postfix = Extensions::from_ehlo(&postfix_keywords());
+        let gmail = Extensions::from_ehlo(
+            &[
+                "SIZE 35882577",
+                "8BITMIME",
+                "AUTH LOGIN PLAIN XOAUTH2 PLAIN-CLIENTTOKEN OAUTHBEARER XOAUTH",
+                "ENHANCEDSTATUSCODES",
+                "PIPELINING",
+                "CHUNKING",
+                "SMTPUTF8",
+            ]
+            .map(str::to_owned),
+        );
+        let both = postfix.common(gmail);
+        assert_eq!(
+            both,
+            Extensions {
+                size: Some(10_240_000),
+                pipelining: true,
+                eight_bit_mime: true,
+                smtputf8: true,
+                dsn: false,
+                enhanced_status_codes: true,
+            }
+        );
+        assert_eq!(both, gmail.common(postfix));
+        // With the default (a server not yet seen): today's list only.
+        assert_eq!(
+            postfix.common(Extensions::default()),
+            Extensions {
+                size: Some(10_240_000),
+                ..Extensions::default()
+            }
+        );
+        // No limit is larger than any limit.
+        let unlimited = Extensions {
+            size: None,
+            ..postfix
+        };
+        assert_eq!(unlimited.common(postfix).size, Some(10_240_000));
+        assert_eq!(unlimited.common(unlimited).size, None);
+    }
+
+    #[test]
+    fn ehlo_repeats_learned_extensions() {
+        let ext = Extensions::from_ehlo(&postfix_keywords());
+        let opts = ClientOptions {
+            extensions: ext,
+            max_message_size: ext.message_size_limit(),
+            ..open()
+        };
+        let (_, evs) = run(opts.clone(), b"EHLO printer.lan\r\n");
+        // Never CHUNKING (see `Extensions`), never the server's own AUTH.
+        assert_eq!(
+            evs,
+            [out("250-mb.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n\
+                  250-ENHANCEDSTATUSCODES\r\n250-SIZE 10240000\r\n250-SMTPUTF8\r\n\
+                  250-DSN\r\n250 AUTH PLAIN LOGIN\r\n")]
+        );
+        // A server that offers little: only what it offers, and SIZE.
+        let bare = Extensions::from_ehlo(&["AUTH XOAUTH2".into()]);
+        let (_, evs) = run(
+            ClientOptions {
+                extensions: bare,
+                max_message_size: bare.message_size_limit(),
+                starttls_offered: true,
+                ..ClientOptions::default()
+            },
+            b"EHLO x\r\n",
+        );
+        assert_eq!(
+            evs,
+            [out(
+                "250-localhost\r\n250-SIZE 52428800\r\n250 STARTTLS\r\n"
+            )]
+        );
+        // The advertised limit is the one enforced on a device's MAIL.
+        let device = ClientOptions {
+            device: Some(DeviceOptions {
+                senders: vec!["scanner@example.com".into()],
+                spool: true,
+            }),
+            ..opts
+        };
+        let (_, evs) = run(
+            device,
+            b"EHLO x\r\nMAIL FROM:<scanner@example.com> SIZE=10240001\r\n",
+        );
+        let Some(Ev::Out(replies)) = evs.first() else {
+            panic!("{evs:?}");
+        };
+        assert!(
+            replies.ends_with("552 5.3.4 Message too big: at most 10240000 bytes\r\n"),
+            "{replies}"
+        );
+    }
+
     #[test]
     fn greeting_and_ehlo() {
         let mut sess = SmtpClientSession::new(open());
@@ -2032,7 +2311,7 @@ mod tests {
         for round in 0..300 {
             let mut input = Vec::new();
             for _ in 0..(next() % 40) {
-                if next() % 3 == 0 {
+                if next().is_multiple_of(3) {
                     input.extend((0..next() % 20).map(|_| next() as u8));
                 } else {
                     input.extend(pieces[(next() % 16) as usize]);
@@ -2055,7 +2334,7 @@ mod tests {
                 assert!(b.framer.buffered() <= 40 + chunk);
                 match evs.last() {
                     Some(Ev::StartTls(_)) => b.tls_started(),
-                    Some(Ev::Login { .. }) if next() % 2 == 0 => {
+                    Some(Ev::Login { .. }) if next().is_multiple_of(2) => {
                         let _ = b.login_failed(&failure(FailureKind::Rejected, "no", None));
                         pump(&mut b, &mut evs);
                     }
@@ -2533,7 +2812,7 @@ mod tests {
                 ..UpstreamOptions::default()
             });
             for _ in 0..(next() % 30) {
-                let bytes: Vec<u8> = if next() % 3 == 0 {
+                let bytes: Vec<u8> = if next().is_multiple_of(3) {
                     (0..next() % 10).map(|_| next() as u8).collect()
                 } else {
                     pieces[(next() % 12) as usize].to_vec()

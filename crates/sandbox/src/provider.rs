@@ -1029,10 +1029,8 @@ async fn token_endpoint(
             ..
         } = *shared.tunables();
         result.map(|mut body| {
-            if omit_expires_in {
-                if let Some(o) = body.as_object_mut() {
-                    o.remove("expires_in");
-                }
+            if omit_expires_in && let Some(o) = body.as_object_mut() {
+                o.remove("expires_in");
             }
             (body, answer_delay)
         })
@@ -1092,10 +1090,10 @@ fn token_request(
     // other grant does, and the client must be allowed to use it.
     let client = match grant_type {
         JWT_BEARER_GRANT => {
-            if let Some(c) = &client {
-                if !c.permits(grant_type) {
-                    return Err(unauthorized_client(grant_type));
-                }
+            if let Some(c) = &client
+                && !c.permits(grant_type)
+            {
+                return Err(unauthorized_client(grant_type));
             }
             return jwt_bearer_grant(shared, &params, now, lifetime);
         }
@@ -1392,10 +1390,10 @@ fn check_assertion_times(jwt: &Jwt<'_>, need_iat: bool) -> Result<(), String> {
     if exp <= now {
         return Err("expired assertion: exp has passed".to_string());
     }
-    if let Some(nbf) = jwt.time_claim("nbf")? {
-        if nbf > now + ASSERTION_SKEW_SECS {
-            return Err("assertion not yet valid (nbf is in the future)".to_string());
-        }
+    if let Some(nbf) = jwt.time_claim("nbf")?
+        && nbf > now + ASSERTION_SKEW_SECS
+    {
+        return Err("assertion not yet valid (nbf is in the future)".to_string());
     }
     match jwt.time_claim("iat")? {
         None if need_iat => Err("assertion has no iat claim".to_string()),
@@ -1718,13 +1716,13 @@ async fn authorize_endpoint(
             percent_encode(description)
         ))
     };
-    if let ClientKind::Registered(client) = &kind {
-        if !client.grant_types.iter().any(|g| g == "authorization_code") {
-            return error(
-                "unauthorized_client",
-                "this client did not register the authorization_code grant",
-            );
-        }
+    if let ClientKind::Registered(client) = &kind
+        && !client.grant_types.iter().any(|g| g == "authorization_code")
+    {
+        return error(
+            "unauthorized_client",
+            "this client did not register the authorization_code grant",
+        );
     }
     match params.get("response_type") {
         Some("code") => {}

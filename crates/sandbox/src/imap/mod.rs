@@ -511,16 +511,15 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin>(
     let tag = cmd.tag.as_str();
     let no_args = cmd.args.is_empty();
     let name = cmd.name.as_str();
-    if let Some(HeldToken(token)) = &session.token {
-        if let Err(rejection) = shared
+    if let Some(HeldToken(token)) = &session.token
+        && let Err(rejection) = shared
             .validator
             .validate(token, session.user.as_deref().unwrap_or_default())
-        {
-            tracing::debug!("sandbox IMAP ends a session: {}", rejection.reason);
-            conn.send_line("* BYE Session invalidated - AccessTokenExpired")
-                .await?;
-            return Ok(Next::Close);
-        }
+    {
+        tracing::debug!("sandbox IMAP ends a session: {}", rejection.reason);
+        conn.send_line("* BYE Session invalidated - AccessTokenExpired")
+            .await?;
+        return Ok(Next::Close);
     }
     // Commands valid in any state.
     match name {

@@ -404,7 +404,7 @@ fn big_message(size: usize) -> Vec<u8> {
         i = i.wrapping_mul(1_103_515_245).wrapping_add(12_345);
         let b = (i >> 16) as u8;
         m.push(if b == b'\r' || b == b'\n' { b'x' } else { b });
-        if m.len() % 76 == 0 {
+        if m.len().is_multiple_of(76) {
             m.extend_from_slice(b"\r\n");
         }
     }

@@ -158,10 +158,10 @@ impl<'a> Jwt<'a> {
         if header.get("alg").and_then(Value::as_str) != Some("RS256") {
             return Err("JWT alg must be RS256");
         }
-        if let Some(typ) = header.get("typ") {
-            if !typ.as_str().is_some_and(|t| t.eq_ignore_ascii_case("JWT")) {
-                return Err("JWT typ must be JWT");
-            }
+        if let Some(typ) = header.get("typ")
+            && !typ.as_str().is_some_and(|t| t.eq_ignore_ascii_case("JWT"))
+        {
+            return Err("JWT typ must be JWT");
         }
         if header.contains_key("crit") {
             return Err("JWT crit header parameters are not understood");

@@ -79,6 +79,10 @@ pub struct SmtpServerOptions {
     /// Authentication unsuccessful` at once (a temporary failure stays
     /// `454`).
     pub failure_challenge: bool,
+    /// More EHLO keywords, advertised after SIZE (e.g. `SMTPUTF8`, `DSN`,
+    /// as Postfix offers them): only advertised, their parameters are not
+    /// taken. Default none.
+    pub extra_ehlo: Vec<String>,
 }
 
 impl Default for SmtpServerOptions {
@@ -91,6 +95,7 @@ impl Default for SmtpServerOptions {
             max_size: 64 * 1024 * 1024,
             max_auth_line: 2048,
             failure_challenge: true,
+            extra_ehlo: Vec::new(),
         }
     }
 }
@@ -137,6 +142,12 @@ struct Shared {
     auth_failures: AtomicU64,
     /// The argument of the last EHLO or HELO.
     last_ehlo: Mutex<Option<String>>,
+    /// MAIL commands still to answer with Microsoft's throttling reply.
+    throttled: AtomicU64,
+    /// Down: connections get `421` and are closed.
+    down: std::sync::atomic::AtomicBool,
+    /// Recipients refused for good (`550 5.1.1`).
+    unknown_recipients: Mutex<Vec<String>>,
     /// Set to true to stop accepting and close every session.
     shutdown: watch::Sender<bool>,
 }
@@ -167,6 +178,9 @@ impl SmtpServer {
             logins: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
             last_ehlo: Mutex::new(None),
+            throttled: AtomicU64::new(0),
+            down: std::sync::atomic::AtomicBool::new(false),
+            unknown_recipients: Mutex::new(Vec::new()),
             shutdown,
         });
         tokio::spawn(tokio::task::unconstrained(accept_loop(
@@ -210,6 +224,23 @@ impl SmtpServer {
     /// The argument of the last EHLO (or HELO) any client sent.
     pub fn last_ehlo(&self) -> Option<String> {
         lock(&self.shared.last_ehlo).clone()
+    }
+
+    /// The next `n` MAIL commands get Microsoft's throttling reply,
+    /// `451 4.7.500 Server busy. Please try again later.`
+    pub fn throttle_mail(&self, n: u64) {
+        self.shared.throttled.store(n, Ordering::SeqCst);
+    }
+
+    /// While down, every new connection is greeted with `421 4.3.2` and
+    /// closed (an outage that still answers TCP).
+    pub fn set_down(&self, down: bool) {
+        self.shared.down.store(down, Ordering::SeqCst);
+    }
+
+    /// RCPT TO `address` gets `550 5.1.1` from now on.
+    pub fn refuse_recipient(&self, address: &str) {
+        lock(&self.shared.unknown_recipients).push(address.to_owned());
     }
 
     /// Stops accepting and closes every open session.
@@ -417,6 +448,11 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     greet: bool,
 ) -> io::Result<Outcome<S>> {
     let mut conn = Conn::new(stream);
+    if greet && shared.down.load(Ordering::SeqCst) {
+        conn.send_line("421 4.3.2 Service not available, closing transmission channel")
+            .await?;
+        return Ok(Outcome::Closed);
+    }
     if greet {
         conn.send_line(&format!("220 {HOSTNAME} ESMTP Sandbox SMTP ready"))
             .await?;
@@ -457,6 +493,7 @@ fn ehlo_reply(shared: &Shared, session: &Session, host: &str) -> String {
         "ENHANCEDSTATUSCODES".to_owned(),
         format!("SIZE {}", shared.opts.max_size),
     ];
+    lines.extend(shared.opts.extra_ehlo.iter().cloned());
     if needs_tls_first(shared, session) {
         lines.push("STARTTLS".to_owned());
     } else if !shared.opts.mechanisms.is_empty() {
@@ -518,12 +555,23 @@ async fn execute<S: AsyncRead + AsyncWrite + Unpin>(
         Command::Mail { size, .. } if size > shared.opts.max_size => {
             "552 5.3.4 Message size exceeds fixed maximum message size".to_owned()
         }
+        Command::Mail { .. }
+            if shared
+                .throttled
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok() =>
+        {
+            "451 4.7.500 Server busy. Please try again later. [sandbox]".to_owned()
+        }
         Command::Mail { from, .. } => {
             session.transaction = Some(Transaction {
                 from,
                 to: Vec::new(),
             });
             "250 2.1.0 OK".to_owned()
+        }
+        Command::Rcpt { to } if lock(&shared.unknown_recipients).contains(&to) => {
+            "550 5.1.1 User unknown [sandbox]".to_owned()
         }
         Command::Rcpt { to } => match &mut session.transaction {
             Some(tx) => {

@@ -451,7 +451,7 @@ async fn thirty_mib_message_byte_exact() {
     let mut body = Vec::with_capacity(31 << 20);
     let mut i: u32 = 0;
     while body.len() < 30 << 20 {
-        if i % 7 == 0 {
+        if i.is_multiple_of(7) {
             body.extend_from_slice(b".");
         }
         body.extend_from_slice(format!("line {i} \u{e9}\u{e8} ").as_bytes());
