@@ -354,14 +354,14 @@ impl Settings {
             })?;
             trusted_proxies.push(net);
         }
-        if trusted_proxies.is_empty() {
-            if let Some(l) = raw.listeners.iter().find(|l| l.get_ref().proxy_protocol) {
-                return Err(invalid(
-                    l.span(),
-                    "listener.proxy_protocol",
-                    "proxy_protocol = true needs the addresses of the proxies allowed to send the header: set [server] trusted_proxies (e.g. [\"127.0.0.1\"] for haproxy on this machine)".into(),
-                ));
-            }
+        if trusted_proxies.is_empty()
+            && let Some(l) = raw.listeners.iter().find(|l| l.get_ref().proxy_protocol)
+        {
+            return Err(invalid(
+                l.span(),
+                "listener.proxy_protocol",
+                "proxy_protocol = true needs the addresses of the proxies allowed to send the header: set [server] trusted_proxies (e.g. [\"127.0.0.1\"] for haproxy on this machine)".into(),
+            ));
         }
 
         let mut devices = Vec::new();
