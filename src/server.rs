@@ -15,7 +15,9 @@ use tracing::Instrument;
 use crate::config::{ConfigError, KeyMode, Listener, ListenerTls, Protocol, Settings};
 use crate::kdf::KdfGate;
 use crate::login::Gateway;
-use crate::net::listener::{Admission, Admitted, Refused, accept_loop};
+use crate::net::listener::{
+    Accepted, Admission, Admitted, PROXY_HEADER_TIMEOUT, ProxyProtocol, Refused, accept_loop,
+};
 use crate::net::session::{DriverSettings, SEND_BEFORE_CLOSE, drive, send_within};
 use crate::net::stream::Stream;
 use crate::net::tls::{self, TlsError};
@@ -88,6 +90,8 @@ struct ListenerRuntime {
     /// Connections being turned away right now (each is told why, within
     /// a few seconds): beyond this many, further ones are just closed.
     turning_away: Arc<tokio::sync::Semaphore>,
+    /// The PROXY protocol, when the listener takes it.
+    proxy: Option<ProxyProtocol>,
 }
 
 /// Reads the configuration again (a reload): the file, with the command
@@ -290,6 +294,10 @@ impl Server {
                     },
                     turning_away: Arc::new(tokio::sync::Semaphore::new(TURNING_AWAY_AT_ONCE)),
                     spool: spool.clone(),
+                    proxy: l.proxy_protocol.then(|| ProxyProtocol {
+                        trusted: settings.trusted_proxies.clone().into(),
+                        timeout: PROXY_HEADER_TIMEOUT,
+                    }),
                 }),
             ));
         }
@@ -379,7 +387,13 @@ impl Server {
         let mut tasks = Vec::new();
         for (tcp, rt) in self.listeners {
             let addr = tcp.local_addr().ok();
-            tracing::info!(protocol = rt.config.protocol.name(), addr = ?addr, tls = ?rt.config.tls, "listening");
+            tracing::info!(
+                protocol = rt.config.protocol.name(),
+                addr = ?addr,
+                tls = ?rt.config.tls,
+                proxy_protocol = rt.proxy.is_some(),
+                "listening"
+            );
             let gateway = self.gateway.clone();
             let limit = limit.clone();
             let stop = stop_rx.clone();
@@ -387,16 +401,30 @@ impl Server {
             // Unconstrained: a burst of connections is accepted in one go
             // instead of 128 at a time between every session's turn, so the
             // kernel's accept queue does not overflow (see `listen`).
+            let proxy = rt.proxy.clone();
             tasks.push(tokio::spawn(tokio::task::unconstrained(accept_loop(
                 tcp,
                 limit,
+                proxy,
                 stop,
-                move |tcp, peer, admitted| {
+                move |Accepted {
+                          tcp,
+                          peer,
+                          via,
+                          admitted,
+                      }| {
                     let rt = rt.clone();
                     let gateway = gateway.clone();
                     let stop = stop_for_sessions.clone();
-                    let span =
-                        tracing::info_span!("conn", %peer, protocol = rt.config.protocol.name());
+                    let protocol = rt.config.protocol.name();
+                    // Behind a proxy: the client, then the proxy it came
+                    // through.
+                    let span = match via {
+                        Some(proxy) => {
+                            tracing::info_span!("conn", %peer, via = %proxy, protocol)
+                        }
+                        None => tracing::info_span!("conn", %peer, protocol),
+                    };
                     async move {
                         let protocol = rt.config.protocol.name();
                         match admitted {

@@ -23,6 +23,7 @@ const TARGETS: &[Target] = &[
     ("upstream_smtp", targets::upstream_smtp),
     ("sasl", targets::sasl),
     ("config", targets::config),
+    ("proxy_header", targets::proxy_header),
 ];
 
 fn inputs(dir: &Path) -> Vec<std::path::PathBuf> {

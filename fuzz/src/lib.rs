@@ -363,3 +363,43 @@ pub fn config(data: &[u8]) {
         assert!(!msg.is_empty());
     }
 }
+
+/// The PROXY protocol header, read the way mailbridge's listener reads it
+/// (exactly the bytes `parse` asks for, never more) and parsed whole; the
+/// two must agree, and no read may pass the header's end or its bound.
+pub fn proxy_header(data: &[u8]) {
+    use mailbridge_proto::proxy::{self, Parse, Version};
+    let mut have = 0;
+    let stepwise = loop {
+        match proxy::parse(&data[..have]) {
+            Ok(Parse::NeedMore(n)) => {
+                assert!(n >= 1, "asked for no bytes at {have}");
+                assert!(
+                    have + n <= proxy::MAX_LEN,
+                    "asked past the longest header: {have} + {n}"
+                );
+                if have + n > data.len() {
+                    break Ok(Parse::NeedMore(n));
+                }
+                have += n;
+            }
+            other => break other,
+        }
+    };
+    let whole = proxy::parse(data);
+    match (&stepwise, &whole) {
+        (Ok(Parse::Done(a)), Ok(Parse::Done(b))) => {
+            assert_eq!(a, b, "read in steps and whole disagree");
+            assert_eq!(a.len, have, "the header's length is what was read");
+            let most = match a.version {
+                Version::V1 => proxy::V1_MAX_LEN,
+                Version::V2 => proxy::MAX_LEN,
+            };
+            assert!(a.len <= most, "{a:?} is longer than allowed");
+            assert_eq!(proxy::parse(&data[..a.len]), Ok(Parse::Done(*a)));
+        }
+        (Err(a), Err(b)) => assert_eq!(a, b, "read in steps and whole refused differently"),
+        (Ok(Parse::NeedMore(_)), Ok(Parse::NeedMore(_)) | Err(_)) => {}
+        _ => panic!("read in steps: {stepwise:?}; whole: {whole:?}"),
+    }
+}

@@ -318,6 +318,13 @@ pub struct ServerConfig {
     /// name or password, and the log gets the details.
     #[serde(default = "defaults::local_networks")]
     pub local_networks: Vec<String>,
+    /// Addresses or networks (CIDR) of the proxies (haproxy, nginx, a load
+    /// balancer) allowed to send a PROXY protocol header to listeners with
+    /// `proxy_protocol = true`; their header's client address is then the
+    /// one the connection limits, the backoff, `local_networks` and the
+    /// logs go by. Empty by default: such a listener needs at least one.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     /// Seconds a relayed session may see no traffic either way before it
     /// is closed (IMAP IDLE clients re-issue IDLE every 29 minutes).
     #[serde(default = "defaults::relay_idle_timeout")]
@@ -384,6 +391,7 @@ impl Default for ServerConfig {
             preauth_max_commands: defaults::preauth_max_commands(),
             preauth_max_failed_logins: defaults::preauth_max_failed_logins(),
             local_networks: defaults::local_networks(),
+            trusted_proxies: Vec::new(),
             relay_idle_timeout_secs: defaults::relay_idle_timeout(),
             connect_timeout_secs: defaults::connect_timeout(),
             login_timeout_secs: defaults::login_timeout(),
@@ -562,6 +570,15 @@ pub struct ListenerConfig {
     /// listener advertises LOGINDISABLED until STARTTLS.
     #[serde(default)]
     pub allow_plaintext_login: bool,
+    /// Every connection starts with a PROXY protocol header (v1 or v2, as
+    /// haproxy's `send-proxy` / `send-proxy-v2` or nginx's `proxy_protocol
+    /// on` send it) from an address in `[server] trusted_proxies`, and
+    /// the client address it names is the connection's. A connection from
+    /// any other address, or without a valid header within 5 s, is closed.
+    /// On an implicit-TLS listener the header comes before the handshake.
+    /// Off by default.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 /// `[providers.NAME]`: an OAuth2 provider and its mail servers.

@@ -95,6 +95,8 @@ pub struct Settings {
     pub alerts: AlertsConfig,
     /// `[server] local_networks`, parsed.
     pub local_networks: Vec<ipnet::IpNet>,
+    /// `[server] trusted_proxies`, parsed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `[[device]]` entries, checked, in order (the first match wins).
     pub devices: Vec<Device>,
     /// `[spool]`.
@@ -114,6 +116,8 @@ pub struct Listener {
     pub cert: Option<(PathBuf, PathBuf)>,
     /// See [`super::schema::ListenerConfig::allow_plaintext_login`].
     pub allow_plaintext_login: bool,
+    /// See [`super::schema::ListenerConfig::proxy_protocol`].
+    pub proxy_protocol: bool,
 }
 
 impl Listener {
@@ -187,6 +191,7 @@ impl Settings {
                 tls: c.tls,
                 cert,
                 allow_plaintext_login: c.allow_plaintext_login,
+                proxy_protocol: c.proxy_protocol,
             });
         }
 
@@ -335,6 +340,30 @@ impl Settings {
             local_networks.push(net);
         }
 
+        let mut trusted_proxies = Vec::new();
+        for entry in &raw.server.trusted_proxies {
+            let net = parse_network(entry).ok_or_else(|| {
+                let at = text.find("trusted_proxies").unwrap_or(0);
+                invalid(
+                    at..at,
+                    "server.trusted_proxies",
+                    format!(
+                        "`{entry}` is not an address or network (e.g. 127.0.0.1, ::1 or 10.0.0.0/24)"
+                    ),
+                )
+            })?;
+            trusted_proxies.push(net);
+        }
+        if trusted_proxies.is_empty()
+            && let Some(l) = raw.listeners.iter().find(|l| l.get_ref().proxy_protocol)
+        {
+            return Err(invalid(
+                l.span(),
+                "listener.proxy_protocol",
+                "proxy_protocol = true needs the addresses of the proxies allowed to send the header: set [server] trusted_proxies (e.g. [\"127.0.0.1\"] for haproxy on this machine)".into(),
+            ));
+        }
+
         let mut devices = Vec::new();
         for d in &raw.devices {
             let span = d.span();
@@ -394,6 +423,7 @@ impl Settings {
         Ok(Settings {
             alerts,
             local_networks,
+            trusted_proxies,
             devices,
             spool: raw.spool,
             server: raw.server,
@@ -674,6 +704,38 @@ provider = "corp"
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn proxy_protocol_needs_trusted_proxies() {
+        let with_proxy = MINIMAL.replace(
+            "bind = \"127.0.0.1:1143\"",
+            "bind = \"127.0.0.1:1143\"\nproxy_protocol = true",
+        );
+        let e = Settings::parse(&with_proxy, "t").expect_err("no trusted proxies");
+        let e = e.to_string();
+        assert!(
+            e.contains("listener.proxy_protocol") && e.contains("trusted_proxies"),
+            "{e}"
+        );
+        let text =
+            format!("[server]\ntrusted_proxies = [\"127.0.0.1\", \"10.1.0.0/16\"]\n{with_proxy}");
+        let s = Settings::parse(&text, "t").expect("parses");
+        assert!(s.listeners[0].proxy_protocol);
+        assert_eq!(
+            s.trusted_proxies,
+            vec![
+                "127.0.0.1/32".parse::<ipnet::IpNet>().unwrap(),
+                "10.1.0.0/16".parse().unwrap()
+            ]
+        );
+        let s = Settings::parse(MINIMAL, "t").expect("parses");
+        assert!(!s.listeners[0].proxy_protocol && s.trusted_proxies.is_empty());
+        let text = format!("[server]\ntrusted_proxies = [\"10.1.0.1/16\"]\n{with_proxy}");
+        let e = Settings::parse(&text, "t")
+            .expect_err("host bits")
+            .to_string();
+        assert!(e.contains("server.trusted_proxies"), "{e}");
     }
 
     #[test]

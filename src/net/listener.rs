@@ -1,5 +1,7 @@
-//! Listening sockets: accept, admit or refuse each connection against the
-//! connection limits, spawn a task per connection, stop on shutdown.
+//! Listening sockets: accept, read the PROXY protocol header where the
+//! listener takes one (from trusted proxies only), admit or refuse each
+//! connection against the connection limits by its client's address,
+//! spawn a task per connection, stop on shutdown.
 //!
 //! Every connection is accepted at once, so a client beyond a limit is
 //! told so (by the handler, in its protocol's words) instead of hanging in
@@ -11,6 +13,8 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use mailbridge_proto::proxy;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -170,33 +174,84 @@ impl Admission {
     }
 }
 
-/// Refusals are logged once, then summed up at most every 10 s, so a
-/// flood does not flood the log too.
-struct RefusalLog {
+/// A kind of event at the door, logged once and then summed up at most
+/// every 10 s, so a flood does not flood the log too.
+struct Throttle {
     last: Option<tokio::time::Instant>,
     since: u64,
 }
 
-impl RefusalLog {
-    fn note(&mut self, local: Option<SocketAddr>, peer: SocketAddr, why: Refused) {
+impl Throttle {
+    const fn new() -> Throttle {
+        Throttle {
+            last: None,
+            since: 0,
+        }
+    }
+
+    /// Counts one event; `Some(n)` when it is time to log the `n` events
+    /// since the last line.
+    fn note(&mut self) -> Option<u64> {
         let now = tokio::time::Instant::now();
         self.since += 1;
         if self
             .last
             .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10))
         {
-            return;
+            return None;
         }
-        tracing::warn!(
-            listener = ?local,
-            %peer,
-            refused = self.since,
-            reason = %why.reason(),
-            "connections refused at the door"
-        );
         self.last = Some(now);
-        self.since = 0;
+        Some(std::mem::take(&mut self.since))
     }
+}
+
+/// What a listener logs about connections it does not serve.
+struct DoorLog {
+    local: Option<SocketAddr>,
+    refused: Mutex<Throttle>,
+    untrusted: Mutex<Throttle>,
+    bad_header: Mutex<Throttle>,
+}
+
+impl DoorLog {
+    fn refused(&self, peer: SocketAddr, why: Refused) {
+        if let Some(n) = lock(&self.refused).note() {
+            tracing::warn!(
+                listener = ?self.local,
+                %peer,
+                refused = n,
+                reason = %why.reason(),
+                "connections refused at the door"
+            );
+        }
+    }
+
+    fn untrusted(&self, peer: SocketAddr) {
+        if let Some(n) = lock(&self.untrusted).note() {
+            tracing::warn!(
+                listener = ?self.local,
+                %peer,
+                closed = n,
+                "connection closed: this listener takes PROXY protocol connections only, and the address is not in [server] trusted_proxies"
+            );
+        }
+    }
+
+    fn bad_header(&self, proxy: SocketAddr, why: &HeaderError) {
+        if let Some(n) = lock(&self.bad_header).note() {
+            tracing::warn!(
+                listener = ?self.local,
+                %proxy,
+                closed = n,
+                error = %why,
+                "connection from a trusted proxy closed: no valid PROXY protocol header"
+            );
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What the handler gets with each connection.
@@ -207,21 +262,109 @@ pub enum Admitted {
     No(Refused),
 }
 
+/// An accepted connection, handed to the listener's handler.
+pub struct Accepted {
+    /// The socket, positioned at the client's first byte (after the PROXY
+    /// header, if there was one).
+    pub tcp: TcpStream,
+    /// The client: the socket's peer, or the address a trusted proxy's
+    /// header named.
+    pub peer: SocketAddr,
+    /// The trusted proxy the connection came through, if it did.
+    pub via: Option<SocketAddr>,
+    /// Whether the connection limits admit it.
+    pub admitted: Admitted,
+}
+
+/// How long a trusted proxy has to send the whole header; haproxy and
+/// nginx send it with the connection's first packet.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A listener's PROXY protocol setting: every connection comes from one of
+/// `trusted` and starts with a header.
+#[derive(Clone, Debug)]
+pub struct ProxyProtocol {
+    /// The proxies' addresses or networks.
+    pub trusted: Arc<[ipnet::IpNet]>,
+    /// See [`PROXY_HEADER_TIMEOUT`].
+    pub timeout: Duration,
+}
+
+impl ProxyProtocol {
+    /// Whether `ip` may send a header.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// Why no header was read from a trusted proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError {
+    /// The bytes are not a header mailbridge takes.
+    #[error(transparent)]
+    Invalid(#[from] proxy::ProxyError),
+    /// The proxy closed the connection, or it broke, before the header
+    /// was whole.
+    #[error("the connection ended before the PROXY protocol header was whole: {0}")]
+    Io(#[from] std::io::Error),
+    /// The header was not whole within the timeout.
+    #[error("no whole PROXY protocol header within {} s", .0.as_secs())]
+    Timeout(Duration),
+}
+
+/// Reads a PROXY protocol header from the start of `stream`, exactly: the
+/// protocol crate says how many bytes it still needs at least, so nothing
+/// after the header is read, and the session (or the TLS handshake) gets
+/// the connection's bytes from where the header ended.
+pub async fn read_proxy_header<S>(stream: &mut S) -> Result<proxy::Header, HeaderError>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut buf = Vec::with_capacity(proxy::MIN_LEN);
+    loop {
+        match proxy::parse(&buf)? {
+            proxy::Parse::Done(header) => return Ok(header),
+            proxy::Parse::NeedMore(n) => {
+                // `parse` bounds the header's length, so this does too.
+                let have = buf.len();
+                buf.resize(have + n, 0);
+                stream.read_exact(&mut buf[have..]).await?;
+            }
+        }
+    }
+}
+
 /// Accepts connections until `shutdown` turns true, running `handler` in a
-/// task of its own for each, with the connection's admission.
+/// task of its own for each, with the connection's admission. With
+/// `proxy`, a connection from an address it does not trust is closed at
+/// once; one from a trusted proxy has its header read in its task, and
+/// the client it names is the one admitted and served.
 pub async fn accept_loop<H, F>(
     listener: TcpListener,
     admission: Arc<Admission>,
+    proxy: Option<ProxyProtocol>,
     mut shutdown: watch::Receiver<bool>,
     handler: H,
 ) where
-    H: Fn(TcpStream, SocketAddr, Admitted) -> F,
+    H: Fn(Accepted) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
-    let local = listener.local_addr().ok();
-    let mut refusals = RefusalLog {
-        last: None,
-        since: 0,
+    let handler = Arc::new(handler);
+    let log = Arc::new(DoorLog {
+        local: listener.local_addr().ok(),
+        refused: Mutex::new(Throttle::new()),
+        untrusted: Mutex::new(Throttle::new()),
+        bad_header: Mutex::new(Throttle::new()),
+    });
+    let admit = |admission: &Arc<Admission>, log: &DoorLog, peer: SocketAddr| match admission
+        .admit(peer.ip())
+    {
+        Ok(ticket) => Admitted::Yes(ticket),
+        Err(why) => {
+            log.refused(peer, why);
+            Admitted::No(why)
+        }
     };
     loop {
         if *shutdown.borrow() {
@@ -234,24 +377,60 @@ pub async fn accept_loop<H, F>(
         match accepted {
             Ok((tcp, peer)) => {
                 let _ = tcp.set_nodelay(true);
-                let admitted = match admission.admit(peer.ip()) {
-                    Ok(ticket) => Admitted::Yes(ticket),
-                    Err(why) => {
-                        refusals.note(local, peer, why);
-                        Admitted::No(why)
-                    }
+                let Some(proxy) = &proxy else {
+                    let admitted = admit(&admission, &log, peer);
+                    tokio::spawn(handler(Accepted {
+                        tcp,
+                        peer,
+                        via: None,
+                        admitted,
+                    }));
+                    continue;
                 };
-                tokio::spawn(handler(tcp, peer, admitted));
+                if !proxy.trusts(peer.ip()) {
+                    log.untrusted(peer);
+                    drop(tcp);
+                    continue;
+                }
+                let (handler, admission, log) = (handler.clone(), admission.clone(), log.clone());
+                let (timeout, stopping) = (proxy.timeout, shutdown.clone());
+                tokio::spawn(async move {
+                    let mut tcp = tcp;
+                    let header =
+                        match tokio::time::timeout(timeout, read_proxy_header(&mut tcp)).await {
+                            Ok(Ok(h)) => h,
+                            Ok(Err(e)) => {
+                                log.bad_header(peer, &e);
+                                return;
+                            }
+                            Err(_) => {
+                                log.bad_header(peer, &HeaderError::Timeout(timeout));
+                                return;
+                            }
+                        };
+                    if *stopping.borrow() {
+                        return;
+                    }
+                    let client = header.client_or(peer);
+                    let admitted = admit(&admission, &log, client);
+                    handler(Accepted {
+                        tcp,
+                        peer: client,
+                        via: Some(peer),
+                        admitted,
+                    })
+                    .await;
+                });
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off briefly
                 // rather than spin.
-                tracing::warn!(listener = ?local, error = %e, "accept failed");
+                tracing::warn!(listener = ?log.local, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
-    tracing::debug!(listener = ?local, "listener stopped");
+    tracing::debug!(listener = ?log.local, "listener stopped");
 }
 
 #[cfg(test)]
@@ -280,6 +459,48 @@ mod tests {
             PeerGroup::of(ip("2001:db8:1:2::1")).to_string(),
             "2001:db8:1:2::/64"
         );
+    }
+
+    #[tokio::test]
+    async fn reads_the_proxy_header_and_not_a_byte_more() {
+        let peer: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let mut input: &[u8] = b"PROXY TCP4 192.0.2.7 192.0.2.1 5000 143\r\na1 NOOP\r\n";
+        let h = read_proxy_header(&mut input).await.unwrap();
+        assert_eq!(h.client_or(peer), "192.0.2.7:5000".parse().unwrap());
+        assert_eq!(input, b"a1 NOOP\r\n");
+
+        let mut input: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00\x16\x03\x01";
+        let h = read_proxy_header(&mut input).await.unwrap();
+        assert_eq!(h.client_or(peer), peer, "LOCAL: the proxy's own address");
+        assert_eq!(input, b"\x16\x03\x01");
+
+        let mut cut: &[u8] = b"PROXY TCP4 192.0.2.7";
+        assert!(matches!(
+            read_proxy_header(&mut cut).await,
+            Err(HeaderError::Io(_))
+        ));
+        let mut garbage: &[u8] = b"a1 LOGIN alice secret\r\n";
+        assert!(matches!(
+            read_proxy_header(&mut garbage).await,
+            Err(HeaderError::Invalid(proxy::ProxyError::NotAHeader))
+        ));
+    }
+
+    #[test]
+    fn trusted_proxies_by_network_and_mapped_addresses() {
+        let p = ProxyProtocol {
+            trusted: vec![
+                "127.0.0.1/32".parse().unwrap(),
+                "10.1.0.0/16".parse().unwrap(),
+            ]
+            .into(),
+            timeout: PROXY_HEADER_TIMEOUT,
+        };
+        assert!(p.trusts(ip("127.0.0.1")));
+        assert!(p.trusts(ip("::ffff:127.0.0.1")));
+        assert!(p.trusts(ip("10.1.200.3")));
+        assert!(!p.trusts(ip("127.0.0.3")));
+        assert!(!p.trusts(ip("::1")));
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct Options {
     pub pop3: Pop3ServerOptions,
     pub provider: ProviderOptions,
     pub server_extra: String,
+    /// Lines added to each `[[listener]]` table (`proxy_protocol = true`).
+    pub listener_extra: String,
     pub mechanisms: Option<&'static str>,
     /// Log in to IMAP at this port on localhost instead of the sandbox
     /// server's (a test's own scripted server).
@@ -63,6 +65,7 @@ impl Default for Options {
             pop3: Pop3ServerOptions::default(),
             provider: ProviderOptions::default(),
             server_extra: String::new(),
+            listener_extra: String::new(),
             mechanisms: None,
             imap_port: None,
             pop3_port: None,
@@ -162,18 +165,21 @@ protocol = "imap"
 bind = "127.0.0.1:0"
 tls = "{ltls}"
 {listener_cert}
+{listener_extra}
 
 [[listener]]
 protocol = "pop3"
 bind = "127.0.0.1:0"
 tls = "{ltls}"
 {listener_cert}
+{listener_extra}
 
 [[listener]]
 protocol = "smtp"
 bind = "127.0.0.1:0"
 tls = "{ltls}"
 {listener_cert}
+{listener_extra}
 
 [providers.sandbox]
 preset = "custom"
@@ -203,6 +209,7 @@ provider = "sandbox"
                 })
                 .collect::<String>(),
             extra = opts.server_extra,
+            listener_extra = opts.listener_extra,
             ltls = ltls,
             token_url = provider.token_url(),
             ca = ca.display(),
@@ -397,6 +404,14 @@ impl Client {
     pub async fn plain_from(from: &str, addr: SocketAddr) -> Client {
         Client {
             io: BufReader::new(Box::new(tcp_from(from, addr).await)),
+        }
+    }
+
+    /// A client over a connection already made (and written to: a PROXY
+    /// protocol header, say).
+    pub fn over(io: impl Io + 'static) -> Client {
+        Client {
+            io: BufReader::new(Box::new(io)),
         }
     }
 

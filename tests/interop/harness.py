@@ -148,7 +148,8 @@ def missing_prerequisites():
         why.append("not running as root (Postfix's master and Dovecot's privilege separation need root)")
     for exe, pkg in [("dovecot", "dovecot-imapd dovecot-pop3d dovecot-lmtpd"),
                      ("postfix", "postfix"), ("node", "nodejs"), ("openssl", "openssl"),
-                     ("curl", "curl"), ("fetchmail", "fetchmail"), ("mutt", "mutt")]:
+                     ("curl", "curl"), ("fetchmail", "fetchmail"), ("mutt", "mutt"),
+                     ("haproxy", "haproxy")]:
         if not find_exe(exe, ["/usr/sbin", "/usr/bin"]):
             why.append(f"`{exe}` is not installed (Debian: apt-get install {pkg})")
     node = find_exe("node", ["/usr/bin"])
@@ -340,6 +341,38 @@ class Stack:
         for k in ["submission", "submissions"]:
             wait_port(self.ports[k], what=f"Postfix ({k})", log=log)
 
+    def start_haproxy(self, port, target_port):
+        """haproxy in TCP mode on 127.0.0.1:`port`, sending a PROXY protocol
+        v2 header (send-proxy-v2) before each connection it forwards to
+        127.0.0.1:`target_port`."""
+        d = self.dir / "haproxy"
+        d.mkdir(exist_ok=True)
+        conf = d / "haproxy.cfg"
+        conf.write_text("\n".join([
+            "global",
+            "    maxconn 100",
+            "defaults",
+            "    mode tcp",
+            "    timeout connect 5s",
+            "    timeout client 60s",
+            "    timeout server 60s",
+            "frontend mail",
+            f"    bind 127.0.0.1:{port}",
+            "    default_backend mailbridge",
+            "backend mailbridge",
+            f"    server mb 127.0.0.1:{target_port} send-proxy-v2",
+            "",
+        ]))
+        exe = find_exe("haproxy", ["/usr/sbin"])
+        run([exe, "-c", "-f", str(conf)], timeout=30)
+        log = self.dir / "haproxy.log"
+        with open(log, "ab") as f:
+            proc = subprocess.Popen([exe, "-db", "-f", str(conf)], stdin=subprocess.DEVNULL,
+                                    stdout=f, stderr=f, start_new_session=True)
+        self.pids["haproxy"] = proc.pid
+        self.save()
+        wait_port(port, proc=proc, what="haproxy", log=log)
+
     # -- stop ---------------------------------------------------------------
     def stop(self):
         """Stops everything started in this directory; safe to call twice."""
@@ -364,6 +397,9 @@ class Stack:
         if self.pids.get("dovecot"):
             stop_pid(self.pids["dovecot"], group=False)
             self.pids.pop("dovecot")
+        if self.pids.get("haproxy"):
+            stop_pid(self.pids["haproxy"])
+            self.pids.pop("haproxy")
         if self.pids.get("oidc"):
             stop_pid(self.pids["oidc"])
             self.pids.pop("oidc")

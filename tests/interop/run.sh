@@ -2,12 +2,13 @@
 # mailbridge's interop suite: real Dovecot (IMAP, POP3, LMTP), Postfix
 # (submission, SASL through Dovecot) and a real OAuth2 server
 # (oidc-provider on Node.js), with curl, Python's imaplib/poplib/smtplib,
-# fetchmail and mutt logging in through mailbridge.
+# fetchmail and mutt logging in through mailbridge, and haproxy in front
+# of it sending the PROXY protocol header.
 #
 #   tests/interop/run.sh [--keep] [-k SUBSTRING] ...   (test_interop.py options)
 #
 # Needs root, the Debian packages dovecot-imapd dovecot-pop3d dovecot-lmtpd
-# postfix fetchmail mutt curl openssl, Node.js >= 20 with npm, and
+# postfix fetchmail mutt curl openssl haproxy, Node.js >= 20 with npm, and
 # python3. Servers listen on 127.0.0.1 high ports and live in a temporary
 # directory under /tmp; everything started is stopped on exit. Under CI=true
 # a suite that cannot start fails; elsewhere it says why it skipped.

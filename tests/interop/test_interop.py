@@ -298,12 +298,14 @@ class Ctx:
         tls = self.dir / "tls"
         ports = self.ports
         if not self.mb_ports:
-            for k in ["imap", "imaps", "pop3", "pop3s", "smtp", "smtps"]:
+            for k in ["imap", "imaps", "imap-proxied", "pop3", "pop3s", "smtp", "smtps"]:
                 self.mb_ports[k] = harness.free_port()
         mp = self.mb_ports
         listeners = [
             ("imap", mp["imap"], "none"),
             ("imap", mp["imaps"], "implicit"),
+            # Behind haproxy (send-proxy-v2), which connects from 127.0.0.1.
+            ("imap", mp["imap-proxied"], "proxy"),
         ]
         if "pop3" in self.protocols:
             listeners += [("pop3", mp["pop3"], "none"), ("pop3", mp["pop3s"], "implicit")]
@@ -319,11 +321,17 @@ class Ctx:
             "backoff_max_secs = 1",
             "connect_timeout_secs = 10",
             f"login_timeout_secs = {self.state.get('login_timeout', 30)}",
+            'trusted_proxies = ["127.0.0.1/32"]',
             "",
         ]
         for proto, port, mode in listeners:
+            proxied = mode == "proxy"
+            if proxied:
+                mode = "none"
             lines += ["[[listener]]", f'protocol = "{proto}"', f'bind = "127.0.0.1:{port}"',
                       f'tls = "{mode}"']
+            if proxied:
+                lines.append("proxy_protocol = true")
             if mode != "none":
                 lines += [f'cert_file = "{tls / "server.pem"}"', f'key_file = "{tls / "server.key"}"']
             lines.append("")
@@ -382,7 +390,7 @@ class Ctx:
             env=dict(os.environ, MAILBRIDGE_LOG="info,mailbridge=debug", NO_COLOR="1"))
         log.close()
         (self.dir / "mailbridge.pid").write_text(str(self.mb_proc.pid))
-        for k in ["imap", "imaps"] + (["pop3", "pop3s"] if "pop3" in self.protocols else []) + (
+        for k in ["imap", "imaps", "imap-proxied"] + (["pop3", "pop3s"] if "pop3" in self.protocols else []) + (
                 ["smtp", "smtps"] if "smtp" in self.protocols else []):
             harness.wait_port(self.mb_ports[k], proc=self.mb_proc, what="mailbridge run", log=self.mb_log)
 
@@ -906,6 +914,40 @@ def t_wrong_password(c):
     after_failure()
     m = c.imap("alice")
     m.logout()
+
+
+@case("haproxy (send-proxy-v2) -> mailbridge -> Dovecot: the client's address, not haproxy's, in mailbridge's log; "
+      "a connection without haproxy's header closed")
+def t_haproxy(c):
+    port = harness.free_port()
+    c.stack.start_haproxy(port, c.mb_ports["imap-proxied"])
+    client_ip = "127.0.0.5"  # the client; haproxy connects from 127.0.0.1
+
+    class FromClient(imaplib.IMAP4):
+        def _create_socket(self, timeout):
+            return socket.create_connection((self.host, self.port), timeout,
+                                            source_address=(client_ip, 0))
+
+    m = FromClient("127.0.0.1", port, timeout=WAIT)
+    client_port = m.sock.getsockname()[1]
+    typ, data = m.login(address("alice"), local_password("alice"))
+    check(typ == "OK", f"LOGIN through haproxy: {typ} {data}")
+    typ, data = m.select("INBOX")
+    check(typ == "OK", f"SELECT through haproxy: {typ} {data}")
+    m.logout()
+    pattern = re.compile(rf"peer={re.escape(client_ip)}:{client_port} via=127\.0\.0\.1:\d+")
+    line = eventually(
+        lambda: next((l for l in c.mb_log_text().splitlines() if pattern.search(l)), None),
+        f"a log line of the session with peer={client_ip}:{client_port} via haproxy")
+    check("peer=127.0.0.1" not in line, line)
+    # Straight to the listener, from an address not in trusted_proxies:
+    # closed without a greeting.
+    with socket.create_connection(("127.0.0.1", c.mb_ports["imap-proxied"]), WAIT,
+                                  source_address=("127.0.0.6", 0)) as s:
+        s.settimeout(WAIT)
+        check(s.recv(100) == b"", "a connection without a PROXY header got an answer")
+    eventually(lambda: "not in [server] trusted_proxies" in c.mb_log_text(),
+               "the refused connection in mailbridge's log")
 
 
 # ---------------------------------------------------------------------------
@@ -1468,7 +1510,7 @@ def main():
             return 1
         print(f"SKIPPED: the interop suite did not run: {why}")
         print("(it needs root, Dovecot, Postfix, Node.js with `npm ci` in tests/interop/oidc, "
-              "curl, fetchmail and mutt; see README.md, section Interop suite)")
+              "curl, fetchmail, mutt and haproxy; see README.md, section Interop suite)")
         print("0 passed, 0 failed")
         return 0
 

@@ -25,6 +25,8 @@
 //! - [`text`]: text on one line, for replies, reasons and logs.
 //! - [`limits`]: the pre-auth allowance (commands, failed logins) around
 //!   any client session.
+//! - [`proxy`]: the PROXY protocol header (v1 and v2) a trusted proxy puts
+//!   before a connection: how much to read, and whose connection it is.
 //!
 //! Everything that can hold a password, a token or a SASL response prints
 //! redacted under `{:?}` (`debug_never_shows_secrets`).
@@ -39,6 +41,7 @@ mod framer;
 pub mod imap;
 pub mod limits;
 pub mod pop3;
+pub mod proxy;
 pub mod refusal;
 pub mod sasl;
 pub mod smtp;
