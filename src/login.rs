@@ -680,11 +680,16 @@ impl Gateway {
         )
         .await;
         match result {
-            Ok(conn) => {
+            Ok(mut conn) => {
                 if protocol == Protocol::Smtp {
                     self.learn_smtp(endpoint, &conn.success.capabilities);
                 }
                 self.alerts.refresh_succeeded(&account.name);
+                self.refused
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&account.name);
+                conn.held = Some(Box::new(self.session_opened(&account.name)));
                 let now = unix_now();
                 self.note_meta(&account.name, |m| {
                     m.last_login_at = Some(now);
