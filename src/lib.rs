@@ -66,6 +66,7 @@ pub mod provider;
 pub mod report;
 pub mod server;
 pub mod spool;
+pub mod status;
 pub mod store;
 pub mod vault;
 

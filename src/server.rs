@@ -69,6 +69,14 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// `[status] token_file` cannot be read.
+    #[error("cannot read the status page's token_file {}: {source}", path.display())]
+    StatusToken {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The spool directory cannot be used.
     #[error("cannot open the spool: {source}")]
     Spool {
@@ -131,6 +139,8 @@ pub struct Server {
     refresh_timeout: Duration,
     /// Messages from spooling devices, when there are any.
     spool: Option<Arc<SpoolRuntime>>,
+    /// `[status]`: its socket and token.
+    status: Option<(TcpListener, Option<secrecy::SecretString>)>,
 }
 
 /// The spool and what its writers and its delivery task share.
@@ -301,9 +311,33 @@ impl Server {
                 }),
             ));
         }
+        let status = match &settings.status {
+            None => None,
+            Some((addr, token_file)) => {
+                let token = match token_file {
+                    None => None,
+                    Some(path) => {
+                        let text = std::fs::read_to_string(path).map_err(|source| {
+                            ServerError::StatusToken {
+                                path: path.clone(),
+                                source,
+                            }
+                        })?;
+                        Some(secrecy::SecretString::from(text.trim().to_owned()))
+                    }
+                };
+                let tcp = listen(*addr).map_err(|source| ServerError::Bind {
+                    addr: *addr,
+                    protocol: "status",
+                    source,
+                })?;
+                Some((tcp, token))
+            }
+        };
         let background_refresh = (settings.server.key_mode == KeyMode::Service)
             .then(|| Duration::from_secs(settings.server.background_refresh_secs.max(1)));
         Ok(Server {
+            status,
             gateway,
             settings: settings.clone(),
             reloader: None,
@@ -323,6 +357,11 @@ impl Server {
             .iter()
             .filter_map(|(l, _)| l.local_addr().ok())
             .collect()
+    }
+
+    /// The status listener's address, when `[status]` is set.
+    pub fn status_addr(&self) -> Option<SocketAddr> {
+        self.status.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// Re-read the configuration with `reloader` on SIGHUP.
@@ -378,6 +417,11 @@ impl Server {
     /// grace period is over (the caller's exit then cuts what is left).
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let listeners_seen: Vec<(&'static str, SocketAddr)> = self
+            .listeners
+            .iter()
+            .filter_map(|(l, rt)| l.local_addr().ok().map(|a| (rt.config.protocol.name(), a)))
+            .collect();
         let limit = Admission::new(self.max_connections, self.per_address);
         tracing::info!(
             max_connections = self.max_connections,
@@ -476,6 +520,19 @@ impl Server {
         });
         #[cfg(not(unix))]
         let reloads: Option<tokio::task::JoinHandle<()>> = self.reloader.take().and(None);
+        let (status_stop_tx, status_stop_rx) = watch::channel(false);
+        let status_task = self.status.take().map(|(tcp, token)| {
+            let addr = tcp.local_addr().ok();
+            tracing::info!(addr = ?addr, "status page, /metrics and /healthz");
+            let state = Arc::new(crate::status::StatusState {
+                gateway: self.gateway.clone(),
+                spool: self.spool.as_ref().map(|s| s.spool.clone()),
+                listeners: listeners_seen.clone(),
+                token,
+                stopping: stop_rx.clone(),
+            });
+            tokio::spawn(crate::status::serve(tcp, state, status_stop_rx))
+        });
         let delivery = self.spool.as_ref().map(|rt| {
             tokio::spawn(crate::spool::deliver::run(
                 rt.spool.clone(),
@@ -590,6 +647,11 @@ impl Server {
         // A rotated token the store could not take: one last try.
         self.gateway.vault().save_all_unsaved().await;
         grant_events.abort();
+        // The status page answers (`/healthz`: draining) until the end.
+        let _ = status_stop_tx.send(true);
+        if let Some(t) = status_task {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
         // Keep `stop_tx` alive until here: sessions treat a dropped sender
         // as "never stopping".
         drop(stop_tx);

@@ -103,6 +103,23 @@ pub struct Config {
     /// Where messages from spooling devices wait for delivery.
     #[serde(default)]
     pub spool: SpoolConfig,
+    /// The HTTP status page, `/metrics` and `/healthz`.
+    #[serde(default)]
+    pub status: Option<StatusConfig>,
+}
+
+/// `[status]`: an HTTP listener with a status page for people, `/metrics`
+/// for Prometheus and `/healthz` for load balancers and watchdogs.
+#[derive(Debug, Deserialize, PartialEq, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Address and port, e.g. `127.0.0.1:8025`. Anything but loopback
+    /// needs `token_file`.
+    pub bind: String,
+    /// A file holding a secret token: the page and `/metrics` then need
+    /// `Authorization: Bearer TOKEN` (or `?token=TOKEN` in a browser).
+    /// `/healthz` says only whether mailbridge serves, and needs none.
+    pub token_file: Option<PathBuf>,
 }
 
 /// `[[device]]`: a device on the LAN that may send through the SMTP

@@ -101,6 +101,8 @@ pub struct Settings {
     pub devices: Vec<Device>,
     /// `[spool]`.
     pub spool: super::schema::SpoolConfig,
+    /// `[status]`: the address, and the token file if any.
+    pub status: Option<(SocketAddr, Option<PathBuf>)>,
 }
 
 /// A validated listener.
@@ -420,11 +422,39 @@ impl Settings {
             });
         }
 
+        let status = match &raw.status {
+            None => None,
+            Some(c) => {
+                let at = text.find("[status]").unwrap_or(0);
+                let bind: SocketAddr = c.bind.parse().map_err(|_| {
+                    invalid(
+                        at..at,
+                        "status.bind",
+                        format!(
+                            "`{}` is not an IP:port address (e.g. 127.0.0.1:8025)",
+                            c.bind
+                        ),
+                    )
+                })?;
+                if !bind.ip().is_loopback() && c.token_file.is_none() {
+                    return Err(invalid(
+                        at..at,
+                        "status.token_file",
+                        format!(
+                            "the status page on {bind} would be open to the network: set token_file (a file with a secret token) or bind to 127.0.0.1"
+                        ),
+                    ));
+                }
+                Some((bind, c.token_file.clone()))
+            }
+        };
+
         Ok(Settings {
             alerts,
             local_networks,
             trusted_proxies,
             devices,
+            status,
             spool: raw.spool,
             server: raw.server,
             listeners,

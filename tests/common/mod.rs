@@ -92,6 +92,8 @@ pub struct Harness {
     pub smtp_addr: SocketAddr,
     pub store: Arc<dyn TokenStore>,
     pub dir: PathBuf,
+    /// The status listener, when the config has `[status]`.
+    pub status_addr: Option<SocketAddr>,
     pub refresh_token: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -267,6 +269,7 @@ provider = "sandbox"
         drop(vault);
         let server = Server::bind(settings, store.clone()).await.unwrap();
         let addrs = server.local_addrs();
+        let status_addr = server.status_addr();
         let (stop, rx) = oneshot::channel();
         let task = tokio::spawn(server.run(async {
             let _ = rx.await;
@@ -282,6 +285,7 @@ provider = "sandbox"
             smtp_addr: addrs[2],
             store,
             dir,
+            status_addr,
             refresh_token,
             stop: Some(stop),
             task: Some(task),
