@@ -66,6 +66,9 @@ enum Command {
         /// Port for mailbridge's SMTP listener on 127.0.0.1 (0: any free port).
         #[arg(long, default_value_t = 1587)]
         smtp_port: u16,
+        /// Port for the status page on 127.0.0.1 (0: any free port).
+        #[arg(long, default_value_t = 1880)]
+        status_port: u16,
     },
 }
 
@@ -310,11 +313,13 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             imap_port,
             pop3_port,
             smtp_port,
+            status_port,
         } => {
             let ports = crate::demo::DemoPorts {
                 imap: imap_port,
                 pop3: pop3_port,
                 smtp: smtp_port,
+                status: status_port,
             };
             crate::demo::run(ports, shutdown_signal()).await
         }

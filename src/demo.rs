@@ -40,6 +40,8 @@ pub struct DemoPorts {
     pub pop3: u16,
     /// SMTP listener.
     pub smtp: u16,
+    /// The status page.
+    pub status: u16,
 }
 
 /// Runs the demo until `shutdown` completes.
@@ -71,6 +73,9 @@ pub async fn run(ports: DemoPorts, shutdown: impl Future<Output = ()>) -> anyhow
 # Cheap sealing for a throwaway demo store.
 kdf_memory_kib = 1024
 kdf_iterations = 1
+
+[status]
+bind = "127.0.0.1:{status_port}"
 
 [[listener]]
 protocol = "imap"
@@ -105,6 +110,7 @@ provider = "sandbox"
         imap_port = ports.imap,
         pop3_port = ports.pop3,
         smtp_port = ports.smtp,
+        status_port = ports.status,
     );
     let settings = Settings::parse(&config, "demo config").context("building the demo config")?;
     let store: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary()?);
@@ -134,13 +140,18 @@ provider = "sandbox"
     )?;
     let addrs = server.local_addrs();
     let (addr, pop3_addr, smtp_addr) = (addrs[0], addrs[1], addrs[2]);
+    let status = server
+        .status_addr()
+        .map(|a| format!("http://{a}/ (metrics: http://{a}/metrics)"))
+        .unwrap_or_default();
     let login = format!("{DEMO_USER}:{DEMO_PASSWORD}");
     println!(
         "\nmailbridge demo is running.\n\n\
          sandbox OAuth2 provider: {provider_url}\n\
          sandbox mail servers:    IMAP {imap_up} and POP3 {pop3_up} (implicit TLS), SMTP {smtp_up} (STARTTLS);\n\
          \x20                        they accept OAuth2 bearer tokens only\n\
-         mailbridge:              IMAP {addr}, POP3 {pop3_addr}, SMTP {smtp_addr} (plain password logins)\n\n\
+         mailbridge:              IMAP {addr}, POP3 {pop3_addr}, SMTP {smtp_addr} (plain password logins)\n\
+         status page:             {status}\n\n\
          List INBOX over IMAP, logging in with a password:\n  \
          curl 'imap://{addr}/INBOX' -X 'FETCH 1:* (UID FLAGS RFC822.SIZE)' --user '{login}'\n\n\
          Fetch the first message over IMAP (add -v to watch the dialogue):\n  \

@@ -396,6 +396,8 @@ async fn demo_serves_a_password_login() {
                 "0",
                 "--smtp-port",
                 "0",
+                "--status-port",
+                "0",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -429,6 +431,15 @@ async fn demo_serves_a_password_login() {
     );
     let (addr, pop3_addr, smtp_addr) = (addrs[0], addrs[1], addrs[2]);
     assert!(printed.contains("curl 'imap://"), "{printed}");
+    // The status page, at the address the demo printed.
+    let status = printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("status page:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no status page in {printed}"))
+        .to_string();
+    let health = reqwest::get(format!("{status}healthz")).await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
     let mut c = Client::plain(addr).await;
     assert!(c.line().await.starts_with("* OK"));
     let r = c
