@@ -956,21 +956,13 @@ pub fn resolve(name: &str, c: &ProviderConfig) -> Result<Provider, ProviderError
             }
         }
     }
-    if let Some(ca) = &c.ca_file {
-        if !ca.is_file() {
-            return Err(err(
-                "ca_file",
-                format!("{} is not a readable file", ca.display()),
-            ));
-        }
-        // Read now, so a file without a certificate fails here (and in
-        // `check-config`) rather than at the first login.
-        crate::net::tls::check_ca_file(ca).map_err(|e| {
-            err(
-                "ca_file",
-                format!("{e}; it must hold the CA certificate(s) in PEM form (-----BEGIN CERTIFICATE-----)"),
-            )
-        })?;
+    if let Some(ca) = &c.ca_file
+        && !ca.is_file()
+    {
+        return Err(err(
+            "ca_file",
+            format!("{} is not a readable file", ca.display()),
+        ));
     }
     Ok(Provider {
         name: name.to_string(),

@@ -226,6 +226,18 @@ impl Settings {
                 let at = key_in_span(text, p.span(), key);
                 invalid(at..at, &format!("providers.{name}.{}", e.field), e.message)
             })?;
+            // Read now, so a file without a certificate fails here (and in
+            // `check-config`) rather than at the first login.
+            if let Some(ca) = &resolved.ca_file {
+                crate::net::tls::check_ca_file(ca).map_err(|e| {
+                    let at = key_in_span(text, p.span(), "ca_file");
+                    invalid(
+                        at..at,
+                        &format!("providers.{name}.ca_file"),
+                        format!("{e}; it must hold the CA certificate(s) in PEM form (-----BEGIN CERTIFICATE-----)"),
+                    )
+                })?;
+            }
             providers.insert(name.clone(), resolved);
         }
 
