@@ -275,6 +275,12 @@ fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TokenStore>> {
                     );
                     Ok(Arc::new(remote))
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    Err(crate::store::StoreError::Denied {
+                        path: dir.join(crate::store::control::SOCKET_NAME),
+                    }
+                    .into())
+                }
                 Err(e) => Err(anyhow::anyhow!(
                     "{locked} (it does not answer on {}: {e})",
                     dir.join(crate::store::control::SOCKET_NAME).display()

@@ -67,9 +67,8 @@ pub fn init(configured: LogFormat) {
     };
     let format = format_in_force(std::env::var(FORMAT_ENV).ok().as_deref(), configured);
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let colour = !journal
-        && std::env::var_os("NO_COLOR").is_none()
-        && std::io::stderr().is_terminal();
+    let colour =
+        !journal && std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
