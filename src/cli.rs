@@ -310,6 +310,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             {
                 crate::server::service_secret(&s)?;
             }
+            // The webhook's CA and secret files, read as `run` reads them.
+            crate::alerts::Alerts::new(&s.alerts)?;
             println!(
                 "{}: OK ({} listener(s), {} provider(s), {} account(s))",
                 args.config.display(),
