@@ -197,7 +197,11 @@ struct FlowArgs {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    crate::logging::init(
+        config_path(&cli.command)
+            .map(crate::logging::configured_format)
+            .unwrap_or_default(),
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -217,19 +221,27 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("MAILBRIDGE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // Under systemd the journal adds its own timestamps.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().with_ansi(false).init();
-    } else {
-        builder.init();
-    }
+/// The config file a command reads, if any: its `[server] log_format`
+/// shapes the log from the first line.
+fn config_path(command: &Command) -> Option<&std::path::Path> {
+    let args = match command {
+        Command::Run(a) | Command::CheckConfig(a) => a,
+        Command::Account(
+            AccountCommand::Import { config, .. }
+            | AccountCommand::Add { config, .. }
+            | AccountCommand::Reauthorize { config, .. }
+            | AccountCommand::Passwd { config, .. }
+            | AccountCommand::List { config }
+            | AccountCommand::Remove { config, .. },
+        ) => config,
+        Command::Queue(
+            QueueCommand::List(config)
+            | QueueCommand::Retry { config, .. }
+            | QueueCommand::Delete { config, .. },
+        ) => config,
+        Command::Demo { .. } => return None,
+    };
+    Some(&args.config)
 }
 
 fn load(args: &ConfigArgs) -> Result<Settings, crate::config::ConfigError> {
@@ -266,6 +278,12 @@ fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TokenStore>> {
                     );
                     Ok(Arc::new(remote))
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    Err(crate::store::StoreError::Denied {
+                        path: dir.join(crate::store::control::SOCKET_NAME),
+                    }
+                    .into())
+                }
                 Err(e) => Err(anyhow::anyhow!(
                     "{locked} (it does not answer on {}: {e})",
                     dir.join(crate::store::control::SOCKET_NAME).display()
@@ -295,6 +313,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             {
                 crate::server::service_secret(&s)?;
             }
+            // The webhook's CA and secret files, read as `run` reads them.
+            crate::alerts::Alerts::new(&s.alerts)?;
             println!(
                 "{}: OK ({} listener(s), {} provider(s), {} account(s))",
                 args.config.display(),

@@ -46,6 +46,8 @@
 //! - [`demo`]: `mailbridge demo` on top of the sandbox.
 //! - [`clock`]: `unix_now`, the one wall-clock helper.
 //! - [`report`]: an error and its sources on one line, for logs.
+//! - [`logging`]: log lines on standard error: text or JSON, colour only on
+//!   a terminal, syslog priorities under the journal.
 //! - [`cli`]: the command line (main.rs only calls it).
 #![forbid(unsafe_code)]
 
@@ -58,6 +60,7 @@ pub mod config;
 pub mod demo;
 pub mod diagnose;
 pub mod kdf;
+pub mod logging;
 pub mod login;
 pub mod metrics;
 pub mod net;

@@ -31,14 +31,15 @@ use mailbridge_proto::{self as proto, ClientSession};
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// A listener could not bind.
-    #[error("cannot listen on {addr} ({protocol}): {source}")]
+    #[error("cannot listen on {addr} ({protocol}): {error}")]
     Bind {
         /// The address.
         addr: SocketAddr,
         /// The protocol, for the message.
         protocol: &'static str,
-        /// Why.
-        source: std::io::Error,
+        /// Why. Not a `source`: the message holds it, and anyhow's `{:#}`
+        /// would print it a second time.
+        error: std::io::Error,
     },
     /// TLS material is unusable.
     #[error(transparent)]
@@ -279,10 +280,10 @@ impl Server {
                 (_, Some((cert, key))) => Some(tls::server_config_from_files(cert, key)?),
                 (_, None) => Some(tls::self_signed_server_config()?),
             };
-            let tcp = listen(l.bind).map_err(|source| ServerError::Bind {
+            let tcp = listen(l.bind).map_err(|error| ServerError::Bind {
                 addr: l.bind,
                 protocol: l.protocol.name(),
-                source,
+                error,
             })?;
             let driver = DriverSettings {
                 tls,

@@ -58,6 +58,121 @@ fn check_config_accepts_the_example_and_names_the_bad_line() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// What `run` would fail on, or quietly get wrong, is refused by
+/// `check-config` with the field and its line.
+#[test]
+fn check_config_refuses_what_run_would_fail_on() {
+    let dir = temp_dir("cli-refused");
+    let good_ca = dir.join("ca.pem");
+    std::fs::write(&good_ca, TestPki::generate().ca_pem).unwrap();
+    let no_cert = dir.join("no-cert.pem");
+    std::fs::write(&no_cert, "# the CA goes here\n").unwrap();
+    let base = |server: &str, extra: &str, ca: &std::path::Path| {
+        format!(
+            "[server]\n{server}\n\n[[listener]]\nprotocol = \"imap\"\nbind = \"127.0.0.1:1143\"\n{extra}\n[providers.p]\npreset = \"custom\"\nclient_id = \"x\"\ntoken_url = \"https://login.example/token\"\nca_file = \"{}\"\nimap = {{ host = \"imap.example\", port = 993 }}\n",
+            ca.display()
+        )
+    };
+    let second_listener = "\n[[listener]]\nprotocol = \"pop3\"\nbind = \"0.0.0.0:1143\"\n";
+    let cases: [(&str, String, &str, &str); 6] = [
+        (
+            "two listeners",
+            base("", second_listener, &good_ca),
+            "listener.bind",
+            "line 8",
+        ),
+        (
+            "ca_file",
+            base("", "", &no_cert),
+            "providers.p.ca_file",
+            "line 12",
+        ),
+        (
+            "login timeout",
+            base("login_timeout_secs = 0", "", &good_ca),
+            "server.login_timeout_secs",
+            "line 2",
+        ),
+        ("empty", String::new(), "listener", "line 1"),
+        (
+            "kdf memory",
+            base("kdf_memory_kib = 1", "", &good_ca),
+            "server.kdf_memory_kib",
+            "line 2",
+        ),
+        (
+            "connections",
+            base("max_connections = 0", "", &good_ca),
+            "server.max_connections",
+            "line 2",
+        ),
+    ];
+    let good = dir.join("good.toml");
+    std::fs::write(&good, base("", "", &good_ca)).unwrap();
+    let (ok, out, err) = mailbridge(&["check-config", "--config", good.to_str().unwrap()], "");
+    assert!(ok && out.contains("OK"), "{out}{err}");
+    for (what, text, field, line) in cases {
+        let file = dir.join("refused.toml");
+        std::fs::write(&file, text).unwrap();
+        let (ok, _, err) = mailbridge(&["check-config", "--config", file.to_str().unwrap()], "");
+        assert!(!ok, "{what}: accepted");
+        assert!(
+            err.contains(&format!("{line}: {field}:")),
+            "{what}: wants {line} and {field}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A command run as someone who may not use the service's state
+/// directory says so and who to run as (needs root to act as another
+/// user; skipped otherwise).
+#[test]
+fn a_command_without_permission_says_so() {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    if std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+        != 0
+    {
+        eprintln!("skipped: needs root to run a command as another user");
+        return;
+    }
+    let dir = temp_dir("cli-denied");
+    let config = dir.join("mailbridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nstate_dir = \"{}\"\n\n[[listener]]\nprotocol = \"smtp\"\nbind = \"127.0.0.1:1587\"\n",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    // The service's user (root here) creates the private state directory.
+    let (ok, _, err) = mailbridge(&["account", "list", "--config", cfg], "");
+    assert!(ok, "{err}");
+    let out = Command::new(BIN)
+        .args(["account", "list", "--config", cfg])
+        .uid(65534)
+        .gid(65534)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "permission denied on {}",
+            dir.join("state").display()
+        )) && err.contains("run as the service's user (e.g. sudo -u mailbridge")
+            && !err.contains("free space"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_run_login_list_remove() {
     let pki = TestPki::generate();

@@ -391,6 +391,22 @@ pub struct ServerConfig {
     /// least 1.
     #[serde(default)]
     pub kdf_concurrency: usize,
+    /// How log lines on standard error look: `text` (the default; no
+    /// timestamps and a `<6>`-style priority under systemd's journal) or
+    /// `json` (one object per line). `MAILBRIDGE_LOG_FORMAT` overrides it.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// The shape of log lines (see [`ServerConfig::log_format`]).
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people: one line per event, fields as `key=value`.
+    #[default]
+    Text,
+    /// For log collectors: one JSON object per line.
+    Json,
 }
 
 impl Default for ServerConfig {
@@ -420,6 +436,7 @@ impl Default for ServerConfig {
             kdf_memory_kib: defaults::kdf_memory_kib(),
             kdf_iterations: defaults::kdf_iterations(),
             kdf_concurrency: 0,
+            log_format: LogFormat::default(),
         }
     }
 }

@@ -197,15 +197,54 @@ impl Settings {
             });
         }
 
+        if listeners.is_empty() {
+            return Err(invalid(
+                0..0,
+                "listener",
+                if text.trim().is_empty() {
+                    "the file is empty: mailbridge would serve nothing; add a [[listener]], a [providers.NAME] and an [[account]] (see config.example.toml)".into()
+                } else {
+                    "no [[listener]] is configured, so mailbridge would serve nothing; add one, e.g. [[listener]] protocol = \"imap\" bind = \"127.0.0.1:1143\"".into()
+                },
+            ));
+        }
+        for (i, l) in listeners.iter().enumerate() {
+            if let Some(first) = listeners[..i]
+                .iter()
+                .find(|o| binds_overlap(o.bind, l.bind))
+            {
+                return Err(invalid(
+                    raw.listeners[i].span(),
+                    "listener.bind",
+                    format!(
+                        "{} overlaps {} of an earlier listener ({}): two sockets cannot listen on one address and port; give each listener its own port",
+                        l.bind,
+                        first.bind,
+                        first.protocol.name()
+                    ),
+                ));
+            }
+        }
+
         let mut providers = BTreeMap::new();
         for (name, p) in &raw.providers {
             let resolved = provider::resolve(name, p.get_ref()).map_err(|e| {
-                invalid(
-                    p.span(),
-                    &format!("providers.{name}.{}", e.field),
-                    e.message,
-                )
+                let key = e.field.rsplit('.').next().unwrap_or(&e.field);
+                let at = key_in_span(text, p.span(), key);
+                invalid(at..at, &format!("providers.{name}.{}", e.field), e.message)
             })?;
+            // Read now, so a file without a certificate fails here (and in
+            // `check-config`) rather than at the first login.
+            if let Some(ca) = &resolved.ca_file {
+                crate::net::tls::check_ca_file(ca).map_err(|e| {
+                    let at = key_in_span(text, p.span(), "ca_file");
+                    invalid(
+                        at..at,
+                        &format!("providers.{name}.ca_file"),
+                        format!("{e}; it must hold the CA certificate(s) in PEM form (-----BEGIN CERTIFICATE-----)"),
+                    )
+                })?;
+            }
             providers.insert(name.clone(), resolved);
         }
 
@@ -327,10 +366,19 @@ impl Settings {
             None => AlertsConfig::default(),
         };
 
+        check_server(&raw.server).map_err(|(key, m)| {
+            let at = key_offset(text, "server", key);
+            invalid(at..at, &format!("server.{key}"), m)
+        })?;
+        check_spool(&raw.spool).map_err(|(key, m)| {
+            let at = key_offset(text, "spool", key);
+            invalid(at..at, &format!("spool.{key}"), m)
+        })?;
+
         let mut local_networks = Vec::new();
         for entry in &raw.server.local_networks {
             let net = parse_network(entry).ok_or_else(|| {
-                let at = text.find("local_networks").unwrap_or(0);
+                let at = key_offset(text, "server", "local_networks");
                 invalid(
                     at..at,
                     "server.local_networks",
@@ -653,6 +701,167 @@ fn check_alerts(a: &AlertsConfig) -> Result<(), (&'static str, String)> {
     Ok(())
 }
 
+/// What makes `[server]` unusable: the key and what to do. Values that
+/// would make every login fail, or that were silently raised before, are
+/// refused with the allowed range.
+fn check_server(s: &ServerConfig) -> Result<(), (&'static str, String)> {
+    if s.hostname.trim().is_empty() || s.hostname.chars().any(|c| c.is_whitespace()) {
+        return Err((
+            "hostname",
+            "the name for SMTP greetings must be one word without spaces, e.g. mail.example.com"
+                .into(),
+        ));
+    }
+    let at_least_one: [(&'static str, u64, &str); 10] = [
+        (
+            "max_connections",
+            s.max_connections as u64,
+            "connections served at once over all listeners",
+        ),
+        (
+            "preauth_timeout_secs",
+            s.preauth_timeout_secs,
+            "seconds of silence allowed before login",
+        ),
+        (
+            "preauth_deadline_secs",
+            s.preauth_deadline_secs,
+            "seconds from connect to login",
+        ),
+        (
+            "preauth_max_commands",
+            u64::from(s.preauth_max_commands),
+            "commands before login",
+        ),
+        (
+            "preauth_max_failed_logins",
+            u64::from(s.preauth_max_failed_logins),
+            "failed logins per connection",
+        ),
+        (
+            "relay_idle_timeout_secs",
+            s.relay_idle_timeout_secs,
+            "seconds a session may be idle",
+        ),
+        (
+            "connect_timeout_secs",
+            s.connect_timeout_secs,
+            "seconds for connect and TLS upstream",
+        ),
+        (
+            "login_timeout_secs",
+            s.login_timeout_secs,
+            "seconds for the upstream login",
+        ),
+        (
+            "refresh_timeout_secs",
+            s.refresh_timeout_secs,
+            "seconds a token request may take",
+        ),
+        (
+            "background_refresh_secs",
+            s.background_refresh_secs,
+            "seconds between background refreshes",
+        ),
+    ];
+    for (key, value, what) in at_least_one {
+        if value == 0 {
+            return Err((
+                key,
+                format!(
+                    "0 would make mailbridge unusable; it is the number of {what} and must be at least 1"
+                ),
+            ));
+        }
+    }
+    crate::store::seal::check_kdf_limits(s.kdf_memory_kib, s.kdf_iterations)
+        .map_err(|(key, m)| (key, m.to_string()))?;
+    Ok(())
+}
+
+/// What makes `[spool]` unusable: the key and what to do.
+fn check_spool(s: &super::schema::SpoolConfig) -> Result<(), (&'static str, String)> {
+    for (key, value) in [
+        ("max_age_hours", s.max_age_hours),
+        ("rate_per_minute", u64::from(s.rate_per_minute)),
+        ("retry_base_secs", s.retry_base_secs),
+        ("retry_max_secs", s.retry_max_secs),
+    ] {
+        if value == 0 {
+            return Err((key, "must be at least 1".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Whether two listening addresses cannot both be bound: the same port
+/// (0 picks a free one, so never) and the same address, or a wildcard
+/// covering the other (`0.0.0.0` covers IPv4; `[::]` covers IPv6 and, on
+/// a dual-stack system, IPv4 too).
+fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let (a, b) = (a.ip(), b.ip());
+    a == b
+        || (a.is_ipv4() == b.is_ipv4() && (a.is_unspecified() || b.is_unspecified()))
+        || (a.is_ipv6() && a.is_unspecified())
+        || (b.is_ipv6() && b.is_unspecified())
+}
+
+/// Byte offset, in `text`, of the line setting `key` in the `[table]`
+/// section, else of the `[table]` header, else 0: for the tables that are
+/// not `Spanned`.
+fn key_offset(text: &str, table: &str, key: &str) -> usize {
+    let mut current = String::new();
+    let mut header = None;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_start();
+        if let Some(rest) = t.strip_prefix('[') {
+            current = rest
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            if current == table && header.is_none() {
+                header = Some(offset);
+            }
+        } else if current == table && sets_key(t, key) {
+            return offset;
+        }
+        offset += line.len();
+    }
+    header.unwrap_or(0)
+}
+
+/// Byte offset of the line setting `key` in the table that starts at
+/// `span` (a table's span may cover its header only: the search runs to
+/// the next header), else the span's start.
+fn key_in_span(text: &str, span: Range<usize>, key: &str) -> usize {
+    let start = span.start.min(text.len());
+    let mut offset = start;
+    for (i, line) in text[start..].split_inclusive('\n').enumerate() {
+        let t = line.trim_start();
+        if i > 0 && t.starts_with('[') {
+            break;
+        }
+        if sets_key(t, key) {
+            return offset;
+        }
+        offset += line.len();
+    }
+    start
+}
+
+/// Whether a (left-trimmed) line is `key = ...`.
+fn sets_key(line: &str, key: &str) -> bool {
+    line.strip_prefix(key)
+        .is_some_and(|rest| rest.trim_start().starts_with('='))
+}
+
 /// 1-based line number of a byte offset.
 fn line_of(text: &str, offset: usize) -> usize {
     let offset = offset.min(text.len());
@@ -938,6 +1147,141 @@ provider = "corp"
         );
         let e = with("comand = []").unwrap_err().to_string();
         assert!(e.contains("comand"), "{e}");
+    }
+
+    /// The error's field and 1-based line, from `ConfigError::Invalid`.
+    fn field_and_line(text: &str) -> (String, usize, String) {
+        match Settings::parse(text, "t.toml").expect_err("refused") {
+            ConfigError::Invalid {
+                field,
+                line,
+                message,
+                ..
+            } => (field, line, message),
+            other => panic!("not an Invalid error: {other}"),
+        }
+    }
+
+    #[test]
+    fn an_empty_file_or_one_without_listeners_is_refused() {
+        for text in ["", "\n# nothing yet\n"] {
+            let (field, line, message) = field_and_line(text);
+            assert_eq!((field.as_str(), line), ("listener", 1), "{message}");
+            assert!(message.contains("serve nothing"), "{message}");
+        }
+        let no_listener = MINIMAL.replace(
+            "[[listener]]\nprotocol = \"imap\"\nbind = \"127.0.0.1:1143\"\n",
+            "",
+        );
+        let (field, line, message) = field_and_line(&no_listener);
+        assert_eq!((field.as_str(), line), ("listener", 1), "{message}");
+        assert!(message.contains("no [[listener]]"), "{message}");
+    }
+
+    #[test]
+    fn two_listeners_on_one_address_are_refused_with_the_second_line() {
+        let second = |bind: &str| {
+            format!("{MINIMAL}\n[[listener]]\nprotocol = \"pop3\"\nbind = \"{bind}\"\n")
+        };
+        for bind in ["127.0.0.1:1143", "0.0.0.0:1143", "[::]:1143"] {
+            let (field, line, message) = field_and_line(&second(bind));
+            assert_eq!(
+                (field.as_str(), line),
+                ("listener.bind", 19),
+                "{bind}: {message}"
+            );
+            assert!(
+                message.contains("127.0.0.1:1143") && message.contains("imap"),
+                "{message}"
+            );
+        }
+        for bind in ["127.0.0.1:1144", "127.0.0.2:1143", "[::1]:1143"] {
+            Settings::parse(&second(bind), "t").expect(bind);
+        }
+        let any_port = MINIMAL.replace("127.0.0.1:1143", "127.0.0.1:0");
+        Settings::parse(
+            &format!("{any_port}\n[[listener]]\nprotocol = \"pop3\"\nbind = \"127.0.0.1:0\"\n"),
+            "t",
+        )
+        .expect("port 0 is any free port, twice");
+    }
+
+    #[test]
+    fn server_values_that_break_logins_are_refused_with_their_line() {
+        for (setting, key) in [
+            ("login_timeout_secs = 0", "login_timeout_secs"),
+            ("max_connections = 0", "max_connections"),
+            ("preauth_timeout_secs = 0", "preauth_timeout_secs"),
+            ("preauth_deadline_secs = 0", "preauth_deadline_secs"),
+            ("preauth_max_commands = 0", "preauth_max_commands"),
+            ("preauth_max_failed_logins = 0", "preauth_max_failed_logins"),
+            ("relay_idle_timeout_secs = 0", "relay_idle_timeout_secs"),
+            ("connect_timeout_secs = 0", "connect_timeout_secs"),
+            ("refresh_timeout_secs = 0", "refresh_timeout_secs"),
+            ("background_refresh_secs = 0", "background_refresh_secs"),
+            ("kdf_memory_kib = 1", "kdf_memory_kib"),
+            ("kdf_memory_kib = 5000000", "kdf_memory_kib"),
+            ("kdf_iterations = 0", "kdf_iterations"),
+            ("hostname = \"\"", "hostname"),
+        ] {
+            // The key on line 4, after a comment and an unrelated key.
+            let text =
+                format!("# mailbridge\n[server]\nkey_mode = \"password\"\n{setting}\n{MINIMAL}");
+            let (field, line, message) = field_and_line(&text);
+            assert_eq!(field, format!("server.{key}"), "{setting}: {message}");
+            assert_eq!(line, 4, "{setting}: {message}");
+            assert!(
+                ["at least 1", " to ", "..=", "one word"]
+                    .iter()
+                    .any(|said| message.contains(said)),
+                "{setting}: the allowed range is said: {message}"
+            );
+        }
+        let e = Settings::parse(
+            &format!("[server]\nkdf_memory_kib = 1\n{MINIMAL}"),
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("t.toml: line 2: server.kdf_memory_kib:")
+                && e.contains("8 to 4194304 KiB"),
+            "{e}"
+        );
+        // Values that are fine at their limits.
+        let ok = format!(
+            "[server]\nkdf_memory_kib = 8\nkdf_iterations = 1\nmax_connections = 1\nlogin_timeout_secs = 1\nshutdown_grace_secs = 0\nsession_token_min_secs = 0\n{MINIMAL}"
+        );
+        Settings::parse(&ok, "t").expect("limits");
+        let spool = format!("{MINIMAL}\n[spool]\nrate_per_minute = 0\n");
+        let (field, line, _) = field_and_line(&spool);
+        assert_eq!((field.as_str(), line), ("spool.rate_per_minute", 20));
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused_with_its_line() {
+        let dir = std::env::temp_dir().join(format!("mailbridge-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let text = MINIMAL.replace(
+            "client_id = \"00000000-0000-0000-0000-000000000000\"",
+            &format!(
+                "client_id = \"00000000-0000-0000-0000-000000000000\"\nca_file = \"{}\"",
+                empty.display()
+            ),
+        );
+        let (field, line, message) = field_and_line(&text);
+        assert_eq!(
+            (field.as_str(), line),
+            ("providers.corp.ca_file", 9),
+            "{message}"
+        );
+        assert!(
+            message.contains("no CERTIFICATE block") && message.contains("PEM"),
+            "{message}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -40,7 +40,7 @@ impl ControlSocket {
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         let owner = std::fs::metadata(state_dir)?.uid();
-        let task = tokio::spawn(accept_loop(listener, store, owner));
+        let task = tokio::spawn(accept_loop(listener, store, owner, path.clone()));
         tracing::info!(socket = %path.display(), "control socket ready (account commands work while running)");
         Ok(ControlSocket { path, task })
     }
@@ -53,7 +53,12 @@ impl Drop for ControlSocket {
     }
 }
 
-async fn accept_loop(listener: UnixListener, store: Arc<dyn TokenStore>, owner: u32) {
+async fn accept_loop(
+    listener: UnixListener,
+    store: Arc<dyn TokenStore>,
+    owner: u32,
+    path: PathBuf,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -66,6 +71,13 @@ async fn accept_loop(listener: UnixListener, store: Arc<dyn TokenStore>, owner: 
         let uid = stream.peer_cred().map(|c| c.uid()).ok();
         if !matches!(uid, Some(u) if u == owner || u == 0) {
             tracing::warn!(peer_uid = ?uid, "control socket: peer is neither the state directory's owner nor root; dropped");
+            // Say why, so the command does not report a vanished service.
+            let denied = StoreError::Denied { path: path.clone() }.to_string();
+            let line = control::error_line(&denied);
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&line)).await;
+            });
             continue;
         }
         let store = store.clone();
@@ -130,8 +142,14 @@ impl RemoteStore {
         let line = control::request_line(&request)?;
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let (reader, writer) = &mut *conn;
-        writer.write_all(&line).map_err(remote)?;
         let mut answer = String::new();
+        if let Err(e) = writer.write_all(&line) {
+            // A service that refused this peer said why before closing.
+            if reader.read_line(&mut answer).unwrap_or(0) > 0 {
+                return control::answer_value(&answer);
+            }
+            return Err(remote(e));
+        }
         if reader.read_line(&mut answer).map_err(remote)? == 0 {
             return Err(StoreError::Remote {
                 reason: "the service closed the control socket (did it stop?)".into(),

@@ -101,6 +101,20 @@ fn server_config(
     Ok(Arc::new(config))
 }
 
+/// Checks that a CA file holds at least one PEM certificate rustls accepts
+/// as a root (what [`client_config`] will need); returns how many. For
+/// config validation, so `check-config` fails where `run` would.
+pub fn check_ca_file(path: &Path) -> Result<usize, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(path)? {
+        roots.add(cert).map_err(|e| TlsError::File {
+            path: path.to_path_buf(),
+            reason: format!("unusable CA certificate: {e}"),
+        })?;
+    }
+    Ok(roots.len())
+}
+
 /// The upstream client config: the CA file's certificates as the only
 /// roots when given, else the platform verifier. Verification is never off.
 pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {

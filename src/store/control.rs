@@ -105,6 +105,15 @@ pub fn answer_line(store: &dyn TokenStore, line: &[u8]) -> Vec<u8> {
     out
 }
 
+/// An error answer line (with its newline), for a peer refused before
+/// it asked anything.
+pub fn error_line(reason: &str) -> Vec<u8> {
+    let mut out = serde_json::to_vec(&Response::Error(reason.to_string()))
+        .unwrap_or_else(|_| br#"{"error":"refused"}"#.to_vec());
+    out.push(b'\n');
+    out
+}
+
 /// A request as a line to send (with its newline).
 pub fn request_line(request: &Request) -> Result<Vec<u8>, StoreError> {
     let mut line = serde_json::to_vec(request).map_err(|e| StoreError::Remote {

@@ -161,6 +161,16 @@ pub enum StoreError {
         /// The state directory.
         path: PathBuf,
     },
+    /// This user may not use the state directory or the running service's
+    /// control socket: a command run as someone other than the service.
+    #[error(
+        "permission denied on {}: run as the service's user (e.g. sudo -u mailbridge mailbridge ...) or root",
+        path.display()
+    )]
+    Denied {
+        /// The directory, file or socket refused.
+        path: PathBuf,
+    },
     /// A file system operation on the state directory failed.
     #[error(
         "I/O error on the token store at {}: {source}; check free space and permissions",

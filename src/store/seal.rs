@@ -142,6 +142,35 @@ pub fn new_salt() -> Vec<u8> {
     salt
 }
 
+/// Whether `[server] kdf_memory_kib` and `kdf_iterations` can seal a grant
+/// (one lane, as mailbridge seals): else the key and what is allowed. For
+/// config validation, so a bad value fails at start, not at the first
+/// import.
+pub fn check_kdf_limits(m_cost_kib: u32, t_cost: u32) -> Result<(), (&'static str, String)> {
+    // Argon2 needs 8 KiB per lane.
+    let min_m = Params::MIN_M_COST.max(8);
+    if !(min_m..=MAX_M_COST_KIB).contains(&m_cost_kib) {
+        return Err((
+            "kdf_memory_kib",
+            format!(
+                "{m_cost_kib} KiB is outside what Argon2id accepts here: {min_m} to {MAX_M_COST_KIB} KiB (the default, 19456, is OWASP's recommendation)"
+            ),
+        ));
+    }
+    if !(Params::MIN_T_COST..=MAX_T_COST).contains(&t_cost) {
+        return Err((
+            "kdf_iterations",
+            format!(
+                "{t_cost} passes is outside {}..={MAX_T_COST} (the default is 2)",
+                Params::MIN_T_COST
+            ),
+        ));
+    }
+    Params::new(m_cost_kib, t_cost, 1, Some(KEY_LEN))
+        .map(|_| ())
+        .map_err(|e| ("kdf_memory_kib", format!("Argon2id refuses it: {e}")))
+}
+
 fn check_params(kdf: KdfParams) -> Result<Params, SealError> {
     let bad = |reason: String| SealError::BadParams {
         m_cost_kib: kdf.m_cost_kib,

@@ -293,6 +293,11 @@ fn decode<T: DeserializeOwned>(account: &str, bytes: &[u8]) -> Result<T, StoreEr
 
 fn open_error(dir: &Path, e: sled::Error) -> StoreError {
     if let sled::Error::Io(io) = &e {
+        if io.kind() == std::io::ErrorKind::PermissionDenied {
+            return StoreError::Denied {
+                path: dir.to_path_buf(),
+            };
+        }
         // sled reports a held file lock as an `Other` I/O error whose
         // message starts with "could not acquire lock".
         if io.kind() == std::io::ErrorKind::WouldBlock
@@ -310,6 +315,11 @@ fn open_error(dir: &Path, e: sled::Error) -> StoreError {
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> StoreError {
+    if source.kind() == std::io::ErrorKind::PermissionDenied {
+        return StoreError::Denied {
+            path: path.to_path_buf(),
+        };
+    }
     StoreError::Io {
         path: path.to_path_buf(),
         source,
@@ -326,9 +336,17 @@ fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
         use std::os::unix::fs::DirBuilderExt;
         builder.mode(0o700);
     }
-    builder.create(dir).map_err(|e| StoreError::Open {
-        path: dir.to_path_buf(),
-        reason: e.to_string(),
+    builder.create(dir).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            StoreError::Denied {
+                path: dir.to_path_buf(),
+            }
+        } else {
+            StoreError::Open {
+                path: dir.to_path_buf(),
+                reason: e.to_string(),
+            }
+        }
     })?;
     set_mode(dir, 0o700)
 }

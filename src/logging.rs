@@ -1,0 +1,184 @@
+//! Where log lines go and how they look: standard error, as text or JSON
+//! (`[server] log_format`, `MAILBRIDGE_LOG_FORMAT`), filtered by
+//! `MAILBRIDGE_LOG`. Colour only on a terminal; under systemd's journal
+//! (`JOURNAL_STREAM`) no timestamps and a syslog priority prefix per line,
+//! so `journalctl -p warning` works. rustls logs at WARN what is normal
+//! for a proxy (a client that connects to an IP address and sends it as
+//! SNI), so its events below ERROR are off unless `MAILBRIDGE_LOG` names
+//! it.
+
+use std::io::IsTerminal;
+
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::config::schema::LogFormat;
+
+/// The environment variable that overrides `[server] log_format`.
+pub const FORMAT_ENV: &str = "MAILBRIDGE_LOG_FORMAT";
+/// The environment variable holding the filter (`info`, `debug`,
+/// `mailbridge=debug,rustls=warn`, ...).
+pub const FILTER_ENV: &str = "MAILBRIDGE_LOG";
+
+/// The filter directives for `MAILBRIDGE_LOG`'s value (`None`: unset):
+/// `info` by default, and rustls quieted to errors unless named.
+pub fn filter_directives(configured: Option<&str>) -> String {
+    let base = configured
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("info");
+    if base.contains("rustls") {
+        base.to_string()
+    } else {
+        format!("{base},rustls=error")
+    }
+}
+
+/// The format in force: `MAILBRIDGE_LOG_FORMAT` (`text` or `json`) if set
+/// to one of those, else the configuration's.
+pub fn format_in_force(env: Option<&str>, configured: LogFormat) -> LogFormat {
+    match env.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+        Some("json") => LogFormat::Json,
+        Some("text") => LogFormat::Text,
+        _ => configured,
+    }
+}
+
+/// The syslog priority systemd reads from a `<N>` line prefix.
+pub fn syslog_priority(level: &Level) -> u8 {
+    match *level {
+        Level::ERROR => 3,
+        Level::WARN => 4,
+        Level::INFO => 6,
+        _ => 7,
+    }
+}
+
+/// Installs the process's subscriber. `configured` is `[server]
+/// log_format` when the command has a readable config.
+pub fn init(configured: LogFormat) {
+    let filter_spec = filter_directives(std::env::var(FILTER_ENV).ok().as_deref());
+    let (filter, bad_filter) = match EnvFilter::try_new(&filter_spec) {
+        Ok(f) => (f, None),
+        Err(e) => (EnvFilter::new(filter_directives(None)), Some(e)),
+    };
+    let format = format_in_force(std::env::var(FORMAT_ENV).ok().as_deref(), configured);
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let colour =
+        !journal && std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
+    let installed = match (format, journal) {
+        (LogFormat::Json, _) => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        // The journal adds its own timestamps.
+        (LogFormat::Text, true) => builder
+            .event_format(SyslogPrefix(
+                tracing_subscriber::fmt::format().without_time(),
+            ))
+            .try_init(),
+        (LogFormat::Text, false) => builder.try_init(),
+    };
+    if installed.is_ok()
+        && let Some(e) = bad_filter
+    {
+        tracing::warn!(error = %e, "{FILTER_ENV} is not a valid filter; logging at info");
+    }
+}
+
+/// Reads `[server] log_format` from a config file without validating
+/// the rest (that comes later, with line numbers): logging starts before
+/// the configuration is loaded, so its errors are logged the chosen way.
+pub fn configured_format(path: &std::path::Path) -> LogFormat {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|t| {
+            t.get("server")?
+                .get("log_format")?
+                .as_str()
+                .map(str::to_string)
+        })
+        .map(|f| format_in_force(Some(&f), LogFormat::Text))
+        .unwrap_or_default()
+}
+
+/// Puts systemd's `<N>` priority before each event's text line.
+struct SyslogPrefix<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for SyslogPrefix<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        write!(writer, "<{}>", syslog_priority(event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rustls_is_quieted_unless_named() {
+        assert_eq!(filter_directives(None), "info,rustls=error");
+        assert_eq!(filter_directives(Some(" ")), "info,rustls=error");
+        assert_eq!(
+            filter_directives(Some("mailbridge=debug")),
+            "mailbridge=debug,rustls=error"
+        );
+        assert_eq!(
+            filter_directives(Some("debug,rustls=trace")),
+            "debug,rustls=trace"
+        );
+    }
+
+    #[test]
+    fn the_environment_overrides_the_configured_format() {
+        assert_eq!(format_in_force(None, LogFormat::Json), LogFormat::Json);
+        assert_eq!(
+            format_in_force(Some("JSON"), LogFormat::Text),
+            LogFormat::Json
+        );
+        assert_eq!(
+            format_in_force(Some("text"), LogFormat::Json),
+            LogFormat::Text
+        );
+        assert_eq!(
+            format_in_force(Some("xml"), LogFormat::Json),
+            LogFormat::Json
+        );
+    }
+
+    #[test]
+    fn levels_map_to_syslog_priorities() {
+        let p: Vec<u8> = [
+            Level::ERROR,
+            Level::WARN,
+            Level::INFO,
+            Level::DEBUG,
+            Level::TRACE,
+        ]
+        .iter()
+        .map(syslog_priority)
+        .collect();
+        assert_eq!(p, [3, 4, 6, 7, 7]);
+    }
+}
