@@ -202,6 +202,11 @@ pub fn main() -> ExitCode {
             .map(crate::logging::configured_format)
             .unwrap_or_default(),
     );
+    // Taken before the runtime's threads exist: it changes the environment.
+    let inherited = match cli.command {
+        Command::Run(_) => crate::net::systemd::Inherited::from_env(),
+        _ => crate::net::systemd::Inherited::none(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -212,7 +217,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    match runtime.block_on(dispatch(cli.command, inherited)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mailbridge: {e:#}");
@@ -294,13 +299,18 @@ fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TokenStore>> {
     }
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<()> {
+/// Carries out `command`; `inherited` holds the sockets systemd passed
+/// (socket activation), for `run`.
+async fn dispatch(
+    command: Command,
+    inherited: crate::net::systemd::Inherited,
+) -> anyhow::Result<()> {
     match command {
         Command::Run(args) => {
             let settings = load(&args)?;
             let reread = args.clone();
             let reloader = Box::new(move || load(&reread));
-            crate::server::run(settings, shutdown_signal(), reloader).await?;
+            crate::server::run(settings, shutdown_signal(), reloader, inherited).await?;
             Ok(())
         }
         Command::CheckConfig(args) => {

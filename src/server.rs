@@ -20,6 +20,7 @@ use crate::net::listener::{
 };
 use crate::net::session::{DriverSettings, SEND_BEFORE_CLOSE, drive, send_within};
 use crate::net::stream::Stream;
+use crate::net::systemd::{self, Inherited};
 use crate::net::tls::{self, TlsError};
 use crate::oauth::{HttpClientError, TokenSource};
 use crate::provider::DiscoveryError;
@@ -232,8 +233,20 @@ pub fn vault_for(settings: &Settings, store: Arc<dyn TokenStore>) -> Result<Vaul
 impl Server {
     /// Binds every listener and prepares the login path over `store`.
     pub async fn bind(
+        settings: Settings,
+        store: Arc<dyn TokenStore>,
+    ) -> Result<Server, ServerError> {
+        Server::bind_with(settings, store, Inherited::none()).await
+    }
+
+    /// [`Server::bind`], taking each listener's socket from `inherited`
+    /// (systemd's socket activation) when one is bound to its address,
+    /// and binding it otherwise. Inherited sockets no listener takes are
+    /// closed, with a warning.
+    pub async fn bind_with(
         mut settings: Settings,
         store: Arc<dyn TokenStore>,
+        mut inherited: Inherited,
     ) -> Result<Server, ServerError> {
         let http = TokenSource::http_client()?;
         settings.discover(&http).await?;
@@ -280,11 +293,24 @@ impl Server {
                 (_, Some((cert, key))) => Some(tls::server_config_from_files(cert, key)?),
                 (_, None) => Some(tls::self_signed_server_config()?),
             };
-            let tcp = listen(l.bind).map_err(|error| ServerError::Bind {
+            let bind_error = |error| ServerError::Bind {
                 addr: l.bind,
                 protocol: l.protocol.name(),
                 error,
-            })?;
+            };
+            let tcp = match inherited.take(l.bind) {
+                Some((socket, name)) => {
+                    tracing::info!(
+                        protocol = l.protocol.name(),
+                        bind = %l.bind,
+                        socket = %name,
+                        "listening on a socket from systemd"
+                    );
+                    socket.set_nonblocking(true).map_err(bind_error)?;
+                    TcpListener::from_std(socket).map_err(bind_error)?
+                }
+                None => listen(l.bind).map_err(bind_error)?,
+            };
             let driver = DriverSettings {
                 tls,
                 preauth_timeout: settings.server.preauth_timeout(),
@@ -312,6 +338,7 @@ impl Server {
                 }),
             ));
         }
+        inherited.close_unused();
         let status = match &settings.status {
             None => None,
             Some((addr, token_file)) => {
@@ -327,10 +354,10 @@ impl Server {
                         Some(secrecy::SecretString::from(text.trim().to_owned()))
                     }
                 };
-                let tcp = listen(*addr).map_err(|source| ServerError::Bind {
+                let tcp = listen(*addr).map_err(|error| ServerError::Bind {
                     addr: *addr,
                     protocol: "status",
-                    source,
+                    error,
                 })?;
                 Some((tcp, token))
             }
@@ -416,7 +443,21 @@ impl Server {
     /// pre-auth clients are told mailbridge is going away, relayed sessions
     /// close once at rest. Returns when every session has ended or the
     /// grace period is over (the caller's exit then cuts what is left).
+    ///
+    /// Under systemd (`NOTIFY_SOCKET`) it says READY=1 once every listener
+    /// serves and SIGHUP and SIGTERM are handled, RELOADING=1 / READY=1
+    /// around a reload, STOPPING=1 when the drain begins, a status line
+    /// while it runs and, with `WatchdogSec=`, WATCHDOG=1 (see
+    /// [`crate::net::systemd`]).
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        // Polled once before READY=1, so that its signal handlers are in
+        // place when systemd may send SIGTERM (before, SIGTERM would kill
+        // the process without a drain).
+        let mut shutdown = std::pin::pin!(shutdown);
+        let stopped_early = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(shutdown.as_mut().poll(cx).is_ready())
+        })
+        .await;
         let (stop_tx, stop_rx) = watch::channel(false);
         let listeners_seen: Vec<(&'static str, SocketAddr)> = self
             .listeners
@@ -429,6 +470,23 @@ impl Server {
             per_address = self.per_address,
             "connection limits"
         );
+        let status_line = {
+            let limit = limit.clone();
+            let gateway = self.gateway.clone();
+            let stop = stop_rx.clone();
+            let listeners = self.listeners.len();
+            Arc::new(move || {
+                let sessions = limit.open();
+                if *stop.borrow() {
+                    format!("draining: {sessions} session(s) left")
+                } else {
+                    let accounts = gateway.settings().accounts.len();
+                    format!(
+                        "serving {sessions} session(s), {accounts} account(s) on {listeners} listener(s)"
+                    )
+                }
+            })
+        };
         let mut tasks = Vec::new();
         for (tcp, rt) in self.listeners {
             let addr = tcp.local_addr().ok();
@@ -494,21 +552,25 @@ impl Server {
             ))));
         }
         #[cfg(unix)]
-        let reloads = self.reloader.take().map(|reloader| {
+        let reloads = self.reloader.take().and_then(|reloader| {
+            use tokio::signal::unix::{SignalKind, signal};
             let gateway = self.gateway.clone();
             let running = self.settings.clone();
-            tokio::spawn(async move {
-                use tokio::signal::unix::{SignalKind, signal};
+            let status_line = status_line.clone();
+            // Installed here, before READY=1: a SIGHUP without a handler
+            // would end the process.
+            let mut hangups = match signal(SignalKind::hangup()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP: no configuration reloads");
+                    return None;
+                }
+            };
+            Some(tokio::spawn(async move {
                 // Several SIGHUPs during one reload count once.
-                let mut hangups = match signal(SignalKind::hangup()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot listen for SIGHUP: no configuration reloads");
-                        return;
-                    }
-                };
                 while hangups.recv().await.is_some() {
                     tracing::info!("SIGHUP: reading the configuration again");
+                    systemd::reloading();
                     match Server::reload(&gateway, &running, reloader()).await {
                         Ok(note) => tracing::info!(result = %note, "configuration reloaded"),
                         Err(e) => tracing::error!(
@@ -516,8 +578,11 @@ impl Server {
                             "configuration not reloaded; the previous one stays in force"
                         ),
                     }
+                    // Ready again either way: a refused configuration
+                    // leaves the previous one serving.
+                    systemd::ready(&status_line());
                 }
-            })
+            }))
         });
         #[cfg(not(unix))]
         let reloads: Option<tokio::task::JoinHandle<()>> = self.reloader.take().and(None);
@@ -598,7 +663,14 @@ impl Server {
                 }
             })
         });
-        shutdown.await;
+        systemd::ready(&status_line());
+        let informer = tokio::spawn(systemd::keep_informed({
+            let status_line = status_line.clone();
+            move || status_line()
+        }));
+        if !stopped_early {
+            shutdown.await;
+        }
         if let Some(r) = unused_check {
             r.abort();
         }
@@ -607,6 +679,7 @@ impl Server {
         }
         tracing::info!("shutting down: no new connections");
         let _ = stop_tx.send(true);
+        systemd::stopping(&status_line());
         for t in tasks {
             let _ = t.await;
         }
@@ -648,6 +721,9 @@ impl Server {
         // A rotated token the store could not take: one last try.
         self.gateway.vault().save_all_unsaved().await;
         grant_events.abort();
+        // The watchdog is fed until the very end: a long drain is not a
+        // hang.
+        informer.abort();
         // The status page answers (`/healthz`: draining) until the end.
         let _ = status_stop_tx.send(true);
         if let Some(t) = status_task {
@@ -900,10 +976,14 @@ fn client_session(
 /// Opens the store in the configured state directory and serves until
 /// `shutdown` completes; on SIGHUP, `reloader` reads the configuration
 /// again (accounts and providers).
+///
+/// Listeners whose address matches one of the `inherited` sockets
+/// (systemd's socket activation) use it instead of binding.
 pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()>,
     reloader: Reloader,
+    inherited: Inherited,
 ) -> Result<(), ServerError> {
     raise_open_files_limit(open_files_wanted(settings.server.max_connections));
     for note in settings.notes() {
@@ -930,7 +1010,9 @@ pub async fn run(
                 source,
             }
         })?;
-    let server = Server::bind(settings, store).await?.with_reloader(reloader);
+    let server = Server::bind_with(settings, store, inherited)
+        .await?
+        .with_reloader(reloader);
     server.run(shutdown).await;
     #[cfg(unix)]
     drop(control);

@@ -1,6 +1,6 @@
 //! Sockets and TLS: listeners, the per-connection driver, the upstream
-//! connector, the relay and the control socket. Nothing here parses a
-//! protocol.
+//! connector, the relay, the control socket, and systemd's notifications
+//! and inherited sockets. Nothing here parses a protocol.
 
 #[cfg(unix)]
 pub mod control;
@@ -8,5 +8,6 @@ pub mod listener;
 pub mod relay;
 pub mod session;
 pub mod stream;
+pub mod systemd;
 pub mod tls;
 pub mod upstream;
