@@ -542,8 +542,51 @@ impl Gateway {
         request: LoginRequest,
         peer: IpAddr,
     ) -> Result<UpstreamConn, LoginFailure> {
-        let user = request.credentials.user.as_str();
         let routing = self.routing();
+        let (account, unlocked) = self.authenticate(&routing, &request, peer).await?;
+        // The password is proven: from here on the client hears the
+        // details, whoever it is.
+        self.upstream(protocol, &routing, &account, &unlocked, request.client_info)
+            .await
+    }
+
+    /// Checks a client's password without logging in upstream (a spooling
+    /// SMTP listener: the message is delivered later, as the account).
+    /// Returns the account's name. Counted in the metrics like a login.
+    pub async fn check_password(
+        &self,
+        protocol: Protocol,
+        request: &LoginRequest,
+        peer: IpAddr,
+    ) -> Result<String, LoginFailure> {
+        let started = std::time::Instant::now();
+        let routing = self.routing();
+        let result = self
+            .authenticate(&routing, request, peer)
+            .await
+            .map(|(account, _)| account.name);
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(f) => match f.kind {
+                FailureKind::BadCredentials => "bad_credentials",
+                FailureKind::Throttled => "throttled",
+                FailureKind::Rejected => "rejected",
+                FailureKind::Unavailable => "unavailable",
+            },
+        };
+        self.metrics()
+            .login(protocol.name(), outcome, started.elapsed());
+        result
+    }
+
+    /// The account a client's credentials open, with its grant.
+    async fn authenticate(
+        &self,
+        routing: &Routing,
+        request: &LoginRequest,
+        peer: IpAddr,
+    ) -> Result<(crate::config::Account, crate::vault::Unlocked), LoginFailure> {
+        let user = request.credentials.user.as_str();
         let settings = &routing.settings;
         // This machine's own user is told exactly why a login failed;
         // anyone else learns nothing from a refusal (see `refused`).
@@ -565,15 +608,10 @@ impl Gateway {
             }
             other => other,
         };
-        let unlocked = match unlocked {
-            Ok(u) => u,
-            Err(e) => return Err(self.not_unlocked(&account, e, peer, local).await),
-        };
-
-        // The password is proven: from here on the client hears the
-        // details, whoever it is.
-        self.upstream(protocol, &routing, &account, &unlocked, request.client_info)
-            .await
+        match unlocked {
+            Ok(u) => Ok((account, u)),
+            Err(e) => Err(self.not_unlocked(&account, e, peer, local).await),
+        }
     }
 
     /// Logs in upstream as a `[[device]]`'s account, for a device at

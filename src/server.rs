@@ -18,7 +18,7 @@ use crate::login::Gateway;
 use crate::net::listener::{
     Accepted, Admission, Admitted, PROXY_HEADER_TIMEOUT, ProxyProtocol, Refused, accept_loop,
 };
-use crate::net::session::{DriverSettings, SEND_BEFORE_CLOSE, drive, send_within};
+use crate::net::session::{Authenticated, DriverSettings, SEND_BEFORE_CLOSE, drive, send_within};
 use crate::net::stream::Stream;
 use crate::net::systemd::{self, Inherited};
 use crate::net::tls::{self, TlsError};
@@ -272,7 +272,10 @@ impl Server {
             .dir
             .clone()
             .unwrap_or_else(|| settings.server.state_dir().join("spool"));
-        let spool = if !settings.devices.is_empty() || settings.spool.dir.is_some() {
+        let spool = if !settings.devices.is_empty()
+            || settings.spool.dir.is_some()
+            || settings.listeners.iter().any(|l| l.spool)
+        {
             let spool =
                 crate::spool::Spool::open(&spool_dir).map_err(|source| ServerError::Spool {
                     source: Box::new(source),
@@ -771,7 +774,10 @@ async fn serve(
     // A device's messages can be large and its link slow: it gets ten
     // minutes, renewed with each message it stores.
     let allowed = match &device {
-        Some(_) => rt.driver.preauth_deadline.max(DEVICE_DEADLINE),
+        Some(_) => rt
+            .driver
+            .preauth_deadline
+            .max(crate::net::session::SPOOLING_SESSION),
         None => rt.driver.preauth_deadline,
     };
     let deadline = tokio::time::Instant::now() + allowed;
@@ -811,11 +817,43 @@ async fn serve(
     );
     let session = Box::new(proto::limits::Limited::new(session, rt.allowance));
     let protocol = rt.config.protocol;
+    // A spooling listener checks the password here and keeps the
+    // session; otherwise a login goes upstream.
+    let spool_listener = rt.config.spool.then(|| rt.spool.clone()).flatten();
     let login = |request: proto::LoginRequest| {
         let gateway = gateway.clone();
-        async move { gateway.login(protocol, request, peer.ip()).await }
+        let spool_listener = spool_listener.clone();
+        async move {
+            match spool_listener {
+                Some(spool) if !request.by_address => {
+                    let account = gateway
+                        .check_password(protocol, &request, peer.ip())
+                        .await?;
+                    let mut senders = gateway.settings().senders_for(&account);
+                    if senders.is_empty() {
+                        // A catch-all: the name logged in with.
+                        senders.push(account.clone());
+                    }
+                    let device = crate::config::settings::Device {
+                        name: format!("login {account}"),
+                        from: Vec::new(),
+                        account,
+                        spool: true,
+                        bounce: false,
+                    };
+                    Ok(Authenticated::Spool {
+                        senders,
+                        spooler: spooler(spool, device, peer),
+                    })
+                }
+                _ => gateway
+                    .login(protocol, request, peer.ip())
+                    .await
+                    .map(Authenticated::Upstream),
+            }
+        }
     };
-    let spooler = match (&device, &rt.spool) {
+    let device_spooler = match (&device, &rt.spool) {
         (Some(d), Some(spool)) if d.spool => Some(spooler(spool.clone(), d.clone(), peer)),
         _ => None,
     };
@@ -825,15 +863,11 @@ async fn serve(
         &rt.driver,
         deadline,
         login,
-        spooler.as_deref(),
+        device_spooler,
         stop,
     )
     .await;
 }
-
-/// How long a device's connection may take before it has stored a
-/// message (and again after each one).
-const DEVICE_DEADLINE: Duration = Duration::from_secs(600);
 
 /// Stores a device's messages in the spool (on the blocking pool: it
 /// writes and flushes files), waking the delivery task.
@@ -841,8 +875,8 @@ fn spooler(
     rt: Arc<SpoolRuntime>,
     device: crate::config::settings::Device,
     peer: SocketAddr,
-) -> Box<crate::net::session::Spooler> {
-    Box::new(move |message: proto::Message| {
+) -> Arc<crate::net::session::Spooler> {
+    Arc::new(move |message: proto::Message| {
         let rt = rt.clone();
         let device = device.clone();
         Box::pin(async move {

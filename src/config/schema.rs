@@ -613,6 +613,12 @@ pub struct ListenerConfig {
     /// Off by default.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// SMTP: store and forward for clients that log in (scanners with a
+    /// fixed user name and password that never retry): after AUTH, each
+    /// message is written to the spool and acknowledged, then delivered
+    /// as the account like a `[[device]]`'s. Needs key_mode = "service".
+    #[serde(default)]
+    pub spool: bool,
 }
 
 /// `[providers.NAME]`: an OAuth2 provider and its mail servers.

@@ -120,6 +120,8 @@ pub struct Listener {
     pub allow_plaintext_login: bool,
     /// See [`super::schema::ListenerConfig::proxy_protocol`].
     pub proxy_protocol: bool,
+    /// SMTP: store and forward after AUTH.
+    pub spool: bool,
 }
 
 impl Listener {
@@ -187,6 +189,20 @@ impl Settings {
                     "a certificate is configured but tls = \"none\"; set tls = \"starttls\" or \"implicit\"".into(),
                 ));
             }
+            if c.spool && c.protocol != Protocol::Smtp {
+                return Err(invalid(
+                    span,
+                    "listener.spool",
+                    "only an SMTP listener can store and forward".into(),
+                ));
+            }
+            if c.spool && raw.server.key_mode != super::schema::KeyMode::Service {
+                return Err(invalid(
+                    span,
+                    "listener.spool",
+                    "store and forward delivers later, when no client password is at hand: set key_mode = \"service\" in [server]".into(),
+                ));
+            }
             listeners.push(Listener {
                 protocol: c.protocol,
                 bind,
@@ -194,6 +210,7 @@ impl Settings {
                 cert,
                 allow_plaintext_login: c.allow_plaintext_login,
                 proxy_protocol: c.proxy_protocol,
+                spool: c.spool,
             });
         }
 

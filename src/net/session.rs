@@ -19,6 +19,21 @@ use mailbridge_proto::{
     ClientSession, ClientStep, LoginFailure, LoginRequest, Message, SpoolOutcome,
 };
 
+/// What a successful login yields.
+pub enum Authenticated {
+    /// Logged in upstream: relay from now on.
+    Upstream(UpstreamConn),
+    /// The password was checked here and the session stays to take
+    /// messages for the spool (a spooling SMTP listener), sending as one
+    /// of `senders`, stored by `spooler`.
+    Spool {
+        /// The envelope senders the account may use.
+        senders: Vec<String>,
+        /// Where its messages go.
+        spooler: Arc<Spooler>,
+    },
+}
+
 /// Stores a message a device handed over whole (see `crate::spool`).
 pub type Spooler =
     dyn Fn(Message) -> std::pin::Pin<Box<dyn Future<Output = SpoolOutcome> + Send>> + Send + Sync;
@@ -60,11 +75,11 @@ pub async fn drive<L, F>(
     settings: &DriverSettings,
     deadline: Instant,
     login: L,
-    spool: Option<&Spooler>,
+    spool: Option<Arc<Spooler>>,
     stop: watch::Receiver<bool>,
 ) where
     L: Fn(LoginRequest) -> F,
-    F: Future<Output = Result<UpstreamConn, LoginFailure>>,
+    F: Future<Output = Result<Authenticated, LoginFailure>>,
 {
     // The pre-auth session and read buffer live in `preauth` and are gone
     // once it returns: a relaying session keeps only its two streams.
@@ -139,6 +154,11 @@ async fn send(stream: &mut Stream, bytes: &[u8]) -> std::io::Result<()> {
     stream.flush().await
 }
 
+/// How long a session that stores messages in the spool (a device, or a
+/// client logged in on a spooling listener) has for its next message:
+/// large scans over slow links take minutes.
+pub const SPOOLING_SESSION: Duration = Duration::from_secs(600);
+
 /// How long a last word before closing may take to go out: a client that
 /// does not read must not hold the connection open.
 pub const SEND_BEFORE_CLOSE: Duration = Duration::from_secs(5);
@@ -174,12 +194,12 @@ async fn preauth<L, F>(
     settings: &DriverSettings,
     mut deadline: Instant,
     login: L,
-    spool: Option<&Spooler>,
+    mut spool: Option<Arc<Spooler>>,
     stop: watch::Receiver<bool>,
 ) -> Option<(Stream, Stream, Reader, Option<Box<dyn Send + Sync>>)>
 where
     L: Fn(LoginRequest) -> F,
-    F: Future<Output = Result<UpstreamConn, LoginFailure>>,
+    F: Future<Output = Result<Authenticated, LoginFailure>>,
 {
     let greeting = session.greeting();
     send_by(stream, &greeting, deadline).await.ok()?;
@@ -256,6 +276,18 @@ where
                             upstream_reply: None,
                         }),
                     };
+                let outcome = match outcome {
+                    Ok(Authenticated::Spool { senders, spooler }) => {
+                        tracing::info!(user = %user, "logged in; messages go to the spool");
+                        spool = Some(spooler);
+                        let reply = session.login_local(senders);
+                        send_by(stream, &reply, deadline).await.ok()?;
+                        deadline = deadline.max(Instant::now() + SPOOLING_SESSION);
+                        continue;
+                    }
+                    Ok(Authenticated::Upstream(conn)) => Ok(conn),
+                    Err(f) => Err(f),
+                };
                 match outcome {
                     Ok(UpstreamConn {
                         stream: mut upstream,
@@ -284,7 +316,7 @@ where
                 }
             }
             ClientStep::Spool(message) => {
-                let outcome = match spool {
+                let outcome = match &spool {
                     Some(spool) => spool(message).await,
                     None => SpoolOutcome::Failed {
                         temporary: false,
@@ -295,8 +327,7 @@ where
                 send_by(stream, &reply, deadline).await.ok()?;
                 // A device sends one message after another: each stored
                 // message gives the connection its time again.
-                let renewed = Instant::now() + settings.preauth_deadline;
-                deadline = deadline.max(renewed);
+                deadline = deadline.max(Instant::now() + SPOOLING_SESSION);
             }
             ClientStep::Close(bytes) => {
                 let _ = send_within(stream, &bytes, SEND_BEFORE_CLOSE).await;

@@ -54,6 +54,8 @@ pub struct Options {
     pub backoff: (u64, u64),
     /// `kdf_memory_kib` (default 256: fast; 19456 is the real default).
     pub kdf_memory_kib: u32,
+    /// More lines for the SMTP `[[listener]]` (e.g. `spool = true`).
+    pub smtp_listener_extra: &'static str,
 }
 
 impl Default for Options {
@@ -74,6 +76,7 @@ impl Default for Options {
             authorize_on_login: false,
             backoff: (300, 2),
             kdf_memory_kib: 256,
+            smtp_listener_extra: "",
         }
     }
 }
@@ -181,6 +184,7 @@ protocol = "smtp"
 bind = "127.0.0.1:0"
 tls = "{ltls}"
 {listener_cert}
+{smtp_listener_extra}
 {listener_extra}
 
 [providers.sandbox]
@@ -198,6 +202,7 @@ provider = "sandbox"
 {extra_accounts}
 "#,
             kdf_memory_kib = opts.kdf_memory_kib,
+            smtp_listener_extra = opts.smtp_listener_extra,
             backoff_base_ms = opts.backoff.0,
             backoff_max_secs = opts.backoff.1,
             extra_accounts = opts

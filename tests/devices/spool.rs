@@ -321,3 +321,67 @@ async fn a_swaks_like_helo_and_auth_login_dialogue_sends() {
     assert_eq!(got[0].to, ["a@x.example", "b@x.example", "c@x.example"]);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_spooling_listener_keeps_the_message_of_a_client_that_logs_in() {
+    // A scanner with a fixed user name and password that never retries:
+    // its listener stores and forwards after AUTH.
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let dir = temp_dir("dev-spool-listener");
+    let extra = device_config(&dir, true, false);
+    // No device: the client is known by its login alone.
+    let extra = extra[..extra.find("[[device]]").unwrap()].to_string();
+    let h = Harness::start(Options {
+        server_extra: extra,
+        smtp_listener_extra: "spool = true",
+        ..Options::default()
+    })
+    .await;
+    h.smtp.set_down(true);
+    let mut c = Client::plain_from("127.0.0.3", h.smtp_addr).await;
+    c.smtp_reply().await;
+    c.smtp("HELO scanner").await;
+    let plain = b64(&format!("\0{USER}\0{}", crate::common::PASSWORD));
+    let ok = c.smtp(&format!("AUTH PLAIN {plain}")).await;
+    assert!(ok.starts_with("235 2.7.0"), "{ok}");
+    assert!(
+        c.smtp("AUTH PLAIN x").await.starts_with("503"),
+        "one login per session"
+    );
+    let wrong = c.smtp("MAIL FROM:<ceo@example.com>").await;
+    assert!(wrong.starts_with("550 5.7.1"), "{wrong}");
+    assert!(
+        c.smtp(&format!("MAIL FROM:<{USER}>"))
+            .await
+            .starts_with("250")
+    );
+    assert!(c.smtp("RCPT TO:<a@x.example>").await.starts_with("250"));
+    assert!(c.smtp("DATA").await.starts_with("354"));
+    c.send(b"Subject: after auth\r\n\r\nscan\r\n.\r\n").await;
+    let queued_reply = c.smtp_reply().await.pop().unwrap_or_default();
+    println!("spooling listener: {queued_reply}");
+    assert!(
+        queued_reply.starts_with("250 2.0.0 OK: queued as "),
+        "{queued_reply}"
+    );
+    assert_eq!(
+        h.smtp.message_count(),
+        0,
+        "the server is down: stored, not sent"
+    );
+    // A wrong password on a spooling listener is refused like anywhere.
+    let mut w = Client::plain_from("127.0.0.3", h.smtp_addr).await;
+    w.smtp_reply().await;
+    let bad = w
+        .smtp(&format!("AUTH PLAIN {}", b64(&format!("\0{USER}\0wrong"))))
+        .await;
+    assert!(bad.starts_with("535"), "{bad}");
+    h.smtp.set_down(false);
+    wait_for_messages(&h.smtp, 1, Duration::from_secs(30)).await;
+    let got = h.smtp.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].user, USER);
+    assert_eq!(got[0].data, b"Subject: after auth\r\n\r\nscan\r\n");
+    h.stop().await;
+}

@@ -192,6 +192,12 @@ pub trait ClientSession: Send {
     fn spooled(&mut self, _outcome: &SpoolOutcome) -> Vec<u8> {
         Vec::new()
     }
+    /// The login's password was checked locally and the session stays
+    /// here to take messages for the spool (SMTP on a spooling listener),
+    /// sending as one of `senders`. Other protocols never get this.
+    fn login_local(&mut self, _senders: Vec<String>) -> Vec<u8> {
+        Vec::new()
+    }
 }
 
 /// What the upstream login dialogue wants the driver to do next.

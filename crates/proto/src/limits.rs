@@ -141,6 +141,10 @@ impl ClientSession for Limited {
     fn spooled(&mut self, outcome: &SpoolOutcome) -> Vec<u8> {
         self.inner.spooled(outcome)
     }
+
+    fn login_local(&mut self, senders: Vec<String>) -> Vec<u8> {
+        self.inner.login_local(senders)
+    }
 }
 
 #[cfg(test)]

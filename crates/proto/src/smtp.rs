@@ -353,6 +353,8 @@ pub struct SmtpClientSession {
     /// A device's `MAIL` line, sent upstream ahead of the rest once its
     /// live login succeeded.
     replay: Vec<u8>,
+    /// Logged in locally (a spooling listener): no second AUTH.
+    authenticated: bool,
 }
 
 impl fmt::Debug for SmtpClientSession {
@@ -384,6 +386,7 @@ impl SmtpClientSession {
             client_name: None,
             transaction: None,
             replay: Vec::new(),
+            authenticated: false,
         }
     }
 
@@ -512,6 +515,7 @@ impl SmtpClientSession {
             // No mail transaction before login, whatever its syntax: the
             // proxy must never relay for an anonymous client.
             "MAIL" | "RCPT" | "DATA" => return reply("530 5.7.0 Authentication required"),
+            "AUTH" if self.authenticated => return reply("503 5.5.1 Already authenticated"),
             "AUTH" if !self.login_allowed() => {
                 return reply(
                     "538 5.7.11 Encryption required for requested authentication mechanism",
@@ -954,6 +958,20 @@ impl ClientSession for SmtpClientSession {
         let mut out = std::mem::take(&mut self.replay);
         out.extend_from_slice(&self.framer.take());
         out
+    }
+
+    fn login_local(&mut self, senders: Vec<String>) -> Vec<u8> {
+        if !matches!(self.state, ClientState::LoginPending) {
+            return Vec::new();
+        }
+        // From now on the session takes messages itself, as a device's.
+        self.state = ClientState::Commands;
+        self.authenticated = true;
+        self.opts.device = Some(DeviceOptions {
+            senders,
+            spool: true,
+        });
+        b"235 2.7.0 Authentication successful\r\n".to_vec()
     }
 
     fn spooled(&mut self, outcome: &SpoolOutcome) -> Vec<u8> {
@@ -2964,6 +2982,38 @@ RCPT TO:<a@x>\r\nDATA\r\nMAIL FROM:<scanner@contoso.com>\r\nDATA\r\nRCPT TO:<>\r
         assert_eq!(
             evs,
             [Ev::Out("530 5.7.0 Authentication required\r\n".into())]
+        );
+    }
+
+    #[test]
+    fn a_local_login_keeps_the_session_for_the_spool() {
+        let mut s = SmtpClientSession::new(ClientOptions {
+            plaintext_login_allowed: true,
+            ..ClientOptions::default()
+        });
+        let evs = drive(&mut s, b"EHLO mfp\r\nAUTH PLAIN AHUAcA==\r\n", usize::MAX);
+        assert!(matches!(evs.last(), Some(Ev::Login { .. })), "{evs:?}");
+        let reply = s.login_local(vec!["u@x.example".into()]);
+        assert_eq!(reply, b"235 2.7.0 Authentication successful\r\n");
+        let evs = drive(
+            &mut s,
+            b"AUTH PLAIN AHUAcA==\r\nMAIL FROM:<u@x.example>\r\nRCPT TO:<a@x>\r\nDATA\r\nhi\r\n.\r\n",
+            usize::MAX,
+        );
+        assert_eq!(
+            evs,
+            [
+                Ev::Out(
+                    "503 5.5.1 Already authenticated\r\n250 2.1.0 OK\r\n250 2.1.5 OK\r\n\
+                     354 End data with <CR><LF>.<CR><LF>\r\n"
+                        .into()
+                ),
+                Ev::Spool {
+                    from: "u@x.example".into(),
+                    to: vec!["a@x".into()],
+                    data: "hi\r\n".into()
+                }
+            ]
         );
     }
 
