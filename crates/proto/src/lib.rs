@@ -198,6 +198,13 @@ pub trait ClientSession: Send {
     fn login_local(&mut self, _senders: Vec<String>) -> Vec<u8> {
         Vec::new()
     }
+    /// Whether the pre-auth command allowance applies now: not to a
+    /// session that sends mail itself (a device known by its address, or
+    /// a client logged in on a spooling listener), which may send many
+    /// messages with many recipients on one connection.
+    fn preauth(&self) -> bool {
+        true
+    }
 }
 
 /// What the upstream login dialogue wants the driver to do next.

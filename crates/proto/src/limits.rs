@@ -86,6 +86,9 @@ impl ClientSession for Limited {
             | ClientStep::StartTls(_)
             | ClientStep::Login(_)
             | ClientStep::Spool(_) => {
+                if !self.inner.preauth() {
+                    return step;
+                }
                 self.commands = self.commands.saturating_add(1);
                 if self.commands > self.allowance.max_commands {
                     // A login request dropped here takes its password
@@ -144,6 +147,10 @@ impl ClientSession for Limited {
 
     fn login_local(&mut self, senders: Vec<String>) -> Vec<u8> {
         self.inner.login_local(senders)
+    }
+
+    fn preauth(&self) -> bool {
+        self.inner.preauth()
     }
 }
 
@@ -230,6 +237,36 @@ mod tests {
             t.starts_with("* BYE [UNAVAILABLE] Too many failed logins on this connection (2)"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn a_device_sending_mail_is_not_held_to_the_command_allowance() {
+        use crate::smtp::{ClientOptions as SmtpOptions, DeviceOptions, SmtpClientSession};
+        let device = SmtpClientSession::new(SmtpOptions {
+            device: Some(DeviceOptions {
+                senders: vec!["s@x".into()],
+                spool: true,
+            }),
+            ..Default::default()
+        });
+        let mut s = Limited::new(
+            Box::new(device),
+            Allowance {
+                max_commands: 3,
+                max_failed_logins: 3,
+            },
+        );
+        s.greeting();
+        s.feed(b"MAIL FROM:<s@x>\r\n");
+        let mut input = String::new();
+        for i in 0..20 {
+            input.push_str(&format!("RCPT TO:<r{i}@x>\r\n"));
+        }
+        s.feed(input.as_bytes());
+        for _ in 0..21 {
+            let (closed, t) = text(s.next_step());
+            assert!(!closed && t.starts_with("250"), "{t}");
+        }
     }
 
     #[test]

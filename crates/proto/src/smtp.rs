@@ -960,6 +960,10 @@ impl ClientSession for SmtpClientSession {
         out
     }
 
+    fn preauth(&self) -> bool {
+        self.opts.device.is_none()
+    }
+
     fn login_local(&mut self, senders: Vec<String>) -> Vec<u8> {
         if !matches!(self.state, ClientState::LoginPending) {
             return Vec::new();
