@@ -120,6 +120,11 @@ fn drive_client(session: &mut dyn ClientSession, input: &[u8], mut chunks: Chunk
                 logins += 1;
                 if logins % 2 == 1 {
                     assert_whole_lines("login refusal", &session.login_failed(&refusal));
+                } else if logins % 4 == 0 {
+                    // A spooling listener: the session stays and takes
+                    // messages itself (SMTP; the others answer nothing).
+                    let ok = session.login_local(vec!["user@example.com".into()]);
+                    assert_whole_lines("local login", &ok);
                 } else {
                     let ok = session.login_succeeded(&UpstreamSuccess::default());
                     assert_whole_lines("login success", &ok);
@@ -147,6 +152,8 @@ struct ClientFlags {
     tls_active: bool,
     plaintext_login_allowed: bool,
     small_limits: bool,
+    /// SMTP: a device known by its address, spooling or live.
+    device: Option<bool>,
 }
 
 impl ClientFlags {
@@ -156,6 +163,7 @@ impl ClientFlags {
             tls_active: b & 2 != 0,
             plaintext_login_allowed: b & 4 == 0,
             small_limits: b & 8 != 0,
+            device: (b & 16 != 0).then_some(b & 32 != 0),
         }
     }
 }
@@ -203,7 +211,9 @@ pub fn client_pop3(data: &[u8]) {
 }
 
 /// SMTP's client-facing pre-auth session (EHLO/HELO, AUTH PLAIN/LOGIN,
-/// STARTTLS, MAIL before AUTH).
+/// STARTTLS, MAIL before AUTH), as a device known by its address too
+/// (MAIL, RCPT, DATA taken whole for the spool, or a live login), and
+/// after a local login on a spooling listener.
 pub fn client_smtp(data: &[u8]) {
     fuzz_client(data, |f| {
         let mut opts = smtp::ClientOptions {
@@ -214,7 +224,12 @@ pub fn client_smtp(data: &[u8]) {
         };
         if f.small_limits {
             opts.max_line = 64;
+            opts.max_message_size = 1000;
         }
+        opts.device = f.device.map(|spool| smtp::DeviceOptions {
+            senders: vec!["scanner@example.com".into()],
+            spool,
+        });
         Box::new(smtp::SmtpClientSession::new(opts))
     });
 }
