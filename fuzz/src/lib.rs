@@ -120,7 +120,7 @@ fn drive_client(session: &mut dyn ClientSession, input: &[u8], mut chunks: Chunk
                 logins += 1;
                 if logins % 2 == 1 {
                     assert_whole_lines("login refusal", &session.login_failed(&refusal));
-                } else if logins % 4 == 0 {
+                } else if logins.is_multiple_of(4) {
                     // A spooling listener: the session stays and takes
                     // messages itself (SMTP; the others answer nothing).
                     let ok = session.login_local(vec!["user@example.com".into()]);
