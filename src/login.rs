@@ -502,6 +502,26 @@ impl Gateway {
         vault_failure(&account.name, e)
     }
 
+    /// Counts a client login's result and time in the metrics.
+    fn count_login<T>(
+        &self,
+        protocol: Protocol,
+        result: &Result<T, LoginFailure>,
+        started: std::time::Instant,
+    ) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(f) => match f.kind {
+                FailureKind::BadCredentials => "bad_credentials",
+                FailureKind::Throttled => "throttled",
+                FailureKind::Rejected => "rejected",
+                FailureKind::Unavailable => "unavailable",
+            },
+        };
+        self.metrics()
+            .login(protocol.name(), outcome, started.elapsed());
+    }
+
     /// The process's metrics.
     pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
         self.tokens.metrics()
@@ -522,17 +542,7 @@ impl Gateway {
         } else {
             self.login_with_password(protocol, request, peer).await
         };
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(f) => match f.kind {
-                FailureKind::BadCredentials => "bad_credentials",
-                FailureKind::Throttled => "throttled",
-                FailureKind::Rejected => "rejected",
-                FailureKind::Unavailable => "unavailable",
-            },
-        };
-        self.metrics()
-            .login(protocol.name(), outcome, started.elapsed());
+        self.count_login(protocol, &result, started);
         result
     }
 
@@ -565,17 +575,7 @@ impl Gateway {
             .authenticate(&routing, request, peer)
             .await
             .map(|(account, _)| account.name);
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(f) => match f.kind {
-                FailureKind::BadCredentials => "bad_credentials",
-                FailureKind::Throttled => "throttled",
-                FailureKind::Rejected => "rejected",
-                FailureKind::Unavailable => "unavailable",
-            },
-        };
-        self.metrics()
-            .login(protocol.name(), outcome, started.elapsed());
+        self.count_login(protocol, &result, started);
         result
     }
 
