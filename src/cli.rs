@@ -270,6 +270,13 @@ async fn load_discovered(args: &ConfigArgs) -> anyhow::Result<Settings> {
 /// The store: opened here, or, while `mailbridge run` holds it, the
 /// running service's through its control socket.
 fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TokenStore>> {
+    // A shared database: opened here whether instances run or not.
+    if let Some(url) = &settings.server.store {
+        let options = crate::store::postgres::PgOptions::from_server(&settings.server)?;
+        let store = crate::store::PgStore::open(url, options)
+            .with_context(|| format!("opening the token store database {url}"))?;
+        return Ok(Arc::new(store));
+    }
     let dir = settings.server.state_dir();
     match SledStore::open(&dir) {
         Ok(store) => Ok(Arc::new(store)),
@@ -481,6 +488,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
                 refresh_token: Some(SecretString::from(token)),
                 obtained_at: unix_now(),
                 client_id: None,
+                shared_access: None,
             };
             vault
                 .create(&account.name, &password, grant, meta, replace)

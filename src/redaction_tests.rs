@@ -65,6 +65,7 @@ fn grant() -> GrantData {
         refresh_token: Some(SecretString::from(REFRESH_TOKEN)),
         obtained_at: 1,
         client_id: None,
+        shared_access: None,
     }
 }
 

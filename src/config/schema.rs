@@ -297,6 +297,18 @@ pub struct ServerConfig {
     /// Service key mode: the key file (at least 32 random bytes). Default:
     /// the systemd credential `$CREDENTIALS_DIRECTORY/mailbridge-key`.
     pub key_file: Option<PathBuf>,
+    /// Where grants are kept when not in the state directory's sled
+    /// database: a PostgreSQL URL (`postgres://user@host:port/db`), shared
+    /// by every instance that names it. Its password (if any) is never
+    /// shown: Debug and Display redact it.
+    pub store: Option<crate::store::StoreUrl>,
+    /// The database password, read from this file (first line). Else
+    /// `MAILBRIDGE_STORE_PASSWORD`, else `PGPASSWORD`, else the URL's.
+    pub store_password_file: Option<PathBuf>,
+    /// PEM CA certificates that verify the database's TLS certificate
+    /// (default: the platform's roots). TLS is used as the URL's
+    /// `sslmode` says (`disable`, `prefer`: the default, `require`).
+    pub store_ca_file: Option<PathBuf>,
     /// Service key mode: seconds between background refreshes of every
     /// stored grant, so grants outlive long idle periods (Microsoft ends
     /// refresh tokens unused for 90 days). Default: one day.
@@ -415,6 +427,9 @@ impl Default for ServerConfig {
             state_dir: None,
             key_mode: KeyMode::default(),
             key_file: None,
+            store: None,
+            store_password_file: None,
+            store_ca_file: None,
             background_refresh_secs: defaults::background_refresh(),
             hostname: defaults::hostname(),
             max_connections: defaults::max_connections(),

@@ -2,20 +2,26 @@
 //! metadata live between runs.
 //!
 //! The [`TokenStore`] trait is what the rest of mailbridge codes against;
-//! [`SledStore`] is the on-disk backend and the only place that names sled.
+//! [`SledStore`] is the embedded default (one process per store) and the
+//! only module that names sled; [`PgStore`] keeps the same records in a
+//! PostgreSQL database that many instances share ([`postgres`]).
 //! Nothing a store holds is a token in clear: grants arrive here already
 //! sealed by [`seal`] (Argon2id key derivation + XChaCha20-Poly1305).
 
 use std::fmt;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 
 use serde::{Deserialize, Serialize};
 
 pub mod control;
 pub mod modes;
+pub mod postgres;
 pub mod seal;
 pub mod sled_store;
 
+pub use postgres::PgStore;
 pub use sled_store::SledStore;
 
 /// Argon2id cost parameters, stored with every sealed record so that the
@@ -136,6 +142,127 @@ pub trait TokenStore: Send + Sync + 'static {
     fn remove(&self, account: &str) -> Result<bool, StoreError>;
     /// Every account with a grant or metadata, sorted.
     fn accounts(&self) -> Result<Vec<String>, StoreError>;
+    /// True when other processes use the same store at the same time
+    /// (PostgreSQL): refreshes then take [`TokenStore::lock_refresh`] and
+    /// share their access token through the sealed record.
+    fn is_shared(&self) -> bool {
+        false
+    }
+    /// Waits until this process is the only one refreshing `account`'s
+    /// grant; the lock holds until the returned guard is dropped (or the
+    /// process dies). Nothing to wait for in a store only one process
+    /// uses (sled): the process's own single flight is enough.
+    fn lock_refresh(&self, account: &str) -> LockFuture {
+        let _ = account;
+        Box::pin(std::future::ready(Ok(RefreshLock::none())))
+    }
+}
+
+/// What [`TokenStore::lock_refresh`] returns.
+pub type LockFuture = Pin<Box<dyn Future<Output = Result<RefreshLock, StoreError>> + Send>>;
+
+/// Holds a store's refresh lock on one account until dropped.
+pub struct RefreshLock(Option<Box<dyn Send + Sync>>);
+
+impl RefreshLock {
+    /// A lock that holds nothing (a store used by one process).
+    pub fn none() -> RefreshLock {
+        RefreshLock(None)
+    }
+
+    /// A lock released when `holder` is dropped.
+    pub fn held_by(holder: Box<dyn Send + Sync>) -> RefreshLock {
+        RefreshLock(Some(holder))
+    }
+}
+
+impl fmt::Debug for RefreshLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefreshLock")
+            .field("held", &self.0.is_some())
+            .finish()
+    }
+}
+
+/// A database URL for `[server] store` (`postgres://` or
+/// `postgresql://`). Debug and Display show it with any password replaced
+/// by `***`, so it can be logged; [`StoreUrl::expose`] gives the real one
+/// to the database client only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreUrl(String);
+
+impl StoreUrl {
+    /// The URL if it is a PostgreSQL one.
+    pub fn parse(s: &str) -> Result<StoreUrl, String> {
+        let lower = s.to_ascii_lowercase();
+        if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+            Ok(StoreUrl(s.to_owned()))
+        } else {
+            Err(format!(
+                "store must be a PostgreSQL URL (postgres://user@host:port/database), not `{}`",
+                redact_url(s)
+            ))
+        }
+    }
+
+    /// The URL as written, password included: for the database client.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StoreUrl({})", redact_url(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for StoreUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<StoreUrl, D::Error> {
+        let s = String::deserialize(d)?;
+        StoreUrl::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `url` with the password of its user part and any `password=` query
+/// parameter replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rfind('@') {
+        Some(at) => {
+            let (user, host) = authority.split_at(at);
+            match user.find(':') {
+                Some(colon) => format!("{}:***{host}", &user[..colon]),
+                None => authority.to_owned(),
+            }
+        }
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}{authority}{tail}")
 }
 
 /// Why the store could not do what was asked.
@@ -201,6 +328,28 @@ pub enum StoreError {
         /// Why, as the service or the socket said.
         reason: String,
     },
+    /// The database of a shared store could not be reached or failed.
+    /// Temporary as a rule (a restart, a failover): logins that need it
+    /// are told to try again later.
+    #[error("the token store database {location} failed: {reason}")]
+    Database {
+        /// The database URL, password redacted.
+        location: String,
+        /// What went wrong (the client's or the server's words).
+        reason: String,
+    },
+    /// The database holds a schema newer than this mailbridge knows.
+    #[error(
+        "the token store database {location} has schema version {found}, newer than this mailbridge knows ({known}): upgrade mailbridge on this host"
+    )]
+    SchemaTooNew {
+        /// The database URL, password redacted.
+        location: String,
+        /// The version found.
+        found: i32,
+        /// The newest version this build knows.
+        known: i32,
+    },
     /// A stored record could not be decoded.
     #[error(
         "the stored record for account {account} is unreadable ({reason}); remove it with `mailbridge account remove {account}` and add the account again"
@@ -211,6 +360,25 @@ pub enum StoreError {
         /// What is wrong with it (never the record's content).
         reason: String,
     },
+}
+
+/// A stored JSON record, or [`StoreError::Corrupt`] (which never quotes
+/// the record).
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    account: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        account: account.to_owned(),
+        // Category and position only: serde_json's message can quote the
+        // data.
+        reason: format!(
+            "{:?} error at line {} column {}",
+            e.classify(),
+            e.line(),
+            e.column()
+        ),
+    })
 }
 
 /// The default state directory: `$STATE_DIRECTORY` (its first entry, as
@@ -240,6 +408,26 @@ fn state_dir_from(state_directory: Option<&std::ffi::OsStr>, data_dir: Option<&P
 mod tests {
     use super::*;
     use std::ffi::OsStr;
+
+    #[test]
+    fn store_urls_are_shown_without_their_password() {
+        let u = StoreUrl::parse("postgres://mb:s3cret@db.example:5432/mail?sslmode=require")
+            .expect("url");
+        assert_eq!(
+            u.to_string(),
+            "postgres://mb:***@db.example:5432/mail?sslmode=require"
+        );
+        assert!(!format!("{u:?}").contains("s3cret"));
+        let u = StoreUrl::parse("postgresql://mb@db/mail?password=s3cret&sslmode=disable")
+            .expect("url");
+        assert_eq!(
+            u.to_string(),
+            "postgresql://mb@db/mail?password=***&sslmode=disable"
+        );
+        let err = StoreUrl::parse("mysql://u:s3cret@h/db").expect_err("not postgres");
+        assert!(!err.contains("s3cret"), "{err}");
+        assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
+    }
 
     #[test]
     fn state_dir_prefers_systemd_first_entry() {
