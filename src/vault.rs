@@ -420,6 +420,7 @@ impl Vault {
         OsRng.fill_bytes(&mut *pepper);
         // Out-of-range parameters fail every real run the same way; the
         // dummy then has nothing to imitate.
+        let backoff = Backoff::new(backoff).with_shared(store.clone());
         let dummy_hash = match mode {
             KeyMode::Service(_) => seal::dummy_password_hash(kdf).ok(),
             KeyMode::Password => None,
@@ -428,7 +429,7 @@ impl Vault {
             store,
             mode,
             kdf,
-            backoff: Backoff::new(backoff),
+            backoff,
             pepper,
             slots: Mutex::new(HashMap::new()),
             meta_lock: Mutex::new(()),

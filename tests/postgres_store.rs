@@ -358,8 +358,8 @@ store = "{url}"
 store_password_file = "{pw}"
 kdf_memory_kib = 256
 kdf_iterations = 1
-backoff_base_ms = 1
-backoff_max_secs = 1
+backoff_base_ms = 5000
+backoff_max_secs = 20
 
 [[listener]]
 protocol = "imap"
@@ -561,7 +561,11 @@ impl Running {
 /// IMAP LOGIN and the tagged reply; on success the mailbox is read and
 /// the session logged out.
 async fn imap_login(addr: SocketAddr, user: &str, password: &str) -> String {
-    let mut c = Client::plain(addr).await;
+    imap_login_from("127.0.0.1", addr, user, password).await
+}
+
+async fn imap_login_from(from: &str, addr: SocketAddr, user: &str, password: &str) -> String {
+    let mut c = Client::plain_from(from, addr).await;
     let greeting = c.line().await;
     assert!(greeting.starts_with("* OK"), "{greeting}");
     let r = c
@@ -752,4 +756,34 @@ async fn a_database_restart_gives_temporary_errors_and_logins_recover() {
     assert!(r.starts_with("+OK"), "{r}");
     assert_eq!(w.provider.refresh_token_replays(), 0);
     w.assert_no_secrets(&pg, &[&a]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_logins_delay_the_address_on_every_instance() {
+    let pg = pg_or_skip!("pg-backoff");
+    let w = World::new(&pg, "pg-backoff", 2, false).await;
+    w.import(USER, PASSWORD);
+    let a = w.start(0).await;
+    let b = w.start(1).await;
+    let [a_imap, b_imap] = [w.addrs[0][0], w.addrs[1][0]];
+    let r = imap_login_from("127.0.0.7", a_imap, USER, "not the password").await;
+    assert!(r.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{r}");
+    // The same address, the right password, the other instance: it
+    // waits as it would on the first (5 s after one failure).
+    let r = imap_login_from("127.0.0.7", b_imap, USER, PASSWORD).await;
+    assert!(
+        r.starts_with("a1 NO") && r.contains("too many failed logins"),
+        "{r}"
+    );
+    // Another address is not delayed for alice.
+    let r = imap_login_from("127.0.0.8", b_imap, USER, PASSWORD).await;
+    assert!(r.starts_with("a1 OK"), "{r}");
+    // The database keeps counters under hashes, not names or addresses.
+    let keys = pg.psql("SELECT key, count FROM mailbridge_backoff");
+    assert!(!keys.is_empty(), "no shared counter");
+    assert!(
+        !keys.contains("alice") && !keys.contains("127.0.0.7"),
+        "{keys}"
+    );
+    w.assert_no_secrets(&pg, &[&a, &b]);
 }

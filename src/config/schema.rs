@@ -8,6 +8,7 @@
 //! [`super::settings`] validates what it parsed.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -301,7 +302,7 @@ pub struct ServerConfig {
     /// database: a PostgreSQL URL (`postgres://user@host:port/db`), shared
     /// by every instance that names it. Its password (if any) is never
     /// shown: Debug and Display redact it.
-    pub store: Option<crate::store::StoreUrl>,
+    pub store: Option<StoreUrl>,
     /// The database password, read from this file (first line). Else
     /// `MAILBRIDGE_STORE_PASSWORD`, else `PGPASSWORD`, else the URL's.
     pub store_password_file: Option<PathBuf>,
@@ -783,4 +784,85 @@ impl GrantKind {
 /// The mechanisms an endpoint offers when the config lists none.
 pub fn default_mechanisms() -> Vec<Mechanism> {
     defaults::mechanisms()
+}
+
+/// A database URL for `[server] store` (`postgres://` or
+/// `postgresql://`). Debug and Display show it with any password replaced
+/// by `***`, so it can be logged; [`StoreUrl::expose`] gives the real one
+/// to the database client only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreUrl(String);
+
+impl StoreUrl {
+    /// The URL if it is a PostgreSQL one.
+    pub fn parse(s: &str) -> Result<StoreUrl, String> {
+        let lower = s.to_ascii_lowercase();
+        if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+            Ok(StoreUrl(s.to_owned()))
+        } else {
+            Err(format!(
+                "store must be a PostgreSQL URL (postgres://user@host:port/database), not `{}`",
+                redact_url(s)
+            ))
+        }
+    }
+
+    /// The URL as written, password included: for the database client.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StoreUrl({})", redact_url(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for StoreUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<StoreUrl, D::Error> {
+        let s = String::deserialize(d)?;
+        StoreUrl::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `url` with the password of its user part and any `password=` query
+/// parameter replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rfind('@') {
+        Some(at) => {
+            let (user, host) = authority.split_at(at);
+            match user.find(':') {
+                Some(colon) => format!("{}:***{host}", &user[..colon]),
+                None => authority.to_owned(),
+            }
+        }
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}{authority}{tail}")
 }

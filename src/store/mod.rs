@@ -12,6 +12,7 @@ use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -156,6 +157,43 @@ pub trait TokenStore: Send + Sync + 'static {
         let _ = account;
         Box::pin(std::future::ready(Ok(RefreshLock::none())))
     }
+    /// The failed-login counters the instances of a shared store share
+    /// (see [`crate::backoff`]); none in a store only one process uses.
+    fn shared_counters(&self) -> Option<&dyn SharedCounters> {
+        None
+    }
+}
+
+/// Failed-login counters kept in a shared store, keyed by opaque strings
+/// (hashes: never a name or an address).
+pub trait SharedCounters {
+    /// Adds one failure to counter `key`; its count, and how long it now
+    /// delays logins.
+    fn count_failure(&self, key: &str, rule: CounterRule) -> Result<(u32, Duration), StoreError>;
+    /// The counters among `keys` that are not forgotten (their delay ended
+    /// less than `forget` ago), each with what is left of its delay.
+    fn counters(
+        &self,
+        keys: &[String],
+        forget: Duration,
+    ) -> Result<Vec<(String, Duration)>, StoreError>;
+    /// Removes the counters `keys`.
+    fn clear_counters(&self, keys: &[String]) -> Result<(), StoreError>;
+}
+
+/// How a shared counter's count becomes a delay: `base * 2^(count -
+/// offset - 1)`, at most `max`, none while `count <= offset`; a counter
+/// whose delay ended more than `forget` ago starts again at one.
+#[derive(Clone, Copy, Debug)]
+pub struct CounterRule {
+    /// The first delay.
+    pub base: Duration,
+    /// The longest delay.
+    pub max: Duration,
+    /// Failures that earn no delay.
+    pub offset: u32,
+    /// When a counter is forgotten.
+    pub forget: Duration,
 }
 
 /// What [`TokenStore::lock_refresh`] returns.
@@ -184,86 +222,7 @@ impl fmt::Debug for RefreshLock {
     }
 }
 
-/// A database URL for `[server] store` (`postgres://` or
-/// `postgresql://`). Debug and Display show it with any password replaced
-/// by `***`, so it can be logged; [`StoreUrl::expose`] gives the real one
-/// to the database client only.
-#[derive(Clone, PartialEq, Eq)]
-pub struct StoreUrl(String);
-
-impl StoreUrl {
-    /// The URL if it is a PostgreSQL one.
-    pub fn parse(s: &str) -> Result<StoreUrl, String> {
-        let lower = s.to_ascii_lowercase();
-        if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
-            Ok(StoreUrl(s.to_owned()))
-        } else {
-            Err(format!(
-                "store must be a PostgreSQL URL (postgres://user@host:port/database), not `{}`",
-                redact_url(s)
-            ))
-        }
-    }
-
-    /// The URL as written, password included: for the database client.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for StoreUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_url(&self.0))
-    }
-}
-
-impl fmt::Debug for StoreUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "StoreUrl({})", redact_url(&self.0))
-    }
-}
-
-impl<'de> Deserialize<'de> for StoreUrl {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<StoreUrl, D::Error> {
-        let s = String::deserialize(d)?;
-        StoreUrl::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-/// `url` with the password of its user part and any `password=` query
-/// parameter replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.find("://") {
-        Some(i) => url.split_at(i + 3),
-        None => ("", url),
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rfind('@') {
-        Some(at) => {
-            let (user, host) = authority.split_at(at);
-            match user.find(':') {
-                Some(colon) => format!("{}:***{host}", &user[..colon]),
-                None => authority.to_owned(),
-            }
-        }
-        None => authority.to_owned(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                    _ => kv.to_owned(),
-                })
-                .collect();
-            format!("{path}?{}", query.join("&"))
-        }
-        None => tail.to_owned(),
-    };
-    format!("{scheme}{authority}{tail}")
-}
+pub use crate::config::schema::{StoreUrl, redact_url};
 
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@
 //!   connection, or by the server when the process dies (its connection
 //!   closes). One refresh per account at a time across every instance.
 //! - **Backoff.** Failed-login counters shared by the instances
-//!   (`mailbridge_backoff`), see [`PgStore::backoff_failed`].
+//!   (`mailbridge_backoff`, keyed by hashes), see [`SharedCounters`].
 //! - **Threads.** The trait is synchronous and is called from async code,
 //!   so the client runs on a small runtime of its own (one thread): a call
 //!   hands its query to that runtime and waits for the answer, as a call
@@ -44,7 +44,8 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
 use super::{
-    AccountMeta, LockFuture, RefreshLock, SealedGrant, StoreError, StoreUrl, TokenStore, decode,
+    AccountMeta, CounterRule, LockFuture, RefreshLock, SealedGrant, SharedCounters, StoreError,
+    StoreUrl, TokenStore, decode,
 };
 
 /// The newest schema version this build knows.
@@ -70,7 +71,8 @@ const MIGRATIONS: &[(i32, &str)] = &[
              key TEXT PRIMARY KEY,
              count INTEGER NOT NULL,
              until TIMESTAMPTZ NOT NULL
-         );",
+         );
+         CREATE INDEX mailbridge_backoff_until ON mailbridge_backoff (until);",
     ),
 ];
 
@@ -256,95 +258,6 @@ impl PgStore {
         });
         rx.recv()
             .unwrap_or_else(|_| Err(self.inner.fail("the database client stopped".into())))
-    }
-
-    /// Records a failed login in the shared counter `key` (a keyed hash,
-    /// never a name or an address) and returns its count; a counter whose
-    /// `until` passed more than `forget` ago starts again from zero. The
-    /// counter's new `until` is now plus `delay(count)`.
-    pub fn backoff_failed(
-        &self,
-        key: &str,
-        forget: Duration,
-        delay: impl Fn(u32) -> Duration + Send + 'static,
-    ) -> Result<(u32, Duration), StoreError> {
-        let key = key.to_owned();
-        self.call(move |inner| async move {
-            let c = inner.client().await?;
-            let forget = forget.as_secs_f64();
-            let row = c
-                .query_one(
-                    "INSERT INTO mailbridge_backoff (key, count, until) VALUES ($1, 1, now())
-                     ON CONFLICT (key) DO UPDATE SET count = CASE
-                         WHEN mailbridge_backoff.until < now() - make_interval(secs => $2)
-                         THEN 1 ELSE mailbridge_backoff.count + 1 END
-                     RETURNING count",
-                    &[&key, &forget],
-                )
-                .await
-                .map_err(|e| inner.db(&e))?;
-            let count: i32 = row.get(0);
-            let count = u32::try_from(count).unwrap_or(1);
-            let wait = delay(count);
-            c.execute(
-                "UPDATE mailbridge_backoff SET until = now() + make_interval(secs => $2) WHERE key = $1",
-                &[&key, &wait.as_secs_f64()],
-            )
-            .await
-            .map_err(|e| inner.db(&e))?;
-            Ok((count, wait))
-        })
-    }
-
-    /// How long the longest of the shared counters `keys` still delays
-    /// logins (zero: none does).
-    pub fn backoff_remaining(&self, keys: &[String]) -> Result<Duration, StoreError> {
-        let keys = keys.to_vec();
-        self.call(move |inner| async move {
-            let c = inner.client().await?;
-            let row = c
-                .query_one(
-                    "SELECT COALESCE(EXTRACT(EPOCH FROM max(until) - now())::float8, 0)
-                     FROM mailbridge_backoff WHERE key = ANY($1)",
-                    &[&keys],
-                )
-                .await
-                .map_err(|e| inner.db(&e))?;
-            let secs: f64 = row.get(0);
-            Ok(if secs > 0.0 {
-                Duration::from_secs_f64(secs)
-            } else {
-                Duration::ZERO
-            })
-        })
-    }
-
-    /// Forgets the shared counters `keys` (a successful login).
-    pub fn backoff_reset(&self, keys: &[String]) -> Result<(), StoreError> {
-        let keys = keys.to_vec();
-        self.call(move |inner| async move {
-            let c = inner.client().await?;
-            c.execute(
-                "DELETE FROM mailbridge_backoff WHERE key = ANY($1)",
-                &[&keys],
-            )
-            .await
-            .map_err(|e| inner.db(&e))?;
-            Ok(())
-        })
-    }
-
-    /// Drops counters whose delay ended more than `forget` ago.
-    pub fn backoff_prune(&self, forget: Duration) -> Result<u64, StoreError> {
-        self.call(move |inner| async move {
-            let c = inner.client().await?;
-            c.execute(
-                "DELETE FROM mailbridge_backoff WHERE until < now() - make_interval(secs => $1)",
-                &[&forget.as_secs_f64()],
-            )
-            .await
-            .map_err(|e| inner.db(&e))
-        })
     }
 }
 
@@ -635,6 +548,10 @@ impl TokenStore for PgStore {
         true
     }
 
+    fn shared_counters(&self) -> Option<&dyn SharedCounters> {
+        Some(self)
+    }
+
     fn lock_refresh(&self, account: &str) -> LockFuture {
         let inner = self.inner.clone();
         let key = refresh_lock_key(account);
@@ -664,6 +581,93 @@ impl TokenStore for PgStore {
                     reason: "the database client stopped".into(),
                 })
             })
+        })
+    }
+}
+
+impl SharedCounters for PgStore {
+    fn count_failure(&self, key: &str, rule: CounterRule) -> Result<(u32, Duration), StoreError> {
+        let key = key.to_owned();
+        self.call(move |inner| async move {
+            let c = inner.client().await?;
+            // One statement: two instances counting at once both count.
+            let row = c
+                .query_one(
+                    "WITH n AS (
+                         SELECT CASE WHEN b.until IS NULL
+                                       OR b.until < now() - make_interval(secs => $2)
+                                     THEN 1 ELSE b.count + 1 END AS count
+                         FROM (SELECT 1) one
+                         LEFT JOIN mailbridge_backoff b ON b.key = $1
+                     ), d AS (
+                         SELECT count, CASE WHEN count <= $5 THEN 0::float8
+                                ELSE LEAST($3 * power(2::float8, count - $5 - 1), $4) END AS secs
+                         FROM n
+                     )
+                     INSERT INTO mailbridge_backoff (key, count, until)
+                     SELECT $1, count, now() + make_interval(secs => secs) FROM d
+                     ON CONFLICT (key) DO UPDATE SET count = EXCLUDED.count,
+                         until = GREATEST(mailbridge_backoff.until, EXCLUDED.until)
+                     RETURNING count, GREATEST(EXTRACT(EPOCH FROM until - now())::float8, 0)",
+                    &[
+                        &key,
+                        &rule.forget.as_secs_f64(),
+                        &rule.base.as_secs_f64(),
+                        &rule.max.as_secs_f64(),
+                        &i32::try_from(rule.offset).unwrap_or(i32::MAX),
+                    ],
+                )
+                .await
+                .map_err(|e| inner.db(&e))?;
+            let count: i32 = row.get(0);
+            let secs: f64 = row.get(1);
+            Ok((
+                u32::try_from(count).unwrap_or(1),
+                Duration::from_secs_f64(secs.max(0.0)),
+            ))
+        })
+    }
+
+    fn counters(
+        &self,
+        keys: &[String],
+        forget: Duration,
+    ) -> Result<Vec<(String, Duration)>, StoreError> {
+        let keys = keys.to_vec();
+        self.call(move |inner| async move {
+            let c = inner.client().await?;
+            let rows = c
+                .query(
+                    "SELECT key, GREATEST(EXTRACT(EPOCH FROM until - now())::float8, 0)
+                     FROM mailbridge_backoff
+                     WHERE key = ANY($1) AND until >= now() - make_interval(secs => $2)",
+                    &[&keys, &forget.as_secs_f64()],
+                )
+                .await
+                .map_err(|e| inner.db(&e))?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let secs: f64 = r.get(1);
+                    (r.get(0), Duration::from_secs_f64(secs.max(0.0)))
+                })
+                .collect())
+        })
+    }
+
+    fn clear_counters(&self, keys: &[String]) -> Result<(), StoreError> {
+        let keys = keys.to_vec();
+        self.call(move |inner| async move {
+            let c = inner.client().await?;
+            // Counters forgotten for a day go too.
+            c.execute(
+                "DELETE FROM mailbridge_backoff
+                 WHERE key = ANY($1) OR until < now() - interval '1 day'",
+                &[&keys],
+            )
+            .await
+            .map_err(|e| inner.db(&e))?;
+            Ok(())
         })
     }
 }
