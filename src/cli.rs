@@ -54,6 +54,9 @@ enum Command {
     /// seconds).
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Move the token store.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Run a self-contained demo: a sandbox OAuth2 provider, sandbox IMAP,
     /// POP3 and SMTP servers and mailbridge in front of them, all on loopback.
     Demo {
@@ -69,6 +72,24 @@ enum Command {
         /// Port for the status page on 127.0.0.1 (0: any free port).
         #[arg(long, default_value_t = 1880)]
         status_port: u16,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCommand {
+    /// Copy every account (sealed grant and metadata, as they are: no
+    /// password is needed and none is asked) from the sled store in the
+    /// state directory to a PostgreSQL database, then say what to put in
+    /// the config. Stop mailbridge first. Accounts the database already
+    /// holds are left alone (the same record) or reported (another one).
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The database (postgres://user@host:port/database); its password
+        /// from `store_password_file`, `$MAILBRIDGE_STORE_PASSWORD` or
+        /// `$PGPASSWORD`, as for `store`.
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -244,6 +265,7 @@ fn config_path(command: &Command) -> Option<&std::path::Path> {
             | QueueCommand::Retry { config, .. }
             | QueueCommand::Delete { config, .. },
         ) => config,
+        Command::Store(StoreCommand::Migrate { config, .. }) => config,
         Command::Demo { .. } => return None,
     };
     Some(&args.config)
@@ -306,6 +328,60 @@ fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TokenStore>> {
     }
 }
 
+/// `mailbridge store migrate`: every account of the sled store to the
+/// database at `to`, records copied sealed.
+fn migrate_store(args: &ConfigArgs, to: &str) -> anyhow::Result<()> {
+    let settings = load(args)?;
+    let url = crate::store::StoreUrl::parse(to).map_err(|e| anyhow::anyhow!(e))?;
+    let dir = settings.server.state_dir();
+    let from = SledStore::open(&dir).map_err(|e| match e {
+        crate::store::StoreError::Locked { .. } => anyhow::anyhow!(
+            "mailbridge is running on the store in {}: stop it first, so that no refresh token rotates during the move",
+            dir.display()
+        ),
+        e => anyhow::Error::new(e).context(format!("opening the token store in {}", dir.display())),
+    })?;
+    let options = crate::store::postgres::PgOptions::from_server(&settings.server)?;
+    let target = crate::store::PgStore::open(&url, options)
+        .with_context(|| format!("opening the database {url}"))?;
+    let (mut copied, mut same, mut conflicts) = (0usize, 0usize, Vec::new());
+    for account in from.accounts()? {
+        if let Some(meta) = from.load_meta(&account)? {
+            target.save_meta(&account, &meta)?;
+        }
+        let Some(grant) = from.load_grant(&account)? else {
+            continue;
+        };
+        match target.load_grant(&account)? {
+            Some(there) if there == grant => same += 1,
+            Some(_) => conflicts.push(account),
+            None => {
+                if target.swap_grant(&account, None, &grant)? {
+                    copied += 1;
+                } else {
+                    conflicts.push(account);
+                }
+            }
+        }
+    }
+    println!(
+        "copied {copied} grant(s) from {} to {url}; {same} already there",
+        dir.display()
+    );
+    if !conflicts.is_empty() {
+        anyhow::bail!(
+            "the database already holds other grants for {}: left alone there (remove them with `mailbridge account remove` against the database, then migrate again, or keep them)",
+            conflicts.join(", ")
+        );
+    }
+    println!(
+        "now set `store = \"{url}\"` in [server] of {} and start mailbridge; the sled store in {} is no longer read (keep it until the database is backed up)",
+        args.config.display(),
+        dir.display()
+    );
+    Ok(())
+}
+
 /// Carries out `command`; `inherited` holds the sockets systemd passed
 /// (socket activation), for `run`.
 async fn dispatch(
@@ -346,6 +422,7 @@ async fn dispatch(
         }
         Command::Account(cmd) => account(cmd).await,
         Command::Queue(cmd) => queue(cmd),
+        Command::Store(StoreCommand::Migrate { config, to }) => migrate_store(&config, &to),
         Command::Demo {
             imap_port,
             pop3_port,

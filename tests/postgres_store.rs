@@ -8,7 +8,8 @@
 //! on a loopback port (initdb + pg_ctl from /usr/lib/postgresql/*/bin, or
 //! `$MAILBRIDGE_TEST_PG_BIN`; as the `postgres` user when run as root,
 //! which initdb refuses). Without PostgreSQL's binaries each test prints
-//! "skipped: ..." and passes; CI installs them, so there they run.
+//! "skipped: ..." and passes, unless `MAILBRIDGE_REQUIRE_POSTGRES` is set
+//! (CI installs PostgreSQL and sets it, so there they run).
 
 mod common;
 
@@ -245,6 +246,9 @@ macro_rules! pg_or_skip {
     ($tag:expr) => {
         match Pg::start($tag) {
             Ok(pg) => pg,
+            Err(why) if std::env::var_os("MAILBRIDGE_REQUIRE_POSTGRES").is_some() => {
+                panic!("MAILBRIDGE_REQUIRE_POSTGRES is set but {why}")
+            }
             Err(why) => {
                 eprintln!("skipped: {why}");
                 return;
@@ -786,4 +790,53 @@ async fn failed_logins_delay_the_address_on_every_instance() {
         "{keys}"
     );
     w.assert_no_secrets(&pg, &[&a, &b]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn store_migrate_moves_a_sled_store_into_the_database() {
+    let pg = pg_or_skip!("pg-migrate");
+    let w = World::new(&pg, "pg-migrate", 1, false).await;
+    // The same config without `store`: the sled store in the state
+    // directory, filled by the account commands.
+    let shared = std::fs::read_to_string(&w.configs[0]).unwrap();
+    let sled: String = shared
+        .lines()
+        .filter(|l| !l.starts_with("store = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&w.configs[0], &sled).unwrap();
+    w.import(USER, PASSWORD);
+    w.import(BOB, BOB_PASSWORD);
+    let url = pg.url();
+    let (ok, out, err) = w.cli(0, &["store", "migrate", "--to", &url], "");
+    assert!(ok, "store migrate: {out}{err}");
+    assert!(out.contains("copied 2 grant(s)"), "{out}");
+    assert!(!out.contains(DB_PASSWORD) && !err.contains(DB_PASSWORD));
+    // Again: nothing to do, nothing overwritten.
+    let (ok, out, err) = w.cli(0, &["store", "migrate", "--to", &url], "");
+    assert!(
+        ok && out.contains("copied 0 grant(s)") && out.contains("2 already there"),
+        "{out}{err}"
+    );
+
+    // The instance on the database serves both accounts.
+    std::fs::write(&w.configs[0], &shared).unwrap();
+    let (ok, out, err) = w.cli(0, &["account", "list"], "");
+    assert!(ok && out.contains(USER) && out.contains(BOB), "{out}{err}");
+    let a = w.start(0).await;
+    let r = imap_login(w.addrs[0][0], USER, PASSWORD).await;
+    assert!(r.starts_with("a1 OK"), "{r}");
+    let r = imap_login(w.addrs[0][0], BOB, BOB_PASSWORD).await;
+    assert!(r.starts_with("a1 OK"), "{r}");
+    // Removal works against the database while the instance runs.
+    let (ok, out, err) = w.cli(0, &["account", "remove", BOB], "");
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT count(*) FROM mailbridge_grants WHERE account = '{BOB}'"
+        ))
+        .trim(),
+        "0"
+    );
+    w.assert_no_secrets(&pg, &[&a]);
 }
