@@ -84,12 +84,16 @@ struct Pg {
     port: u16,
     /// Run the server as this user (the tests run as root).
     run_as: Option<String>,
+    /// TLS on, with these certificate and key files in the data directory.
+    tls: bool,
 }
 
 impl Pg {
     /// A new cluster, started; Err(why) when PostgreSQL is not installed.
     /// Any other failure panics: with the binaries there, it must work.
-    fn start(tag: &str) -> Result<Pg, String> {
+    /// With TLS from `pki` when given (its CA verifies the server as
+    /// `localhost`).
+    fn start_with(tag: &str, pki: Option<&TestPki>) -> Result<Pg, String> {
         let bin = pg_bin()?;
         let dir = temp_dir(tag);
         std::fs::set_permissions(&dir, perms(0o755)).unwrap();
@@ -111,12 +115,13 @@ impl Pg {
             std::os::unix::fs::chown(&data, Some(uid), Some(gid)).unwrap();
             std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid)).unwrap();
         }
-        let pg = Pg {
+        let mut pg = Pg {
             bin,
             dir,
             data,
             port: free_port(),
             run_as,
+            tls: false,
         };
         let out = pg
             .tool("initdb")
@@ -137,6 +142,18 @@ impl Pg {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some(pki) = pki {
+            for (name, pem) in [("server.crt", &pki.cert_pem), ("server.key", &pki.key_pem)] {
+                let path = pg.data.join(name);
+                std::fs::write(&path, pem).unwrap();
+                std::fs::set_permissions(&path, perms(0o600)).unwrap();
+                if let Some(user) = &pg.run_as {
+                    let (uid, gid) = ids(user).expect("user exists");
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+                }
+            }
+            pg.tls = true;
+        }
         pg.up();
         Ok(pg)
     }
@@ -156,11 +173,14 @@ impl Pg {
 
     /// Starts the server and waits until it accepts connections.
     fn up(&self) {
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c synchronous_commit=on",
             self.port,
             self.data.display()
         );
+        if self.tls {
+            opts.push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+        }
         let out = self
             .tool("pg_ctl")
             .args(["-D", self.data.to_str().unwrap(), "-w", "-t", "60"])
@@ -244,7 +264,10 @@ fn nix_uid() -> u32 {
 /// The cluster, or return from the test after saying why it is skipped.
 macro_rules! pg_or_skip {
     ($tag:expr) => {
-        match Pg::start($tag) {
+        pg_or_skip!($tag, None)
+    };
+    ($tag:expr, $pki:expr) => {
+        match Pg::start_with($tag, $pki) {
             Ok(pg) => pg,
             Err(why) if std::env::var_os("MAILBRIDGE_REQUIRE_POSTGRES").is_some() => {
                 panic!("MAILBRIDGE_REQUIRE_POSTGRES is set but {why}")
@@ -838,5 +861,47 @@ async fn store_migrate_moves_a_sled_store_into_the_database() {
         .trim(),
         "0"
     );
+    w.assert_no_secrets(&pg, &[&a]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_database_is_reached_over_verified_tls() {
+    let db_pki = TestPki::generate();
+    let pg = pg_or_skip!("pg-tls", Some(&db_pki));
+    let w = World::new(&pg, "pg-tls", 1, false).await;
+    let db_ca = w.dir.join("db-ca.pem");
+    std::fs::write(&db_ca, &db_pki.ca_pem).unwrap();
+    let plain = std::fs::read_to_string(&w.configs[0]).unwrap();
+    let with = |ca: &Path| {
+        plain.replace(
+            &format!("store = \"{}\"", pg.url()),
+            &format!(
+                "store = \"postgres://mb@localhost:{}/postgres?sslmode=require\"\nstore_ca_file = \"{}\"",
+                pg.port,
+                ca.display()
+            ),
+        )
+    };
+    // A CA that did not sign the database's certificate: refused.
+    std::fs::write(&w.configs[0], with(&w.dir.join("ca.pem"))).unwrap();
+    let (ok, out, err) = w.cli(0, &["account", "list"], "");
+    assert!(!ok, "an unverified database was used: {out}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    // The right CA.
+    std::fs::write(&w.configs[0], with(&db_ca)).unwrap();
+    w.import(USER, PASSWORD);
+    let a = w.start(0).await;
+    let r = imap_login(w.addrs[0][0], USER, PASSWORD).await;
+    assert!(r.starts_with("a1 OK"), "{r}");
+    let tls = pg.psql(
+        "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid)
+         WHERE application_name = 'mailbridge' AND ssl",
+    );
+    assert!(tls.trim().parse::<u32>().unwrap() >= 1, "{tls}");
+    let clear = pg.psql(
+        "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid)
+         WHERE application_name = 'mailbridge' AND NOT ssl",
+    );
+    assert_eq!(clear.trim(), "0");
     w.assert_no_secrets(&pg, &[&a]);
 }
