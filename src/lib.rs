@@ -24,8 +24,9 @@
 //! - [`provider`]: presets (microsoft, google, fastmail, yahoo, aol,
 //!   yandex, oidc, open, custom), issuer discovery, Microsoft scope rules;
 //!   built on the config schema.
-//! - [`store`]: the `TokenStore` trait, its sled backend, sealing, the
-//!   control protocol.
+//! - [`store`]: the `TokenStore` trait, its sled backend (one process)
+//!   and PostgreSQL backend (many instances), sealing, the control
+//!   protocol.
 //! - [`kdf`]: the gate every Argon2 run goes through: a fair cap on runs
 //!   at once, working memory that goes back to the OS.
 //! - [`vault`]: local password checks, backoff, the fast verifier cache,

@@ -1272,6 +1272,56 @@ mod tests {
         assert_eq!(p.delay(u32::MAX), Duration::from_secs(300));
     }
 
+    /// Two vaults on one store stand for two instances on a shared one.
+    #[tokio::test]
+    async fn reload_takes_up_what_another_instance_saved() {
+        let store: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary().expect("store"));
+        let a = vault_on(store.clone(), BackoffPolicy::default());
+        let b = vault_on(store, BackoffPolicy::default());
+        add(&a, "alice", "pw", "rt-1").await;
+        let ua = a.unlock("alice", &pw("pw"), P1).await.expect("unlock a");
+        let ub = b.unlock("alice", &pw("pw"), P1).await.expect("unlock b");
+        assert!(!b.reload(&ub).await.expect("nothing new"));
+        let access = SharedAccess {
+            token: pw("at-2"),
+            expires_at: 2_000_000_000,
+            lifetime_secs: 3600,
+        };
+        a.store_refreshed(&ua, Some(pw("rt-2")), Some(access))
+            .await
+            .expect("save");
+        assert_eq!(token(&ub), "rt-1");
+        assert!(ub.shared_access().is_none());
+        assert!(b.reload(&ub).await.expect("reload"));
+        assert_eq!(token(&ub), "rt-2");
+        let shared = ub.shared_access().expect("the access token came along");
+        assert_eq!(shared.token.expose_secret(), "at-2");
+        assert_eq!(shared.expires_at, 2_000_000_000);
+        assert!(!b.reload(&ub).await.expect("nothing new again"));
+        // An access token alone (no rotation) is saved too.
+        let later = SharedAccess {
+            token: pw("at-3"),
+            expires_at: 2_000_003_600,
+            lifetime_secs: 3600,
+        };
+        b.store_refreshed(&ub, None, Some(later))
+            .await
+            .expect("save");
+        assert!(a.reload(&ua).await.expect("reload"));
+        assert_eq!(token(&ua), "rt-2");
+        assert_eq!(
+            ua.shared_access().expect("shared").token.expose_secret(),
+            "at-3"
+        );
+        // The password changed through the other instance: the key in
+        // memory no longer opens the record.
+        a.change_password("alice", &pw("pw"), &pw("new"))
+            .await
+            .expect("passwd");
+        let err = b.reload(&ub).await.expect_err("re-keyed");
+        assert!(matches!(err, VaultError::Changed { .. }), "{err}");
+    }
+
     #[tokio::test]
     async fn unlock_right_and_wrong() {
         let v = temp_vault();
