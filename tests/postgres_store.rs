@@ -672,9 +672,28 @@ async fn fifty_logins_on_two_instances_cause_one_refresh() {
         "{shared}"
     );
 
-    // Account commands work on the database while instances run.
+    // Account commands work on the database while instances run, and
+    // what they write reaches every instance at its next login.
     let (ok, out, err) = w.cli(0, &["account", "list"], "");
     assert!(ok && out.contains(USER), "account list: {out}{err}");
+    const NEW: &str = "a new local password";
+    let (ok, out, err) = w.cli(
+        1,
+        &["account", "passwd", USER, "--password-stdin"],
+        &format!("{PASSWORD}\n{NEW}\n"),
+    );
+    assert!(ok, "account passwd: {out}{err}");
+    for (i, addrs) in w.addrs.iter().enumerate() {
+        // The old password from addresses of their own (a failure delays
+        // its address).
+        let from = format!("127.0.0.{}", 20 + i);
+        let r = imap_login_from(&from, addrs[0], USER, PASSWORD).await;
+        assert!(r.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{r}");
+        let r = imap_login(addrs[0], USER, NEW).await;
+        assert!(r.starts_with("a1 OK"), "{r}");
+    }
+    // The grant itself did not change: no refresh for that.
+    assert_eq!(w.provider.refresh_requests() - before, 1);
     w.assert_no_secrets(&pg, &[&a, &b]);
 }
 
