@@ -385,8 +385,8 @@ store = "{url}"
 store_password_file = "{pw}"
 kdf_memory_kib = 256
 kdf_iterations = 1
-backoff_base_ms = 5000
-backoff_max_secs = 20
+backoff_base_ms = 60000
+backoff_max_secs = 120
 
 [[listener]]
 protocol = "imap"
@@ -815,7 +815,7 @@ async fn failed_logins_delay_the_address_on_every_instance() {
     let r = imap_login_from("127.0.0.7", a_imap, USER, "not the password").await;
     assert!(r.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{r}");
     // The same address, the right password, the other instance: it
-    // waits as it would on the first (5 s after one failure).
+    // waits as it would on the first (a minute after one failure).
     let r = imap_login_from("127.0.0.7", b_imap, USER, PASSWORD).await;
     assert!(
         r.starts_with("a1 NO") && r.contains("too many failed logins"),
