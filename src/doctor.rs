@@ -353,7 +353,7 @@ async fn walk(
     let accounts = match accounts(&settings, only, store.as_deref()) {
         Ok(a) => a,
         Err(s) => {
-            steps.push(s);
+            steps.push(*s);
             return;
         }
     };
@@ -455,18 +455,20 @@ fn accounts(
     settings: &Settings,
     only: Option<&str>,
     store: Option<&dyn TokenStore>,
-) -> Result<Vec<crate::config::Account>, Step> {
+) -> Result<Vec<crate::config::Account>, Box<Step>> {
     if let Some(name) = only {
         return match settings.account_for(name) {
             Some(a) => Ok(vec![a]),
-            None => Err(step(
-                "account",
-                Verdict::Fail,
-                format!("`{name}` matches no [[account]]"),
-            )
-            .why(
-                format!("no [[account]] has user = \"{name}\" or a catch-all for its domain"),
-                "check the name, or add an [[account]] table for it",
+            None => Err(Box::new(
+                step(
+                    "account",
+                    Verdict::Fail,
+                    format!("`{name}` matches no [[account]]"),
+                )
+                .why(
+                    format!("no [[account]] has user = \"{name}\" or a catch-all for its domain"),
+                    "check the name, or add an [[account]] table for it",
+                ),
             )),
         };
     }
@@ -608,12 +610,14 @@ async fn check_account(
                 .as_deref()
                 .map(|f| format!("; obtained by {f}"))
                 .unwrap_or_default(),
-            (age > 0)
-                .then(|| format!(
+            if age > 0 {
+                format!(
                     "; {} day(s) old",
                     crate::clock::unix_now().saturating_sub(age) / 86_400
-                ))
-                .unwrap_or_default()
+                )
+            } else {
+                String::new()
+            }
         ),
     )));
 

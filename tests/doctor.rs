@@ -37,6 +37,8 @@ struct Spec {
     imap_port: Option<u16>,
     /// `mechanisms = [...]` on the IMAP endpoint.
     imap_mechanisms: Option<&'static str>,
+    /// `key_mode = "service"` with a key file.
+    service: bool,
 }
 
 struct World {
@@ -128,6 +130,22 @@ provider = "sandbox"
             pop3_port = pop3.addr().port(),
             smtp_port = smtp.addr().port(),
         );
+        let text = if spec.service {
+            let key = dir.join("service.key");
+            std::fs::write(&key, [7u8; 32]).unwrap();
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            text.replacen(
+                "[server]\n",
+                &format!(
+                    "[server]\nkey_mode = \"service\"\nkey_file = {}\n",
+                    quote(&key.display().to_string())
+                ),
+                1,
+            )
+        } else {
+            text
+        };
         let config = dir.join("config.toml");
         std::fs::write(&config, &text).unwrap();
         let settings = Settings::load(&config).unwrap();
@@ -172,11 +190,15 @@ provider = "sandbox"
     /// standard input: (success, stdout, stderr), stdout printed. Every
     /// output is checked for secrets.
     async fn doctor(&self, extra: &[&str]) -> (bool, String, String) {
+        self.doctor_with(&["--password-stdin"], extra).await
+    }
+
+    async fn doctor_with(&self, flags: &[&str], extra: &[&str]) -> (bool, String, String) {
         let mut child = tokio::process::Command::new(BIN)
             .arg("doctor")
             .arg("--config")
             .arg(&self.config)
-            .arg("--password-stdin")
+            .args(flags)
             .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -612,5 +634,32 @@ async fn a_bad_config_or_an_unknown_account_fails_at_once() {
         "{}",
         steps[0]
     );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_key_mode_needs_no_password() {
+    let w = World::start(Spec {
+        service: true,
+        ..Spec::default()
+    })
+    .await;
+    // No --password-stdin, no terminal: the service key opens the grant.
+    let (ok, out, _) = w.doctor_with(&[], &[USER]).await;
+    assert!(ok, "exit status");
+    assert!(line_of(&out, "account alice", "grant").contains("with the service key"));
+    for p in ["imap", "pop3", "smtp"] {
+        assert!(line_of(&out, "account alice", p).contains("logged out"));
+    }
+    w.stop().await;
+
+    // In password mode without a terminal nor --password-stdin, the grant
+    // step says how to give the password.
+    let w = World::start(Spec::default()).await;
+    let (ok, out, _) = w.doctor_with(&[], &[]).await;
+    assert!(!ok);
+    let grant = line_of(&out, "account alice", "grant");
+    let (_, fix) = why(&out, &grant);
+    assert!(fix.contains("--password-stdin"), "{fix}");
     w.stop().await;
 }
