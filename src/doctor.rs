@@ -1031,8 +1031,11 @@ impl Probe<'_> {
             }
         }
         let Some((tcp, addr, took)) = tcp else {
-            let (_, last) = failures.pop().expect("one address at least");
-            let fix = match last.kind() {
+            let kind = failures
+                .last()
+                .map(|(_, e)| e.kind())
+                .unwrap_or(io::ErrorKind::Other);
+            let fix = match kind {
                 io::ErrorKind::ConnectionRefused => format!(
                     "nothing listens on port {port} there: check the port ({}) and that the server runs",
                     match (self.protocol, implicit) {
@@ -1047,17 +1050,28 @@ impl Probe<'_> {
                 io::ErrorKind::TimedOut => "a firewall may drop the packets: check the network path to the server and outgoing rules here".to_string(),
                 _ => "check the network path to the server".to_string(),
             };
-            let cause = UpstreamFailure::<std::convert::Infallible>::Connect {
-                server: self.server.clone(),
-                source: last,
-            };
+            let cause = failures
+                .iter()
+                .map(|(addr, e)| {
+                    let what = match e.kind() {
+                        io::ErrorKind::ConnectionRefused => "connection refused",
+                        io::ErrorKind::TimedOut => "no answer (timed out)",
+                        io::ErrorKind::HostUnreachable => "host unreachable",
+                        io::ErrorKind::NetworkUnreachable => "network unreachable",
+                        io::ErrorKind::PermissionDenied => "not permitted (a firewall rule?)",
+                        _ => "cannot connect",
+                    };
+                    format!("{what} at {addr} ({e})")
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
             self.push(
                 step(
                     "tcp",
                     Verdict::Fail,
                     format!("cannot connect to {}", self.server),
                 )
-                .why(format!("{cause} ({})", crate::report::chain(&cause)), fix),
+                .why(cause, fix),
             );
             self.skip(after_tcp, "no connection");
             return false;
@@ -1314,6 +1328,15 @@ impl Probe<'_> {
                 } else {
                     "check that this is the right server and port".to_string()
                 };
+                let cause = if others.is_empty() {
+                    cause.clone()
+                } else {
+                    format!(
+                        "mailbridge may use only {} with this server (mechanisms in [providers.{}])",
+                        configured.join(", "),
+                        self.provider
+                    )
+                };
                 self.push(
                     step(
                         "capabilities",
@@ -1326,7 +1349,7 @@ impl Probe<'_> {
                             None => "the login dialogue stopped".to_string(),
                         },
                     )
-                    .why(cause.clone(), fix),
+                    .why(cause, fix),
                 );
                 false
             }

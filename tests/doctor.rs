@@ -39,6 +39,8 @@ struct Spec {
     imap_mechanisms: Option<&'static str>,
     /// `key_mode = "service"` with a key file.
     service: bool,
+    /// The token endpoint, if not the sandbox's.
+    token_url: Option<String>,
 }
 
 struct World {
@@ -124,7 +126,10 @@ user = "{USER}"
 provider = "sandbox"
 "#,
             state = quote(&dir.join("state").display().to_string()),
-            token_url = provider.token_url(),
+            token_url = spec
+                .token_url
+                .clone()
+                .unwrap_or_else(|| provider.token_url()),
             ca = quote(&ca.display().to_string()),
             imap_port = spec.imap_port.unwrap_or(imap.addr().port()),
             pop3_port = pop3.addr().port(),
@@ -582,7 +587,8 @@ async fn a_server_without_xoauth2_fails_the_capabilities_check() {
         caps.trim_start().starts_with("FAIL") && caps.contains("OAUTHBEARER"),
         "{caps}"
     );
-    let (_, fix) = why(&out, &caps);
+    let (cause, fix) = why(&out, &caps);
+    assert!(cause.contains("may use only XOAUTH2"), "{cause}");
     assert!(fix.contains("mechanisms = [\"oauthbearer\"]"), "{fix}");
     let caps = line_of(&out, "smtp server", "capabilities");
     assert!(caps.trim_start().starts_with("FAIL"), "{caps}");
@@ -661,5 +667,88 @@ async fn service_key_mode_needs_no_password() {
     let grant = line_of(&out, "account alice", "grant");
     let (_, fix) = why(&out, &grant);
     assert!(fix.contains("--password-stdin"), "{fix}");
+    w.stop().await;
+}
+
+/// A token endpoint that answers every request with `status` and `body`
+/// (JSON) and no `Date` header: its address.
+async fn fixed_token_endpoint(status: u16, body: String) -> String {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                // One request: its head, and a form body that fits one read.
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut got = 0;
+                while got < buf.len() {
+                    match s.read(&mut buf[got..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got += n,
+                    }
+                    let text = String::from_utf8_lossy(&buf[..got]);
+                    if let Some(head_end) = text.find("\r\n\r\n") {
+                        let length = text[..head_end]
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if got >= head_end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 {status} Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}/token")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_microsoft_refusal_is_explained_from_the_table() {
+    // Microsoft's answer to a refresh token unused for 90 days: the cause
+    // and fix come from diagnose's table, as in logins and alerts; the
+    // provider's trace ids stay out.
+    let body = serde_json::json!({
+        "error": "invalid_grant",
+        "error_description": "AADSTS700082: The refresh token has expired due to inactivity. The token was issued on 2026-08-01T08:00:00.0000000Z and was inactive for 90.00:00:00. Trace ID: 0b7c7d5e-1c2f-4a57-9f1e-5c4b0d1a2b00 Correlation ID: 7f0a3c1e-8d2b-4e6f-9a1b-2c3d4e5f6a7b Timestamp: 2026-11-27 10:11:12Z",
+        "error_codes": [700082]
+    })
+    .to_string();
+    let w = World::start(Spec {
+        microsoft: Some(MS_SCOPES),
+        token_url: Some(fixed_token_endpoint(400, body).await),
+        ..Spec::default()
+    })
+    .await;
+    let (ok, out, _) = w.doctor(&[]).await;
+    assert!(!ok);
+    let refresh = line_of(&out, "account alice", "refresh");
+    assert!(
+        refresh.trim_start().starts_with("FAIL")
+            && refresh.contains("invalid_grant (AADSTS700082)"),
+        "{refresh}"
+    );
+    let (cause, fix) = why(&out, &refresh);
+    assert!(cause.contains("90 days without use"), "{cause}");
+    assert!(
+        fix.contains("key_mode = \"service\"")
+            && fix.contains("mailbridge account reauthorize alice@example.com"),
+        "{fix}"
+    );
+    assert!(!out.contains("Trace ID"), "{out}");
+    // The endpoint sent no Date: the clock is not compared, which warns.
+    let clock = line_of(&out, "provider sandbox", "clock");
+    assert!(clock.trim_start().starts_with("warn"), "{clock}");
     w.stop().await;
 }
