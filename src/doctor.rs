@@ -1526,16 +1526,7 @@ async fn clock(http: &reqwest::Client, provider: &Provider) -> Step {
             "nothing to do; check the clock with NTP (`timedatectl`)",
         );
     };
-    let theirs = crate::clock::unix_millis_of(date);
-    // Their second began somewhere in our [before - 1 s, after]: the
-    // skew is the distance to that window.
-    let skew_ms = if theirs + 1000 < before {
-        theirs + 1000 - before
-    } else if theirs > after {
-        theirs - after
-    } else {
-        0
-    };
+    let skew_ms = skew_ms(crate::clock::unix_millis_of(date), before, after);
     let secs = skew_ms as f64 / 1000.0;
     let detail = if skew_ms == 0 {
         format!(
@@ -1551,22 +1542,63 @@ async fn clock(http: &reqwest::Client, provider: &Provider) -> Step {
         )
     };
     let fix = "keep the clock set by NTP (`timedatectl set-ntp true`, chrony or systemd-timesyncd)";
-    match secs.abs() {
-        a if a <= 60.0 => s(Verdict::Ok, detail),
-        a if a <= 300.0 => s(Verdict::Warn, detail).why(
+    match skew_verdict(skew_ms) {
+        Verdict::Warn => s(Verdict::Warn, detail).why(
             "tokens and signed assertions carry times; more skew makes providers refuse them",
             fix,
         ),
-        _ => s(Verdict::Fail, detail).why(
+        Verdict::Fail => s(Verdict::Fail, detail).why(
             "more than 5 minutes: providers refuse signed assertions and servers expired-looking tokens",
             fix,
         ),
+        v => s(v, detail),
+    }
+}
+
+/// How far a server's clock is from ours, in ms (positive: ahead), from
+/// its `Date` (`theirs`, whole seconds) and our clock `before` and
+/// `after` the request: their second began somewhere in our
+/// `[before - 1 s, after]`, and only the distance to that window counts.
+fn skew_ms(theirs: i128, before: i128, after: i128) -> i128 {
+    if theirs + 1000 < before {
+        theirs + 1000 - before
+    } else if theirs > after {
+        theirs - after
+    } else {
+        0
+    }
+}
+
+/// Up to a minute is fine; up to five minutes (what providers and
+/// Kerberos-style checks tolerate) a warning; more fails.
+fn skew_verdict(skew_ms: i128) -> Verdict {
+    match skew_ms.abs() {
+        0..=60_000 => Verdict::Ok,
+        60_001..=300_000 => Verdict::Warn,
+        _ => Verdict::Fail,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clock_skew_counts_only_beyond_the_date_resolution_and_the_round_trip() {
+        // We asked at 10.000 s and had the answer at 10.400 s.
+        let (before, after) = (10_000, 10_400);
+        // Their Date said 9 s (9.000..9.999) or 10 s: no measurable skew.
+        assert_eq!(skew_ms(9_000, before, after), 0);
+        assert_eq!(skew_ms(10_000, before, after), 0);
+        // 12 s: at least 1.6 s ahead; 5 s: at least 4 s behind.
+        assert_eq!(skew_ms(12_000, before, after), 1_600);
+        assert_eq!(skew_ms(5_000, before, after), -4_000);
+        assert_eq!(skew_verdict(0), Verdict::Ok);
+        assert_eq!(skew_verdict(-60_000), Verdict::Ok);
+        assert_eq!(skew_verdict(61_000), Verdict::Warn);
+        assert_eq!(skew_verdict(-300_000), Verdict::Warn);
+        assert_eq!(skew_verdict(300_001), Verdict::Fail);
+    }
 
     #[test]
     fn the_human_report_has_a_line_per_step_then_cause_and_fix() {
