@@ -41,6 +41,8 @@ struct Spec {
     service: bool,
     /// The token endpoint, if not the sandbox's.
     token_url: Option<String>,
+    /// The IMAP endpoint is the sandbox POP3 server (a wrong port).
+    imap_at_pop3: bool,
 }
 
 struct World {
@@ -131,7 +133,11 @@ provider = "sandbox"
                 .clone()
                 .unwrap_or_else(|| provider.token_url()),
             ca = quote(&ca.display().to_string()),
-            imap_port = spec.imap_port.unwrap_or(imap.addr().port()),
+            imap_port = if spec.imap_at_pop3 {
+                pop3.addr().port()
+            } else {
+                spec.imap_port.unwrap_or(imap.addr().port())
+            },
             pop3_port = pop3.addr().port(),
             smtp_port = smtp.addr().port(),
         );
@@ -750,5 +756,34 @@ async fn a_known_microsoft_refusal_is_explained_from_the_table() {
     // The endpoint sent no Date: the clock is not compared, which warns.
     let clock = line_of(&out, "provider sandbox", "clock");
     assert!(clock.trim_start().starts_with("warn"), "{clock}");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_of_another_protocol_fails_the_greeting() {
+    // The IMAP endpoint points at the POP3 server: TLS passes, the
+    // greeting is not IMAP's.
+    let w = World::start(Spec {
+        imap_at_pop3: true,
+        ..Spec::default()
+    })
+    .await;
+    let (ok, out, _) = w.doctor(&[]).await;
+    assert!(!ok);
+    assert!(
+        line_of(&out, "imap server", "tls")
+            .trim_start()
+            .starts_with("ok")
+    );
+    let greeting = line_of(&out, "imap server", "greeting");
+    assert!(greeting.trim_start().starts_with("FAIL"), "{greeting}");
+    let (cause, fix) = why(&out, &greeting);
+    assert!(cause.contains("not an IMAP greeting"), "{cause}");
+    assert!(fix.contains("is the IMAP port"), "{fix}");
+    assert!(
+        line_of(&out, "imap server", "capabilities")
+            .trim_start()
+            .starts_with("skip")
+    );
     w.stop().await;
 }
