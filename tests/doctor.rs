@@ -205,7 +205,22 @@ provider = "sandbox"
     }
 
     async fn doctor_with(&self, flags: &[&str], extra: &[&str]) -> (bool, String, String) {
-        let mut child = tokio::process::Command::new(BIN)
+        self.doctor_logged(flags, extra, None).await
+    }
+
+    /// [`World::doctor_with`], with `MAILBRIDGE_LOG` set to `log`.
+    async fn doctor_logged(
+        &self,
+        flags: &[&str],
+        extra: &[&str],
+        log: Option<&str>,
+    ) -> (bool, String, String) {
+        let mut command = tokio::process::Command::new(BIN);
+        command.env_remove("MAILBRIDGE_LOG");
+        if let Some(filter) = log {
+            command.env("MAILBRIDGE_LOG", filter);
+        }
+        let mut child = command
             .arg("doctor")
             .arg("--config")
             .arg(&self.config)
@@ -215,7 +230,6 @@ provider = "sandbox"
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env("NO_COLOR", "1")
-            .env_remove("MAILBRIDGE_LOG")
             .kill_on_drop(true)
             .spawn()
             .unwrap();
@@ -391,6 +405,14 @@ async fn a_good_account_passes_every_step() {
     );
     assert_eq!(w.provider.refresh_token_replays(), 0);
     assert_eq!(w.provider.refresh_requests(), 2);
+
+    // With the log at trace level on standard error: still no secret
+    // (checked by `doctor_logged`), and the log is there.
+    let (ok, _, log) = w
+        .doctor_logged(&["--password-stdin"], &[], Some("trace"))
+        .await;
+    assert!(ok);
+    assert!(log.contains("access token refreshed"), "{log}");
     w.stop().await;
 }
 
