@@ -1,5 +1,5 @@
 //! The command line: `run`, `check-config`, `account import|list|remove`
-//! and `demo`. Errors are reported with anyhow here, at the edge.
+//! `queue`, `trace` and `demo`. Errors are reported with anyhow here, at the edge.
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
@@ -54,6 +54,11 @@ enum Command {
     /// seconds).
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Show the pre-auth and login dialogue of an account's new sessions,
+    /// both sides (client and mailbridge, mailbridge and the server), with
+    /// passwords, tokens and SASL responses redacted, from the running
+    /// service (through its control socket) until Ctrl-C.
+    Trace(TraceArgs),
     /// Run a self-contained demo: a sandbox OAuth2 provider, sandbox IMAP,
     /// POP3 and SMTP servers and mailbridge in front of them, all on loopback.
     Demo {
@@ -70,6 +75,22 @@ enum Command {
         #[arg(long, default_value_t = 1880)]
         status_port: u16,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct TraceArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The account: an [[account]]'s user, or a name a catch-all account
+    /// takes.
+    account: String,
+    /// Stop after this many sessions (each ends at the byte relay or when
+    /// it closes).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long = "for", value_name = "SECS")]
+    for_secs: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -244,6 +265,7 @@ fn config_path(command: &Command) -> Option<&std::path::Path> {
             | QueueCommand::Retry { config, .. }
             | QueueCommand::Delete { config, .. },
         ) => config,
+        Command::Trace(t) => &t.config,
         Command::Demo { .. } => return None,
     };
     Some(&args.config)
@@ -339,6 +361,10 @@ async fn dispatch(
         }
         Command::Account(cmd) => account(cmd).await,
         Command::Queue(cmd) => queue(cmd),
+        #[cfg(unix)]
+        Command::Trace(args) => trace(args).await,
+        #[cfg(not(unix))]
+        Command::Trace(_) => bail!("traces need the control socket, a Unix socket"),
         Command::Demo {
             imap_port,
             pop3_port,
@@ -352,6 +378,58 @@ async fn dispatch(
                 status: status_port,
             };
             crate::demo::run(ports, shutdown_signal()).await
+        }
+    }
+}
+
+/// `mailbridge trace`: prints the running service's trace of an account
+/// until Ctrl-C, `--count` sessions or `--for` seconds.
+#[cfg(unix)]
+async fn trace(args: TraceArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let settings = load(&args.config)?;
+    let dir = settings.server.state_dir();
+    let (account, mut stream) =
+        crate::net::control::TraceStream::start(&dir, &args.account).await?;
+    eprintln!(
+        "mailbridge: tracing `{account}`: its new sessions' pre-auth and login dialogue, until {}",
+        match (args.count, args.for_secs) {
+            (Some(n), _) => format!("{n} session(s) have been shown (or Ctrl-C)"),
+            (None, Some(s)) => format!("{s} s have passed (or Ctrl-C)"),
+            (None, None) => "Ctrl-C".to_string(),
+        }
+    );
+    eprintln!("mailbridge: {}", crate::trace::LEGEND);
+    let until = args
+        .for_secs
+        .map(|s| tokio::time::Instant::now() + std::time::Duration::from_secs(s));
+    let stop = async {
+        match until {
+            Some(t) => tokio::time::sleep_until(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop);
+    let interrupted = shutdown_signal();
+    tokio::pin!(interrupted);
+    let mut ended = 0;
+    let mut out = std::io::stdout();
+    loop {
+        let event = tokio::select! {
+            e = stream.next() => e?,
+            () = &mut stop => return Ok(()),
+            () = &mut interrupted => return Ok(()),
+        };
+        let Some(event) = event else {
+            bail!("the service ended the trace (did it stop?)");
+        };
+        writeln!(out, "{event}")?;
+        out.flush()?;
+        if matches!(event.what, crate::trace::What::End { .. }) {
+            ended += 1;
+            if args.count.is_some_and(|n| ended >= n) {
+                return Ok(());
+            }
         }
     }
 }
