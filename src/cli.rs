@@ -59,6 +59,9 @@ enum Command {
     /// passwords, tokens and SASL responses redacted, from the running
     /// service (through its control socket) until Ctrl-C.
     Trace(TraceArgs),
+    /// Shell completions and man pages, for packagers.
+    #[command(subcommand, hide = true)]
+    Generate(GenerateCommand),
     /// Run a self-contained demo: a sandbox OAuth2 provider, sandbox IMAP,
     /// POP3 and SMTP servers and mailbridge in front of them, all on loopback.
     Demo {
@@ -74,6 +77,20 @@ enum Command {
         /// Port for the status page on 127.0.0.1 (0: any free port).
         #[arg(long, default_value_t = 1880)]
         status_port: u16,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GenerateCommand {
+    /// Print the completion script for SHELL on standard output.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write a man page for mailbridge and each of its commands into DIR.
+    Man {
+        /// An existing directory.
+        dir: PathBuf,
     },
 }
 
@@ -266,7 +283,7 @@ fn config_path(command: &Command) -> Option<&std::path::Path> {
             | QueueCommand::Delete { config, .. },
         ) => config,
         Command::Trace(t) => &t.config,
-        Command::Demo { .. } => return None,
+        Command::Demo { .. } | Command::Generate(_) => return None,
     };
     Some(&args.config)
 }
@@ -365,6 +382,19 @@ async fn dispatch(
         Command::Trace(args) => trace(args).await,
         #[cfg(not(unix))]
         Command::Trace(_) => bail!("traces need the control socket, a Unix socket"),
+        Command::Generate(GenerateCommand::Completions { shell }) => {
+            use clap::CommandFactory;
+            use std::io::Write;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mailbridge", &mut script);
+            std::io::stdout().write_all(&script)?;
+            Ok(())
+        }
+        Command::Generate(GenerateCommand::Man { dir }) => {
+            use clap::CommandFactory;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))
+        }
         Command::Demo {
             imap_port,
             pop3_port,
