@@ -697,3 +697,13 @@ fn completions_and_man_pages_name_every_command() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The configuration the .deb installs as /etc/mailbridge/config.toml
+/// passes check-config (CI checks it again once installed).
+#[test]
+fn the_packaged_configuration_is_accepted() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/config.toml");
+    let (ok, out, err) = mailbridge(&["check-config", "--config", path], "");
+    assert!(ok, "{err}");
+    assert!(out.contains("OK (4 listener(s)"), "{out}");
+}
