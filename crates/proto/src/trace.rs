@@ -233,22 +233,26 @@ fn smtp_client(text: &str, exchange: &mut Exchange) -> String {
 }
 
 /// `text` with control characters escaped, at most [`MAX_SHOWN`]
-/// characters.
+/// characters of it (escapes counted as written).
 fn shown(text: &str) -> String {
     let mut out = String::new();
-    for (count, c) in text.chars().enumerate() {
-        if count >= MAX_SHOWN {
+    let mut written = 0;
+    for c in text.chars() {
+        let piece = if c.is_control() {
+            c.escape_default().to_string()
+        } else {
+            c.to_string()
+        };
+        let len = piece.chars().count();
+        if written + len > MAX_SHOWN {
             out.push_str(&format!(
                 " ... ({} characters in all)",
                 text.chars().count()
             ));
             break;
         }
-        if c.is_control() {
-            out.push_str(&c.escape_default().to_string());
-        } else {
-            out.push(c);
-        }
+        out.push_str(&piece);
+        written += len;
     }
     out
 }
