@@ -1,5 +1,6 @@
-//! The command line: `run`, `check-config`, `account import|list|remove`
-//! `queue`, `trace` and `demo`. Errors are reported with anyhow here, at the edge.
+//! The command line: `run`, `check-config`, `account import|list|remove`,
+//! `queue`, `doctor`, `trace` and `demo`. Errors are reported with anyhow
+//! here, at the edge.
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
@@ -54,6 +55,11 @@ enum Command {
     /// seconds).
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Check what a login needs, step by step: the config, each mail
+    /// server (DNS, TCP, TLS, greeting, mechanisms), the grant, a token
+    /// refresh, Microsoft's token claims, a real login per protocol, the
+    /// clock. Exit status 0 only when every check passes.
+    Doctor(DoctorArgs),
     /// Show the pre-auth and login dialogue of an account's new sessions,
     /// both sides (client and mailbridge, mailbridge and the server), with
     /// passwords, tokens and SASL responses redacted, from the running
@@ -78,6 +84,22 @@ enum Command {
         #[arg(long, default_value_t = 1880)]
         status_port: u16,
     },
+}
+
+/// `mailbridge doctor`'s arguments.
+#[derive(clap::Args, Debug)]
+struct DoctorArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The account to check (a login name); all accounts when omitted.
+    account: Option<String>,
+    /// Print one JSON document with every step instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Read the local password of each password-mode account from a line
+    /// of standard input (in the order checked) instead of prompting.
+    #[arg(long)]
+    password_stdin: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -235,11 +257,13 @@ struct FlowArgs {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::logging::init(
-        config_path(&cli.command)
-            .map(crate::logging::configured_format)
-            .unwrap_or_default(),
-    );
+    let format = config_path(&cli.command)
+        .map(crate::logging::configured_format)
+        .unwrap_or_default();
+    match cli.command {
+        Command::Doctor(_) => crate::logging::init_with_default(format, "error"),
+        _ => crate::logging::init(format),
+    }
     // Taken before the runtime's threads exist: it changes the environment.
     let inherited = match cli.command {
         Command::Run(_) => crate::net::systemd::Inherited::from_env(),
@@ -269,6 +293,7 @@ pub fn main() -> ExitCode {
 fn config_path(command: &Command) -> Option<&std::path::Path> {
     let args = match command {
         Command::Run(a) | Command::CheckConfig(a) => a,
+        Command::Doctor(d) => &d.config,
         Command::Account(
             AccountCommand::Import { config, .. }
             | AccountCommand::Add { config, .. }
@@ -378,6 +403,7 @@ async fn dispatch(
         }
         Command::Account(cmd) => account(cmd).await,
         Command::Queue(cmd) => queue(cmd),
+        Command::Doctor(args) => doctor(args).await,
         #[cfg(unix)]
         Command::Trace(args) => trace(args).await,
         #[cfg(not(unix))]
@@ -409,6 +435,52 @@ async fn dispatch(
             };
             crate::demo::run(ports, shutdown_signal()).await
         }
+    }
+}
+
+/// `mailbridge doctor`: the report on standard output (text or JSON);
+/// an error, so a non-zero exit status, when a check failed.
+async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
+    let loaded = load(&args.config);
+    let stdin = args.password_stdin;
+    let mut passwords = move |account: &str| -> Result<SecretString, String> {
+        if stdin {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map_err(|e| format!("cannot read standard input: {e}"))?;
+            let p = line.trim_end_matches(['\r', '\n']).to_string();
+            if p.is_empty() {
+                return Err(format!(
+                    "no line on standard input for the local password of `{account}`"
+                ));
+            }
+            Ok(SecretString::from(p))
+        } else if std::io::stdin().is_terminal() || std::io::stderr().is_terminal() {
+            rpassword::prompt_password(format!("local password of {account}: "))
+                .map(SecretString::from)
+                .map_err(|e| format!("cannot read the password: {e}"))
+        } else {
+            Err("no terminal to ask for the local password".into())
+        }
+    };
+    let report = crate::doctor::run(
+        &args.config.config,
+        loaded,
+        args.account.as_deref(),
+        Box::new(|s: &Settings| open_store(s).map_err(|e| format!("{e:#}"))),
+        &mut passwords,
+    )
+    .await;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    if report.ok {
+        Ok(())
+    } else {
+        bail!("{} check(s) failed", report.failures())
     }
 }
 

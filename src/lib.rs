@@ -37,6 +37,8 @@
 //! - [`login`]: the login path from credentials to a logged-in upstream.
 //! - [`diagnose`]: the tables of known provider refusals (upstream
 //!   logins, token endpoints) and what to do about them.
+//! - [`doctor`]: `mailbridge doctor`: each step a login needs, checked,
+//!   with the cause and the fix of what fails.
 //! - [`alerts`]: `[alerts]`: a command and/or webhook when a grant needs a
 //!   person, rate-limited, delivered without delaying logins.
 //! - [`net`]: listeners, TLS, the connection driver, the upstream
@@ -61,6 +63,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod diagnose;
+pub mod doctor;
 pub mod kdf;
 pub mod logging;
 pub mod login;
