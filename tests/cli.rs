@@ -658,7 +658,15 @@ async fn demo_serves_a_password_login() {
 /// (`mailbridge generate`, hidden): each names every command.
 #[test]
 fn completions_and_man_pages_name_every_command() {
-    let commands = ["run", "check-config", "account", "queue", "trace", "demo"];
+    let commands = [
+        "run",
+        "check-config",
+        "account",
+        "queue",
+        "doctor",
+        "trace",
+        "demo",
+    ];
     for shell in ["bash", "zsh", "fish"] {
         let (ok, script, err) = mailbridge(&["generate", "completions", shell], "");
         assert!(ok, "{shell}: {err}");
