@@ -1,5 +1,6 @@
 //! The command line: `run`, `check-config`, `account import|list|remove`,
-//! `doctor` and `demo`. Errors are reported with anyhow here, at the edge.
+//! `queue`, `doctor`, `trace` and `demo`. Errors are reported with anyhow
+//! here, at the edge.
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
@@ -62,6 +63,14 @@ enum Command {
     /// refresh, Microsoft's token claims, a real login per protocol, the
     /// clock. Exit status 0 only when every check passes.
     Doctor(DoctorArgs),
+    /// Show the pre-auth and login dialogue of an account's new sessions,
+    /// both sides (client and mailbridge, mailbridge and the server), with
+    /// passwords, tokens and SASL responses redacted, from the running
+    /// service (through its control socket) until Ctrl-C.
+    Trace(TraceArgs),
+    /// Shell completions and man pages, for packagers.
+    #[command(subcommand, hide = true)]
+    Generate(GenerateCommand),
     /// Run a self-contained demo: a sandbox OAuth2 provider, sandbox IMAP,
     /// POP3 and SMTP servers and mailbridge in front of them, all on loopback.
     Demo {
@@ -112,6 +121,36 @@ enum StoreCommand {
         #[arg(long)]
         to: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum GenerateCommand {
+    /// Print the completion script for SHELL on standard output.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write a man page for mailbridge and each of its commands into DIR.
+    Man {
+        /// An existing directory.
+        dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct TraceArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The account: an [[account]]'s user, or a name a catch-all account
+    /// takes.
+    account: String,
+    /// Stop after this many sessions (each ends at the byte relay or when
+    /// it closes).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long = "for", value_name = "SECS")]
+    for_secs: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -290,7 +329,8 @@ fn config_path(command: &Command) -> Option<&std::path::Path> {
             | QueueCommand::Delete { config, .. },
         ) => config,
         Command::Store(StoreCommand::Migrate { config, .. }) => config,
-        Command::Demo { .. } => return None,
+        Command::Trace(t) => &t.config,
+        Command::Demo { .. } | Command::Generate(_) => return None,
     };
     Some(&args.config)
 }
@@ -448,6 +488,23 @@ async fn dispatch(
         Command::Queue(cmd) => queue(cmd),
         Command::Store(StoreCommand::Migrate { config, to }) => migrate_store(&config, &to),
         Command::Doctor(args) => doctor(args).await,
+        #[cfg(unix)]
+        Command::Trace(args) => trace(args).await,
+        #[cfg(not(unix))]
+        Command::Trace(_) => bail!("traces need the control socket, a Unix socket"),
+        Command::Generate(GenerateCommand::Completions { shell }) => {
+            use clap::CommandFactory;
+            use std::io::Write;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mailbridge", &mut script);
+            std::io::stdout().write_all(&script)?;
+            Ok(())
+        }
+        Command::Generate(GenerateCommand::Man { dir }) => {
+            use clap::CommandFactory;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))
+        }
         Command::Demo {
             imap_port,
             pop3_port,
@@ -508,6 +565,58 @@ async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
         Ok(())
     } else {
         bail!("{} check(s) failed", report.failures())
+    }
+}
+
+/// `mailbridge trace`: prints the running service's trace of an account
+/// until Ctrl-C, `--count` sessions or `--for` seconds.
+#[cfg(unix)]
+async fn trace(args: TraceArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let settings = load(&args.config)?;
+    let dir = settings.server.state_dir();
+    let (account, mut stream) =
+        crate::net::control::TraceStream::start(&dir, &args.account).await?;
+    eprintln!(
+        "mailbridge: tracing `{account}`: its new sessions' pre-auth and login dialogue, until {}",
+        match (args.count, args.for_secs) {
+            (Some(n), _) => format!("{n} session(s) have been shown (or Ctrl-C)"),
+            (None, Some(s)) => format!("{s} s have passed (or Ctrl-C)"),
+            (None, None) => "Ctrl-C".to_string(),
+        }
+    );
+    eprintln!("mailbridge: {}", crate::trace::LEGEND);
+    let until = args
+        .for_secs
+        .map(|s| tokio::time::Instant::now() + std::time::Duration::from_secs(s));
+    let stop = async {
+        match until {
+            Some(t) => tokio::time::sleep_until(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop);
+    let interrupted = shutdown_signal();
+    tokio::pin!(interrupted);
+    let mut ended = 0;
+    let mut out = std::io::stdout();
+    loop {
+        let event = tokio::select! {
+            e = stream.next() => e?,
+            () = &mut stop => return Ok(()),
+            () = &mut interrupted => return Ok(()),
+        };
+        let Some(event) = event else {
+            bail!("the service ended the trace (did it stop?)");
+        };
+        writeln!(out, "{event}")?;
+        out.flush()?;
+        if matches!(event.what, crate::trace::What::End { .. }) {
+            ended += 1;
+            if args.count.is_some_and(|n| ended >= n) {
+                return Ok(());
+            }
+        }
     }
 }
 

@@ -45,6 +45,8 @@
 //! - [`net`]: listeners, TLS, the connection driver, the upstream
 //!   connector (generic over the stream), the relay, the control socket;
 //!   it never parses a protocol.
+//! - [`trace`]: protocol traces on demand (`mailbridge trace`): who
+//!   watches which account, and each traced session's redacted lines.
 //! - [`server`]: binds and runs it all; used by `main` and the tests.
 //! - [`demo`]: `mailbridge demo` on top of the sandbox.
 //! - [`clock`]: `unix_now`, the one wall-clock helper.
@@ -75,6 +77,7 @@ pub mod server;
 pub mod spool;
 pub mod status;
 pub mod store;
+pub mod trace;
 pub mod vault;
 
 #[cfg(test)]

@@ -102,6 +102,8 @@ struct ListenerRuntime {
     turning_away: Arc<tokio::sync::Semaphore>,
     /// The PROXY protocol, when the listener takes it.
     proxy: Option<ProxyProtocol>,
+    /// Protocol traces on demand (`mailbridge trace`).
+    tracer: Arc<crate::trace::Tracer>,
 }
 
 /// Reads the configuration again (a reload): the file, with the command
@@ -143,6 +145,8 @@ pub struct Server {
     spool: Option<Arc<SpoolRuntime>>,
     /// `[status]`: its socket and token.
     status: Option<(TcpListener, Option<secrecy::SecretString>)>,
+    /// Protocol traces on demand (`mailbridge trace`).
+    tracer: Arc<crate::trace::Tracer>,
 }
 
 /// The spool and what its writers and its delivery task share.
@@ -289,6 +293,7 @@ impl Server {
         } else {
             None
         };
+        let tracer = Arc::new(crate::trace::Tracer::new());
         let mut listeners = Vec::new();
         for l in &settings.listeners {
             let tls = match (l.tls, &l.cert) {
@@ -338,6 +343,7 @@ impl Server {
                         trusted: settings.trusted_proxies.clone().into(),
                         timeout: PROXY_HEADER_TIMEOUT,
                     }),
+                    tracer: tracer.clone(),
                 }),
             ));
         }
@@ -379,6 +385,20 @@ impl Server {
             refresh_timeout: settings.server.refresh_timeout(),
             background_refresh,
             spool,
+            tracer,
+        })
+    }
+
+    /// What the control socket needs to serve `mailbridge trace`: the
+    /// tracer, and the running configuration's accounts (as reloaded).
+    pub fn trace_desk(&self) -> crate::trace::Desk {
+        let gateway = Arc::downgrade(&self.gateway);
+        crate::trace::Desk::new(self.tracer.clone(), move |name| {
+            gateway
+                .upgrade()?
+                .settings()
+                .account_for(name)
+                .map(|a| a.name)
         })
     }
 
@@ -781,6 +801,12 @@ async fn serve(
         None => rt.driver.preauth_deadline,
     };
     let deadline = tokio::time::Instant::now() + allowed;
+    // One atomic load when nobody traces.
+    let trace = rt
+        .tracer
+        .session(trace_protocol(rt.config.protocol), peer, || {
+            tcp.local_addr().ok()
+        });
     let mut stream = Stream::Plain(tcp);
     if rt.config.tls == ListenerTls::Implicit {
         let Some(config) = rt.driver.tls.clone() else {
@@ -823,7 +849,11 @@ async fn serve(
     let login = |request: proto::LoginRequest| {
         let gateway = gateway.clone();
         let spool_listener = spool_listener.clone();
+        let trace = trace.clone();
         async move {
+            if let Some(t) = &trace {
+                t.login_as(traced_account(&gateway, &request, peer).as_deref());
+            }
             match spool_listener {
                 Some(spool) if !request.by_address => {
                     let account = gateway
@@ -846,8 +876,7 @@ async fn serve(
                         spooler: spooler(spool, device, peer),
                     })
                 }
-                _ => gateway
-                    .login(protocol, request, peer.ip())
+                _ => crate::trace::scoped(trace, gateway.login(protocol, request, peer.ip()))
                     .await
                     .map(Authenticated::Upstream),
             }
@@ -865,8 +894,34 @@ async fn serve(
         login,
         device_spooler,
         stop,
+        trace.clone(),
     )
     .await;
+}
+
+/// The protocol crate's name for a listener's protocol, for traces.
+fn trace_protocol(p: Protocol) -> proto::trace::Protocol {
+    match p {
+        Protocol::Imap => proto::trace::Protocol::Imap,
+        Protocol::Pop3 => proto::trace::Protocol::Pop3,
+        Protocol::Smtp => proto::trace::Protocol::Smtp,
+    }
+}
+
+/// The account a login request names, for a trace: the account its user
+/// name opens, or a device's.
+fn traced_account(
+    gateway: &Gateway,
+    request: &proto::LoginRequest,
+    peer: SocketAddr,
+) -> Option<String> {
+    let settings = gateway.settings();
+    let name = if request.by_address {
+        settings.device_for(peer.ip())?.account.clone()
+    } else {
+        request.credentials.user.clone()
+    };
+    settings.account_for(&name).map(|a| a.name)
 }
 
 /// Stores a device's messages in the spool (on the blocking pool: it
@@ -1055,19 +1110,18 @@ pub async fn run(
             Arc::new(store)
         }
     };
-    // `mailbridge account ...` reaches the store through this while we
-    // hold its lock; without it they would need the service stopped.
-    #[cfg(unix)]
-    let control =
-        crate::net::control::ControlSocket::bind(&dir, store.clone()).map_err(|source| {
-            ServerError::Control {
-                path: dir.join(crate::store::control::SOCKET_NAME),
-                source,
-            }
-        })?;
-    let server = Server::bind_with(settings, store, inherited)
+    let server = Server::bind_with(settings, store.clone(), inherited)
         .await?
         .with_reloader(reloader);
+    // `mailbridge account ...` reaches the store through this while we
+    // hold its lock; without it they would need the service stopped.
+    // `mailbridge trace` too.
+    #[cfg(unix)]
+    let control = crate::net::control::ControlSocket::bind(&dir, store, Some(server.trace_desk()))
+        .map_err(|source| ServerError::Control {
+            path: dir.join(crate::store::control::SOCKET_NAME),
+            source,
+        })?;
     server.run(shutdown).await;
     #[cfg(unix)]
     drop(control);

@@ -653,3 +653,65 @@ async fn demo_serves_a_password_login() {
     let _ = demo.kill();
     panic!("the demo did not stop on Ctrl-C");
 }
+
+/// The packaged completions and man pages come from the CLI itself
+/// (`mailbridge generate`, hidden): each names every command.
+#[test]
+fn completions_and_man_pages_name_every_command() {
+    let commands = [
+        "run",
+        "check-config",
+        "account",
+        "queue",
+        "doctor",
+        "trace",
+        "demo",
+    ];
+    for shell in ["bash", "zsh", "fish"] {
+        let (ok, script, err) = mailbridge(&["generate", "completions", shell], "");
+        assert!(ok, "{shell}: {err}");
+        for c in commands {
+            assert!(script.contains(c), "{shell} completions lack {c}");
+        }
+        assert!(script.contains("count"), "{shell}: trace's options");
+    }
+    let dir = temp_dir("cli-man");
+    let (ok, _, err) = mailbridge(&["generate", "man", dir.to_str().unwrap()], "");
+    assert!(ok, "{err}");
+    // (roff escapes hyphens)
+    let main = std::fs::read_to_string(dir.join("mailbridge.1"))
+        .unwrap()
+        .replace("\\-", "-");
+    assert!(
+        main.starts_with(".ie") || main.contains(".TH mailbridge 1"),
+        "{main}"
+    );
+    for c in commands {
+        assert!(main.contains(c), "mailbridge.1 lacks {c}");
+        assert!(
+            dir.join(format!("mailbridge-{c}.1")).exists(),
+            "no page for {c}"
+        );
+    }
+    assert!(dir.join("mailbridge-account-add.1").exists());
+    // The hidden command has no page and is not listed.
+    assert!(!dir.join("mailbridge-generate.1").exists());
+    assert!(!main.contains("generate"), "{main}");
+    // A directory that does not exist is an error, not a panic.
+    let (ok, _, err) = mailbridge(&["generate", "man", "/nonexistent/man"], "");
+    assert!(
+        !ok && err.contains("writing man pages into /nonexistent/man"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The configuration the .deb installs as /etc/mailbridge/config.toml
+/// passes check-config (CI checks it again once installed).
+#[test]
+fn the_packaged_configuration_is_accepted() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/config.toml");
+    let (ok, out, err) = mailbridge(&["check-config", "--config", path], "");
+    assert!(ok, "{err}");
+    assert!(out.contains("OK (4 listener(s)"), "{out}");
+}

@@ -24,6 +24,7 @@ const TARGETS: &[Target] = &[
     ("sasl", targets::sasl),
     ("config", targets::config),
     ("proxy_header", targets::proxy_header),
+    ("trace", targets::trace),
 ];
 
 fn inputs(dir: &Path) -> Vec<std::path::PathBuf> {

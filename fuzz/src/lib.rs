@@ -368,6 +368,53 @@ pub fn sasl(data: &[u8]) {
     let _ = sasl::login_credentials(user, password);
 }
 
+/// A protocol trace's transcript (`mailbridge trace`): bytes of both
+/// sides, as read and written, rendered line by line with credentials
+/// redacted. The first byte picks the protocol and how reads are cut;
+/// the rest is runs separated by NUL, said alternately by the answering
+/// side and the side that logs in. Each rendering is one line of bounded
+/// length, and the lines are the same however the bytes arrive.
+pub fn trace(data: &[u8]) {
+    use mailbridge_proto::trace::{MAX_SHOWN, Protocol, Side, Transcript};
+    let ([head], rest) = header::<1>(data);
+    let protocol = match head % 3 {
+        0 => Protocol::Imap,
+        1 => Protocol::Pop3,
+        _ => Protocol::Smtp,
+    };
+    let mut whole = Transcript::new(protocol);
+    let mut cut = Transcript::new(protocol);
+    let mut chunks = Chunks::new(head / 3);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for (i, run) in rest.split(|&b| b == 0).enumerate() {
+        let side = if i % 2 == 0 {
+            Side::Answers
+        } else {
+            Side::LogsIn
+        };
+        a.extend(whole.push(side, run));
+        let mut run = run;
+        while !run.is_empty() {
+            let n = chunks.next().min(run.len());
+            b.extend(cut.push(side, &run[..n]));
+            run = &run[n..];
+        }
+    }
+    assert_eq!(a, b, "the rendering depends on how the bytes arrived");
+    for line in &a {
+        assert!(
+            !line.contains(['\r', '\n']),
+            "a rendering spans lines: {line:?}"
+        );
+        // The shown text, a cut note and a left-out note at most.
+        assert!(
+            line.chars().count() <= MAX_SHOWN + 120,
+            "a rendering of {} characters",
+            line.chars().count()
+        );
+    }
+}
+
 /// The configuration loader: TOML, validation with line numbers.
 pub fn config(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data)

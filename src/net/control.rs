@@ -6,6 +6,11 @@
 //! Who may connect: the socket is mode 0600 in the 0700 state directory,
 //! and a peer whose user is neither the state directory's owner nor root
 //! is dropped before it is read.
+//!
+//! Besides store calls, a connection may ask for a protocol trace
+//! (`mailbridge trace`): the service answers, then streams the trace's
+//! events, one JSON line each, until the command goes away
+//! ([`TraceStream`] is the command's end).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -19,6 +24,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::store::control::{self, MAX_LINE, Request, SOCKET_NAME};
 use crate::store::{AccountMeta, SealedGrant, StoreError, TokenStore};
+use crate::trace::{Desk, Event};
 
 /// The listening control socket of a running service. Dropping it stops
 /// serving and removes the socket file.
@@ -30,8 +36,12 @@ pub struct ControlSocket {
 impl ControlSocket {
     /// Binds `<state_dir>/control.sock` (replacing a stale one: the caller
     /// holds the store's lock, so no other service is using it) and serves
-    /// `store` on it.
-    pub fn bind(state_dir: &Path, store: Arc<dyn TokenStore>) -> std::io::Result<ControlSocket> {
+    /// `store` on it, and traces from `traces` when given.
+    pub fn bind(
+        state_dir: &Path,
+        store: Arc<dyn TokenStore>,
+        traces: Option<Desk>,
+    ) -> std::io::Result<ControlSocket> {
         let path = state_dir.join(SOCKET_NAME);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -40,7 +50,13 @@ impl ControlSocket {
         let listener = UnixListener::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         let owner = std::fs::metadata(state_dir)?.uid();
-        let task = tokio::spawn(accept_loop(listener, store, owner, path.clone()));
+        let task = tokio::spawn(accept_loop(
+            listener,
+            store,
+            traces.map(Arc::new),
+            owner,
+            path.clone(),
+        ));
         tracing::info!(socket = %path.display(), "control socket ready (account commands work while running)");
         Ok(ControlSocket { path, task })
     }
@@ -56,6 +72,7 @@ impl Drop for ControlSocket {
 async fn accept_loop(
     listener: UnixListener,
     store: Arc<dyn TokenStore>,
+    traces: Option<Arc<Desk>>,
     owner: u32,
     path: PathBuf,
 ) {
@@ -81,16 +98,22 @@ async fn accept_loop(
             continue;
         }
         let store = store.clone();
+        let traces = traces.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve(stream, store).await {
+            if let Err(e) = serve(stream, store, traces).await {
                 tracing::debug!(error = %e, "control connection ended");
             }
         });
     }
 }
 
-/// Answers requests, one line each, until the peer closes.
-async fn serve(stream: UnixStream, store: Arc<dyn TokenStore>) -> std::io::Result<()> {
+/// Answers requests, one line each, until the peer closes (or streams a
+/// trace, when one is asked for).
+async fn serve(
+    stream: UnixStream,
+    store: Arc<dyn TokenStore>,
+    traces: Option<Arc<Desk>>,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut read = tokio::io::BufReader::new(read.take(u64::MAX));
     let mut line = Vec::new();
@@ -106,6 +129,14 @@ async fn serve(stream: UnixStream, store: Arc<dyn TokenStore>) -> std::io::Resul
                 "request line too long",
             ));
         }
+        if let Some(account) = control::trace_request(&line) {
+            let Some(desk) = &traces else {
+                let line = control::error_line("this service does not serve traces");
+                return write.write_all(&line).await;
+            };
+            let read = read.into_inner().into_inner();
+            return serve_trace(read, write, desk, &account).await;
+        }
         let store = store.clone();
         let request = std::mem::take(&mut line);
         let out =
@@ -113,6 +144,131 @@ async fn serve(stream: UnixStream, store: Arc<dyn TokenStore>) -> std::io::Resul
                 .await
                 .map_err(std::io::Error::other)?;
         write.write_all(&out).await?;
+    }
+}
+
+/// Streams a trace of `account` until the command closes the connection
+/// (or sends anything). A command that reads slowly loses events and is
+/// told how many, rather than the service keeping them.
+async fn serve_trace(
+    mut read: tokio::net::unix::OwnedReadHalf,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    desk: &Desk,
+    account: &str,
+) -> std::io::Result<()> {
+    let mut watch = match desk.start(account) {
+        Ok((name, watch)) => {
+            write
+                .write_all(&control::ok_line(serde_json::json!({ "account": name })))
+                .await?;
+            watch
+        }
+        Err(reason) => return write.write_all(&control::error_line(&reason)).await,
+    };
+    let mut probe = [0u8; 1];
+    loop {
+        let event = tokio::select! {
+            event = watch.events.recv() => event,
+            _ = read.read(&mut probe) => None,
+        };
+        let Some(event) = event else {
+            tracing::info!("protocol trace ended");
+            return Ok(());
+        };
+        let dropped = watch.take_dropped();
+        if dropped > 0 {
+            let note = Event {
+                session: event.session,
+                ms: event.ms,
+                what: crate::trace::What::Dropped { count: dropped },
+            };
+            write.write_all(&event_line(&note)).await?;
+        }
+        write.write_all(&event_line(&event)).await?;
+    }
+}
+
+fn event_line(event: &Event) -> Vec<u8> {
+    let mut line = serde_json::to_vec(event).unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+/// The command's end of a trace (`mailbridge trace`).
+pub struct TraceStream {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    /// Kept open: closing it tells the service to stop.
+    _write: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl TraceStream {
+    /// Asks the service whose state directory is `state_dir` to trace
+    /// `account`; the account's name as the service knows it, and the
+    /// stream. Refusals (no such account, a peer not allowed) come back
+    /// as the service's words.
+    pub async fn start(
+        state_dir: &Path,
+        account: &str,
+    ) -> Result<(String, TraceStream), StoreError> {
+        let path = state_dir.join(SOCKET_NAME);
+        let stream = UnixStream::connect(&path).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => StoreError::Denied { path: path.clone() },
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                StoreError::Remote {
+                    reason: format!(
+                        "no mailbridge is running with the state directory {} (nothing answers on {}); start `mailbridge run` with this configuration, or give --state-dir",
+                        state_dir.display(),
+                        path.display()
+                    ),
+                }
+            }
+            _ => StoreError::Remote {
+                reason: format!("cannot connect to {}: {e}", path.display()),
+            },
+        })?;
+        let (read, mut write) = stream.into_split();
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        let request = control::request_line(&Request::Trace {
+            account: account.to_string(),
+        })?;
+        // A service that refused this peer said why before closing: read
+        // that even when the write failed.
+        let _ = write.write_all(&request).await;
+        let answer = lines
+            .next_line()
+            .await
+            .map_err(|e| StoreError::Remote {
+                reason: format!("the control socket failed: {e}"),
+            })?
+            .ok_or_else(|| StoreError::Remote {
+                reason: "the service closed the control socket (did it stop?)".into(),
+            })?;
+        #[derive(serde::Deserialize)]
+        struct Started {
+            account: String,
+        }
+        let started: Started = control::answer_value(&answer)?;
+        Ok((
+            started.account,
+            TraceStream {
+                lines,
+                _write: write,
+            },
+        ))
+    }
+
+    /// The next event; `None` when the service ended the trace (it
+    /// stopped).
+    pub async fn next(&mut self) -> std::io::Result<Option<Event>> {
+        match self.lines.next_line().await? {
+            None => Ok(None),
+            Some(line) => serde_json::from_str(&line).map(Some).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "unreadable trace event (are the command and the service the same mailbridge version?)",
+                )
+            }),
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::relay::relay;
 use super::stream::Stream;
 use super::upstream::UpstreamConn;
+use crate::trace::SessionTrace;
 use mailbridge_proto::farewell::{Reader, Tail};
 use mailbridge_proto::{
     ClientSession, ClientStep, LoginFailure, LoginRequest, Message, SpoolOutcome,
@@ -68,7 +69,9 @@ pub async fn stopped(mut stop: watch::Receiver<bool>) {
 /// request and yields a logged-in upstream connection or a failure. When
 /// `stop` turns true (shutdown), a connection waiting for a pre-auth
 /// command is told so and closed, and a relayed session is drained (see
-/// [`relay`]).
+/// [`relay`]). `trace`, when the session is traced, gets the bytes of
+/// the pre-auth phase both ways (see [`crate::trace`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn drive<L, F>(
     mut stream: Stream,
     session: Box<dyn ClientSession>,
@@ -77,6 +80,7 @@ pub async fn drive<L, F>(
     login: L,
     spool: Option<Arc<Spooler>>,
     stop: watch::Receiver<bool>,
+    trace: Option<Arc<SessionTrace>>,
 ) where
     L: Fn(LoginRequest) -> F,
     F: Future<Output = Result<Authenticated, LoginFailure>>,
@@ -91,6 +95,7 @@ pub async fn drive<L, F>(
         login,
         spool,
         stop.clone(),
+        trace,
     )
     .await
     else {
@@ -188,6 +193,7 @@ pub async fn send_within(
 /// The pre-auth phase. Returns the client and upstream streams on a
 /// successful login, with how to read the server's reason should it end
 /// the session; `None` when the connection ended.
+#[allow(clippy::too_many_arguments)]
 async fn preauth<L, F>(
     stream: &mut Stream,
     mut session: Box<dyn ClientSession>,
@@ -196,12 +202,21 @@ async fn preauth<L, F>(
     login: L,
     mut spool: Option<Arc<Spooler>>,
     stop: watch::Receiver<bool>,
+    trace: Option<Arc<SessionTrace>>,
 ) -> Option<(Stream, Stream, Reader, Option<Box<dyn Send + Sync>>)>
 where
     L: Fn(LoginRequest) -> F,
     F: Future<Output = Result<Authenticated, LoginFailure>>,
 {
+    // What the client is sent, for the trace (the rendering is the
+    // protocol crate's).
+    let shown = |bytes: &[u8]| {
+        if let Some(t) = &trace {
+            t.to_client(bytes);
+        }
+    };
     let greeting = session.greeting();
+    shown(&greeting);
     send_by(stream, &greeting, deadline).await.ok()?;
     // On the heap, not in the task: the task outlives the pre-auth phase.
     let mut buf = vec![0u8; 4096];
@@ -217,6 +232,7 @@ where
                 let read = tokio::select! {
                     r = read => r,
                     () = &mut stopping => {
+                        shown(&session.shutdown_message());
                         let _ = send_within(stream, &session.shutdown_message(), SEND_BEFORE_CLOSE).await;
                         let _ = stream.shutdown().await;
                         tracing::debug!("pre-auth connection closed for shutdown");
@@ -244,10 +260,17 @@ where
                     Ok(Ok(0)) | Ok(Err(_)) => return None,
                     Ok(Ok(n)) => n,
                 };
+                if let Some(t) = &trace {
+                    t.from_client(&buf[..n]);
+                }
                 session.feed(&buf[..n]);
             }
-            ClientStep::Send(bytes) => send_by(stream, &bytes, deadline).await.ok()?,
+            ClientStep::Send(bytes) => {
+                shown(&bytes);
+                send_by(stream, &bytes, deadline).await.ok()?
+            }
             ClientStep::StartTls(bytes) => {
+                shown(&bytes);
                 send_by(stream, &bytes, deadline).await.ok()?;
                 let config = settings.tls.clone()?;
                 let plain = std::mem::replace(stream, Stream::Gone);
@@ -259,6 +282,9 @@ where
                         return None;
                     }
                     Err(_) => return None,
+                }
+                if let Some(t) = &trace {
+                    t.client_tls();
                 }
                 session.tls_started();
             }
@@ -281,6 +307,10 @@ where
                         tracing::info!(user = %user, "logged in; messages go to the spool");
                         spool = Some(spooler);
                         let reply = session.login_local(senders);
+                        shown(&reply);
+                        if let Some(t) = &trace {
+                            t.end("logged in: this session hands its messages to the spool from here on (not traced)");
+                        }
                         send_by(stream, &reply, deadline).await.ok()?;
                         deadline = deadline.max(Instant::now() + SPOOLING_SESSION);
                         continue;
@@ -296,6 +326,10 @@ where
                         held,
                     }) => {
                         let reply = session.login_succeeded(&success);
+                        shown(&reply);
+                        if let Some(t) = &trace {
+                            t.end("logged in: the byte relay starts; the trace of this session ends here");
+                        }
                         send_by(stream, &reply, deadline).await.ok()?;
                         if !success.leftover.is_empty() {
                             send_by(stream, &success.leftover, deadline).await.ok()?;
@@ -311,6 +345,7 @@ where
                     Err(failure) => {
                         tracing::info!(user = %user, kind = ?failure.kind, reason = %failure.reason, "login refused");
                         let reply = session.login_failed(&failure);
+                        shown(&reply);
                         send_by(stream, &reply, deadline).await.ok()?;
                     }
                 }
@@ -324,12 +359,14 @@ where
                     },
                 };
                 let reply = session.spooled(&outcome);
+                shown(&reply);
                 send_by(stream, &reply, deadline).await.ok()?;
                 // A device sends one message after another: each stored
                 // message gives the connection its time again.
                 deadline = deadline.max(Instant::now() + SPOOLING_SESSION);
             }
             ClientStep::Close(bytes) => {
+                shown(&bytes);
                 let _ = send_within(stream, &bytes, SEND_BEFORE_CLOSE).await;
                 let _ = stream.shutdown().await;
                 return None;

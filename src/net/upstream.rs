@@ -264,6 +264,16 @@ pub async fn login<T: Tokens>(
     tokens: &T,
 ) -> Result<UpstreamConn, UpstreamFailure<T::Error>> {
     let mut first = Prefetch::new(tokens.token());
+    if let Some(t) = crate::trace::current() {
+        t.upstream_connecting(format!(
+            "connecting to {}{}",
+            target.server(),
+            match target.tls {
+                UpstreamTls::Implicit => " (TLS)",
+                UpstreamTls::Starttls => " (STARTTLS)",
+            }
+        ));
+    }
     let result = async {
         let connecting = tokio::time::timeout(connect_timeout, connect(target, &tls));
         let stream =
@@ -471,6 +481,9 @@ where
         server: target.server(),
         source,
     };
+    // The session's protocol trace, when someone watches it: the bytes
+    // both ways (the protocol crate renders and redacts them).
+    let trace = crate::trace::current();
     let mut buf = vec![0u8; 8 * 1024];
     let mut retried = false;
     // Until the server has said something, its silence is bounded like
@@ -503,9 +516,15 @@ where
                     return Err(closed(None));
                 }
                 heard = true;
+                if let Some(t) = &trace {
+                    t.from_server(&buf[..n]);
+                }
                 session.feed(&buf[..n]);
             }
             UpstreamStep::Send(bytes) => {
+                if let Some(t) = &trace {
+                    t.to_server(&bytes);
+                }
                 let written = first
                     .alongside(async {
                         stream.write_all(&bytes).await?;
@@ -522,6 +541,9 @@ where
                         server: target.server(),
                         source,
                     })?;
+                if let Some(t) = &trace {
+                    t.upstream_tls();
+                }
                 session.tls_started();
             }
             UpstreamStep::NeedToken => {
@@ -530,6 +552,9 @@ where
                     None => tokens.fresh_token().await,
                 }
                 .map_err(UpstreamFailure::Token)?;
+                if let Some(t) = &trace {
+                    t.note("access token ready (not shown)");
+                }
                 session.provide_token(&BearerToken {
                     user: target.user.to_string(),
                     token,

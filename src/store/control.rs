@@ -54,6 +54,32 @@ pub enum Request {
     },
     /// [`TokenStore::accounts`].
     Accounts,
+    /// Not a store call: a protocol trace of an account's new sessions
+    /// (`mailbridge trace`). The answer is `Ok` with `{"account": NAME}`
+    /// (or the reason it is refused), then one `crate::trace::Event` per
+    /// line until the command closes the connection. `net::control` serves
+    /// it; [`handle`] refuses it.
+    Trace {
+        /// The account, or a login name that opens it.
+        account: String,
+    },
+}
+
+/// The account a request line asks to trace, when it is a
+/// [`Request::Trace`].
+pub fn trace_request(line: &[u8]) -> Option<String> {
+    match serde_json::from_slice::<Request>(line) {
+        Ok(Request::Trace { account }) => Some(account),
+        _ => None,
+    }
+}
+
+/// An answer line (with its newline) carrying `value`.
+pub fn ok_line(value: serde_json::Value) -> Vec<u8> {
+    let mut out = serde_json::to_vec(&Response::Ok(value))
+        .unwrap_or_else(|_| br#"{"error":"cannot encode the answer"}"#.to_vec());
+    out.push(b'\n');
+    out
 }
 
 /// The answer to a [`Request`]: a value, or the store's error as text.
@@ -88,6 +114,9 @@ pub fn handle(store: &dyn TokenStore, request: Request) -> Response {
         Request::SaveMeta { account, meta } => answer(store.save_meta(&account, &meta)),
         Request::Remove { account } => answer(store.remove(&account)),
         Request::Accounts => answer(store.accounts()),
+        Request::Trace { .. } => {
+            Response::Error("traces are served by the control socket only".into())
+        }
     }
 }
 

@@ -56,6 +56,9 @@ pub struct Options {
     pub kdf_memory_kib: u32,
     /// More lines for the SMTP `[[listener]]` (e.g. `spool = true`).
     pub smtp_listener_extra: &'static str,
+    /// Serve the control socket in `<dir>/state` (as `mailbridge run`
+    /// does), so commands such as `mailbridge trace` reach this server.
+    pub control_socket: bool,
 }
 
 impl Default for Options {
@@ -77,6 +80,7 @@ impl Default for Options {
             backoff: (300, 2),
             kdf_memory_kib: 256,
             smtp_listener_extra: "",
+            control_socket: false,
         }
     }
 }
@@ -98,6 +102,11 @@ pub struct Harness {
     /// The status listener, when the config has `[status]`.
     pub status_addr: Option<SocketAddr>,
     pub refresh_token: String,
+    /// The configuration, written to a file (for the binary's commands,
+    /// with `--state-dir <dir>/state`).
+    pub config_path: PathBuf,
+    /// The control socket, when `Options::control_socket`.
+    control: Option<mailbridge::net::control::ControlSocket>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -227,6 +236,8 @@ provider = "sandbox"
             pop3_tls = tls_name(opts.pop3.tls),
             smtp_tls = tls_name(opts.smtp.tls),
         );
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, &config).unwrap();
         let settings = Settings::parse(&config, "test config").unwrap();
         let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(&dir.join("state")).unwrap());
         let refresh_token = provider.issue_refresh_token(USER, "mail");
@@ -275,6 +286,14 @@ provider = "sandbox"
         }
         drop(vault);
         let server = Server::bind(settings, store.clone()).await.unwrap();
+        let control = opts.control_socket.then(|| {
+            mailbridge::net::control::ControlSocket::bind(
+                &dir.join("state"),
+                store.clone(),
+                Some(server.trace_desk()),
+            )
+            .unwrap()
+        });
         let addrs = server.local_addrs();
         let status_addr = server.status_addr();
         let (stop, rx) = oneshot::channel();
@@ -294,6 +313,8 @@ provider = "sandbox"
             dir,
             status_addr,
             refresh_token,
+            config_path,
+            control,
             stop: Some(stop),
             task: Some(task),
         }
@@ -345,6 +366,7 @@ provider = "sandbox"
     }
 
     pub async fn stop(mut self) {
+        drop(self.control.take());
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }

@@ -25,6 +25,7 @@
 //! - [`text`]: text on one line, for replies, reasons and logs.
 //! - [`limits`]: the pre-auth allowance (commands, failed logins) around
 //!   any client session.
+//! - [`trace`]: redacted renderings of a login dialogue (`mailbridge trace`).
 //! - [`proxy`]: the PROXY protocol header (v1 and v2) a trusted proxy puts
 //!   before a connection: how much to read, and whose connection it is.
 //!
@@ -48,6 +49,7 @@ pub mod smtp;
 #[cfg(test)]
 mod testkit;
 pub mod text;
+pub mod trace;
 
 pub use crate::refusal::Refusal;
 use crate::sasl::{BearerToken, Credentials, FailureChallenge};
