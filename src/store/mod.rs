@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub mod control;
+pub mod meta_cache;
 pub mod modes;
 pub mod seal;
 pub mod sled_store;

@@ -56,6 +56,9 @@ pub struct Options {
     pub kdf_memory_kib: u32,
     /// More lines for the SMTP `[[listener]]` (e.g. `spool = true`).
     pub smtp_listener_extra: &'static str,
+    /// How often the server writes account metadata to the store
+    /// (default: the server's own).
+    pub meta_flush_every: Option<Duration>,
 }
 
 impl Default for Options {
@@ -77,6 +80,7 @@ impl Default for Options {
             backoff: (300, 2),
             kdf_memory_kib: 256,
             smtp_listener_extra: "",
+            meta_flush_every: None,
         }
     }
 }
@@ -272,7 +276,10 @@ provider = "sandbox"
                 .unwrap();
         }
         drop(vault);
-        let server = Server::bind(settings, store.clone()).await.unwrap();
+        let mut server = Server::bind(settings, store.clone()).await.unwrap();
+        if let Some(every) = opts.meta_flush_every {
+            server = server.with_meta_flush_every(every);
+        }
         let addrs = server.local_addrs();
         let status_addr = server.status_addr();
         let (stop, rx) = oneshot::channel();
