@@ -529,6 +529,7 @@ provider = "sandbox"
         env.call(Job::LoginLatency {
             a: d.clone(),
             b: d.clone(),
+            more: Vec::new(),
             total: n,
             block: n,
         })?;
@@ -1329,6 +1330,7 @@ async fn idle_sessions(env: &mut Env, mb: &Mailbridge, n: usize) -> anyhow::Resu
     tokio::time::sleep(Duration::from_millis(300)).await;
     let files = mb.open_files();
     let rss_before = mb.rss_kib()?;
+    let anon_before = mb.rss_anon_kib()?;
     let (opened, proxy_time) = burst(env, &proxy, n, "through mailbridge")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_login = mb.rss_kib()?;
@@ -1360,6 +1362,7 @@ async fn idle_sessions(env: &mut Env, mb: &Mailbridge, n: usize) -> anyhow::Resu
         }
     }
     let rss_last = mb.rss_kib()?;
+    let anon_last = mb.rss_anon_kib()?;
 
     say(&format!("idle sessions: {n} at once, direct"));
     let direct = env.direct_imap.clone();
@@ -1387,6 +1390,10 @@ async fn idle_sessions(env: &mut Env, mb: &Mailbridge, n: usize) -> anyhow::Resu
             Some(at) => format!("reached within {at} s"),
             None => "**not reached within 60 s**".to_string(),
         }
+    ));
+    env.notes.push(format!(
+        "{n} sessions closed: of that, anonymous memory (heap, stacks; RssAnon) {anon_before} \
+         KiB before, {anon_last} KiB at the last sample; the rest is the binary's pages"
     ));
     Ok(vec![
         Row {
