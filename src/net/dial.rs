@@ -34,6 +34,10 @@ pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 /// Names kept at most; past it, expired ones are dropped.
 const MAX_NAMES: usize = 256;
 
+/// The cache: (lower-case host, port) -> when resolved, the addresses in
+/// the order they are tried.
+type Cache = HashMap<(String, u16), (Instant, Arc<[SocketAddr]>)>;
+
 /// A future as the seams return it.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -96,9 +100,8 @@ pub struct Dialer {
     connector: Arc<dyn Connect>,
     cache_time: Duration,
     attempt_delay: Duration,
-    /// (lower-case host, port) -> when resolved, the addresses in the
-    /// order they are tried.
-    cache: Mutex<HashMap<(String, u16), (Instant, Arc<[SocketAddr]>)>>,
+    /// Names resolved lately.
+    cache: Mutex<Cache>,
     /// Lookups made (cache misses).
     lookups: AtomicU64,
 }
@@ -269,9 +272,7 @@ impl Dialer {
         }
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(String, u16), (Instant, Arc<[SocketAddr]>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
