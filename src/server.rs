@@ -254,15 +254,24 @@ impl Server {
     /// and binding it otherwise. Inherited sockets no listener takes are
     /// closed, with a warning.
     pub async fn bind_with(
-        mut settings: Settings,
+        settings: Settings,
         store: Arc<dyn TokenStore>,
+        inherited: Inherited,
+    ) -> Result<Server, ServerError> {
+        // Logins change metadata; the store sees it every few seconds.
+        Server::bind_over(settings, Arc::new(MetaCache::new(store)), inherited).await
+    }
+
+    /// [`Server::bind_with`] over a store already behind its metadata
+    /// cache (which `run` shares with the control socket).
+    async fn bind_over(
+        mut settings: Settings,
+        meta: Arc<MetaCache>,
         mut inherited: Inherited,
     ) -> Result<Server, ServerError> {
         let http = TokenSource::http_client()?;
         settings.discover(&http).await?;
         let settings = Arc::new(settings);
-        // Logins change metadata; the store sees it every few seconds.
-        let meta = Arc::new(MetaCache::new(store));
         let vault = Arc::new(vault_for(&settings, meta.clone())?);
         tracing::info!(
             kdf_concurrency = vault.kdf_gate().cap(),
@@ -1093,20 +1102,22 @@ pub async fn run(
     }
     let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(&dir)?);
     tracing::info!(state_dir = %dir.display(), "token store opened");
-    let server = Server::bind_with(settings, store, inherited)
-        .await?
-        .with_reloader(reloader);
+    // Logins change metadata; the store sees it every few seconds.
+    let meta = Arc::new(MetaCache::new(store));
     // `mailbridge account ...` reaches the store through this while we
     // hold its lock; without it they would need the service stopped. It
     // serves the server's view (metadata not yet written included).
     #[cfg(unix)]
     let control =
-        crate::net::control::ControlSocket::bind(&dir, server.store()).map_err(|source| {
+        crate::net::control::ControlSocket::bind(&dir, meta.clone()).map_err(|source| {
             ServerError::Control {
                 path: dir.join(crate::store::control::SOCKET_NAME),
                 source,
             }
         })?;
+    let server = Server::bind_over(settings, meta, inherited)
+        .await?
+        .with_reloader(reloader);
     server.run(shutdown).await;
     #[cfg(unix)]
     drop(control);
