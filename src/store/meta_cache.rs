@@ -6,7 +6,10 @@
 //!
 //! Metadata (`last_login_at`, `last_error`, ...) changes on every login;
 //! written through, each login cost a read, an encode and a write of the
-//! store. Reads ([`TokenStore::load_meta`], [`TokenStore::accounts`]) go
+//! store. Only those changing fields wait: a record that is new here, or
+//! whose provider, upstream user, creation time or flow changed (an
+//! account added, imported or authorized), is written at once, as
+//! before. Reads ([`TokenStore::load_meta`], [`TokenStore::accounts`]) go
 //! through the cache first, so the status page and `mailbridge account
 //! list` (through the control socket) see the latest values before they
 //! are written. Grants are not cached: every grant call goes straight to
@@ -157,6 +160,24 @@ impl TokenStore for MetaCache {
     }
 
     fn save_meta(&self, account: &str, meta: &AccountMeta) -> Result<(), StoreError> {
+        let only_changing_fields = self
+            .lock()
+            .get(account)
+            .is_some_and(|e| same_account(&e.meta, meta));
+        if !only_changing_fields {
+            // Written through; a flush under way cannot then write an
+            // older copy over it.
+            let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+            self.inner.save_meta(account, meta)?;
+            self.lock().insert(
+                account.to_owned(),
+                Entry {
+                    meta: meta.clone(),
+                    dirty: None,
+                },
+            );
+            return Ok(());
+        }
         let change = self
             .changes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -190,6 +211,24 @@ impl TokenStore for MetaCache {
     }
 }
 
+/// Whether `a` and `b` differ at most in the fields a login or a refresh
+/// changes (last login, last error, access token expiry).
+fn same_account(a: &AccountMeta, b: &AccountMeta) -> bool {
+    let AccountMeta {
+        provider,
+        upstream_user,
+        created_at,
+        flow,
+        access_expires_at: _,
+        last_login_at: _,
+        last_error: _,
+    } = a;
+    *provider == b.provider
+        && *upstream_user == b.upstream_user
+        && *created_at == b.created_at
+        && *flow == b.flow
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,9 +246,13 @@ mod tests {
     fn writes_wait_for_a_flush_and_reads_see_them_at_once() {
         let inner: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary().unwrap());
         let cache = MetaCache::new(inner.clone());
+        // A new record is written at once...
+        cache.save_meta("alice", &meta(4)).unwrap();
+        assert_eq!(inner.load_meta("alice").unwrap(), Some(meta(4)));
+        // ...a login's changes wait.
         cache.save_meta("alice", &meta(5)).unwrap();
         cache.save_meta("alice", &meta(6)).unwrap();
-        assert_eq!(inner.load_meta("alice").unwrap(), None);
+        assert_eq!(inner.load_meta("alice").unwrap(), Some(meta(4)));
         assert_eq!(cache.load_meta("alice").unwrap(), Some(meta(6)));
         assert_eq!(cache.accounts().unwrap(), vec!["alice".to_string()]);
         assert_eq!(cache.pending(), 1);
@@ -219,6 +262,14 @@ mod tests {
         // Nothing changed: nothing written.
         assert_eq!(cache.flush().unwrap(), 0);
         assert_eq!(cache.written(), 1);
+        // Another flow (a reauthorization) is written at once.
+        let reauthorized = AccountMeta {
+            flow: Some("device_code".into()),
+            ..meta(7)
+        };
+        cache.save_meta("alice", &reauthorized).unwrap();
+        assert_eq!(inner.load_meta("alice").unwrap(), Some(reauthorized));
+        assert_eq!(cache.pending(), 0);
     }
 
     #[test]
@@ -229,6 +280,7 @@ mod tests {
         assert_eq!(cache.load_meta("bob").unwrap(), Some(meta(1)));
         assert_eq!(cache.load_meta("nobody").unwrap(), None);
         cache.save_meta("carol", &meta(2)).unwrap();
+        cache.save_meta("carol", &meta(3)).unwrap();
         assert!(cache.remove("carol").unwrap());
         assert!(cache.remove("bob").unwrap());
         cache.flush().unwrap();
@@ -241,7 +293,9 @@ mod tests {
     fn dropping_the_cache_flushes() {
         let inner: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary().unwrap());
         let cache = MetaCache::new(inner.clone());
+        cache.save_meta("alice", &meta(8)).unwrap();
         cache.save_meta("alice", &meta(9)).unwrap();
+        assert_eq!(inner.load_meta("alice").unwrap(), Some(meta(8)));
         drop(cache);
         assert_eq!(inner.load_meta("alice").unwrap(), Some(meta(9)));
     }
