@@ -75,10 +75,13 @@ impl MetaCache {
         self.written.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Writes every changed record to the store underneath. A record that
-    /// cannot be written stays pending (and is retried by the next
-    /// flush); the first error is returned. Blocking: the store's own
-    /// speed.
+    /// Writes every changed record to the store underneath: only the
+    /// fields a login or a refresh changes, into the record as the store
+    /// has it now (so a change written there meanwhile by someone else,
+    /// a command or another instance sharing the store, is kept; the
+    /// later last-login time wins). A record that cannot be written stays
+    /// pending (and is retried by the next flush); the first error is
+    /// returned. Blocking: the store's own speed.
     pub fn flush(&self) -> Result<usize, StoreError> {
         let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
         let batch: Vec<(String, AccountMeta, u64)> = self
@@ -89,15 +92,26 @@ impl MetaCache {
         let mut first_error = None;
         let mut done = 0;
         for (account, meta, change) in batch {
-            match self.inner.save_meta(&account, &meta) {
-                Ok(()) => {
+            let merged = self.inner.load_meta(&account).map(|stored| match stored {
+                Some(mut stored) => {
+                    stored.last_login_at = stored.last_login_at.max(meta.last_login_at);
+                    stored.last_error = meta.last_error.clone();
+                    stored.access_expires_at = meta.access_expires_at;
+                    stored
+                }
+                None => meta.clone(),
+            });
+            match merged.and_then(|m| self.inner.save_meta(&account, &m).map(|()| m)) {
+                Ok(merged) => {
                     done += 1;
                     self.written
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    // Only if nothing changed it since it was read above.
+                    // Only if nothing changed it since it was read above;
+                    // then it is the store's record.
                     if let Some(e) = self.lock().get_mut(&account)
                         && e.dirty == Some(change)
                     {
+                        e.meta = merged;
                         e.dirty = None;
                     }
                 }
@@ -287,6 +301,26 @@ mod tests {
         assert_eq!(inner.load_meta("carol").unwrap(), None);
         assert_eq!(inner.load_meta("bob").unwrap(), None);
         assert!(cache.accounts().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_flush_keeps_what_another_writer_changed_in_the_store() {
+        let inner: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary().unwrap());
+        let cache = MetaCache::new(inner.clone());
+        cache.save_meta("alice", &meta(4)).unwrap();
+        cache.save_meta("alice", &meta(5)).unwrap();
+        // Another instance (or a command) reauthorizes meanwhile, and
+        // logs in later than we did.
+        let elsewhere = AccountMeta {
+            flow: Some("device_code".into()),
+            ..meta(9)
+        };
+        inner.save_meta("alice", &elsewhere).unwrap();
+        cache.flush().unwrap();
+        let stored = inner.load_meta("alice").unwrap().unwrap();
+        assert_eq!(stored.flow.as_deref(), Some("device_code"));
+        assert_eq!(stored.last_login_at, Some(9), "the later login wins");
+        assert_eq!(cache.load_meta("alice").unwrap(), Some(stored));
     }
 
     #[test]
