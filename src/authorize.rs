@@ -160,6 +160,7 @@ pub async fn obtain(
             refresh_token: got.refresh_token,
             obtained_at: unix_now(),
             client_id: registered,
+            shared_access: None,
         },
         flow,
     })

@@ -24,14 +24,26 @@
 //! Addresses are counted as [`PeerGroup`]s (IPv6 by /64); names by a keyed
 //! hash, so the tables hold no login names. Every table is bounded.
 //! Records are forgotten [`FORGET_AFTER`] after their delay ended.
+//!
+//! **Several instances** on one shared store ([`Backoff::with_shared`]):
+//! the pair's failures and the account's failing addresses are also
+//! counted in the store ([`SharedCounters`], keyed by hashes), so a
+//! password spray spread over the instances meets the delays it would meet
+//! at one; a login waits for the longer of the local and the shared delay.
+//! The spraying record stays per instance. A store that cannot be reached
+//! leaves the local tables in force (logins must not fail because the
+//! counters cannot be read).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
+
 use crate::net::listener::PeerGroup;
+use crate::store::{CounterRule, SharedCounters, TokenStore};
 
 /// How long failed logins lock out further attempts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,6 +198,9 @@ impl AccountFailures {
 const ACCOUNT_PEERS: usize = 32;
 
 struct Tables {
+    /// Shared pair counters seen by a check (so a success clears them
+    /// without a write when there is nothing to clear). Bounded.
+    shared_pairs: std::collections::HashSet<String>,
     pairs: FailureMap<(PeerGroup, u64)>,
     accounts: HashMap<u64, AccountFailures>,
     sprays: HashMap<PeerGroup, Spray>,
@@ -196,6 +211,8 @@ pub struct Backoff {
     policy: BackoffPolicy,
     names: std::collections::hash_map::RandomState,
     tables: Mutex<Tables>,
+    /// A store shared with other instances, whose counters count too.
+    shared: Option<Arc<dyn TokenStore>>,
 }
 
 impl std::fmt::Debug for Backoff {
@@ -224,10 +241,112 @@ impl Backoff {
             policy,
             names: std::collections::hash_map::RandomState::new(),
             tables: Mutex::new(Tables {
+                shared_pairs: std::collections::HashSet::new(),
                 pairs: FailureMap::new(),
                 accounts: HashMap::new(),
                 sprays: HashMap::new(),
             }),
+            shared: None,
+        }
+    }
+
+    /// The same bookkeeping, also counting in `store`'s shared counters
+    /// when it has them (a store shared by several instances).
+    pub fn with_shared(mut self, store: Arc<dyn TokenStore>) -> Backoff {
+        if store.shared_counters().is_some() {
+            self.shared = Some(store);
+        }
+        self
+    }
+
+    fn counters(&self) -> Option<&dyn SharedCounters> {
+        self.shared.as_deref().and_then(|s| s.shared_counters())
+    }
+
+    /// The shared counters' keys: of the pair, and of the account.
+    fn shared_keys(peer: IpAddr, name: &str) -> (String, String) {
+        let name = name.trim().to_lowercase();
+        let key = |parts: &[&[u8]]| {
+            let mut h = Sha256::new();
+            for p in parts {
+                h.update(p);
+                h.update([0u8]);
+            }
+            h.finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        let group = PeerGroup::of(peer).to_string();
+        (
+            key(&[
+                b"mailbridge backoff pair",
+                group.as_bytes(),
+                name.as_bytes(),
+            ]),
+            key(&[b"mailbridge backoff account", name.as_bytes()]),
+        )
+    }
+
+    /// The shared delay for `peer` trying `name` (zero: none), and
+    /// whether the store knows the pair's failures.
+    fn shared_check(&self, peer: IpAddr, name: &str) -> Option<Duration> {
+        let counters = self.counters()?;
+        let (pair, account) = Self::shared_keys(peer, name);
+        match counters.counters(&[pair.clone(), account.clone()], FORGET_AFTER) {
+            Ok(found) => {
+                let left = |k: &str| found.iter().find(|(f, _)| f == k).map(|(_, d)| *d);
+                if left(&pair).is_some() {
+                    let mut t = self.lock();
+                    if t.shared_pairs.len() >= MAX_ENTRIES {
+                        t.shared_pairs.clear();
+                    }
+                    t.shared_pairs.insert(pair.clone());
+                }
+                // The account's delay binds only addresses that failed
+                // for it themselves, as in the local tables.
+                let wait = match left(&pair) {
+                    Some(p) => p.max(left(&account).unwrap_or(Duration::ZERO)),
+                    None => Duration::ZERO,
+                };
+                (!wait.is_zero()).then_some(wait)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "shared login-failure counters unreadable; local ones apply");
+                None
+            }
+        }
+    }
+
+    fn shared_failed(&self, peer: IpAddr, name: &str) -> Option<(u32, u32)> {
+        let counters = self.counters()?;
+        let (pair, account) = Self::shared_keys(peer, name);
+        let rule = CounterRule {
+            base: self.policy.base,
+            max: self.policy.max,
+            offset: 0,
+            forget: FORGET_AFTER,
+        };
+        let result = counters.count_failure(&pair, rule).and_then(|(n, _)| {
+            // A new failing address for the account: one more.
+            let addresses = if n == 1 {
+                counters
+                    .count_failure(&account, CounterRule { offset: 1, ..rule })?
+                    .0
+            } else {
+                0
+            };
+            Ok((n, addresses))
+        });
+        match result {
+            Ok(counts) => {
+                self.lock().shared_pairs.insert(pair);
+                Some(counts)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "shared login-failure counters unwritable; local ones apply");
+                None
+            }
         }
     }
 
@@ -242,17 +361,33 @@ impl Backoff {
 
     /// How long `peer` must still wait before trying `name`, if at all.
     pub fn check(&self, peer: IpAddr, name: &str) -> Option<Duration> {
-        self.check_at(peer, name, Instant::now())
+        let local = self.check_at(peer, name, Instant::now());
+        match self.shared_check(peer, name) {
+            Some(shared) => Some(local.map_or(shared, |l| l.max(shared))),
+            None => local,
+        }
     }
 
     /// Record a failed login of `peer` as `name` (a wrong password, or a
     /// name with no account).
     pub fn failed(&self, peer: IpAddr, name: &str) -> Tally {
-        self.failed_at(peer, name, Instant::now())
+        let mut tally = self.failed_at(peer, name, Instant::now());
+        if let Some((pair, addresses)) = self.shared_failed(peer, name) {
+            tally.pair = tally.pair.max(pair);
+            tally.addresses = tally.addresses.max(addresses as usize);
+        }
+        tally
     }
 
     /// Record that `peer` proved it knows `name`'s password.
     pub fn succeeded(&self, peer: IpAddr, name: &str) {
+        if let Some(counters) = self.counters() {
+            let (pair, _) = Self::shared_keys(peer, name);
+            let seen = self.lock().shared_pairs.remove(&pair);
+            if seen && let Err(e) = counters.clear_counters(&[pair]) {
+                tracing::debug!(error = %e, "shared login-failure counters unwritable");
+            }
+        }
         let group = PeerGroup::of(peer);
         let name = self.name(name);
         let mut t = self.lock();

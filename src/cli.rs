@@ -1,5 +1,5 @@
-//! The command line: `run`, `check-config`, `account import|list|remove`
-//! and `demo`. Errors are reported with anyhow here, at the edge.
+//! The command line: `run`, `check-config`, `account import|list|remove`,
+//! `doctor` and `demo`. Errors are reported with anyhow here, at the edge.
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
@@ -54,6 +54,14 @@ enum Command {
     /// seconds).
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Move the token store.
+    #[command(subcommand)]
+    Store(StoreCommand),
+    /// Check what a login needs, step by step: the config, each mail
+    /// server (DNS, TCP, TLS, greeting, mechanisms), the grant, a token
+    /// refresh, Microsoft's token claims, a real login per protocol, the
+    /// clock. Exit status 0 only when every check passes.
+    Doctor(DoctorArgs),
     /// Run a self-contained demo: a sandbox OAuth2 provider, sandbox IMAP,
     /// POP3 and SMTP servers and mailbridge in front of them, all on loopback.
     Demo {
@@ -69,6 +77,40 @@ enum Command {
         /// Port for the status page on 127.0.0.1 (0: any free port).
         #[arg(long, default_value_t = 1880)]
         status_port: u16,
+    },
+}
+
+/// `mailbridge doctor`'s arguments.
+#[derive(clap::Args, Debug)]
+struct DoctorArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The account to check (a login name); all accounts when omitted.
+    account: Option<String>,
+    /// Print one JSON document with every step instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Read the local password of each password-mode account from a line
+    /// of standard input (in the order checked) instead of prompting.
+    #[arg(long)]
+    password_stdin: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCommand {
+    /// Copy every account (sealed grant and metadata, as they are: no
+    /// password is needed and none is asked) from the sled store in the
+    /// state directory to a PostgreSQL database, then say what to put in
+    /// the config. Stop mailbridge first. Accounts the database already
+    /// holds are left alone (the same record) or reported (another one).
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The database (postgres://user@host:port/database); its password
+        /// from `store_password_file`, `$MAILBRIDGE_STORE_PASSWORD` or
+        /// `$PGPASSWORD`, as for `store`.
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -197,11 +239,13 @@ struct FlowArgs {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::logging::init(
-        config_path(&cli.command)
-            .map(crate::logging::configured_format)
-            .unwrap_or_default(),
-    );
+    let format = config_path(&cli.command)
+        .map(crate::logging::configured_format)
+        .unwrap_or_default();
+    match cli.command {
+        Command::Doctor(_) => crate::logging::init_with_default(format, "error"),
+        _ => crate::logging::init(format),
+    }
     // Taken before the runtime's threads exist: it changes the environment.
     let inherited = match cli.command {
         Command::Run(_) => crate::net::systemd::Inherited::from_env(),
@@ -231,6 +275,7 @@ pub fn main() -> ExitCode {
 fn config_path(command: &Command) -> Option<&std::path::Path> {
     let args = match command {
         Command::Run(a) | Command::CheckConfig(a) => a,
+        Command::Doctor(d) => &d.config,
         Command::Account(
             AccountCommand::Import { config, .. }
             | AccountCommand::Add { config, .. }
@@ -244,6 +289,7 @@ fn config_path(command: &Command) -> Option<&std::path::Path> {
             | QueueCommand::Retry { config, .. }
             | QueueCommand::Delete { config, .. },
         ) => config,
+        Command::Store(StoreCommand::Migrate { config, .. }) => config,
         Command::Demo { .. } => return None,
     };
     Some(&args.config)
@@ -270,6 +316,13 @@ async fn load_discovered(args: &ConfigArgs) -> anyhow::Result<Settings> {
 /// The store: opened here, or, while `mailbridge run` holds it, the
 /// running service's through its control socket.
 fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TokenStore>> {
+    // A shared database: opened here whether instances run or not.
+    if let Some(url) = &settings.server.store {
+        let options = crate::store::postgres::PgOptions::from_server(&settings.server)?;
+        let store = crate::store::PgStore::open(url, options)
+            .with_context(|| format!("opening the token store database {url}"))?;
+        return Ok(Arc::new(store));
+    }
     let dir = settings.server.state_dir();
     match SledStore::open(&dir) {
         Ok(store) => Ok(Arc::new(store)),
@@ -297,6 +350,60 @@ fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn TokenStore>> {
         }
         Err(e) => Err(e).with_context(|| format!("opening the token store in {}", dir.display())),
     }
+}
+
+/// `mailbridge store migrate`: every account of the sled store to the
+/// database at `to`, records copied sealed.
+fn migrate_store(args: &ConfigArgs, to: &str) -> anyhow::Result<()> {
+    let settings = load(args)?;
+    let url = crate::store::StoreUrl::parse(to).map_err(|e| anyhow::anyhow!(e))?;
+    let dir = settings.server.state_dir();
+    let from = SledStore::open(&dir).map_err(|e| match e {
+        crate::store::StoreError::Locked { .. } => anyhow::anyhow!(
+            "mailbridge is running on the store in {}: stop it first, so that no refresh token rotates during the move",
+            dir.display()
+        ),
+        e => anyhow::Error::new(e).context(format!("opening the token store in {}", dir.display())),
+    })?;
+    let options = crate::store::postgres::PgOptions::from_server(&settings.server)?;
+    let target = crate::store::PgStore::open(&url, options)
+        .with_context(|| format!("opening the database {url}"))?;
+    let (mut copied, mut same, mut conflicts) = (0usize, 0usize, Vec::new());
+    for account in from.accounts()? {
+        if let Some(meta) = from.load_meta(&account)? {
+            target.save_meta(&account, &meta)?;
+        }
+        let Some(grant) = from.load_grant(&account)? else {
+            continue;
+        };
+        match target.load_grant(&account)? {
+            Some(there) if there == grant => same += 1,
+            Some(_) => conflicts.push(account),
+            None => {
+                if target.swap_grant(&account, None, &grant)? {
+                    copied += 1;
+                } else {
+                    conflicts.push(account);
+                }
+            }
+        }
+    }
+    println!(
+        "copied {copied} grant(s) from {} to {url}; {same} already there",
+        dir.display()
+    );
+    if !conflicts.is_empty() {
+        anyhow::bail!(
+            "the database already holds other grants for {}: left alone there (remove them with `mailbridge account remove` against the database, then migrate again, or keep them)",
+            conflicts.join(", ")
+        );
+    }
+    println!(
+        "now set `store = \"{url}\"` in [server] of {} and start mailbridge; the sled store in {} is no longer read (keep it until the database is backed up)",
+        args.config.display(),
+        dir.display()
+    );
+    Ok(())
 }
 
 /// Carries out `command`; `inherited` holds the sockets systemd passed
@@ -339,6 +446,8 @@ async fn dispatch(
         }
         Command::Account(cmd) => account(cmd).await,
         Command::Queue(cmd) => queue(cmd),
+        Command::Store(StoreCommand::Migrate { config, to }) => migrate_store(&config, &to),
+        Command::Doctor(args) => doctor(args).await,
         Command::Demo {
             imap_port,
             pop3_port,
@@ -353,6 +462,52 @@ async fn dispatch(
             };
             crate::demo::run(ports, shutdown_signal()).await
         }
+    }
+}
+
+/// `mailbridge doctor`: the report on standard output (text or JSON);
+/// an error, so a non-zero exit status, when a check failed.
+async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
+    let loaded = load(&args.config);
+    let stdin = args.password_stdin;
+    let mut passwords = move |account: &str| -> Result<SecretString, String> {
+        if stdin {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map_err(|e| format!("cannot read standard input: {e}"))?;
+            let p = line.trim_end_matches(['\r', '\n']).to_string();
+            if p.is_empty() {
+                return Err(format!(
+                    "no line on standard input for the local password of `{account}`"
+                ));
+            }
+            Ok(SecretString::from(p))
+        } else if std::io::stdin().is_terminal() || std::io::stderr().is_terminal() {
+            rpassword::prompt_password(format!("local password of {account}: "))
+                .map(SecretString::from)
+                .map_err(|e| format!("cannot read the password: {e}"))
+        } else {
+            Err("no terminal to ask for the local password".into())
+        }
+    };
+    let report = crate::doctor::run(
+        &args.config.config,
+        loaded,
+        args.account.as_deref(),
+        Box::new(|s: &Settings| open_store(s).map_err(|e| format!("{e:#}"))),
+        &mut passwords,
+    )
+    .await;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    if report.ok {
+        Ok(())
+    } else {
+        bail!("{} check(s) failed", report.failures())
     }
 }
 
@@ -481,6 +636,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
                 refresh_token: Some(SecretString::from(token)),
                 obtained_at: unix_now(),
                 client_id: None,
+                shared_access: None,
             };
             vault
                 .create(&account.name, &password, grant, meta, replace)

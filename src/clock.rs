@@ -19,6 +19,15 @@ pub fn unix_millis() -> u128 {
         .map_or(0, |d| d.as_millis())
 }
 
+/// Milliseconds since the Unix epoch of a time read elsewhere (a
+/// server's HTTP `Date`), negative before it.
+pub fn unix_millis_of(t: SystemTime) -> i128 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i128,
+        Err(e) => -(e.duration().as_millis() as i128),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

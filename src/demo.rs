@@ -124,6 +124,7 @@ provider = "sandbox"
                 refresh_token: Some(SecretString::from(refresh)),
                 obtained_at: 0,
                 client_id: None,
+                shared_access: None,
             },
             AccountMeta {
                 provider: "sandbox".into(),

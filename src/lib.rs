@@ -24,8 +24,9 @@
 //! - [`provider`]: presets (microsoft, google, fastmail, yahoo, aol,
 //!   yandex, oidc, open, custom), issuer discovery, Microsoft scope rules;
 //!   built on the config schema.
-//! - [`store`]: the `TokenStore` trait, its sled backend, sealing, the
-//!   control protocol.
+//! - [`store`]: the `TokenStore` trait, its sled backend (one process)
+//!   and PostgreSQL backend (many instances), sealing, the control
+//!   protocol.
 //! - [`kdf`]: the gate every Argon2 run goes through: a fair cap on runs
 //!   at once, working memory that goes back to the OS.
 //! - [`vault`]: local password checks, backoff, the fast verifier cache,
@@ -37,6 +38,8 @@
 //! - [`login`]: the login path from credentials to a logged-in upstream.
 //! - [`diagnose`]: the tables of known provider refusals (upstream
 //!   logins, token endpoints) and what to do about them.
+//! - [`doctor`]: `mailbridge doctor`: each step a login needs, checked,
+//!   with the cause and the fix of what fails.
 //! - [`alerts`]: `[alerts]`: a command and/or webhook when a grant needs a
 //!   person, rate-limited, delivered without delaying logins.
 //! - [`net`]: listeners, TLS, the connection driver, the upstream
@@ -67,6 +70,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod diagnose;
+pub mod doctor;
 pub mod kdf;
 pub mod logging;
 pub mod login;

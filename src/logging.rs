@@ -60,7 +60,20 @@ pub fn syslog_priority(level: &Level) -> u8 {
 /// Installs the process's subscriber. `configured` is `[server]
 /// log_format` when the command has a readable config.
 pub fn init(configured: LogFormat) {
-    let filter_spec = filter_directives(std::env::var(FILTER_ENV).ok().as_deref());
+    init_with_default(configured, "info");
+}
+
+/// [`init`], logging at `level` (rather than `info`) when
+/// `MAILBRIDGE_LOG` is unset: `doctor` prints its own account of what it
+/// did, and the log would only repeat it.
+pub fn init_with_default(configured: LogFormat, level: &str) {
+    let filter_spec = filter_directives(
+        std::env::var(FILTER_ENV)
+            .ok()
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .or(Some(level)),
+    );
     let (filter, bad_filter) = match EnvFilter::try_new(&filter_spec) {
         Ok(f) => (f, None),
         Err(e) => (EnvFilter::new(filter_directives(None)), Some(e)),

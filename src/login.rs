@@ -826,7 +826,9 @@ impl LoginTokens<'_> {
     }
 }
 
-fn upstream_session(
+/// The upstream login dialogue of `protocol` for `endpoint`, as logins
+/// (and `mailbridge doctor`) run it.
+pub(crate) fn upstream_session(
     protocol: Protocol,
     endpoint: &crate::provider::ServerEndpoint,
     client_info: Option<String>,

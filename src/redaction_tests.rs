@@ -15,7 +15,7 @@ use crate::config::{Config, ProviderConfig, Settings};
 use crate::oauth::AccessToken;
 use crate::oauth::app::endpoints;
 use crate::oauth::flows::{Obtained, ServiceAccountKey};
-use crate::store::seal::{GrantData, SealKey};
+use crate::store::seal::{GrantData, SealKey, SharedAccess};
 use crate::store::{AccountMeta, KdfParams, SledStore, TokenStore};
 use crate::vault::{BackoffPolicy, Vault};
 
@@ -27,6 +27,9 @@ const UPSTREAM_PASSWORD: &str = "upstream-password-c3c3";
 const PRIVATE_KEY: &str = "-----BEGIN PRIVATE KEY-----private-key-e1e1";
 
 const CONFIG: &str = r#"
+[server]
+store = "postgres://mb:local-password-55aa@db.example/mail?sslmode=require"
+
 [[listener]]
 protocol = "imap"
 bind = "127.0.0.1:1143"
@@ -65,6 +68,11 @@ fn grant() -> GrantData {
         refresh_token: Some(SecretString::from(REFRESH_TOKEN)),
         obtained_at: 1,
         client_id: None,
+        shared_access: Some(SharedAccess {
+            token: SecretString::from(ACCESS_TOKEN),
+            expires_at: 1,
+            lifetime_secs: 3600,
+        }),
     }
 }
 
@@ -76,6 +84,8 @@ fn configuration_and_provider_values() {
     assert_hidden("Config", &format!("{raw:?}"));
     let settings = Settings::parse(CONFIG, "t.toml").unwrap();
     assert_hidden("Settings", &format!("{settings:?}"));
+    let url = settings.server.store.as_ref().expect("store");
+    assert_hidden("StoreUrl", &format!("{url:?} {url}"));
     let provider = &settings.providers["corp"];
     assert!(provider.client_secret.is_some());
     assert_hidden("Provider", &format!("{provider:?}"));

@@ -1100,8 +1100,29 @@ pub async fn run(
             r.to
         );
     }
-    let store: Arc<dyn TokenStore> = Arc::new(SledStore::open(&dir)?);
-    tracing::info!(state_dir = %dir.display(), "token store opened");
+    let store: Arc<dyn TokenStore> = match &settings.server.store {
+        Some(url) => {
+            // The state directory still holds the control socket and any
+            // generated certificate; sled's store would have made it.
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder.create(&dir).map_err(|source| StoreError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            let options = crate::store::postgres::PgOptions::from_server(&settings.server)?;
+            let store = crate::store::PgStore::open(url, options)?;
+            tracing::info!(database = %url, "token store opened (shared database)");
+            Arc::new(store)
+        }
+        None => {
+            let store = SledStore::open(&dir)?;
+            tracing::info!(state_dir = %dir.display(), "token store opened");
+            Arc::new(store)
+        }
+    };
     // Logins change metadata; the store sees it every few seconds.
     let meta = Arc::new(MetaCache::new(store));
     // `mailbridge account ...` reaches the store through this while we

@@ -44,8 +44,8 @@ use zeroize::Zeroizing;
 
 use crate::clock::unix_now;
 use crate::kdf::KdfGate;
-use crate::store::seal::{self, GrantData, SealError, SealKey};
-use crate::store::{AccountMeta, KdfParams, SealedGrant, StoreError, TokenStore};
+use crate::store::seal::{self, GrantData, SealError, SealKey, SharedAccess};
+use crate::store::{AccountMeta, KdfParams, LockFuture, SealedGrant, StoreError, TokenStore};
 
 use crate::backoff::Backoff;
 pub use crate::backoff::BackoffPolicy;
@@ -247,6 +247,12 @@ impl Unlocked {
         self.shared.read().grant.obtained_at
     }
 
+    /// The access token another instance left in a shared store's record
+    /// (see [`GrantData::shared_access`]), if the current grant has one.
+    pub fn shared_access(&self) -> Option<SharedAccess> {
+        self.shared.read().grant.shared_access.clone()
+    }
+
     /// How long the current refresh token has been in memory only (a
     /// rotation whose write failed), if it is.
     pub fn unsaved_for(&self) -> Option<Duration> {
@@ -414,6 +420,7 @@ impl Vault {
         OsRng.fill_bytes(&mut *pepper);
         // Out-of-range parameters fail every real run the same way; the
         // dummy then has nothing to imitate.
+        let backoff = Backoff::new(backoff).with_shared(store.clone());
         let dummy_hash = match mode {
             KeyMode::Service(_) => seal::dummy_password_hash(kdf).ok(),
             KeyMode::Password => None,
@@ -422,7 +429,7 @@ impl Vault {
             store,
             mode,
             kdf,
-            backoff: Backoff::new(backoff),
+            backoff,
             pepper,
             slots: Mutex::new(HashMap::new()),
             meta_lock: Mutex::new(()),
@@ -726,6 +733,99 @@ impl Vault {
         Ok(())
     }
 
+    /// True when other instances share the store: refreshes then take
+    /// [`Vault::lock_refresh`] and reload the grant first.
+    pub fn store_is_shared(&self) -> bool {
+        self.store.is_shared()
+    }
+
+    /// The store's lock on refreshing `account` (see
+    /// [`TokenStore::lock_refresh`]).
+    pub fn lock_refresh(&self, account: &str) -> LockFuture {
+        self.store.lock_refresh(account)
+    }
+
+    /// Takes up the stored record if another writer (another instance on
+    /// a shared store) replaced the one `unlocked` holds, opening it with
+    /// the key in memory. True if it did. Nothing is read over a rotation
+    /// that is still only in memory (it is newer than any record).
+    /// [`VaultError::Changed`] if the key in memory no longer opens the
+    /// record (the password was changed elsewhere).
+    pub async fn reload(&self, unlocked: &Unlocked) -> Result<bool, VaultError> {
+        let account = unlocked.account();
+        let _slot = self.slot(account).lock_owned().await;
+        if unlocked.shared.read().unsaved.is_some() {
+            return Ok(false);
+        }
+        let record = self
+            .store
+            .load_grant(account)?
+            .ok_or_else(|| no_grant(account))?;
+        let key = {
+            let c = unlocked.shared.read();
+            if c.matches(&record) {
+                return Ok(false);
+            }
+            c.key.clone()
+        };
+        let grant = match seal::open(account, &key, &record) {
+            Ok(grant) => grant,
+            Err(SealError::WrongKey) => {
+                return Err(VaultError::Changed {
+                    account: account.to_owned(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        unlocked.shared.replace(Current {
+            grant,
+            key,
+            salt: record.salt,
+            kdf: record.kdf,
+            nonce: record.nonce,
+            unsaved: None,
+        });
+        Ok(true)
+    }
+
+    /// After a refresh on a shared store: the rotated refresh token (if
+    /// the provider rotated it, as [`Vault::store_rotated`]) and the new
+    /// access token go into the sealed record, so the other instances use
+    /// both. A failure to write only the access token is not an error
+    /// worth more than a log line: the others refresh on their own.
+    pub async fn store_refreshed(
+        &self,
+        unlocked: &Unlocked,
+        new_refresh_token: Option<SecretString>,
+        access: Option<SharedAccess>,
+    ) -> Result<(), VaultError> {
+        let slot = self.slot(unlocked.account()).lock_owned().await;
+        let rotated = new_refresh_token.is_some();
+        {
+            let mut c = unlocked
+                .shared
+                .current
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(rt) = new_refresh_token {
+                let spent = c.grant.refresh_token.clone();
+                c.unsaved.get_or_insert(Unsaved {
+                    spent,
+                    since: Instant::now(),
+                    failed: false,
+                });
+                c.grant.refresh_token = Some(rt);
+                c.grant.obtained_at = unix_now();
+            }
+            c.grant.shared_access = access;
+        }
+        if rotated {
+            self.write_unsaved(slot, unlocked).await
+        } else {
+            self.write_current(slot, unlocked).await
+        }
+    }
+
     /// The refresh token rotated: make it the account's current token in
     /// memory at once (the provider has spent the old one), then reseal
     /// under the same key (new nonce) and save durably. Returns only after
@@ -812,55 +912,8 @@ impl Vault {
         unlocked: &Unlocked,
     ) -> Result<(), VaultError> {
         let account = unlocked.account();
-        let (grant, key, salt, kdf, known, was_unsaved) = {
-            let c = unlocked.shared.read();
-            (
-                c.grant.clone(),
-                c.key.clone(),
-                c.salt.clone(),
-                c.kdf,
-                (c.salt.clone(), c.nonce.clone()),
-                c.unsaved.clone(),
-            )
-        };
-        let result = async {
-            let record = self
-                .store
-                .load_grant(account)?
-                .ok_or_else(|| no_grant(account))?;
-            if (&record.salt, &record.nonce) != (&known.0, &known.1) {
-                // Written since this session's state was loaded (by another
-                // vault on the same store, say). Go on only if our key
-                // still opens it: otherwise the account was re-keyed
-                // elsewhere.
-                match seal::open(account, &key, &record) {
-                    Ok(_) => {}
-                    Err(SealError::WrongKey) => {
-                        return Err(VaultError::Changed {
-                            account: account.to_owned(),
-                        });
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            let sealed = seal::seal_with_hash(
-                account,
-                &key,
-                salt,
-                kdf,
-                record.password_hash.clone(),
-                &grant,
-            )?;
-            let write = Write {
-                expected: Some(record),
-                sealed,
-                grant,
-                key,
-            };
-            self.commit(slot, account, write, None, Some(unlocked.shared.clone()))
-                .await
-        }
-        .await;
+        let was_unsaved = unlocked.shared.read().unsaved.clone();
+        let result = self.write_current(slot, unlocked).await;
         match &result {
             Ok(()) => {
                 if let Some(u) = &was_unsaved
@@ -905,6 +958,61 @@ impl Vault {
             }
         }
         result
+    }
+
+    /// Seals `unlocked`'s current grant over the record it is based on
+    /// and saves it.
+    async fn write_current(
+        &self,
+        slot: OwnedMutexGuard<Slot>,
+        unlocked: &Unlocked,
+    ) -> Result<(), VaultError> {
+        let account = unlocked.account();
+        let (grant, key, salt, kdf, known) = {
+            let c = unlocked.shared.read();
+            (
+                c.grant.clone(),
+                c.key.clone(),
+                c.salt.clone(),
+                c.kdf,
+                (c.salt.clone(), c.nonce.clone()),
+            )
+        };
+        let record = self
+            .store
+            .load_grant(account)?
+            .ok_or_else(|| no_grant(account))?;
+        if (&record.salt, &record.nonce) != (&known.0, &known.1) {
+            // Written since this session's state was loaded (by another
+            // vault on the same store, say). Go on only if our key
+            // still opens it: otherwise the account was re-keyed
+            // elsewhere.
+            match seal::open(account, &key, &record) {
+                Ok(_) => {}
+                Err(SealError::WrongKey) => {
+                    return Err(VaultError::Changed {
+                        account: account.to_owned(),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let sealed = seal::seal_with_hash(
+            account,
+            &key,
+            salt,
+            kdf,
+            record.password_hash.clone(),
+            &grant,
+        )?;
+        let write = Write {
+            expected: Some(record),
+            sealed,
+            grant,
+            key,
+        };
+        self.commit(slot, account, write, None, Some(unlocked.shared.clone()))
+            .await
     }
 
     /// Re-seal under a new password (new salt, this vault's KDF
@@ -1114,6 +1222,7 @@ mod tests {
             refresh_token: Some(pw(token)),
             obtained_at: 1,
             client_id: None,
+            shared_access: None,
         }
     }
 
@@ -1161,6 +1270,56 @@ mod tests {
         assert_eq!(p.delay(9), Duration::from_secs(256));
         assert_eq!(p.delay(10), Duration::from_secs(300));
         assert_eq!(p.delay(u32::MAX), Duration::from_secs(300));
+    }
+
+    /// Two vaults on one store stand for two instances on a shared one.
+    #[tokio::test]
+    async fn reload_takes_up_what_another_instance_saved() {
+        let store: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary().expect("store"));
+        let a = vault_on(store.clone(), BackoffPolicy::default());
+        let b = vault_on(store, BackoffPolicy::default());
+        add(&a, "alice", "pw", "rt-1").await;
+        let ua = a.unlock("alice", &pw("pw"), P1).await.expect("unlock a");
+        let ub = b.unlock("alice", &pw("pw"), P1).await.expect("unlock b");
+        assert!(!b.reload(&ub).await.expect("nothing new"));
+        let access = SharedAccess {
+            token: pw("at-2"),
+            expires_at: 2_000_000_000,
+            lifetime_secs: 3600,
+        };
+        a.store_refreshed(&ua, Some(pw("rt-2")), Some(access))
+            .await
+            .expect("save");
+        assert_eq!(token(&ub), "rt-1");
+        assert!(ub.shared_access().is_none());
+        assert!(b.reload(&ub).await.expect("reload"));
+        assert_eq!(token(&ub), "rt-2");
+        let shared = ub.shared_access().expect("the access token came along");
+        assert_eq!(shared.token.expose_secret(), "at-2");
+        assert_eq!(shared.expires_at, 2_000_000_000);
+        assert!(!b.reload(&ub).await.expect("nothing new again"));
+        // An access token alone (no rotation) is saved too.
+        let later = SharedAccess {
+            token: pw("at-3"),
+            expires_at: 2_000_003_600,
+            lifetime_secs: 3600,
+        };
+        b.store_refreshed(&ub, None, Some(later))
+            .await
+            .expect("save");
+        assert!(a.reload(&ua).await.expect("reload"));
+        assert_eq!(token(&ua), "rt-2");
+        assert_eq!(
+            ua.shared_access().expect("shared").token.expose_secret(),
+            "at-3"
+        );
+        // The password changed through the other instance: the key in
+        // memory no longer opens the record.
+        a.change_password("alice", &pw("pw"), &pw("new"))
+            .await
+            .expect("passwd");
+        let err = b.reload(&ub).await.expect_err("re-keyed");
+        assert!(matches!(err, VaultError::Changed { .. }), "{err}");
     }
 
     #[tokio::test]

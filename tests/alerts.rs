@@ -377,6 +377,7 @@ provider = "p"
                         refresh_token: Some(SecretString::from(rt.clone())),
                         obtained_at: unix_now() - age,
                         client_id: None,
+                        shared_access: None,
                     },
                     AccountMeta {
                         provider: "p".into(),

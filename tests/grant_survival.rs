@@ -155,6 +155,7 @@ impl World {
                     refresh_token: Some(SecretString::from(token.clone())),
                     obtained_at: 0,
                     client_id: None,
+                    shared_access: None,
                 },
                 AccountMeta {
                     provider: "sandbox".into(),
@@ -905,6 +906,7 @@ async fn a_store_that_cannot_write_keeps_the_rotated_token() {
                 refresh_token: Some(SecretString::from(first.clone())),
                 obtained_at: 0,
                 client_id: None,
+                shared_access: None,
             },
             AccountMeta::default(),
             false,

@@ -111,6 +111,7 @@ provider = "sandbox"
                     refresh_token: Some(SecretString::from(token)),
                     obtained_at: 0,
                     client_id: None,
+                    shared_access: None,
                 },
                 AccountMeta {
                     provider: "sandbox".into(),

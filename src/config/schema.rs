@@ -8,6 +8,7 @@
 //! [`super::settings`] validates what it parsed.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -297,6 +298,18 @@ pub struct ServerConfig {
     /// Service key mode: the key file (at least 32 random bytes). Default:
     /// the systemd credential `$CREDENTIALS_DIRECTORY/mailbridge-key`.
     pub key_file: Option<PathBuf>,
+    /// Where grants are kept when not in the state directory's sled
+    /// database: a PostgreSQL URL (`postgres://user@host:port/db`), shared
+    /// by every instance that names it. Its password (if any) is never
+    /// shown: Debug and Display redact it.
+    pub store: Option<StoreUrl>,
+    /// The database password, read from this file (first line). Else
+    /// `MAILBRIDGE_STORE_PASSWORD`, else `PGPASSWORD`, else the URL's.
+    pub store_password_file: Option<PathBuf>,
+    /// PEM CA certificates that verify the database's TLS certificate
+    /// (default: the platform's roots). TLS is used as the URL's
+    /// `sslmode` says (`disable`, `prefer`: the default, `require`).
+    pub store_ca_file: Option<PathBuf>,
     /// Service key mode: seconds between background refreshes of every
     /// stored grant, so grants outlive long idle periods (Microsoft ends
     /// refresh tokens unused for 90 days). Default: one day.
@@ -415,6 +428,9 @@ impl Default for ServerConfig {
             state_dir: None,
             key_mode: KeyMode::default(),
             key_file: None,
+            store: None,
+            store_password_file: None,
+            store_ca_file: None,
             background_refresh_secs: defaults::background_refresh(),
             hostname: defaults::hostname(),
             max_connections: defaults::max_connections(),
@@ -768,4 +784,85 @@ impl GrantKind {
 /// The mechanisms an endpoint offers when the config lists none.
 pub fn default_mechanisms() -> Vec<Mechanism> {
     defaults::mechanisms()
+}
+
+/// A database URL for `[server] store` (`postgres://` or
+/// `postgresql://`). Debug and Display show it with any password replaced
+/// by `***`, so it can be logged; [`StoreUrl::expose`] gives the real one
+/// to the database client only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreUrl(String);
+
+impl StoreUrl {
+    /// The URL if it is a PostgreSQL one.
+    pub fn parse(s: &str) -> Result<StoreUrl, String> {
+        let lower = s.to_ascii_lowercase();
+        if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+            Ok(StoreUrl(s.to_owned()))
+        } else {
+            Err(format!(
+                "store must be a PostgreSQL URL (postgres://user@host:port/database), not `{}`",
+                redact_url(s)
+            ))
+        }
+    }
+
+    /// The URL as written, password included: for the database client.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StoreUrl({})", redact_url(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for StoreUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<StoreUrl, D::Error> {
+        let s = String::deserialize(d)?;
+        StoreUrl::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `url` with the password of its user part and any `password=` query
+/// parameter replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rfind('@') {
+        Some(at) => {
+            let (user, host) = authority.split_at(at);
+            match user.find(':') {
+                Some(colon) => format!("{}:***{host}", &user[..colon]),
+                None => authority.to_owned(),
+            }
+        }
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}{authority}{tail}")
 }

@@ -387,6 +387,29 @@ impl Settings {
             let at = key_offset(text, "server", key);
             invalid(at..at, &format!("server.{key}"), m)
         })?;
+        // The database's CA and password files, read as `run` reads them.
+        if raw.server.store.is_some() {
+            if let Some(ca) = &raw.server.store_ca_file {
+                crate::net::tls::check_ca_file(ca).map_err(|e| {
+                    let at = key_offset(text, "server", "store_ca_file");
+                    invalid(
+                        at..at,
+                        "server.store_ca_file",
+                        format!("{e}; it must hold the CA certificate(s) in PEM form (-----BEGIN CERTIFICATE-----)"),
+                    )
+                })?;
+            }
+            if let Some(pw) = &raw.server.store_password_file
+                && let Err(e) = std::fs::metadata(pw)
+            {
+                let at = key_offset(text, "server", "store_password_file");
+                return Err(invalid(
+                    at..at,
+                    "server.store_password_file",
+                    format!("cannot read {}: {e}", pw.display()),
+                ));
+            }
+        }
         check_spool(&raw.spool).map_err(|(key, m)| {
             let at = key_offset(text, "spool", key);
             invalid(at..at, &format!("spool.{key}"), m)
@@ -1306,5 +1329,41 @@ provider = "corp"
         let text = MINIMAL.replace("127.0.0.1:1143", "0.0.0.0:1143");
         let s = Settings::parse(&text, "t.toml").unwrap();
         assert!(!s.listeners[0].plaintext_login_allowed());
+    }
+
+    #[test]
+    fn the_database_files_are_checked_when_the_config_loads() {
+        let dir =
+            std::env::temp_dir().join(format!("mailbridge-store-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_pem = dir.join("not-a-ca.pem");
+        std::fs::write(&not_pem, "# nothing here\n").unwrap();
+        let config = |extra: &str| {
+            format!(
+                "[server]\nstore = \"postgres://mb@db.example/mail\"\n{extra}\n\n[[listener]]\nprotocol = \"imap\"\nbind = \"127.0.0.1:1143\"\n"
+            )
+        };
+        let e = Settings::parse(
+            &config(&format!("store_ca_file = \"{}\"", not_pem.display())),
+            "t.toml",
+        )
+        .expect_err("no certificate");
+        let e = e.to_string();
+        assert!(
+            e.contains("server.store_ca_file") && e.contains("line 3"),
+            "{e}"
+        );
+        let e = Settings::parse(
+            &config(&format!(
+                "store_password_file = \"{}\"",
+                dir.join("missing").display()
+            )),
+            "t.toml",
+        )
+        .expect_err("no password file");
+        let e = e.to_string();
+        assert!(e.contains("server.store_password_file"), "{e}");
+        assert!(Settings::parse(&config(""), "t.toml").is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -83,17 +83,44 @@ pub fn x5t(cert_pem: &str) -> Result<String, JwtError> {
     Ok(URL_SAFE_NO_PAD.encode(digest.as_ref()))
 }
 
-/// The `aud` claim(s) of a JWT-shaped access token, or None when the token
-/// is opaque or its payload unreadable. The signature is not checked: this
-/// only diagnoses which resource a token was issued for.
-pub fn audiences(token: &str) -> Option<Vec<String>> {
+/// The claims of a JWT-shaped access token, or None when the token is
+/// opaque or its payload unreadable. The signature is not checked: this
+/// only diagnoses what a token was issued for.
+fn claims(token: &str) -> Option<serde_json::Value> {
     let mut parts = token.split('.');
     let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() {
         return None;
     }
     let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The permissions a JWT-shaped access token carries: the delegated
+/// scopes of `scp` (one string, space-separated) and the application
+/// roles of `roles` (an array), as Entra ID writes them. None when the
+/// token is opaque or has neither claim.
+pub fn permissions(token: &str) -> Option<Vec<String>> {
+    let claims = claims(token)?;
+    let mut found = None::<Vec<String>>;
+    if let Some(scp) = claims.get("scp").and_then(serde_json::Value::as_str) {
+        found
+            .get_or_insert_default()
+            .extend(scp.split_whitespace().map(str::to_string));
+    }
+    if let Some(roles) = claims.get("roles").and_then(serde_json::Value::as_array) {
+        found
+            .get_or_insert_default()
+            .extend(roles.iter().filter_map(|r| r.as_str().map(str::to_string)));
+    }
+    found
+}
+
+/// The `aud` claim(s) of a JWT-shaped access token, or None when the token
+/// is opaque or its payload unreadable. The signature is not checked: this
+/// only diagnoses which resource a token was issued for.
+pub fn audiences(token: &str) -> Option<Vec<String>> {
+    let claims = claims(token)?;
     match claims.get("aud")? {
         serde_json::Value::String(s) => Some(vec![s.clone()]),
         serde_json::Value::Array(a) => Some(
@@ -123,6 +150,23 @@ mod tests {
         );
         assert_eq!(audiences("EwBwA8l6BAAU-opaque-token"), None);
         assert_eq!(audiences("a.b.c.d"), None);
+    }
+
+    #[test]
+    fn reads_delegated_scopes_and_app_roles() {
+        let token = |claims: &str| format!("e30.{}.sig", URL_SAFE_NO_PAD.encode(claims));
+        assert_eq!(
+            permissions(&token(r#"{"scp":"IMAP.AccessAsUser.All  SMTP.Send"}"#)),
+            Some(vec!["IMAP.AccessAsUser.All".into(), "SMTP.Send".into()])
+        );
+        assert_eq!(
+            permissions(&token(
+                r#"{"roles":["IMAP.AccessAsApp","POP.AccessAsApp"]}"#
+            )),
+            Some(vec!["IMAP.AccessAsApp".into(), "POP.AccessAsApp".into()])
+        );
+        assert_eq!(permissions(&token(r#"{"aud":"x"}"#)), None);
+        assert_eq!(permissions("EwBwA8l6BAAU-opaque-token"), None);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use super::flows;
 use crate::clock::unix_now;
 use crate::config::{Account, GrantKind};
 use crate::provider::Provider;
+use crate::store::seal::SharedAccess;
 use crate::vault::{Unlocked, Vault, VaultError};
 
 /// Assumed lifetime when a token response has no `expires_in` (which is
@@ -105,6 +106,14 @@ pub enum TokenError {
     /// task failed), or reloads kept replacing it.
     #[error("the token refresh was interrupted; try again")]
     Interrupted,
+    /// A store shared with other instances could not be reached to take
+    /// its refresh lock or read the grant (a refresh without them could
+    /// spend a refresh token another instance already rotated).
+    #[error("the shared token store cannot coordinate the token refresh just now: {reason}")]
+    Store {
+        /// The store's words (no secret).
+        reason: String,
+    },
 }
 
 impl TokenError {
@@ -139,7 +148,8 @@ impl TokenError {
         match self {
             TokenError::Unreachable { .. }
             | TokenError::BadResponse { .. }
-            | TokenError::Interrupted => true,
+            | TokenError::Interrupted
+            | TokenError::Store { .. } => true,
             TokenError::Refused {
                 code, temporary, ..
             } => *temporary || code == "temporarily_unavailable" || code == "server_error",
@@ -189,6 +199,15 @@ struct Flight {
 struct SlotState {
     cached: Option<AccessToken>,
     flight: Option<Flight>,
+    /// A digest of the last token a server refused, so a refresh does not
+    /// take it up again from a shared store.
+    refused: Option<[u8; 32]>,
+}
+
+/// A digest of a token (to recognise it without keeping it).
+fn digest(token: &SecretString) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(token.expose_secret().as_bytes()).into()
 }
 
 /// One account's tokens. Never removed while the process runs: two slots
@@ -439,6 +458,9 @@ impl TokenSource {
                 {
                     st.cached = None;
                 }
+                if let Some(r) = refused {
+                    st.refused = Some(digest(&r.secret));
+                }
                 if let Some(t) = st.cached.as_ref() {
                     let remaining = t.expires_at.saturating_duration_since(Instant::now());
                     if fresh_enough(remaining, t.lifetime, floor) {
@@ -454,7 +476,8 @@ impl TokenSource {
                         (f.outcome, usable)
                     }
                     None => {
-                        let f = self.start(&slot, provider, account, unlocked);
+                        let avoid = st.refused;
+                        let f = self.start(&slot, provider, account, unlocked, avoid);
                         let rx = f.outcome.clone();
                         st.flight = Some(f);
                         (rx, true)
@@ -476,6 +499,7 @@ impl TokenSource {
         provider: &Provider,
         account: &Account,
         unlocked: &Unlocked,
+        avoid: Option<[u8; 32]>,
     ) -> Flight {
         let (tx, rx) = watch::channel(None);
         let id = self.inner.flights.fetch_add(1, Ordering::Relaxed);
@@ -494,7 +518,7 @@ impl TokenSource {
         let (provider, account, unlocked) = (provider.clone(), account.clone(), unlocked.clone());
         tokio::spawn(async move {
             let _in_flight = in_flight;
-            let outcome = inner.fetch(&provider, &account, &unlocked).await;
+            let outcome = inner.fetch(&provider, &account, &unlocked, avoid).await;
             {
                 let mut st = end.slot.lock();
                 if let Ok(t) = &outcome
@@ -592,17 +616,18 @@ impl Inner {
         provider: &Provider,
         account: &Account,
         unlocked: &Unlocked,
+        avoid: Option<[u8; 32]>,
     ) -> Result<AccessToken, TokenError> {
         let started = Instant::now();
-        let (secret, lifetime) = match account.grant {
+        let (secret, lifetime, left) = match account.grant {
             GrantKind::AuthorizationCode | GrantKind::Password => {
-                self.refresh(provider, unlocked).await?
+                self.refresh(provider, unlocked, avoid).await?
             }
             GrantKind::ClientCredentials | GrantKind::ServiceAccount => {
                 let got = super::app::app_token(provider, account, &self.http)
                     .await
                     .map_err(|e| TokenError::from_flow(provider, e))?;
-                (got.access_token, got.expires_in)
+                (got.access_token, got.expires_in, None)
             }
         };
         super::checks::check_audience(provider, &secret).map_err(|w| {
@@ -628,16 +653,25 @@ impl Inner {
                 "the provider issues access tokens with less than 10 minutes of life; each is reused for the first half of its life"
             );
         }
-        tracing::info!(
-            provider = %provider.name,
-            grant = account.grant.name(),
-            lifetime_secs = lifetime.as_secs(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "access token refreshed"
-        );
+        match left {
+            None => tracing::info!(
+                provider = %provider.name,
+                grant = account.grant.name(),
+                lifetime_secs = lifetime.as_secs(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "access token refreshed"
+            ),
+            Some(left) => tracing::info!(
+                provider = %provider.name,
+                account = unlocked.account(),
+                left_secs = left.as_secs(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "access token taken from the shared store (another instance refreshed it)"
+            ),
+        }
         Ok(AccessToken {
             secret,
-            expires_at: started + lifetime,
+            expires_at: started + left.unwrap_or(lifetime),
             lifetime,
             generation: self.generation.fetch_add(1, Ordering::Relaxed),
         })
@@ -648,13 +682,60 @@ impl Inner {
     /// returned, with nothing in between. If it cannot be saved it is kept
     /// in memory (and used for the next refresh) and the save retried; the
     /// access token is used all the same.
+    ///
+    /// On a store shared with other instances, the refresh holds the
+    /// store's lock on the account from before it reads the refresh token
+    /// until the rotated one is saved; it first takes up a grant another
+    /// instance saved meanwhile, and uses the access token that instance
+    /// left in it while that is fresh (then the third value is how long it
+    /// has left) instead of asking the provider again.
     async fn refresh(
         &self,
         provider: &Provider,
         unlocked: &Unlocked,
-    ) -> Result<(SecretString, Option<Duration>), TokenError> {
+        avoid: Option<[u8; 32]>,
+    ) -> Result<(SecretString, Option<Duration>, Option<Duration>), TokenError> {
         let started = Instant::now();
-        let result = self.refresh_uncounted(provider, unlocked).await;
+        let shared = self.vault.store_is_shared();
+        fn store_error(e: &(dyn std::error::Error + 'static)) -> TokenError {
+            TokenError::Store {
+                reason: crate::report::chain(e),
+            }
+        }
+        let _lock = if shared {
+            let lock = self
+                .vault
+                .lock_refresh(unlocked.account())
+                .await
+                .map_err(|e| store_error(&e))?;
+            let reloaded = self
+                .vault
+                .reload(unlocked)
+                .await
+                .map_err(|e| store_error(&e))?;
+            if reloaded {
+                tracing::info!(
+                    account = unlocked.account(),
+                    "took up the grant another instance saved"
+                );
+            }
+            if let Some(a) = unlocked.shared_access()
+                && avoid != Some(digest(&a.token))
+            {
+                let left = Duration::from_secs(a.expires_at.saturating_sub(unix_now()));
+                let lifetime = Duration::from_secs(a.lifetime_secs);
+                if fresh_enough(left, lifetime, MIN_TOKEN_LIFETIME) {
+                    return Ok((a.token, Some(lifetime), Some(left)));
+                }
+            }
+            Some(lock)
+        } else {
+            None
+        };
+        let result = self
+            .refresh_uncounted(provider, unlocked, shared)
+            .await
+            .map(|(secret, lifetime)| (secret, lifetime, None));
         self.metrics.refresh(result.is_ok(), started.elapsed());
         result
     }
@@ -663,6 +744,7 @@ impl Inner {
         &self,
         provider: &Provider,
         unlocked: &Unlocked,
+        shared: bool,
     ) -> Result<(SecretString, Option<Duration>), TokenError> {
         // An earlier rotation still only in memory: try to save it first
         // (its token is what this refresh presents either way).
@@ -690,15 +772,37 @@ impl Inner {
             .await
             .map_err(|e| TokenError::from_flow(provider, flows::token_error(e)))?;
 
+        let access = SecretString::from(response.access_token().secret().clone());
+        let rotated = response
+            .refresh_token()
+            .filter(|new_rt| new_rt.secret() != refresh_token.expose_secret())
+            .map(|new_rt| SecretString::from(new_rt.secret().clone()));
+        // A shared store gets the access token too (sealed), for the other
+        // instances.
+        let share = shared.then(|| {
+            let lifetime = response.expires_in().unwrap_or(DEFAULT_LIFETIME).as_secs();
+            SharedAccess {
+                token: access.clone(),
+                expires_at: unix_now() + lifetime,
+                lifetime_secs: lifetime,
+            }
+        });
+        if rotated.is_none()
+            && let Some(share) = share.clone()
+            && let Err(e) = self
+                .vault
+                .store_refreshed(unlocked, None, Some(share))
+                .await
+        {
+            tracing::warn!(account = unlocked.account(), error = %crate::report::chain(&e), "cannot leave the new access token in the shared store; the other instances refresh on their own");
+        }
         // Persist a rotated refresh token before the access token is used:
         // if we crashed after using it, the stored one might already be dead.
-        if let Some(new_rt) = response.refresh_token()
-            && new_rt.secret() != refresh_token.expose_secret()
-        {
+        if let Some(new_rt) = rotated {
             let received = Instant::now();
             let saved = self
                 .vault
-                .store_rotated(unlocked, SecretString::from(new_rt.secret().clone()))
+                .store_refreshed(unlocked, Some(new_rt), share)
                 .await;
             let save_ms = received.elapsed().as_secs_f64() * 1000.0;
             // A failure is logged and announced by the vault, which
@@ -711,10 +815,7 @@ impl Inner {
                 );
             }
         }
-        Ok((
-            SecretString::from(response.access_token().secret().clone()),
-            response.expires_in(),
-        ))
+        Ok((access, response.expires_in()))
     }
 }
 

@@ -17,7 +17,9 @@
 //!
 //! What a crash (`kill -9`, power loss) loses: metadata changed since the
 //! last flush, i.e. at most one flush interval of it, plus whatever the
-//! store underneath had not yet made durable. Never a grant.
+//! store underneath had not yet made durable. Never a grant. What a shared
+//! store (PostgreSQL) offers its instances (the refresh lock, the shared
+//! counters) passes straight through.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -213,6 +215,18 @@ impl TokenStore for MetaCache {
         Ok(removed || cached.is_some_and(|e| e.dirty.is_some()))
     }
 
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
+
+    fn lock_refresh(&self, account: &str) -> super::LockFuture {
+        self.inner.lock_refresh(account)
+    }
+
+    fn shared_counters(&self) -> Option<&dyn super::SharedCounters> {
+        self.inner.shared_counters()
+    }
+
     fn accounts(&self) -> Result<Vec<String>, StoreError> {
         let mut names: BTreeSet<String> = self.inner.accounts()?.into_iter().collect();
         names.extend(
@@ -321,6 +335,17 @@ mod tests {
         assert_eq!(stored.flow.as_deref(), Some("device_code"));
         assert_eq!(stored.last_login_at, Some(9), "the later login wins");
         assert_eq!(cache.load_meta("alice").unwrap(), Some(stored));
+    }
+
+    #[test]
+    fn what_a_shared_store_offers_passes_through() {
+        let inner: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary().unwrap());
+        let cache = MetaCache::new(inner.clone());
+        assert_eq!(cache.is_shared(), inner.is_shared());
+        assert_eq!(
+            cache.shared_counters().is_some(),
+            inner.shared_counters().is_some()
+        );
     }
 
     #[test]

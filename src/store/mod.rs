@@ -2,21 +2,28 @@
 //! metadata live between runs.
 //!
 //! The [`TokenStore`] trait is what the rest of mailbridge codes against;
-//! [`SledStore`] is the on-disk backend and the only place that names sled.
+//! [`SledStore`] is the embedded default (one process per store) and the
+//! only module that names sled; [`PgStore`] keeps the same records in a
+//! PostgreSQL database that many instances share ([`postgres`]).
 //! Nothing a store holds is a token in clear: grants arrive here already
 //! sealed by [`seal`] (Argon2id key derivation + XChaCha20-Poly1305).
 
 use std::fmt;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 pub mod control;
 pub mod meta_cache;
 pub mod modes;
+pub mod postgres;
 pub mod seal;
 pub mod sled_store;
 
+pub use postgres::PgStore;
 pub use sled_store::SledStore;
 
 /// Argon2id cost parameters, stored with every sealed record so that the
@@ -137,7 +144,86 @@ pub trait TokenStore: Send + Sync + 'static {
     fn remove(&self, account: &str) -> Result<bool, StoreError>;
     /// Every account with a grant or metadata, sorted.
     fn accounts(&self) -> Result<Vec<String>, StoreError>;
+    /// True when other processes use the same store at the same time
+    /// (PostgreSQL): refreshes then take [`TokenStore::lock_refresh`] and
+    /// share their access token through the sealed record.
+    fn is_shared(&self) -> bool {
+        false
+    }
+    /// Waits until this process is the only one refreshing `account`'s
+    /// grant; the lock holds until the returned guard is dropped (or the
+    /// process dies). Nothing to wait for in a store only one process
+    /// uses (sled): the process's own single flight is enough.
+    fn lock_refresh(&self, account: &str) -> LockFuture {
+        let _ = account;
+        Box::pin(std::future::ready(Ok(RefreshLock::none())))
+    }
+    /// The failed-login counters the instances of a shared store share
+    /// (see [`crate::backoff`]); none in a store only one process uses.
+    fn shared_counters(&self) -> Option<&dyn SharedCounters> {
+        None
+    }
 }
+
+/// Failed-login counters kept in a shared store, keyed by opaque strings
+/// (hashes: never a name or an address).
+pub trait SharedCounters {
+    /// Adds one failure to counter `key`; its count, and how long it now
+    /// delays logins.
+    fn count_failure(&self, key: &str, rule: CounterRule) -> Result<(u32, Duration), StoreError>;
+    /// The counters among `keys` that are not forgotten (their delay ended
+    /// less than `forget` ago), each with what is left of its delay.
+    fn counters(
+        &self,
+        keys: &[String],
+        forget: Duration,
+    ) -> Result<Vec<(String, Duration)>, StoreError>;
+    /// Removes the counters `keys`.
+    fn clear_counters(&self, keys: &[String]) -> Result<(), StoreError>;
+}
+
+/// How a shared counter's count becomes a delay: `base * 2^(count -
+/// offset - 1)`, at most `max`, none while `count <= offset`; a counter
+/// whose delay ended more than `forget` ago starts again at one.
+#[derive(Clone, Copy, Debug)]
+pub struct CounterRule {
+    /// The first delay.
+    pub base: Duration,
+    /// The longest delay.
+    pub max: Duration,
+    /// Failures that earn no delay.
+    pub offset: u32,
+    /// When a counter is forgotten.
+    pub forget: Duration,
+}
+
+/// What [`TokenStore::lock_refresh`] returns.
+pub type LockFuture = Pin<Box<dyn Future<Output = Result<RefreshLock, StoreError>> + Send>>;
+
+/// Holds a store's refresh lock on one account until dropped.
+pub struct RefreshLock(Option<Box<dyn Send + Sync>>);
+
+impl RefreshLock {
+    /// A lock that holds nothing (a store used by one process).
+    pub fn none() -> RefreshLock {
+        RefreshLock(None)
+    }
+
+    /// A lock released when `holder` is dropped.
+    pub fn held_by(holder: Box<dyn Send + Sync>) -> RefreshLock {
+        RefreshLock(Some(holder))
+    }
+}
+
+impl fmt::Debug for RefreshLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefreshLock")
+            .field("held", &self.0.is_some())
+            .finish()
+    }
+}
+
+pub use crate::config::schema::{StoreUrl, redact_url};
 
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +288,28 @@ pub enum StoreError {
         /// Why, as the service or the socket said.
         reason: String,
     },
+    /// The database of a shared store could not be reached or failed.
+    /// Temporary as a rule (a restart, a failover): logins that need it
+    /// are told to try again later.
+    #[error("the token store database {location} failed: {reason}")]
+    Database {
+        /// The database URL, password redacted.
+        location: String,
+        /// What went wrong (the client's or the server's words).
+        reason: String,
+    },
+    /// The database holds a schema newer than this mailbridge knows.
+    #[error(
+        "the token store database {location} has schema version {found}, newer than this mailbridge knows ({known}): upgrade mailbridge on this host"
+    )]
+    SchemaTooNew {
+        /// The database URL, password redacted.
+        location: String,
+        /// The version found.
+        found: i32,
+        /// The newest version this build knows.
+        known: i32,
+    },
     /// A stored record could not be decoded.
     #[error(
         "the stored record for account {account} is unreadable ({reason}); remove it with `mailbridge account remove {account}` and add the account again"
@@ -212,6 +320,25 @@ pub enum StoreError {
         /// What is wrong with it (never the record's content).
         reason: String,
     },
+}
+
+/// A stored JSON record, or [`StoreError::Corrupt`] (which never quotes
+/// the record).
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    account: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        account: account.to_owned(),
+        // Category and position only: serde_json's message can quote the
+        // data.
+        reason: format!(
+            "{:?} error at line {} column {}",
+            e.classify(),
+            e.line(),
+            e.column()
+        ),
+    })
 }
 
 /// The default state directory: `$STATE_DIRECTORY` (its first entry, as
@@ -241,6 +368,26 @@ fn state_dir_from(state_directory: Option<&std::ffi::OsStr>, data_dir: Option<&P
 mod tests {
     use super::*;
     use std::ffi::OsStr;
+
+    #[test]
+    fn store_urls_are_shown_without_their_password() {
+        let u = StoreUrl::parse("postgres://mb:s3cret@db.example:5432/mail?sslmode=require")
+            .expect("url");
+        assert_eq!(
+            u.to_string(),
+            "postgres://mb:***@db.example:5432/mail?sslmode=require"
+        );
+        assert!(!format!("{u:?}").contains("s3cret"));
+        let u = StoreUrl::parse("postgresql://mb@db/mail?password=s3cret&sslmode=disable")
+            .expect("url");
+        assert_eq!(
+            u.to_string(),
+            "postgresql://mb@db/mail?password=***&sslmode=disable"
+        );
+        let err = StoreUrl::parse("mysql://u:s3cret@h/db").expect_err("not postgres");
+        assert!(!err.contains("s3cret"), "{err}");
+        assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
+    }
 
     #[test]
     fn state_dir_prefers_systemd_first_entry() {

@@ -45,6 +45,31 @@ pub struct GrantData {
     /// The client id the grant was issued to, when it is not the
     /// provider's configured one (a dynamically registered client).
     pub client_id: Option<String>,
+    /// A store shared by several instances only: the access token the
+    /// last refresh obtained, so that an instance that waited for another
+    /// one's refresh uses its token instead of refreshing again. Sealed
+    /// like the refresh token; never written to a store of one process.
+    pub shared_access: Option<SharedAccess>,
+}
+
+/// An access token kept in a shared store's sealed record.
+#[derive(Clone)]
+pub struct SharedAccess {
+    /// The bearer token.
+    pub token: SecretString,
+    /// When it stops working (unix seconds).
+    pub expires_at: u64,
+    /// Its whole lifetime in seconds (`expires_in`).
+    pub lifetime_secs: u64,
+}
+
+impl fmt::Debug for SharedAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedAccess")
+            .field("expires_at", &self.expires_at)
+            .field("lifetime_secs", &self.lifetime_secs)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The serialized form of [`GrantData`]; wiped when dropped.
@@ -56,11 +81,20 @@ struct GrantWire {
     obtained_at: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    access_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    access_expires_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    access_lifetime_secs: Option<u64>,
 }
 
 impl Drop for GrantWire {
     fn drop(&mut self) {
         if let Some(t) = self.refresh_token.as_mut() {
+            t.zeroize();
+        }
+        if let Some(t) = self.access_token.as_mut() {
             t.zeroize();
         }
     }
@@ -286,7 +320,11 @@ pub fn seal_with_hash(
     let token_len = grant
         .refresh_token
         .as_ref()
-        .map_or(0, |t| t.expose_secret().len());
+        .map_or(0, |t| t.expose_secret().len())
+        + grant
+            .shared_access
+            .as_ref()
+            .map_or(0, |a| a.token.expose_secret().len());
     let wire = GrantWire {
         refresh_token: grant
             .refresh_token
@@ -294,10 +332,16 @@ pub fn seal_with_hash(
             .map(|t| t.expose_secret().to_owned()),
         obtained_at: grant.obtained_at,
         client_id: grant.client_id.clone(),
+        access_token: grant
+            .shared_access
+            .as_ref()
+            .map(|a| a.token.expose_secret().to_owned()),
+        access_expires_at: grant.shared_access.as_ref().map(|a| a.expires_at),
+        access_lifetime_secs: grant.shared_access.as_ref().map(|a| a.lifetime_secs),
     };
     // Reserve enough for the worst-case JSON escaping so the buffer never
     // reallocates and leaves unwiped copies of the token behind.
-    let mut plain = Zeroizing::new(Vec::with_capacity(token_len * 6 + 96));
+    let mut plain = Zeroizing::new(Vec::with_capacity(token_len * 6 + 256));
     serde_json::to_writer(&mut *plain, &wire).map_err(|e| SealError::Malformed {
         reason: format!("cannot encode grant: {}", e.classify_str()),
     })?;
@@ -359,10 +403,19 @@ pub fn open(account: &str, key: &SealKey, sealed: &SealedGrant) -> Result<GrantD
     let mut wire: GrantWire = serde_json::from_slice(&plain).map_err(|e| SealError::Malformed {
         reason: format!("decrypted grant does not parse: {}", e.classify_str()),
     })?;
+    let shared_access = match (wire.access_token.take(), wire.access_expires_at) {
+        (Some(token), Some(expires_at)) => Some(SharedAccess {
+            token: SecretString::from(token),
+            expires_at,
+            lifetime_secs: wire.access_lifetime_secs.unwrap_or(0),
+        }),
+        _ => None,
+    };
     Ok(GrantData {
         refresh_token: wire.refresh_token.take().map(SecretString::from),
         obtained_at: wire.obtained_at,
         client_id: wire.client_id.take(),
+        shared_access,
     })
 }
 
@@ -509,6 +562,7 @@ mod tests {
             refresh_token: Some(pw(token)),
             obtained_at: 1_700_000_000,
             client_id: None,
+            shared_access: None,
         }
     }
 

@@ -22,7 +22,7 @@ use std::sync::{PoisonError, RwLock};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{AccountMeta, SealedGrant, StoreError, TokenStore};
+use super::{AccountMeta, SealedGrant, StoreError, TokenStore, decode};
 
 const DB_DIR: &str = "store";
 const GRANTS: &str = "grants";
@@ -275,20 +275,6 @@ impl TokenStore for SledStore {
             Ok(names.into_iter().collect())
         })
     }
-}
-
-fn decode<T: DeserializeOwned>(account: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        account: account.to_owned(),
-        // Category and position only: serde_json's message can quote the
-        // data.
-        reason: format!(
-            "{:?} error at line {} column {}",
-            e.classify(),
-            e.line(),
-            e.column()
-        ),
-    })
 }
 
 fn open_error(dir: &Path, e: sled::Error) -> StoreError {

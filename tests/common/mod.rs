@@ -243,6 +243,7 @@ provider = "sandbox"
                     refresh_token: Some(SecretString::from(refresh_token.clone())),
                     obtained_at: 0,
                     client_id: None,
+                    shared_access: None,
                 },
                 AccountMeta {
                     provider: "sandbox".into(),
@@ -264,6 +265,7 @@ provider = "sandbox"
                         )),
                         obtained_at: 0,
                         client_id: None,
+                        shared_access: None,
                     },
                     AccountMeta {
                         provider: "sandbox".into(),

@@ -120,6 +120,7 @@ account = "{USER}"
                     )),
                     obtained_at: 0,
                     client_id: None,
+                    shared_access: None,
                 },
                 AccountMeta {
                     provider: "sandbox".into(),

@@ -270,6 +270,7 @@ fn seed(state: &Path, mode: Mode, users: &[String], real_tokens: bool, provider:
         })),
         obtained_at: 0,
         client_id: None,
+        shared_access: None,
     };
     let save = |user: &str, sealed| {
         assert!(store.swap_grant(user, None, &sealed).unwrap());

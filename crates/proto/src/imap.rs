@@ -20,7 +20,7 @@ use imap_codec::{AuthenticateDataCodec, CommandCodec, GreetingCodec, ResponseCod
 use secrecy::zeroize::Zeroize;
 
 use super::{
-    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, UpstreamError,
+    Advertised, ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, UpstreamError,
     UpstreamLogin, UpstreamStep, UpstreamSuccess,
 };
 use crate::bearer::{Bearer, InitialResponse, Offer};
@@ -876,6 +876,10 @@ pub struct ImapUpstreamLogin {
     id_tag: Option<String>,
     /// The bearer login: mechanism, token, challenge, retry.
     bearer: Bearer,
+    /// The greeting was accepted.
+    greeted: bool,
+    /// The `AUTH=` mechanisms of the capabilities the login chose from.
+    offered: Option<Vec<String>>,
 }
 
 impl fmt::Debug for ImapUpstreamLogin {
@@ -913,6 +917,8 @@ impl ImapUpstreamLogin {
             id_sent: false,
             id_tag: None,
             bearer: Bearer::new(opts.preference.clone()),
+            greeted: false,
+            offered: None,
             opts,
         }
     }
@@ -970,6 +976,7 @@ impl ImapUpstreamLogin {
             .map(String::as_str)
             .collect();
         let names: Vec<&str> = auth_caps.iter().map(|c| &c[5..]).collect();
+        self.offered = Some(names.iter().map(|n| n.to_string()).collect());
         let Some(step) = self.bearer.choose(Offer::Listed(&names)) else {
             return Err(UpstreamError::NoMechanism(if auth_caps.is_empty() {
                 "no AUTH= mechanisms".to_owned()
@@ -1030,6 +1037,7 @@ impl ImapUpstreamLogin {
     fn handle(&mut self, msg: &[u8]) -> Result<(), UpstreamError> {
         if matches!(self.state, UpState::Greeting) {
             let p = parse_greeting(msg);
+            self.greeted = p.kind == Kind::Ok && p.tag.is_none();
             return match p.kind {
                 Kind::Ok if p.tag.is_none() => match p.caps {
                     Some(caps) => {
@@ -1237,7 +1245,24 @@ impl UpstreamLogin for ImapUpstreamLogin {
     fn farewell(&self) -> crate::farewell::Reader {
         crate::farewell::imap
     }
+
+    fn advertised(&self) -> Advertised {
+        Advertised {
+            greeted: self.greeted,
+            starttls: self.tls_done || self.has_cap("STARTTLS"),
+            tls_started: self.tls_done,
+            mechanisms: self.offered.clone(),
+            chosen: self.bearer.mechanism(),
+        }
+    }
+
+    fn logout(&self) -> &'static [u8] {
+        LOGOUT
+    }
 }
+
+/// Ends an IMAP session in any state (RFC 9051 section 6.1.3).
+pub const LOGOUT: &[u8] = b"mb0 LOGOUT\r\n";
 
 #[cfg(test)]
 mod tests {

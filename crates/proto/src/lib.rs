@@ -340,6 +340,31 @@ pub trait UpstreamLogin: Send {
     /// How to read why this protocol's server ended a session, from the
     /// last bytes it sent (see [`farewell`]).
     fn farewell(&self) -> farewell::Reader;
+    /// What the server has advertised so far (for `mailbridge doctor`).
+    fn advertised(&self) -> Advertised;
+    /// The command that ends the session politely, before or after login
+    /// (IMAP `LOGOUT`, POP3 and SMTP `QUIT`); the server then closes.
+    fn logout(&self) -> &'static [u8];
+}
+
+/// What an upstream server advertised before login, as far as the login
+/// dialogue has read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Advertised {
+    /// The server's greeting was accepted.
+    pub greeted: bool,
+    /// The server offers STARTTLS (IMAP, SMTP) or STLS (POP3), or the
+    /// dialogue already upgraded with it.
+    pub starttls: bool,
+    /// The session runs over TLS started with STARTTLS / STLS.
+    pub tls_started: bool,
+    /// The SASL mechanisms offered, as the server spelled them (IMAP
+    /// `AUTH=`, POP3 `SASL`, SMTP `AUTH`), once the capabilities the
+    /// login uses were read; None before that, or when the server would
+    /// not say (a POP3 server that refuses CAPA).
+    pub mechanisms: Option<Vec<String>>,
+    /// The bearer mechanism the login chose, once chosen.
+    pub chosen: Option<sasl::Mechanism>,
 }
 
 /// The server said something the dialogue cannot follow: `what`, then the
@@ -397,6 +422,120 @@ mod tests {
         for form in forms {
             assert!(!dbg.contains(&form), "{what} shows {form:?}: {dbg}");
         }
+    }
+
+    /// Feeds `script` and runs the dialogue until it waits for input or
+    /// a token (`tls_started` on a STARTTLS step): the steps' names, or
+    /// the error.
+    fn drive(login: &mut dyn UpstreamLogin, script: &[u8]) -> Result<Vec<&'static str>, String> {
+        login.feed(script);
+        let mut seen = Vec::new();
+        for _ in 0..20 {
+            match login.next_step().map_err(|e| e.to_string())? {
+                UpstreamStep::NeedInput => return Ok(seen),
+                UpstreamStep::NeedToken => {
+                    seen.push("token");
+                    return Ok(seen);
+                }
+                UpstreamStep::StartTls => {
+                    seen.push("starttls");
+                    login.tls_started();
+                }
+                UpstreamStep::Send(_) => seen.push("send"),
+                _ => seen.push("other"),
+            }
+        }
+        Ok(seen)
+    }
+
+    fn names(list: &[&str]) -> Option<Vec<String>> {
+        Some(list.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// `advertised` says what each server offered: the greeting, STARTTLS,
+    /// the mechanisms the login chose from (also when it found none) and
+    /// the one chosen; `logout` ends a session in each protocol.
+    #[test]
+    fn advertised_reports_what_the_server_offered() {
+        // IMAP, capabilities in the greeting.
+        let mut imap = imap::ImapUpstreamLogin::new(Default::default());
+        assert_eq!(imap.advertised(), Advertised::default());
+        let steps = drive(
+            &mut imap,
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN AUTH=OAUTHBEARER] hi\r\n",
+        )
+        .unwrap();
+        assert_eq!(steps, ["token"]);
+        let a = imap.advertised();
+        assert!(a.greeted && !a.starttls && !a.tls_started);
+        assert_eq!(a.mechanisms, names(&["PLAIN", "OAUTHBEARER"]));
+        assert_eq!(a.chosen, Some(sasl::Mechanism::Oauthbearer));
+        assert_eq!(imap.logout(), b"mb0 LOGOUT\r\n");
+
+        // IMAP over STARTTLS: the mechanisms are the ones read after TLS.
+        let mut imap = imap::ImapUpstreamLogin::new(imap::UpstreamOptions {
+            starttls: true,
+            ..Default::default()
+        });
+        drive(
+            &mut imap,
+            b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] hi\r\n",
+        )
+        .unwrap();
+        assert!(imap.advertised().starttls && !imap.advertised().tls_started);
+        assert_eq!(imap.advertised().mechanisms, None);
+        drive(&mut imap, b"mb1 OK begin TLS\r\n").unwrap();
+        drive(
+            &mut imap,
+            b"* CAPABILITY IMAP4rev1 AUTH=XOAUTH2\r\nmb2 OK\r\n",
+        )
+        .unwrap();
+        let a = imap.advertised();
+        assert!(a.starttls && a.tls_started);
+        assert_eq!(a.mechanisms, names(&["XOAUTH2"]));
+
+        // IMAP without a bearer mechanism: the error, and what was offered.
+        let mut imap = imap::ImapUpstreamLogin::new(Default::default());
+        let e = drive(&mut imap, b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n").unwrap_err();
+        assert!(e.contains("neither XOAUTH2 nor OAUTHBEARER"), "{e}");
+        let a = imap.advertised();
+        assert!(a.greeted);
+        assert_eq!(a.mechanisms, names(&["PLAIN"]));
+        assert_eq!(a.chosen, None);
+
+        // Not a greeting.
+        let mut imap = imap::ImapUpstreamLogin::new(Default::default());
+        assert!(drive(&mut imap, b"* BYE go away\r\n").is_err());
+        assert!(!imap.advertised().greeted);
+
+        // POP3: CAPA's SASL line; a refused CAPA says nothing.
+        let mut pop3 = pop3::Pop3UpstreamLogin::new(Default::default());
+        drive(
+            &mut pop3,
+            b"+OK hi\r\n+OK\r\nSTLS\r\nSASL XOAUTH2 PLAIN\r\n.\r\n",
+        )
+        .unwrap();
+        let a = pop3.advertised();
+        assert!(a.greeted && a.starttls);
+        assert_eq!(a.mechanisms, names(&["XOAUTH2", "PLAIN"]));
+        assert_eq!(a.chosen, Some(sasl::Mechanism::Xoauth2));
+        assert_eq!(pop3.logout(), b"QUIT\r\n");
+        let mut pop3 = pop3::Pop3UpstreamLogin::new(Default::default());
+        drive(&mut pop3, b"+OK hi\r\n-ERR no CAPA here\r\n").unwrap();
+        assert_eq!(pop3.advertised().mechanisms, None);
+
+        // SMTP: EHLO's AUTH keyword.
+        let mut smtp = smtp::SmtpUpstreamLogin::new(Default::default());
+        let e = drive(
+            &mut smtp,
+            b"220 hi\r\n250-hi\r\n250-STARTTLS\r\n250 AUTH LOGIN PLAIN\r\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("AUTH LOGIN PLAIN"), "{e}");
+        let a = smtp.advertised();
+        assert!(a.greeted && a.starttls && !a.tls_started);
+        assert_eq!(a.mechanisms, names(&["LOGIN", "PLAIN"]));
+        assert_eq!(smtp.logout(), b"QUIT\r\n");
     }
 
     /// The first bytes of `secret` as `Debug` of a byte vector lists them.

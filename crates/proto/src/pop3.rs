@@ -11,7 +11,7 @@ use std::fmt;
 use secrecy::zeroize::Zeroize;
 
 use super::{
-    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, UpstreamError,
+    Advertised, ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, UpstreamError,
     UpstreamLogin, UpstreamStep, UpstreamSuccess,
 };
 use crate::bearer::{Bearer, InitialResponse, Offer};
@@ -585,6 +585,11 @@ pub struct Pop3UpstreamLogin {
     tls_done: bool,
     /// The bearer login: mechanism, token, challenge, retry.
     bearer: Bearer,
+    /// The greeting was accepted.
+    greeted: bool,
+    /// The `SASL` mechanisms of the capabilities the login chose from
+    /// (None: CAPA refused).
+    offered: Option<Vec<String>>,
 }
 
 impl fmt::Debug for Pop3UpstreamLogin {
@@ -614,6 +619,8 @@ impl Pop3UpstreamLogin {
             caps: Vec::new(),
             capa_refused: false,
             tls_done: false,
+            greeted: false,
+            offered: None,
         }
     }
 
@@ -659,6 +666,8 @@ impl Pop3UpstreamLogin {
             return Ok(());
         }
         let offered: Vec<&str> = Self::cap_args(&self.caps, "SASL").collect();
+        self.offered =
+            (!self.capa_refused).then(|| offered.iter().map(|m| m.to_string()).collect());
         let offer = if self.capa_refused {
             Offer::Unknown
         } else {
@@ -682,6 +691,7 @@ impl Pop3UpstreamLogin {
         match &mut self.state {
             UpState::Greeting => match st {
                 Status::Ok => {
+                    self.greeted = true;
                     self.ask_capa();
                     Ok(())
                 }
@@ -854,7 +864,24 @@ impl UpstreamLogin for Pop3UpstreamLogin {
     fn farewell(&self) -> crate::farewell::Reader {
         crate::farewell::pop3
     }
+
+    fn advertised(&self) -> Advertised {
+        Advertised {
+            greeted: self.greeted,
+            starttls: self.tls_done || self.has_cap("STLS"),
+            tls_started: self.tls_done,
+            mechanisms: self.offered.clone(),
+            chosen: self.bearer.mechanism(),
+        }
+    }
+
+    fn logout(&self) -> &'static [u8] {
+        QUIT
+    }
 }
+
+/// Ends a POP3 session in any state (RFC 1939 sections 5 and 6).
+pub const QUIT: &[u8] = b"QUIT\r\n";
 
 #[cfg(test)]
 mod tests {

@@ -23,8 +23,8 @@ use smtp_proto::response::parser::ResponseReceiver;
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Request};
 
 use super::{
-    ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, Message, SpoolOutcome,
-    UpstreamError, UpstreamLogin, UpstreamStep, UpstreamSuccess,
+    Advertised, ClientSession, ClientStep, FailureKind, LoginFailure, LoginRequest, Message,
+    SpoolOutcome, UpstreamError, UpstreamLogin, UpstreamStep, UpstreamSuccess,
 };
 use crate::bearer::{Bearer, InitialResponse, Offer};
 use crate::framer::{Frame, Framer};
@@ -1423,6 +1423,10 @@ pub struct SmtpUpstreamLogin {
     tls_done: bool,
     /// The bearer login: mechanism, token, form, challenge, retry.
     bearer: Bearer,
+    /// The greeting was accepted.
+    greeted: bool,
+    /// The `AUTH` mechanisms of the EHLO the login chose from.
+    offered: Option<Vec<String>>,
 }
 
 impl fmt::Debug for SmtpUpstreamLogin {
@@ -1452,6 +1456,8 @@ impl SmtpUpstreamLogin {
             queue: VecDeque::new(),
             keywords: Vec::new(),
             tls_done: false,
+            greeted: false,
+            offered: None,
         }
     }
 
@@ -1502,6 +1508,7 @@ impl SmtpUpstreamLogin {
             return Ok(());
         }
         let offered = Self::offered(&self.keywords);
+        self.offered = Some(offered.iter().map(|m| m.to_string()).collect());
         let Some(step) = self.bearer.choose(Offer::Listed(&offered)) else {
             return Err(UpstreamError::NoMechanism(if offered.is_empty() {
                 "no AUTH mechanisms".to_owned()
@@ -1518,6 +1525,7 @@ impl SmtpUpstreamLogin {
         match &mut self.state {
             UpState::Greeting => match reply.code {
                 220 => {
+                    self.greeted = true;
                     self.ehlo();
                     Ok(())
                 }
@@ -1663,7 +1671,24 @@ impl UpstreamLogin for SmtpUpstreamLogin {
     fn farewell(&self) -> crate::farewell::Reader {
         crate::farewell::smtp
     }
+
+    fn advertised(&self) -> Advertised {
+        Advertised {
+            greeted: self.greeted,
+            starttls: self.tls_done || self.has_keyword("STARTTLS"),
+            tls_started: self.tls_done,
+            mechanisms: self.offered.clone(),
+            chosen: self.bearer.mechanism(),
+        }
+    }
+
+    fn logout(&self) -> &'static [u8] {
+        QUIT
+    }
 }
+
+/// Ends an SMTP session in any state (RFC 5321 section 4.1.1.10).
+pub const QUIT: &[u8] = b"QUIT\r\n";
 
 #[cfg(test)]
 mod tests {
