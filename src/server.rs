@@ -24,6 +24,7 @@ use crate::net::systemd::{self, Inherited};
 use crate::net::tls::{self, TlsError};
 use crate::oauth::{HttpClientError, TokenSource};
 use crate::provider::DiscoveryError;
+use crate::store::meta_cache::MetaCache;
 use crate::store::{KdfParams, SledStore, StoreError, TokenStore};
 use crate::vault::{BackoffPolicy, Vault};
 use mailbridge_proto::{self as proto, ClientSession};
@@ -147,7 +148,16 @@ pub struct Server {
     status: Option<(TcpListener, Option<secrecy::SecretString>)>,
     /// Protocol traces on demand (`mailbridge trace`).
     tracer: Arc<crate::trace::Tracer>,
+    /// Account metadata in memory, written behind (see
+    /// [`crate::store::meta_cache`]); the vault's store.
+    meta: Arc<MetaCache>,
+    /// How often `meta` is written to the store.
+    meta_flush_every: Duration,
 }
+
+/// How often the accounts' metadata (last login, last error) is written
+/// to the store: what a crash can lose of it.
+pub const META_FLUSH_EVERY: Duration = Duration::from_secs(5);
 
 /// The spool and what its writers and its delivery task share.
 struct SpoolRuntime {
@@ -248,14 +258,29 @@ impl Server {
     /// and binding it otherwise. Inherited sockets no listener takes are
     /// closed, with a warning.
     pub async fn bind_with(
-        mut settings: Settings,
+        settings: Settings,
         store: Arc<dyn TokenStore>,
+        inherited: Inherited,
+    ) -> Result<Server, ServerError> {
+        // Logins change metadata; the store sees it every few seconds.
+        let meta = Arc::new(MetaCache::new(store));
+        let tracer = Arc::new(crate::trace::Tracer::new());
+        Server::bind_over(settings, meta, inherited, tracer).await
+    }
+
+    /// [`Server::bind_with`] over a store already behind its metadata
+    /// cache and with a tracer (both of which `run` shares with the
+    /// control socket).
+    async fn bind_over(
+        mut settings: Settings,
+        meta: Arc<MetaCache>,
         mut inherited: Inherited,
+        tracer: Arc<crate::trace::Tracer>,
     ) -> Result<Server, ServerError> {
         let http = TokenSource::http_client()?;
         settings.discover(&http).await?;
         let settings = Arc::new(settings);
-        let vault = Arc::new(vault_for(&settings, store)?);
+        let vault = Arc::new(vault_for(&settings, meta.clone())?);
         tracing::info!(
             kdf_concurrency = vault.kdf_gate().cap(),
             automatic = settings.server.kdf_concurrency == 0,
@@ -293,7 +318,6 @@ impl Server {
         } else {
             None
         };
-        let tracer = Arc::new(crate::trace::Tracer::new());
         let mut listeners = Vec::new();
         for l in &settings.listeners {
             let tls = match (l.tls, &l.cert) {
@@ -385,6 +409,8 @@ impl Server {
             refresh_timeout: settings.server.refresh_timeout(),
             background_refresh,
             spool,
+            meta,
+            meta_flush_every: META_FLUSH_EVERY,
             tracer,
         })
     }
@@ -400,6 +426,21 @@ impl Server {
                 .account_for(name)
                 .map(|a| a.name)
         })
+    }
+
+    /// The store as the server uses it: account metadata written behind
+    /// (see [`crate::store::meta_cache`]), everything else passed on. The
+    /// control socket serves this one, so `mailbridge account list` sees
+    /// what the status page sees.
+    pub fn store(&self) -> Arc<dyn TokenStore> {
+        self.meta.clone()
+    }
+
+    /// Writes the accounts' metadata to the store every `every` instead
+    /// of [`META_FLUSH_EVERY`] (and still at shutdown).
+    pub fn with_meta_flush_every(mut self, every: Duration) -> Server {
+        self.meta_flush_every = every;
+        self
     }
 
     /// The bound addresses, in config order (useful with port 0).
@@ -686,6 +727,16 @@ impl Server {
                 }
             })
         });
+        let meta_flusher = {
+            let meta = self.meta.clone();
+            let every = self.meta_flush_every;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    flush_meta(&meta).await;
+                }
+            })
+        };
         systemd::ready(&status_line());
         let informer = tokio::spawn(systemd::keep_informed({
             let status_line = status_line.clone();
@@ -743,6 +794,9 @@ impl Server {
         }
         // A rotated token the store could not take: one last try.
         self.gateway.vault().save_all_unsaved().await;
+        // The logins' metadata, now that no session can change it.
+        meta_flusher.abort();
+        flush_meta(&self.meta).await;
         grant_events.abort();
         // The watchdog is fed until the very end: a long drain is not a
         // hang.
@@ -755,6 +809,23 @@ impl Server {
         // Keep `stop_tx` alive until here: sessions treat a dropped sender
         // as "never stopping".
         drop(stop_tx);
+    }
+}
+
+/// Writes the accounts' metadata kept in memory to the store, off the
+/// runtime's threads (the store's writes block).
+async fn flush_meta(meta: &Arc<MetaCache>) {
+    let meta = meta.clone();
+    match tokio::task::spawn_blocking(move || meta.flush()).await {
+        Ok(Ok(n)) => {
+            if n > 0 {
+                tracing::debug!(accounts = n, "accounts' metadata written to the store");
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %crate::report::chain(&e), "cannot write the accounts' metadata to the store; kept in memory and tried again")
+        }
+        Err(_) => tracing::warn!("the metadata write stopped unexpectedly"),
     }
 }
 
@@ -1110,18 +1181,38 @@ pub async fn run(
             Arc::new(store)
         }
     };
-    let server = Server::bind_with(settings, store.clone(), inherited)
-        .await?
-        .with_reloader(reloader);
+    // Logins change metadata; the store sees it every few seconds.
+    let meta = Arc::new(MetaCache::new(store));
+    // `mailbridge trace` asks the control socket; the accounts it may
+    // name are the running configuration's, known once the server is.
+    let tracer = Arc::new(crate::trace::Tracer::new());
+    let serving: Arc<std::sync::OnceLock<std::sync::Weak<Gateway>>> = Arc::default();
+    let desk = {
+        let serving = serving.clone();
+        crate::trace::Desk::new(tracer.clone(), move |name| {
+            serving
+                .get()?
+                .upgrade()?
+                .settings()
+                .account_for(name)
+                .map(|a| a.name)
+        })
+    };
     // `mailbridge account ...` reaches the store through this while we
-    // hold its lock; without it they would need the service stopped.
-    // `mailbridge trace` too.
+    // hold its lock; without it they would need the service stopped. It
+    // serves the server's view (metadata not yet written included). It is
+    // bound before the listeners, so a command run as soon as a listener
+    // answers finds it.
     #[cfg(unix)]
-    let control = crate::net::control::ControlSocket::bind(&dir, store, Some(server.trace_desk()))
+    let control = crate::net::control::ControlSocket::bind(&dir, meta.clone(), Some(desk))
         .map_err(|source| ServerError::Control {
             path: dir.join(crate::store::control::SOCKET_NAME),
             source,
         })?;
+    let server = Server::bind_over(settings, meta, inherited, tracer)
+        .await?
+        .with_reloader(reloader);
+    let _ = serving.set(Arc::downgrade(&server.gateway));
     server.run(shutdown).await;
     #[cfg(unix)]
     drop(control);

@@ -4,6 +4,7 @@
 
 #[cfg(unix)]
 pub mod control;
+pub mod dial;
 pub mod listener;
 pub mod relay;
 pub mod session;

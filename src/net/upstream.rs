@@ -12,7 +12,6 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
@@ -21,8 +20,8 @@ use std::time::Duration;
 use rustls::ClientConfig;
 use secrecy::SecretString;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
+use super::dial::{DialError, Dialer};
 use super::stream::Stream;
 use crate::config::schema::UpstreamTls;
 use mailbridge_proto::farewell;
@@ -256,7 +255,30 @@ impl StartTls<Stream> for RustlsUpgrade<'_> {
 /// cold login costs the longer of the two, not their sum. A refused token
 /// gets one retry with a fresh token on the same connection (see
 /// [`Tokens`]).
+///
+/// Names are resolved and addresses tried by the process's shared
+/// [`Dialer`] (a short cache, happy eyeballs).
 pub async fn login<T: Tokens>(
+    target: &Target<'_>,
+    tls: Arc<ClientConfig>,
+    connect_timeout: Duration,
+    session: Box<dyn UpstreamLogin>,
+    tokens: &T,
+) -> Result<UpstreamConn, UpstreamFailure<T::Error>> {
+    login_via(
+        Dialer::shared(),
+        target,
+        tls,
+        connect_timeout,
+        session,
+        tokens,
+    )
+    .await
+}
+
+/// [`login`], resolving and connecting through `dialer`.
+pub async fn login_via<T: Tokens>(
+    dialer: &Dialer,
     target: &Target<'_>,
     tls: Arc<ClientConfig>,
     connect_timeout: Duration,
@@ -275,7 +297,7 @@ pub async fn login<T: Tokens>(
         ));
     }
     let result = async {
-        let connecting = tokio::time::timeout(connect_timeout, connect(target, &tls));
+        let connecting = tokio::time::timeout(connect_timeout, connect(dialer, target, &tls));
         let stream =
             first
                 .alongside(connecting)
@@ -379,36 +401,26 @@ where
     }
 }
 
-/// TCP to the first address of `target.host` that answers, then the TLS
-/// handshake if TLS is implicit.
+/// TCP to the first address of `target.host` that answers (see
+/// [`Dialer::connect`]), then the TLS handshake if TLS is implicit.
 async fn connect<E: std::error::Error + 'static>(
+    dialer: &Dialer,
     target: &Target<'_>,
     tls: &Arc<ClientConfig>,
 ) -> Result<Stream, UpstreamFailure<E>> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((target.host, target.port))
+    let tcp = dialer
+        .connect(target.host, target.port)
         .await
-        .map_err(|source| UpstreamFailure::Resolve {
-            host: target.host.to_string(),
-            source,
-        })?
-        .collect();
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name has no address");
-    let mut tcp = None;
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(s) => {
-                tcp = Some(s);
-                break;
-            }
-            Err(e) => last = e,
-        }
-    }
-    let Some(tcp) = tcp else {
-        return Err(UpstreamFailure::Connect {
-            server: target.server(),
-            source: last,
-        });
-    };
+        .map_err(|e| match e {
+            DialError::Resolve(source) => UpstreamFailure::Resolve {
+                host: target.host.to_string(),
+                source,
+            },
+            DialError::Connect(source) => UpstreamFailure::Connect {
+                server: target.server(),
+                source,
+            },
+        })?;
     // Login lines are small and each waits for an answer.
     let _ = tcp.set_nodelay(true);
     let plain = Stream::Plain(tcp);

@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub mod control;
+pub mod meta_cache;
 pub mod modes;
 pub mod postgres;
 pub mod seal;

@@ -59,6 +59,9 @@ pub struct Options {
     /// Serve the control socket in `<dir>/state` (as `mailbridge run`
     /// does), so commands such as `mailbridge trace` reach this server.
     pub control_socket: bool,
+    /// How often the server writes account metadata to the store
+    /// (default: the server's own).
+    pub meta_flush_every: Option<Duration>,
 }
 
 impl Default for Options {
@@ -81,6 +84,7 @@ impl Default for Options {
             kdf_memory_kib: 256,
             smtp_listener_extra: "",
             control_socket: false,
+            meta_flush_every: None,
         }
     }
 }
@@ -285,11 +289,14 @@ provider = "sandbox"
                 .unwrap();
         }
         drop(vault);
-        let server = Server::bind(settings, store.clone()).await.unwrap();
+        let mut server = Server::bind(settings, store.clone()).await.unwrap();
+        if let Some(every) = opts.meta_flush_every {
+            server = server.with_meta_flush_every(every);
+        }
         let control = opts.control_socket.then(|| {
             mailbridge::net::control::ControlSocket::bind(
                 &dir.join("state"),
-                store.clone(),
+                server.store(),
                 Some(server.trace_desk()),
             )
             .unwrap()

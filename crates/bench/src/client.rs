@@ -38,6 +38,17 @@ pub enum Route {
         /// A live access token.
         token: String,
     },
+    /// Through a relay that does the TLS upstream itself (haproxy):
+    /// plain text on loopback, then XOAUTH2 with `token` as a direct
+    /// client would.
+    Relay {
+        /// The relay's listener.
+        addr: SocketAddr,
+        /// The mailbox.
+        user: String,
+        /// A live access token.
+        token: String,
+    },
     /// Through mailbridge: plain text on loopback, the local password.
     Proxy {
         /// mailbridge's listener.
@@ -53,7 +64,7 @@ impl Route {
     /// The same direct route with another token (after a refresh).
     pub fn with_token(&self, new: &str) -> Route {
         let mut r = self.clone();
-        if let Route::Direct { token, .. } = &mut r {
+        if let Route::Direct { token, .. } | Route::Relay { token, .. } = &mut r {
             *token = new.to_string();
         }
         r
@@ -209,7 +220,7 @@ impl Imap {
             Route::Direct {
                 addr, tls, name, ..
             } => tls_connect(tcp(*addr).await?, tls, name).await?,
-            Route::Proxy { addr, .. } => Box::new(tcp(*addr).await?),
+            Route::Proxy { addr, .. } | Route::Relay { addr, .. } => Box::new(tcp(*addr).await?),
         };
         let mut c = Imap {
             lines: Lines::new(io, buffer),
@@ -220,7 +231,7 @@ impl Imap {
             return Err(protocol_error("IMAP greeting", greeting));
         }
         match route {
-            Route::Direct { user, token, .. } => {
+            Route::Direct { user, token, .. } | Route::Relay { user, token, .. } => {
                 c.command(&format!("AUTHENTICATE XOAUTH2 {}", xoauth2(user, token)))
                     .await?;
             }
@@ -379,6 +390,16 @@ impl Smtp {
                 }
                 let io = tls_connect(plain.io.into_inner(), tls, name).await?;
                 let mut lines = Lines::new(io, 4096);
+                let pipelining = lines.ehlo().await?;
+                lines
+                    .send(format!("AUTH XOAUTH2 {}\r\n", xoauth2(user, token)).as_bytes())
+                    .await?;
+                Smtp { lines, pipelining }
+            }
+            Route::Relay { addr, user, token } => {
+                let io: Box<dyn Io> = Box::new(tcp(*addr).await?);
+                let mut lines = Lines::new(io, 4096);
+                lines.expect(220, "greeting").await?;
                 let pipelining = lines.ehlo().await?;
                 lines
                     .send(format!("AUTH XOAUTH2 {}\r\n", xoauth2(user, token)).as_bytes())

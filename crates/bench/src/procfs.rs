@@ -8,10 +8,23 @@ pub fn rss_kib(pid: u32) -> io::Result<u64> {
     vm_rss(&status).ok_or_else(|| io::Error::other("no VmRSS line in /proc/PID/status"))
 }
 
+/// Anonymous resident memory (`RssAnon`: the heap and stacks, not the
+/// binary's pages), KiB.
+pub fn rss_anon_kib(pid: u32) -> io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    field_kib(&status, "RssAnon:")
+        .ok_or_else(|| io::Error::other("no RssAnon line in /proc/PID/status"))
+}
+
 /// The `VmRSS:` value of a `/proc/PID/status` text, in KiB.
 pub fn vm_rss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let mut words = line["VmRSS:".len()..].split_whitespace();
+    field_kib(status, "VmRSS:")
+}
+
+/// A `NAME: <n> kB` value of a `/proc/PID/status` text.
+fn field_kib(status: &str, name: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(name))?;
+    let mut words = line[name.len()..].split_whitespace();
     let value: u64 = words.next()?.parse().ok()?;
     match words.next() {
         Some("kB") | None => Some(value),

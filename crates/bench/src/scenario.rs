@@ -40,25 +40,35 @@ pub async fn login_latency(
     total: usize,
     block: usize,
 ) -> io::Result<(Vec<Duration>, Vec<Duration>)> {
+    let mut all = login_latency_all(&[a.clone(), b.clone()], total, block).await?;
+    let tb = all.pop().unwrap_or_default();
+    let ta = all.pop().unwrap_or_default();
+    Ok((ta, tb))
+}
+
+/// [`login_latency`] over any number of routes: blocks of `block` logins
+/// per route in turn, the route that starts a round moving on by one each
+/// round. Timings in the order of `routes`.
+pub async fn login_latency_all(
+    routes: &[Route],
+    total: usize,
+    block: usize,
+) -> io::Result<Vec<Vec<Duration>>> {
     let block = block.max(1);
-    let mut ta = Vec::with_capacity(total);
-    let mut tb = Vec::with_capacity(total);
+    let mut times: Vec<Vec<Duration>> = routes.iter().map(|_| Vec::with_capacity(total)).collect();
     let mut round = 0;
-    while ta.len() < total || tb.len() < total {
-        let order: [(&Route, &mut Vec<Duration>); 2] = if round % 2 == 0 {
-            [(a, &mut ta), (b, &mut tb)]
-        } else {
-            [(b, &mut tb), (a, &mut ta)]
-        };
-        for (route, times) in order {
-            let n = block.min(total - times.len());
+    while times.iter().any(|t| t.len() < total) {
+        for k in 0..routes.len() {
+            let i = (k + round) % routes.len();
+            let n = block.min(total - times[i].len());
             for _ in 0..n {
-                times.push(login_once(route).await?);
+                let t = login_once(&routes[i]).await?;
+                times[i].push(t);
             }
         }
         round += 1;
     }
-    Ok((ta, tb))
+    Ok(times)
 }
 
 /// Logs in, selects INBOX and times one `FETCH set BODY[]`.

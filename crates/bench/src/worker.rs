@@ -38,6 +38,15 @@ pub enum RouteSpec {
         /// A live access token.
         token: String,
     },
+    /// Plain text to a relay that does TLS upstream (haproxy), XOAUTH2.
+    Relay {
+        /// The relay's listener.
+        addr: SocketAddr,
+        /// The mailbox.
+        user: String,
+        /// A live access token.
+        token: String,
+    },
     /// Through mailbridge with the local password.
     Proxy {
         /// mailbridge's listener.
@@ -53,12 +62,15 @@ pub enum RouteSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op")]
 pub enum Job {
-    /// [`scenario::login_latency`] over `a` and `b`.
+    /// [`scenario::login_latency_all`] over `a`, `b` and `more`.
     LoginLatency {
         /// First route.
         a: RouteSpec,
         /// Second route.
         b: RouteSpec,
+        /// Further routes, in the same interleaving.
+        #[serde(default)]
+        more: Vec<RouteSpec>,
         /// Logins per route.
         total: usize,
         /// Logins per block.
@@ -138,12 +150,15 @@ pub enum Job {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "reply")]
 pub enum Reply {
-    /// Per-login timings in microseconds, for `a` and `b`.
+    /// Per-login timings in microseconds, for `a`, `b` and `more`.
     Timings {
         /// Route `a`.
         a: Vec<u64>,
         /// Route `b`.
         b: Vec<u64>,
+        /// The further routes, in order.
+        #[serde(default)]
+        more: Vec<Vec<u64>>,
     },
     /// A FETCH.
     Fetched {
@@ -230,6 +245,11 @@ impl Worker {
                     token: token.clone(),
                 }
             }
+            RouteSpec::Relay { addr, user, token } => Route::Relay {
+                addr: *addr,
+                user: user.clone(),
+                token: token.clone(),
+            },
             RouteSpec::Proxy {
                 addr,
                 user,
@@ -254,12 +274,25 @@ impl Worker {
 
     async fn try_run(&mut self, job: Job) -> io::Result<Reply> {
         Ok(match job {
-            Job::LoginLatency { a, b, total, block } => {
-                let (a, b) = (self.route(&a)?, self.route(&b)?);
-                let (ta, tb) = scenario::login_latency(&a, &b, total, block).await?;
+            Job::LoginLatency {
+                a,
+                b,
+                more,
+                total,
+                block,
+            } => {
+                let mut routes = vec![self.route(&a)?, self.route(&b)?];
+                for r in &more {
+                    routes.push(self.route(r)?);
+                }
+                let mut times = scenario::login_latency_all(&routes, total, block)
+                    .await?
+                    .into_iter()
+                    .map(|t| t.into_iter().map(us).collect::<Vec<u64>>());
                 Reply::Timings {
-                    a: ta.into_iter().map(us).collect(),
-                    b: tb.into_iter().map(us).collect(),
+                    a: times.next().unwrap_or_default(),
+                    b: times.next().unwrap_or_default(),
+                    more: times.collect(),
                 }
             }
             Job::Fetch { route, set } => {

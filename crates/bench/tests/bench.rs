@@ -53,12 +53,16 @@ async fn every_job_both_ways() {
         .run(Job::LoginLatency {
             a: imap_proxy.clone(),
             b: imap_direct.clone(),
+            more: vec![imap_direct.clone()],
             total: 3,
             block: 2,
         })
         .await;
     match reply {
-        Reply::Timings { a, b } => assert_eq!((a.len(), b.len()), (3, 3)),
+        Reply::Timings { a, b, more } => {
+            assert_eq!((a.len(), b.len()), (3, 3));
+            assert_eq!(more.iter().map(Vec::len).collect::<Vec<_>>(), [3]);
+        }
         other => panic!("{other:?}"),
     }
 
@@ -169,4 +173,72 @@ async fn direct_client_refreshes_then_logs_in() {
     }
     assert_eq!(h.provider.refresh_requests() - before, 1);
     h.stop().await;
+}
+
+/// The relay route (plain text and XOAUTH2, as through haproxy), against
+/// sandbox servers that take authentication in plain text, so no TLS
+/// relay is needed here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_route_logs_in_fetches_and_sends_with_xoauth2() {
+    use mailbridge_sandbox::{
+        ImapServer, ImapServerOptions, Provider, ProviderOptions, SandboxTls, SmtpServer,
+        SmtpServerOptions, TestPki,
+    };
+    let pki = TestPki::generate();
+    let provider = Provider::start(ProviderOptions::default()).await.unwrap();
+    let imap = ImapServer::start(
+        ImapServerOptions {
+            tls: SandboxTls::Plain,
+            ..ImapServerOptions::default()
+        },
+        provider.validator(),
+        &pki,
+    )
+    .await
+    .unwrap();
+    let smtp = SmtpServer::start(
+        SmtpServerOptions {
+            tls: SandboxTls::Plain,
+            ..SmtpServerOptions::default()
+        },
+        provider.validator(),
+        &pki,
+    )
+    .await
+    .unwrap();
+    let relay = |addr| RouteSpec::Relay {
+        addr,
+        user: USER.into(),
+        token: provider.issue_access_token(USER, "mail", std::time::Duration::from_secs(3600)),
+    };
+    imap.append(USER, "INBOX", vec![b'x'; 5_000]);
+    let mut w = Worker::default();
+    match w
+        .run(Job::Fetch {
+            route: relay(imap.addr()),
+            set: "1:*".into(),
+        })
+        .await
+    {
+        Reply::Fetched {
+            messages, bytes, ..
+        } => assert_eq!((messages, bytes), (1, 5_000)),
+        other => panic!("{other:?}"),
+    }
+    let reply = w
+        .run(Job::Smtp {
+            route: relay(smtp.addr()),
+            sessions: 1,
+            messages: 2,
+            size: 10_000,
+            from: None,
+            to: None,
+        })
+        .await;
+    assert!(matches!(reply, Reply::Elapsed { .. }), "{reply:?}");
+    assert_eq!(smtp.message_count(), 2);
+    assert_eq!(imap.logins(), 1);
+    imap.shutdown();
+    smtp.shutdown();
+    provider.shutdown();
 }

@@ -823,8 +823,6 @@ enum UpState {
     StartTls { tag: String },
     /// Emitted `StartTls`; waiting for `tls_started`.
     TlsHandshake,
-    /// Sent ID; its answer does not matter.
-    Id { tag: String },
     /// The bearer login (waiting for a token, AUTHENTICATE sent, or
     /// rejected).
     Login {
@@ -846,7 +844,6 @@ impl UpState {
             UpState::Capability { .. } => "capability",
             UpState::StartTls { .. } => "starttls",
             UpState::TlsHandshake => "tls-handshake",
-            UpState::Id { .. } => "id",
             UpState::Login { .. } => "login",
             UpState::Done => "done",
             UpState::Failed => "failed",
@@ -857,7 +854,10 @@ impl UpState {
 /// mailbridge's login to the real IMAP server: greeting, capabilities,
 /// optional STARTTLS and ID, then AUTHENTICATE XOAUTH2 or OAUTHBEARER
 /// (`crate::bearer`; with SASL-IR when the server announces it) with the
-/// failure challenge absorbed. Tags are `mb1`, `mb2`, ...
+/// failure challenge absorbed. ID is pipelined with AUTHENTICATE: its
+/// answer is not waited for (RFC 2971 allows ID in any state, and the
+/// server answers in order), so it costs no round trip. Tags are `mb1`,
+/// `mb2`, ...
 pub struct ImapUpstreamLogin {
     opts: UpstreamOptions,
     framer: Framer,
@@ -871,6 +871,9 @@ pub struct ImapUpstreamLogin {
     caps: Vec<String>,
     tls_done: bool,
     id_sent: bool,
+    /// The tag of the ID command sent, until its tagged answer (whatever
+    /// it says) has been read and set aside.
+    id_tag: Option<String>,
     /// The bearer login: mechanism, token, challenge, retry.
     bearer: Bearer,
     /// The greeting was accepted.
@@ -912,6 +915,7 @@ impl ImapUpstreamLogin {
             caps: Vec::new(),
             tls_done: false,
             id_sent: false,
+            id_tag: None,
             bearer: Bearer::new(opts.preference.clone()),
             greeted: false,
             offered: None,
@@ -943,7 +947,8 @@ impl ImapUpstreamLogin {
         };
     }
 
-    /// With the pre-auth capabilities known: STARTTLS, ID, then the token.
+    /// With the pre-auth capabilities known: STARTTLS, then ID and the
+    /// token at once.
     fn proceed(&mut self) -> Result<(), UpstreamError> {
         if self.opts.starttls && !self.tls_done {
             if !self.has_cap("STARTTLS") {
@@ -961,8 +966,7 @@ impl ImapUpstreamLogin {
             self.id_sent = true;
             let tag = self.tag();
             self.send(format!("{tag} ID {id}\r\n"));
-            self.state = UpState::Id { tag };
-            return Ok(());
+            self.id_tag = Some(tag);
         }
         // `AUTH=XOAUTH2` and the like.
         let auth_caps: Vec<&str> = self
@@ -1057,6 +1061,12 @@ impl ImapUpstreamLogin {
         if p.kind == Kind::Bye {
             return Err(unexpected("the server closed the session", msg));
         }
+        // The pipelined ID's answer: OK, NO or BAD, ID is a courtesy and its
+        // outcome changes nothing.
+        if p.tag.is_some() && p.tag == self.id_tag {
+            self.id_tag = None;
+            return Ok(());
+        }
         let ours = |tag: &str| p.tag.as_deref() == Some(tag);
         match &mut self.state {
             UpState::Capability {
@@ -1108,19 +1118,6 @@ impl ImapUpstreamLogin {
                 self.state = UpState::TlsHandshake;
                 self.queue.push_back(UpstreamStep::StartTls);
                 Ok(())
-            }
-            UpState::Id { tag } => {
-                if p.tag.is_none() {
-                    if p.kind == Kind::Continue {
-                        return Err(unexpected("unexpected continuation request", msg));
-                    }
-                    return Ok(());
-                }
-                if !ours(tag) {
-                    return Err(unexpected("response with an unknown tag", msg));
-                }
-                // OK, NO or BAD: ID is a courtesy, its outcome changes nothing.
-                self.proceed()
             }
             UpState::Login { .. } if !self.bearer.awaits_server() => Ok(()),
             UpState::Login { tag, caps } => {
@@ -2307,19 +2304,33 @@ mod tests {
                 &mut u,
                 b"* OK [CAPABILITY IMAP4rev1 ID SASL-IR AUTH=XOAUTH2] hi\r\n"
             ),
-            [send("mb1 ID (\"name\" \"Thunderbird\")\r\n")]
-        );
-        assert_eq!(
-            up_feed(
-                &mut u,
-                b"* ID (\"name\" {5}\r\nDove\" \"x\" NIL)\r\nmb1 OK ID completed\r\n"
-            ),
-            [Up::NeedToken]
+            // Pipelined: the token is asked for without waiting for ID's
+            // answer.
+            [send("mb1 ID (\"name\" \"Thunderbird\")\r\n"), Up::NeedToken]
         );
         assert_eq!(
             provide(&mut u),
             [send(&format!("mb2 AUTHENTICATE XOAUTH2 {}\r\n", xo()))]
         );
+        // ID's answer (a literal in it, whatever it says) comes first and
+        // is set aside.
+        assert_eq!(
+            up_feed(
+                &mut u,
+                b"* ID (\"name\" {5}\r\nDove\" \"x\" NIL)\r\nmb1 OK ID completed\r\n\
+                  mb2 OK [CAPABILITY IMAP4rev1 IDLE] done\r\n"
+            ),
+            [Up::Ok(caps("IMAP4rev1 IDLE"), String::new())]
+        );
+        // Refused or answered before the token is there: the same.
+        let mut u = ImapUpstreamLogin::new(opts.clone());
+        up_feed(
+            &mut u,
+            b"* OK [CAPABILITY IMAP4rev1 ID AUTH=XOAUTH2] hi\r\n",
+        );
+        assert_eq!(up_feed(&mut u, b"mb1 BAD no ID here\r\n"), []);
+        assert_eq!(provide(&mut u), [send("mb2 AUTHENTICATE XOAUTH2\r\n")]);
+        assert_eq!(up_feed(&mut u, b"+ \r\n"), [send(&format!("{}\r\n", xo()))]);
         // Not offered: no ID.
         let mut u = ImapUpstreamLogin::new(opts);
         assert_eq!(
@@ -2336,10 +2347,13 @@ mod tests {
                 software: Some(("mailbridge".into(), "1.2.3".into())),
                 ..UpstreamOptions::default()
             });
-            up_feed(
+            let mut steps = up_feed(
                 &mut u,
                 b"* OK [CAPABILITY IMAP4rev1 ID SASL-IR AUTH=XOAUTH2] hi\r\n",
-            )
+            );
+            // ID, then the token asked for at once (pipelined).
+            assert_eq!(steps.pop(), Some(Up::NeedToken));
+            steps
         };
         assert_eq!(
             first_line(None),

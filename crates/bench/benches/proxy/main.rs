@@ -32,7 +32,8 @@ use mailbridge_sandbox::{
     TestPki,
 };
 
-use process::{Clients, Forwarder, Mailbridge, free_port, import};
+use mailbridge_sandbox::SandboxTls;
+use process::{Clients, Forwarder, Haproxy, Mailbridge, free_port, import};
 
 const ALICE: &str = "alice@example.com";
 /// The account of the refresh scenario, so revoking its tokens leaves the
@@ -66,6 +67,8 @@ struct Plan {
     /// Also measure against the interop suite's real servers when they
     /// can run here.
     real: bool,
+    /// Also measure through haproxy when it is installed.
+    haproxy: bool,
 }
 
 impl Plan {
@@ -88,6 +91,7 @@ impl Plan {
             only: Vec::new(),
             keep: false,
             real: true,
+            haproxy: true,
         }
     }
 
@@ -108,7 +112,7 @@ impl Plan {
 }
 
 const USAGE: &str = "usage: cargo bench --bench proxy [-- [--quick] [--out FILE] \
-                     [--sessions N,N] [--logins N] [--only login,wan,fetch,smtp,refresh,idle] [--keep] [--no-real]]";
+                     [--sessions N,N] [--logins N] [--only login,wan,fetch,smtp,refresh,idle] [--keep] [--no-real] [--no-haproxy]]";
 const SCENARIOS: [&str; 6] = ["login", "wan", "fetch", "smtp", "refresh", "idle"];
 
 fn parse_args() -> Result<Option<Plan>, String> {
@@ -129,6 +133,7 @@ fn parse_args() -> Result<Option<Plan>, String> {
             "--bench" | "--quick" => {}
             "--keep" => plan.keep = true,
             "--no-real" => plan.real = false,
+            "--no-haproxy" => plan.haproxy = false,
             "--only" => {
                 plan.only = it
                     .next()
@@ -233,6 +238,15 @@ struct Env {
     /// The direct routes through a bare TCP forwarder (the floor table).
     fwd_imap: Option<RouteSpec>,
     fwd_smtp: Option<RouteSpec>,
+    /// The routes through haproxy, when it runs: plain text to it,
+    /// XOAUTH2 with a live token; its SMTP goes to `smtp_tls`.
+    haproxy_imap: Option<RouteSpec>,
+    haproxy_smtp: Option<RouteSpec>,
+    /// haproxy's process, for its CPU time.
+    haproxy_pid: Option<u32>,
+    /// A second sandbox SMTP server with implicit TLS, for haproxy (which
+    /// cannot do STARTTLS); same code as `smtp`.
+    smtp_tls: SmtpServer,
     notes: Vec<String>,
 }
 
@@ -246,6 +260,12 @@ impl Env {
             Reply::Elapsed { elapsed_us } => Ok(Duration::from_micros(elapsed_us)),
             other => bail!("unexpected reply {other:?}"),
         }
+    }
+
+    /// haproxy's CPU time so far, when it runs.
+    fn haproxy_cpu(&self) -> Option<Duration> {
+        self.haproxy_pid
+            .and_then(|pid| mailbridge_bench::procfs::cpu_time(pid).ok())
     }
 
     fn login(&mut self, route: &RouteSpec) -> anyhow::Result<()> {
@@ -407,6 +427,39 @@ provider = "sandbox"
     let clients = Clients::start()?;
     let fwd_imap = Forwarder::start(imap.addr())?;
     let fwd_smtp = Forwarder::start(smtp.addr())?;
+    let smtp_tls = SmtpServer::start(
+        SmtpServerOptions {
+            tls: SandboxTls::Implicit,
+            ..SmtpServerOptions::default()
+        },
+        provider.validator(),
+        &pki,
+    )
+    .await?;
+    let haproxy = if plan.haproxy {
+        say("starting haproxy (TCP mode, TLS to the servers)");
+        Haproxy::start(&dir, &ca, "localhost", imap.addr(), Some(smtp_tls.addr())).await
+    } else {
+        Err("not asked for (--no-haproxy)".to_string())
+    };
+    let relay = |addr, user: &str| RouteSpec::Relay {
+        addr,
+        user: user.to_string(),
+        token: provider.issue_access_token(user, "mail", Duration::from_secs(4 * 3600)),
+    };
+    let (haproxy_imap, haproxy_smtp, haproxy_pid) = match &haproxy {
+        Ok(h) => (
+            Some(relay(h.imap, ALICE)),
+            h.smtp.map(|a| relay(a, ALICE)),
+            Some(h.pid()),
+        ),
+        Err(why) => {
+            let msg = format!("no haproxy column: {why}");
+            say(&msg);
+            notes.push(msg);
+            (None, None, None)
+        }
+    };
     let mut env = Env {
         fwd_imap: Some(direct(fwd_imap.addr, ALICE)),
         fwd_smtp: Some(direct(fwd_smtp.addr, ALICE)),
@@ -417,6 +470,10 @@ provider = "sandbox"
         bob_direct: direct(imap.addr(), BOB),
         bob_proxy: proxy(mb_imap, BOB),
         bob_refresh: provider.issue_refresh_token(BOB, "mail"),
+        haproxy_imap,
+        haproxy_smtp,
+        haproxy_pid,
+        smtp_tls,
         clients,
         provider,
         imap,
@@ -430,6 +487,7 @@ provider = "sandbox"
     env.call(Job::LoginLatency {
         a: p,
         b: d,
+        more: env.haproxy_imap.clone().into_iter().collect(),
         total: 20,
         block: 5,
     })?;
@@ -446,13 +504,23 @@ provider = "sandbox"
             plan.logins
         ));
         let (p, d) = (env.proxy_imap.clone(), env.direct_imap.clone());
+        let routes = with_haproxy(&[p, d.clone()], &env.haproxy_imap);
         let before = cpu(&mb);
-        let s = login_samples(&mut env, &p, &d, &plan)?;
+        let h_before = env.haproxy_cpu();
+        let s = login_samples(&mut env, &routes, &plan)?;
         let used = cpu(&mb) - before;
+        let per_login = used.as_secs_f64() * 1e3 / plan.logins as f64;
         env.notes.push(format!(
-            "mailbridge CPU time per login: {:.0} us (user + system, all threads)",
-            used.as_secs_f64() * 1e6 / plan.logins as f64
+            "mailbridge CPU time per login: {:.0} us (user + system, all threads; target <= 300 us: {})",
+            per_login * 1e3,
+            if per_login <= 0.3 { "met" } else { "**not met**" }
         ));
+        if let (Some(b), Some(a)) = (h_before, env.haproxy_cpu()) {
+            env.notes.push(format!(
+                "for scale, haproxy's CPU time per login it relayed (TCP, TLS to the server): {:.0} us",
+                (a - b).as_secs_f64() * 1e6 / plan.logins as f64
+            ));
+        }
         rows.extend(login_rows(&plan, &s));
         // For scale: what the same login costs the direct client itself.
         let client_pid = env.clients.pid();
@@ -461,6 +529,7 @@ provider = "sandbox"
         env.call(Job::LoginLatency {
             a: d.clone(),
             b: d.clone(),
+            more: Vec::new(),
             total: n,
             block: n,
         })?;
@@ -472,7 +541,7 @@ provider = "sandbox"
         ));
         if let Some(fwd) = &env.fwd_imap {
             let (f, d) = (fwd.clone(), env.direct_imap.clone());
-            floor.extend(login_rows(&plan, &login_samples(&mut env, &f, &d, &plan)?));
+            floor.extend(login_rows(&plan, &login_samples(&mut env, &[f, d], &plan)?));
         }
     }
     let mut wan = Vec::new();
@@ -488,18 +557,27 @@ provider = "sandbox"
         ));
         fill_mailbox(&env, &plan);
         let (p, d) = (env.proxy_imap.clone(), env.direct_imap.clone());
+        let routes = with_haproxy(&[p, d], &env.haproxy_imap);
         let before = cpu(&mb);
-        let s = fetch_samples(&mut env, &p, &d, &plan)?;
+        let h_before = env.haproxy_cpu();
+        let s = fetch_samples(&mut env, &routes, &plan)?;
         let used = cpu(&mb) - before;
         let mb_moved = (plan.fetch_rounds * plan.mailbox_messages * plan.message_size) as f64 / 1e6;
+        let per_mb = used.as_secs_f64() * 1e3 / mb_moved;
         env.notes.push(format!(
-            "mailbridge CPU time per MB fetched: {:.2} ms",
-            used.as_secs_f64() * 1e3 / mb_moved
+            "mailbridge CPU time per MB fetched: {per_mb:.2} ms (target <= 0.6 ms: {})",
+            if per_mb <= 0.6 { "met" } else { "**not met**" }
         ));
+        if let (Some(b), Some(a)) = (h_before, env.haproxy_cpu()) {
+            env.notes.push(format!(
+                "for scale, haproxy's CPU time per MB it relayed: {:.2} ms",
+                (a - b).as_secs_f64() * 1e3 / mb_moved
+            ));
+        }
         rows.push(fetch_row(&plan, &s));
         if let Some(fwd) = &env.fwd_imap {
             let (f, d) = (fwd.clone(), env.direct_imap.clone());
-            floor.push(fetch_row(&plan, &fetch_samples(&mut env, &f, &d, &plan)?));
+            floor.push(fetch_row(&plan, &fetch_samples(&mut env, &[f, d], &plan)?));
         }
     }
     if wants("smtp") {
@@ -511,17 +589,26 @@ provider = "sandbox"
                 plan.smtp_rounds
             ));
             let (p, d) = (env.proxy_smtp.clone(), env.direct_smtp.clone());
+            let routes = with_haproxy(&[p, d], &env.haproxy_smtp);
             let before = cpu(&mb);
-            let s = smtp_samples(&mut env, &p, &d, sessions, &plan)?;
+            let h_before = env.haproxy_cpu();
+            let s = smtp_samples(&mut env, &routes, sessions, &plan)?;
             let used = cpu(&mb) - before;
+            let sent = (plan.smtp_rounds * plan.smtp_messages) as f64;
             env.notes.push(format!(
                 "mailbridge CPU time per SMTP message ({sessions} session(s)): {:.0} us",
-                used.as_secs_f64() * 1e6 / (plan.smtp_rounds * plan.smtp_messages) as f64
+                used.as_secs_f64() * 1e6 / sent
             ));
+            if let (Some(b), Some(a)) = (h_before, env.haproxy_cpu()) {
+                env.notes.push(format!(
+                    "for scale, haproxy's CPU time per SMTP message ({sessions} session(s)): {:.0} us",
+                    (a - b).as_secs_f64() * 1e6 / sent
+                ));
+            }
             rows.push(smtp_row(&plan, sessions, &s));
             if let Some(fwd) = &env.fwd_smtp {
                 let (f, d) = (fwd.clone(), env.direct_smtp.clone());
-                let s = smtp_samples(&mut env, &f, &d, sessions, &plan)?;
+                let s = smtp_samples(&mut env, &[f, d], sessions, &plan)?;
                 floor.push(smtp_row(&plan, sessions, &s));
             }
         }
@@ -529,7 +616,7 @@ provider = "sandbox"
     let mut real_rows = Vec::new();
     let real_why = match &real {
         Ok(r) => {
-            real_rows = real_servers(&mut env, &plan, r, mb_imap, mb_smtp, &wants)?;
+            real_rows = real_servers(&mut env, &plan, r, mb_imap, mb_smtp, &wants, &dir).await?;
             None
         }
         Err(why) => Some(why.clone()),
@@ -548,8 +635,10 @@ provider = "sandbox"
     }
     let mb_limit = mb.open_files_limit();
     mb.stop().await?;
+    drop(haproxy);
     env.imap.shutdown();
     env.smtp.shutdown();
+    env.smtp_tls.shutdown();
     env.provider.shutdown();
 
     drop((fwd_imap, fwd_smtp));
@@ -683,24 +772,30 @@ fn time_of_day_utc_date() -> String {
     )
 }
 
-/// Sequential login timings (ms) over `a` and `b`, interleaved.
+/// `routes` and, when haproxy runs, its route last.
+fn with_haproxy(routes: &[RouteSpec], haproxy: &Option<RouteSpec>) -> Vec<RouteSpec> {
+    routes.iter().chain(haproxy).cloned().collect()
+}
+
+/// Sequential login timings (ms) over each of `routes` (at least two),
+/// interleaved; in the order of `routes`.
 fn login_samples(
     env: &mut Env,
-    a: &RouteSpec,
-    b: &RouteSpec,
+    routes: &[RouteSpec],
     plan: &Plan,
-) -> anyhow::Result<[Vec<f64>; 2]> {
+) -> anyhow::Result<Vec<Vec<f64>>> {
     let job = Job::LoginLatency {
-        a: a.clone(),
-        b: b.clone(),
+        a: routes[0].clone(),
+        b: routes[1].clone(),
+        more: routes[2..].to_vec(),
         total: plan.logins,
         block: plan.login_block,
     };
-    let Reply::Timings { a, b } = env.call(job)? else {
+    let Reply::Timings { a, b, more } = env.call(job)? else {
         bail!("unexpected reply to LoginLatency");
     };
     let ms = |v: Vec<u64>| -> Vec<f64> { v.into_iter().map(|u| u as f64 / 1000.0).collect() };
-    Ok([ms(a), ms(b)])
+    Ok([a, b].into_iter().chain(more).map(ms).collect())
 }
 
 /// To make mailbridge refresh on its next login: its cached token is
@@ -789,7 +884,7 @@ provider = "sandbox"
     };
     // The first login pays Argon2 and the token refresh.
     env.login(&proxy)?;
-    let s = login_samples(env, &proxy, &direct, &wan_plan)?;
+    let s = login_samples(env, &[proxy.clone(), direct.clone()], &wan_plan)?;
     let cold = cold_token_logins(env, &proxy, &direct, (logins / 10).max(3)).await;
     mb.stop().await?;
     drop(fwd);
@@ -798,6 +893,8 @@ provider = "sandbox"
         proxy: percentile(&s[0], p),
         direct: percentile(&s[1], p),
         decimals: 2,
+        haproxy: None,
+        vs_haproxy: Target::None,
         target: Target::None,
     };
     let mut rows = vec![row("median", 50.0), row("p95", 95.0)];
@@ -875,6 +972,8 @@ async fn cold_token_logins(
             proxy: median(&samples[0]),
             direct: median(&samples[1]),
             decimals: 2,
+            haproxy: None,
+            vs_haproxy: Target::None,
             target: Target::None,
         },
         Row {
@@ -882,12 +981,29 @@ async fn cold_token_logins(
             proxy: refreshes.iter().copied().max().map(|m| m as f64),
             direct: Some(1.0),
             decimals: 0,
+            haproxy: None,
+            vs_haproxy: Target::None,
             target: Target::Check("exactly 1", one_each),
         },
     ])
 }
 
-fn login_rows(plan: &Plan, s: &[Vec<f64>; 2]) -> Vec<Row> {
+/// Samples `[mailbridge, direct, haproxy if measured]`: the haproxy
+/// figure, when there is one, with its target.
+fn haproxy_of(
+    s: &[Vec<f64>],
+    f: impl Fn(&[f64]) -> Option<f64>,
+    target: Target,
+) -> (Option<f64>, Target) {
+    match s.get(2) {
+        Some(h) => (f(h), target),
+        None => (None, Target::None),
+    }
+}
+
+fn login_rows(plan: &Plan, s: &[Vec<f64>]) -> Vec<Row> {
+    let (h_median, vs_median) = haproxy_of(s, median, Target::AtMost(1.05));
+    let (h_p95, _) = haproxy_of(s, |v| percentile(v, 95.0), Target::None);
     vec![
         Row {
             what: format!(
@@ -897,6 +1013,8 @@ fn login_rows(plan: &Plan, s: &[Vec<f64>; 2]) -> Vec<Row> {
             proxy: median(&s[0]),
             direct: median(&s[1]),
             decimals: 3,
+            haproxy: h_median,
+            vs_haproxy: vs_median,
             target: Target::AtMost(1.2),
         },
         Row {
@@ -904,6 +1022,8 @@ fn login_rows(plan: &Plan, s: &[Vec<f64>; 2]) -> Vec<Row> {
             proxy: percentile(&s[0], 95.0),
             direct: percentile(&s[1], 95.0),
             decimals: 3,
+            haproxy: h_p95,
+            vs_haproxy: Target::None,
             target: Target::AtMost(1.2),
         },
     ]
@@ -917,29 +1037,27 @@ fn fill_mailbox(env: &Env, plan: &Plan) {
     }
 }
 
-/// FETCH rates (MB/s) over `a` and `b`, alternating which goes first.
+/// FETCH rates (MB/s) over each of `routes`, rotating which goes first.
 fn fetch_samples(
     env: &mut Env,
-    a: &RouteSpec,
-    b: &RouteSpec,
+    routes: &[RouteSpec],
     plan: &Plan,
-) -> anyhow::Result<[Vec<f64>; 2]> {
-    fetch_samples_n(env, a, b, plan, plan.fetch_rounds)
+) -> anyhow::Result<Vec<Vec<f64>>> {
+    fetch_samples_n(env, routes, plan, plan.fetch_rounds)
 }
 
 fn fetch_samples_n(
     env: &mut Env,
-    a: &RouteSpec,
-    b: &RouteSpec,
+    routes: &[RouteSpec],
     plan: &Plan,
     rounds: usize,
-) -> anyhow::Result<[Vec<f64>; 2]> {
+) -> anyhow::Result<Vec<Vec<f64>>> {
     let total = plan.mailbox_messages * plan.message_size;
-    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); routes.len()];
     for round in 0..rounds {
-        for i in 0..2 {
-            let which = (i + round) % 2;
-            let route = if which == 0 { a.clone() } else { b.clone() };
+        for i in 0..routes.len() {
+            let which = (i + round) % routes.len();
+            let route = routes[which].clone();
             let reply = env.call(Job::Fetch {
                 route,
                 set: "1:*".into(),
@@ -961,7 +1079,8 @@ fn fetch_samples_n(
     Ok(rates)
 }
 
-fn fetch_row(plan: &Plan, s: &[Vec<f64>; 2]) -> Row {
+fn fetch_row(plan: &Plan, s: &[Vec<f64>]) -> Row {
+    let (haproxy, vs_haproxy) = haproxy_of(s, median, Target::AtLeast(1.0));
     Row {
         what: format!(
             "IMAP FETCH of a {} MB mailbox, median of {} (MB/s)",
@@ -971,38 +1090,40 @@ fn fetch_row(plan: &Plan, s: &[Vec<f64>; 2]) -> Row {
         proxy: median(&s[0]),
         direct: median(&s[1]),
         decimals: 1,
+        haproxy,
+        vs_haproxy,
         target: Target::AtLeast(0.9),
     }
 }
 
-/// SMTP rates (messages/s) over `a` and `b`, alternating which goes first.
+/// SMTP rates (messages/s) over each of `routes`, rotating which goes
+/// first.
 fn smtp_samples(
     env: &mut Env,
-    a: &RouteSpec,
-    b: &RouteSpec,
+    routes: &[RouteSpec],
     sessions: usize,
     plan: &Plan,
-) -> anyhow::Result<[Vec<f64>; 2]> {
-    smtp_samples_to(env, a, b, sessions, plan, plan.smtp_rounds, None)
+) -> anyhow::Result<Vec<Vec<f64>>> {
+    smtp_samples_to(env, routes, sessions, plan, plan.smtp_rounds, None)
 }
 
 /// As [`smtp_samples`]; `envelope` (from, to) for a real server, which
 /// delivers later, so nothing is counted at its end.
 fn smtp_samples_to(
     env: &mut Env,
-    a: &RouteSpec,
-    b: &RouteSpec,
+    routes: &[RouteSpec],
     sessions: usize,
     plan: &Plan,
     rounds: usize,
     envelope: Option<(&str, &str)>,
-) -> anyhow::Result<[Vec<f64>; 2]> {
-    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+) -> anyhow::Result<Vec<Vec<f64>>> {
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); routes.len()];
     for round in 0..rounds {
-        for i in 0..2 {
-            let which = (i + round) % 2;
-            let route = if which == 0 { a.clone() } else { b.clone() };
+        for i in 0..routes.len() {
+            let which = (i + round) % routes.len();
+            let route = routes[which].clone();
             env.smtp.clear_messages();
+            env.smtp_tls.clear_messages();
             let elapsed = env.elapsed(Job::Smtp {
                 route,
                 sessions,
@@ -1011,7 +1132,7 @@ fn smtp_samples_to(
                 from: envelope.map(|e| e.0.to_string()),
                 to: envelope.map(|e| e.1.to_string()),
             })?;
-            let got = env.smtp.message_count();
+            let got = env.smtp.message_count() + env.smtp_tls.message_count();
             if envelope.is_none() && got != plan.smtp_messages {
                 bail!("SMTP ({which}): {got} messages arrived");
             }
@@ -1019,10 +1140,12 @@ fn smtp_samples_to(
         }
     }
     env.smtp.clear_messages();
+    env.smtp_tls.clear_messages();
     Ok(rates)
 }
 
-fn smtp_row(plan: &Plan, sessions: usize, s: &[Vec<f64>; 2]) -> Row {
+fn smtp_row(plan: &Plan, sessions: usize, s: &[Vec<f64>]) -> Row {
+    let (haproxy, vs_haproxy) = haproxy_of(s, median, Target::AtLeast(1.0));
     Row {
         what: format!(
             "SMTP {} x {} KiB over {sessions} session{}, median of {} (messages/s)",
@@ -1034,6 +1157,8 @@ fn smtp_row(plan: &Plan, sessions: usize, s: &[Vec<f64>; 2]) -> Row {
         proxy: median(&s[0]),
         direct: median(&s[1]),
         decimals: 1,
+        haproxy,
+        vs_haproxy,
         target: Target::AtLeast(0.9),
     }
 }
@@ -1043,6 +1168,8 @@ fn smtp_row(plan: &Plan, sessions: usize, s: &[Vec<f64>; 2]) -> Row {
 fn untargeted(rows: Vec<Row>) -> Vec<Row> {
     rows.into_iter()
         .map(|r| Row {
+            haproxy: None,
+            vs_haproxy: Target::None,
             target: Target::None,
             ..r
         })
@@ -1127,6 +1254,8 @@ async fn refresh(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
             proxy: median(&cached[0]),
             direct: median(&cached[1]),
             decimals: 2,
+            haproxy: None,
+            vs_haproxy: Target::None,
             target: Target::None,
         },
         Row {
@@ -1134,6 +1263,8 @@ async fn refresh(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
             proxy: median(&refreshed[0]),
             direct: median(&refreshed[1]),
             decimals: 2,
+            haproxy: None,
+            vs_haproxy: Target::None,
             target: Target::None,
         },
         Row {
@@ -1141,6 +1272,8 @@ async fn refresh(env: &mut Env, plan: &Plan) -> anyhow::Result<Vec<Row>> {
             proxy: max_refreshes(0),
             direct: max_refreshes(1),
             decimals: 0,
+            haproxy: None,
+            vs_haproxy: Target::None,
             target: Target::Check("exactly 1", one_each),
         },
     ])
@@ -1197,6 +1330,7 @@ async fn idle_sessions(env: &mut Env, mb: &Mailbridge, n: usize) -> anyhow::Resu
     tokio::time::sleep(Duration::from_millis(300)).await;
     let files = mb.open_files();
     let rss_before = mb.rss_kib()?;
+    let anon_before = mb.rss_anon_kib()?;
     let (opened, proxy_time) = burst(env, &proxy, n, "through mailbridge")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_login = mb.rss_kib()?;
@@ -1204,12 +1338,31 @@ async fn idle_sessions(env: &mut Env, mb: &Mailbridge, n: usize) -> anyhow::Resu
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_noop = mb.rss_kib()?;
     open_sessions(env.call(Job::CloseAll)?)?;
+    let closed = Instant::now();
     if !mb.settle(files + 16, Duration::from_secs(60)).await {
         env.notes.push(format!(
             "{n} sessions: mailbridge still had {} files open a minute after the clients left",
             mb.open_files()
         ));
     }
+    // Memory given back: RSS after the sessions closed, at intervals up
+    // to a minute, until it is within 20 % of the idle baseline.
+    let rss_peak = rss_login.max(rss_noop);
+    let goal = rss_before + rss_before / 5;
+    let mut after_close = Vec::new();
+    let mut returned_at = None;
+    for at in [1u64, 2, 5, 10, 20, 30, 45, 60] {
+        let due = closed + Duration::from_secs(at);
+        tokio::time::sleep(due.saturating_duration_since(Instant::now())).await;
+        let rss = mb.rss_kib()?;
+        after_close.push(format!("{at} s: {rss}"));
+        if rss <= goal {
+            returned_at = Some(at);
+            break;
+        }
+    }
+    let rss_last = mb.rss_kib()?;
+    let anon_last = mb.rss_anon_kib()?;
 
     say(&format!("idle sessions: {n} at once, direct"));
     let direct = env.direct_imap.clone();
@@ -1229,12 +1382,27 @@ async fn idle_sessions(env: &mut Env, mb: &Mailbridge, n: usize) -> anyhow::Resu
          logged in, {rss_noop} KiB after a NOOP on each; {proxy_alive} (mailbridge) and \
          {direct_alive} (direct) answered that NOOP"
     ));
+    env.notes.push(format!(
+        "{n} sessions closed: mailbridge RSS (KiB) {}; idle baseline {rss_before}, peak \
+         {rss_peak}, goal <= {goal} (baseline + 20 %): {}",
+        after_close.join(", "),
+        match returned_at {
+            Some(at) => format!("reached within {at} s"),
+            None => "**not reached within 60 s**".to_string(),
+        }
+    ));
+    env.notes.push(format!(
+        "{n} sessions closed: of that, anonymous memory (heap, stacks; RssAnon) {anon_before} \
+         KiB before, {anon_last} KiB at the last sample; the rest is the binary's pages"
+    ));
     Ok(vec![
         Row {
             what: format!("{n} idle IMAP sessions opened at once: logged in"),
             proxy: Some(opened as f64),
             direct: Some(direct_opened as f64),
             decimals: 0,
+            haproxy: None,
+            vs_haproxy: Target::None,
             target: if n >= 10_000 {
                 Target::Check("all", opened == n && proxy_alive == n)
             } else {
@@ -1246,6 +1414,8 @@ async fn idle_sessions(env: &mut Env, mb: &Mailbridge, n: usize) -> anyhow::Resu
             proxy: Some(proxy_time.as_secs_f64()),
             direct: Some(direct_time.as_secs_f64()),
             decimals: 2,
+            haproxy: None,
+            vs_haproxy: Target::None,
             target: Target::None,
         },
         Row {
@@ -1253,13 +1423,28 @@ async fn idle_sessions(env: &mut Env, mb: &Mailbridge, n: usize) -> anyhow::Resu
             proxy: Some(per(rss_login)),
             direct: None,
             decimals: 1,
+            haproxy: None,
+            vs_haproxy: Target::None,
             target: rss_target,
+        },
+        Row {
+            what: format!(
+                "{n} idle IMAP sessions closed: mailbridge RSS over its idle baseline, at the last sample (within 60 s) (%)"
+            ),
+            proxy: Some((rss_last as f64 - rss_before as f64) * 100.0 / rss_before.max(1) as f64),
+            direct: None,
+            decimals: 0,
+            haproxy: None,
+            vs_haproxy: Target::None,
+            target: Target::Check("<= 20 % within 60 s", returned_at.is_some()),
         },
         Row {
             what: format!("{n} idle IMAP sessions, after one NOOP each: RSS per session (KiB)"),
             proxy: Some(per(rss_noop)),
             direct: None,
             decimals: 1,
+            haproxy: None,
+            vs_haproxy: Target::None,
             target: rss_target,
         },
     ])
@@ -1365,14 +1550,17 @@ impl Drop for RealStack {
     }
 }
 
-/// Login, FETCH and SMTP against Dovecot and Postfix, both ways.
-fn real_servers(
+/// Login, FETCH and SMTP against Dovecot and Postfix, each way (and
+/// through haproxy, to Dovecot's implicit-TLS IMAP and Postfix's
+/// submissions port, when it runs).
+async fn real_servers(
     env: &mut Env,
     plan: &Plan,
     r: &RealStack,
     mb_imap: SocketAddr,
     mb_smtp: SocketAddr,
     wants: &dyn Fn(&str) -> bool,
+    dir: &std::path::Path,
 ) -> anyhow::Result<Vec<Row>> {
     let ca_pem = std::fs::read_to_string(&r.ca)?;
     let direct = |port: u16| RouteSpec::Direct {
@@ -1389,10 +1577,41 @@ fn real_servers(
     };
     let (d_imap, d_smtp) = (direct(r.port("imaps")), direct(r.port("submission")));
     let (p_imap, p_smtp) = (proxy(mb_imap), proxy(mb_smtp));
+    let haproxy = if env.haproxy_pid.is_some() {
+        let h_dir = dir.join("haproxy-real");
+        std::fs::create_dir_all(&h_dir)?;
+        let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        match Haproxy::start(
+            &h_dir,
+            &r.ca,
+            "localhost",
+            at(r.port("imaps")),
+            (r.port("submissions") != 0).then(|| at(r.port("submissions"))),
+        )
+        .await
+        {
+            Ok(h) => Some(h),
+            Err(why) => {
+                env.notes
+                    .push(format!("no haproxy column against the real servers: {why}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let relay = |addr: SocketAddr| RouteSpec::Relay {
+        addr,
+        user: r.user.clone(),
+        token: r.access_token.clone(),
+    };
+    let h_imap: Option<RouteSpec> = haproxy.as_ref().map(|h| relay(h.imap));
+    let h_smtp: Option<RouteSpec> = haproxy.as_ref().and_then(|h| h.smtp).map(relay);
     // Warm up: mailbridge's first login pays Argon2 and a refresh.
     env.call(Job::LoginLatency {
         a: p_imap.clone(),
         b: d_imap.clone(),
+        more: h_imap.clone().into_iter().collect(),
         total: 10,
         block: 5,
     })?;
@@ -1400,10 +1619,8 @@ fn real_servers(
     let rounds = plan.fetch_rounds.min(7);
     if wants("login") {
         say("real servers: login latency");
-        rows.extend(login_rows(
-            plan,
-            &login_samples(env, &p_imap, &d_imap, plan)?,
-        ));
+        let routes = with_haproxy(&[p_imap.clone(), d_imap.clone()], &h_imap);
+        rows.extend(login_rows(plan, &login_samples(env, &routes, plan)?));
     }
     if wants("fetch") {
         say("real servers: filling the mailbox over IMAP, then FETCH");
@@ -1413,7 +1630,8 @@ fn real_servers(
             count: plan.mailbox_messages,
             size: plan.message_size,
         })?;
-        let s = fetch_samples_n(env, &p_imap, &d_imap, plan, rounds)?;
+        let routes = with_haproxy(&[p_imap.clone(), d_imap.clone()], &h_imap);
+        let s = fetch_samples_n(env, &routes, plan, rounds)?;
         rows.push(Row {
             what: fetch_row(plan, &s).what.replace(
                 &format!("median of {}", plan.fetch_rounds),
@@ -1426,10 +1644,10 @@ fn real_servers(
         let rounds = plan.smtp_rounds.min(5);
         for sessions in [1, 20] {
             say(&format!("real servers: SMTP over {sessions} session(s)"));
+            let routes = with_haproxy(&[p_smtp.clone(), d_smtp.clone()], &h_smtp);
             let s = smtp_samples_to(
                 env,
-                &p_smtp,
-                &d_smtp,
+                &routes,
                 sessions,
                 plan,
                 rounds,
