@@ -266,6 +266,12 @@ impl Imap {
                 }
                 return Err(protocol_error(text.split(' ').next().unwrap_or(""), line));
             }
+            if line.starts_with(b"+") {
+                // A continuation: in these commands only a refused
+                // XOAUTH2 login asks for one (its error challenge); fail
+                // now rather than wait for a tagged reply that never comes.
+                return Err(protocol_error(text.split(' ').next().unwrap_or(""), line));
+            }
             if let Some(rest) = line.strip_prefix(b"* ") {
                 let text = String::from_utf8_lossy(rest);
                 let mut words = text.split_whitespace();
