@@ -1487,7 +1487,6 @@ struct RealStack {
     client_id: String,
     user: String,
     refresh_token: String,
-    access_token: String,
 }
 
 impl RealStack {
@@ -1531,12 +1530,30 @@ impl RealStack {
             client_id: s("client_id")?,
             user: s("user")?,
             refresh_token: s("refresh_token")?,
-            access_token: s("access_token")?,
         })
     }
 
     fn port(&self, name: &str) -> u16 {
         self.ports.get(name).copied().unwrap_or(0)
+    }
+
+    /// A new access token for the direct client (the provider's live a
+    /// minute: the one from `start` is gone by the time its table runs).
+    fn fresh_access_token(&self) -> anyhow::Result<String> {
+        let out = std::process::Command::new("python3")
+            .arg(Self::script())
+            .arg("token")
+            .arg(&self.dir)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let json: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or(""))
+            .map_err(|_| anyhow::anyhow!("unexpected output from interop.py token: {text}"))?;
+        json["access_token"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("interop.py token gave no access token: {text}"))
     }
 
     /// The provider and account mailbridge needs, for its config.
@@ -1590,19 +1607,25 @@ async fn real_servers(
     dir: &std::path::Path,
 ) -> anyhow::Result<Vec<Row>> {
     let ca_pem = std::fs::read_to_string(&r.ca)?;
-    let direct = |port: u16| RouteSpec::Direct {
+    // Access tokens live a minute at this provider: each phase below takes
+    // a new one for the direct and haproxy routes (`renew`).
+    let mut access_token = r.fresh_access_token()?;
+    let direct = |port: u16, access_token: &str| RouteSpec::Direct {
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
         ca_pem: ca_pem.clone(),
         name: "127.0.0.1".into(),
         user: r.user.clone(),
-        token: r.access_token.clone(),
+        token: access_token.to_string(),
     };
     let proxy = |addr| RouteSpec::Proxy {
         addr,
         user: r.user.clone(),
         password: PASSWORD.to_string(),
     };
-    let (d_imap, d_smtp) = (direct(r.port("imaps")), direct(r.port("submission")));
+    let (mut d_imap, mut d_smtp) = (
+        direct(r.port("imaps"), &access_token),
+        direct(r.port("submission"), &access_token),
+    );
     let (p_imap, p_smtp) = (proxy(mb_imap), proxy(mb_smtp));
     let haproxy = if env.haproxy_pid.is_some() {
         let h_dir = dir.join("haproxy-real");
@@ -1627,13 +1650,30 @@ async fn real_servers(
     } else {
         None
     };
-    let relay = |addr: SocketAddr| RouteSpec::Relay {
+    let relay = |addr: SocketAddr, access_token: &str| RouteSpec::Relay {
         addr,
         user: r.user.clone(),
-        token: r.access_token.clone(),
+        token: access_token.to_string(),
     };
-    let h_imap: Option<RouteSpec> = haproxy.as_ref().map(|h| relay(h.imap));
-    let h_smtp: Option<RouteSpec> = haproxy.as_ref().and_then(|h| h.smtp).map(relay);
+    let mut h_imap: Option<RouteSpec> = haproxy.as_ref().map(|h| relay(h.imap, &access_token));
+    let mut h_smtp: Option<RouteSpec> = haproxy
+        .as_ref()
+        .and_then(|h| h.smtp)
+        .map(|a| relay(a, &access_token));
+    let mut renew = |d_imap: &mut RouteSpec,
+                     d_smtp: &mut RouteSpec,
+                     h_imap: &mut Option<RouteSpec>,
+                     h_smtp: &mut Option<RouteSpec>|
+     -> anyhow::Result<()> {
+        access_token = r.fresh_access_token()?;
+        *d_imap = direct(r.port("imaps"), &access_token);
+        *d_smtp = direct(r.port("submission"), &access_token);
+        if let Some(h) = &haproxy {
+            *h_imap = Some(relay(h.imap, &access_token));
+            *h_smtp = h.smtp.map(|a| relay(a, &access_token));
+        }
+        Ok(())
+    };
     // Warm up: mailbridge's first login pays Argon2 and a refresh.
     env.call(Job::LoginLatency {
         a: p_imap.clone(),
@@ -1646,11 +1686,13 @@ async fn real_servers(
     let rounds = plan.fetch_rounds.min(7);
     if wants("login") {
         say("real servers: login latency");
+        renew(&mut d_imap, &mut d_smtp, &mut h_imap, &mut h_smtp)?;
         let routes = with_haproxy(&[p_imap.clone(), d_imap.clone()], &h_imap);
         rows.extend(login_rows(plan, &login_samples(env, &routes, plan)?));
     }
     if wants("fetch") {
         say("real servers: filling the mailbox over IMAP, then FETCH");
+        renew(&mut d_imap, &mut d_smtp, &mut h_imap, &mut h_smtp)?;
         env.call(Job::Append {
             route: d_imap.clone(),
             mailbox: "INBOX".into(),
@@ -1671,6 +1713,7 @@ async fn real_servers(
         let rounds = plan.smtp_rounds.min(5);
         for sessions in [1, 20] {
             say(&format!("real servers: SMTP over {sessions} session(s)"));
+            renew(&mut d_imap, &mut d_smtp, &mut h_imap, &mut h_smtp)?;
             let routes = with_haproxy(&[p_smtp.clone(), d_smtp.clone()], &h_smtp);
             let s = smtp_samples_to(
                 env,
