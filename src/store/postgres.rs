@@ -427,21 +427,30 @@ fn encode<T: serde::Serialize>(
     })
 }
 
-impl TokenStore for PgStore {
-    fn load_grant(&self, account: &str) -> Result<Option<SealedGrant>, StoreError> {
+impl PgStore {
+    /// One account's JSON record by `sql` (one text column, `$1` the
+    /// account), decoded.
+    fn load_json<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &'static str,
+        account: &str,
+    ) -> Result<Option<T>, StoreError> {
         let name = account.to_owned();
         let text: Option<String> = self.call(move |inner| async move {
             let c = inner.client().await?;
-            let row = c
-                .query_opt(
-                    "SELECT record::text FROM mailbridge_grants WHERE account = $1",
-                    &[&name],
-                )
-                .await
-                .map_err(|e| inner.db(&e))?;
+            let row = c.query_opt(sql, &[&name]).await.map_err(|e| inner.db(&e))?;
             Ok(row.map(|r| r.get(0)))
         })?;
         text.map(|t| decode(account, t.as_bytes())).transpose()
+    }
+}
+
+impl TokenStore for PgStore {
+    fn load_grant(&self, account: &str) -> Result<Option<SealedGrant>, StoreError> {
+        self.load_json(
+            "SELECT record::text FROM mailbridge_grants WHERE account = $1",
+            account,
+        )
     }
 
     fn swap_grant(
@@ -480,19 +489,10 @@ impl TokenStore for PgStore {
     }
 
     fn load_meta(&self, account: &str) -> Result<Option<AccountMeta>, StoreError> {
-        let name = account.to_owned();
-        let text: Option<String> = self.call(move |inner| async move {
-            let c = inner.client().await?;
-            let row = c
-                .query_opt(
-                    "SELECT meta::text FROM mailbridge_meta WHERE account = $1",
-                    &[&name],
-                )
-                .await
-                .map_err(|e| inner.db(&e))?;
-            Ok(row.map(|r| r.get(0)))
-        })?;
-        text.map(|t| decode(account, t.as_bytes())).transpose()
+        self.load_json(
+            "SELECT meta::text FROM mailbridge_meta WHERE account = $1",
+            account,
+        )
     }
 
     fn save_meta(&self, account: &str, meta: &AccountMeta) -> Result<(), StoreError> {
