@@ -134,22 +134,50 @@ account = "{USER}"
         w
     }
 
+    /// Starts `mailbridge run` and returns once it listens and its
+    /// start-up refresh (service key mode) has saved the rotated refresh
+    /// token. A `kill -9` between the provider's rotation and that save
+    /// is the window nobody can close (tests/grant_survival.rs measures
+    /// it); these tests are about the spool, so their kills come after.
     async fn start(&self) -> Running {
+        let log = self.dir.join("run.log");
+        let refreshes_before = self.log_count("background refresh done");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = Command::new(BIN)
             .args(["run", "--config", self.config.to_str().unwrap()])
-            .env("MAILBRIDGE_LOG", "warn")
+            .env("MAILBRIDGE_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let running = Running(child);
-        for _ in 0..500 {
-            if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+        let t0 = Instant::now();
+        let mut listening = false;
+        while t0.elapsed() < Duration::from_secs(20) {
+            listening = listening || tokio::net::TcpStream::connect(self.addr).await.is_ok();
+            if listening && self.log_count("background refresh done") > refreshes_before {
                 return running;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("mailbridge run did not start listening");
+        panic!(
+            "mailbridge run did not start (listening: {listening}); its log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// Lines of the service's log (all runs) that contain `needle`.
+    fn log_count(&self, needle: &str) -> usize {
+        std::fs::read_to_string(self.dir.join("run.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 
     fn queue(&self, args: &[&str]) -> String {
