@@ -620,9 +620,14 @@ async fn trace(args: TraceArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The spool the configuration names.
+/// The spool the configuration names: in the database (whether an
+/// instance runs or not), or the directory as it is.
 fn open_spool(args: &ConfigArgs) -> anyhow::Result<crate::spool::Spool> {
     let settings = load(args)?;
+    if settings.spool_in_database() {
+        return crate::server::open_spool(&settings, false)
+            .context("opening the spool in the database");
+    }
     let dir = settings
         .spool
         .dir

@@ -296,20 +296,15 @@ impl Server {
         // The spool is opened when there is a device or `[spool] dir` is
         // set (so messages queued by a device since removed, or turned to
         // live sending, still go out).
-        let spool_dir = settings
-            .spool
-            .dir
-            .clone()
-            .unwrap_or_else(|| settings.server.state_dir().join("spool"));
         let spool = if !settings.devices.is_empty()
             || settings.spool.dir.is_some()
+            || settings.spool.store.is_some()
             || settings.listeners.iter().any(|l| l.spool)
         {
-            let spool =
-                crate::spool::Spool::open(&spool_dir).map_err(|source| ServerError::Spool {
-                    source: Box::new(source),
-                })?;
-            tracing::info!(dir = %spool_dir.display(), "spool opened");
+            let spool = open_spool(&settings, true).map_err(|source| ServerError::Spool {
+                source: Box::new(source),
+            })?;
+            tracing::info!(location = %spool.location(), "spool opened");
             Some(Arc::new(SpoolRuntime {
                 spool,
                 wake: Arc::new(tokio::sync::Notify::new()),
@@ -993,6 +988,34 @@ fn traced_account(
         request.credentials.user.clone()
     };
     settings.account_for(&name).map(|a| a.name)
+}
+
+/// The spool `settings` name: in the `[server] store` database (a
+/// connection of its own), or the directory, cleaned of what was never
+/// acknowledged. With `adopt` (the service), a spool in the database takes
+/// over the messages of the spool on disk the state directory still holds.
+pub fn open_spool(
+    settings: &Settings,
+    adopt: bool,
+) -> Result<crate::spool::Spool, crate::spool::SpoolError> {
+    if settings.spool_in_database()
+        && let Some(url) = &settings.server.store
+    {
+        let db = crate::store::postgres::PgOptions::from_server(&settings.server)
+            .and_then(|options| crate::store::PgStore::open(url, options))
+            .map_err(crate::spool::SpoolError::Database)?;
+        let spool = crate::spool::Spool::in_database(Arc::new(db));
+        if adopt {
+            spool.adopt_from_disk(&settings.server.state_dir().join("spool"))?;
+        }
+        return Ok(spool);
+    }
+    let dir = settings
+        .spool
+        .dir
+        .clone()
+        .unwrap_or_else(|| settings.server.state_dir().join("spool"));
+    crate::spool::Spool::open(&dir)
 }
 
 /// Stores a device's messages in the spool (on the blocking pool: it

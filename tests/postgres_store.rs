@@ -369,6 +369,13 @@ impl World {
     /// With `relay`, the instances reach the token endpoint through a
     /// [`TokenRelay`].
     async fn new(pg: &Pg, tag: &str, instances: usize, relay: bool) -> World {
+        World::build(pg, tag, instances, relay, false).await
+    }
+
+    /// With `spooling`, service key mode and a spooling device (mfp, from
+    /// 127.0.0.2, sending as alice) on every instance, the spool in the
+    /// database (its default with a database store), retries every second.
+    async fn build(pg: &Pg, tag: &str, instances: usize, relay: bool, spooling: bool) -> World {
         let pki = TestPki::generate();
         let provider = Provider::start(ProviderOptions::default()).await.unwrap();
         let relay = match relay {
@@ -399,6 +406,18 @@ impl World {
         let pw = dir.join("db-password");
         std::fs::write(&pw, format!("{DB_PASSWORD}\n")).unwrap();
         std::fs::set_permissions(&pw, perms(0o600)).unwrap();
+        let key = dir.join("service.key");
+        std::fs::write(&key, [7u8; 32]).unwrap();
+        std::fs::set_permissions(&key, perms(0o600)).unwrap();
+        let (server_extra, tail) = match spooling {
+            true => (
+                format!("key_mode = \"service\"\nkey_file = \"{}\"\n", key.display()),
+                format!(
+                    "\n[spool]\nretry_base_secs = 1\nretry_max_secs = 1\n\n[[device]]\nname = \"mfp\"\nfrom = [\"127.0.0.2\"]\naccount = \"{USER}\"\n"
+                ),
+            ),
+            false => (String::new(), String::new()),
+        };
         let token_url = match &relay {
             Some(r) => format!("http://{}/token", r.addr),
             None => provider.token_url(),
@@ -421,7 +440,7 @@ kdf_memory_kib = 256
 kdf_iterations = 1
 backoff_base_ms = 60000
 backoff_max_secs = 120
-
+{server_extra}
 [[listener]]
 protocol = "imap"
 bind = "{ip}:{p0}"
@@ -441,7 +460,7 @@ token_url = "{token_url}"
 ca_file = "{ca}"
 imap = {{ host = "localhost", port = {imap_port}, tls = "implicit" }}
 pop3 = {{ host = "localhost", port = {pop3_port}, tls = "implicit" }}
-smtp = {{ host = "localhost", port = {smtp_port}, tls = "implicit" }}
+smtp = {{ host = "localhost", port = {smtp_port}, tls = "starttls" }}
 
 [[account]]
 user = "{USER}"
@@ -450,7 +469,7 @@ provider = "sandbox"
 [[account]]
 user = "{BOB}"
 provider = "sandbox"
-"#,
+{tail}"#,
                 state = dir.join(format!("state-{i}")).display(),
                 url = pg.url(),
                 pw = pw.display(),
@@ -675,7 +694,7 @@ async fn fifty_logins_on_two_instances_cause_one_refresh() {
     assert_eq!(
         pg.psql("SELECT max(version) FROM mailbridge_schema_version")
             .trim(),
-        "2"
+        mailbridge::store::postgres::SCHEMA_VERSION.to_string()
     );
     let a = w.start(0).await;
     let b = w.start(1).await;
@@ -960,4 +979,158 @@ async fn the_database_is_reached_over_verified_tls() {
     );
     assert_eq!(clear.trim(), "0");
     w.assert_no_secrets(&pg, &[&a]);
+}
+
+/// Sends one message as the device (from 127.0.0.2) to `addr`; the queue
+/// id from the `250`.
+async fn device_send(addr: SocketAddr, subject: &str) -> String {
+    let mut c = Client::plain_from("127.0.0.2", addr).await;
+    c.smtp_reply().await;
+    c.smtp("HELO mfp").await;
+    let r = c.smtp(&format!("MAIL FROM:<{USER}>")).await;
+    assert!(r.starts_with("250"), "{r}");
+    let r = c.smtp("RCPT TO:<office@x.example>").await;
+    assert!(r.starts_with("250"), "{r}");
+    let r = c.smtp("DATA").await;
+    assert!(r.starts_with("354"), "{r}");
+    c.send(format!("Subject: {subject}\r\n\r\nscan\r\n.\r\n").as_bytes())
+        .await;
+    let reply = c.smtp_reply().await.pop().unwrap_or_default();
+    assert!(reply.starts_with("250 2.0.0 OK: queued as "), "{reply}");
+    reply.rsplit(' ').next().unwrap().to_string()
+}
+
+fn subjects(smtp: &SmtpServer) -> Vec<String> {
+    smtp.messages()
+        .iter()
+        .map(|m| {
+            String::from_utf8_lossy(&m.data)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches("Subject: ")
+                .to_string()
+        })
+        .collect()
+}
+
+/// Waits (bounded) until `running`'s log says its start-up refresh is
+/// done: a `kill -9` before that could fall in the one window nobody can
+/// close (the rotated token on its way), which is not what these tests are
+/// about.
+async fn refreshed(running: &Running) {
+    for _ in 0..2000 {
+        if running.text().contains("background refresh done") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no start-up refresh: {}", running.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_accepted_by_a_killed_instance_is_delivered_by_the_other() {
+    let pg = pg_or_skip!("pg-spool");
+    let w = World::build(&pg, "pg-spool", 2, false, true).await;
+    w.import(USER, PASSWORD);
+    // A message left in the spool on disk from before the move to the
+    // database: A takes it over at start.
+    let left = mailbridge::spool::Spool::open(&w.dir.join("state-0").join("spool"))
+        .unwrap()
+        .store(
+            USER,
+            "mfp",
+            "127.0.0.2",
+            false,
+            &mailbridge_proto::Message {
+                from: USER.into(),
+                recipients: vec!["office@x.example".into()],
+                data: b"Subject: left on disk\r\n\r\nscan\r\n".to_vec(),
+                smtputf8: false,
+                eight_bit: false,
+                client_name: None,
+            },
+        )
+        .unwrap();
+    w.smtp.set_down(true);
+    let mut a = w.start(0).await;
+    let b = w.start(1).await;
+    refreshed(&a).await;
+    refreshed(&b).await;
+
+    // A accepts the message (committed to the database before the 250),
+    // cannot deliver it (the server is down), and dies.
+    let id = device_send(w.addrs[0][2], "accepted by A").await;
+    let (ok, out, err) = w.cli(1, &["queue", "list"], "");
+    assert!(
+        ok && out.contains(&id) && out.contains("queued"),
+        "{out}{err}"
+    );
+    assert!(out.contains(&left.id), "taken over from the disk: {out}");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM mailbridge_spool WHERE area = 'queue'")
+            .trim(),
+        "2"
+    );
+    assert!(
+        std::fs::read_dir(w.dir.join("state-0/spool/queue"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "the disk's copy removed"
+    );
+    a.kill9();
+
+    // B delivers it once the server is back.
+    w.smtp.set_down(false);
+    let t0 = Instant::now();
+    while w.smtp.message_count() < 2 && t0.elapsed() < Duration::from_secs(40) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "delivered by B {} ms after the server came back",
+        t0.elapsed().as_millis()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut got = subjects(&w.smtp);
+    got.sort();
+    assert_eq!(got, ["accepted by A", "left on disk"], "{}", b.text());
+    let (ok, out, err) = w.cli(1, &["queue", "list"], "");
+    assert!(ok && out.contains("the spool is empty"), "{out}{err}");
+
+    // Both alive: messages accepted by either go out exactly once (an
+    // instance sends only what it holds the claim of).
+    let a = w.start(0).await;
+    refreshed(&a).await;
+    w.smtp.set_down(true);
+    let n = 10;
+    for i in 0..n {
+        device_send(w.addrs[i % 2][2], &format!("m{i}")).await;
+    }
+    // `queue delete` works on the database while both run.
+    let doomed = device_send(w.addrs[0][2], "deleted").await;
+    let (ok, out, err) = w.cli(1, &["queue", "delete", &doomed], "");
+    assert!(ok && out.contains("deleted"), "{out}{err}");
+    w.smtp.set_down(false);
+    let t0 = Instant::now();
+    while w.smtp.message_count() < n + 2 && t0.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = subjects(&w.smtp);
+    got.sort();
+    let mut want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    want.push("accepted by A".into());
+    want.push("left on disk".into());
+    want.sort();
+    assert_eq!(got, want, "each once\nA: {}\nB: {}", a.text(), b.text());
+    let sent_by = |r: &Running| r.text().matches("delivered").count();
+    println!(
+        "{n} messages on two instances: A delivered {}, B {}",
+        sent_by(&a),
+        sent_by(&b)
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM mailbridge_spool").trim(), "0");
+    // The database holds no token, and no log a password or token.
+    w.assert_no_secrets(&pg, &[&a, &b]);
 }

@@ -147,11 +147,24 @@ pub struct DeviceConfig {
     pub bounce: bool,
 }
 
+/// `[spool] store`: where the queue lives.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SpoolStore {
+    /// A directory of this instance (`dir`).
+    Disk,
+    /// The `[server] store` database, shared by every instance on it.
+    Database,
+}
+
 /// `[spool]`: the queue of messages from spooling devices.
 #[derive(Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SpoolConfig {
-    /// Where (default: `<state_dir>/spool`).
+    /// On disk or in the database (default: the database when `[server]
+    /// store` names one and `dir` is not set; else on disk).
+    pub store: Option<SpoolStore>,
+    /// Where on disk (default: `<state_dir>/spool`).
     pub dir: Option<PathBuf>,
     /// How long a message is retried before it fails (default 120 hours,
     /// five days, as mail servers do).
@@ -173,6 +186,7 @@ pub struct SpoolConfig {
 impl Default for SpoolConfig {
     fn default() -> Self {
         SpoolConfig {
+            store: None,
             dir: None,
             max_age_hours: defaults::spool_max_age_hours(),
             rate_per_minute: defaults::spool_rate(),

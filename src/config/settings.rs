@@ -134,6 +134,17 @@ impl Listener {
 }
 
 impl Settings {
+    /// Whether the spool lives in the `[server] store` database: asked
+    /// for, or by default when there is one and no `[spool] dir`.
+    pub fn spool_in_database(&self) -> bool {
+        use super::schema::SpoolStore;
+        match self.spool.store {
+            Some(SpoolStore::Database) => true,
+            Some(SpoolStore::Disk) => false,
+            None => self.server.store.is_some() && self.spool.dir.is_none(),
+        }
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -410,7 +421,7 @@ impl Settings {
                 ));
             }
         }
-        check_spool(&raw.spool).map_err(|(key, m)| {
+        check_spool(&raw.spool, raw.server.store.is_some()).map_err(|(key, m)| {
             let at = key_offset(text, "spool", key);
             invalid(at..at, &format!("spool.{key}"), m)
         })?;
@@ -820,7 +831,26 @@ fn check_server(s: &ServerConfig) -> Result<(), (&'static str, String)> {
 }
 
 /// What makes `[spool]` unusable: the key and what to do.
-fn check_spool(s: &super::schema::SpoolConfig) -> Result<(), (&'static str, String)> {
+fn check_spool(
+    s: &super::schema::SpoolConfig,
+    database: bool,
+) -> Result<(), (&'static str, String)> {
+    use super::schema::SpoolStore;
+    match s.store {
+        Some(SpoolStore::Database) if !database => {
+            return Err((
+                "store",
+                "the spool can live in the database only when `[server] store = \"postgres://...\"` names one; set that, or `store = \"disk\"`".into(),
+            ));
+        }
+        Some(SpoolStore::Database) if s.dir.is_some() => {
+            return Err((
+                "store",
+                "`dir` is for a spool on disk; remove it, or set `store = \"disk\"`".into(),
+            ));
+        }
+        _ => {}
+    }
     for (key, value) in [
         ("max_age_hours", s.max_age_hours),
         ("rate_per_minute", u64::from(s.rate_per_minute)),
@@ -1296,6 +1326,30 @@ provider = "corp"
         let spool = format!("{MINIMAL}\n[spool]\nrate_per_minute = 0\n");
         let (field, line, _) = field_and_line(&spool);
         assert_eq!((field.as_str(), line), ("spool.rate_per_minute", 20));
+    }
+
+    #[test]
+    fn the_spool_goes_to_the_database_only_when_there_is_one() {
+        let (field, _, msg) =
+            field_and_line(&format!("{MINIMAL}\n[spool]\nstore = \"database\"\n"));
+        assert_eq!(field, "spool.store");
+        assert!(msg.contains("[server] store"), "{msg}");
+        let db = "[server]\nstore = \"postgres://mb@127.0.0.1/mail\"\n";
+        let (field, _, msg) = field_and_line(&format!(
+            "{db}{MINIMAL}\n[spool]\nstore = \"database\"\ndir = \"/var/spool/x\"\n"
+        ));
+        assert_eq!(field, "spool.store");
+        assert!(msg.contains("dir"), "{msg}");
+        let on = |text: &str| Settings::parse(text, "t").unwrap().spool_in_database();
+        assert!(!on(MINIMAL));
+        assert!(on(&format!("{db}{MINIMAL}")), "by default with a database");
+        assert!(!on(&format!(
+            "{db}{MINIMAL}\n[spool]\ndir = \"/var/spool/x\"\n"
+        )));
+        assert!(!on(&format!("{db}{MINIMAL}\n[spool]\nstore = \"disk\"\n")));
+        assert!(on(&format!(
+            "{db}{MINIMAL}\n[spool]\nstore = \"database\"\n"
+        )));
     }
 
     #[test]

@@ -5,10 +5,11 @@
 //! what was refused for good to the failed area with an alert (and, where
 //! the device asks for it, a report to the sender).
 //!
-//! The queue directory is the truth: the task reads it again every few
-//! seconds and whenever a message is stored, so `mailbridge queue retry`
-//! and `delete` work while the service runs, and a restart picks up where
-//! the last process stopped.
+//! The spool is the truth: the task reads it again every few seconds and
+//! whenever a message is stored, so `mailbridge queue retry` and `delete`
+//! work while the service runs, a restart picks up where the last process
+//! stopped, and with the spool in a shared database, an instance delivers
+//! what another accepted (one at a time: [`Spool::claim`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -143,8 +144,21 @@ async fn pass(
             wait = wait.min(at.saturating_duration_since(Instant::now()));
             continue;
         }
+        // Another instance sharing the database may be sending it.
+        let claim = match spool.claim(&envelope.id) {
+            Ok(Some(claim)) => claim,
+            Ok(None) => {
+                tracing::debug!(id = %envelope.id, "another instance is sending it");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(id = %envelope.id, error = %crate::report::chain(&e), "cannot claim a spooled message; it waits");
+                continue;
+            }
+        };
         pace.note(&envelope.account, Instant::now());
         attempt(spool, gateway, policy, envelope).await;
+        drop(claim);
     }
     wait
 }

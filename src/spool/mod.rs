@@ -1,31 +1,20 @@
-//! The spool: messages from devices that cannot retry, on disk before the
-//! device hears `250`, until they are delivered or fail for good.
+//! The spool: messages from devices that cannot retry, stored durably
+//! before the device hears `250`, until they are delivered or fail for
+//! good. It lives in a directory ([`disk`], the default) or in the shared
+//! PostgreSQL database ([`database`], `[spool] store = "database"`), where
+//! every instance delivers what any instance accepted.
 //!
-//! Layout under the spool directory (0700, files 0600):
-//!
-//! - `tmp/`: a message being written. Nothing here was acknowledged; it
-//!   is removed at start.
-//! - `queue/ID.eml` and `queue/ID.json`: the content (as received, dot-
-//!   unstuffed) and the envelope with its delivery state. The envelope is
-//!   written last, so its presence is what makes a message queued: an
-//!   `.eml` without its `.json` was never acknowledged and is removed.
-//! - `failed/`: the same pair for messages refused for good or too old,
-//!   kept for a person (`mailbridge queue list`, `retry`, `delete`).
-//! - `lock`: held (an advisory file lock) while an entry's state changes,
-//!   by the service and by the `queue` commands alike.
-//!
-//! Durability: both files are written to `tmp/`, flushed (`fsync`), renamed
-//! into `queue/`, and the directory flushed, all before the `250`. After
-//! delivery the envelope is removed first (the commit point), then the
-//! content. A crash between the server's `250` and that removal sends the
-//! message again at the next start: at least once, never lost.
+//! At least once, never lost: a message is stored (flushed, or committed)
+//! before the `250`, and removed only after the server's `250`. A crash
+//! between the two sends it again.
 
+pub mod database;
 pub mod deliver;
+pub mod disk;
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use mailbridge_proto::Message;
 use serde::{Deserialize, Serialize};
@@ -126,91 +115,24 @@ pub enum SpoolError {
         /// The id asked for.
         id: String,
     },
+    /// The spool's database refused or is out of reach.
+    #[error("spool database: {0}")]
+    Database(#[source] crate::store::StoreError),
+    /// A record in the database does not parse.
+    #[error("spool message {id} in the database is damaged: {reason}")]
+    DamagedRecord {
+        /// The queue id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
 }
 
-impl SpoolError {
-    /// A full or failing disk rather than a missing message.
-    pub fn is_storage(&self) -> bool {
-        matches!(self, SpoolError::Io { .. })
-    }
-}
-
-fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
-    move |source| SpoolError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// The spool directory.
-#[derive(Debug, Clone)]
-pub struct Spool {
-    dir: PathBuf,
-}
-
-impl Spool {
-    /// Opens (creating) the spool at `dir`: the directories 0700, `tmp/`
-    /// emptied, content without an envelope removed.
-    pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
-        for sub in ["", "tmp", "queue", "failed"] {
-            let d = dir.join(sub);
-            fs::create_dir_all(&d).map_err(io_at(&d))?;
-            fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).map_err(io_at(&d))?;
-        }
-        let spool = Spool {
-            dir: dir.to_path_buf(),
-        };
-        let tmp = dir.join("tmp");
-        for entry in fs::read_dir(&tmp).map_err(io_at(&tmp))? {
-            let path = entry.map_err(io_at(&tmp))?.path();
-            tracing::info!(file = %path.display(), "removing a message that was never acknowledged");
-            let _ = fs::remove_file(&path);
-        }
-        let queue = dir.join("queue");
-        for entry in fs::read_dir(&queue).map_err(io_at(&queue))? {
-            let path = entry.map_err(io_at(&queue))?.path();
-            if path.extension().is_some_and(|e| e == "eml") && !path.with_extension("json").exists()
-            {
-                tracing::info!(file = %path.display(), "removing content whose envelope was never written (never acknowledged)");
-                let _ = fs::remove_file(&path);
-            }
-        }
-        Ok(spool)
-    }
-
-    /// The spool at `dir` as it is, for the `queue` commands while the
-    /// service may be running (nothing is cleaned up: a message being
-    /// written in `tmp/` is the service's).
-    pub fn open_existing(dir: &Path) -> Result<Spool, SpoolError> {
-        let queue = dir.join("queue");
-        fs::metadata(&queue).map_err(io_at(&queue))?;
-        Ok(Spool {
-            dir: dir.to_path_buf(),
-        })
-    }
-
-    /// The spool directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    fn path(&self, area: Area, id: &str, ext: &str) -> PathBuf {
-        self.dir.join(area.dir()).join(format!("{id}.{ext}"))
-    }
-
-    /// Stores a message durably; returns its envelope. Only after this
-    /// returns may the device hear `250`.
-    pub fn store(
-        &self,
-        account: &str,
-        device: &str,
-        client: &str,
-        bounce: bool,
-        message: &Message,
-    ) -> Result<Envelope, SpoolError> {
-        let id = new_id();
-        let envelope = Envelope {
-            id: id.clone(),
+impl Envelope {
+    /// A new message's envelope, not yet attempted.
+    fn new(account: &str, device: &str, client: &str, bounce: bool, message: &Message) -> Envelope {
+        Envelope {
+            id: new_id(),
             account: account.to_owned(),
             device: device.to_owned(),
             client: client.to_owned(),
@@ -225,47 +147,134 @@ impl Spool {
             last_error: None,
             failed_recipients: Vec::new(),
             bounce,
-        };
-        let tmp_eml = self.dir.join("tmp").join(format!("{id}.eml"));
-        let tmp_json = self.dir.join("tmp").join(format!("{id}.json"));
-        let done = (|| {
-            write_synced(&tmp_eml, &message.data)?;
-            write_synced(&tmp_json, &to_json(&envelope))?;
-            let eml = self.path(Area::Queue, &id, "eml");
-            fs::rename(&tmp_eml, &eml).map_err(io_at(&eml))?;
-            let json = self.path(Area::Queue, &id, "json");
-            fs::rename(&tmp_json, &json).map_err(io_at(&json))?;
-            sync_dir(&self.dir.join("queue"))
-        })();
-        if let Err(e) = done {
-            let _ = fs::remove_file(&tmp_eml);
-            let _ = fs::remove_file(&tmp_json);
-            let _ = fs::remove_file(self.path(Area::Queue, &id, "json"));
-            let _ = fs::remove_file(self.path(Area::Queue, &id, "eml"));
-            return Err(e);
         }
+    }
+}
+
+/// `queue retry`: due now; a failed message starts over, with the
+/// recipients refused for good given another try too.
+fn requeue(area: Area, envelope: &mut Envelope) {
+    envelope.next_attempt_at = 0;
+    if area == Area::Failed {
+        envelope.received_at = unix_now();
+        envelope.attempts = 0;
+        let refused: Vec<String> = envelope
+            .failed_recipients
+            .drain(..)
+            .map(|(r, _)| r)
+            .collect();
+        envelope.recipients.extend(refused);
+    }
+}
+
+/// Where the spool is.
+#[derive(Debug, Clone)]
+enum Backend {
+    Disk(disk::DiskSpool),
+    Database(database::DbSpool),
+}
+
+/// The spool, on disk or in the database.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    backend: Backend,
+}
+
+/// The right to attempt one message: held while it is being sent, so two
+/// instances sharing a database never send it at once. Released when
+/// dropped (or when the process dies).
+pub struct Claim {
+    _held: Option<database::Held>,
+}
+
+macro_rules! each {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &$self.backend {
+            Backend::Disk($s) => $e,
+            Backend::Database($s) => $e,
+        }
+    };
+}
+
+impl Spool {
+    /// Opens (creating) the spool in `dir`: the directories 0700, what was
+    /// never acknowledged removed.
+    pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
+        Ok(Spool {
+            backend: Backend::Disk(disk::DiskSpool::open(dir)?),
+        })
+    }
+
+    /// The spool in `dir` as it is, for the `queue` commands while the
+    /// service may be running.
+    pub fn open_existing(dir: &Path) -> Result<Spool, SpoolError> {
+        Ok(Spool {
+            backend: Backend::Disk(disk::DiskSpool::open_existing(dir)?),
+        })
+    }
+
+    /// The spool in the shared database (its table made by the store's
+    /// schema migrations).
+    pub fn in_database(db: Arc<crate::store::PgStore>) -> Spool {
+        Spool {
+            backend: Backend::Database(database::DbSpool::new(db)),
+        }
+    }
+
+    /// A spool in the database takes over what a spool on disk in `dir`
+    /// still holds (a gateway that moved to a shared database): each
+    /// message is committed to the database, then removed from the disk.
+    /// A crash in between moves it again at the next start, once (the id
+    /// is kept). Returns how many moved; nothing for a spool on disk.
+    pub fn adopt_from_disk(&self, dir: &Path) -> Result<usize, SpoolError> {
+        let Backend::Database(db) = &self.backend else {
+            return Ok(0);
+        };
+        if !dir.join("queue").is_dir() {
+            return Ok(0);
+        }
+        let disk = disk::DiskSpool::open(dir)?;
+        let mut moved = 0;
+        for area in [Area::Queue, Area::Failed] {
+            for envelope in disk.list(area)? {
+                let data = disk.content(area, &envelope.id)?;
+                db.adopt(area, &envelope, &data)?;
+                disk.remove(area, &envelope.id)?;
+                tracing::info!(id = %envelope.id, state = area.name(), from = %dir.display(), "spooled message moved from the disk into the database");
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Where it is, for people (a directory, or the database URL with its
+    /// password hidden).
+    pub fn location(&self) -> String {
+        match &self.backend {
+            Backend::Disk(d) => d.dir().display().to_string(),
+            Backend::Database(d) => d.location(),
+        }
+    }
+
+    /// Stores a message durably; returns its envelope. Only after this
+    /// returns may the device hear `250`.
+    pub fn store(
+        &self,
+        account: &str,
+        device: &str,
+        client: &str,
+        bounce: bool,
+        message: &Message,
+    ) -> Result<Envelope, SpoolError> {
+        let envelope = Envelope::new(account, device, client, bounce, message);
+        each!(self, s => s.store(&envelope, &message.data))?;
         Ok(envelope)
     }
 
-    /// Every entry of `area`, oldest first. Damaged envelopes are logged
-    /// and skipped.
+    /// Every entry of `area`, oldest first. Damaged entries are logged and
+    /// skipped.
     pub fn list(&self, area: Area) -> Result<Vec<Envelope>, SpoolError> {
-        let dir = self.dir.join(area.dir());
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(io_at(&dir))? {
-            let path = entry.map_err(io_at(&dir))?.path();
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            match read_envelope(&path) {
-                Ok(e) => out.push(e),
-                // Delivered or deleted while we looked.
-                Err(SpoolError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!(error = %e, "skipping a spool envelope"),
-            }
-        }
-        out.sort_by(|a, b| (a.received_at, &a.id).cmp(&(b.received_at, &b.id)));
-        Ok(out)
+        each!(self, s => s.list(area))
     }
 
     /// The entry `id` and where it is.
@@ -273,192 +282,56 @@ impl Spool {
         if !valid_id(id) {
             return Err(SpoolError::NotFound { id: id.to_owned() });
         }
-        for area in [Area::Queue, Area::Failed] {
-            let path = self.path(area, id, "json");
-            match read_envelope(&path) {
-                Ok(e) => return Ok((area, e)),
-                Err(SpoolError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Err(SpoolError::NotFound { id: id.to_owned() })
+        each!(self, s => s.find(id))
     }
 
-    /// A queued message's content.
+    /// A message's content.
     pub fn content(&self, area: Area, id: &str) -> Result<Vec<u8>, SpoolError> {
-        let path = self.path(area, id, "eml");
-        fs::read(&path).map_err(io_at(&path))
+        each!(self, s => s.content(area, id))
     }
 
-    /// Runs `f` holding the spool's lock (`lock`, an advisory lock on a
-    /// file): the service's record of an attempt and a `queue` command
-    /// never cross, so a deleted message is not brought back by the
-    /// attempt that was under way.
-    fn locked<T>(&self, f: impl FnOnce() -> Result<T, SpoolError>) -> Result<T, SpoolError> {
-        let path = self.dir.join("lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_at(&path))?;
-        file.lock().map_err(io_at(&path))?;
-        let result = f();
-        drop(file);
-        result
-    }
-
-    /// Replaces a queued envelope (new state after an attempt), unless it
-    /// was deleted meanwhile ([`SpoolError::NotFound`]).
+    /// Replaces an envelope (new state after an attempt), unless it was
+    /// deleted meanwhile ([`SpoolError::NotFound`]).
     pub fn update(&self, area: Area, envelope: &Envelope) -> Result<(), SpoolError> {
-        self.locked(|| {
-            if !self.path(area, &envelope.id, "json").exists() {
-                return Err(SpoolError::NotFound {
-                    id: envelope.id.clone(),
-                });
-            }
-            self.update_unlocked(area, envelope)
-        })
+        each!(self, s => s.update(area, envelope))
     }
 
-    fn update_unlocked(&self, area: Area, envelope: &Envelope) -> Result<(), SpoolError> {
-        let tmp = self
-            .dir
-            .join("tmp")
-            .join(format!("{}.json.new", envelope.id));
-        write_synced(&tmp, &to_json(envelope))?;
-        let path = self.path(area, &envelope.id, "json");
-        fs::rename(&tmp, &path).map_err(io_at(&path))?;
-        sync_dir(&self.dir.join(area.dir()))
-    }
-
-    /// Delivered: the envelope goes first (the commit point), then the
-    /// content.
+    /// Delivered: gone from the spool.
     pub fn remove(&self, area: Area, id: &str) -> Result<(), SpoolError> {
-        self.locked(|| self.remove_unlocked(area, id))
+        each!(self, s => s.remove(area, id))
     }
 
-    fn remove_unlocked(&self, area: Area, id: &str) -> Result<(), SpoolError> {
-        let json = self.path(area, id, "json");
-        match fs::remove_file(&json) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(SpoolError::NotFound { id: id.to_owned() });
-            }
-            Err(e) => return Err(io_at(&json)(e)),
-        }
-        sync_dir(&self.dir.join(area.dir()))?;
-        let eml = self.path(area, id, "eml");
-        let _ = fs::remove_file(&eml);
-        Ok(())
-    }
-
-    /// Moves an entry between areas (content first, so the envelope's
-    /// arrival is the commit point in the new area too), unless it was
+    /// Moves an entry between areas with its new envelope, unless it was
     /// deleted meanwhile.
     pub fn move_to(&self, envelope: &Envelope, from: Area, to: Area) -> Result<(), SpoolError> {
-        self.locked(|| {
-            if !self.path(from, &envelope.id, "json").exists() {
-                return Err(SpoolError::NotFound {
-                    id: envelope.id.clone(),
-                });
-            }
-            self.move_unlocked(envelope, from, to)
-        })
-    }
-
-    fn move_unlocked(&self, envelope: &Envelope, from: Area, to: Area) -> Result<(), SpoolError> {
-        let id = &envelope.id;
-        let eml_to = self.path(to, id, "eml");
-        fs::rename(self.path(from, id, "eml"), &eml_to).map_err(io_at(&eml_to))?;
-        let tmp = self.dir.join("tmp").join(format!("{id}.json.new"));
-        write_synced(&tmp, &to_json(envelope))?;
-        let json_to = self.path(to, id, "json");
-        fs::rename(&tmp, &json_to).map_err(io_at(&json_to))?;
-        sync_dir(&self.dir.join(to.dir()))?;
-        let _ = fs::remove_file(self.path(from, id, "json"));
-        sync_dir(&self.dir.join(from.dir()))
+        each!(self, s => s.move_to(envelope, from, to))
     }
 
     /// `queue retry ID`: a failed message back in the queue, or a queued
     /// one due now.
     pub fn retry(&self, id: &str) -> Result<Envelope, SpoolError> {
-        self.locked(|| self.retry_unlocked(id))
-    }
-
-    fn retry_unlocked(&self, id: &str) -> Result<Envelope, SpoolError> {
-        let (area, mut envelope) = self.find(id)?;
-        envelope.next_attempt_at = 0;
-        if area == Area::Failed {
-            envelope.received_at = unix_now();
-            envelope.attempts = 0;
-            // Recipients refused for good get another try too.
-            let refused: Vec<String> = envelope
-                .failed_recipients
-                .drain(..)
-                .map(|(r, _)| r)
-                .collect();
-            envelope.recipients.extend(refused);
-            self.move_unlocked(&envelope, Area::Failed, Area::Queue)?;
-        } else {
-            self.update_unlocked(Area::Queue, &envelope)?;
+        if !valid_id(id) {
+            return Err(SpoolError::NotFound { id: id.to_owned() });
         }
-        Ok(envelope)
+        each!(self, s => s.retry(id))
     }
 
     /// `queue delete ID`.
     pub fn delete(&self, id: &str) -> Result<Area, SpoolError> {
-        self.locked(|| {
-            let (area, _) = self.find(id)?;
-            self.remove_unlocked(area, id)?;
-            Ok(area)
-        })
+        if !valid_id(id) {
+            return Err(SpoolError::NotFound { id: id.to_owned() });
+        }
+        each!(self, s => s.delete(id))
     }
-}
 
-fn to_json(envelope: &Envelope) -> Vec<u8> {
-    let mut v = serde_json::to_vec_pretty(envelope).unwrap_or_default();
-    v.push(b'\n');
-    v
-}
-
-fn read_envelope(path: &Path) -> Result<Envelope, SpoolError> {
-    let bytes = fs::read(path).map_err(io_at(path))?;
-    serde_json::from_slice(&bytes).map_err(|e| SpoolError::Damaged {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })
-}
-
-/// Writes `data` to a new 0600 file and flushes it to the disk.
-fn write_synced(path: &Path, data: &[u8]) -> Result<(), SpoolError> {
-    let mut f: File = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .or_else(|e| {
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                fs::remove_file(path)?;
-                OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-            } else {
-                Err(e)
-            }
-        })
-        .map_err(io_at(path))?;
-    f.write_all(data).map_err(io_at(path))?;
-    f.sync_all().map_err(io_at(path))
-}
-
-fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_at(dir))
+    /// The right to attempt `id` now: `None` while another instance is
+    /// sending it. A spool on disk has one service, so always granted.
+    pub fn claim(&self, id: &str) -> Result<Option<Claim>, SpoolError> {
+        match &self.backend {
+            Backend::Disk(_) => Ok(Some(Claim { _held: None })),
+            Backend::Database(d) => Ok(d.claim(id)?.map(|h| Claim { _held: Some(h) })),
+        }
+    }
 }
 
 /// A queue id: milliseconds since the epoch and 32 random bits, in hex
@@ -471,115 +344,4 @@ fn new_id() -> String {
 /// Ids are what `new_id` makes: nothing that could name another path.
 fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn message() -> Message {
-        Message {
-            from: "scanner@contoso.com".into(),
-            recipients: vec!["a@x".into()],
-            data: b"Subject: s\r\n\r\nbody\r\n".to_vec(),
-            smtputf8: false,
-            eight_bit: true,
-            client_name: None,
-        }
-    }
-
-    fn temp() -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "mailbridge-spool-unit-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        let _ = fs::remove_dir_all(&d);
-        d
-    }
-
-    #[test]
-    fn store_list_update_fail_retry_delete() {
-        let dir = temp();
-        let spool = Spool::open(&dir).unwrap();
-        let e = spool
-            .store("scanner@contoso.com", "mfp", "192.0.2.7", false, &message())
-            .unwrap();
-        assert_eq!(spool.list(Area::Queue).unwrap(), std::slice::from_ref(&e));
-        assert_eq!(spool.content(Area::Queue, &e.id).unwrap(), message().data);
-        for f in ["queue", "failed", "tmp"] {
-            let mode = fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
-            assert_eq!(mode, 0o700, "{f}");
-        }
-        let mode = fs::metadata(spool.path(Area::Queue, &e.id, "eml"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
-        assert_eq!(mode, 0o600);
-
-        let mut later = e.clone();
-        later.attempts = 2;
-        later.last_error = Some("busy".into());
-        spool.update(Area::Queue, &later).unwrap();
-        assert_eq!(spool.find(&e.id).unwrap(), (Area::Queue, later.clone()));
-
-        spool.move_to(&later, Area::Queue, Area::Failed).unwrap();
-        assert!(spool.list(Area::Queue).unwrap().is_empty());
-        assert_eq!(spool.list(Area::Failed).unwrap().len(), 1);
-        let back = spool.retry(&e.id).unwrap();
-        assert_eq!(back.attempts, 0);
-        assert_eq!(spool.find(&e.id).unwrap().0, Area::Queue);
-        assert_eq!(spool.delete(&e.id).unwrap(), Area::Queue);
-        assert!(matches!(
-            spool.find(&e.id),
-            Err(SpoolError::NotFound { .. })
-        ));
-        assert!(matches!(
-            spool.find("../../etc/passwd"),
-            Err(SpoolError::NotFound { .. })
-        ));
-        let _ = fs::remove_dir_all(&dir);
-    }
-
-    /// The at-least-once window: from the server's `250` to the envelope
-    /// gone from the disk is one `unlink` and one directory `fsync`.
-    #[test]
-    fn the_window_after_delivery_is_one_unlink_and_fsync() {
-        let dir = temp();
-        let spool = Spool::open(&dir).unwrap();
-        let mut took = Vec::new();
-        for _ in 0..20 {
-            let e = spool
-                .store("a", "mfp", "192.0.2.7", false, &message())
-                .unwrap();
-            let t0 = std::time::Instant::now();
-            spool.remove(Area::Queue, &e.id).unwrap();
-            took.push(t0.elapsed());
-        }
-        took.sort();
-        println!(
-            "delivered-to-removed window on this disk: median {:?}, max {:?} (a crash inside it sends the message again)",
-            took[10], took[19]
-        );
-        assert!(spool.list(Area::Queue).unwrap().is_empty());
-        let _ = fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn what_was_never_acknowledged_is_removed_at_open() {
-        let dir = temp();
-        let spool = Spool::open(&dir).unwrap();
-        let kept = spool
-            .store("a", "mfp", "192.0.2.7", false, &message())
-            .unwrap();
-        // A crash mid-store: content in tmp, content without envelope.
-        fs::write(dir.join("tmp/0000000000100000000.eml"), b"x").unwrap();
-        fs::write(dir.join("queue/0000000000200000000.eml"), b"x").unwrap();
-        let spool = Spool::open(&dir).unwrap();
-        assert_eq!(fs::read_dir(dir.join("tmp")).unwrap().count(), 0);
-        assert!(!dir.join("queue/0000000000200000000.eml").exists());
-        assert_eq!(spool.list(Area::Queue).unwrap(), [kept]);
-        let _ = fs::remove_dir_all(&dir);
-    }
 }

@@ -19,6 +19,8 @@
 //!   closes). One refresh per account at a time across every instance.
 //! - **Backoff.** Failed-login counters shared by the instances
 //!   (`mailbridge_backoff`, keyed by hashes), see [`SharedCounters`].
+//! - **Spool.** With `[spool] store = "database"`, the spool's messages
+//!   (`mailbridge_spool`, see [`crate::spool::database`]).
 //! - **Threads.** The trait is synchronous and is called from async code,
 //!   so the client runs on a small runtime of its own (one thread): a call
 //!   hands its query to that runtime and waits for the answer, as a call
@@ -49,7 +51,7 @@ use super::{
 };
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Each version's statements, applied in order to a database behind.
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -73,6 +75,18 @@ const MIGRATIONS: &[(i32, &str)] = &[
              until TIMESTAMPTZ NOT NULL
          );
          CREATE INDEX mailbridge_backoff_until ON mailbridge_backoff (until);",
+    ),
+    (
+        3,
+        "CREATE TABLE mailbridge_spool (
+             id TEXT PRIMARY KEY,
+             area TEXT NOT NULL CHECK (area IN ('queue', 'failed')),
+             envelope JSONB NOT NULL,
+             content BYTEA NOT NULL,
+             received_at BIGINT NOT NULL,
+             updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         );
+         CREATE INDEX mailbridge_spool_area ON mailbridge_spool (area, received_at, id);",
     ),
 ];
 
@@ -152,7 +166,7 @@ pub struct PgStore {
     rt: Option<tokio::runtime::Runtime>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     config: tokio_postgres::Config,
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     /// The URL, password redacted.
@@ -241,7 +255,7 @@ impl PgStore {
 
     /// Runs `f` on the client's runtime and waits for its answer (bounded
     /// by [`CALL_TIMEOUT`]).
-    fn call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    pub(crate) fn call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(Arc<Inner>) -> Fut + Send + 'static,
@@ -262,7 +276,7 @@ impl PgStore {
 }
 
 impl Inner {
-    fn fail(&self, reason: String) -> StoreError {
+    pub(crate) fn fail(&self, reason: String) -> StoreError {
         StoreError::Database {
             location: self.location.clone(),
             reason,
@@ -271,7 +285,7 @@ impl Inner {
 
     /// The server's message when it sent one, else the client's (neither
     /// holds the password).
-    fn db(&self, e: &tokio_postgres::Error) -> StoreError {
+    pub(crate) fn db(&self, e: &tokio_postgres::Error) -> StoreError {
         let reason = match e.as_db_error() {
             Some(db) => format!("{}: {}", db.severity(), db.message()),
             None => match std::error::Error::source(e) {
@@ -308,7 +322,7 @@ impl Inner {
     }
 
     /// The shared connection, reopened if it broke.
-    async fn client(&self) -> Result<Arc<Client>, StoreError> {
+    pub(crate) async fn client(&self) -> Result<Arc<Client>, StoreError> {
         let mut slot = self.client.lock().await;
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
