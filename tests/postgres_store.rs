@@ -1131,6 +1131,45 @@ async fn a_message_accepted_by_a_killed_instance_is_delivered_by_the_other() {
         sent_by(&b)
     );
     assert_eq!(pg.psql("SELECT count(*) FROM mailbridge_spool").trim(), "0");
+    // The database down: the device hears 452 (try later), never a 250;
+    // back up, the same processes accept again.
+    pg.down();
+    let mut c = Client::plain_from("127.0.0.2", w.addrs[1][2]).await;
+    c.smtp_reply().await;
+    c.smtp("HELO mfp").await;
+    assert!(
+        c.smtp(&format!("MAIL FROM:<{USER}>"))
+            .await
+            .starts_with("250")
+    );
+    assert!(
+        c.smtp("RCPT TO:<office@x.example>")
+            .await
+            .starts_with("250")
+    );
+    assert!(c.smtp("DATA").await.starts_with("354"));
+    c.send(b"Subject: while the database is down\r\n\r\nscan\r\n.\r\n")
+        .await;
+    let reply = c.smtp_reply().await.pop().unwrap_or_default();
+    assert!(reply.starts_with("452 4.3.1"), "{reply}");
+    pg.up();
+    let mut accepted = None;
+    for _ in 0..50 {
+        let mut c = Client::plain_from("127.0.0.2", w.addrs[1][2]).await;
+        c.smtp_reply().await;
+        c.smtp("HELO mfp").await;
+        c.smtp(&format!("MAIL FROM:<{USER}>")).await;
+        c.smtp("RCPT TO:<office@x.example>").await;
+        c.smtp("DATA").await;
+        c.send(b"Subject: after\r\n\r\nscan\r\n.\r\n").await;
+        let reply = c.smtp_reply().await.pop().unwrap_or_default();
+        if reply.starts_with("250") {
+            accepted = Some(reply);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(accepted.is_some(), "no 250 after the database came back");
     // The database holds no token, and no log a password or token.
     w.assert_no_secrets(&pg, &[&a, &b]);
 }
