@@ -810,3 +810,73 @@ async fn a_server_of_another_protocol_fails_the_greeting() {
     );
     w.stop().await;
 }
+
+/// `mailbridge doctor` while `mailbridge run` holds the store (sled: the
+/// command works through the control socket) and refreshes the same grant
+/// at start: the two take the service's refresh lock in turn, so the
+/// provider (rotation with reuse detection) never sees one refresh token
+/// twice, and the grant stored at the end is the live one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_and_the_running_service_never_refresh_one_grant_at_once() {
+    let w = World::start(Spec {
+        service: true,
+        ..Spec::default()
+    })
+    .await;
+    // Every token request takes 3 s: the service's start-up refresh is
+    // still under way when doctor wants its own.
+    w.provider
+        .set_token_delay(std::time::Duration::from_secs(3));
+    let log = w.dir.join("run.log");
+    let mut service = tokio::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&w.config)
+        .env("MAILBRIDGE_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let socket = w.dir.join("state").join("control.sock");
+    for _ in 0..500 {
+        // Counted as requests arrive (refreshes are counted when answered).
+        if socket.exists() && w.provider.token_requests() > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        (w.provider.token_requests(), w.provider.refresh_requests()),
+        (1, 0),
+        "the service's start-up refresh is under way"
+    );
+    let (ok, out, err) = w.doctor_with(&[], &[USER]).await;
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(ok, "{out}{err}\n{}", log_text());
+    assert!(
+        err.contains("working through its control socket"),
+        "doctor went through the service: {err}"
+    );
+    assert_eq!(
+        w.provider.refresh_token_replays(),
+        0,
+        "a refresh token presented twice\n{}",
+        log_text()
+    );
+    assert_eq!(w.provider.refresh_requests(), 2);
+    // The service stops; the grant it leaves in the store is the one
+    // doctor's refresh rotated to: a doctor with the store to itself
+    // refreshes with it.
+    let pid = service.id().unwrap().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let _ = tokio::time::timeout(WAIT * 2, service.wait()).await;
+    w.provider.set_token_delay(std::time::Duration::ZERO);
+    let (ok, out, err) = w.doctor_with(&[], &[USER]).await;
+    assert!(ok, "{out}{err}\n{}", log_text());
+    assert_eq!(w.provider.refresh_token_replays(), 0);
+    assert!(!log_text().contains("refresh token already used"));
+    w.stop().await;
+}

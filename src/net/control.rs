@@ -129,6 +129,10 @@ async fn serve(
                 "request line too long",
             ));
         }
+        if let Some(account) = control::lock_request(&line) {
+            let read = read.into_inner().into_inner();
+            return serve_lock(read, write, store, &account).await;
+        }
         if let Some(account) = control::trace_request(&line) {
             let Some(desk) = &traces else {
                 let line = control::error_line("this service does not serve traces");
@@ -145,6 +149,37 @@ async fn serve(
                 .map_err(std::io::Error::other)?;
         write.write_all(&out).await?;
     }
+}
+
+/// Holds the service's refresh lock of `account` for the command, from
+/// the `Ok` until the command closes the connection (or sends anything),
+/// [`control::LOCK_HOLD_MAX`] at most.
+async fn serve_lock(
+    mut read: tokio::net::unix::OwnedReadHalf,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    store: Arc<dyn TokenStore>,
+    account: &str,
+) -> std::io::Result<()> {
+    let mut probe = [0u8; 1];
+    let lock = tokio::select! {
+        lock = store.lock_refresh(account) => lock,
+        // The command gave up waiting.
+        _ = read.read(&mut probe) => return Ok(()),
+    };
+    let lock = match lock {
+        Ok(lock) => lock,
+        Err(e) => return write.write_all(&control::error_line(&e.to_string())).await,
+    };
+    write
+        .write_all(&control::ok_line(serde_json::Value::Null))
+        .await?;
+    tracing::debug!(%account, "refresh lock held for a command");
+    let held = tokio::time::timeout(control::LOCK_HOLD_MAX, read.read(&mut probe)).await;
+    drop(lock);
+    if held.is_err() {
+        tracing::warn!(%account, secs = control::LOCK_HOLD_MAX.as_secs(), "a command held the refresh lock too long; released");
+    }
+    Ok(())
 }
 
 /// Streams a trace of `account` until the command closes the connection
@@ -276,6 +311,8 @@ impl TraceStream {
 /// control socket (blocking calls, as the trait's are).
 pub struct RemoteStore {
     conn: Mutex<(BufReader<StdUnixStream>, StdUnixStream)>,
+    /// The socket, for connections of their own (refresh locks).
+    socket: PathBuf,
 }
 
 impl RemoteStore {
@@ -288,6 +325,7 @@ impl RemoteStore {
         let reader = BufReader::new(stream.try_clone()?);
         Ok(RemoteStore {
             conn: Mutex::new((reader, stream)),
+            socket: state_dir.join(SOCKET_NAME),
         })
     }
 
@@ -356,5 +394,43 @@ impl TokenStore for RemoteStore {
 
     fn accounts(&self) -> Result<Vec<String>, StoreError> {
         self.call(Request::Accounts)
+    }
+
+    /// The service's own refresh lock of `account`, held (on a connection
+    /// of its own) until the returned lock drops: the service and this
+    /// command never refresh one grant at once.
+    fn lock_refresh(&self, account: &str) -> crate::store::LockFuture {
+        let socket = self.socket.clone();
+        let request = control::request_line(&Request::LockRefresh {
+            account: account.to_owned(),
+        });
+        Box::pin(async move {
+            let request = request?;
+            let remote = |e: std::io::Error| StoreError::Remote {
+                reason: format!("the control socket failed: {e}"),
+            };
+            let mut stream = UnixStream::connect(&socket).await.map_err(remote)?;
+            stream.write_all(&request).await.map_err(remote)?;
+            let mut answer = Vec::new();
+            let mut reader = tokio::io::BufReader::new(&mut stream);
+            // The service's refresh in progress, if any, ends within its
+            // refresh timeout.
+            tokio::time::timeout(
+                control::LOCK_HOLD_MAX,
+                reader.read_until(b'\n', &mut answer),
+            )
+            .await
+            .map_err(|_| StoreError::Remote {
+                reason: "the service did not give up the refresh lock in time".into(),
+            })?
+            .map_err(remote)?;
+            if answer.is_empty() {
+                return Err(StoreError::Remote {
+                    reason: "the service closed the control socket (did it stop?)".into(),
+                });
+            }
+            control::answer_value::<serde_json::Value>(&String::from_utf8_lossy(&answer))?;
+            Ok(crate::store::RefreshLock::held_by(Box::new(stream)))
+        })
     }
 }

@@ -702,36 +702,36 @@ impl Inner {
                 reason: crate::report::chain(e),
             }
         }
-        let _lock = if shared {
-            let lock = self
-                .vault
-                .lock_refresh(unlocked.account())
-                .await
-                .map_err(|e| store_error(&e))?;
-            let reloaded = self
-                .vault
-                .reload(unlocked)
-                .await
-                .map_err(|e| store_error(&e))?;
-            if reloaded {
-                tracing::info!(
-                    account = unlocked.account(),
-                    "took up the grant another instance saved"
-                );
+        // The store's refresh lock: another instance on a shared store, or
+        // a command on this one through the control socket (`doctor`),
+        // may be refreshing the same grant. Once it is ours, the stored
+        // grant is read again: one saved meanwhile holds the live token.
+        let _lock = self
+            .vault
+            .lock_refresh(unlocked.account())
+            .await
+            .map_err(|e| store_error(&e))?;
+        let reloaded = self
+            .vault
+            .reload(unlocked)
+            .await
+            .map_err(|e| store_error(&e))?;
+        if reloaded {
+            tracing::info!(
+                account = unlocked.account(),
+                "took up the grant another process saved"
+            );
+        }
+        if shared
+            && let Some(a) = unlocked.shared_access()
+            && avoid != Some(digest(&a.token))
+        {
+            let left = Duration::from_secs(a.expires_at.saturating_sub(unix_now()));
+            let lifetime = Duration::from_secs(a.lifetime_secs);
+            if fresh_enough(left, lifetime, MIN_TOKEN_LIFETIME) {
+                return Ok((a.token, Some(lifetime), Some(left)));
             }
-            if let Some(a) = unlocked.shared_access()
-                && avoid != Some(digest(&a.token))
-            {
-                let left = Duration::from_secs(a.expires_at.saturating_sub(unix_now()));
-                let lifetime = Duration::from_secs(a.lifetime_secs);
-                if fresh_enough(left, lifetime, MIN_TOKEN_LIFETIME) {
-                    return Ok((a.token, Some(lifetime), Some(left)));
-                }
-            }
-            Some(lock)
-        } else {
-            None
-        };
+        }
         let result = self
             .refresh_uncounted(provider, unlocked, shared)
             .await

@@ -63,6 +63,30 @@ pub enum Request {
         /// The account, or a login name that opens it.
         account: String,
     },
+    /// Not a plain store call: [`TokenStore::lock_refresh`] for a command
+    /// that refreshes a grant while the service runs (`mailbridge
+    /// doctor`). The answer is `Ok` once the service's refresh lock of the
+    /// account is held for the command; it is held until the command
+    /// closes the connection (or for [`LOCK_HOLD_MAX`] at most).
+    /// `net::control` serves it; [`handle`] refuses it.
+    LockRefresh {
+        /// The account.
+        account: String,
+    },
+}
+
+/// Longest a command may hold the service's refresh lock of an account:
+/// a refresh takes seconds; a command that hangs must not stop the
+/// service's refreshes for long.
+pub const LOCK_HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The account a request line asks to lock, when it is a
+/// [`Request::LockRefresh`].
+pub fn lock_request(line: &[u8]) -> Option<String> {
+    match serde_json::from_slice::<Request>(line) {
+        Ok(Request::LockRefresh { account }) => Some(account),
+        _ => None,
+    }
 }
 
 /// The account a request line asks to trace, when it is a
@@ -114,8 +138,8 @@ pub fn handle(store: &dyn TokenStore, request: Request) -> Response {
         Request::SaveMeta { account, meta } => answer(store.save_meta(&account, &meta)),
         Request::Remove { account } => answer(store.remove(&account)),
         Request::Accounts => answer(store.accounts()),
-        Request::Trace { .. } => {
-            Response::Error("traces are served by the control socket only".into())
+        Request::Trace { .. } | Request::LockRefresh { .. } => {
+            Response::Error("served by the control socket only".into())
         }
     }
 }

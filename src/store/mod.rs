@@ -12,6 +12,7 @@ use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -195,6 +196,28 @@ pub struct CounterRule {
     pub offset: u32,
     /// When a counter is forgotten.
     pub forget: Duration,
+}
+
+/// Per-account refresh locks within one process (see
+/// [`SledStore`]'s [`TokenStore::lock_refresh`]). One entry per account
+/// ever locked: as many as the store has accounts.
+#[derive(Default)]
+pub struct LocalLocks {
+    locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl LocalLocks {
+    /// Waits for `account`'s lock; held until the returned lock drops.
+    pub fn lock(&self, account: &str) -> LockFuture {
+        let mutex = self
+            .locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(account.to_owned())
+            .or_default()
+            .clone();
+        Box::pin(async move { Ok(RefreshLock::held_by(Box::new(mutex.lock_owned().await))) })
+    }
 }
 
 /// What [`TokenStore::lock_refresh`] returns.

@@ -37,6 +37,9 @@ pub struct SledStore {
     reopen: AtomicBool,
     /// The state directory; `None` for a temporary store.
     dir: Option<PathBuf>,
+    /// Refresh locks: the service's own refreshes, and those of commands
+    /// that reach the store through the control socket (`doctor`).
+    locks: super::LocalLocks,
 }
 
 /// The database and its two trees.
@@ -65,6 +68,7 @@ impl SledStore {
             handles: RwLock::new(Some(handles)),
             reopen: AtomicBool::new(false),
             dir: Some(dir.to_path_buf()),
+            locks: super::LocalLocks::default(),
         };
         store.tighten()?;
         Ok(store)
@@ -95,6 +99,7 @@ impl SledStore {
             handles: RwLock::new(Some(Self::handles_of(db, Path::new(""))?)),
             reopen: AtomicBool::new(false),
             dir: None,
+            locks: super::LocalLocks::default(),
         })
     }
 
@@ -199,6 +204,13 @@ impl SledStore {
 }
 
 impl TokenStore for SledStore {
+    /// One process uses a sled store, but commands reach it through the
+    /// control socket while the service runs: a refresh by `mailbridge
+    /// doctor` and one by the service wait for each other here.
+    fn lock_refresh(&self, account: &str) -> super::LockFuture {
+        self.locks.lock(account)
+    }
+
     fn load_grant(&self, account: &str) -> Result<Option<SealedGrant>, StoreError> {
         self.with(false, |h| self.get(&h.grants, account))
     }
