@@ -118,6 +118,11 @@ impl Bearer {
         }
     }
 
+    /// The mechanisms it may use, in order.
+    pub(crate) fn allowed(&self) -> Vec<Mechanism> {
+        self.preference.clone()
+    }
+
     /// The mechanism chosen, once known.
     pub(crate) fn mechanism(&self) -> Option<Mechanism> {
         self.mech

@@ -978,11 +978,14 @@ impl ImapUpstreamLogin {
         let names: Vec<&str> = auth_caps.iter().map(|c| &c[5..]).collect();
         self.offered = Some(names.iter().map(|n| n.to_string()).collect());
         let Some(step) = self.bearer.choose(Offer::Listed(&names)) else {
-            return Err(UpstreamError::NoMechanism(if auth_caps.is_empty() {
-                "no AUTH= mechanisms".to_owned()
-            } else {
-                auth_caps.join(" ")
-            }));
+            return Err(UpstreamError::NoMechanism {
+                allowed: self.bearer.allowed(),
+                offered: if auth_caps.is_empty() {
+                    "no AUTH= mechanisms".to_owned()
+                } else {
+                    auth_caps.join(" ")
+                },
+            });
         };
         self.state = UpState::Login {
             tag: String::new(),

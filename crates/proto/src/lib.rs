@@ -314,15 +314,48 @@ pub enum UpstreamError {
     /// The server's bytes did not parse.
     #[error("the server sent something unexpected: {0}")]
     Unexpected(String),
-    /// The server offers no bearer-token mechanism we can use.
-    #[error("the server offers neither XOAUTH2 nor OAUTHBEARER (it offers: {0})")]
-    NoMechanism(String),
+    /// The server offers no bearer-token mechanism we may use.
+    #[error("{}", no_mechanism(.allowed, .offered))]
+    NoMechanism {
+        /// The mechanisms the configuration allows, in its order.
+        allowed: Vec<sasl::Mechanism>,
+        /// What the server offers, as it said it.
+        offered: String,
+    },
     /// STARTTLS required but not offered.
     #[error("the server does not offer STARTTLS")]
     NoStartTls,
     /// A line longer than we accept.
     #[error("the server sent a line longer than {0} bytes")]
     LineTooLong(usize),
+}
+
+/// [`UpstreamError::NoMechanism`] in words: which mechanisms were looked
+/// for, and what to change when the server offers one the configuration
+/// leaves out.
+fn no_mechanism(allowed: &[sasl::Mechanism], offered: &str) -> String {
+    let names: Vec<&str> = allowed.iter().map(|m| m.name()).collect();
+    let all = [sasl::Mechanism::Xoauth2, sasl::Mechanism::Oauthbearer];
+    if all.iter().all(|m| allowed.contains(m)) {
+        return format!("the server offers neither XOAUTH2 nor OAUTHBEARER (it offers: {offered})");
+    }
+    let left_out: Vec<&str> = all
+        .iter()
+        .filter(|m| !allowed.contains(m))
+        .map(|m| m.name())
+        .filter(|n| offered.split([' ', '=']).any(|o| o.eq_ignore_ascii_case(n)))
+        .collect();
+    let mut text = format!(
+        "the server does not offer {} (it offers: {offered})",
+        names.join(" or ")
+    );
+    if !left_out.is_empty() {
+        text.push_str(&format!(
+            "; it offers {}, which the provider's `mechanisms` setting leaves out: add it there",
+            left_out.join(" and ")
+        ));
+    }
+    text
 }
 
 /// The upstream login half of a protocol.
@@ -504,6 +537,29 @@ mod tests {
         assert!(a.greeted);
         assert_eq!(a.mechanisms, names(&["PLAIN"]));
         assert_eq!(a.chosen, None);
+
+        // Only OAUTHBEARER offered, only XOAUTH2 allowed: the message says
+        // which setting leaves the offered one out.
+        let mut imap = imap::ImapUpstreamLogin::new(imap::UpstreamOptions {
+            preference: vec![sasl::Mechanism::Xoauth2],
+            ..Default::default()
+        });
+        let e = drive(
+            &mut imap,
+            b"* OK [CAPABILITY IMAP4rev1 AUTH=OAUTHBEARER] hi\r\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "the server does not offer XOAUTH2 (it offers: AUTH=OAUTHBEARER); it offers OAUTHBEARER, which the provider's `mechanisms` setting leaves out: add it there"
+        );
+        // Neither offered: no advice about the setting.
+        let mut imap = imap::ImapUpstreamLogin::new(imap::UpstreamOptions {
+            preference: vec![sasl::Mechanism::Xoauth2],
+            ..Default::default()
+        });
+        let e = drive(&mut imap, b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n").unwrap_err();
+        assert_eq!(e, "the server does not offer XOAUTH2 (it offers: AUTH=PLAIN)");
 
         // Not a greeting.
         let mut imap = imap::ImapUpstreamLogin::new(Default::default());

@@ -674,11 +674,14 @@ impl Pop3UpstreamLogin {
             Offer::Listed(&offered)
         };
         let Some(step) = self.bearer.choose(offer) else {
-            return Err(UpstreamError::NoMechanism(if offered.is_empty() {
-                "no SASL mechanisms".to_owned()
-            } else {
-                offered.join(" ")
-            }));
+            return Err(UpstreamError::NoMechanism {
+                allowed: self.bearer.allowed(),
+                offered: if offered.is_empty() {
+                    "no SASL mechanisms".to_owned()
+                } else {
+                    offered.join(" ")
+                },
+            });
         };
         self.state = UpState::Login;
         self.queue.push_back(step);

@@ -1510,11 +1510,14 @@ impl SmtpUpstreamLogin {
         let offered = Self::offered(&self.keywords);
         self.offered = Some(offered.iter().map(|m| m.to_string()).collect());
         let Some(step) = self.bearer.choose(Offer::Listed(&offered)) else {
-            return Err(UpstreamError::NoMechanism(if offered.is_empty() {
-                "no AUTH mechanisms".to_owned()
-            } else {
-                format!("AUTH {}", offered.join(" "))
-            }));
+            return Err(UpstreamError::NoMechanism {
+                allowed: self.bearer.allowed(),
+                offered: if offered.is_empty() {
+                    "no AUTH mechanisms".to_owned()
+                } else {
+                    format!("AUTH {}", offered.join(" "))
+                },
+            });
         };
         self.state = UpState::Login;
         self.queue.push_back(step);
