@@ -334,3 +334,29 @@ async fn imap_id_upstream_names_mailbridge_and_the_client() {
     println!("upstream ID {sent}");
     h.stop().await;
 }
+
+/// The server offers only OAUTHBEARER and the provider's `mechanisms`
+/// allows only XOAUTH2: the client's `NO` says which setting leaves the
+/// offered mechanism out, not that the server offers neither.
+#[tokio::test]
+async fn a_mechanism_the_setting_leaves_out_is_named_to_the_client() {
+    let h = Harness::start(Options {
+        upstream: ImapServerOptions {
+            mechanisms: vec![mailbridge_proto::sasl::Mechanism::Oauthbearer],
+            ..ImapServerOptions::default()
+        },
+        mechanisms: Some("[\"xoauth2\"]"),
+        ..Options::default()
+    })
+    .await;
+    let (_c, no) = h.login(PASSWORD).await;
+    assert!(no.starts_with("a1 NO"), "{no}");
+    assert!(
+        no.contains("does not offer XOAUTH2")
+            && no.contains(
+                "it offers OAUTHBEARER, which the provider's `mechanisms` setting leaves out"
+            ),
+        "{no}"
+    );
+    h.stop().await;
+}

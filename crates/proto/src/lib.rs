@@ -559,7 +559,10 @@ mod tests {
             ..Default::default()
         });
         let e = drive(&mut imap, b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n").unwrap_err();
-        assert_eq!(e, "the server does not offer XOAUTH2 (it offers: AUTH=PLAIN)");
+        assert_eq!(
+            e,
+            "the server does not offer XOAUTH2 (it offers: AUTH=PLAIN)"
+        );
 
         // Not a greeting.
         let mut imap = imap::ImapUpstreamLogin::new(Default::default());
