@@ -165,12 +165,75 @@ impl Admission {
         })
     }
 
+    /// A place for a connection whose client is not known yet (a trusted
+    /// proxy's, before its header names the client): it counts against
+    /// `max_connections` from now on, so connections waiting for their
+    /// header are bounded too.
+    pub fn hold(self: &Arc<Self>) -> Result<Hold, Refused> {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if counts.total >= self.max_total {
+            return Err(Refused::Full {
+                limit: self.max_total,
+            });
+        }
+        counts.total += 1;
+        Ok(Hold {
+            admission: Some(self.clone()),
+        })
+    }
+
+    /// The held place becomes a ticket for `peer`, or is given back and
+    /// the reason said (the client's address has its share open).
+    pub fn admit_held(self: &Arc<Self>, mut hold: Hold, peer: IpAddr) -> Result<Ticket, Refused> {
+        let group = PeerGroup::of(peer);
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = counts.by_group.entry(group).or_insert(0);
+        if *n >= self.max_per_group {
+            if *n == 0 {
+                counts.by_group.remove(&group);
+            }
+            drop(counts);
+            drop(hold);
+            return Err(Refused::PerAddress {
+                limit: self.max_per_group,
+            });
+        }
+        *n += 1;
+        // The total was counted by the hold; the ticket gives it back.
+        hold.admission = None;
+        Ok(Ticket {
+            admission: self.clone(),
+            group,
+        })
+    }
+
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.counts
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .total
+    }
+}
+
+/// A place in `max_connections` for a connection whose client is not
+/// known yet ([`Admission::hold`]); given back when dropped, unless it
+/// became a [`Ticket`].
+pub struct Hold {
+    admission: Option<Arc<Admission>>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(admission) = self.admission.take() {
+            let mut counts = admission
+                .counts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            counts.total = counts.total.saturating_sub(1);
+            drop(counts);
+            admission.ended.notify_waiters();
+        }
     }
 }
 
@@ -392,6 +455,16 @@ pub async fn accept_loop<H, F>(
                     drop(tcp);
                     continue;
                 }
+                // Its place is taken before its header is read: connections
+                // waiting for a header count against max_connections too.
+                let hold = match admission.hold() {
+                    Ok(hold) => hold,
+                    Err(why) => {
+                        log.refused(peer, why);
+                        drop(tcp);
+                        continue;
+                    }
+                };
                 let (handler, admission, log) = (handler.clone(), admission.clone(), log.clone());
                 let (timeout, stopping) = (proxy.timeout, shutdown.clone());
                 tokio::spawn(async move {
@@ -412,7 +485,13 @@ pub async fn accept_loop<H, F>(
                         return;
                     }
                     let client = header.client_or(peer);
-                    let admitted = admit(&admission, &log, client);
+                    let admitted = match admission.admit_held(hold, client.ip()) {
+                        Ok(ticket) => Admitted::Yes(ticket),
+                        Err(why) => {
+                            log.refused(client, why);
+                            Admitted::No(why)
+                        }
+                    };
                     handler(Accepted {
                         tcp,
                         peer: client,
@@ -519,6 +598,31 @@ mod tests {
         );
         drop(t1);
         assert_eq!(a.open(), 2);
+        assert!(a.admit(ip("10.0.0.1")).is_ok());
+    }
+
+    #[test]
+    fn a_held_place_counts_until_it_is_a_ticket_or_given_back() {
+        let a = Admission::new(3, 1);
+        let h1 = a.hold().unwrap();
+        let h2 = a.hold().unwrap();
+        let _h3 = a.hold().unwrap();
+        assert_eq!(a.hold().err(), Some(Refused::Full { limit: 3 }));
+        assert_eq!(
+            a.admit(ip("10.0.0.9")).err(),
+            Some(Refused::Full { limit: 3 })
+        );
+        // A header named its client: the place is the client's ticket.
+        let t1 = a.admit_held(h1, ip("10.0.0.1")).unwrap();
+        assert_eq!(a.open(), 3);
+        // That client's share is used: the held place is given back.
+        assert_eq!(
+            a.admit_held(h2, ip("10.0.0.1")).err(),
+            Some(Refused::PerAddress { limit: 1 })
+        );
+        assert_eq!(a.open(), 2);
+        drop(t1);
+        assert_eq!(a.open(), 1);
         assert!(a.admit(ip("10.0.0.1")).is_ok());
     }
 }

@@ -378,3 +378,40 @@ async fn a_device_behind_the_proxy_is_known_by_the_address_in_the_header() {
     h.stop().await;
     let _ = std::fs::remove_dir_all(keys);
 }
+
+/// Connections from the trusted proxy that have not sent their header yet
+/// count against `max_connections`: beyond it, one is closed at once
+/// instead of waiting for a header; once they go, proxied clients are
+/// served again.
+#[tokio::test]
+async fn connections_waiting_for_their_header_count_against_max_connections() {
+    let h = harness("max_connections = 2\n").await;
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(tcp_from(PROXY, h.addr).await);
+    }
+    // The listener has taken both (a bounded wait for its accept loop).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let third = proxied_from(PROXY, h.addr, &v1("192.0.2.7:1", h.addr)).await;
+    let t0 = std::time::Instant::now();
+    assert!(
+        closed_without_a_word(third, Duration::from_secs(3)).await,
+        "a third connection waited beside two without a header"
+    );
+    println!(
+        "with 2 connections waiting for a header (max_connections = 2), a third was closed after {} ms",
+        t0.elapsed().as_millis()
+    );
+    drop(silent);
+    let mut reply = String::new();
+    for _ in 0..50 {
+        let mut c = proxied(h.addr, &v1("192.0.2.7:2", h.addr)).await;
+        reply = c.line().await;
+        if reply.starts_with("* OK") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reply.starts_with("* OK"), "{reply}");
+    h.stop().await;
+}
