@@ -746,7 +746,13 @@ impl Gateway {
                 let f = upstream_failure(protocol, &account.name, e, age);
                 let reason = f.reason.clone();
                 self.note_meta(&account.name, |m| m.last_error = Some(reason));
-                tracing::warn!(account = %account.name, reason = %f.reason, %detail, "upstream login failed");
+                // The chain often begins with the client's sentence: then
+                // once is enough.
+                if detail.starts_with(f.reason.as_str()) {
+                    tracing::warn!(account = %account.name, reason = %detail, "upstream login failed");
+                } else {
+                    tracing::warn!(account = %account.name, reason = %f.reason, %detail, "upstream login failed");
+                }
                 Err(f)
             }
         }

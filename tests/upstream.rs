@@ -340,6 +340,7 @@ async fn imap_id_upstream_names_mailbridge_and_the_client() {
 /// offered mechanism out, not that the server offers neither.
 #[tokio::test]
 async fn a_mechanism_the_setting_leaves_out_is_named_to_the_client() {
+    logs();
     let h = Harness::start(Options {
         upstream: ImapServerOptions {
             mechanisms: vec![mailbridge_proto::sasl::Mechanism::Oauthbearer],
@@ -357,6 +358,18 @@ async fn a_mechanism_the_setting_leaves_out_is_named_to_the_client() {
                 "it offers OAUTHBEARER, which the provider's `mechanisms` setting leaves out"
             ),
         "{no}"
+    );
+    // The log says it once (the chain begins with the client's sentence).
+    let lines: Vec<String> = log_lines_with("does not offer XOAUTH2")
+        .await
+        .into_iter()
+        .filter(|l| l.contains("upstream login failed"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(
+        lines[0].matches("does not offer XOAUTH2").count(),
+        1,
+        "{lines:?}"
     );
     h.stop().await;
 }
