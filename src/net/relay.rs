@@ -54,6 +54,9 @@ pub struct RelayStats {
     /// When `upstream_ended`: the last bytes (at most [`TAIL`]) the server
     /// sent, for the protocol crate to read its reason from; else empty.
     pub upstream_tail: Vec<u8>,
+    /// Both directions ended and were passed on (each side's write half
+    /// shut down): nothing is left to close.
+    pub both_shut: bool,
 }
 
 /// A relay that ended on an I/O error (a reset, say), with what it moved
@@ -372,6 +375,7 @@ where
         } else {
             Vec::new()
         },
+        both_shut: up.done && down.done,
     };
     match outcome {
         Ok(end) => Ok(stats(end)),
@@ -428,6 +432,8 @@ mod tests {
         assert_eq!((stats.to_upstream, stats.to_client), (9, 7));
         // The client ended it: nothing of the server's is kept.
         assert!(!stats.upstream_ended && stats.upstream_tail.is_empty());
+        // Both closes were passed on: the session has nothing to shut.
+        assert!(stats.both_shut);
     }
 
     #[test]
@@ -482,6 +488,10 @@ mod tests {
             .await
             .unwrap();
         assert!(stats.idle_timeout);
+        assert!(
+            !stats.both_shut,
+            "an idle session is left for the caller to close"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -150,8 +150,12 @@ pub async fn drive<L, F>(
             "session ended"
         ),
     }
-    let _ = client.shutdown().await;
-    let _ = upstream.shutdown().await;
+    // A relay that passed both closes on has shut both down already
+    // (again would be two failing system calls per session).
+    if !stats.both_shut {
+        let _ = client.shutdown().await;
+        let _ = upstream.shutdown().await;
+    }
 }
 
 async fn send(stream: &mut Stream, bytes: &[u8]) -> std::io::Result<()> {
