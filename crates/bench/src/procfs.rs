@@ -32,6 +32,82 @@ fn field_kib(status: &str, name: &str) -> Option<u64> {
     }
 }
 
+/// A process's anonymous resident memory split by what holds it, from
+/// `/proc/PID/smaps`, in KiB.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AnonSplit {
+    /// Thread stacks: the main thread's `[stack]` and every anonymous
+    /// mapping right above a `---p` guard page (how glibc lays out a
+    /// thread's stack).
+    pub stacks: u64,
+    /// How many such thread stacks are mapped (live threads and the ones
+    /// glibc keeps for reuse).
+    pub thread_stacks: u64,
+    /// The rest of the anonymous memory: the allocator's pages (jemalloc
+    /// maps its own; `[heap]` is the brk heap) and anything else mapped
+    /// privately.
+    pub heap: u64,
+}
+
+/// [`AnonSplit`] of process `pid`.
+pub fn anon_split(pid: u32) -> io::Result<AnonSplit> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    Ok(split_smaps(&smaps))
+}
+
+/// [`AnonSplit`] of a `/proc/PID/smaps` text.
+pub fn split_smaps(smaps: &str) -> AnonSplit {
+    let mut split = AnonSplit::default();
+    // The previous mapping's end and whether it was an inaccessible guard.
+    let mut guard_end: Option<u64> = None;
+    let mut current: Option<(bool, bool)> = None; // (a stack, the main one)
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((start, end)) = first.split_once('-').and_then(|(a, b)| {
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        }) {
+            let perms = words.next().unwrap_or("");
+            let path = words.nth(3).unwrap_or("");
+            let main = path == "[stack]";
+            let thread = path.is_empty() && perms.starts_with("rw") && guard_end == Some(start);
+            if thread {
+                split.thread_stacks += 1;
+            }
+            current = Some((main || thread, main));
+            guard_end = (perms.starts_with("---") && path.is_empty()).then_some(end);
+            continue;
+        }
+        if first == "Anonymous:"
+            && let Some((stack, _)) = current
+            && let Some(kib) = words.next().and_then(|v| v.parse::<u64>().ok())
+        {
+            if stack {
+                split.stacks += kib;
+            } else {
+                split.heap += kib;
+            }
+        }
+    }
+    split
+}
+
+/// Threads of process `pid`.
+pub fn threads(pid: u32) -> io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("Threads:"))
+        .ok_or_else(|| io::Error::other("no Threads line in /proc/PID/status"))?;
+    line["Threads:".len()..]
+        .trim()
+        .parse()
+        .map_err(|_| io::Error::other("bad Threads line in /proc/PID/status"))
+}
+
 /// How many file descriptors process `pid` has open.
 pub fn open_files(pid: u32) -> io::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
@@ -67,10 +143,45 @@ mod tests {
     }
 
     #[test]
+    fn splits_anonymous_memory_into_stacks_and_heap() {
+        let smaps = "\
+55d0a0000000-55d0a0100000 r-xp 00000000 fd:00 123 /usr/bin/mailbridge
+Rss:                 800 kB
+Anonymous:             0 kB
+7f0000000000-7f0000200000 rw-p 00000000 00:00 0 
+Rss:                4096 kB
+Anonymous:          4096 kB
+7f0000200000-7f0000201000 ---p 00000000 00:00 0 
+Anonymous:             0 kB
+7f0000201000-7f0000401000 rw-p 00000000 00:00 0 
+Anonymous:            24 kB
+7f0000401000-7f0000402000 ---p 00000000 00:00 0 
+Anonymous:             0 kB
+7f0000402000-7f0000602000 rw-p 00000000 00:00 0 
+Anonymous:            16 kB
+7f0000700000-7f0000800000 rw-p 00000000 00:00 0 
+Anonymous:           100 kB
+7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0                          [stack]
+Anonymous:           132 kB
+";
+        assert_eq!(
+            split_smaps(smaps),
+            AnonSplit {
+                stacks: 24 + 16 + 132,
+                thread_stacks: 2,
+                heap: 4096 + 100,
+            }
+        );
+    }
+
+    #[test]
     fn reads_our_own_process() {
         let pid = std::process::id();
         assert!(rss_kib(pid).unwrap() > 0);
         assert!(open_files(pid).unwrap() >= 3);
+        assert!(threads(pid).unwrap() >= 1);
+        let split = anon_split(pid).unwrap();
+        assert!(split.stacks > 0 && split.heap > 0, "{split:?}");
         let before = cpu_time(pid).unwrap();
         let mut x = 0u64;
         for i in 0..5_000_000u64 {

@@ -134,6 +134,16 @@ impl Mailbridge {
         Ok(mailbridge_bench::procfs::rss_anon_kib(self.pid())?)
     }
 
+    /// Anonymous memory split into heap and thread stacks.
+    pub fn anon_split(&self) -> anyhow::Result<mailbridge_bench::procfs::AnonSplit> {
+        Ok(mailbridge_bench::procfs::anon_split(self.pid())?)
+    }
+
+    /// Threads.
+    pub fn threads(&self) -> anyhow::Result<u64> {
+        Ok(mailbridge_bench::procfs::threads(self.pid())?)
+    }
+
     /// Open file descriptors.
     pub fn open_files(&self) -> usize {
         mailbridge_bench::procfs::open_files(self.pid()).unwrap_or(0)
