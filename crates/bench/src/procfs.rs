@@ -182,12 +182,16 @@ Anonymous:           132 kB
         assert!(threads(pid).unwrap() >= 1);
         let split = anon_split(pid).unwrap();
         assert!(split.stacks > 0 && split.heap > 0, "{split:?}");
+        // CPU time moves in clock ticks (10 ms): work until it does, for
+        // at most two seconds of wall time (a release build's loop is fast).
         let before = cpu_time(pid).unwrap();
+        let started = std::time::Instant::now();
         let mut x = 0u64;
-        for i in 0..5_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
+        while cpu_time(pid).unwrap() <= before && started.elapsed().as_secs() < 2 {
+            for i in 0..1_000_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
         }
-        std::hint::black_box(x);
         assert!(cpu_time(pid).unwrap() > before);
     }
 }
