@@ -281,6 +281,10 @@ fn defer(
         return;
     }
     envelope.next_attempt_at = now + policy.retry_delay(envelope.attempts).as_secs();
+    // `queue retry` while this attempt ran: due now, not at the delay.
+    if let Ok((Area::Queue, current)) = spool.find(&envelope.id) {
+        keep_retry(&current, &mut envelope);
+    }
     gateway.metrics().delivery("deferred");
     match spool.update(Area::Queue, &envelope) {
         Ok(()) => {}
@@ -290,6 +294,16 @@ fn defer(
         Err(e) => {
             tracing::error!(id = %envelope.id, error = %crate::report::chain(&e), "cannot record the attempt in the spool")
         }
+    }
+}
+
+/// An attempt's new state, written over `current` (the stored one): a
+/// `queue retry` asked for since the attempt read the message is kept
+/// (due now), not undone.
+fn keep_retry(current: &Envelope, attempted: &mut Envelope) {
+    if current.retries_asked != attempted.retries_asked {
+        attempted.retries_asked = current.retries_asked;
+        attempted.next_attempt_at = 0;
     }
 }
 
@@ -370,6 +384,29 @@ The message is kept on the mailbridge host: `mailbridge queue list`, then\r\n\
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_asked_during_an_attempt_is_kept() {
+        let message = mailbridge_proto::Message {
+            from: "a@x".into(),
+            recipients: vec!["b@x".into()],
+            data: b"x".to_vec(),
+            smtputf8: false,
+            eight_bit: false,
+            client_name: None,
+        };
+        let read = Envelope::new("a@x", "mfp", "192.0.2.7", false, &message);
+        // The attempt failed and would wait; nobody asked meanwhile.
+        let mut attempted = read.clone();
+        attempted.next_attempt_at = 1_000;
+        keep_retry(&read, &mut attempted);
+        assert_eq!(attempted.next_attempt_at, 1_000);
+        // `queue retry` came in while it ran.
+        let mut current = read.clone();
+        super::super::requeue(Area::Queue, &mut current);
+        keep_retry(&current, &mut attempted);
+        assert_eq!((attempted.next_attempt_at, attempted.retries_asked), (0, 1));
+    }
 
     #[test]
     fn retry_delays_double_up_to_the_cap() {

@@ -61,6 +61,10 @@ pub struct Envelope {
     /// Send a report to the sender if it fails for good.
     #[serde(default)]
     pub bounce: bool,
+    /// How many times `queue retry` asked for it: an attempt under way
+    /// when one comes in records its outcome without undoing it.
+    #[serde(default)]
+    pub retries_asked: u32,
 }
 
 /// Where an entry is.
@@ -147,6 +151,7 @@ impl Envelope {
             last_error: None,
             failed_recipients: Vec::new(),
             bounce,
+            retries_asked: 0,
         }
     }
 }
@@ -155,6 +160,7 @@ impl Envelope {
 /// recipients refused for good given another try too.
 fn requeue(area: Area, envelope: &mut Envelope) {
     envelope.next_attempt_at = 0;
+    envelope.retries_asked = envelope.retries_asked.wrapping_add(1);
     if area == Area::Failed {
         envelope.received_at = unix_now();
         envelope.attempts = 0;
