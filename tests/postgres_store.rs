@@ -1104,9 +1104,17 @@ async fn a_message_accepted_by_a_killed_instance_is_delivered_by_the_other() {
     refreshed(&a).await;
     w.smtp.set_down(true);
     let n = 10;
+    let mut ids = Vec::new();
     for i in 0..n {
-        device_send(w.addrs[i % 2][2], &format!("m{i}")).await;
+        ids.push(device_send(w.addrs[i % 2][2], &format!("m{i}")).await);
     }
+    // `queue retry` works on the database while both run (and the
+    // message still goes out once).
+    let (ok, out, err) = w.cli(0, &["queue", "retry", &ids[0]], "");
+    assert!(
+        ok && out.contains("queued for delivery to office@x.example"),
+        "{out}{err}"
+    );
     // `queue delete` works on the database while both run.
     let doomed = device_send(w.addrs[0][2], "deleted").await;
     let (ok, out, err) = w.cli(1, &["queue", "delete", &doomed], "");

@@ -207,6 +207,13 @@ impl DbSpool {
     }
 
     pub fn find(&self, id: &str) -> Result<(Area, Envelope), SpoolError> {
+        self.find_raw(id)
+            .map(|(area, envelope, _)| (area, envelope))
+    }
+
+    /// [`DbSpool::find`], with the record as stored (for a change on the
+    /// condition that nobody else changed it).
+    fn find_raw(&self, id: &str) -> Result<(Area, Envelope, String), SpoolError> {
         let key = id.to_owned();
         let row: Option<(String, String)> = self
             .db
@@ -223,7 +230,10 @@ impl DbSpool {
             })
             .map_err(SpoolError::Database)?;
         match row {
-            Some((area, text)) => Ok((area_from(&area), decode(id, &text)?)),
+            Some((area, text)) => {
+                let envelope = decode(id, &text)?;
+                Ok((area_from(&area), envelope, text))
+            }
             None => Err(SpoolError::NotFound { id: id.to_owned() }),
         }
     }
@@ -294,11 +304,13 @@ impl DbSpool {
     }
 
     /// Read, changed and written back only if nobody changed it meanwhile
-    /// (the envelope compared as `jsonb`); tried again a few times.
+    /// (the stored envelope compared as `jsonb`, as read, so a field this
+    /// build adds with its default does not make it differ); tried again a
+    /// few times.
     pub fn retry(&self, id: &str) -> Result<Envelope, SpoolError> {
         for _ in 0..5 {
-            let (area, before) = self.find(id)?;
-            let mut after = before.clone();
+            let (area, before, stored) = self.find_raw(id)?;
+            let mut after = before;
             super::requeue(area, &mut after);
             let received = i64::try_from(after.received_at).unwrap_or(i64::MAX);
             let rows = self.execute(
@@ -309,7 +321,7 @@ impl DbSpool {
                 vec![
                     Box::new(id.to_owned()),
                     Box::new(encode(&after)?),
-                    Box::new(encode(&before)?),
+                    Box::new(stored),
                     Box::new(received),
                 ],
             )?;
