@@ -984,18 +984,7 @@ async fn the_database_is_reached_over_verified_tls() {
 /// Sends one message as the device (from 127.0.0.2) to `addr`; the queue
 /// id from the `250`.
 async fn device_send(addr: SocketAddr, subject: &str) -> String {
-    let mut c = Client::plain_from("127.0.0.2", addr).await;
-    c.smtp_reply().await;
-    c.smtp("HELO mfp").await;
-    let r = c.smtp(&format!("MAIL FROM:<{USER}>")).await;
-    assert!(r.starts_with("250"), "{r}");
-    let r = c.smtp("RCPT TO:<office@x.example>").await;
-    assert!(r.starts_with("250"), "{r}");
-    let r = c.smtp("DATA").await;
-    assert!(r.starts_with("354"), "{r}");
-    c.send(format!("Subject: {subject}\r\n\r\nscan\r\n.\r\n").as_bytes())
-        .await;
-    let reply = c.smtp_reply().await.pop().unwrap_or_default();
+    let reply = Client::device_message("127.0.0.2", addr, USER, subject).await;
     assert!(reply.starts_with("250 2.0.0 OK: queued as "), "{reply}");
     reply.rsplit(' ').next().unwrap().to_string()
 }
@@ -1142,35 +1131,18 @@ async fn a_message_accepted_by_a_killed_instance_is_delivered_by_the_other() {
     // The database down: the device hears 452 (try later), never a 250;
     // back up, the same processes accept again.
     pg.down();
-    let mut c = Client::plain_from("127.0.0.2", w.addrs[1][2]).await;
-    c.smtp_reply().await;
-    c.smtp("HELO mfp").await;
-    assert!(
-        c.smtp(&format!("MAIL FROM:<{USER}>"))
-            .await
-            .starts_with("250")
-    );
-    assert!(
-        c.smtp("RCPT TO:<office@x.example>")
-            .await
-            .starts_with("250")
-    );
-    assert!(c.smtp("DATA").await.starts_with("354"));
-    c.send(b"Subject: while the database is down\r\n\r\nscan\r\n.\r\n")
-        .await;
-    let reply = c.smtp_reply().await.pop().unwrap_or_default();
+    let reply = Client::device_message(
+        "127.0.0.2",
+        w.addrs[1][2],
+        USER,
+        "while the database is down",
+    )
+    .await;
     assert!(reply.starts_with("452 4.3.1"), "{reply}");
     pg.up();
     let mut accepted = None;
     for _ in 0..50 {
-        let mut c = Client::plain_from("127.0.0.2", w.addrs[1][2]).await;
-        c.smtp_reply().await;
-        c.smtp("HELO mfp").await;
-        c.smtp(&format!("MAIL FROM:<{USER}>")).await;
-        c.smtp("RCPT TO:<office@x.example>").await;
-        c.smtp("DATA").await;
-        c.send(b"Subject: after\r\n\r\nscan\r\n.\r\n").await;
-        let reply = c.smtp_reply().await.pop().unwrap_or_default();
+        let reply = Client::device_message("127.0.0.2", w.addrs[1][2], USER, "after").await;
         if reply.starts_with("250") {
             accepted = Some(reply);
             break;

@@ -447,6 +447,32 @@ impl Client {
         }
     }
 
+    /// A device's message, sent without AUTH from `from` as `sender` to
+    /// office@x.example with `subject`: the server's reply to its data
+    /// (`250 2.0.0 OK: queued as ID`, or why not). HELO, MAIL, RCPT and
+    /// DATA must be accepted.
+    pub async fn device_message(
+        from: &str,
+        addr: SocketAddr,
+        sender: &str,
+        subject: &str,
+    ) -> String {
+        let mut c = Client::plain_from(from, addr).await;
+        c.smtp_reply().await;
+        c.smtp("HELO mfp").await;
+        for (command, code) in [
+            (format!("MAIL FROM:<{sender}>"), "250"),
+            ("RCPT TO:<office@x.example>".to_owned(), "250"),
+            ("DATA".to_owned(), "354"),
+        ] {
+            let r = c.smtp(&command).await;
+            assert!(r.starts_with(code), "{command}: {r}");
+        }
+        c.send(format!("Subject: {subject}\r\n\r\nscan\r\n.\r\n").as_bytes())
+            .await;
+        c.smtp_reply().await.pop().unwrap_or_default()
+    }
+
     /// A client over a connection already made (and written to: a PROXY
     /// protocol header, say).
     pub fn over(io: impl Io + 'static) -> Client {

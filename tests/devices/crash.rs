@@ -202,23 +202,7 @@ account = "{USER}"
 
     /// Sends one message as the device; the queue id from the `250`.
     async fn send(&self, subject: &str) -> String {
-        let mut c = Client::plain_from("127.0.0.2", self.addr).await;
-        c.smtp_reply().await;
-        c.smtp("HELO mfp").await;
-        assert!(
-            c.smtp(&format!("MAIL FROM:<{USER}>"))
-                .await
-                .starts_with("250")
-        );
-        assert!(
-            c.smtp("RCPT TO:<office@x.example>")
-                .await
-                .starts_with("250")
-        );
-        assert!(c.smtp("DATA").await.starts_with("354"));
-        c.send(format!("Subject: {subject}\r\n\r\nscan\r\n.\r\n").as_bytes())
-            .await;
-        let reply = c.smtp_reply().await.pop().unwrap_or_default();
+        let reply = Client::device_message("127.0.0.2", self.addr, USER, subject).await;
         assert!(reply.starts_with("250 2.0.0 OK: queued as "), "{reply}");
         reply.rsplit(' ').next().unwrap().to_string()
     }
