@@ -989,20 +989,6 @@ async fn device_send(addr: SocketAddr, subject: &str) -> String {
     reply.rsplit(' ').next().unwrap().to_string()
 }
 
-fn subjects(smtp: &SmtpServer) -> Vec<String> {
-    smtp.messages()
-        .iter()
-        .map(|m| {
-            String::from_utf8_lossy(&m.data)
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim_start_matches("Subject: ")
-                .to_string()
-        })
-        .collect()
-}
-
 /// Waits (bounded) until `running`'s log says its start-up refresh is
 /// done: a `kill -9` before that could fall in the one window nobody can
 /// close (the rotated token on its way), which is not what these tests are

@@ -25,8 +25,6 @@
 use std::fmt;
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-
 use super::{Area, Envelope, SpoolError};
 use crate::store::PgStore;
 
@@ -86,16 +84,10 @@ fn area_from(name: &str) -> Area {
     }
 }
 
-/// The advisory lock key of message `id` (64 bits of a hash, apart from
-/// the refresh locks' by its prefix).
+/// The advisory lock key of message `id` (a domain of its own, apart
+/// from the refresh locks').
 fn claim_key(id: &str) -> i64 {
-    let mut h = Sha256::new();
-    h.update(b"mailbridge spool claim\0");
-    h.update(id.as_bytes());
-    let d = h.finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&d[..8]);
-    i64::from_be_bytes(first)
+    crate::store::postgres::lock_key("mailbridge spool claim", id)
 }
 
 fn encode(envelope: &Envelope) -> Result<String, SpoolError> {
@@ -386,6 +378,10 @@ mod tests {
     fn claim_keys_differ_per_message_and_from_the_refresh_locks() {
         assert_eq!(claim_key("1A2B"), claim_key("1A2B"));
         assert_ne!(claim_key("1A2B"), claim_key("1A2C"));
+        assert_ne!(
+            claim_key("1A2B"),
+            crate::store::postgres::lock_key("mailbridge refresh lock", "1A2B")
+        );
     }
 
     #[test]

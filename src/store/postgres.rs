@@ -416,17 +416,23 @@ impl Inner {
     }
 }
 
-/// The advisory lock key of `account`'s refresh: 64 bits of a hash, so
-/// two accounts share a lock only by a 2^-64 chance (and would then only
-/// wait for each other).
-fn refresh_lock_key(account: &str) -> i64 {
+/// An advisory lock key: 64 bits of a hash of `name` in `domain` (each
+/// kind of lock its own domain), so two names share a lock only by a
+/// 2^-64 chance (and would then only wait for each other).
+pub(crate) fn lock_key(domain: &str, name: &str) -> i64 {
     let mut h = Sha256::new();
-    h.update(b"mailbridge refresh lock\0");
-    h.update(account.as_bytes());
+    h.update(domain.as_bytes());
+    h.update(b"\0");
+    h.update(name.as_bytes());
     let d = h.finalize();
     let mut first = [0u8; 8];
     first.copy_from_slice(&d[..8]);
     i64::from_be_bytes(first)
+}
+
+/// The advisory lock key of `account`'s refresh.
+fn refresh_lock_key(account: &str) -> i64 {
+    lock_key("mailbridge refresh lock", account)
 }
 
 fn encode<T: serde::Serialize>(

@@ -428,6 +428,22 @@ pub struct Client {
     io: BufReader<Box<dyn Io>>,
 }
 
+/// The first line of each message `smtp` received, without `Subject: `
+/// (the tests' messages start with their subject).
+pub fn subjects(smtp: &SmtpServer) -> Vec<String> {
+    smtp.messages()
+        .iter()
+        .map(|m| {
+            String::from_utf8_lossy(&m.data)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches("Subject: ")
+                .to_string()
+        })
+        .collect()
+}
+
 impl Client {
     pub async fn plain(addr: SocketAddr) -> Client {
         let tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr))

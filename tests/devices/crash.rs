@@ -208,18 +208,7 @@ account = "{USER}"
     }
 
     fn subjects(&self) -> Vec<String> {
-        self.smtp
-            .messages()
-            .iter()
-            .map(|m| {
-                String::from_utf8_lossy(&m.data)
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .trim_start_matches("Subject: ")
-                    .to_string()
-            })
-            .collect()
+        crate::common::subjects(&self.smtp)
     }
 
     async fn wait_delivered(&self, n: usize, limit: Duration) {
