@@ -56,14 +56,6 @@
 //! - [`cli`]: the command line (main.rs only calls it).
 #![forbid(unsafe_code)]
 
-/// jemalloc on Linux, with its background threads on: freed memory goes
-/// back to the system within seconds, even with no allocation going on,
-/// so mailbridge's resident memory falls back after thousands of
-/// sessions close (glibc's malloc kept its peak). See docs/PERFORMANCE.md.
-#[cfg(target_os = "linux")]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 pub mod alerts;
 pub mod authorize;
 pub mod backoff;

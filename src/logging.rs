@@ -6,13 +6,28 @@
 //! for a proxy (a client that connects to an IP address and sends it as
 //! SNI), so its events below ERROR are off unless `MAILBRIDGE_LOG` names
 //! it.
+//!
+//! Every event a client's session logs starts with the session it belongs
+//! to, `conn{peer=.. protocol=..}:` in text and `"span": {"name": "conn",
+//! ..}` in JSON. That context is a task-local ([`in_session`]), not a
+//! tracing span: the span registry keeps a slot and the slot's field
+//! storage for every span that was ever open at once and never gives them
+//! back, and 10,000 sessions' worth of those small blocks, allocated
+//! between the sessions' own memory, kept some 30 MB of freed pages
+//! resident after the sessions ended (docs/PERFORMANCE.md, "Memory after
+//! 10,000 sessions close"). The formatters below write the context the way
+//! tracing-subscriber writes a span.
 
+use std::future::Future;
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 
+use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::config::schema::LogFormat;
@@ -87,24 +102,168 @@ pub fn init_with_default(configured: LogFormat, level: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(colour);
     let installed = match (format, journal) {
-        (LogFormat::Json, _) => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
+        (LogFormat::Json, _) => builder.event_format(JsonLine).try_init(),
         // The journal adds its own timestamps.
         (LogFormat::Text, true) => builder
-            .event_format(SyslogPrefix(
-                tracing_subscriber::fmt::format().without_time(),
-            ))
+            .event_format(SyslogPrefix(TextLine { time: false }))
             .try_init(),
-        (LogFormat::Text, false) => builder.try_init(),
+        (LogFormat::Text, false) => builder.event_format(TextLine { time: true }).try_init(),
     };
     if installed.is_ok()
         && let Some(e) = bad_filter
     {
         tracing::warn!(error = %e, "{FILTER_ENV} is not a valid filter; logging at info");
+    }
+}
+
+/// Who a session's events are about: the client, the proxy it came
+/// through (PROXY protocol), and the protocol.
+#[derive(Debug, Clone)]
+pub struct SessionContext {
+    pub peer: SocketAddr,
+    pub via: Option<SocketAddr>,
+    pub protocol: &'static str,
+}
+
+tokio::task_local! {
+    static SESSION: SessionContext;
+}
+
+/// Runs a session's future with `context` on every event it logs (the
+/// tasks it spawns log without it, as with a span).
+pub fn in_session<F: Future>(
+    context: SessionContext,
+    session: F,
+) -> impl Future<Output = F::Output> {
+    SESSION.scope(context, session)
+}
+
+/// The text line: time, level, the session (`conn{peer=.. protocol=..}:`),
+/// any tracing spans, target, fields: tracing-subscriber's full format.
+struct TextLine {
+    time: bool,
+}
+
+impl<S, N> FormatEvent<S, N> for TextLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let ansi = writer.has_ansi_escapes();
+        let meta = event.metadata();
+        if self.time {
+            if ansi {
+                writer.write_str("\x1b[2m")?;
+            }
+            SystemTime.format_time(&mut writer)?;
+            writer.write_str(if ansi { "\x1b[0m " } else { " " })?;
+        }
+        let colour = match *meta.level() {
+            Level::ERROR => "\x1b[31m",
+            Level::WARN => "\x1b[33m",
+            Level::INFO => "\x1b[32m",
+            Level::DEBUG => "\x1b[34m",
+            Level::TRACE => "\x1b[35m",
+        };
+        if ansi {
+            write!(writer, "{colour}{:>5}\x1b[0m ", meta.level())?;
+        } else {
+            write!(writer, "{:>5} ", meta.level())?;
+        }
+        let _ = SESSION.try_with(|s| -> std::fmt::Result {
+            write!(writer, "conn{{peer={}", s.peer)?;
+            if let Some(via) = s.via {
+                write!(writer, " via={via}")?;
+            }
+            write!(writer, " protocol=\"{}\"}}: ", s.protocol)
+        });
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                writer.write_str(span.name())?;
+                let ext = span.extensions();
+                if let Some(fields) = ext.get::<FormattedFields<N>>()
+                    && !fields.is_empty()
+                {
+                    write!(writer, "{{{fields}}}")?;
+                }
+                writer.write_str(": ")?;
+            }
+        }
+        write!(writer, "{}: ", meta.target())?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
+
+/// One JSON object per line: `timestamp`, `level`, the event's fields
+/// (`message` among them), `target`, and the session as `span`.
+struct JsonLine;
+
+impl<S, N> FormatEvent<S, N> for JsonLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let meta = event.metadata();
+        let mut timestamp = String::new();
+        SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
+        let mut line = JsonFields(serde_json::Map::new());
+        line.0.insert("timestamp".into(), timestamp.into());
+        line.0.insert("level".into(), meta.level().as_str().into());
+        event.record(&mut line);
+        line.0.insert("target".into(), meta.target().into());
+        if let Ok(span) = SESSION.try_with(|s| {
+            let mut span = serde_json::Map::new();
+            span.insert("name".into(), "conn".into());
+            span.insert("peer".into(), s.peer.to_string().into());
+            if let Some(via) = s.via {
+                span.insert("via".into(), via.to_string().into());
+            }
+            span.insert("protocol".into(), s.protocol.into());
+            span
+        }) {
+            line.0.insert("span".into(), span.into());
+        }
+        let text = serde_json::to_string(&line.0).map_err(|_| std::fmt::Error)?;
+        writeln!(writer, "{text}")
+    }
+}
+
+/// An event's fields as JSON values: numbers and booleans as such, the
+/// rest as their text.
+struct JsonFields(serde_json::Map<String, serde_json::Value>);
+
+impl Visit for JsonFields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
     }
 }
 

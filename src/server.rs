@@ -4,13 +4,12 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::ServerConfig;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
-use tracing::Instrument;
 
 use crate::config::{ConfigError, KeyMode, Listener, ListenerTls, Protocol, Settings};
 use crate::kdf::KdfGate;
@@ -581,13 +580,12 @@ impl Server {
                     let protocol = rt.config.protocol.name();
                     // Behind a proxy: the client, then the proxy it came
                     // through.
-                    let span = match via {
-                        Some(proxy) => {
-                            tracing::info_span!("conn", %peer, via = %proxy, protocol)
-                        }
-                        None => tracing::info_span!("conn", %peer, protocol),
+                    let context = crate::logging::SessionContext {
+                        peer,
+                        via,
+                        protocol,
                     };
-                    async move {
+                    let session = async move {
                         let protocol = rt.config.protocol.name();
                         match admitted {
                             Admitted::Yes(ticket) => {
@@ -605,8 +603,8 @@ impl Server {
                                 turn_away(rt, tcp, why).await
                             }
                         }
-                    }
-                    .instrument(span)
+                    };
+                    crate::logging::in_session(context, session)
                 },
             ))));
         }
@@ -732,6 +730,18 @@ impl Server {
                 }
             })
         };
+        let heap_keeper = {
+            let limit = limit.clone();
+            tokio::spawn(async move {
+                let mut keeper = HeapKeeper::default();
+                loop {
+                    tokio::time::sleep(HEAP_CHECK_EVERY).await;
+                    if keeper.should_give_back(limit.open(), Instant::now()) {
+                        give_heap_back().await;
+                    }
+                }
+            })
+        };
         systemd::ready(&status_line());
         let informer = tokio::spawn(systemd::keep_informed({
             let status_line = status_line.clone();
@@ -791,6 +801,7 @@ impl Server {
         self.gateway.vault().save_all_unsaved().await;
         // The logins' metadata, now that no session can change it.
         meta_flusher.abort();
+        heap_keeper.abort();
         flush_meta(&self.meta).await;
         grant_events.abort();
         // The watchdog is fed until the very end: a long drain is not a
@@ -821,6 +832,59 @@ async fn flush_meta(meta: &Arc<MetaCache>) {
             tracing::warn!(error = %crate::report::chain(&e), "cannot write the accounts' metadata to the store; kept in memory and tried again")
         }
         Err(_) => tracing::warn!("the metadata write stopped unexpectedly"),
+    }
+}
+
+/// How often the session count is looked at for a fall (see
+/// [`HeapKeeper`]).
+const HEAP_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// When to give freed heap memory back to the system.
+///
+/// glibc's malloc keeps the pages a crowd of sessions freed in the middle
+/// of its arenas until asked (`malloc_trim`, [`mailbridge_heap`]); asking
+/// walks every arena under its lock, so it is done after a fall in the
+/// number of open sessions, not per session: when the count has fallen by
+/// [`HeapKeeper::FALL`] from the highest seen since the last time, or by
+/// any amount once [`HeapKeeper::QUIET`] has passed since then (a few
+/// sessions ending now and then on a small office's gateway).
+#[derive(Debug, Default)]
+struct HeapKeeper {
+    /// The most sessions open at one look since the last give-back.
+    peak: usize,
+    last: Option<Instant>,
+}
+
+impl HeapKeeper {
+    const FALL: usize = 32;
+    const QUIET: Duration = Duration::from_secs(60);
+
+    fn should_give_back(&mut self, open: usize, now: Instant) -> bool {
+        self.peak = self.peak.max(open);
+        let fall = self.peak - open;
+        let quiet = self
+            .last
+            .is_none_or(|at| now.duration_since(at) >= Self::QUIET);
+        if fall >= Self::FALL || (fall > 0 && quiet) {
+            self.peak = open;
+            self.last = Some(now);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Gives freed heap pages back to the system, off the runtime's threads.
+async fn give_heap_back() {
+    let started = Instant::now();
+    match tokio::task::spawn_blocking(mailbridge_heap::give_back).await {
+        Ok(outcome) => tracing::debug!(
+            ?outcome,
+            took_us = started.elapsed().as_micros() as u64,
+            "freed heap memory offered back to the system"
+        ),
+        Err(_) => tracing::warn!("giving heap memory back stopped unexpectedly"),
     }
 }
 
@@ -1337,6 +1401,27 @@ pub fn raise_open_files_limit(wanted: u64) -> OpenFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heap_is_given_back_after_a_fall_in_sessions() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut keeper = HeapKeeper::default();
+        // Rising or steady: nothing to give back.
+        assert!(!keeper.should_give_back(0, at(0)));
+        assert!(!keeper.should_give_back(500, at(5)));
+        assert!(!keeper.should_give_back(500, at(10)));
+        // A crowd leaves: at once.
+        assert!(keeper.should_give_back(10, at(15)));
+        assert!(!keeper.should_give_back(10, at(20)));
+        // A few sessions ending: not until a minute after the last time.
+        assert!(!keeper.should_give_back(40, at(25)));
+        assert!(!keeper.should_give_back(35, at(30)));
+        assert!(keeper.should_give_back(35, at(75)));
+        // A fall of 32 from the peak since then, at any time.
+        assert!(!keeper.should_give_back(100, at(80)));
+        assert!(keeper.should_give_back(68, at(85)));
+    }
 
     #[test]
     fn nofile_plan_raises_soft_to_hard() {

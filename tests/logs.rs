@@ -1,7 +1,8 @@
 //! The log of `mailbridge run` as people and collectors read it: no colour
 //! codes in a pipe, one JSON object per line with `log_format = "json"`,
 //! syslog priorities under the journal, and no warning for a client that
-//! connects to an IP address and sends it as SNI.
+//! connects to an IP address and sends it as SNI. A session's events name
+//! its client and protocol.
 
 mod common;
 
@@ -153,6 +154,91 @@ fn under_the_journal_lines_carry_a_syslog_priority_and_no_time() {
             "{line}"
         );
     }
+}
+
+/// Every event of a client's session names that client and the protocol;
+/// events outside a session do not.
+#[test]
+fn a_sessions_events_name_its_client_and_protocol() {
+    let debug = [("MAILBRIDGE_LOG", "debug,rustls=error")];
+    let connect = |addr: SocketAddr| {
+        let c = TcpStream::connect(addr).unwrap();
+        let me = c.local_addr().unwrap();
+        drop(c);
+        me
+    };
+
+    let (text_config, addr) = config("logs-session-text", "");
+    let mut client = None;
+    let logs = run_logs(&text_config, addr, &debug, || client = Some(connect(addr)));
+    let client = client.unwrap();
+    let context = format!("conn{{peer={client} protocol=\"imap\"}}: ");
+    // (run_logs's own probe connected first, from another port.)
+    assert!(
+        logs.lines()
+            .any(|l| l.contains(&context) && l.ends_with("mailbridge::server: connected")),
+        "no `connected` event with {context}:\n{logs}"
+    );
+    let listening = logs.lines().find(|l| l.contains("listening")).unwrap();
+    assert!(!listening.contains("conn{"), "{listening}");
+
+    let (config, addr) = config("logs-session-json", "log_format = \"json\"");
+    let mut client = None;
+    let logs = run_logs(&config, addr, &debug, || client = Some(connect(addr)));
+    let client = client.unwrap();
+    let events: Vec<serde_json::Value> = logs
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let connected = events
+        .iter()
+        .find(|v| v["message"] == "connected" && v["span"]["peer"] == client.to_string())
+        .unwrap_or_else(|| panic!("no `connected` event from {client}:\n{logs}"));
+    assert_eq!(connected["span"]["name"], "conn", "{connected}");
+    assert_eq!(connected["span"]["protocol"], "imap", "{connected}");
+    assert_eq!(connected["target"], "mailbridge::server", "{connected}");
+    let listening = events.iter().find(|v| v["message"] == "listening").unwrap();
+    assert!(listening.get("span").is_none(), "{listening}");
+    // Fields keep their types.
+    let limits = events
+        .iter()
+        .find(|v| v["message"] == "connection limits")
+        .unwrap();
+    assert!(limits["max_connections"].is_u64(), "{limits}");
+}
+
+/// After a crowd of sessions ends, mailbridge offers the memory they
+/// freed back to the system (glibc's `malloc_trim`) and says so at debug
+/// level. How much comes back is the benchmark's to measure
+/// (docs/PERFORMANCE.md).
+#[test]
+fn after_a_crowd_leaves_freed_memory_is_offered_back() {
+    let (config, addr) = config("logs-heap", "");
+    let logs = run_logs(
+        &config,
+        addr,
+        &[("MAILBRIDGE_LOG", "info,mailbridge::server=debug")],
+        || {
+            let crowd: Vec<TcpStream> =
+                (0..64).map(|_| TcpStream::connect(addr).unwrap()).collect();
+            // Admitted and counted (the check looks every 5 s).
+            std::thread::sleep(Duration::from_secs(6));
+            drop(crowd);
+            // Two looks at the count: the fall is seen by the second.
+            std::thread::sleep(Duration::from_secs(11));
+        },
+    );
+    let offered = logs
+        .lines()
+        .find(|l| l.contains("freed heap memory offered back to the system"))
+        .unwrap_or_else(|| panic!("no give-back after 64 sessions ended:\n{logs}"));
+    println!("{offered}");
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    assert!(
+        offered.contains("outcome=Released") || offered.contains("outcome=NothingFree"),
+        "{offered}"
+    );
 }
 
 /// A TLS 1.3 ClientHello that names `host` in its SNI extension, as some

@@ -37,17 +37,22 @@ fn field_kib(status: &str, name: &str) -> Option<u64> {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct AnonSplit {
     /// Thread stacks: the main thread's `[stack]` and every anonymous
-    /// mapping right above a `---p` guard page (how glibc lays out a
-    /// thread's stack).
+    /// mapping right above a `---p` guard of at most [`GUARD_MAX`] (how
+    /// glibc lays out a thread's stack; the inaccessible rest of one of
+    /// malloc's 64 MiB arena heaps, which the next heap may follow, is
+    /// larger).
     pub stacks: u64,
     /// How many such thread stacks are mapped (live threads and the ones
     /// glibc keeps for reuse).
     pub thread_stacks: u64,
-    /// The rest of the anonymous memory: the allocator's pages (jemalloc
-    /// maps its own; `[heap]` is the brk heap) and anything else mapped
-    /// privately.
+    /// The rest of the anonymous memory: the allocator's pages (`[heap]`,
+    /// the brk heap; malloc's other arenas and its large blocks are
+    /// mappings of their own) and anything else mapped privately.
     pub heap: u64,
 }
+
+/// The largest inaccessible mapping counted as a thread's guard page.
+pub const GUARD_MAX: u64 = 64 * 1024;
 
 /// [`AnonSplit`] of process `pid`.
 pub fn anon_split(pid: u32) -> io::Result<AnonSplit> {
@@ -78,7 +83,8 @@ pub fn split_smaps(smaps: &str) -> AnonSplit {
                 split.thread_stacks += 1;
             }
             current = Some((main || thread, main));
-            guard_end = (perms.starts_with("---") && path.is_empty()).then_some(end);
+            guard_end = (perms.starts_with("---") && path.is_empty() && end - start <= GUARD_MAX)
+                .then_some(end);
             continue;
         }
         if first == "Anonymous:"
@@ -161,6 +167,12 @@ Anonymous:             0 kB
 Anonymous:            16 kB
 7f0000700000-7f0000800000 rw-p 00000000 00:00 0 
 Anonymous:           100 kB
+7f0004000000-7f0004100000 rw-p 00000000 00:00 0 
+Anonymous:           512 kB
+7f0004100000-7f0008000000 ---p 00000000 00:00 0 
+Anonymous:             0 kB
+7f0008000000-7f0008200000 rw-p 00000000 00:00 0 
+Anonymous:           256 kB
 7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0                          [stack]
 Anonymous:           132 kB
 ";
@@ -169,7 +181,9 @@ Anonymous:           132 kB
             AnonSplit {
                 stacks: 24 + 16 + 132,
                 thread_stacks: 2,
-                heap: 4096 + 100,
+                // The two arena heaps, the second right above the first's
+                // inaccessible rest, are heap.
+                heap: 4096 + 100 + 512 + 256,
             }
         );
     }

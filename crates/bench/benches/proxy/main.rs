@@ -419,6 +419,18 @@ provider = "sandbox"
     // own; so does the client process. This one holds the sandbox servers'
     // end of every session.
     let mut notes = Vec::new();
+    let unit_env = process::unit_environment();
+    notes.push(if unit_env.is_empty() {
+        "mailbridge runs with no environment from systemd/mailbridge.service (none, or all \
+         overridden by this process's environment)"
+            .to_string()
+    } else {
+        let list: Vec<String> = unit_env.iter().map(|(k, v)| format!("`{k}={v}`")).collect();
+        format!(
+            "mailbridge runs with the environment systemd/mailbridge.service gives it: {}",
+            list.join(", ")
+        )
+    });
     let wanted = max_sessions as u64 + 1024;
     let limit = mailbridge::server::raise_open_files_limit(wanted);
     let mut plan = plan;

@@ -71,6 +71,30 @@ pub fn import(
     Ok(())
 }
 
+/// The shipped unit, systemd/mailbridge.service, whose `Environment=`
+/// lines the benchmark gives mailbridge too: it measures mailbridge as a
+/// gateway runs it (the allocator's settings are there; see
+/// docs/PERFORMANCE.md, "Memory after 10,000 sessions close").
+pub const UNIT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../systemd/mailbridge.service"
+);
+
+/// The unit's `Environment=KEY=VALUE` assignments, except those this
+/// process's own environment sets (so that an experiment can override
+/// them: `GLIBC_TUNABLES=... cargo bench ...`).
+pub fn unit_environment() -> Vec<(String, String)> {
+    let unit = std::fs::read_to_string(UNIT).unwrap_or_default();
+    unit.lines()
+        .filter_map(|line| line.trim().strip_prefix("Environment="))
+        .filter_map(|assignment| {
+            let (key, value) = assignment.split_once('=')?;
+            Some((key.trim().to_string(), value.trim().to_string()))
+        })
+        .filter(|(key, _)| std::env::var_os(key).is_none())
+        .collect()
+}
+
 impl Mailbridge {
     /// Starts `mailbridge run --config config`, logging to `log`, and waits
     /// until its IMAP listener answers.
@@ -89,6 +113,7 @@ impl Mailbridge {
             .arg("--config")
             .arg(config)
             .env("NO_COLOR", "1")
+            .envs(unit_environment())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
