@@ -736,7 +736,8 @@ impl Server {
                 let mut keeper = HeapKeeper::default();
                 loop {
                     tokio::time::sleep(HEAP_CHECK_EVERY).await;
-                    if keeper.should_give_back(limit.open(), Instant::now()) {
+                    let (peak, open) = limit.take_peak();
+                    if keeper.should_give_back(peak, open, Instant::now()) {
                         give_heap_back().await;
                     }
                 }
@@ -845,12 +846,12 @@ const HEAP_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// of its arenas until asked (`malloc_trim`, [`mailbridge_heap`]); asking
 /// walks every arena under its lock, so it is done after a fall in the
 /// number of open sessions, not per session: when the count has fallen by
-/// [`HeapKeeper::FALL`] from the highest seen since the last time, or by
+/// [`HeapKeeper::FALL`] from the most open at once since the last time, or by
 /// any amount once [`HeapKeeper::QUIET`] has passed since then (a few
 /// sessions ending now and then on a small office's gateway).
 #[derive(Debug, Default)]
 struct HeapKeeper {
-    /// The most sessions open at one look since the last give-back.
+    /// The most sessions open at once since the last give-back.
     peak: usize,
     last: Option<Instant>,
 }
@@ -859,8 +860,11 @@ impl HeapKeeper {
     const FALL: usize = 32;
     const QUIET: Duration = Duration::from_secs(60);
 
-    fn should_give_back(&mut self, open: usize, now: Instant) -> bool {
-        self.peak = self.peak.max(open);
+    /// `peak`: the most sessions open at once since the last look
+    /// ([`Admission::take_peak`], so that a crowd that came and went
+    /// between two looks counts); `open`: how many are open now.
+    fn should_give_back(&mut self, peak: usize, open: usize, now: Instant) -> bool {
+        self.peak = self.peak.max(peak).max(open);
         let fall = self.peak - open;
         let quiet = self
             .last
@@ -1408,19 +1412,22 @@ mod tests {
         let at = |s: u64| t0 + Duration::from_secs(s);
         let mut keeper = HeapKeeper::default();
         // Rising or steady: nothing to give back.
-        assert!(!keeper.should_give_back(0, at(0)));
-        assert!(!keeper.should_give_back(500, at(5)));
-        assert!(!keeper.should_give_back(500, at(10)));
+        assert!(!keeper.should_give_back(0, 0, at(0)));
+        assert!(!keeper.should_give_back(500, 500, at(5)));
+        assert!(!keeper.should_give_back(500, 500, at(10)));
         // A crowd leaves: at once.
-        assert!(keeper.should_give_back(10, at(15)));
-        assert!(!keeper.should_give_back(10, at(20)));
+        assert!(keeper.should_give_back(500, 10, at(15)));
+        assert!(!keeper.should_give_back(10, 10, at(20)));
         // A few sessions ending: not until a minute after the last time.
-        assert!(!keeper.should_give_back(40, at(25)));
-        assert!(!keeper.should_give_back(35, at(30)));
-        assert!(keeper.should_give_back(35, at(75)));
+        assert!(!keeper.should_give_back(40, 40, at(25)));
+        assert!(!keeper.should_give_back(40, 35, at(30)));
+        assert!(keeper.should_give_back(35, 35, at(75)));
         // A fall of 32 from the peak since then, at any time.
-        assert!(!keeper.should_give_back(100, at(80)));
-        assert!(keeper.should_give_back(68, at(85)));
+        assert!(!keeper.should_give_back(100, 100, at(80)));
+        assert!(keeper.should_give_back(100, 68, at(85)));
+        // A crowd that came and went between two looks.
+        assert!(!keeper.should_give_back(68, 68, at(90)));
+        assert!(keeper.should_give_back(1000, 68, at(95)));
     }
 
     #[test]

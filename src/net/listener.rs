@@ -81,6 +81,8 @@ impl Refused {
 #[derive(Default)]
 struct Counts {
     total: usize,
+    /// The most open at once since [`Admission::take_peak`] last looked.
+    peak: usize,
     by_group: HashMap<PeerGroup, usize>,
 }
 
@@ -159,6 +161,7 @@ impl Admission {
         }
         *n += 1;
         counts.total += 1;
+        counts.peak = counts.peak.max(counts.total);
         Ok(Ticket {
             admission: self.clone(),
             group,
@@ -177,6 +180,7 @@ impl Admission {
             });
         }
         counts.total += 1;
+        counts.peak = counts.peak.max(counts.total);
         Ok(Hold {
             admission: Some(self.clone()),
         })
@@ -205,6 +209,16 @@ impl Admission {
             admission: self.clone(),
             group,
         })
+    }
+
+    /// The most connections open at once since the last call (or since
+    /// the start), and how many are open now; the next call counts from
+    /// now. A crowd that came and went between two calls is seen.
+    pub fn take_peak(&self) -> (usize, usize) {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let peak = counts.peak.max(counts.total);
+        counts.peak = counts.total;
+        (peak, counts.total)
     }
 
     /// Connections open now.
@@ -538,6 +552,24 @@ mod tests {
             PeerGroup::of(ip("2001:db8:1:2::1")).to_string(),
             "2001:db8:1:2::/64"
         );
+    }
+
+    #[test]
+    fn the_peak_is_seen_even_when_the_crowd_left_between_looks() {
+        let admission = Admission::new(100, 100);
+        assert_eq!(admission.take_peak(), (0, 0));
+        let crowd: Vec<Ticket> = (0..40)
+            .map(|_| admission.admit(ip("127.0.0.1")).unwrap())
+            .collect();
+        let held = admission.hold().unwrap();
+        drop(crowd);
+        // 41 were open at once; one is still.
+        assert_eq!(admission.take_peak(), (41, 1));
+        // Counted from then on.
+        assert_eq!(admission.take_peak(), (1, 1));
+        drop(held);
+        assert_eq!(admission.take_peak(), (1, 0));
+        assert_eq!(admission.take_peak(), (0, 0));
     }
 
     #[tokio::test]
