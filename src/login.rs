@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::ClientConfig;
 use secrecy::SecretString;
@@ -369,13 +370,18 @@ impl Gateway {
 
     /// Service key mode: refreshes every stored grant that lives in a
     /// refresh token, so grants outlive long idle periods (Microsoft ends
-    /// refresh tokens unused for 90 days). Returns (refreshed, failed);
+    /// refresh tokens unused for 90 days). With `fresh_within`, a grant
+    /// whose last refresh (a login's or the background's, from its
+    /// metadata) is more recent than that is left alone: the pass at
+    /// start uses it, so that a service restarting in a loop does not
+    /// refresh every grant at each start. Returns (refreshed, failed);
     /// failures are logged and kept in the account's `last_error`. Once
     /// `stopping` says so, the account in hand is finished and the rest
     /// are left for the next run.
     pub async fn refresh_all(
         &self,
         stopping: &tokio::sync::watch::Receiver<bool>,
+        fresh_within: Option<Duration>,
     ) -> (usize, usize) {
         let names = match self.vault.store().accounts() {
             Ok(n) => n,
@@ -384,7 +390,7 @@ impl Gateway {
                 return (0, 0);
             }
         };
-        let (mut ok, mut failed) = (0, 0);
+        let (mut ok, mut failed, mut fresh_skipped) = (0, 0, 0);
         let routing = self.routing();
         let settings = &routing.settings;
         let total = names.len();
@@ -406,6 +412,14 @@ impl Gateway {
             let Some(provider) = settings.providers.get(&account.provider) else {
                 continue;
             };
+            if let Some(fresh) = fresh_within
+                && let Some(ago) = self.refreshed_ago(&account.name)
+                && ago < fresh.as_secs()
+            {
+                fresh_skipped += 1;
+                tracing::debug!(account = %account.name, refreshed_secs_ago = ago, "background refresh: refreshed recently; skipped");
+                continue;
+            }
             let result = match self.vault.unlock_service(&account.name).await {
                 Ok(unlocked) => match self.tokens.renew(provider, &account, &unlocked).await {
                     Ok(_) => {
@@ -427,8 +441,24 @@ impl Gateway {
                 }
             }
         }
-        tracing::info!(refreshed = ok, failed, "background refresh done");
+        if fresh_skipped > 0 {
+            tracing::info!(
+                refreshed = ok,
+                failed,
+                recently_refreshed = fresh_skipped,
+                "background refresh done; grants refreshed recently were left for the next pass"
+            );
+        } else {
+            tracing::info!(refreshed = ok, failed, "background refresh done");
+        }
         (ok, failed)
+    }
+
+    /// Seconds since the account's last recorded refresh, if one is
+    /// recorded (and not in the future: a clock set back refreshes).
+    fn refreshed_ago(&self, account: &str) -> Option<u64> {
+        let at = self.vault.store().load_meta(account).ok()??.refreshed_at?;
+        unix_now().checked_sub(at)
     }
 
     /// Records what a login found in the account's metadata (for `account

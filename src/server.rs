@@ -670,11 +670,14 @@ impl Server {
             let mut stop = stop_rx.clone();
             tokio::spawn(async move {
                 // Right away (a restart after a long stop is when grants are
-                // closest to their end), then on schedule; at shutdown the
-                // account in hand is finished, the rest wait for the next
-                // start.
+                // closest to their end), but not the grants refreshed within
+                // one interval (a service restarting in a loop would
+                // otherwise refresh every grant at each start); then all of
+                // them on schedule. At shutdown the account in hand is
+                // finished, the rest wait for the next start.
+                let mut fresh_within = Some(every);
                 loop {
-                    gateway.refresh_all(&stop).await;
+                    gateway.refresh_all(&stop, fresh_within.take()).await;
                     tokio::select! {
                         _ = tokio::time::sleep(every) => {}
                         _ = stop.wait_for(|stopping| *stopping) => break,

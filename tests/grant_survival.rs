@@ -616,6 +616,87 @@ async fn sigterm_during_a_background_refresh_waits_for_it() {
     w.cleanup();
 }
 
+/// A service that crashes and is started again, over and over (systemd's
+/// `Restart=on-failure` every 2 s), refreshes a grant at the first start
+/// only: each later start finds the last refresh, written durably at once,
+/// within the background interval and leaves the grant alone. A grant
+/// last refreshed longer ago than the interval is refreshed at start, as a
+/// restart after a long stop needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_restarting_in_a_loop_does_not_refresh_at_each_start() {
+    let w = World::new(
+        "gs-loop",
+        "key_mode = \"service\"\nkey_file = \"KEY_FILE\"\nbackground_refresh_secs = 3600",
+        ProviderOptions::default(),
+    )
+    .await;
+    let limit = Duration::from_secs(10);
+    let mut run = w.start().await;
+    let (_, done) = run
+        .wait_log("background refresh done", 0, limit)
+        .await
+        .unwrap_or_else(|| panic!("no background refresh at start: {}", run.text()));
+    assert!(
+        done.contains(" refreshed=1") && !done.contains("recently"),
+        "{done}"
+    );
+    assert_eq!(w.provider.refresh_requests(), 1);
+    // The crash: right after the refresh, before any background flush.
+    run.kill9();
+    for start in 2..=4 {
+        let mut run = w.start().await;
+        let (_, done) = run
+            .wait_log("background refresh done", 0, limit)
+            .await
+            .unwrap_or_else(|| panic!("start {start}: no pass at start: {}", run.text()));
+        assert!(
+            done.contains(" refreshed=0") && done.contains("recently_refreshed=1"),
+            "start {start}: {done}"
+        );
+        assert_no_secret(&run.text(), &w);
+        run.kill9();
+    }
+    assert_eq!(
+        w.provider.refresh_requests(),
+        1,
+        "three starts after a kill -9 refreshed again"
+    );
+    // The grant still works: a login refreshes for its access token.
+    let mut run = w.start().await;
+    assert!(login(w.addr).await.starts_with("a1 OK"));
+    assert_eq!(w.provider.refresh_requests(), 2);
+    run.kill9();
+    // A grant last refreshed longer ago than the interval is refreshed at
+    // start.
+    let text = std::fs::read_to_string(&w.config).unwrap();
+    std::fs::write(
+        &w.config,
+        text.replace(
+            "background_refresh_secs = 3600",
+            "background_refresh_secs = 1",
+        ),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let mut run = w.start().await;
+    let (_, done) = run
+        .wait_log("background refresh done", 0, limit)
+        .await
+        .unwrap_or_else(|| panic!("no pass at start: {}", run.text()));
+    assert!(
+        done.contains(" refreshed=1") && !done.contains("recently"),
+        "{done}"
+    );
+    assert!(w.provider.refresh_requests() >= 3);
+    let (status, _) = run.term().await;
+    assert!(status.success(), "{status:?}");
+    println!(
+        "a service killed and started four times within a 3600 s interval: 1 refresh at start; after the interval: refreshed at start ({} refreshes in all)",
+        w.provider.refresh_requests()
+    );
+    w.cleanup();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_logins_with_five_minute_tokens_make_one_refresh() {
     let w = World::new(

@@ -542,6 +542,7 @@ impl TokenSource {
                             .as_secs();
                     inner.note_meta(unlocked.account(), |m| {
                         m.access_expires_at = Some(expires);
+                        m.refreshed_at = Some(unix_now());
                         m.last_error = None;
                     });
                 }

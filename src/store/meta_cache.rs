@@ -9,7 +9,10 @@
 //! store. Only those changing fields wait: a record that is new here, or
 //! whose provider, upstream user, creation time or flow changed (an
 //! account added, imported or authorized), is written at once, as
-//! before. Reads ([`TokenStore::load_meta`], [`TokenStore::accounts`]) go
+//! before; so is a new last-refresh time (`refreshed_at`, once an hour per
+//! account at most), and durably, because the service's start decides by
+//! it whether a grant needs refreshing (a crash loop must not refresh
+//! every grant at each start). Reads ([`TokenStore::load_meta`], [`TokenStore::accounts`]) go
 //! through the cache first, so the status page and `mailbridge account
 //! list` (through the control socket) see the latest values before they
 //! are written. Grants are not cached: every grant call goes straight to
@@ -85,6 +88,12 @@ impl MetaCache {
     /// pending (and is retried by the next flush); the first error is
     /// returned. Blocking: the store's own speed.
     pub fn flush(&self) -> Result<usize, StoreError> {
+        self.flush_with(false)
+    }
+
+    /// [`MetaCache::flush`], durably when `durable`
+    /// ([`TokenStore::save_meta_durably`]).
+    fn flush_with(&self, durable: bool) -> Result<usize, StoreError> {
         let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
         let batch: Vec<(String, AccountMeta, u64)> = self
             .lock()
@@ -99,11 +108,20 @@ impl MetaCache {
                     stored.last_login_at = stored.last_login_at.max(meta.last_login_at);
                     stored.last_error = meta.last_error.clone();
                     stored.access_expires_at = meta.access_expires_at;
+                    stored.refreshed_at = stored.refreshed_at.max(meta.refreshed_at);
                     stored
                 }
                 None => meta.clone(),
             });
-            match merged.and_then(|m| self.inner.save_meta(&account, &m).map(|()| m)) {
+            let save = |m: AccountMeta| {
+                if durable {
+                    self.inner.save_meta_durably(&account, &m)
+                } else {
+                    self.inner.save_meta(&account, &m)
+                }
+                .map(|()| m)
+            };
+            match merged.and_then(save) {
                 Ok(merged) => {
                     done += 1;
                     self.written
@@ -176,15 +194,22 @@ impl TokenStore for MetaCache {
     }
 
     fn save_meta(&self, account: &str, meta: &AccountMeta) -> Result<(), StoreError> {
-        let only_changing_fields = self
-            .lock()
-            .get(account)
-            .is_some_and(|e| same_account(&e.meta, meta));
+        let (only_changing_fields, refreshed) = match self.lock().get(account) {
+            Some(e) => (
+                same_account(&e.meta, meta),
+                e.meta.refreshed_at != meta.refreshed_at,
+            ),
+            None => (false, meta.refreshed_at.is_some()),
+        };
         if !only_changing_fields {
             // Written through; a flush under way cannot then write an
             // older copy over it.
             let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
-            self.inner.save_meta(account, meta)?;
+            if refreshed {
+                self.inner.save_meta_durably(account, meta)?;
+            } else {
+                self.inner.save_meta(account, meta)?;
+            }
             self.lock().insert(
                 account.to_owned(),
                 Entry {
@@ -205,6 +230,13 @@ impl TokenStore for MetaCache {
                 dirty: Some(change),
             },
         );
+        if refreshed {
+            // A refresh is rare (once an hour per account at most, a
+            // login's or the background's) and the next start decides by
+            // it whether to refresh again: written now, merged as a flush
+            // merges, and durably.
+            self.flush_with(true)?;
+        }
         Ok(())
     }
 
@@ -250,6 +282,7 @@ fn same_account(a: &AccountMeta, b: &AccountMeta) -> bool {
         access_expires_at: _,
         last_login_at: _,
         last_error: _,
+        refreshed_at: _,
     } = a;
     *provider == b.provider
         && *upstream_user == b.upstream_user
@@ -298,6 +331,37 @@ mod tests {
         cache.save_meta("alice", &reauthorized).unwrap();
         assert_eq!(inner.load_meta("alice").unwrap(), Some(reauthorized));
         assert_eq!(cache.pending(), 0);
+    }
+
+    #[test]
+    fn a_refresh_is_written_at_once_and_merged() {
+        let inner: Arc<dyn TokenStore> = Arc::new(SledStore::open_temporary().unwrap());
+        let cache = MetaCache::new(inner.clone());
+        cache.save_meta("alice", &meta(4)).unwrap();
+        // A login's change waits; a refresh writes it and the refresh time.
+        cache.save_meta("alice", &meta(5)).unwrap();
+        // Meanwhile another instance sharing the store saw a later login.
+        inner.save_meta("alice", &meta(9)).unwrap();
+        let refreshed = AccountMeta {
+            refreshed_at: Some(100),
+            ..meta(6)
+        };
+        cache.save_meta("alice", &refreshed).unwrap();
+        assert_eq!(cache.pending(), 0);
+        let stored = inner.load_meta("alice").unwrap().unwrap();
+        assert_eq!(stored.refreshed_at, Some(100));
+        assert_eq!(stored.last_login_at, Some(9), "the later login is kept");
+        // The same refresh time again: it waits like any login's change.
+        cache
+            .save_meta(
+                "alice",
+                &AccountMeta {
+                    refreshed_at: Some(100),
+                    ..meta(10)
+                },
+            )
+            .unwrap();
+        assert_eq!(cache.pending(), 1);
     }
 
     #[test]

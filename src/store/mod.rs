@@ -114,6 +114,11 @@ pub struct AccountMeta {
     pub access_expires_at: Option<u64>,
     /// Last successful upstream login (unix seconds).
     pub last_login_at: Option<u64>,
+    /// Last successful token refresh (unix seconds): a login's or the
+    /// background refresh's. Written at once, not behind, so that a
+    /// service restarting in a loop does not refresh every grant at each
+    /// start.
+    pub refreshed_at: Option<u64>,
     /// The last error seen for this account, as shown to a person.
     pub last_error: Option<String>,
     /// How the grant was obtained (`authorization_code`, `device_code`,
@@ -140,6 +145,12 @@ pub trait TokenStore: Send + Sync + 'static {
     fn load_meta(&self, account: &str) -> Result<Option<AccountMeta>, StoreError>;
     /// Store the metadata of `account`.
     fn save_meta(&self, account: &str, meta: &AccountMeta) -> Result<(), StoreError>;
+    /// Store the metadata of `account`, durably when it returns (a store
+    /// that flushes metadata only in the background flushes here). For
+    /// the rare record a crash must not lose: the last refresh.
+    fn save_meta_durably(&self, account: &str, meta: &AccountMeta) -> Result<(), StoreError> {
+        self.save_meta(account, meta)
+    }
     /// Remove the grant and the metadata of `account`. True if there was
     /// either. Durable when it returns.
     fn remove(&self, account: &str) -> Result<bool, StoreError>;

@@ -260,6 +260,13 @@ impl TokenStore for SledStore {
         self.with(true, |h| self.put(&h.meta, account, meta))
     }
 
+    fn save_meta_durably(&self, account: &str, meta: &AccountMeta) -> Result<(), StoreError> {
+        self.with(true, |h| {
+            self.put(&h.meta, account, meta)?;
+            self.flush(h)
+        })
+    }
+
     fn remove(&self, account: &str) -> Result<bool, StoreError> {
         self.with(true, |h| {
             let g = h
