@@ -388,6 +388,11 @@ where
         }
     }
 
+    /// Whether the token request has its outcome (or it was taken).
+    fn is_ready(&self) -> bool {
+        !matches!(self.state, PrefetchState::Running(_))
+    }
+
     /// The token, waiting for it if need be; None once taken.
     async fn take(&mut self) -> Option<Result<T, E>> {
         if let PrefetchState::Running(fut) = &mut self.state {
@@ -399,6 +404,20 @@ where
             _ => None,
         }
     }
+}
+
+/// Writes and flushes what the login dialogue queued, if anything, and
+/// wipes it.
+async fn send_queued<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    queued: &mut Vec<u8>,
+) -> io::Result<()> {
+    if queued.is_empty() {
+        return Ok(());
+    }
+    stream.write_all(queued).await?;
+    zeroize::Zeroize::zeroize(queued);
+    stream.flush().await
 }
 
 /// TCP to the first address of `target.host` that answers (see
@@ -497,6 +516,10 @@ where
     // both ways (the protocol crate renders and redacts them).
     let trace = crate::trace::current();
     let mut buf = vec![0u8; 8 * 1024];
+    // What the dialogue asked to send and is not written yet: consecutive
+    // `Send`s (IMAP's `ID` and `AUTHENTICATE`) go out in one write, one
+    // TLS record and one packet. It may hold the token: wiped when written.
+    let mut queued = zeroize::Zeroizing::new(Vec::new());
     let mut retried = false;
     // Until the server has said something, its silence is bounded like
     // the connect (the same for every protocol, implicit TLS or not).
@@ -511,6 +534,10 @@ where
             })?;
         match step {
             UpstreamStep::NeedInput => {
+                first
+                    .alongside(send_queued(&mut stream, &mut queued))
+                    .await?
+                    .map_err(|e| closed(Some(e)))?;
                 let read = stream.read(&mut buf);
                 let n = if heard {
                     first.alongside(read).await?
@@ -537,15 +564,13 @@ where
                 if let Some(t) = &trace {
                     t.to_server(&bytes);
                 }
-                let written = first
-                    .alongside(async {
-                        stream.write_all(&bytes).await?;
-                        stream.flush().await
-                    })
-                    .await?;
-                written.map_err(|e| closed(Some(e)))?;
+                queued.extend_from_slice(&bytes);
             }
             UpstreamStep::StartTls => {
+                first
+                    .alongside(send_queued(&mut stream, &mut queued))
+                    .await?
+                    .map_err(|e| closed(Some(e)))?;
                 stream = first
                     .alongside(upgrade.start_tls(stream))
                     .await?
@@ -559,6 +584,14 @@ where
                 session.tls_started();
             }
             UpstreamStep::NeedToken => {
+                if !first.is_ready() {
+                    // The server works on what is queued (`ID`) while the
+                    // token comes.
+                    first
+                        .alongside(send_queued(&mut stream, &mut queued))
+                        .await?
+                        .map_err(|e| closed(Some(e)))?;
+                }
                 let token = match first.take().await {
                     Some(got) => got,
                     None => tokens.fresh_token().await,
@@ -575,6 +608,9 @@ where
                 });
             }
             UpstreamStep::Authenticated(success) => {
+                send_queued(&mut stream, &mut queued)
+                    .await
+                    .map_err(|e| closed(Some(e)))?;
                 return Ok(UpstreamConn {
                     stream,
                     success,
@@ -691,7 +727,9 @@ mod tests {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
     use mailbridge_proto::imap::{ImapUpstreamLogin, UpstreamOptions};
-    use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
+    use std::task::Context;
+
+    use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream, ReadBuf, ReadHalf, WriteHalf};
 
     use super::*;
 
@@ -778,7 +816,10 @@ mod tests {
         type Error = NoToken;
 
         async fn token(&self) -> Result<SecretString, NoToken> {
-            tokio::time::sleep(self.delay).await;
+            // No delay: ready at once, as a cached token is.
+            if !self.delay.is_zero() {
+                tokio::time::sleep(self.delay).await;
+            }
             if self.fail {
                 return Err(NoToken);
             }
@@ -905,6 +946,109 @@ mod tests {
         assert_eq!(relayed, "a1 NOOP");
         assert_eq!(tokens.counts(), (1, 0));
         assert_eq!(upgrade.calls.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    /// A stream that counts the writes made into it.
+    struct Counted {
+        inner: DuplexStream,
+        writes: Arc<std::sync::atomic::AtomicU32>,
+    }
+
+    impl AsyncRead for Counted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counted {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+            if matches!(r, Poll::Ready(Ok(_))) {
+                self.writes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            r
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// No STARTTLS in these logins.
+    struct NoUpgrade;
+
+    impl StartTls<Counted> for NoUpgrade {
+        async fn start_tls(&self, _: Counted) -> io::Result<Counted> {
+            Err(io::Error::other("no STARTTLS here"))
+        }
+    }
+
+    /// The writes of an IMAP login whose server offers ID, and what the
+    /// server read before the token was issued.
+    async fn login_with_id(tokens: FakeTokens) -> (u32, Vec<String>) {
+        let (client, mut server) = pair();
+        let writes = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let client = Counted {
+            inner: client,
+            writes: writes.clone(),
+        };
+        let tokens = Arc::new(tokens);
+        let asked = tokens.clone();
+        let script = tokio::spawn(async move {
+            server
+                .send("* OK [CAPABILITY IMAP4rev1 ID SASL-IR AUTH=XOAUTH2] ready\r\n")
+                .await;
+            let id = server.line().await;
+            assert!(id.starts_with("mb1 ID ("), "{id}");
+            let before_token = asked.counts().0;
+            let auth = server.line().await;
+            assert!(auth.starts_with("mb2 AUTHENTICATE XOAUTH2 "), "{auth}");
+            server
+                .send("* ID NIL\r\nmb1 OK\r\nmb2 OK [CAPABILITY IMAP4rev1] done\r\n")
+                .await;
+            (before_token, id)
+        });
+        let session = Box::new(ImapUpstreamLogin::new(UpstreamOptions {
+            software: Some(("mailbridge".into(), "1".into())),
+            ..Default::default()
+        }));
+        let conn = dialogue(client, &TARGET, session, &*tokens, &NoUpgrade)
+            .await
+            .unwrap();
+        let (before_token, id) = script.await.unwrap();
+        let seen = if before_token == 0 { vec![id] } else { vec![] };
+        drop(conn);
+        (writes.load(std::sync::atomic::Ordering::Relaxed), seen)
+    }
+
+    #[tokio::test]
+    async fn id_and_authenticate_go_out_in_one_write_with_a_cached_token() {
+        let (writes, _) = login_with_id(FakeTokens::default()).await;
+        assert_eq!(writes, 1, "ID and AUTHENTICATE in one write");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn id_goes_out_while_the_token_is_fetched() {
+        let (writes, before_token) = login_with_id(FakeTokens {
+            delay: Duration::from_secs(1),
+            ..FakeTokens::default()
+        })
+        .await;
+        assert_eq!(writes, 2);
+        assert_eq!(before_token.len(), 1, "the server had ID before the token");
     }
 
     #[tokio::test]
