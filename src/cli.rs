@@ -47,6 +47,13 @@ enum Command {
     Run(ConfigArgs),
     /// Check the configuration file and exit.
     CheckConfig(ConfigArgs),
+    /// Make the running service read its configuration again, as SIGHUP
+    /// does, and wait until it has: exit status 0 when the new
+    /// configuration is in force, 1 with the reason when it is refused
+    /// (the previous one then stays in force). The systemd units'
+    /// ExecReload=, so that `systemctl reload` reports a refused
+    /// configuration.
+    Reload(ConfigArgs),
     /// Manage stored grants.
     #[command(subcommand)]
     Account(AccountCommand),
@@ -313,7 +320,7 @@ pub fn main() -> ExitCode {
 /// shapes the log from the first line.
 fn config_path(command: &Command) -> Option<&std::path::Path> {
     let args = match command {
-        Command::Run(a) | Command::CheckConfig(a) => a,
+        Command::Run(a) | Command::CheckConfig(a) | Command::Reload(a) => a,
         Command::Doctor(d) => &d.config,
         Command::Account(
             AccountCommand::Import { config, .. }
@@ -490,6 +497,28 @@ async fn dispatch(
         Command::Doctor(args) => doctor(args).await,
         #[cfg(unix)]
         Command::Trace(args) => trace(args).await,
+        #[cfg(unix)]
+        Command::Reload(args) => {
+            // A file that does not load is refused here as the service
+            // would refuse it; the service is not asked.
+            let settings = load(&args).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: {e}; the running service keeps the configuration in force",
+                    args.config.display()
+                )
+            })?;
+            let result = crate::net::control::request_reload(&settings.server.state_dir())
+                .await
+                .map_err(|e| match e {
+                    // The service's own words, or why none answered.
+                    crate::store::StoreError::Remote { reason } => anyhow::anyhow!(reason),
+                    e => e.into(),
+                })?;
+            println!("configuration reloaded: {result}");
+            Ok(())
+        }
+        #[cfg(not(unix))]
+        Command::Reload(_) => bail!("reload needs the control socket, a Unix socket; send SIGHUP"),
         #[cfg(not(unix))]
         Command::Trace(_) => bail!("traces need the control socket, a Unix socket"),
         Command::Generate(GenerateCommand::Completions { shell }) => {

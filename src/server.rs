@@ -131,6 +131,8 @@ pub struct Server {
     settings: Arc<Settings>,
     /// How to read the configuration again on SIGHUP, if it can.
     reloader: Option<Reloader>,
+    /// Reloads asked for through the control socket (`mailbridge reload`).
+    reload_requests: Option<ReloadAsks>,
     listeners: Vec<(TcpListener, Arc<ListenerRuntime>)>,
     max_connections: usize,
     per_address: usize,
@@ -396,6 +398,7 @@ impl Server {
             gateway,
             settings: settings.clone(),
             reloader: None,
+            reload_requests: None,
             listeners,
             max_connections: settings.server.max_connections.max(1),
             per_address: settings.server.per_address_limit(),
@@ -453,6 +456,13 @@ impl Server {
     /// Re-read the configuration with `reloader` on SIGHUP.
     pub fn with_reloader(mut self, reloader: Reloader) -> Server {
         self.reloader = Some(reloader);
+        self
+    }
+
+    /// Also re-read it when `asks` brings a request (the control socket's
+    /// `mailbridge reload`), and answer it with the outcome.
+    pub fn with_reload_requests(mut self, asks: ReloadAsks) -> Server {
+        self.reload_requests = Some(asks);
         self
     }
 
@@ -614,6 +624,7 @@ impl Server {
             let gateway = self.gateway.clone();
             let running = self.settings.clone();
             let status_line = status_line.clone();
+            let mut asks = self.reload_requests.take();
             // Installed here, before READY=1: a SIGHUP without a handler
             // would end the process.
             let mut hangups = match signal(SignalKind::hangup()) {
@@ -624,20 +635,44 @@ impl Server {
                 }
             };
             Some(tokio::spawn(async move {
-                // Several SIGHUPs during one reload count once.
-                while hangups.recv().await.is_some() {
-                    tracing::info!("SIGHUP: reading the configuration again");
+                loop {
+                    // Several SIGHUPs during one reload count once.
+                    let asked = tokio::select! {
+                        got = hangups.recv() => {
+                            if got.is_none() {
+                                break;
+                            }
+                            tracing::info!("SIGHUP: reading the configuration again");
+                            None
+                        }
+                        Some(reply) = next_ask(&mut asks) => {
+                            tracing::info!("`mailbridge reload`: reading the configuration again");
+                            Some(reply)
+                        }
+                    };
                     systemd::reloading();
-                    match Server::reload(&gateway, &running, reloader()).await {
-                        Ok(note) => tracing::info!(result = %note, "configuration reloaded"),
-                        Err(e) => tracing::error!(
-                            error = %crate::report::chain(&e),
-                            "configuration not reloaded; the previous one stays in force"
-                        ),
-                    }
+                    let outcome = match Server::reload(&gateway, &running, reloader()).await {
+                        Ok(note) => {
+                            tracing::info!(result = %note, "configuration reloaded");
+                            Ok(note)
+                        }
+                        Err(e) => {
+                            let why = crate::report::chain(&e);
+                            tracing::error!(
+                                error = %why,
+                                "configuration not reloaded; the previous one stays in force"
+                            );
+                            Err(format!(
+                                "configuration not reloaded; the previous one stays in force: {why}"
+                            ))
+                        }
+                    };
                     // Ready again either way: a refused configuration
                     // leaves the previous one serving.
                     systemd::ready(&status_line());
+                    if let Some(reply) = asked {
+                        let _ = reply.send(outcome);
+                    }
                 }
             }))
         });
@@ -1297,20 +1332,49 @@ pub async fn run(
     // serves the server's view (metadata not yet written included). It is
     // bound before the listeners, so a command run as soon as a listener
     // answers finds it.
+    // `mailbridge reload` (the units' ExecReload=) asks through it too,
+    // and waits for the outcome.
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
     #[cfg(unix)]
-    let control = crate::net::control::ControlSocket::bind(&dir, meta.clone(), Some(desk))
-        .map_err(|source| ServerError::Control {
+    let control =
+        crate::net::control::ControlSocket::bind(&dir, meta.clone(), Some(desk), Some(reload_tx))
+            .map_err(|source| ServerError::Control {
             path: dir.join(crate::store::control::SOCKET_NAME),
             source,
         })?;
+    #[cfg(not(unix))]
+    drop(reload_tx);
     let server = Server::bind_over(settings, meta, inherited, tracer)
         .await?
-        .with_reloader(reloader);
+        .with_reloader(reloader)
+        .with_reload_requests(reload_rx);
     let _ = serving.set(Arc::downgrade(&server.gateway));
     server.run(shutdown).await;
     #[cfg(unix)]
     drop(control);
     Ok(())
+}
+
+/// Reloads asked for through the control socket, each with where its
+/// outcome goes.
+pub type ReloadAsks =
+    tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<Result<String, String>>>;
+
+/// The next reload asked for; never, when nothing can ask (no control
+/// socket, or it is gone).
+async fn next_ask(
+    asks: &mut Option<ReloadAsks>,
+) -> Option<tokio::sync::oneshot::Sender<Result<String, String>>> {
+    match asks {
+        Some(rx) => match rx.recv().await {
+            Some(reply) => Some(reply),
+            None => {
+                *asks = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// Open files a server with `max_connections` may need: two per session

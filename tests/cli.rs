@@ -439,6 +439,43 @@ provider = "sandbox"
     assert_eq!(provider.refresh_requests(), refreshes + 1);
     std::fs::write(&config, &original).unwrap();
 
+    // `mailbridge reload` (the units' ExecReload=) waits for the outcome:
+    // status 0 and what is in force...
+    let (ok, out, err) = mailbridge(&["reload", "--config", cfg], "");
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.starts_with("configuration reloaded: ") && out.contains("provider(s) in force"),
+        "{out}"
+    );
+    // ...status 1 and the service's reason when it refuses the file (a
+    // provider whose issuer does not answer: the command reads the file,
+    // only the service discovers), the previous configuration serving on.
+    std::fs::write(
+        &config,
+        format!(
+            "{original}\n[providers.gone]\npreset = \"oidc\"\nissuer = \"https://127.0.0.1:9/realms/mail\"\nclient_id = \"x\"\n"
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = mailbridge(&["reload", "--config", cfg], "");
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains("configuration not reloaded; the previous one stays in force")
+            && err.contains("127.0.0.1:9"),
+        "{err}"
+    );
+    println!("`mailbridge reload` of a refused file: {}", err.trim());
+    assert!(login(USER, PASSWORD).await.starts_with("a1 OK"));
+    // A file that does not load is refused by the command itself.
+    std::fs::write(&config, format!("{original}\n[[account]]\nuser = 3\n")).unwrap();
+    let (ok, out, err) = mailbridge(&["reload", "--config", cfg], "");
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains(cfg) && err.contains("the running service keeps the configuration in force"),
+        "{err}"
+    );
+    std::fs::write(&config, &original).unwrap();
+
     // SIGTERM: a clean exit.
     let killed = Command::new("kill")
         .args(["-TERM", &server.id().to_string()])
@@ -459,6 +496,11 @@ provider = "sandbox"
     });
     assert!(status.success(), "{status:?}");
     assert!(!socket.exists(), "the control socket is removed at exit");
+    let (ok, out, err) = mailbridge(&["reload", "--config", cfg], "");
+    assert!(
+        !ok && err.contains("no mailbridge is running"),
+        "{out}{err}"
+    );
     let logs = log_reader.join().unwrap();
     assert!(logs.contains("logged in; relaying"), "{logs}");
     assert!(logs.contains("configuration reloaded"), "{logs}");

@@ -26,6 +26,12 @@ use crate::store::control::{self, MAX_LINE, Request, SOCKET_NAME};
 use crate::store::{AccountMeta, SealedGrant, StoreError, TokenStore};
 use crate::trace::{Desk, Event};
 
+/// How the control socket asks the service to read its configuration
+/// again: each request carries where the outcome goes (what is in force
+/// now, or why the new configuration was refused).
+pub type ReloadRequests =
+    tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<String, String>>>;
+
 /// The listening control socket of a running service. Dropping it stops
 /// serving and removes the socket file.
 pub struct ControlSocket {
@@ -36,11 +42,13 @@ pub struct ControlSocket {
 impl ControlSocket {
     /// Binds `<state_dir>/control.sock` (replacing a stale one: the caller
     /// holds the store's lock, so no other service is using it) and serves
-    /// `store` on it, and traces from `traces` when given.
+    /// `store` on it, traces from `traces` and reloads through `reloads`
+    /// when given.
     pub fn bind(
         state_dir: &Path,
         store: Arc<dyn TokenStore>,
         traces: Option<Desk>,
+        reloads: Option<ReloadRequests>,
     ) -> std::io::Result<ControlSocket> {
         let path = state_dir.join(SOCKET_NAME);
         match std::fs::remove_file(&path) {
@@ -52,8 +60,11 @@ impl ControlSocket {
         let owner = std::fs::metadata(state_dir)?.uid();
         let task = tokio::spawn(accept_loop(
             listener,
-            store,
-            traces.map(Arc::new),
+            Services {
+                store,
+                traces: traces.map(Arc::new),
+                reloads,
+            },
             owner,
             path.clone(),
         ));
@@ -69,13 +80,15 @@ impl Drop for ControlSocket {
     }
 }
 
-async fn accept_loop(
-    listener: UnixListener,
+/// What a control connection may ask for.
+#[derive(Clone)]
+struct Services {
     store: Arc<dyn TokenStore>,
     traces: Option<Arc<Desk>>,
-    owner: u32,
-    path: PathBuf,
-) {
+    reloads: Option<ReloadRequests>,
+}
+
+async fn accept_loop(listener: UnixListener, services: Services, owner: u32, path: PathBuf) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -97,10 +110,9 @@ async fn accept_loop(
             });
             continue;
         }
-        let store = store.clone();
-        let traces = traces.clone();
+        let services = services.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve(stream, store, traces).await {
+            if let Err(e) = serve(stream, services).await {
                 tracing::debug!(error = %e, "control connection ended");
             }
         });
@@ -109,11 +121,12 @@ async fn accept_loop(
 
 /// Answers requests, one line each, until the peer closes (or streams a
 /// trace, when one is asked for).
-async fn serve(
-    stream: UnixStream,
-    store: Arc<dyn TokenStore>,
-    traces: Option<Arc<Desk>>,
-) -> std::io::Result<()> {
+async fn serve(stream: UnixStream, services: Services) -> std::io::Result<()> {
+    let Services {
+        store,
+        traces,
+        reloads,
+    } = services;
     let (read, mut write) = stream.into_split();
     let mut read = tokio::io::BufReader::new(read.take(u64::MAX));
     let mut line = Vec::new();
@@ -141,6 +154,14 @@ async fn serve(
             let read = read.into_inner().into_inner();
             return serve_trace(read, write, desk, &account).await;
         }
+        if control::reload_request(&line) {
+            let out = match reload(reloads.as_ref()).await {
+                Ok(note) => control::ok_line(serde_json::json!({ "result": note })),
+                Err(reason) => control::error_line(&reason),
+            };
+            write.write_all(&out).await?;
+            continue;
+        }
         let store = store.clone();
         let request = std::mem::take(&mut line);
         let out =
@@ -149,6 +170,19 @@ async fn serve(
                 .map_err(std::io::Error::other)?;
         write.write_all(&out).await?;
     }
+}
+
+/// Asks the service to reload and waits for the outcome.
+async fn reload(reloads: Option<&ReloadRequests>) -> Result<String, String> {
+    const NOT_NOW: &str = "this service does not reload its configuration now (it is shutting down, or cannot listen for SIGHUP: see its log); nothing was reloaded";
+    let Some(reloads) = reloads else {
+        return Err(NOT_NOW.into());
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if reloads.send(tx).await.is_err() {
+        return Err(NOT_NOW.into());
+    }
+    rx.await.unwrap_or_else(|_| Err(NOT_NOW.into()))
 }
 
 /// Holds the service's refresh lock of `account` for the command, from
@@ -245,39 +279,13 @@ impl TraceStream {
         state_dir: &Path,
         account: &str,
     ) -> Result<(String, TraceStream), StoreError> {
-        let path = state_dir.join(SOCKET_NAME);
-        let stream = UnixStream::connect(&path).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::PermissionDenied => StoreError::Denied { path: path.clone() },
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                StoreError::Remote {
-                    reason: format!(
-                        "no mailbridge is running with the state directory {} (nothing answers on {}); start `mailbridge run` with this configuration, or give --state-dir",
-                        state_dir.display(),
-                        path.display()
-                    ),
-                }
-            }
-            _ => StoreError::Remote {
-                reason: format!("cannot connect to {}: {e}", path.display()),
+        let (answer, lines, write) = ask(
+            state_dir,
+            &Request::Trace {
+                account: account.to_string(),
             },
-        })?;
-        let (read, mut write) = stream.into_split();
-        let mut lines = tokio::io::BufReader::new(read).lines();
-        let request = control::request_line(&Request::Trace {
-            account: account.to_string(),
-        })?;
-        // A service that refused this peer said why before closing: read
-        // that even when the write failed.
-        let _ = write.write_all(&request).await;
-        let answer = lines
-            .next_line()
-            .await
-            .map_err(|e| StoreError::Remote {
-                reason: format!("the control socket failed: {e}"),
-            })?
-            .ok_or_else(|| StoreError::Remote {
-                reason: "the service closed the control socket (did it stop?)".into(),
-            })?;
+        )
+        .await?;
         #[derive(serde::Deserialize)]
         struct Started {
             account: String,
@@ -305,6 +313,68 @@ impl TraceStream {
             }),
         }
     }
+}
+
+/// Connects to the service whose state directory is `state_dir`, sends
+/// `request`, and reads the first answer line; the connection stays open
+/// for what follows.
+async fn ask(
+    state_dir: &Path,
+    request: &Request,
+) -> Result<
+    (
+        String,
+        tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+        tokio::net::unix::OwnedWriteHalf,
+    ),
+    StoreError,
+> {
+    let path = state_dir.join(SOCKET_NAME);
+    let stream = UnixStream::connect(&path).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => StoreError::Denied { path: path.clone() },
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            StoreError::Remote {
+                reason: format!(
+                    "no mailbridge is running with the state directory {} (nothing answers on {}); start `mailbridge run` with this configuration, or give --state-dir",
+                    state_dir.display(),
+                    path.display()
+                ),
+            }
+        }
+        _ => StoreError::Remote {
+            reason: format!("cannot connect to {}: {e}", path.display()),
+        },
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    let request = control::request_line(request)?;
+    // A service that refused this peer said why before closing: read that
+    // even when the write failed.
+    let _ = write.write_all(&request).await;
+    let answer = lines
+        .next_line()
+        .await
+        .map_err(|e| StoreError::Remote {
+            reason: format!("the control socket failed: {e}"),
+        })?
+        .ok_or_else(|| StoreError::Remote {
+            reason: "the service closed the control socket (did it stop?)".into(),
+        })?;
+    Ok((answer, lines, write))
+}
+
+/// Asks the service whose state directory is `state_dir` to read its
+/// configuration again (as SIGHUP does) and waits until it has: what is
+/// in force now, or why the new configuration was refused (the previous
+/// one then stays in force).
+pub async fn request_reload(state_dir: &Path) -> Result<String, StoreError> {
+    let (answer, _, _) = ask(state_dir, &Request::Reload).await?;
+    #[derive(serde::Deserialize)]
+    struct Reloaded {
+        result: String,
+    }
+    let reloaded: Reloaded = control::answer_value(&answer)?;
+    Ok(reloaded.result)
 }
 
 /// A [`TokenStore`] that is the running service's, reached through its

@@ -73,6 +73,11 @@ pub enum Request {
         /// The account.
         account: String,
     },
+    /// Not a store call: read the configuration again, as SIGHUP does,
+    /// and answer with the outcome once the reload is done (`mailbridge
+    /// reload`, the units' `ExecReload=`). `net::control` serves it;
+    /// [`handle`] refuses it.
+    Reload,
 }
 
 /// Longest a command may hold the service's refresh lock of an account:
@@ -96,6 +101,11 @@ pub fn trace_request(line: &[u8]) -> Option<String> {
         Ok(Request::Trace { account }) => Some(account),
         _ => None,
     }
+}
+
+/// Whether a request line asks for a [`Request::Reload`].
+pub fn reload_request(line: &[u8]) -> bool {
+    matches!(serde_json::from_slice::<Request>(line), Ok(Request::Reload))
 }
 
 /// An answer line (with its newline) carrying `value`.
@@ -138,7 +148,7 @@ pub fn handle(store: &dyn TokenStore, request: Request) -> Response {
         Request::SaveMeta { account, meta } => answer(store.save_meta(&account, &meta)),
         Request::Remove { account } => answer(store.remove(&account)),
         Request::Accounts => answer(store.accounts()),
-        Request::Trace { .. } | Request::LockRefresh { .. } => {
+        Request::Trace { .. } | Request::LockRefresh { .. } | Request::Reload => {
             Response::Error("served by the control socket only".into())
         }
     }

@@ -298,6 +298,7 @@ provider = "sandbox"
                 &dir.join("state"),
                 server.store(),
                 Some(server.trace_desk()),
+                None,
             )
             .unwrap()
         });
