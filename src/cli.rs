@@ -909,8 +909,14 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<32} {:<12} {:<19} {:<8} {:<20} {:<20} LAST ERROR",
-                "ACCOUNT", "PROVIDER", "FLOW", "KEY", "TOKEN EXPIRES (UTC)", "LAST LOGIN (UTC)"
+                "{:<32} {:<12} {:<19} {:<8} {:<20} {:<20} {:<20} LAST ERROR",
+                "ACCOUNT",
+                "PROVIDER",
+                "FLOW",
+                "KEY",
+                "TOKEN EXPIRES (UTC)",
+                "LAST REFRESH (UTC)",
+                "LAST LOGIN (UTC)"
             );
             for name in accounts {
                 let m = store.load_meta(&name)?.unwrap_or_default();
@@ -920,7 +926,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
                     None => "-",
                 };
                 println!(
-                    "{:<32} {:<12} {:<19} {:<8} {:<20} {:<20} {}",
+                    "{:<32} {:<12} {:<19} {:<8} {:<20} {:<20} {:<20} {}",
                     name,
                     m.provider,
                     m.flow.as_deref().unwrap_or("-"),
@@ -928,6 +934,7 @@ async fn account(cmd: AccountCommand) -> anyhow::Result<()> {
                     m.access_expires_at
                         .map(fmt_time)
                         .unwrap_or_else(|| "-".into()),
+                    m.refreshed_at.map(fmt_time).unwrap_or_else(|| "-".into()),
                     m.last_login_at
                         .map(fmt_time)
                         .unwrap_or_else(|| "never".into()),

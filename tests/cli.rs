@@ -528,6 +528,21 @@ provider = "sandbox"
         ok && out.contains(USER) && !out.contains("never"),
         "last login shown: {out}"
     );
+    // The last refresh, which the service's start goes by.
+    let header = out.lines().next().unwrap_or_default();
+    let column = header
+        .find("LAST REFRESH (UTC)")
+        .expect("a last-refresh column");
+    let alice = out
+        .lines()
+        .find(|l| l.starts_with(USER))
+        .unwrap_or_default();
+    assert!(
+        alice
+            .get(column..column + 4)
+            .is_some_and(|year| year.starts_with("20")),
+        "{out}"
+    );
 
     for user in [USER, CAROL] {
         let (ok, out, err) = mailbridge(&["account", "remove", user, "--config", cfg], "");

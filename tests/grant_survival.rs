@@ -630,25 +630,24 @@ async fn a_service_restarting_in_a_loop_does_not_refresh_at_each_start() {
         ProviderOptions::default(),
     )
     .await;
-    let limit = Duration::from_secs(10);
+    /// The log line of the background refresh's pass at start.
+    async fn pass_at_start(run: &Running) -> String {
+        let done = run
+            .wait_log("background refresh done", 0, Duration::from_secs(10))
+            .await;
+        done.unwrap_or_else(|| panic!("no pass at start: {}", run.text()))
+            .1
+    }
+    let refreshed_one = |done: &str| done.contains(" refreshed=1") && !done.contains("recently");
     let mut run = w.start().await;
-    let (_, done) = run
-        .wait_log("background refresh done", 0, limit)
-        .await
-        .unwrap_or_else(|| panic!("no background refresh at start: {}", run.text()));
-    assert!(
-        done.contains(" refreshed=1") && !done.contains("recently"),
-        "{done}"
-    );
+    let done = pass_at_start(&run).await;
+    assert!(refreshed_one(&done), "{done}");
     assert_eq!(w.provider.refresh_requests(), 1);
     // The crash: right after the refresh, before any background flush.
     run.kill9();
     for start in 2..=4 {
         let mut run = w.start().await;
-        let (_, done) = run
-            .wait_log("background refresh done", 0, limit)
-            .await
-            .unwrap_or_else(|| panic!("start {start}: no pass at start: {}", run.text()));
+        let done = pass_at_start(&run).await;
         assert!(
             done.contains(" refreshed=0") && done.contains("recently_refreshed=1"),
             "start {start}: {done}"
@@ -679,14 +678,8 @@ async fn a_service_restarting_in_a_loop_does_not_refresh_at_each_start() {
     .unwrap();
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let mut run = w.start().await;
-    let (_, done) = run
-        .wait_log("background refresh done", 0, limit)
-        .await
-        .unwrap_or_else(|| panic!("no pass at start: {}", run.text()));
-    assert!(
-        done.contains(" refreshed=1") && !done.contains("recently"),
-        "{done}"
-    );
+    let done = pass_at_start(&run).await;
+    assert!(refreshed_one(&done), "{done}");
     assert!(w.provider.refresh_requests() >= 3);
     let (status, _) = run.term().await;
     assert!(status.success(), "{status:?}");
