@@ -71,6 +71,20 @@ async fn the_page_metrics_and_health_say_what_happened() {
         )),
         "{page}"
     );
+    // The login's refresh, then the login, in their columns.
+    assert!(
+        page.contains("<th>Access token</th><th>Last refresh</th><th>Last login</th>"),
+        "{page}"
+    );
+    let row = page
+        .split("<tr")
+        .find(|r| r.contains(&format!("<td>{USER}</td>")))
+        .unwrap_or_default();
+    let cells: Vec<&str> = row.split("<td").collect();
+    assert!(
+        cells.get(5).is_some_and(|c| c.ends_with(" s ago</td>")),
+        "{row}"
+    );
     assert!(!page.contains(PASSWORD) && !page.contains(&h.refresh_token));
     h.stop().await;
 }

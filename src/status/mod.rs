@@ -1,5 +1,5 @@
 //! The status listener (`[status]`): a page a person reads at a glance
-//! (each account's grant state, token expiry, last login and error,
+//! (each account's grant state, token expiry, last refresh, last login and error,
 //! sessions; the listeners; the spool; a banner when something needs a
 //! person), `/metrics` in the Prometheus text format, and `/healthz`.
 //! Plain HTML that refreshes itself every 10 s, no JavaScript.
@@ -131,6 +131,8 @@ pub struct AccountRow {
     pub needs_person: bool,
     /// The access token's expiry, in words.
     pub token: String,
+    /// The last token refresh (a login's or the background's), in words.
+    pub last_refresh: String,
     /// The last login, in words.
     pub last_login: String,
     /// The last error, as shown to clients (no secrets).
@@ -192,6 +194,11 @@ pub fn account_rows(gateway: &Gateway) -> Vec<AccountRow> {
                 Some(_) => "expired (renewed at the next login)".to_owned(),
                 None => "none yet".to_owned(),
             };
+            let last_refresh = meta
+                .as_ref()
+                .and_then(|m| m.refreshed_at)
+                .map(|t| ago(now.saturating_sub(t)))
+                .unwrap_or_else(|| "never".to_owned());
             let last_login = meta
                 .as_ref()
                 .and_then(|m| m.last_login_at)
@@ -208,6 +215,7 @@ pub fn account_rows(gateway: &Gateway) -> Vec<AccountRow> {
                 state,
                 needs_person,
                 token,
+                last_refresh,
                 last_login,
                 last_error,
             }
@@ -282,16 +290,17 @@ td,th{{border:1px solid #999;padding:.3em .6em;text-align:left}}\
     }
     html.push_str(
         "<h2>Accounts</h2><table id=\"accounts\"><tr><th>Account</th><th>Provider</th>\
-<th>Grant</th><th>Access token</th><th>Last login</th><th>Last error</th><th>Sessions</th></tr>",
+<th>Grant</th><th>Access token</th><th>Last refresh</th><th>Last login</th><th>Last error</th><th>Sessions</th></tr>",
     );
     for r in &rows {
         let _ = write!(
             html,
-            "<tr class=\"{cls}\"><td>{}</td><td>{}</td><td class=\"state\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr class=\"{cls}\"><td>{}</td><td>{}</td><td class=\"state\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&r.user),
             esc(&r.provider),
             esc(&r.state),
             esc(&r.token),
+            esc(&r.last_refresh),
             esc(&r.last_login),
             esc(&r.last_error),
             r.sessions,
