@@ -88,18 +88,20 @@ impl MetaCache {
     /// pending (and is retried by the next flush); the first error is
     /// returned. Blocking: the store's own speed.
     pub fn flush(&self) -> Result<usize, StoreError> {
-        self.flush_with(false)
+        self.flush_with(None)
     }
 
-    /// [`MetaCache::flush`], durably when `durable`
-    /// ([`TokenStore::save_meta_durably`]).
-    fn flush_with(&self, durable: bool) -> Result<usize, StoreError> {
+    /// [`MetaCache::flush`], with the record of `durable` written last and
+    /// durably ([`TokenStore::save_meta_durably`]; a store's flush covers
+    /// what was written before it, so one flush serves the batch).
+    fn flush_with(&self, durable: Option<&str>) -> Result<usize, StoreError> {
         let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
-        let batch: Vec<(String, AccountMeta, u64)> = self
+        let mut batch: Vec<(String, AccountMeta, u64)> = self
             .lock()
             .iter()
             .filter_map(|(k, e)| e.dirty.map(|n| (k.clone(), e.meta.clone(), n)))
             .collect();
+        batch.sort_by_key(|(account, _, _)| Some(account.as_str()) == durable);
         let mut first_error = None;
         let mut done = 0;
         for (account, meta, change) in batch {
@@ -114,7 +116,7 @@ impl MetaCache {
                 None => meta.clone(),
             });
             let save = |m: AccountMeta| {
-                if durable {
+                if Some(account.as_str()) == durable {
                     self.inner.save_meta_durably(&account, &m)
                 } else {
                     self.inner.save_meta(&account, &m)
@@ -235,7 +237,7 @@ impl TokenStore for MetaCache {
             // login's or the background's) and the next start decides by
             // it whether to refresh again: written now, merged as a flush
             // merges, and durably.
-            self.flush_with(true)?;
+            self.flush_with(Some(account))?;
         }
         Ok(())
     }
