@@ -1357,14 +1357,11 @@ pub async fn run(
 
 /// Reloads asked for through the control socket, each with where its
 /// outcome goes.
-pub type ReloadAsks =
-    tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<Result<String, String>>>;
+pub type ReloadAsks = tokio::sync::mpsc::Receiver<crate::net::ReloadReply>;
 
 /// The next reload asked for; never, when nothing can ask (no control
 /// socket, or it is gone).
-async fn next_ask(
-    asks: &mut Option<ReloadAsks>,
-) -> Option<tokio::sync::oneshot::Sender<Result<String, String>>> {
+async fn next_ask(asks: &mut Option<ReloadAsks>) -> Option<crate::net::ReloadReply> {
     match asks {
         Some(rx) => match rx.recv().await {
             Some(reply) => Some(reply),

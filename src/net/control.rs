@@ -29,8 +29,7 @@ use crate::trace::{Desk, Event};
 /// How the control socket asks the service to read its configuration
 /// again: each request carries where the outcome goes (what is in force
 /// now, or why the new configuration was refused).
-pub type ReloadRequests =
-    tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<String, String>>>;
+pub type ReloadRequests = tokio::sync::mpsc::Sender<super::ReloadReply>;
 
 /// The listening control socket of a running service. Dropping it stops
 /// serving and removes the socket file.

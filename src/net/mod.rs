@@ -12,3 +12,7 @@ pub mod stream;
 pub mod systemd;
 pub mod tls;
 pub mod upstream;
+
+/// Where the outcome of a reload asked for through the control socket
+/// goes: what is in force now, or why the configuration was refused.
+pub type ReloadReply = tokio::sync::oneshot::Sender<Result<String, String>>;
