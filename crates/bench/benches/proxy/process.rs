@@ -321,6 +321,11 @@ impl Forwarder {
         let addr = line.trim().parse().context("the forwarder's address")?;
         Ok(Forwarder { child, addr })
     }
+
+    /// The forwarder's process id (for its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Forwarder {
