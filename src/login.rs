@@ -73,9 +73,9 @@ pub struct Gateway {
     newest_handed_out: std::sync::atomic::AtomicU64,
     /// What each provider's SMTP server (`host:port`) advertised in its
     /// EHLO at the last successful login through it, for the pre-auth EHLO
-    /// ([`Gateway::smtp_extensions`]). In memory only: after a restart the
-    /// default holds until the first login, which costs a client at most
-    /// one connection's worth of SMTPUTF8 or DSN.
+    /// ([`Gateway::smtp_extensions`]). Each login also keeps it in its
+    /// account's metadata, from which a restarted server recalls it
+    /// ([`Gateway::recall_smtp`]).
     smtp_seen: std::sync::Mutex<HashMap<String, proto::smtp::Extensions>>,
     /// Accounts whose grant the provider refused for good, with why, until
     /// a login succeeds again (for the status page).
@@ -159,8 +159,12 @@ impl Gateway {
     }
 
     /// Remembers what an SMTP server advertised (the EHLO keywords of a
-    /// successful login).
-    fn learn_smtp(&self, endpoint: &crate::provider::ServerEndpoint, keywords: &[String]) {
+    /// successful login); returns it as the account's metadata keeps it.
+    fn learn_smtp(
+        &self,
+        endpoint: &crate::provider::ServerEndpoint,
+        keywords: &[String],
+    ) -> crate::store::SmtpEhlo {
         let ext = proto::smtp::Extensions::from_ehlo(keywords);
         let key = server_key(endpoint);
         let mut seen = self
@@ -169,6 +173,71 @@ impl Gateway {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if seen.insert(key.clone(), ext) != Some(ext) {
             tracing::debug!(server = %key, extensions = ?ext, "SMTP server extensions learned");
+        }
+        crate::store::SmtpEhlo {
+            server: key,
+            keywords: keywords
+                .iter()
+                .filter(|k| {
+                    let word = k.split(' ').next().unwrap_or_default().to_ascii_uppercase();
+                    word != "AUTH" && !word.starts_with("AUTH=")
+                })
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Recalls, from the accounts' metadata, what the SMTP servers in use
+    /// advertised at the last login through them before this process
+    /// started (a server learned since is left as learned), so the
+    /// pre-auth EHLO after a restart is the one before it. Where accounts
+    /// disagree about a server, the latest login's record wins; a record
+    /// of a server no account uses now is passed over; a store that cannot
+    /// be read costs only the default list.
+    pub fn recall_smtp(&self) {
+        let routing = self.routing();
+        let settings = &routing.settings;
+        let in_use: std::collections::HashSet<String> = settings
+            .accounts
+            .iter()
+            .filter_map(|a| settings.providers.get(&a.provider))
+            .filter_map(|p| p.endpoint(Protocol::Smtp))
+            .map(server_key)
+            .collect();
+        if in_use.is_empty() {
+            return;
+        }
+        let store = self.vault.store();
+        let names = match store.accounts() {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::warn!(error = %crate::report::chain(&e), "cannot read what the SMTP servers advertised before; the pre-auth EHLO offers the default list until a login");
+                return;
+            }
+        };
+        let mut latest: HashMap<String, (u64, crate::store::SmtpEhlo)> = HashMap::new();
+        for name in names {
+            let Ok(Some(meta)) = store.load_meta(&name) else {
+                continue;
+            };
+            let Some(ehlo) = meta.smtp_ehlo.filter(|e| in_use.contains(&e.server)) else {
+                continue;
+            };
+            let at = meta.last_login_at.unwrap_or(0);
+            if latest.get(&ehlo.server).is_none_or(|(t, _)| *t <= at) {
+                latest.insert(ehlo.server.clone(), (at, ehlo));
+            }
+        }
+        let mut seen = self
+            .smtp_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (key, (_, ehlo)) in latest {
+            let ext = proto::smtp::Extensions::from_ehlo(&ehlo.keywords);
+            seen.entry(key.clone()).or_insert_with(|| {
+                tracing::debug!(server = %key, extensions = ?ext, "SMTP server extensions recalled");
+                ext
+            });
         }
     }
 
@@ -749,9 +818,8 @@ impl Gateway {
         .await;
         match result {
             Ok(mut conn) => {
-                if protocol == Protocol::Smtp {
-                    self.learn_smtp(endpoint, &conn.success.capabilities);
-                }
+                let ehlo = (protocol == Protocol::Smtp)
+                    .then(|| self.learn_smtp(endpoint, &conn.success.capabilities));
                 self.alerts.refresh_succeeded(&account.name);
                 self.refused
                     .lock()
@@ -762,6 +830,9 @@ impl Gateway {
                 self.note_meta(&account.name, |m| {
                     m.last_login_at = Some(now);
                     m.last_error = None;
+                    if ehlo.is_some() {
+                        m.smtp_ehlo = ehlo;
+                    }
                 });
                 Ok(conn)
             }

@@ -293,6 +293,7 @@ impl Server {
         let alerts = crate::alerts::Alerts::new(&settings.alerts)?;
         alerts.count_into(tokens.metrics().clone());
         let gateway = Arc::new(Gateway::new(settings.clone(), vault, tokens)?.with_alerts(alerts));
+        gateway.recall_smtp();
 
         // The spool is opened when there is a device or `[spool] dir` is
         // set (so messages queued by a device since removed, or turned to

@@ -111,6 +111,9 @@ impl MetaCache {
                     stored.last_error = meta.last_error.clone();
                     stored.access_expires_at = meta.access_expires_at;
                     stored.refreshed_at = stored.refreshed_at.max(meta.refreshed_at);
+                    if meta.smtp_ehlo.is_some() {
+                        stored.smtp_ehlo = meta.smtp_ehlo.clone();
+                    }
                     stored
                 }
                 None => meta.clone(),
@@ -285,6 +288,7 @@ fn same_account(a: &AccountMeta, b: &AccountMeta) -> bool {
         last_login_at: _,
         last_error: _,
         refreshed_at: _,
+        smtp_ehlo: _,
     } = a;
     *provider == b.provider
         && *upstream_user == b.upstream_user

@@ -124,6 +124,22 @@ pub struct AccountMeta {
     /// How the grant was obtained (`authorization_code`, `device_code`,
     /// `client_credentials`, `service_account`, `password`, `import`).
     pub flow: Option<String>,
+    /// What the account's SMTP server advertised in its EHLO at the last
+    /// SMTP login through mailbridge: a restarted mailbridge's pre-auth
+    /// EHLO repeats it before anyone has logged in again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smtp_ehlo: Option<SmtpEhlo>,
+}
+
+/// An SMTP server's EHLO as a login saw it ([`AccountMeta::smtp_ehlo`]).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct SmtpEhlo {
+    /// The server, `host:port`.
+    pub server: String,
+    /// Its EHLO keywords with their parameters (`SIZE 35882577`), but
+    /// not AUTH, which is mailbridge's own towards its clients.
+    pub keywords: Vec<String>,
 }
 
 /// Persistent storage for sealed grants and account metadata.

@@ -353,6 +353,34 @@ provider = "sandbox"
         serde_json::to_vec(&self.store.load_grant(USER).unwrap().expect("grant present")).unwrap()
     }
 
+    /// Restarts mailbridge as a service restart does: stops the server
+    /// (drained, metadata flushed) and starts a new one, with a new
+    /// process's memory, over the same configuration and store. The
+    /// listeners' addresses change; a control socket is not bound again.
+    pub async fn restart(&mut self) {
+        drop(self.control.take());
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(WAIT, t)
+                .await
+                .expect("the server stops")
+                .unwrap();
+        }
+        let config = std::fs::read_to_string(&self.config_path).unwrap();
+        let settings = Settings::parse(&config, "test config").unwrap();
+        let server = Server::bind(settings, self.store.clone()).await.unwrap();
+        let addrs = server.local_addrs();
+        (self.addr, self.pop3_addr, self.smtp_addr) = (addrs[0], addrs[1], addrs[2]);
+        self.status_addr = server.status_addr();
+        let (stop, rx) = oneshot::channel();
+        self.task = Some(tokio::spawn(server.run(async {
+            let _ = rx.await;
+        })));
+        self.stop = Some(stop);
+    }
+
     /// Starts mailbridge's shutdown (as SIGTERM does) without waiting.
     pub fn begin_shutdown(&mut self) {
         if let Some(s) = self.stop.take() {

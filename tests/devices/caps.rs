@@ -1,7 +1,8 @@
 //! Capabilities that tell the truth (issue 13, point 4): before AUTH,
 //! mailbridge's EHLO repeats what the account's SMTP server advertised at
 //! the last login through it (SMTPUTF8, DSN, its real SIZE), with today's
-//! fixed list before the first one; never CHUNKING.
+//! fixed list before the first one (and after a restart, what the one
+//! before it had learned); never CHUNKING.
 
 use std::time::Instant;
 
@@ -34,7 +35,7 @@ async fn ehlo_keywords(h: &Harness) -> Vec<String> {
 #[tokio::test]
 async fn ehlo_repeats_the_servers_extensions_after_one_login() {
     let started = Instant::now();
-    let h = Harness::start(Options {
+    let mut h = Harness::start(Options {
         smtp: SmtpServerOptions {
             max_size: SANDBOX_SIZE,
             extra_ehlo: ["SMTPUTF8", "DSN", "CHUNKING"].map(str::to_owned).to_vec(),
@@ -96,9 +97,26 @@ async fn ehlo_repeats_the_servers_extensions_after_one_login() {
         .smtp(&format!("MAIL FROM:<{USER}> SIZE={SANDBOX_SIZE}"))
         .await;
     assert!(r.starts_with("250"), "{r}");
+    assert!(c.smtp("QUIT").await.starts_with("221"));
+
+    // A restart: the server stops (its metadata flushed) and a new one
+    // starts over the same store. The account's metadata kept the
+    // server's EHLO, without AUTH (the clients' AUTH is mailbridge's own)...
+    h.restart().await;
+    let kept = h.store.load_meta(USER).unwrap().unwrap().smtp_ehlo;
+    let kept = kept.expect("the server's EHLO is in the account's metadata");
+    assert_eq!(kept.server, format!("localhost:{}", h.smtp.addr().port()));
+    assert!(
+        kept.keywords.iter().all(|k| !k.starts_with("AUTH")),
+        "{kept:?}"
+    );
+    // ...so that before anyone has logged in again, a new connection's
+    // EHLO still tells the truth.
+    let recalled = ehlo_keywords(&h).await;
+    assert_eq!(recalled, after, "after a restart, before any login");
     h.stop().await;
     println!(
-        "EHLO before and after one login, then MAIL SIZE=: {:?}",
+        "EHLO before and after one login, then MAIL SIZE=, then after a restart: {:?}",
         started.elapsed()
     );
 }
