@@ -142,13 +142,7 @@ impl Gateway {
             .smtp_seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut servers: Vec<String> = settings
-            .accounts
-            .iter()
-            .filter_map(|a| settings.providers.get(&a.provider))
-            .filter_map(|p| p.endpoint(Protocol::Smtp))
-            .map(server_key)
-            .collect();
+        let mut servers = smtp_servers_in_use(settings);
         servers.sort();
         servers.dedup();
         servers
@@ -197,13 +191,7 @@ impl Gateway {
     pub fn recall_smtp(&self) {
         let routing = self.routing();
         let settings = &routing.settings;
-        let in_use: std::collections::HashSet<String> = settings
-            .accounts
-            .iter()
-            .filter_map(|a| settings.providers.get(&a.provider))
-            .filter_map(|p| p.endpoint(Protocol::Smtp))
-            .map(server_key)
-            .collect();
+        let in_use = smtp_servers_in_use(settings);
         if in_use.is_empty() {
             return;
         }
@@ -974,6 +962,18 @@ pub(crate) fn upstream_session(
 /// An upstream server's key in [`Gateway`]'s memory of SMTP extensions.
 fn server_key(endpoint: &crate::provider::ServerEndpoint) -> String {
     format!("{}:{}", endpoint.host, endpoint.port)
+}
+
+/// The SMTP servers (`host:port`) of the providers that accounts use, one
+/// entry per account that uses one.
+fn smtp_servers_in_use(settings: &Settings) -> Vec<String> {
+    settings
+        .accounts
+        .iter()
+        .filter_map(|a| settings.providers.get(&a.provider))
+        .filter_map(|p| p.endpoint(Protocol::Smtp))
+        .map(server_key)
+        .collect()
 }
 
 /// The one reply a client that is not local gets for an unknown name, a
