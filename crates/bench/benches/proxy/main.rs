@@ -544,8 +544,7 @@ provider = "sandbox"
 
     let mut rows = Vec::new();
     let wants = |s: &str| plan.only.is_empty() || plan.only.iter().any(|o| o == s);
-    let cpu = |mb: &Mailbridge| mailbridge_bench::procfs::cpu_time(mb.pid()).unwrap_or_default();
-    let fwd_cpu = |f: &Forwarder| mailbridge_bench::procfs::cpu_time(f.pid()).unwrap_or_default();
+    let cpu = |pid: u32| mailbridge_bench::procfs::cpu_time(pid).unwrap_or_default();
     let mut floor = Vec::new();
     if wants("login") {
         say(&format!(
@@ -554,10 +553,10 @@ provider = "sandbox"
         ));
         let (p, d) = (env.proxy_imap.clone(), env.direct_imap.clone());
         let routes = with_haproxy(&[p, d.clone()], &env.haproxy_imap);
-        let before = cpu(&mb);
+        let before = cpu(mb.pid());
         let h_before = env.haproxy_cpu();
         let s = login_samples(&mut env, &routes, &plan)?;
-        let used = cpu(&mb) - before;
+        let used = cpu(mb.pid()) - before;
         let per_login = used.as_secs_f64() * 1e3 / plan.logins as f64;
         env.notes.push(format!(
             "mailbridge CPU time per login: {:.0} us (user + system, all threads; target <= 300 us: {})",
@@ -590,12 +589,12 @@ provider = "sandbox"
         ));
         if let Some(fwd) = &env.fwd_imap {
             let (f, d) = (fwd.clone(), env.direct_imap.clone());
-            let before = fwd_cpu(&fwd_imap);
+            let before = cpu(fwd_imap.pid());
             floor.extend(login_rows(&plan, &login_samples(&mut env, &[f, d], &plan)?));
             env.notes.push(format!(
                 "for scale, the floor's bare TCP forwarder's CPU time per login it relayed \
                  (no TLS termination, no login; two sockets): {:.0} us",
-                (fwd_cpu(&fwd_imap) - before).as_secs_f64() * 1e6 / plan.logins as f64
+                (cpu(fwd_imap.pid()) - before).as_secs_f64() * 1e6 / plan.logins as f64
             ));
         }
     }
@@ -613,10 +612,10 @@ provider = "sandbox"
         fill_mailbox(&env, &plan);
         let (p, d) = (env.proxy_imap.clone(), env.direct_imap.clone());
         let routes = with_haproxy(&[p, d], &env.haproxy_imap);
-        let before = cpu(&mb);
+        let before = cpu(mb.pid());
         let h_before = env.haproxy_cpu();
         let s = fetch_samples(&mut env, &routes, &plan)?;
-        let used = cpu(&mb) - before;
+        let used = cpu(mb.pid()) - before;
         let mb_moved = (plan.fetch_rounds * plan.mailbox_messages * plan.message_size) as f64 / 1e6;
         let per_mb = used.as_secs_f64() * 1e3 / mb_moved;
         env.notes.push(format!(
@@ -632,12 +631,12 @@ provider = "sandbox"
         rows.push(fetch_row(&plan, &s));
         if let Some(fwd) = &env.fwd_imap {
             let (f, d) = (fwd.clone(), env.direct_imap.clone());
-            let before = fwd_cpu(&fwd_imap);
+            let before = cpu(fwd_imap.pid());
             floor.push(fetch_row(&plan, &fetch_samples(&mut env, &[f, d], &plan)?));
             env.notes.push(format!(
                 "for scale, the floor's bare TCP forwarder's CPU time per MB it relayed \
                  (TLS records passed through undecrypted): {:.2} ms",
-                (fwd_cpu(&fwd_imap) - before).as_secs_f64() * 1e3 / mb_moved
+                (cpu(fwd_imap.pid()) - before).as_secs_f64() * 1e3 / mb_moved
             ));
         }
     }
@@ -651,10 +650,10 @@ provider = "sandbox"
             ));
             let (p, d) = (env.proxy_smtp.clone(), env.direct_smtp.clone());
             let routes = with_haproxy(&[p, d], &env.haproxy_smtp);
-            let before = cpu(&mb);
+            let before = cpu(mb.pid());
             let h_before = env.haproxy_cpu();
             let s = smtp_samples(&mut env, &routes, sessions, &plan)?;
-            let used = cpu(&mb) - before;
+            let used = cpu(mb.pid()) - before;
             let sent = (plan.smtp_rounds * plan.smtp_messages) as f64;
             env.notes.push(format!(
                 "mailbridge CPU time per SMTP message ({sessions} session(s)): {:.0} us",
@@ -1756,12 +1755,13 @@ async fn real_servers(
         })?;
         let routes = with_haproxy(&[p_imap.clone(), d_imap.clone()], &h_imap);
         let s = fetch_samples_n(env, &routes, plan, rounds)?;
+        let row = fetch_row(plan, &s);
         rows.push(Row {
-            what: fetch_row(plan, &s).what.replace(
+            what: row.what.replace(
                 &format!("median of {}", plan.fetch_rounds),
                 &format!("median of {rounds}"),
             ),
-            ..fetch_row(plan, &s)
+            ..row
         });
     }
     if wants("smtp") {
